@@ -376,6 +376,51 @@ def normalise_endpoint(endpoint):
     return urlunsplit((parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
+def state_dir(cfg):
+    """Where state that must survive restarts lives (traffic totals, undelivered
+    results): --state-dir, else beside the script when writable, else the
+    user's state directory (/var/lib/komari-agent for root). Never the working
+    directory, which a service manager may set anywhere."""
+    if cfg.state_dir:
+        return os.path.abspath(os.path.expanduser(cfg.state_dir))
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), "state")
+    if os.access(os.path.dirname(beside), os.W_OK) and (not os.path.exists(beside) or os.access(beside, os.W_OK)):
+        return beside
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "/var/lib/komari-agent"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "komari-agent")
+
+
+def write_atomic(path, data, mode=0o600):
+    """Replace `path` with `data` so that a crash leaves the old or the new
+    file, never a torn one: temp file, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
 # ---------------------------------------------------------------------------
 # Collectors: /proc readers and the pure arithmetic behind each figure
 # ---------------------------------------------------------------------------
@@ -1545,6 +1590,9 @@ class Tasks:
     def on_terminal(self, link, event):
         log.warning("the web terminal is not available in this version; ignored")
 
+    def shutdown(self):
+        """Called once on SIGTERM/SIGINT: end what is running."""
+
 
 # ---------------------------------------------------------------------------
 # The agent loop
@@ -1607,6 +1655,41 @@ class Agent:
             if self.stop.wait(min(2.0 * (attempt + 1), 10.0)):
                 return False
         return False
+
+    # -- results ------------------------------------------------------------
+    def deliver_result(self, result):
+        """POST an exec result in the background, retrying until the panel
+        takes it (the panel overwrites on a repeated POST, so retrying is safe)."""
+        threading.Thread(target=self._post_result, args=(result,), name="task-result", daemon=True).start()
+
+    def _post_result(self, result):
+        attempt = 0
+        while not self.stop.is_set():
+            try:
+                self.panel.post_json("/api/clients/task/result", result)
+                log.info("result of task %s delivered", result.get("task_id"))
+                return True
+            except PanelRefused as e:
+                if self.refused_log(("result", e.status)):
+                    log.warning(explain_refusal(e, "task result upload failed"))
+            except OSError as e:
+                if self.refused_log(("result-net", type(e).__name__)):
+                    log.warning("task result upload failed: %s", describe_error(e))
+            attempt += 1
+            if self.stop.wait(backoff_delay(2.0, attempt - 1, cap=30.0)):
+                return False
+        return False
+
+    def send_on_link(self, obj):
+        """Send a JSON message on the report socket; False when there is none."""
+        link = self.link
+        if link is None:
+            return False
+        try:
+            link.send_text(encode(obj))
+            return True
+        except LinkClosed:
+            return False
 
     # -- the report socket --------------------------------------------------
     def connect(self):
@@ -1672,6 +1755,7 @@ class Agent:
     def shutdown(self):
         self.stop.set()
         self.info_wanted.set()
+        self.tasks.shutdown()
         link = self.link
         if link is not None:
             link.close()
