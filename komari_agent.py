@@ -429,13 +429,28 @@ IS_LINUX = sys.platform.startswith("linux")
 
 
 def read_text(path):
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
-        return f.read()
+    """A whole (proc) file as text. Plain os.read is about twice as fast as
+    open().read() here, and this runs several times per report."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    # surrogateescape keeps odd bytes in mount paths usable for statvfs
+    return b"".join(chunks).decode("utf-8", "surrogateescape")
 
 
 def first_line(path):
-    with open(path, "r", encoding="ascii", errors="replace") as f:
-        return f.readline()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096).split(b"\n", 1)[0].decode("ascii", "replace")
+    finally:
+        os.close(fd)
 
 
 def describe_error(error):

@@ -942,3 +942,19 @@ def test_dry_run_prints_exactly_what_would_be_sent():
     assert report_problem(report) is None
     for group, keys in REPORT_INTS.items():
         assert all(is_go_int(report[group][k]) for k in keys)
+
+
+def test_readme_commands_match_ci():
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```sh\n")[1:3]]
+    install_and_run, tests = blocks
+    assert "pip install -r requirements.txt" in install_and_run and "--dry-run" in install_and_run
+    assert "--endpoint" in install_and_run and "--token" in install_and_run
+    assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_every_help_flag_is_in_the_readme():
+    import re
+    readme = (ROOT / "README.md").read_text()
+    flags = set(re.findall(r"--[a-z][a-z0-9-]+", run_agent("--help").stdout.decode()))
+    assert flags and not [f for f in sorted(flags) if f not in readme]
