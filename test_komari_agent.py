@@ -402,6 +402,7 @@ class AgentProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
         full_env.update(env or {})
         full_env["PYTHONUNBUFFERED"] = "1"
+        full_env.setdefault("NO_PROXY", "127.0.0.1,localhost")
         self.proc = subprocess.Popen([sys.executable, str(AGENT)] + list(args), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=full_env, start_new_session=True)
         self.lines = []
@@ -770,6 +771,44 @@ def test_report_numbers_are_clean_for_go():
 # ---------------------------------------------------------------------------
 # Transport
 # ---------------------------------------------------------------------------
+
+def test_panel_decodes_like_the_go_server():
+    good = {"cpu": {"usage": 12.5}, "ram": {"total": 10, "used": 5}, "load": {"load1": 0.5},
+            "network": {"up": 1, "down": 2, "totalUp": 3, "totalDown": 4}, "uptime": 5, "process": 6}
+    assert report_problem(go_json(json.dumps(good))) is None
+    assert report_problem(go_json('{"ram": {"total": 1000.0}}')) == "Invalid report format"
+    assert report_problem(go_json('{"connections": {"tcp": -1}}')) is not None
+    assert report_problem(go_json('{"cpu": {"usage": 150}}')) == "CPU.Usage must be between 0 and 100"
+    assert basic_info_problem({"name": "x"}) is not None and basic_info_problem({"mem_total": 1.5}) is not None
+
+
+def test_panel_drops_a_silent_socket_and_refuses_a_wrong_token(panel):
+    import websocket
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(panel.endpoint.replace("http", "ws") + "/api/clients/report?token=bad",
+                                    suppress_origin=True, timeout=5)
+    assert refused.value.status_code == 401
+    panel.READ_WAIT = 1.0
+    ws = websocket.create_connection(panel.endpoint.replace("http", "ws") + "/api/clients/report?token=" + TOKEN,
+                                     suppress_origin=True, timeout=5)
+    try:
+        ws.send("{}")
+        panel.wait_for(lambda: panel.reports, 5, "the first report")
+        started = time.monotonic()
+        try:
+            closed = ws.recv() == ""  # closed by the panel after READ_WAIT of silence
+        except websocket.WebSocketConnectionClosedException:
+            closed = True
+        assert closed and 0.8 <= time.monotonic() - started <= 4
+    finally:
+        ws.close()
+
+
+def test_long_interval_still_reports_within_the_panel_deadline():
+    cfg, warnings = ka.load_config(["-e", "http://127.0.0.1:1", "-t", "T", "-i", "30"], {})
+    assert ka.Agent(cfg).period == ka.MAX_REPORT_GAP < 11
+    assert any("every 10 s" in w for w in warnings)
+
 
 def test_backoff_grows_to_the_cap_with_jitter():
     assert ka.backoff_delay(5, 0, rng=lambda: 0.5) == 5
