@@ -167,7 +167,8 @@ OPTIONS = [
     Option("custom_ipv6", ("--custom-ipv6",), "str", "", "report this IPv6 address instead of looking it up"),
     Option("get_ip_addr_from_nic", ("--get-ip-addr-from-nic",), "bool", False,
            "report the addresses of the local NICs instead of looking them up"),
-    Option("auto_discovery", ("--auto-discovery",), "str", "", "accepted for compatibility; not supported yet",
+    Option("auto_discovery", ("--auto-discovery",), "str", "",
+           "auto-discovery key: register with the panel when no token is given",
            json_keys=("auto_discovery_key", "auto_discovery"), env=("AGENT_AUTO_DISCOVERY_KEY",)),
     Option("protocol_version", ("--protocol-version",), "int", 1,
            "protocol version; only 1 is spoken, 2 falls back to 1"),
@@ -331,15 +332,13 @@ def finish_config(cfg, warnings):
         warnings.append("memory_mode_available is deprecated and has no effect; use --memory-include-cache")
     if cfg.protocol_version not in (0, 1):
         warnings.append("protocol version %d is not spoken by this agent; using v1" % cfg.protocol_version)
-    if cfg.auto_discovery:
-        warnings.append("auto-discovery is not supported yet; set --token")
     if cfg.disable_auto_update is False:
         pass  # nothing to update: the script is updated by re-running install.sh
     if not cfg.dry_run:
         if not cfg.endpoint:
             raise ConfigError("no panel endpoint: pass --endpoint https://your-panel (or AGENT_ENDPOINT)")
-        if not cfg.token:
-            raise ConfigError("no token: pass --token TOKEN from the panel (or AGENT_TOKEN)")
+        if not cfg.token and not cfg.auto_discovery:
+            raise ConfigError("no token: pass --token TOKEN from the panel (or AGENT_TOKEN, or --auto-discovery KEY)")
     if cfg.endpoint:
         cfg.endpoint = normalise_endpoint(cfg.endpoint)
     if cfg.interval > MAX_REPORT_GAP:
@@ -1405,6 +1404,52 @@ def upload_basic_info(panel, info):
     panel.post_json("/api/clients/uploadBasicInfo", older)
 
 
+def discovery_file(cfg):
+    return os.path.join(state_dir(cfg), "auto-discovery.json")
+
+
+def saved_discovery_token(cfg):
+    """The token an earlier registration stored, or ""."""
+    try:
+        with open(discovery_file(cfg), "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return ""
+    token = data.get("token") if isinstance(data, dict) else ""
+    return token if isinstance(token, str) else ""
+
+
+def register_with_key(cfg):
+    """Register this host with the panel's auto-discovery key; returns the new
+    token after saving it (mode 0600), since every registration creates a new
+    client on the panel."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlencode
+    url = cfg.endpoint + "/api/clients/register?" + urlencode({"name": socket.gethostname()})
+    request = urllib.request.Request(url, data=encode({"key": cfg.auto_discovery}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": "Bearer " + cfg.auto_discovery})
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=tls_context(cfg)))
+    try:
+        with opener.open(request, timeout=HTTP_TIMEOUT) as reply:
+            status, body = reply.status, reply.read(1 << 16)
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read(4096) if e.fp else b""
+    except urllib.error.URLError as e:
+        raise e.reason if isinstance(e.reason, OSError) else OSError(str(e.reason))
+    try:
+        data = json.loads(body.decode("utf-8"))["data"]
+        token, uuid = data["token"], data.get("uuid", "")
+    except (ValueError, KeyError, TypeError):
+        raise PanelRefused(status, describe_body(body))
+    if status != 200 or not isinstance(token, str) or not token:
+        raise PanelRefused(status, describe_body(body))
+    write_atomic(discovery_file(cfg), encode({"uuid": uuid, "token": token}).encode(), 0o600)
+    log.info("registered with the panel by auto-discovery as client %s", uuid)
+    return token
+
+
 class LinkClosed(Exception):
     pass
 
@@ -1758,7 +1803,30 @@ class Agent:
         link.close()
         self.link = None
 
+    def discover_token(self):
+        """The token from auto-discovery: saved from an earlier run, or a new
+        registration, retried until the panel answers."""
+        token = saved_discovery_token(self.cfg)
+        round_number = 0
+        while not token and not self.stop.is_set():
+            try:
+                token = register_with_key(self.cfg)
+            except PanelRefused as e:
+                if self.refused_log(("register", e.status)):
+                    log.error("auto-discovery registration failed: %s%s", e,
+                              " (wrong auto-discovery key?)" if e.status == 403 else "")
+            except OSError as e:
+                if self.refused_log(("register-net", type(e).__name__)):
+                    log.warning("auto-discovery registration failed: %s", describe_error(e))
+            if not token:
+                self.stop.wait(backoff_delay(self.cfg.reconnect_interval, round_number))
+                round_number += 1
+        hide_secret(token)
+        return token
+
     def run(self):
+        if not self.panel.token:
+            self.panel.token = self.cfg.token = self.discover_token()
         threading.Thread(target=self.info_loop, name="basic-info", daemon=True).start()
         self.want_basic_info()
         while not self.stop.is_set():
@@ -1804,6 +1872,7 @@ def main(argv=None):
         return 2
     setup_logging(getattr(logging, cfg.log_level.upper()))
     hide_secret(cfg.token)
+    hide_secret(cfg.auto_discovery)
     for warning in warnings:
         log.warning(warning)
     if cfg.dry_run:

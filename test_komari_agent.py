@@ -34,6 +34,7 @@ import komari_agent as ka
 ROOT = Path(__file__).parent
 AGENT = ROOT / "komari_agent.py"
 TOKEN = "tok-Secret-1234567890ab"
+DISCOVERY_KEY = "discovery-key-0123456789"
 
 
 # ---------------------------------------------------------------------------
@@ -172,7 +173,7 @@ class PanelServer:
         self.basic_infos, self.reports, self.rejected = [], [], []
         self.task_results, self.ping_results, self.other_frames = [], [], []
         self.report_conns, self.ws_attempts, self.http_requests = [], [], []
-        self.terminal_conns = []
+        self.terminal_conns, self.registrations = [], []
         self.frozen = threading.Event()
         self.fail_http = {}       # path -> status to answer instead
         self.on_terminal = None   # callback(WsConn) run for terminal sockets
@@ -268,6 +269,12 @@ class PanelHandler(BaseHTTPRequestHandler):
         if panel.frozen.is_set():
             while panel.frozen.is_set():
                 time.sleep(0.05)
+        if parts.path == "/api/clients/register":
+            if self.headers.get("Authorization") != "Bearer " + DISCOVERY_KEY:
+                return self.reply(403, {"status": "error", "message": "Invalid AutoDiscovery Key"})
+            panel.record(panel.registrations, query.get("name", [""])[0])
+            return self.reply(200, {"status": "success", "message": "",
+                                    "data": {"uuid": "uuid-%d" % len(panel.registrations), "token": panel.token}})
         if not self.authorised(query):
             return
         if parts.path in panel.fail_http:
@@ -955,6 +962,27 @@ def test_bad_frames_are_logged_and_reports_continue(panel, start_agent):
     assert agent.log.count("Invalid report format") == 1
     assert "not JSON" in agent.log
     assert len(panel.report_conns) == 1
+
+
+def test_auto_discovery_registers_once_and_keeps_the_token(panel, tmp_path):
+    args = ["-e", panel.endpoint, "--auto-discovery", DISCOVERY_KEY, "--state-dir", str(tmp_path),
+            "--custom-ipv4", "192.0.2.7", "-i", "0.5"]
+    agent = AgentProcess(args)
+    try:
+        panel.wait_for(lambda: panel.reports, 15, "a report with the discovered token")
+    finally:
+        agent.stop()
+    saved = tmp_path / "auto-discovery.json"
+    assert json.loads(saved.read_text())["token"] == TOKEN and saved.stat().st_mode & 0o777 == 0o600
+    assert len(panel.registrations) == 1 and panel.registrations[0] == socket.gethostname()
+    assert DISCOVERY_KEY not in agent.log and TOKEN not in agent.log
+    count = len(panel.reports)
+    agent = AgentProcess(args)
+    try:
+        panel.wait_for(lambda: len(panel.reports) > count, 15, "reports after a restart")
+    finally:
+        agent.stop()
+    assert len(panel.registrations) == 1
 
 
 def test_sigterm_exits_cleanly_within_two_seconds(panel, start_agent):
