@@ -435,9 +435,10 @@ def read_text(path):
         chunks = []
         while True:
             chunk = os.read(fd, 65536)
-            if not chunk:
-                break
             chunks.append(chunk)
+            # proc files hand over everything that fits: a short read is the end
+            if len(chunk) < 65536:
+                break
     finally:
         os.close(fd)
     # surrogateescape keeps odd bytes in mount paths usable for statvfs
@@ -489,18 +490,14 @@ def cpu_percent(previous, current):
 
 # -- memory ------------------------------------------------------------------
 
+# only the fields the figures use: converting all fifty is a tenth of a report
+MEMINFO_FIELD = re.compile(r"^(MemTotal|MemFree|MemAvailable|Buffers|Cached|SReclaimable|Shmem|"
+                           r"SwapTotal|SwapFree|SwapCached):\s+(\d+)", re.M)
+
+
 def parse_meminfo(text):
-    """/proc/meminfo as {field: bytes}."""
-    info = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts:
-            try:
-                info[name] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
-            except ValueError:
-                pass
-    return info
+    """The fields of /proc/meminfo the figures need, as {field: bytes}."""
+    return {name: int(value) * 1024 for name, value in MEMINFO_FIELD.findall(text)}
 
 
 def ram_usage(info, include_cache=False):
@@ -647,15 +644,12 @@ def nic_counted(name, include=(), exclude=()):
     return not any(fnmatchcase(name, p) for p in exclude)
 
 
+NET_DEV_LINE = re.compile(r"^\s*([^\s:]+):\s*(\d+)(?:\s+\d+){7}\s+(\d+)", re.M)
+
+
 def parse_net_dev(text):
     """/proc/net/dev as {nic: (rx_bytes, tx_bytes)}."""
-    counters = {}
-    for line in text.splitlines()[2:]:
-        name, sep, rest = line.partition(":")
-        fields = rest.split()
-        if sep and len(fields) >= 9:
-            counters[name.strip()] = (int(fields[0]), int(fields[8]))
-    return counters
+    return {name: (int(rx), int(tx)) for name, rx, tx in NET_DEV_LINE.findall(text)}
 
 
 class NetMeter:
@@ -684,25 +678,24 @@ class NetMeter:
 
 # -- connections -------------------------------------------------------------
 
-def parse_sockstat(text):
-    """{"TCP": {"inuse": n, "tw": n, ...}, "UDP": {...}} from /proc/net/sockstat(6)."""
-    table = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        words = rest.split()
-        table[name.strip()] = {words[i]: int(words[i + 1]) for i in range(0, len(words) - 1, 2)
-                               if words[i + 1].isdigit()}
-    return table
+SOCKSTAT_TCP = re.compile(r"^TCP: inuse (\d+).*? tw (\d+)", re.M)
+SOCKSTAT_INUSE = {name: re.compile(r"^%s: inuse (\d+)" % name, re.M) for name in ("UDP", "TCP6", "UDP6")}
+
+
+def sockstat_inuse(text, name):
+    found = SOCKSTAT_INUSE[name].search(text)
+    return int(found.group(1)) if found else 0
 
 
 def connections_from_sockstat(v4_text, v6_text):
-    """(tcp, udp) socket counts, every state, IPv4 + IPv6. TCP's tw counter
-    covers both families; TCP6 inuse is kept apart from TCP inuse."""
-    v4 = parse_sockstat(v4_text)
-    v6 = parse_sockstat(v6_text) if v6_text else {}
-    tcp = v4.get("TCP", {}).get("inuse", 0) + v4.get("TCP", {}).get("tw", 0) + v6.get("TCP6", {}).get("inuse", 0)
-    udp = v4.get("UDP", {}).get("inuse", 0) + v6.get("UDP6", {}).get("inuse", 0)
-    return tcp, udp
+    """(tcp, udp) socket counts, every state, IPv4 + IPv6, from the kernel's
+    counters in /proc/net/sockstat and sockstat6. TCP's tw counter covers
+    both families; TCP6 inuse is kept apart from TCP inuse."""
+    tcp = SOCKSTAT_TCP.search(v4_text)
+    if not tcp:
+        raise ValueError("no TCP line in sockstat")
+    return (int(tcp.group(1)) + int(tcp.group(2)) + sockstat_inuse(v6_text, "TCP6"),
+            sockstat_inuse(v4_text, "UDP") + sockstat_inuse(v6_text, "UDP6"))
 
 
 def count_table_rows(paths):
@@ -1072,6 +1065,9 @@ class Collector:
         self.cpu_previous = None
         self.mounts = None
         self.mounts_at = 0.0
+        self.processes = None
+        self.processes_at = 0.0
+        self.nic_decisions = {}
         self.static = {}
         self.traffic = None   # a TrafficLedger when --month-rotate is set
         self.lock = threading.Lock()
@@ -1145,8 +1141,16 @@ class Collector:
             raw = parse_net_dev(read_text(self.proc + "/net/dev"))
         else:
             raw = {n: (c.bytes_recv, c.bytes_sent) for n, c in psutil_module().net_io_counters(pernic=True).items()}
-        cfg = self.cfg
-        return {n: c for n, c in raw.items() if nic_counted(n, cfg.nics_include, cfg.nics_exclude)}
+        return {n: c for n, c in raw.items() if self.nic_counted(n)}
+
+    def nic_counted(self, name):
+        # decided once per NIC name: the wildcard matching is not free
+        counted = self.nic_decisions.get(name)
+        if counted is None:
+            if len(self.nic_decisions) > 4096:
+                self.nic_decisions.clear()
+            counted = self.nic_decisions[name] = nic_counted(name, self.cfg.nics_include, self.cfg.nics_exclude)
+        return counted
 
     def network(self):
         counters = self.nic_counters()
@@ -1181,10 +1185,19 @@ class Collector:
             return int(time.clock_gettime(time.CLOCK_BOOTTIME))
         return int(time.time() - psutil_module().boot_time())
 
+    PROCESSES_TTL = 4.5
+
     def process_count(self):
-        if IS_LINUX:
-            return sum(1 for name in os.listdir(self.proc) if name.isdigit())
-        return len(psutil_module().pids())
+        """Processes, recounted every few seconds: listing /proc makes the
+        kernel walk every task, the dearest read of a report."""
+        now = time.monotonic()
+        if self.processes is None or now - self.processes_at >= self.PROCESSES_TTL:
+            if IS_LINUX:
+                self.processes = sum(map(str.isdigit, os.listdir(self.proc)))
+            else:
+                self.processes = len(psutil_module().pids())
+            self.processes_at = now
+        return self.processes
 
     def ram_swap_disk_totals(self):
         try:
@@ -1343,7 +1356,9 @@ class Panel:
     def opener(self):
         if self._opener is None:
             import urllib.request
-            self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=tls_context(self.cfg)))
+            # loading the CA store costs megabytes: only for an https panel
+            tls = [urllib.request.HTTPSHandler(context=tls_context(self.cfg))] if self.endpoint.startswith("https") else []
+            self._opener = urllib.request.build_opener(*tls)
         return self._opener
 
     def post_json(self, path, obj, timeout=HTTP_TIMEOUT):
@@ -1678,6 +1693,7 @@ class Agent:
         self.info_wanted = threading.Event()
         self.refused_log = OncePer(60.0)
         self.period = min(cfg.interval, MAX_REPORT_GAP)
+        self.failed = False
 
     # -- basic info ---------------------------------------------------------
     def want_basic_info(self):
@@ -1824,6 +1840,16 @@ class Agent:
         hide_secret(token)
         return token
 
+    def run_until_stopped(self):
+        """run(), and stop the whole agent if it ever ends by itself."""
+        try:
+            self.run()
+        except Exception:
+            log.exception("the agent loop failed")
+            self.failed = True
+        finally:
+            self.stop.set()
+
     def run(self):
         if not self.panel.token:
             self.panel.token = self.cfg.token = self.discover_token()
@@ -1863,6 +1889,17 @@ def dry_run(cfg):
     return 0
 
 
+def limit_malloc_arenas():
+    """glibc gives each thread its own malloc arena; for a few mostly idle
+    threads that is megabytes of RSS for nothing."""
+    if IS_LINUX:
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+        except (OSError, AttributeError):
+            pass
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -1878,6 +1915,7 @@ def main(argv=None):
     if cfg.dry_run:
         return dry_run(cfg)
     log.info("Komari agent (Python) %s, panel %s, report every %gs", __version__, cfg.endpoint, cfg.interval)
+    limit_malloc_arenas()
     agent = Agent(cfg)
 
     def on_signal(signum, frame):
@@ -1885,12 +1923,12 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    worker = threading.Thread(target=agent.run, name="agent", daemon=True)
+    worker = threading.Thread(target=agent.run_until_stopped, name="agent", daemon=True)
     worker.start()
-    while not agent.stop.wait(1.0):
-        if not worker.is_alive():
-            log.error("the agent loop ended unexpectedly")
-            return 1
+    # no timeout: a main thread waking up every second costs more CPU than a report
+    agent.stop.wait()
+    if agent.failed:
+        return 1
     log.info("shutting down")
     agent.shutdown()
     worker.join(1.5)
