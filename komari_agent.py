@@ -1753,7 +1753,7 @@ def run_command(command, timeout, limit, started=None):
     finally:
         for pipe in (proc.stdout, proc.stderr):
             pipe.close()
-        if proc.poll() is None and timed_out:
+        if proc.poll() is None:  # only after a timeout or an error of ours
             end_session(proc.pid, grace=0)
         proc.wait()
     code = proc.returncode
@@ -2266,7 +2266,10 @@ class TerminalSession:
             except websocket.WebSocketTimeoutException:
                 if ping_out:
                     return  # nothing heard for a whole ping period: the peer is gone
-                self.ws.ping(b"komari")
+                try:
+                    self.ws.ping(b"komari")
+                except Exception:
+                    return
                 ping_out = True
                 continue
             except Exception:
@@ -2327,10 +2330,6 @@ class TerminalSession:
                 pass
         log.info("terminal session %s ended", self.request_id[:8])
 
-    def hang_up(self):
-        """Signal the whole session at once (agent shutdown); end() reaps."""
-        if self.proc is not None:
-            signal_session(self.proc.pid, signal.SIGHUP)
 
 
 # -- dispatch ----------------------------------------------------------------------
@@ -2534,21 +2533,21 @@ class Tasks:
 
     def shutdown(self):
         """Called once on SIGTERM/SIGINT: every running command and terminal
-        session loses its whole process group."""
+        session loses its whole process group (the process is about to exit,
+        so this does not wait for the sessions' own threads)."""
         with self.lock:
             self.closing = True
-            leaders = [pid for pid, proc in self.execs.items() if proc.returncode is None]
-            sessions = list(self.terminals)
-        for session in sessions:
-            session.hang_up()
-        for pid in leaders:
+            commands = [pid for pid, proc in self.execs.items() if proc.returncode is None]
+            shells = [session.proc.pid for session in self.terminals if session.proc is not None]
+        for pid in shells:
+            signal_session(pid, signal.SIGHUP)
+        for pid in commands:
             signal_session(pid, signal.SIGKILL)
-        if sessions:
-            deadline = time.monotonic() + 0.3
-            while time.monotonic() < deadline and any(session_members(s.proc.pid) for s in sessions):
-                time.sleep(0.05)
-        for session in sessions:
-            session.end()
+        deadline = time.monotonic() + 0.3
+        while shells and time.monotonic() < deadline and any(session_members(pid) for pid in shells):
+            time.sleep(0.05)
+        for pid in shells + commands:
+            end_session(pid, grace=0)
 
 
 # ---------------------------------------------------------------------------
