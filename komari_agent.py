@@ -1905,7 +1905,8 @@ def probe_addresses(cfg, host):
         found = []
         for qtype in ((28, 1) if want_v6 else (1, 28)):
             try:
-                found = [(socket.AF_INET if qtype == 1 else socket.AF_INET6, a) for a in dns_lookup(server, host, qtype)]
+                family = socket.AF_INET if qtype == 1 else socket.AF_INET6
+                found = [(family, a) for a in dns_lookup(server, host, qtype)]
             except (OSError, ValueError) as e:
                 log.debug("DNS query for a probe target failed: %s", e)
             if found:
@@ -2225,10 +2226,10 @@ class TerminalSession:
             env = child_env({"TERM": "xterm-256color", "HOME": home, "SHELL": shell})
             env.setdefault("LANG", "C.UTF-8")
             # argv[0] "-name" makes any shell a login shell
-            self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", CTTY_SHIM, shell,
-                                          "-" + os.path.basename(shell)],
-                                         stdin=slave, stdout=slave, stderr=slave, cwd=home if os.path.isdir(home) else "/",
-                                         env=env, start_new_session=True, close_fds=True)
+            argv = [sys.executable, "-I", "-S", "-c", CTTY_SHIM, shell, "-" + os.path.basename(shell)]
+            self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                         cwd=home if os.path.isdir(home) else "/",
+                                         start_new_session=True, close_fds=True)
         except BaseException:
             os.close(master)
             raise
@@ -2249,11 +2250,15 @@ class TerminalSession:
             drop_socket(self.ws)
             return
         log.info("terminal session %s started", self.request_id[:8])
-        threading.Thread(target=self.pump_output, name="terminal-out", daemon=True).start()
+        output = threading.Thread(target=self.pump_output, name="terminal-out", daemon=True)
+        output.start()
         try:
             self.pump_input()
         finally:
             self.end()
+            # the pty is closed only when neither pump can touch its fd number again
+            output.join()
+            os.close(self.master)
 
     def pump_input(self):
         """Socket to pty until the socket ends (EOF, reset or close frame)."""
@@ -2323,13 +2328,7 @@ class TerminalSession:
             self.proc.wait()
             self.unregister(self)
         drop_socket(self.ws, goodbye)
-        if self.master is not None:
-            try:
-                os.close(self.master)
-            except OSError:
-                pass
         log.info("terminal session %s ended", self.request_id[:8])
-
 
 
 # -- dispatch ----------------------------------------------------------------------

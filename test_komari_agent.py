@@ -1097,7 +1097,8 @@ def test_malformed_ping_events_are_ignored(panel, start_agent):
                   {"ping_task_id": 7, "ping_type": "tcp", "ping_target": {"host": "x"}},
                   {"ping_task_id": 8, "ping_type": "tcp"}):
         panel.send_event(dict(event, message="ping"))
-    panel.send_event({"message": "ping", "ping_task_id": 9, "ping_type": "tcp", "ping_target": "127.0.0.1:%d" % closed_port()})
+    panel.send_event({"message": "ping", "ping_task_id": 9, "ping_type": "tcp",
+                      "ping_target": "127.0.0.1:%d" % closed_port()})
     assert ping_value(panel, 9) == -1
     assert [r["task_id"] for r in panel.ping_results] == [9]
     assert "malformed ping event" in agent.log and agent.proc.poll() is None
