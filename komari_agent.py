@@ -19,6 +19,7 @@ import re
 import signal
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -1608,10 +1609,29 @@ class ReportLink:
 
 
 # ---------------------------------------------------------------------------
-# Tasks: events from the panel
+# Tasks: events from the panel (exec, ping probes, web terminal)
 # ---------------------------------------------------------------------------
 
 MAX_MESSAGE_BYTES = 1 << 20
+PROBE_TIMEOUT = 3.0
+# a probe slower than this is measured again (a lost SYN or packet inflates one try)
+HIGH_LATENCY_MS = 1000.0
+MAX_PROBES = 32
+# after the shell of an exec exits, how long background jobs that still hold
+# its output may keep it open before the result is sent without them
+EXEC_LINGER = 2.0
+# SIGHUP first (shells save history, jobs get told); SIGKILL after this
+HANGUP_GRACE = 0.5
+TERMINAL_IDLE_PING = 30.0
+DISABLED_EXEC = "Remote control is disabled."
+DISABLED_TERMINAL = "\n\nWeb SSH is disabled. Enable it by running without the --disable-web-ssh flag."
+# Run by the terminal's child right after setsid(): the pty becomes the
+# controlling terminal (so Ctrl-C, job control and hangups work) and the shell
+# replaces it. Doing this in a Python child instead of pty.fork() keeps fork()
+# out of this multi-threaded process.
+CTTY_SHIM = ("import fcntl,os,sys,termios\n"
+             "try:\n fcntl.ioctl(0,termios.TIOCSCTTY,0)\nexcept OSError:\n pass\n"
+             "os.execv(sys.argv[1],sys.argv[2:])\n")
 
 
 def parse_event(data):
@@ -1632,13 +1652,784 @@ def parse_event(data):
     return event
 
 
+def rfc3339_now():
+    """Local time with its offset, e.g. 2026-11-24T16:00:00.123+08:00."""
+    from datetime import datetime
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+def child_env(extra=None):
+    """The agent's environment for a command or shell, without the agent's own
+    settings (AGENT_TOKEN among them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+    env.update(extra or {})
+    return env
+
+
+# -- process sessions ----------------------------------------------------------
+
+def session_members(leader):
+    """Live pids whose session or process group is `leader` (Linux /proc);
+    an interactive shell puts each job in its own group, the session holds them all."""
+    members = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return members
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            state, pgrp, session = fields[0], int(fields[2]), int(fields[3])
+        except (OSError, ValueError, IndexError):
+            continue
+        if state != b"Z" and (pgrp == leader or session == leader):
+            members.append(int(name))
+    return members
+
+
+def signal_session(leader, signum):
+    try:
+        os.killpg(leader, signum)
+    except OSError:
+        pass
+    for pid in session_members(leader):
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+
+def end_session(leader, grace=HANGUP_GRACE):
+    """Hang up every process of the session led by `leader`, then SIGKILL what
+    is left; returns when none is left (or after a bounded number of rounds,
+    for a process that keeps forking)."""
+    if grace > 0:
+        signal_session(leader, signal.SIGHUP)
+        deadline = time.monotonic() + grace
+        while session_members(leader) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for _ in range(20):
+        signal_session(leader, signal.SIGKILL)
+        if not session_members(leader):
+            return
+        time.sleep(0.02)
+
+
+# -- exec ------------------------------------------------------------------------
+
+class HeadTail:
+    """The first and last bytes of a stream, up to `limit` in all, and its
+    total length: a command cannot fill the agent's memory."""
+
+    def __init__(self, limit):
+        self.head_limit = limit // 2
+        self.tail_limit = limit - self.head_limit
+        self.head, self.tail = bytearray(), bytearray()
+        self.total = 0
+
+    def add(self, data):
+        self.total += len(data)
+        room = self.head_limit - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > self.tail_limit:
+                del self.tail[:len(self.tail) - self.tail_limit]
+
+    def kept(self):
+        return bytes(self.head + self.tail)
+
+
+def omission_marker(count):
+    return b"\n[... %d bytes of output omitted (--exec-max-output) ...]\n" % count
+
+
+def combine_output(out, err, limit):
+    """stdout, then stderr after a newline (none when stdout is empty), as
+    bytes; over `limit` bytes only the head and the tail are kept, with a
+    marker in between. `out` and `err` are HeadTail(limit)."""
+    sep = b"\n" if out.total and err.total else b""
+    total = out.total + len(sep) + err.total
+    if total <= limit:
+        return out.kept() + sep + err.kept()
+    head_size = limit // 2
+    tail_size = limit - head_size
+    # each HeadTail keeps at least head_size/tail_size bytes of each end
+    head = (out.kept()[:head_size] + sep + err.kept()[:head_size])[:head_size]
+    tail = (out.kept()[-tail_size:] + sep + err.kept()[-tail_size:])[-tail_size:] if tail_size else b""
+    return head + omission_marker(total - head_size - tail_size) + tail
+
+
+def result_text(data):
+    return data.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+def feed_stdin(pipe, data):
+    try:
+        pipe.write(data)
+    except OSError:
+        pass  # the script stopped reading: what it has read runs
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def run_command(command, timeout, limit, started=None):
+    """Run `command` as a script for `sh -s` in a new session and process
+    group. Returns (output text, exit code, timed out); the whole group is
+    killed at the timeout (0 = none)."""
+    import selectors
+    import subprocess
+    try:
+        proc = subprocess.Popen(["sh", "-s"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True, env=child_env())
+    except OSError as e:
+        return "cannot start sh: %s" % (e.strerror or type(e).__name__), -1, False
+    if started:
+        started(proc)
+    try:
+        threading.Thread(target=feed_stdin, args=(proc.stdin, command.encode("utf-8", "replace")),
+                         name="exec-stdin", daemon=True).start()
+        streams = {proc.stdout.fileno(): HeadTail(limit), proc.stderr.fileno(): HeadTail(limit)}
+        selector = selectors.DefaultSelector()
+        for fd in streams:
+            selector.register(fd, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout if timeout else None
+        linger_until = None
+        timed_out = False
+        while selector.get_map():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                timed_out = True
+                deadline = None
+                end_session(proc.pid, grace=0)
+                linger_until = now + 1.0  # collect what the killed group had written
+            if linger_until is None and proc.poll() is not None:
+                linger_until = now + EXEC_LINGER
+            if linger_until is not None and now >= linger_until:
+                break
+            wake = min(t for t in (deadline, linger_until, now + 0.25) if t is not None)
+            for key, _ in selector.select(max(0.0, wake - now)):
+                data = os.read(key.fd, 65536)
+                if data:
+                    streams[key.fd].add(data)
+                else:
+                    selector.unregister(key.fd)
+        selector.close()
+        output = combine_output(streams[proc.stdout.fileno()], streams[proc.stderr.fileno()], limit)
+    finally:
+        for pipe in (proc.stdout, proc.stderr):
+            pipe.close()
+        if proc.poll() is None:  # only after a timeout or an error of ours
+            end_session(proc.pid, grace=0)
+        proc.wait()
+    code = proc.returncode
+    text = result_text(output)
+    if timed_out:
+        text += "%s[komari-agent: the command ran longer than --exec-timeout %gs; its process group was killed]" \
+            % ("\n" if text and not text.endswith("\n") else "", timeout)
+        return text, -1, True
+    return text, (code if code >= 0 else -1), False
+
+
+# -- ping probes -------------------------------------------------------------------
+
+def ip_family(text):
+    """socket.AF_INET/AF_INET6 for an IP literal, else None."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text)
+            return family
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def split_host_port(target, default_port=80):
+    """(host, port) from `host:port`, `[v6]:port`, a bare host or IPv6 (port
+    80); None when the port is not a port."""
+    text = target.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        host, rest = text[1:end], text[end + 1:]
+        if not rest:
+            port = str(default_port)
+        elif rest.startswith(":"):
+            port = rest[1:]
+        else:
+            return None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def dns_server_address(spec):
+    """(host, port) of a --custom-dns value: 1.2.3.4, 1.2.3.4:5353, [v6]:53, bare v6."""
+    spec = spec.strip()
+    if ip_family(spec) == socket.AF_INET6:
+        return spec, 53
+    parsed = split_host_port(spec, 53)
+    if parsed is None:
+        raise ValueError("bad --custom-dns %r" % spec)
+    return parsed
+
+
+def dns_query(name, qtype, ident):
+    labels = name.rstrip(".").encode("idna").split(b".")
+    if not all(0 < len(label) < 64 for label in labels):
+        raise ValueError("bad host name")
+    qname = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, 1)
+
+
+def skip_dns_name(reply, offset):
+    while True:
+        length = reply[offset]
+        if length & 0xC0 == 0xC0:
+            return offset + 2
+        if length == 0:
+            return offset + 1
+        offset += 1 + length
+
+
+def dns_answers(reply, ident, qtype):
+    """The addresses of type `qtype` (1 = A, 28 = AAAA) in a DNS reply to
+    query `ident`; CNAMEs in the chain are skipped. ValueError for a reply
+    that is not one (wrong id, an error code, truncated data)."""
+    try:
+        rid, flags, qdcount, ancount = struct.unpack("!HHHH", reply[:8])
+        if rid != ident or not flags & 0x8000:
+            raise ValueError("not our reply")
+        if flags & 0x000F not in (0, 3):  # 3 = no such name: an empty answer
+            raise ValueError("DNS error code %d" % (flags & 0x000F))
+        offset = 12
+        for _ in range(qdcount):
+            offset = skip_dns_name(reply, offset) + 4
+        family, size = (socket.AF_INET, 4) if qtype == 1 else (socket.AF_INET6, 16)
+        addresses = []
+        for _ in range(ancount):
+            offset = skip_dns_name(reply, offset)
+            rtype, _, _, rdlength = struct.unpack("!HHIH", reply[offset:offset + 10])
+            offset += 10
+            rdata = reply[offset:offset + rdlength]
+            if len(rdata) != rdlength:
+                raise ValueError("truncated reply")
+            offset += rdlength
+            if rtype == qtype and rdlength == size:
+                addresses.append(socket.inet_ntop(family, rdata))
+        return addresses
+    except (struct.error, IndexError) as e:
+        raise ValueError("malformed DNS reply") from e
+
+
+def dns_lookup(server, name, qtype, timeout=2.0):
+    """Addresses for `name` from one UDP query to `server` (host, port)."""
+    host, port = server
+    family = ip_family(host)
+    if family is None:
+        family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+    else:
+        address = (host, port)
+    ident = random.getrandbits(16)
+    query = dns_query(name, qtype, ident)
+    deadline = time.monotonic() + timeout
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.send(query)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("no DNS answer")
+            sock.settimeout(remaining)
+            reply = sock.recv(4096)
+            try:
+                return dns_answers(reply, ident, qtype)
+            except ValueError as e:
+                if str(e) != "not our reply":
+                    raise
+
+
+def probe_addresses(cfg, host):
+    """[(family, address)] for a probe target, preferred family first:
+    --custom-dns when set (UDP A/AAAA query), else the system resolver."""
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    family = ip_family(host)
+    if family is not None:
+        return [(family, host)]
+    if not host:
+        return []
+    want_v6 = cfg.prefer_ip_version == "6"
+    if cfg.custom_dns:
+        server = dns_server_address(cfg.custom_dns)
+        found = []
+        for qtype in ((28, 1) if want_v6 else (1, 28)):
+            try:
+                family = socket.AF_INET if qtype == 1 else socket.AF_INET6
+                found = [(family, a) for a in dns_lookup(server, host, qtype)]
+            except (OSError, ValueError) as e:
+                log.debug("DNS query for a probe target failed: %s", e)
+            if found:
+                return found
+        return []
+    infos = socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM)
+    found = [(info[0], info[4][0]) for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
+    if cfg.prefer_ip_version:
+        want = socket.AF_INET6 if want_v6 else socket.AF_INET
+        found.sort(key=lambda item: item[0] != want)
+    return found
+
+
+def first_address(cfg, host):
+    try:
+        found = probe_addresses(cfg, host)
+    except (OSError, ValueError, UnicodeError):
+        return None
+    return found[0] if found else None
+
+
+def icmp_checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def echo_request(family, ident, seq):
+    kind = 8 if family == socket.AF_INET else 128
+    payload = b"komari-agent-py!"
+    header = struct.pack("!BBHHH", kind, 0, 0, ident, seq)
+    # IPv6 sockets and ping sockets fill the checksum in themselves
+    checksum = icmp_checksum(header + payload) if family == socket.AF_INET else 0
+    return struct.pack("!BBHHH", kind, 0, checksum, ident, seq) + payload
+
+
+def icmp_echo(family, address, timeout, kind):
+    """Milliseconds for one echo over an ICMP socket of `kind`
+    (SOCK_DGRAM: unprivileged ping socket; SOCK_RAW: needs root or
+    CAP_NET_RAW), None on no reply. PermissionError when the kernel does not
+    allow that kind of socket here."""
+    proto = socket.IPPROTO_ICMP if family == socket.AF_INET else socket.IPPROTO_ICMPV6
+    reply_type = 0 if family == socket.AF_INET else 129
+    ident, seq = random.getrandbits(16), random.getrandbits(16)
+    sock = socket.socket(family, kind, proto)
+    try:
+        start = time.monotonic()
+        deadline = start + timeout
+        try:
+            sock.sendto(echo_request(family, ident, seq), (address, 0))
+        except PermissionError:
+            return None  # a firewall said no: a lost probe, not a missing privilege
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            sock.settimeout(remaining)
+            packet = sock.recv(2048)
+            elapsed = (time.monotonic() - start) * 1000
+            if kind == socket.SOCK_RAW and family == socket.AF_INET:
+                packet = packet[(packet[0] & 0x0F) * 4:]  # a raw IPv4 socket sees the IP header
+            if len(packet) < 8:
+                continue
+            rtype, _, _, rident, rseq = struct.unpack("!BBHHH", packet[:8])
+            # a ping socket rewrites the identifier: the kernel already matched it
+            if rtype == reply_type and rseq == seq and (kind == socket.SOCK_DGRAM or rident == ident):
+                return elapsed
+    except socket.timeout:
+        return None
+    except PermissionError:
+        raise
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+def system_ping(family, address, timeout):
+    """Milliseconds from the system `ping` (argument list, never a shell; the
+    address is an IP literal), None on failure."""
+    import shutil
+    import subprocess
+    path = shutil.which("ping")
+    if not path:
+        return None
+    argv = [path, "-n", "-c", "1", "-W", str(max(1, int(timeout + 0.999)))]
+    if family == socket.AF_INET6:
+        argv.append("-6")
+    try:
+        done = subprocess.run(argv + [address], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, timeout=timeout + 2, env=child_env({"LC_ALL": "C"}))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(rb"time[=<]\s*([0-9.]+)\s*ms", done.stdout)
+    if done.returncode != 0 or not found:
+        return None
+    return float(found.group(1))
+
+
+class IcmpProber:
+    """Sends one echo by the first way the kernel allows: a ping socket, a raw
+    socket, then the system ping. Remembers what was refused."""
+
+    def __init__(self):
+        self.refused = set()
+        self.said = OncePer()
+
+    def __call__(self, family, address, timeout=PROBE_TIMEOUT):
+        for kind, name in ((socket.SOCK_DGRAM, "an unprivileged ICMP socket"), (socket.SOCK_RAW, "a raw ICMP socket")):
+            if (family, kind) in self.refused:
+                continue
+            try:
+                value = icmp_echo(family, address, timeout, kind)
+            except PermissionError:
+                self.refused.add((family, kind))
+                continue
+            if self.said(("icmp", family, kind)):
+                log.info("icmp probes use %s", name)
+            return value
+        if self.said(("icmp", family, "ping")):
+            log.info("icmp probes use the system ping (no ICMP socket allowed here: see net.ipv4.ping_group_range)")
+        return system_ping(family, address, timeout)
+
+
+def tcp_connect_ms(cfg, target, timeout=PROBE_TIMEOUT):
+    parsed = split_host_port(target)
+    if parsed is None:
+        return None
+    found = first_address(cfg, parsed[0])
+    if found is None:
+        return None
+    family, address = found
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        start = time.monotonic()
+        sock.connect((address, parsed[1]))
+        return (time.monotonic() - start) * 1000
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+def http_probe_url(target):
+    """The URL an http probe GETs: http:// added when there is no scheme,
+    a bare IPv6 address bracketed."""
+    text = target.strip()
+    if re.match(r"(?i)https?://", text):
+        return text
+    if ":" in text and "[" not in text and ip_family(text.split("/", 1)[0]) == socket.AF_INET6:
+        head, _, rest = text.partition("/")
+        text = "[%s]" % head + ("/" + rest if rest or text.endswith("/") else "")
+    return "http://" + text
+
+
+def http_get_ms(cfg, target, timeout=PROBE_TIMEOUT):
+    """Milliseconds until the response headers of a GET (name lookup,
+    connect and TLS included); None unless the status is 2xx/3xx.
+    Redirects are not followed and no proxy is used."""
+    import http.client
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(http_probe_url(target))
+        host, secure = parts.hostname, parts.scheme.lower() == "https"
+        port = parts.port or (443 if secure else 80)
+    except ValueError:
+        return None
+    if not host:
+        return None
+    start = time.monotonic()
+    deadline = start + timeout
+    found = first_address(cfg, host)
+    if found is None:
+        return None
+    family, address = found
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    conn = None
+    try:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        sock.connect((address, port))
+        if secure:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        connection_class = http.client.HTTPSConnection if secure else http.client.HTTPConnection
+        conn = connection_class(host, port, timeout=timeout)
+        conn.sock = sock  # already connected to the address we resolved
+        conn.request("GET", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                     headers={"User-Agent": "komari-agent-py/" + __version__, "Connection": "close"})
+        status = conn.getresponse().status
+        elapsed = (time.monotonic() - start) * 1000
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        (conn or sock).close()
+        sock.close()
+    if not 200 <= status < 400 or elapsed > timeout * 1000:
+        return None
+    return elapsed
+
+
+def settle_latency(measure, kind):
+    """The value a probe reports: whole milliseconds, -1 for a failure. A
+    result over 1 s is measured up to 3 more times and the first one under
+    1 s is used; for tcp a drop of more than 800 ms means the first SYN was
+    lost and retransmitted, which is reported as loss."""
+    first = measure()
+    if first is None:
+        return -1
+    if first <= HIGH_LATENCY_MS:
+        return int(first)
+    for _ in range(3):
+        again = measure()
+        if again is None:
+            return -1
+        if again <= HIGH_LATENCY_MS:
+            return -1 if kind == "tcp" and first - again > 800 else int(again)
+    return -1
+
+
+# -- web terminal ------------------------------------------------------------------
+
+def login_shell():
+    """$SHELL if it is an executable file, else bash, else sh."""
+    import shutil
+    candidates = [os.environ.get("SHELL", ""), shutil.which("bash") or "", shutil.which("sh") or "/bin/sh"]
+    for path in candidates:
+        if path and os.path.isabs(path) and os.access(path, os.X_OK) and \
+                os.path.basename(path) not in ("nologin", "false"):
+            return path
+    return "/bin/sh"
+
+
+def home_directory():
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except (ImportError, KeyError):
+        return os.environ.get("HOME") or "/"
+
+
+def set_window_size(fd, rows, cols):
+    import fcntl
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def write_all(fd, data):
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def terminal_input(text):
+    """What a text frame means: ("resize", rows, cols), ("keys", bytes) or
+    None to ignore. A text frame that is not a JSON object is typed as it is."""
+    try:
+        message = json.loads(text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return ("keys", text)
+    if message is None:
+        return None
+    if not isinstance(message, dict):
+        return ("keys", text)
+    kind = message.get("type")
+    if kind == "resize":
+        rows, cols = message.get("rows"), message.get("cols")
+        if all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536 for v in (rows, cols)):
+            return ("resize", rows, cols)
+        return None
+    if kind == "input" and isinstance(message.get("input"), str) and message["input"]:
+        return ("keys", message["input"].encode("utf-8"))
+    return None  # heartbeat, close and kinds we do not know are never typed
+
+
+def drop_socket(ws, goodbye=True):
+    """Close a terminal socket at once, from any thread. The panel never
+    answers a close frame on this socket, so none is waited for, and the
+    frame is sent only when no other thread may be blocked writing."""
+    if goodbye:
+        try:
+            ws.sock and ws.sock.settimeout(0.5)
+            ws.send_close()
+        except Exception:
+            pass
+    try:
+        ws.sock and ws.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked on it
+    except Exception:
+        pass
+    try:
+        ws.shutdown()
+    except Exception:
+        pass
+
+
+class TerminalSession:
+    """One login shell in a pty bridged to one WebSocket. The shell leads its
+    own session; when either side ends, every process of that session goes."""
+
+    def __init__(self, ws, request_id, register, unregister):
+        self.ws, self.request_id = ws, request_id
+        self.register, self.unregister = register, unregister
+        self.proc = None
+        self.master = None
+        self.done = threading.Event()
+        self.end_lock = threading.Lock()
+
+    def start_shell(self):
+        import subprocess
+        master, slave = os.openpty()
+        try:
+            set_window_size(slave, 24, 80)
+            shell = login_shell()
+            home = home_directory()
+            env = child_env({"TERM": "xterm-256color", "HOME": home, "SHELL": shell})
+            env.setdefault("LANG", "C.UTF-8")
+            # argv[0] "-name" makes any shell a login shell
+            argv = [sys.executable, "-I", "-S", "-c", CTTY_SHIM, shell, "-" + os.path.basename(shell)]
+            self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                         cwd=home if os.path.isdir(home) else "/",
+                                         start_new_session=True, close_fds=True)
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        self.master = master
+        self.register(self)
+
+    def run(self):
+        try:
+            self.start_shell()
+        except OSError as e:
+            log.warning("terminal: cannot start a shell: %s", describe_error(e))
+            try:
+                self.ws.send("\r\nCannot start a shell: %s\r\n" % describe_error(e))
+            except Exception:
+                pass
+            drop_socket(self.ws)
+            return
+        log.info("terminal session %s started", self.request_id[:8])
+        output = threading.Thread(target=self.pump_output, name="terminal-out", daemon=True)
+        output.start()
+        try:
+            self.pump_input()
+        finally:
+            self.end()
+            # the pty is closed only when neither pump can touch its fd number again
+            output.join()
+            os.close(self.master)
+
+    def pump_input(self):
+        """Socket to pty until the socket ends (EOF, reset or close frame)."""
+        import websocket
+        self.ws.settimeout(TERMINAL_IDLE_PING)
+        ping_out = False
+        while not self.done.is_set():
+            try:
+                opcode, frame = self.ws.recv_data_frame(True)
+            except websocket.WebSocketTimeoutException:
+                if ping_out:
+                    return  # nothing heard for a whole ping period: the peer is gone
+                try:
+                    self.ws.ping(b"komari")
+                except Exception:
+                    return
+                ping_out = True
+                continue
+            except Exception:
+                return
+            ping_out = False
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                return
+            if opcode == websocket.ABNF.OPCODE_BINARY:
+                action = ("keys", frame.data)
+            elif opcode == websocket.ABNF.OPCODE_TEXT:
+                action = terminal_input(frame.data)
+            else:
+                continue
+            try:
+                if action is None:
+                    continue
+                if action[0] == "resize":
+                    set_window_size(self.master, action[1], action[2])
+                elif action[1]:
+                    write_all(self.master, action[1])
+            except OSError:
+                return
+
+    def pump_output(self):
+        """pty to socket until the shell side closes."""
+        import select
+        try:
+            while not self.done.is_set():
+                ready, _, _ = select.select([self.master], [], [], 0.5)
+                if not ready:
+                    continue
+                try:
+                    data = os.read(self.master, 4096)
+                except OSError:
+                    data = b""  # EIO: no process holds the pty any more
+                if not data:
+                    return self.end(goodbye=True)  # the shell is gone; the socket is fine
+                self.ws.send_binary(data)
+        except Exception:
+            pass
+        finally:
+            self.end()
+
+    def end(self, goodbye=False):
+        with self.end_lock:
+            if self.done.is_set():
+                return
+            self.done.set()
+        if self.proc is not None:
+            end_session(self.proc.pid)
+            self.proc.wait()
+            self.unregister(self)
+        drop_socket(self.ws, goodbye)
+        log.info("terminal session %s ended", self.request_id[:8])
+
+
+# -- dispatch ----------------------------------------------------------------------
+
+def valid_task_id(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 63
+
+
 class Tasks:
-    """Runs the panel's events off the reader thread. The exec, ping and
-    terminal handlers live below."""
+    """Runs the panel's events, each on its own daemon thread, so the report
+    socket's reader and the report schedule are never held up."""
 
     def __init__(self, agent):
         self.agent = agent
+        self.cfg = agent.cfg
         self.error_once = OncePer()
+        self.refusal_log = OncePer(60.0)
+        self.lock = threading.Lock()
+        self.execs = {}        # pid -> Popen of running commands
+        self.terminals = set()  # live TerminalSession objects
+        self.exec_slots = threading.BoundedSemaphore(self.cfg.max_execs)
+        self.terminal_slots = threading.BoundedSemaphore(self.cfg.max_terminals)
+        self.probe_slots = threading.BoundedSemaphore(MAX_PROBES)
+        self.request_ids = {}   # terminal request ids already answered (a bounded, ordered set)
+        self.icmp = IcmpProber()
+        self.closing = False
 
     def handle(self, link, data):
         event = parse_event(data)
@@ -1656,17 +2447,181 @@ class Tasks:
             return
         handler(link, event)
 
+    def spawn(self, name, target, *args):
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
+
+    # -- exec --------------------------------------------------------------
     def on_exec(self, link, event):
-        log.warning("remote exec is not available in this version; ignored")
+        task_id, command = event.get("task_id"), event.get("command")
+        if not isinstance(task_id, str) or not task_id:
+            log.warning("ignoring an exec event without a task id")
+            return
+        if not isinstance(command, str):
+            command = ""
+        if not command.strip():
+            return self.finish_exec(task_id, "No command provided", 0)
+        if self.cfg.disable_web_ssh:
+            log.warning("refused remote command %s: remote control is disabled (--disable-web-ssh)", task_id[:40])
+            return self.finish_exec(task_id, DISABLED_EXEC, -1)
+        if self.closing:
+            return
+        if not self.exec_slots.acquire(blocking=False):
+            log.warning("refused remote command %s: %d already running (--max-execs)", task_id[:40], self.cfg.max_execs)
+            return self.finish_exec(task_id, "Refused: %d commands are already running on this server (--max-execs %d)."
+                                    % (self.cfg.max_execs, self.cfg.max_execs), -1)
+        self.spawn("exec", self.run_exec, task_id, command)
 
+    def run_exec(self, task_id, command):
+        try:
+            log.info("running remote command %s (%d bytes)", task_id[:40], len(command))
+            log.debug("remote command %s: %r", task_id[:40], command[:500])
+            text, code, timed_out = run_command(command, self.cfg.exec_timeout, self.cfg.exec_max_output,
+                                                started=self.exec_started)
+            if timed_out:
+                log.warning("remote command %s timed out after %gs and was killed", task_id[:40], self.cfg.exec_timeout)
+        except Exception as e:
+            log.exception("remote command %s failed", task_id[:40])
+            text, code = "komari-agent: the command could not be run (%s)" % type(e).__name__, -1
+        finally:
+            self.exec_slots.release()
+        self.finish_exec(task_id, text, code)
+
+    def exec_started(self, proc):
+        with self.lock:
+            self.execs[proc.pid] = proc
+            closing = self.closing
+        if closing:
+            end_session(proc.pid, grace=0)
+
+    def finish_exec(self, task_id, text, code):
+        with self.lock:
+            for pid in [pid for pid, proc in self.execs.items() if proc.returncode is not None]:
+                del self.execs[pid]
+        self.agent.deliver_result({"task_id": task_id, "result": text, "exit_code": code,
+                                   "finished_at": rfc3339_now()})
+
+    # -- ping --------------------------------------------------------------
     def on_ping(self, link, event):
-        log.warning("ping probes are not available in this version; ignored")
+        task_id, kind, target = event.get("ping_task_id"), event.get("ping_type"), event.get("ping_target")
+        if not valid_task_id(task_id) or not isinstance(kind, str) or not isinstance(target, str):
+            if self.refusal_log("bad-ping"):
+                log.warning("ignoring a malformed ping event (task id %r)", str(task_id)[:20])
+            return
+        if not self.probe_slots.acquire(blocking=False):
+            if self.refusal_log("ping-busy"):
+                log.warning("too many ping probes at once (%d); reporting loss", MAX_PROBES)
+            return self.send_ping_result(task_id, kind, -1)
+        self.spawn("ping", self.run_probe, task_id, kind, target)
 
+    def run_probe(self, task_id, kind, target):
+        try:
+            value = settle_latency(lambda: self.measure(kind.lower(), target), kind.lower())
+        except Exception:
+            log.exception("ping probe %d failed", task_id)
+            value = -1
+        finally:
+            self.probe_slots.release()
+        self.send_ping_result(task_id, kind, value)
+
+    def measure(self, kind, target):
+        """Milliseconds for one probe of `kind`, None on failure."""
+        if kind == "tcp":
+            return tcp_connect_ms(self.cfg, target)
+        if kind == "http":
+            return http_get_ms(self.cfg, target)
+        if kind == "icmp":
+            parsed = split_host_port(target)
+            found = first_address(self.cfg, parsed[0] if parsed else target)
+            return None if found is None else self.icmp(found[0], found[1])
+        if self.refusal_log(("ping-type", kind[:20])):
+            log.warning("unsupported ping type %r; reporting loss", kind[:20])
+        return None
+
+    def send_ping_result(self, task_id, kind, value):
+        sent = self.agent.send_on_link({"type": "ping_result", "task_id": task_id, "ping_type": kind,
+                                        "value": value, "finished_at": rfc3339_now()})
+        if not sent:
+            log.debug("ping result %d dropped: no report socket", task_id)
+
+    # -- terminal ----------------------------------------------------------
     def on_terminal(self, link, event):
-        log.warning("the web terminal is not available in this version; ignored")
+        request_id = event.get("request_id")
+        if not isinstance(request_id, str) or not request_id or len(request_id) > 256:
+            log.warning("ignoring a terminal event without a usable request id")
+            return
+        with self.lock:
+            if request_id in self.request_ids:
+                log.warning("ignoring a repeated terminal request %s", request_id[:8])
+                return
+            self.request_ids[request_id] = True
+            while len(self.request_ids) > 256:
+                del self.request_ids[next(iter(self.request_ids))]
+        if self.closing:
+            return
+        self.spawn("terminal", self.run_terminal, request_id)
+
+    def run_terminal(self, request_id):
+        url = self.agent.panel.ws_url("/api/clients/terminal", id=request_id)
+        if self.cfg.disable_web_ssh:
+            log.warning("refused a terminal session: remote control is disabled (--disable-web-ssh)")
+            return self.refuse_terminal(url, DISABLED_TERMINAL)
+        if not self.terminal_slots.acquire(blocking=False):
+            log.warning("refused a terminal session: %d already open (--max-terminals)", self.cfg.max_terminals)
+            return self.refuse_terminal(url, "\r\nRefused: %d terminal sessions are already open on this server "
+                                        "(--max-terminals %d). Close one and try again.\r\n"
+                                        % (self.cfg.max_terminals, self.cfg.max_terminals))
+        try:
+            ws = self.dial_terminal(url)
+            if ws is not None:
+                TerminalSession(ws, request_id, self.terminal_started, self.terminal_ended).run()
+        finally:
+            self.terminal_slots.release()
+
+    def dial_terminal(self, url):
+        try:
+            return open_websocket(self.cfg, url)
+        except Exception as e:
+            log.warning("cannot open the terminal socket: %s", handshake_problem(e))
+            return None
+
+    def refuse_terminal(self, url, text):
+        ws = self.dial_terminal(url)
+        if ws is None:
+            return
+        try:
+            ws.send(text)
+        except Exception:
+            pass
+        drop_socket(ws)
+
+    def terminal_started(self, session):
+        with self.lock:
+            self.terminals.add(session)
+            closing = self.closing
+        if closing:
+            session.end()
+
+    def terminal_ended(self, session):
+        with self.lock:
+            self.terminals.discard(session)
 
     def shutdown(self):
-        """Called once on SIGTERM/SIGINT: end what is running."""
+        """Called once on SIGTERM/SIGINT: every running command and terminal
+        session loses its whole process group (the process is about to exit,
+        so this does not wait for the sessions' own threads)."""
+        with self.lock:
+            self.closing = True
+            commands = [pid for pid, proc in self.execs.items() if proc.returncode is None]
+            shells = [session.proc.pid for session in self.terminals if session.proc is not None]
+        for pid in shells:
+            signal_session(pid, signal.SIGHUP)
+        for pid in commands:
+            signal_session(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 0.3
+        while shells and time.monotonic() < deadline and any(session_members(pid) for pid in shells):
+            time.sleep(0.05)
+        for pid in shells + commands:
+            end_session(pid, grace=0)
 
 
 # ---------------------------------------------------------------------------

@@ -14,8 +14,10 @@ import importlib.util
 import hashlib
 import json
 import os
+import re
 import select
 import shlex
+import shutil
 import signal
 import socket
 import socketserver
@@ -896,6 +898,585 @@ def test_malformed_frames_are_skipped_by_the_parser(caplog):
     assert ka.parse_event(b"[1,2]") is None
     assert ka.parse_event(b"[" * 100000) is None
     assert ka.parse_event(b'{"message":"exec"}') == {"message": "exec"}
+
+
+# ---------------------------------------------------------------------------
+# Tasks: exec, ping probes, web terminal
+# ---------------------------------------------------------------------------
+
+RFC3339 = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?[+-]\d\d:\d\d$"
+
+
+def live_processes(marker):
+    """Processes (zombies excepted) whose command line contains `marker`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(proc.info["cmdline"] or ()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def session_processes(sid):
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) == sid:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            pytest.fail("timed out after %gs waiting for %s" % (timeout, what))
+        time.sleep(0.05)
+
+
+def kill_leftovers(*markers):
+    for marker in markers:
+        for proc in live_processes(marker):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+
+def result_for(panel, task_id, timeout=10.0):
+    return panel.wait_for(lambda: next((r for r in panel.task_results if r["task_id"] == task_id), None),
+                          timeout, "the result of task %s" % task_id)
+
+
+def ping_value(panel, task_id, timeout=15.0):
+    return panel.wait_for(lambda: next((r for r in panel.ping_results if r["task_id"] == task_id), None),
+                          timeout, "the ping result of task %d" % task_id)["value"]
+
+
+def test_exec_round_trip_scripts_and_exit_codes(panel, start_agent, tmp_path):
+    start_agent("-i", "0.3")
+    panel.wait_for(lambda: panel.reports, 15, "first report")
+    flag = tmp_path / "go"
+    # a slow command first: the others and the reports must not wait for it
+    panel.send_event({"message": "exec", "task_id": "slow",
+                      "command": "while [ ! -e %s ]; do sleep 0.05; done; echo slow" % flag})
+    panel.send_event({"message": "exec", "task_id": "t1", "command": "echo out; echo err >&2; exit 3"})
+    script = "x=4\nif [ $x -gt 3 ]; then\n  echo big\nfi\nfor i in 1 2; do printf 'n%s\\r\\n' $i; done\n"
+    panel.send_event({"message": "exec", "task_id": "t2", "command": script})
+    panel.send_event({"message": "exec", "task_id": "t3", "command": "echo only-err >&2; kill -9 $$"})
+    panel.send_event({"message": "exec", "task_id": "t4", "command": "   "})
+    panel.send_event({"message": "exec", "task_id": "", "command": "touch %s" % (tmp_path / "no-id")})
+    first = result_for(panel, "t1")
+    assert first["result"] == "out\n\nerr\n" and first["exit_code"] == 3
+    assert re.match(RFC3339, first["finished_at"]), first["finished_at"]
+    assert result_for(panel, "t2")["result"] == "big\nn1\nn2\n"
+    assert result_for(panel, "t2")["exit_code"] == 0
+    assert result_for(panel, "t3") == dict(result_for(panel, "t3"), result="only-err\n", exit_code=-1)
+    assert result_for(panel, "t4")["result"] == "No command provided" and result_for(panel, "t4")["exit_code"] == 0
+    reports = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) >= reports + 3, 10, "reports while a command runs")
+    assert not any(r["task_id"] == "slow" for r in panel.task_results)
+    flag.touch()
+    assert result_for(panel, "slow")["result"] == "slow\n"
+    assert not (tmp_path / "no-id").exists()
+    assert {r["task_id"] for r in panel.task_results} == {"slow", "t1", "t2", "t3", "t4"}
+
+
+def test_exec_timeout_kills_the_whole_group(panel, start_agent):
+    start_agent("--exec-timeout", "1")
+    try:
+        panel.send_event({"message": "exec", "task_id": "late",
+                          "command": "echo started; sleep 61.1 & sleep 61.2; echo never"})
+        result = result_for(panel, "late", 15)
+        assert result["exit_code"] == -1
+        assert result["result"].startswith("started\n") and "never" not in result["result"]
+        assert "--exec-timeout 1s" in result["result"] and "killed" in result["result"]
+        assert live_processes("sleep 61.1") == [] and live_processes("sleep 61.2") == []
+    finally:
+        kill_leftovers("sleep 61.1", "sleep 61.2")
+
+
+def test_exec_output_cap_keeps_head_and_tail(panel, start_agent):
+    start_agent("--exec-max-output", "1000")
+    panel.send_event({"message": "exec", "task_id": "big",
+                      "command": "printf HEAD; head -c 200000 /dev/zero | tr '\\0' x; echo TAIL; echo E >&2"})
+    result = result_for(panel, "big", 15)["result"]
+    assert result.startswith("HEADxxx") and result.endswith("xxTAIL\n\nE\n")
+    assert "199012 bytes of output omitted" in result  # 200009 + 1 + 2 bytes, 1000 kept
+    assert len(result) < 1100
+
+
+def test_exec_cap_arithmetic_on_both_streams():
+    out, err = ka.HeadTail(10), ka.HeadTail(10)
+    out.add(b"abc")
+    err.add(b"0123456789ABCDEF")
+    assert ka.combine_output(out, err, 10) == b"abc\n0" + ka.omission_marker(10) + b"BCDEF"
+    small_out, small_err = ka.HeadTail(10), ka.HeadTail(10)
+    small_out.add(b"ab")
+    small_err.add(b"cd")
+    assert ka.combine_output(small_out, small_err, 10) == b"ab\ncd"
+
+
+def test_exec_limit_refuses_extra_commands(panel, start_agent, tmp_path):
+    start_agent("--max-execs", "1")
+    flag = tmp_path / "go"
+    started = tmp_path / "started"
+    panel.send_event({"message": "exec", "task_id": "hold",
+                      "command": "touch %s; while [ ! -e %s ]; do sleep 0.05; done" % (started, flag)})
+    wait_until(started.exists, 10, "the first command to run")
+    panel.send_event({"message": "exec", "task_id": "extra", "command": "touch %s" % (tmp_path / "ran")})
+    refused = result_for(panel, "extra")
+    assert refused["exit_code"] == -1 and "--max-execs 1" in refused["result"]
+    assert not (tmp_path / "ran").exists()
+    flag.touch()
+    assert result_for(panel, "hold")["exit_code"] == 0
+
+
+def test_disabled_remote_control_runs_nothing(panel, start_agent, terminal_peer, tmp_path):
+    agent = start_agent("--disable-web-ssh")
+    panel.send_event({"message": "exec", "task_id": "no", "command": "touch %s" % (tmp_path / "ran")})
+    result = result_for(panel, "no")
+    assert result["result"] == "Remote control is disabled." and result["exit_code"] == -1
+    panel.send_event({"message": "terminal", "request_id": "r" * 32})
+    term = terminal_peer.next_session()
+    assert term.conn.query["id"] == ["r" * 32]
+    opcode, text = term.conn.read_frame(time.monotonic() + 10)
+    assert opcode == 1 and text.decode() == ka.DISABLED_TERMINAL
+    term.wait_closed()
+    assert not (tmp_path / "ran").exists()
+    shells = [p for p in psutil.Process(agent.proc.pid).children(recursive=True)
+              if p.name() in ("sh", "dash", "bash", "zsh") or "TIOCSCTTY" in " ".join(p.cmdline())]
+    assert shells == []
+
+
+# -- ping probes -----------------------------------------------------------------
+
+class ProbeTarget(BaseHTTPRequestHandler):
+    seen = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        ProbeTarget.seen.append(self.path)
+        status = {"/ok": 200, "/moved": 302, "/broken": 500}.get(self.path.split("?")[0], 404)
+        self.send_response(status)
+        if status == 302:
+            self.send_header("Location", "/followed")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture
+def http_target():
+    class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+    server = Server(("127.0.0.1", 0), ProbeTarget)
+    ProbeTarget.seen = []
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def test_tcp_and_http_probes(panel, start_agent, http_target, tmp_path):
+    start_agent()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    bad = str(tmp_path / "x")
+    probes = {1: ("tcp", "127.0.0.1:%d" % port), 2: ("tcp", "127.0.0.1:%d" % closed_port()),
+              3: ("http", "127.0.0.1:%d/ok" % http_target), 4: ("http", "http://127.0.0.1:%d/moved" % http_target),
+              5: ("http", "http://127.0.0.1:%d/broken" % http_target), 6: ("udp", "127.0.0.1"),
+              7: ("tcp", "127.0.0.1; touch %s" % bad), 8: ("icmp", "127.0.0.1; touch %s" % bad),
+              9: ("http", "127.0.0.1/$(touch %s)" % bad), 10: ("icmp", "`touch %s`" % bad),
+              11: ("tcp", "[127.0.0.1]:%d" % port)}
+    listener6 = None
+    if socket.has_ipv6:
+        try:
+            listener6 = socket.socket(socket.AF_INET6)
+            listener6.bind(("::1", 0))
+            listener6.listen(8)
+            probes[12] = ("tcp", "[::1]:%d" % listener6.getsockname()[1])
+        except OSError:
+            listener6.close()
+            listener6 = None  # no IPv6 loopback here
+    try:
+        for task_id, (kind, target) in probes.items():
+            panel.send_event({"message": "ping", "ping_task_id": task_id, "ping_type": kind, "ping_target": target})
+        values = {task_id: ping_value(panel, task_id) for task_id in probes}
+    finally:
+        listener.close()
+        listener6 and listener6.close()
+    assert values[1] >= 0 and values[11] >= 0 and values[3] >= 0 and values[4] >= 0 and values.get(12, 0) >= 0
+    assert values[2] == values[5] == values[6] == values[7] == values[8] == values[9] == values[10] == -1
+    assert "/followed" not in ProbeTarget.seen and "/ok" in ProbeTarget.seen
+    assert not os.path.exists(bad)
+    result = next(r for r in panel.ping_results if r["task_id"] == 1)
+    assert result["type"] == "ping_result" and result["ping_type"] == "tcp" and is_go_int(result["value"])
+    assert re.match(RFC3339, result["finished_at"])
+    assert panel.rejected == []
+
+
+def test_malformed_ping_events_are_ignored(panel, start_agent):
+    agent = start_agent()
+    for event in ({"ping_task_id": "3", "ping_type": "tcp", "ping_target": "127.0.0.1"},
+                  {"ping_task_id": 0, "ping_type": "tcp", "ping_target": "127.0.0.1"},
+                  {"ping_task_id": -4, "ping_type": "tcp", "ping_target": "127.0.0.1"},
+                  {"ping_task_id": True, "ping_type": "tcp", "ping_target": "127.0.0.1"},
+                  {"ping_task_id": 5.5, "ping_type": "tcp", "ping_target": "127.0.0.1"},
+                  {"ping_task_id": 6, "ping_type": ["tcp"], "ping_target": "127.0.0.1"},
+                  {"ping_task_id": 7, "ping_type": "tcp", "ping_target": {"host": "x"}},
+                  {"ping_task_id": 8, "ping_type": "tcp"}):
+        panel.send_event(dict(event, message="ping"))
+    panel.send_event({"message": "ping", "ping_task_id": 9, "ping_type": "tcp",
+                      "ping_target": "127.0.0.1:%d" % closed_port()})
+    assert ping_value(panel, 9) == -1
+    assert [r["task_id"] for r in panel.ping_results] == [9]
+    assert "malformed ping event" in agent.log and agent.proc.poll() is None
+
+
+def test_icmp_probe_to_loopback(panel, start_agent):
+    agent = start_agent()
+    panel.send_event({"message": "ping", "ping_task_id": 21, "ping_type": "icmp", "ping_target": "127.0.0.1"})
+    panel.send_event({"message": "ping", "ping_task_id": 22, "ping_type": "ICMP", "ping_target": "127.0.0.1:9"})
+    values = [ping_value(panel, 21), ping_value(panel, 22)]
+    if values == [-1, -1] and "system ping" in agent.log and not shutil.which("ping"):
+        pytest.skip("the kernel allows neither an ICMP datagram socket nor a raw socket here, and there is no ping")
+    assert values[0] >= 0 and values[1] >= 0
+    agent.wait_log("icmp probes use")
+
+
+def ping_sockets_allowed():
+    low, high = map(int, Path("/proc/sys/net/ipv4/ping_group_range").read_text().split())
+    return any(low <= gid <= high for gid in os.getgroups() + [os.getgid()])
+
+
+def test_icmp_datagram_socket_path():
+    try:
+        value = ka.icmp_echo(socket.AF_INET, "127.0.0.1", 3.0, socket.SOCK_DGRAM)
+    except PermissionError:
+        assert not ping_sockets_allowed()
+        pytest.skip("net.ipv4.ping_group_range (%s) does not include our groups: no ICMP datagram socket"
+                    % Path("/proc/sys/net/ipv4/ping_group_range").read_text().strip())
+    assert value is not None and 0 <= value < 3000
+
+
+def test_icmp_raw_socket_path():
+    try:
+        value = ka.icmp_echo(socket.AF_INET, "127.0.0.1", 3.0, socket.SOCK_RAW)
+    except PermissionError:
+        pytest.skip("no root or CAP_NET_RAW: no raw ICMP socket")
+    assert value is not None and 0 <= value < 3000
+    if socket.has_ipv6 and Path("/proc/net/if_inet6").exists() and "00000000000000000000000000000001" in \
+            Path("/proc/net/if_inet6").read_text():
+        assert ka.icmp_echo(socket.AF_INET6, "::1", 3.0, socket.SOCK_RAW) is not None
+
+
+def test_system_ping_is_the_last_resort_with_an_argument_list(tmp_path, monkeypatch):
+    # a stand-in ping that records its argv: the real one needs privileges we may lack
+    record = tmp_path / "argv"
+    fake = tmp_path / "ping"
+    fake.write_text("#!/bin/sh\nprintf '%%s\\n' \"$@\" > %s\n"
+                    "echo '64 bytes from 127.0.0.1: icmp_seq=1 ttl=64 time=0.042 ms'\n" % record)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    prober = ka.IcmpProber()
+    prober.refused.update({(socket.AF_INET, socket.SOCK_DGRAM), (socket.AF_INET, socket.SOCK_RAW)})
+    assert prober(socket.AF_INET, "127.0.0.1") == pytest.approx(0.042)
+    assert record.read_text().split("\n")[-2] == "127.0.0.1" and "-c" in record.read_text()
+    fake.write_text("#!/bin/sh\necho 'no answer'\nexit 1\n")
+    assert prober(socket.AF_INET, "127.0.0.1") is None
+
+
+def test_high_latency_is_measured_again():
+    def measures(*values):
+        it = iter(values)
+        return lambda: next(it)
+    assert ka.settle_latency(measures(12.7), "icmp") == 12
+    assert ka.settle_latency(measures(None), "icmp") == -1
+    assert ka.settle_latency(measures(1500.0, 40.0), "icmp") == 40
+    assert ka.settle_latency(measures(1500.0, 40.0), "tcp") == -1       # a retransmitted SYN
+    assert ka.settle_latency(measures(1100.0, 900.0), "tcp") == 900
+    assert ka.settle_latency(measures(1500.0, 1200.0, 1300.0, 999.9), "http") == 999
+    assert ka.settle_latency(measures(1500.0, 1200.0, 1300.0, 1100.0), "http") == -1
+    assert ka.settle_latency(measures(1500.0, None), "http") == -1
+
+
+def test_probe_target_parsing():
+    assert ka.split_host_port("example.com:443") == ("example.com", 443)
+    assert ka.split_host_port("[2001:db8::1]:22") == ("2001:db8::1", 22)
+    assert ka.split_host_port("[2001:db8::1]") == ("2001:db8::1", 80)
+    assert ka.split_host_port("2001:db8::1") == ("2001:db8::1", 80)
+    assert ka.split_host_port("example.com") == ("example.com", 80)
+    assert ka.split_host_port("example.com:http") is None and ka.split_host_port("h:70000") is None
+    assert ka.http_probe_url("2001:db8::1") == "http://[2001:db8::1]"
+    assert ka.http_probe_url("example.com/a?b") == "http://example.com/a?b"
+    assert ka.http_probe_url("https://example.com") == "https://example.com"
+    assert ka.dns_server_address("1.1.1.1") == ("1.1.1.1", 53)
+    assert ka.dns_server_address("[2606:4700::1111]:5353") == ("2606:4700::1111", 5353)
+    assert ka.dns_server_address("2606:4700::1111") == ("2606:4700::1111", 53)
+
+
+class TinyDns:
+    """A UDP DNS server on 127.0.0.1 that knows one name (via a CNAME)."""
+
+    def __init__(self, names):
+        self.names = names
+        self.queries = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except OSError:
+                return
+            ident = query[:2]
+            end = query.index(b"\0", 12) + 1
+            labels, i = [], 12
+            while query[i]:
+                labels.append(query[i + 1:i + 1 + query[i]].decode())
+                i += 1 + query[i]
+            name, qtype = ".".join(labels), struct.unpack("!H", query[end:end + 2])[0]
+            self.queries.append((name, qtype))
+            question = query[12:end + 4]
+            if name not in self.names:
+                self.sock.sendto(ident + b"\x81\x83\x00\x01\x00\x00\x00\x00\x00\x00" + question, peer)
+                continue
+            answers = []
+            # CNAME to alias.test, then the A record for the alias (compressed names)
+            alias = b"\x05alias\x04test\x00"
+            answers.append(b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, len(alias)) + alias)
+            alias_at = 12 + len(question) + 12
+            if qtype == 1:
+                answers.append(struct.pack("!HHHIH", 0xC000 | alias_at, 1, 1, 60, 4)
+                               + socket.inet_aton(self.names[name]))
+            header = ident + b"\x81\x80" + struct.pack("!HHHH", 1, len(answers), 0, 0)
+            self.sock.sendto(header + question + b"".join(answers), peer)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_custom_dns_resolves_probe_targets(panel, start_agent):
+    dns = TinyDns({"probe.komari.test": "127.0.0.1"})
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        assert ka.dns_lookup(("127.0.0.1", dns.port), "probe.komari.test", 1) == ["127.0.0.1"]
+        assert ka.dns_lookup(("127.0.0.1", dns.port), "probe.komari.test", 28) == []
+        asked_before = len(dns.queries)
+        start_agent("--custom-dns", "127.0.0.1:%d" % dns.port, "--prefer-ip-version", "6")
+        port = listener.getsockname()[1]
+        panel.send_event({"message": "ping", "ping_task_id": 31, "ping_type": "tcp",
+                          "ping_target": "probe.komari.test:%d" % port})
+        panel.send_event({"message": "ping", "ping_task_id": 32, "ping_type": "tcp",
+                          "ping_target": "unknown.komari.test:%d" % port})
+        assert ping_value(panel, 31) >= 0
+        assert ping_value(panel, 32) == -1
+        # IPv6 preferred: AAAA asked first; there is none, so A next
+        asked = [q for q in dns.queries[asked_before:] if q[0] == "probe.komari.test"]
+        assert asked == [("probe.komari.test", 28), ("probe.komari.test", 1)]
+    finally:
+        listener.close()
+        dns.close()
+
+
+def test_dns_reply_parser_rejects_garbage():
+    query = ka.dns_query("a.example", 1, 0x1234)
+    reply = bytearray(query)
+    reply[2:4] = b"\x81\x80"
+    reply[6:8] = b"\x00\x01"
+    reply += b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 5, 4) + bytes([10, 0, 0, 7])
+    assert ka.dns_answers(bytes(reply), 0x1234, 1) == ["10.0.0.7"]
+    with pytest.raises(ValueError):
+        ka.dns_answers(bytes(reply), 0x4321, 1)
+    with pytest.raises(ValueError):
+        ka.dns_answers(bytes(reply[:-2]), 0x1234, 1)
+    with pytest.raises(ValueError):
+        ka.dns_query("x" * 64 + ".example", 1, 1)
+
+
+# -- web terminal ------------------------------------------------------------------
+
+class TerminalClient:
+    """The browser's end of one terminal session, seen through the panel."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.output = b""
+        self.released = threading.Event()
+
+    def send_keys(self, text):
+        self.conn.send(text.encode(), 2)
+
+    def send_control(self, obj):
+        self.conn.send(json.dumps(obj), 1)
+
+    def read_until(self, pattern, timeout=10.0):
+        """The first match of the regex `pattern` (bytes) in the output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.output)
+            if found:
+                return found
+            try:
+                opcode, payload = self.conn.read_frame(deadline)
+            except socket.timeout:
+                pytest.fail("no %r in the terminal within %gs; got %r" % (pattern, timeout, self.output[-500:]))
+            if opcode == 8:
+                pytest.fail("the terminal closed before %r; got %r" % (pattern, self.output[-500:]))
+            if opcode == 2:
+                self.output += payload
+
+    def wait_closed(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                opcode, _ = self.conn.read_frame(deadline)
+            except (EOFError, OSError):
+                return
+            if opcode == 8:
+                return
+
+    def hang_up(self):
+        """What the panel does: drop TCP without a close frame."""
+        self.conn.close()
+        self.released.set()
+
+
+class TerminalPeer:
+    def __init__(self, panel):
+        self.panel = panel
+        self.clients = []
+        panel.on_terminal = self.attach
+
+    def attach(self, conn):
+        client = TerminalClient(conn)
+        self.panel.record(self.clients, client)
+        client.released.wait(120)  # the panel's handler thread holds the socket until the test lets go
+
+    def next_session(self, index=None, timeout=15.0):
+        index = len(self.clients) if index is None else index
+        return self.panel.wait_for(lambda: len(self.clients) > index and self.clients[index], timeout,
+                                   "terminal connection #%d" % (index + 1))
+
+
+@pytest.fixture
+def terminal_peer(panel):
+    peer = TerminalPeer(panel)
+    yield peer
+    for client in peer.clients:
+        client.released.set()
+
+
+def open_terminal(panel, peer, request_id):
+    index = len(peer.clients)
+    panel.send_event({"message": "terminal", "request_id": request_id})
+    term = peer.next_session(index)
+    term.send_keys("echo ready-$((20+1))\r")
+    term.read_until(rb"ready-21")
+    return term
+
+
+def test_terminal_bridges_keys_resize_and_control_messages(panel, start_agent, terminal_peer):
+    agent = start_agent()
+    term = open_terminal(panel, terminal_peer, "a" * 32)
+    assert term.conn.query["id"] == ["a" * 32] and term.conn.query["token"] == [TOKEN]
+    term.send_keys("echo hi\r")
+    term.read_until(rb"[\r\n]hi\r\n")
+    term.send_control({"type": "resize", "cols": 123, "rows": 45})
+    term.send_control({"type": "resize", "cols": 0, "rows": -1})
+    term.send_keys("stty size\r")
+    term.read_until(rb"45 123")
+    term.send_control({"type": "heartbeat", "timestamp": 1700000000})
+    term.send_control({"type": "close", "request_id": "a" * 32})
+    term.send_control({"type": "surprise"})
+    term.send_control({"type": "input", "input": "echo in-$((3+4))\r"})
+    term.read_until(rb"in-7")
+    term.conn.send("echo txt-$((2+3))\r", 1)   # text that is not JSON: keystrokes
+    term.read_until(rb"txt-5")
+    assert b"heartbeat" not in term.output and b"timestamp" not in term.output and b"surprise" not in term.output
+    assert TOKEN not in agent.log
+
+
+def test_closing_the_terminal_socket_kills_the_whole_session(panel, start_agent, terminal_peer):
+    start_agent()
+    term = open_terminal(panel, terminal_peer, "b" * 32)
+    try:
+        term.send_keys("sleep 62.1 & (trap '' HUP TERM; exec sleep 62.2) & nohup sleep 62.3 >/dev/null 2>&1 &"
+                       " echo pid-$$\r")
+        shell = int(term.read_until(rb"pid-(\d+)").group(1))
+        wait_until(lambda: all(live_processes("sleep 62.%d" % i) for i in (1, 2, 3)), 10, "the background jobs")
+        assert all(os.getsid(p.pid) == shell for i in (1, 2, 3) for p in live_processes("sleep 62.%d" % i))
+        term.hang_up()
+        wait_until(lambda: not session_processes(shell), 2.0, "every process of the terminal session to go")
+        assert not any(live_processes("sleep 62.%d" % i) for i in (1, 2, 3))
+    finally:
+        kill_leftovers("sleep 62.1", "sleep 62.2", "sleep 62.3")
+    # the report link is unaffected
+    reports = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) > reports, 10, "reports after the session")
+
+
+def test_exiting_the_shell_closes_the_terminal_socket(panel, start_agent, terminal_peer):
+    start_agent()
+    term = open_terminal(panel, terminal_peer, "c" * 32)
+    term.send_keys("exit\r")
+    term.wait_closed()
+
+
+def test_terminal_limit_and_one_socket_per_request(panel, start_agent, terminal_peer):
+    agent = start_agent("--max-terminals", "1")
+    first = open_terminal(panel, terminal_peer, "d" * 32)
+    panel.send_event({"message": "terminal", "request_id": "d" * 32})   # the same id again: ignored
+    panel.send_event({"message": "terminal", "request_id": "e" * 32})
+    second = terminal_peer.next_session(1)
+    assert second.conn.query["id"] == ["e" * 32]
+    opcode, text = second.conn.read_frame(time.monotonic() + 10)
+    assert opcode == 1 and "--max-terminals 1" in text.decode()
+    second.wait_closed()
+    assert len(terminal_peer.clients) == 2 and "repeated terminal request" in agent.log
+    first.send_keys("echo still-$((1+1))\r")
+    first.read_until(rb"still-2")
+
+
+def test_sigterm_ends_terminal_and_exec_groups(panel, start_agent, terminal_peer):
+    agent = start_agent()
+    term = open_terminal(panel, terminal_peer, "f" * 32)
+    try:
+        term.send_keys("(trap '' HUP TERM; exec sleep 63.1) & echo pid-$$\r")
+        shell = int(term.read_until(rb"pid-(\d+)").group(1))
+        panel.send_event({"message": "exec", "task_id": "long", "command": "sleep 63.2 & sleep 63.3"})
+        wait_until(lambda: all(live_processes("sleep 63.%d" % i) for i in (1, 2, 3)), 10, "the commands")
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(10) == 0
+        wait_until(lambda: not session_processes(shell), 2.0, "the terminal session to go")
+        assert not any(live_processes("sleep 63.%d" % i) for i in (1, 2, 3))
+    finally:
+        kill_leftovers("sleep 63.1", "sleep 63.2", "sleep 63.3")
 
 
 # ---------------------------------------------------------------------------
