@@ -2891,4 +2891,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # daemon threads may still sit in socket calls; interpreter teardown under
+    # them can crash, and there is nothing left to clean up
+    os._exit(status)
