@@ -906,7 +906,7 @@ IPV6_LOOKUPS = ("https://api6.ipify.org", "https://ipv6.icanhazip.com", "https:/
                 "http://ipv6.ip.sb")
 
 
-def first_address(text, family):
+def address_in_text(text, family):
     import ipaddress
     pattern = r"\d{1,3}(?:\.\d{1,3}){3}" if family == socket.AF_INET else r"[0-9a-fA-F:]*:[0-9a-fA-F:.]+"
     for candidate in re.findall(pattern, text):
@@ -943,7 +943,7 @@ def fetch_over_family(url, family, timeout):
 def lookup_public_ip(family, timeout=4.0):
     for url in IPV4_LOOKUPS if family == socket.AF_INET else IPV6_LOOKUPS:
         try:
-            address = first_address(fetch_over_family(url, family, timeout), family)
+            address = address_in_text(fetch_over_family(url, family, timeout), family)
         except (OSError, ValueError, ssl.SSLError, Exception):  # any failure: try the next service
             continue
         if address:

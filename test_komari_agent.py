@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import select
 import shlex
 import shutil
 import signal
@@ -719,6 +718,13 @@ def test_static_facts_parsing():
     assert ka.group_names(["RTX 4090", "RTX 4090", "RX 7900"]) == "RTX 4090 \u00d7 2, RX 7900"
     assert ka.virtualization_from_cgroup("0::/system.slice/docker-" + "a" * 64 + ".scope") == "docker"
     assert ka.virtualization_from_cgroup("0::/init.scope") == ""
+
+
+def test_public_address_is_found_in_lookup_answers():
+    assert ka.address_in_text("fl=1\nip=203.0.113.9\nts=1", socket.AF_INET) == ""       # not global
+    assert ka.address_in_text('{"ip":"8.8.4.4"}', socket.AF_INET) == "8.8.4.4"
+    assert ka.address_in_text("ip=2606:4700:4700::1111\n", socket.AF_INET6) == "2606:4700:4700::1111"
+    assert ka.address_in_text("<html>10.0.0.1</html>", socket.AF_INET) == ""
 
 
 def test_report_figures_agree_with_psutil():
