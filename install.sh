@@ -35,8 +35,8 @@ Usage: install.sh -e ENDPOINT -t TOKEN [options] [agent flags]
   --install-service-name NAME   default komari-agent
   --install-ghproxy PREFIX      put PREFIX/ in front of GitHub download URLs (once)
   --install-version TAG         accepted for the official installer's sake; ignored
-  --source URL|PATH             where to get komari_agent.py (default: beside this script, else
-                                $KOMARI_AGENT_URL, else the project's download URL)
+  --source URL|PATH             where to get komari_agent.py (default: $KOMARI_AGENT_URL, else
+                                the copy beside this script, else the project's download URL)
   --pip-index-url URL           package index for pip (a mirror)
   --venv-system-site-packages   let the virtual environment see the system's Python packages
   --service KIND                auto (default), systemd, systemd-user, openrc, procd, cron
@@ -96,6 +96,14 @@ in_manifest() { printf '%s\n' "$MANIFEST" | grep -Fqx -- "$1"; }
 # an earlier run (a panel's file in a shared directory) is never claimed.
 claim() {
 	if [ ! -e "$1" ] || in_manifest "$1"; then own "$1"; fi
+}
+
+# claim_parents PATH: the directories that must be made for PATH are ours (deepest last).
+claim_parents() {
+	set -- "$(dirname "$1")" # positional parameters: the only locals POSIX sh has
+	[ -d "$1" ] && return 0
+	claim_parents "$1"
+	claim "$1"
 }
 
 # own PATH: PATH is ours whatever was there (service definitions of our service name).
@@ -312,7 +320,9 @@ install_agent_file() {
 # reads with --config; values come through the environment, never through argv.
 write_config() {
 	if [ -n "$DRY_RUN" ]; then
-		say "would write $DIR/config.json (mode 0600): endpoint ${ENDPOINT:-(kept)}, token ${TOKEN:+(given, hidden)}${TOKEN:-(kept)}"
+		token_note='kept'
+		[ -n "$TOKEN" ] && token_note='given (not shown)'
+		say "would write $DIR/config.json (mode 0600): endpoint ${ENDPOINT:-kept}, token $token_note"
 		return 0
 	fi
 	KI_ENDPOINT=$ENDPOINT KI_TOKEN=$TOKEN KI_DISCOVERY=$DISCOVERY "$PY" - "$DIR/config.json" <<'EOF' ||
@@ -544,6 +554,7 @@ install_service() {
 	if [ -e "$file" ] && ! grep -Fq "$MARK" "$file"; then
 		warn "replacing $file, which install.sh did not write"
 	fi
+	claim_parents "$file"
 	case $SERVICE in
 	systemd) own "$file"; systemd_unit multi-user.target | write_file "$file" 0644 ;;
 	systemd-user) own "$file"; systemd_unit default.target | write_file "$file" 0644 ;;
@@ -702,14 +713,15 @@ do_uninstall() {
 	# Deepest paths first, so a directory is empty by the time it comes.
 	printf '%s\n' "$MANIFEST" | awk 'NF { print length($0) "\t" $0 }' | sort -rn | cut -f2- | {
 		while IFS='' read -r path; do
-			if ! safe_to_remove "$path"; then
-				warn "not removing $path (outside $DIR)"
-			elif [ "$path" = "$DIR" ]; then
+			if [ "$path" = "$DIR" ]; then
 				: # last, and only when empty
+			elif safe_to_remove "$path"; then
+				remove "$path"
 			elif [ -d "$path" ] && [ ! -L "$path" ]; then
-				remove "$path"
-			else
-				remove "$path"
+				# a directory made for a service definition: only if nothing else is in it
+				if [ -n "$DRY_RUN" ]; then say "would remove $path if empty"; else rmdir "$path" 2>/dev/null; fi
+			elif [ -e "$path" ]; then
+				warn "not removing $path: not a file install.sh wrote"
 			fi
 		done
 	}
@@ -724,6 +736,8 @@ do_uninstall() {
 		else
 			rmdir "$DIR" 2>/dev/null || say "kept $DIR: it holds files install.sh did not create"
 		fi
+	else
+		say "kept $DIR: it was there before install.sh"
 	fi
 	say "Uninstalled.${DRY_RUN:+ (dry run: nothing was changed)}"
 }
@@ -793,11 +807,12 @@ main() {
 	case $DIR in
 	'' | *[!A-Za-z0-9_./@+-]*) usage_error "install directory '$DIR' may hold only letters, digits and _ . / @ + -" ;;
 	esac
+	[ -n "$SOURCE" ] || SOURCE=${KOMARI_AGENT_URL:-}
 	# Run from a checkout: take the komari_agent.py beside this script.
 	if [ -z "$SOURCE" ] && [ -f "$0" ] && grep -Fq "$MARK" "$0" 2>/dev/null && [ -f "$(dirname "$0")/komari_agent.py" ]; then
 		SOURCE=$(cd "$(dirname "$0")" && pwd)/komari_agent.py
 	fi
-	[ -n "$SOURCE" ] || SOURCE=${KOMARI_AGENT_URL:-$DEFAULT_AGENT_URL}
+	[ -n "$SOURCE" ] || SOURCE=$DEFAULT_AGENT_URL
 	case $SOURCE in
 	http://* | https://* | /*) ;;
 	*) SOURCE=$(pwd)/$SOURCE ;;
