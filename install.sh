@@ -180,6 +180,7 @@ check_python() {
 	if ! have "$PY"; then
 		die "$PY not found: install Python 3.8 or newer first (Debian/Ubuntu: apt-get install python3 python3-venv; Alpine: apk add python3; Fedora/RHEL: dnf install python3; OpenWrt: opkg install python3), then run this again"
 	fi
+	"$PY" -c 'import sys' </dev/null >/dev/null 2>&1 || die "$PY does not run: $("$PY" -c 'import sys' 2>&1 </dev/null | tail -n 1)"
 	"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 8))' </dev/null ||
 		die "$("$PY" -V 2>&1) is too old: komari_agent.py needs Python 3.8 or newer"
 	PY=$(command -v "$PY")
@@ -566,7 +567,12 @@ install_service() {
 		claim "$DIR/agent.log"
 		claim "$DIR/agent.log.1"
 		keepalive_script | write_file "$file" 0755
-		{ crontab_without_ours; cron_line; } | crontab_write || warn "could not add the @reboot entry to the crontab: the agent will not start at boot"
+		if [ -z "$ROOT" ] && ! have crontab; then
+			warn "no crontab command: the agent starts now but not at boot; add '/bin/sh $file &' to a boot script (/etc/rc.local)"
+		else
+			{ crontab_without_ours; cron_line; } | crontab_write ||
+				warn "could not add the @reboot entry to the crontab: the agent starts now but not at boot"
+		fi
 		;;
 	*) usage_error "unknown service kind $SERVICE" ;;
 	esac
@@ -603,7 +609,6 @@ install_service() {
 		LOGS="logread -f -e komari"
 		;;
 	cron)
-		have crontab || warn "no crontab command: started now, but nothing starts it at boot"
 		stop_keepalive
 		start_keepalive
 		LOGS="tail -f $DIR/agent.log"
@@ -630,7 +635,9 @@ stop_service() {
 		;;
 	cron)
 		stop_keepalive
-		if crontab_read | grep -Fq "# $MARK: $NAME"; then crontab_without_ours | crontab_write; fi
+		if { [ -n "$ROOT" ] || have crontab; } && crontab_read | grep -Fq "# $MARK: $NAME"; then
+			crontab_without_ours | crontab_write
+		fi
 		;;
 	esac
 	return 0
@@ -653,23 +660,23 @@ do_install() {
 	if [ -z "$ENDPOINT" ] || { [ -z "$TOKEN" ] && [ -z "$DISCOVERY" ]; }; then
 		config_has_credentials || usage_error "-e ENDPOINT and -t TOKEN are needed (no earlier install in $DIR to take them from)"
 	fi
-	if [ -f "$SOURCE" ]; then
-		REQ_FILE=$(dirname "$SOURCE")/requirements.txt
-	else
-		REQ_FILE=''
-	fi
-	say "Installing komari_agent.py into $DIR as service '$NAME' ($SERVICE)${DRY_RUN:+ [dry run: nothing is changed]}"
+	REQ_FILE=$(dirname "$SOURCE")/requirements.txt
+	[ -f "$SOURCE" ] && [ -f "$REQ_FILE" ] || REQ_FILE=$DIR/.requirements.tmp
+	what="as service '$NAME' ($SERVICE)"
+	[ "$SERVICE" = none ] && what="without a service (--no-service)"
+	say "Installing komari_agent.py into $DIR $what${DRY_RUN:+ [dry run: nothing is changed]}"
 	load_manifest
 	claim "$DIR"
 	make_dir "$DIR"
 	save_manifest
-	if [ -z "$REQ_FILE" ] || [ ! -f "$REQ_FILE" ]; then
-		REQ_FILE=$DIR/.requirements.tmp
-		[ -n "$DRY_RUN" ] || printf '%s\n' "$REQUIREMENTS" >"$REQ_FILE"
-	fi
+	# a failed run leaves no temporary file behind
+	[ -n "$DRY_RUN" ] || trap 'rm -f "$DIR/.requirements.tmp" "$DIR/komari_agent.py.new"' EXIT
 	install_agent_file
+	if [ "$REQ_FILE" = "$DIR/.requirements.tmp" ] && [ -z "$DRY_RUN" ]; then
+		printf '%s\n' "$REQUIREMENTS" >"$REQ_FILE"
+	fi
 	install_dependencies
-	[ "$REQ_FILE" = "$DIR/.requirements.tmp" ] && rm -f "$REQ_FILE"
+	rm -f "$DIR/.requirements.tmp"
 	if [ -z "$DRY_RUN" ]; then
 		PYTHONPATH=$RUN_PYTHONPATH "$RUN_PYTHON" "$DIR/komari_agent.py" --version </dev/null >/dev/null 2>&1 ||
 			die "the installed agent does not start: try $RUN_PYTHON $DIR/komari_agent.py --version"

@@ -8,7 +8,11 @@
 # ---------------------------------------------------------------------------
 
 import configparser
+import json
+import os
+import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -240,6 +244,23 @@ def test_install_cron_fallback_runs_in_background_until_uninstalled(panel, tmp_p
     finally:
         if keepalive:
             stop_process_group(keepalive)
+
+
+def test_install_without_venv_falls_back_and_says_which_way(tmp_path):
+    """A Python whose venv module is missing (Debian without python3-venv):
+    this one already has the packages, so it is used as it is, and said so."""
+    python = tmp_path / "python3"
+    python.write_text('#!/bin/sh\ncase "$*" in *"-m venv"*) echo "No module named venv" >&2; exit 1;; esac\n'
+                      'exec %s "$@"\n' % shlex.quote(sys.executable))
+    python.chmod(0o755)
+    install_dir = tmp_path / "agent"
+    out, _ = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                         "--no-service", env=install_env(tmp_path, KOMARI_PYTHON=str(python)))
+    assert "dependencies: already installed for %s" % python in out
+    assert not (install_dir / "venv").exists()
+    assert launcher_argv(install_dir)[:2] == [str(python), str(install_dir / "komari_agent.py")]
+    version = subprocess.run([str(install_dir / "run-agent.sh"), "--version"], stdout=subprocess.PIPE, timeout=30)
+    assert version.returncode == 0 and b"komari_agent.py" in version.stdout
 
 
 def test_install_dry_run_changes_nothing(tmp_path):
