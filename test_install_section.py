@@ -170,16 +170,19 @@ def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tm
 def test_install_service_definition_is_valid(tmp_path, kind):
     install_dir = tmp_path / "agent"
     run_install(tmp_path, "-e", "https://panel.example.com", "-t", "tok-in-config", "--install-dir", str(install_dir),
-                "--service", kind, "--venv-system-site-packages", "--disable-web-ssh")
+                "--service", kind, "--venv-system-site-packages", "--disable-web-ssh", "--auto-discovery", "disc-key")
     launcher = str(install_dir / "run-agent.sh")
     assert os.access(launcher, os.X_OK)
+    # the auto-discovery key is a secret too: config file, not command line
+    assert json.loads((install_dir / "config.json").read_text())["auto_discovery_key"] == "disc-key"
+    assert launcher_argv(install_dir)[6:] == ["--disable-web-ssh"]
     paths = {"systemd": tmp_path / "root/etc/systemd/system/komari-agent.service",
              "systemd-user": tmp_path / "home/.config/systemd/user/komari-agent.service",
              "openrc": tmp_path / "root/etc/init.d/komari-agent",
              "procd": tmp_path / "root/etc/init.d/komari-agent"}
     definition = paths[kind]
     text = definition.read_text()
-    assert "tok-in-config" not in text
+    assert "tok-in-config" not in text and "disc-key" not in text
     if kind.startswith("systemd"):
         unit = configparser.ConfigParser(strict=True, interpolation=None)
         unit.optionxform = str
