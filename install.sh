@@ -14,7 +14,7 @@
 # Every file this script writes carries this mark; --uninstall checks for it.
 MARK='written by komari_agent.py install.sh'
 # Where komari_agent.py comes from when not run from a checkout (KOMARI_AGENT_URL overrides).
-DEFAULT_AGENT_URL='https://raw.githubusercontent.com/komari-agent-py/komari-agent-py/main/komari_agent.py'
+DEFAULT_AGENT_URL='https://raw.githubusercontent.com/OWNER/REPO/main/komari_agent.py'
 # Same as requirements.txt (a test keeps them equal); used when no requirements.txt is at hand.
 REQUIREMENTS='psutil>=5.6
 websocket-client>=1.0'
