@@ -2844,15 +2844,25 @@ def dry_run(cfg):
     return 0
 
 
+def glibc():
+    """The C library through ctypes, or None where it is not glibc-like."""
+    if not IS_LINUX:
+        return None
+    try:
+        import ctypes
+        lib = ctypes.CDLL("libc.so.6")
+        lib.mallopt  # noqa: B018 - it must exist
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
 def limit_malloc_arenas():
     """glibc gives each thread its own malloc arena; for a few mostly idle
     threads that is megabytes of RSS for nothing."""
-    if IS_LINUX:
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
-        except (OSError, AttributeError):
-            pass
+    lib = glibc()
+    if lib is not None:
+        lib.mallopt(-8, 1)  # M_ARENA_MAX
 
 
 def main(argv=None):

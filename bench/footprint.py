@@ -379,6 +379,8 @@ def measure(proc, tally, args, out):
         "cpu_resolution_ms": 1000.0 / CLK_TCK,
         "rss_avg_mb": round(sum(rss) / len(rss) / 1024.0, 2),
         "rss_peak_mb": round(hwm / 1024.0, 2),
+        # the window's last RSS sample minus its first: a leak shows here
+        "rss_growth_mb": round((rss[-1] - rss[0]) / 1024.0, 2),
         "threads": max(threads),
         "processes": s["procs"],
         "first_report_s": round(first_report_s, 3),
@@ -408,6 +410,7 @@ def combine(runs):
         "cpu_ms_per_report_sched": round(sched_ms / reports, 3),
         "rss_avg_mb": round(sum(r["rss_avg_mb"] for r in runs) / len(runs), 2),
         "rss_peak_mb": max(r["rss_peak_mb"] for r in runs),
+        "rss_growth_mb": max(r["rss_growth_mb"] for r in runs),
         "threads": max(r["threads"] for r in runs),
         "processes": max(r["processes"] for r in runs),
         "rounds": runs,
@@ -417,7 +420,8 @@ def combine(runs):
     return out
 
 
-RATIO_KEYS = ("cpu_ms_per_report", "cpu_ms_per_report_sched", "rss_avg_mb", "rss_peak_mb", "threads", "reports")
+RATIO_KEYS = ("cpu_ms_per_report", "cpu_ms_per_report_sched", "rss_avg_mb", "rss_peak_mb", "rss_growth_mb",
+              "threads", "reports")
 
 
 def ratios(ours, theirs):
@@ -457,7 +461,7 @@ def hold_sockets(n):
 COLUMNS = (("agent", "name", "%s"), ("runs", "runs", "%d"), ("reports", "reports", "%d"),
            ("cpu ms/report", "cpu_ms_per_report", "%.3f"), ("sched ms/report", "cpu_ms_per_report_sched", "%.3f"),
            ("rss avg MB", "rss_avg_mb", "%.1f"), ("rss peak MB", "rss_peak_mb", "%.1f"),
-           ("threads", "threads", "%d"))
+           ("rss growth MB", "rss_growth_mb", "%.2f"), ("threads", "threads", "%d"))
 
 
 def table(result):
