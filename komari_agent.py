@@ -161,7 +161,8 @@ OPTIONS = [
     Option("month_rotate", ("--month-rotate",), "int", 0,
            "count totalUp/totalDown from this day of the month (1-31; 0 = since boot)", check=_day_of_month),
     Option("import_net_static", ("--import-net-static",), "str", "",
-           "the official agent's net_static.json to take this period's totals from, once (with --month-rotate)",
+           "the official agent's net_static.json to carry this period's totals over from, once (with "
+           "--month-rotate; looked for beside this script, in the working directory and in /opt/komari)",
            metavar="PATH"),
     Option("gpu", ("--gpu",), "bool", False, "add detailed GPU usage (nvidia-smi) to reports",
            json_keys=("enable_gpu", "gpu"), env=("AGENT_ENABLE_GPU", "AGENT_GPU")),
@@ -1671,9 +1672,11 @@ def traffic_ledger(cfg):
 def traffic_command(argv, environ):
     """`komari_agent.py traffic [--set-up SIZE] [--set-down SIZE] [--show] [agent flags]`:
     calibrate or show this period's totals. Returns the exit code."""
-    parser = ArgParser(prog=PROG + " traffic", description="Show or correct this period's traffic totals. "
-                       "Give the same --state-dir/--config as the agent so the same state is used.")
-    parser.add_argument("--set-up", metavar="SIZE", help="set this period's upload total, e.g. 120G (K/M/G/T/P, 1024-based)")
+    parser = ArgParser(prog=PROG + " traffic", allow_abbrev=False,
+                       description="Show or correct this period's traffic totals. Give the same --state-dir "
+                                   "and --config (or AGENT_* environment) as the agent so the same state is used.")
+    parser.add_argument("--set-up", metavar="SIZE",
+                        help="set this period's upload total, e.g. 120G (K/M/G/T/P, 1024-based, decimals allowed)")
     parser.add_argument("--set-down", metavar="SIZE", help="set this period's download total, e.g. 1.5T")
     parser.add_argument("--show", action="store_true", help="print the period start and totals (the default)")
     try:
@@ -1695,6 +1698,10 @@ def traffic_command(argv, environ):
         pending["at"] = time.time()
         try:
             write_atomic(calibration, encode(pending).encode())
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                # root calibrating for an agent that runs as its own user: let it read the file
+                owner = os.stat(directory)
+                os.chown(calibration, owner.st_uid, owner.st_gid)
         except OSError as e:
             sys.stderr.write("%s traffic: error: cannot write %s: %s (run it as the agent's user)\n"
                              % (PROG, calibration, describe_error(e)))
