@@ -991,10 +991,19 @@ def push_over_loopback(nbytes):
 MONTHLY_LO = ("-i", "0.3", "--month-rotate", "1", "--include-nics", "lo")
 
 
+def fresh_traffic_state(panel):
+    """The panel's state directory without traffic files (a reused port must not inherit them)."""
+    state = panel_state_dir(panel)
+    for name in (ka.TRAFFIC_FILE, ka.CALIBRATION_FILE):
+        if (state / name).exists():
+            (state / name).unlink()
+    return state
+
+
 def test_running_agent_applies_a_calibration_and_saves_on_sigterm(panel, start_agent):
+    state = fresh_traffic_state(panel)
     agent = start_agent(*MONTHLY_LO)
     panel.wait_for(lambda: panel.reports, 15, "first report")
-    state = panel_state_dir(panel)
     done = run_agent("traffic", "--state-dir", str(state), "--set-up", "120G", "--set-down", "1.5T")
     assert done.returncode == 0, done.stderr
     up, down = 120 * GiB, int(1.5 * TiB)
@@ -1013,7 +1022,7 @@ def test_running_agent_applies_a_calibration_and_saves_on_sigterm(panel, start_a
 
 
 def test_totals_continue_after_sigkill_and_restart_mid_period(panel, start_agent):
-    state = panel_state_dir(panel)
+    state = fresh_traffic_state(panel)
     # far above what lo has carried since boot, so totals restarting from the raw counters would show
     done = run_agent("traffic", "--state-dir", str(state), "--set-up", "3T", "--set-down", "2T")
     assert done.returncode == 0, done.stderr
