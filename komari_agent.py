@@ -161,6 +161,10 @@ OPTIONS = [
            env=("AGENT_INCLUDE_MOUNTPOINTS", "AGENT_INCLUDE_MOUNTPOINT")),
     Option("month_rotate", ("--month-rotate",), "int", 0,
            "count totalUp/totalDown from this day of the month (1-31; 0 = since boot)", check=_day_of_month),
+    Option("import_net_static", ("--import-net-static",), "str", "",
+           "the official agent's net_static.json to carry this period's totals over from, once (with "
+           "--month-rotate; looked for beside this script, in the working directory and in /opt/komari)",
+           metavar="PATH"),
     Option("gpu", ("--gpu",), "bool", False, "add detailed GPU usage (nvidia-smi) to reports",
            json_keys=("enable_gpu", "gpu"), env=("AGENT_ENABLE_GPU", "AGENT_GPU")),
     Option("custom_dns", ("--custom-dns",), "str", "", "DNS server (host or host:port) for probe targets"),
@@ -1300,6 +1304,475 @@ def gpu_details():
 def encode(obj):
     """Compact JSON exactly as it goes on the wire; NaN is an error, not a token."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+# -- monthly traffic (--month-rotate) -------------------------------------------
+
+TRAFFIC_FILE = "traffic.json"
+CALIBRATION_FILE = "traffic-calibration.json"
+TRAFFIC_SAVE_EVERY = 60.0       # seconds: a power cut loses at most this much counting
+CALIBRATION_CHECK_EVERY = 3.0   # seconds between looks for a calibration file
+NET_STATIC = "net_static.json"  # the official agent's store, in its working directory
+OFFICIAL_INSTALL_DIR = "/opt/komari"
+SIZE_UNITS = "KMGTP"
+
+
+def epoch_of(now):
+    """Seconds since the epoch from a number, a datetime (naive = local time) or None (now)."""
+    if now is None:
+        return time.time()
+    if hasattr(now, "timestamp"):
+        return now.timestamp()
+    return float(now)
+
+
+def local_time(t):
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if isinstance(t, (int, float)) else "?"
+
+
+def reset_moment(year, month, day):
+    """00:00 local time on `day` of the month, or on its last day when the month is shorter."""
+    import calendar
+    while month < 1:
+        year, month = year - 1, month + 12
+    while month > 12:
+        year, month = year + 1, month - 12
+    day = min(day, calendar.monthrange(year, month)[1])
+    return time.mktime((year, month, day, 0, 0, 0, 0, 0, -1))
+
+
+def period_bounds(reset_day, now):
+    """(start, end) epoch seconds of the accounting period that holds `now`."""
+    t = time.localtime(now)
+    start = reset_moment(t.tm_year, t.tm_mon, reset_day)
+    if now < start:
+        return reset_moment(t.tm_year, t.tm_mon - 1, reset_day), start
+    return start, reset_moment(t.tm_year, t.tm_mon + 1, reset_day)
+
+
+def parse_size(text):
+    """Bytes from '120G', '1.5T', '512MiB', '100' (units K M G T P, 1024-based); ValueError if not a size."""
+    match = re.match(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgtp])(?:i?b)?|b)?\s*$", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError("not a size: %r (use a number with K, M, G, T or P, e.g. 120G or 1.5T)" % text)
+    power = SIZE_UNITS.index(match.group(2).upper()) + 1 if match.group(2) else 0
+    return int(round(float(match.group(1)) * 1024 ** power))
+
+
+def human_size(n):
+    for power in range(len(SIZE_UNITS), 0, -1):
+        if n >= 1024 ** power:
+            return "%.2f %siB" % (n / 1024.0 ** power, SIZE_UNITS[power - 1])
+    return "%d B" % n
+
+
+def boot_identity(proc="/proc"):
+    """(boot id, boot time in epoch seconds): a different id means the counters restarted."""
+    try:
+        boot_id = first_line(proc + "/sys/kernel/random/boot_id").strip()
+    except OSError:
+        boot_id = ""
+    boot_time = None
+    try:
+        for line in read_text(proc + "/stat").splitlines():
+            if line.startswith("btime "):
+                boot_time = float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    if boot_time is None:
+        try:
+            boot_time = float(psutil_module().boot_time())
+        except Exception:
+            boot_time = time.time() - time.monotonic()
+    return boot_id or "btime:%d" % round(boot_time, -1), boot_time
+
+
+def net_static_totals(data, start, end):
+    """{nic: [up, down]} summed over the official store's records stamped within [start, end]."""
+    totals = {}
+    interfaces = data.get("interfaces") if isinstance(data, dict) else None
+    for nic, records in (interfaces or {}).items():
+        if not isinstance(records, list):
+            continue
+        up = down = 0
+        for record in records:
+            try:
+                stamp, tx, rx = float(record["timestamp"]), int(record.get("tx", 0)), int(record.get("rx", 0))
+            except (TypeError, ValueError, KeyError, AttributeError):
+                continue
+            if start <= stamp <= end and tx >= 0 and rx >= 0:
+                up, down = up + tx, down + rx
+        if up or down:
+            totals[str(nic)] = [up, down]
+    return totals
+
+
+def net_static_candidates(cwd=None):
+    """Where an official agent that this one replaced left its net_static.json."""
+    dirs = [os.path.dirname(os.path.abspath(__file__)), cwd or os.getcwd(), OFFICIAL_INSTALL_DIR]
+    return [os.path.join(d, NET_STATIC) for d in dict.fromkeys(dirs)]
+
+
+def read_json_object(path):
+    """A JSON object from `path`; OSError or ValueError otherwise."""
+    with open(path, "rb") as f:
+        data = json.loads(f.read().decode("utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def whole(value):
+    """A non-negative int from stored JSON, 0 for anything else."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+class TrafficLedger:
+    """This period's traffic per NIC, kept in <state dir>/traffic.json so that
+    restarts, reboots, NIC resets and a replaced agent do not lose it.
+
+    Each NIC has its period totals and the last counters seen. A counter that
+    went backwards (reboot, NIC reset, wrap) restarted from zero, so its new
+    value is the traffic since; it is counted when that restart lies inside
+    the period. The report is the sum over the NICs counted now, plus the
+    calibration offset set with `traffic --set-up/--set-down`."""
+
+    def __init__(self, directory, reset_day, counted=None, import_path="", import_candidates=(),
+                 boot=None, now=None):
+        self.path = os.path.join(directory, TRAFFIC_FILE)
+        self.calibration_path = os.path.join(directory, CALIBRATION_FILE)
+        self.reset_day = reset_day
+        self.counted = counted or (lambda nic: True)
+        self.counted_cache = {}
+        self.boot_id, self.boot_time = boot or boot_identity()
+        self.lock = threading.Lock()
+        self.problem = ""
+        self.sampled = False      # whether this process has sampled the counters yet
+        self.saved_at = None      # None: save at the next update (the first one, say)
+        self.calibration_checked = 0.0
+        now = epoch_of(now)
+        self.now_at_start = now
+        self.reset_state()
+        had_state = self.load()
+        self.imported_now = False
+        if import_path:
+            self.import_net_static(import_path, now)
+        elif not had_state:
+            for candidate in import_candidates:
+                if os.path.isfile(candidate):
+                    self.import_net_static(candidate, now)
+                    break
+        self.roll(now)
+
+    def reset_state(self):
+        self.start, self.end = period_bounds(self.reset_day, self.now_at_start)
+        self.nics = {}            # nic -> [up, down, rx, tx]; rx/tx None without a baseline
+        self.offset = [0, 0]
+        self.previous = None
+        self.imported = []
+        self.calibrated_at = 0.0
+        self.state_boot_id = None
+        self.sampled_at = None
+
+    # -- state file ---------------------------------------------------------
+    def load(self):
+        """Take over the saved state; False when there is none."""
+        try:
+            data = read_json_object(self.path)
+            self.take_state(data)
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            log.warning("traffic state %s is unreadable (%s); starting afresh", self.path, describe_error(e))
+            try:
+                os.replace(self.path, self.path + ".bad")
+            except OSError:
+                pass
+            self.reset_state()
+            return False
+        return True
+
+    def take_state(self, data):
+        start = data.get("period_start")
+        if isinstance(start, (int, float)) and not isinstance(start, bool):
+            self.start = float(start)
+            self.end = float(data.get("period_end") or period_bounds(self.reset_day, self.start)[1])
+        for nic, entry in (data.get("nics") or {}).items():
+            if isinstance(entry, dict):
+                rx, tx = entry.get("rx"), entry.get("tx")
+                has_base = isinstance(rx, int) and isinstance(tx, int) and rx >= 0 and tx >= 0
+                self.nics[str(nic)] = [whole(entry.get("up")), whole(entry.get("down")),
+                                       rx if has_base else None, tx if has_base else None]
+        offset = data.get("offset") or {}
+        self.offset = [int(offset.get("up", 0)), int(offset.get("down", 0))]
+        self.previous = data.get("previous") if isinstance(data.get("previous"), dict) else None
+        self.imported = [p for p in data.get("imported") or [] if isinstance(p, str)]
+        self.calibrated_at = float(data.get("calibrated_at") or 0)
+        self.state_boot_id = str(data.get("boot_id") or "") or None
+        sampled_at = data.get("sampled_at")
+        self.sampled_at = float(sampled_at) if isinstance(sampled_at, (int, float)) else None
+        if data.get("reset_day") != self.reset_day:
+            # a new reset day moves the period's bounds; the totals so far are kept
+            self.start, self.end = period_bounds(self.reset_day, self.now_at_start)
+            log.warning("traffic: reset day changed from %s to %d; this period now runs from %s, totals kept "
+                        "(correct them with `%s traffic --set-up/--set-down` if needed)",
+                        data.get("reset_day"), self.reset_day, local_time(self.start), PROG)
+
+    def snapshot(self, now):
+        up, down = self.totals()
+        return {"format": "komari_agent.py traffic 1", "reset_day": self.reset_day,
+                "period_start": self.start, "period_end": self.end,
+                "period_start_local": local_time(self.start),
+                "total": {"up": up, "down": down},
+                "counted": sorted(n for n in self.nics if self.is_counted(n)),
+                "offset": {"up": self.offset[0], "down": self.offset[1]},
+                "nics": {n: {"up": e[0], "down": e[1], "rx": e[2], "tx": e[3]} for n, e in sorted(self.nics.items())},
+                "boot_id": self.boot_id, "sampled_at": self.sampled_at, "saved_at": now,
+                "calibrated_at": self.calibrated_at, "imported": self.imported, "previous": self.previous}
+
+    def save(self, now):
+        try:
+            write_atomic(self.path, json.dumps(self.snapshot(now), indent=1, sort_keys=True).encode())
+        except OSError as e:
+            if not self.problem:
+                log.warning("cannot save traffic totals in %s (%s); counting goes on in memory",
+                            os.path.dirname(self.path), describe_error(e))
+            # the report's message is public: the reason, never the path
+            self.problem = "traffic totals kept in memory only: state directory not writable (%s)" % (
+                e.strerror or type(e).__name__)
+        else:
+            if self.problem:
+                log.info("traffic totals saved again in %s", os.path.dirname(self.path))
+            self.problem = ""
+        self.saved_at = now
+
+    def flush(self, now=None):
+        """Save now (clean exit)."""
+        with self.lock:
+            self.save(epoch_of(now))
+
+    # -- sources besides the counters ----------------------------------------
+    def import_net_static(self, path, now):
+        """Add this period's records from the official agent's net_static.json, once per file."""
+        real = os.path.realpath(path)
+        if real in self.imported:
+            return
+        try:
+            totals = net_static_totals(read_json_object(path), self.start, now)
+        except (OSError, ValueError) as e:
+            log.warning("cannot import %s: %s", path, describe_error(e))
+            return
+        for nic, (up, down) in totals.items():
+            entry = self.nics.setdefault(nic, [0, 0, None, None])
+            entry[0] += up
+            entry[1] += down
+        self.imported.append(real)
+        self.imported_now = True
+        log.info("imported this period's traffic from %s: %s", path,
+                 ", ".join("%s up %s down %s" % (n, human_size(u), human_size(d))
+                           for n, (u, d) in sorted(totals.items())) or "no records in this period")
+
+    def check_calibration(self, now):
+        """Apply a calibration file written by `traffic --set-up/--set-down`."""
+        self.calibration_checked = now
+        try:
+            os.stat(self.calibration_path)
+        except OSError:
+            return
+        try:
+            data = read_json_object(self.calibration_path)
+            at = float(data.get("at") or 0)
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("ignoring calibration file %s: %s", self.calibration_path, describe_error(e))
+            at = None
+        if at is not None and at > self.calibrated_at:
+            if at < self.start:
+                log.warning("ignoring a calibration written before this period began")
+            else:
+                up, down = self.counted_sums()
+                for i, key, current in ((0, "up", up), (1, "down", down)):
+                    target = data.get(key)
+                    if isinstance(target, int) and not isinstance(target, bool) and target >= 0:
+                        self.offset[i] = target - current
+                self.calibrated_at = at
+                self.saved_at = None  # save at once
+                log.info("traffic calibrated: this period now up %s, down %s", *map(human_size, self.totals()))
+        try:
+            os.unlink(self.calibration_path)
+        except OSError:
+            pass  # calibrated_at keeps it from being applied twice
+
+    # -- counting --------------------------------------------------------------
+    def is_counted(self, nic):
+        counted = self.counted_cache.get(nic)
+        if counted is None:
+            counted = self.counted_cache[nic] = bool(self.counted(nic))
+        return counted
+
+    def counted_sums(self):
+        up = down = 0
+        for nic, entry in self.nics.items():
+            if self.is_counted(nic):
+                up += entry[0]
+                down += entry[1]
+        return up, down
+
+    def totals(self):
+        up, down = self.counted_sums()
+        return max(0, up + self.offset[0]), max(0, down + self.offset[1])
+
+    def roll(self, now):
+        """Start a new period when `now` is past the current one. A start that
+        moved by less than two days (time zone or DST change) is no new period."""
+        if self.start <= now < self.end:
+            return
+        start, end = period_bounds(self.reset_day, now)
+        if start < self.start + 2 * 86400:
+            # the clock went back, or a time zone change moved the start a little: same period
+            self.end = end if start < self.start - 2 * 86400 else max(self.end, end)
+            return
+        up, down = self.totals()
+        self.previous = {"start": self.start, "end": start, "up": up, "down": down}
+        log.info("traffic period ended with up %s, down %s; counting afresh from %s",
+                 human_size(up), human_size(down), local_time(start))
+        for entry in self.nics.values():
+            entry[0] = entry[1] = 0
+        self.offset = [0, 0]
+        self.start, self.end = start, end
+        self.saved_at = None
+
+    def restarted_inside_period(self, first_sample, fresh_boot, known):
+        """Whether a counter that (re)started since the last sample did so inside this period."""
+        if fresh_boot or (first_sample and not known):
+            # its whole life is since boot (an imported store already holds this boot's traffic)
+            return self.boot_time >= self.start and not (self.imported_now and not known)
+        return self.sampled_at is not None and self.sampled_at >= self.start
+
+    def update(self, counters, now=None):
+        """(total_up, total_down) of this period after taking in `counters`
+        ({nic: (rx_bytes, tx_bytes)} over the counted NICs)."""
+        now = epoch_of(now)
+        with self.lock:
+            self.roll(now)
+            first_sample = not self.sampled
+            fresh_boot = first_sample and self.state_boot_id not in (None, self.boot_id)
+            interval_inside = self.sampled_at is not None and self.sampled_at >= self.start
+            for nic, (rx, tx) in counters.items():
+                entry = self.nics.get(nic)
+                if entry is None:
+                    entry = self.nics[nic] = [0, 0, None, None]
+                known = entry[2] is not None
+                for total, value, base in ((1, rx, entry[2]), (0, tx, entry[3])):
+                    if not known or fresh_boot or value < base:
+                        # restarted from zero since the last sample: the new value is all new
+                        # traffic (never a negative delta), if the restart was inside the period
+                        if self.restarted_inside_period(first_sample, fresh_boot, known):
+                            entry[total] += value
+                    elif interval_inside:
+                        entry[total] += value - base
+                entry[2], entry[3] = rx, tx
+            for nic, entry in self.nics.items():
+                if entry[2] is not None and nic not in counters:
+                    entry[2] = entry[3] = None  # gone: a NIC that comes back starts from zero
+            self.sampled, self.sampled_at = True, now
+            self.imported_now = False
+            # after counting, so that a calibration sets exactly the total it names
+            if now - self.calibration_checked >= CALIBRATION_CHECK_EVERY or now < self.calibration_checked:
+                self.check_calibration(now)
+            if self.saved_at is None or abs(now - self.saved_at) >= TRAFFIC_SAVE_EVERY:
+                self.save(now)
+            return self.totals()
+
+
+def traffic_ledger(cfg):
+    """The TrafficLedger for --month-rotate, or None without it."""
+    if not cfg.month_rotate:
+        return None
+    include, exclude = cfg.nics_include, cfg.nics_exclude
+    ledger = TrafficLedger(state_dir(cfg), cfg.month_rotate, lambda nic: nic_counted(nic, include, exclude),
+                           import_path=cfg.import_net_static, import_candidates=net_static_candidates(),
+                           boot=boot_identity(cfg.host_proc))
+    log.info("traffic: counting from %s (reset day %d), state in %s",
+             local_time(ledger.start), cfg.month_rotate, ledger.path)
+    return ledger
+
+
+def traffic_command(argv, environ):
+    """`komari_agent.py traffic [--set-up SIZE] [--set-down SIZE] [--show] [agent flags]`:
+    calibrate or show this period's totals. Returns the exit code."""
+    parser = ArgParser(prog=PROG + " traffic", allow_abbrev=False,
+                       description="Show or correct this period's traffic totals. Give the same --state-dir "
+                                   "and --config (or AGENT_* environment) as the agent so the same state is used.")
+    parser.add_argument("--set-up", metavar="SIZE",
+                        help="set this period's upload total, e.g. 120G (K/M/G/T/P, 1024-based, decimals allowed)")
+    parser.add_argument("--set-down", metavar="SIZE", help="set this period's download total, e.g. 1.5T")
+    parser.add_argument("--show", action="store_true", help="print the period start and totals (the default)")
+    try:
+        args, rest = parser.parse_known_args(argv)
+        sizes = {k: parse_size(v) for k, v in (("up", args.set_up), ("down", args.set_down)) if v is not None}
+        cfg, _ = load_config(rest + ["--dry-run"], environ)
+    except (ConfigError, ValueError) as e:
+        sys.stderr.write("%s traffic: error: %s\n" % (PROG, e))
+        return 2
+    directory = state_dir(cfg)
+    calibration = os.path.join(directory, CALIBRATION_FILE)
+    if sizes:
+        try:
+            pending = read_json_object(calibration)
+        except (OSError, ValueError):
+            pending = {}
+        pending = {k: v for k, v in pending.items() if k in ("up", "down")}
+        pending.update(sizes)
+        pending["at"] = time.time()
+        try:
+            write_atomic(calibration, encode(pending).encode())
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                # root calibrating for an agent that runs as its own user: let it read the file
+                owner = os.stat(directory)
+                os.chown(calibration, owner.st_uid, owner.st_gid)
+        except OSError as e:
+            sys.stderr.write("%s traffic: error: cannot write %s: %s (run it as the agent's user)\n"
+                             % (PROG, calibration, describe_error(e)))
+            return 1
+        print("calibration saved in %s: %s; a running agent applies it within %d s, otherwise it is applied "
+              "when the agent starts with --month-rotate" % (calibration, ", ".join(
+                  "%s %s" % (k, human_size(v)) for k, v in sorted(sizes.items())), CALIBRATION_CHECK_EVERY + 2))
+    if args.show or not sizes:
+        shown = show_traffic(directory, calibration)
+        return 0 if sizes else shown
+    return 0
+
+
+def show_traffic(directory, calibration):
+    path = os.path.join(directory, TRAFFIC_FILE)
+    try:
+        data = read_json_object(path)
+    except (OSError, ValueError) as e:
+        print("no traffic state in %s (%s): is the agent running with --month-rotate and this --state-dir?"
+              % (directory, describe_error(e)))
+        return 1
+    total = data.get("total") or {}
+    print("period start: %s (reset day %s), next: %s" % (local_time(data.get("period_start")), data.get("reset_day"),
+                                                         local_time(data.get("period_end"))))
+    for key in ("up", "down"):
+        value = whole(total.get(key))
+        print("%-5s %s (%d bytes)" % (key + ":", human_size(value), value))
+    counted = set(data.get("counted") or [])
+    for nic, entry in sorted((data.get("nics") or {}).items()):
+        print("  %s%s: up %s, down %s" % (nic, "" if nic in counted else " (not counted)",
+                                          human_size(whole(entry.get("up"))), human_size(whole(entry.get("down")))))
+    offset = data.get("offset") or {}
+    if offset.get("up") or offset.get("down"):
+        print("  calibration offset: up %+d, down %+d bytes" % (offset.get("up", 0), offset.get("down", 0)))
+    previous = data.get("previous")
+    if isinstance(previous, dict):
+        print("previous period from %s: up %s, down %s" % (local_time(previous.get("start")),
+                                                           human_size(whole(previous.get("up"))),
+                                                           human_size(whole(previous.get("down")))))
+    print("as of %s (the agent saves every minute while it runs)" % local_time(data.get("saved_at")))
+    if os.path.exists(calibration):
+        print("a calibration is waiting for the agent to apply it")
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -2642,6 +3115,7 @@ class Agent:
         self.stop = threading.Event()
         self.panel = Panel(cfg)
         self.collector = Collector(cfg)
+        self.collector.traffic = traffic_ledger(cfg)
         self.addresses = PublicAddresses(cfg, on_change=self.want_basic_info)
         self.tasks = Tasks(self)
         self.link = None
@@ -2818,6 +3292,7 @@ class Agent:
 
     def shutdown(self):
         self.stop.set()
+        self.collector.traffic and self.collector.traffic.flush()
         self.info_wanted.set()
         self.tasks.shutdown()
         link = self.link
@@ -2867,6 +3342,8 @@ def limit_malloc_arenas():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["traffic"]:
+        return traffic_command(argv[1:], os.environ)
     try:
         cfg, warnings = load_config(argv, os.environ)
     except ConfigError as e:

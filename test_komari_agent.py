@@ -789,6 +789,281 @@ def test_report_numbers_are_clean_for_go():
 
 
 # ---------------------------------------------------------------------------
+# Traffic: --month-rotate totals (fake clock, synthetic counters, real files)
+# ---------------------------------------------------------------------------
+
+GiB, TiB = 1024 ** 3, 1024 ** 4
+LONG_AGO = ("boot-old", 946684800.0)  # booted in 2000: every counter predates the period
+
+
+def local(*fields):
+    """Epoch seconds of a local wall-clock time (year, month, day[, hour, minute, second])."""
+    fields = tuple(fields) + (0,) * (6 - len(fields))
+    return time.mktime(fields + (0, 0, -1))
+
+
+def saved_state(directory):
+    return json.loads((Path(directory) / ka.TRAFFIC_FILE).read_text())
+
+
+@pytest.mark.parametrize("day, now, start, end", [
+    (31, (2024, 4, 30, 10), (2024, 4, 30), (2024, 5, 31)),        # April has no 31st: its last day
+    (31, (2024, 4, 29, 23, 59, 59), (2024, 3, 31), (2024, 4, 30)),
+    (31, (2024, 5, 1), (2024, 4, 30), (2024, 5, 31)),
+    (30, (2024, 2, 29, 12), (2024, 2, 29), (2024, 3, 30)),         # leap year: Feb 29 is the last day
+    (31, (2024, 2, 28, 23), (2024, 1, 31), (2024, 2, 29)),
+    (30, (2024, 3, 1), (2024, 2, 29), (2024, 3, 30)),
+    (30, (2023, 2, 28), (2023, 2, 28), (2023, 3, 30)),             # not a leap year
+    (31, (2023, 2, 27), (2023, 1, 31), (2023, 2, 28)),
+    (1, (2024, 1, 1), (2024, 1, 1), (2024, 2, 1)),
+    (1, (2023, 12, 31, 23, 59, 59), (2023, 12, 1), (2024, 1, 1)),
+    (15, (2024, 1, 10), (2023, 12, 15), (2024, 1, 15)),
+])
+def test_period_starts_at_midnight_on_the_reset_day_or_the_months_last_day(day, now, start, end):
+    assert ka.period_bounds(day, local(*now)) == (local(*start), local(*end))
+
+
+def test_ledger_counts_deltas_and_rotates_on_day_31_in_a_30_day_month(tmp_path):
+    ledger = ka.TrafficLedger(str(tmp_path), 31, boot=LONG_AGO, now=local(2024, 4, 29, 23))
+    assert (ledger.start, ledger.end) == (local(2024, 3, 31), local(2024, 4, 30))
+    # booted long before the period: what the counters held at start is not this period's
+    assert ledger.update({"eth0": (5000, 2000)}, local(2024, 4, 29, 23)) == (0, 0)
+    assert ledger.update({"eth0": (8000, 2500)}, local(2024, 4, 29, 23, 59, 59)) == (500, 3000)
+    assert ledger.update({"eth0": (8100, 2600)}, local(2024, 4, 30, 0, 0, 1)) == (0, 0)
+    assert ledger.update({"eth0": (9100, 2700)}, local(2024, 4, 30, 0, 0, 2)) == (100, 1000)
+    assert (ledger.start, ledger.end) == (local(2024, 4, 30), local(2024, 5, 31))
+    assert ledger.previous["up"] == 500 and ledger.previous["down"] == 3000
+    # and in a leap year, reset day 30 rolls over on Feb 29
+    leap = ka.TrafficLedger(str(tmp_path / "leap"), 30, boot=LONG_AGO, now=local(2024, 2, 28, 23))
+    leap.update({"eth0": (0, 0)}, local(2024, 2, 28, 23))
+    assert leap.update({"eth0": (70, 7)}, local(2024, 2, 28, 23, 59, 59)) == (7, 70)
+    leap.update({"eth0": (80, 8)}, local(2024, 2, 29, 0, 0, 1))
+    assert leap.update({"eth0": (90, 9)}, local(2024, 2, 29, 0, 0, 2)) == (1, 10)
+    assert leap.start == local(2024, 2, 29)
+
+
+def test_fresh_state_counts_everything_since_a_boot_inside_the_period(tmp_path):
+    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=("b", local(2024, 6, 3)), now=local(2024, 6, 10))
+    assert ledger.update({"eth0": (7000, 3000)}, local(2024, 6, 10)) == (3000, 7000)
+
+
+def test_restart_and_reboot_mid_period_keep_the_totals(tmp_path):
+    boot1 = ("boot-1", local(2024, 5, 20))
+    first = ka.TrafficLedger(str(tmp_path), 1, boot=boot1, now=local(2024, 6, 10))
+    first.update({"eth0": (1000, 100)}, local(2024, 6, 10))
+    assert first.update({"eth0": (1500, 300)}, local(2024, 6, 10, 0, 0, 1)) == (200, 500)
+    # killed: on disk is the state of the first update; the counters kept running meanwhile
+    restarted = ka.TrafficLedger(str(tmp_path), 1, boot=boot1, now=local(2024, 6, 10, 0, 5))
+    assert restarted.update({"eth0": (2000, 400)}, local(2024, 6, 10, 0, 5)) == (300, 1000)
+    # a reboot: new boot id, counters start from zero, their values are all new traffic
+    rebooted = ka.TrafficLedger(str(tmp_path), 1, boot=("boot-2", local(2024, 6, 12)), now=local(2024, 6, 12, 1))
+    assert rebooted.update({"eth0": (50, 20)}, local(2024, 6, 12, 1)) == (320, 1050)
+    assert rebooted.update({"eth0": (60, 25)}, local(2024, 6, 12, 1, 0, 1)) == (325, 1060)
+    # a power cut before the next save loses that last second; a NIC reset behind the same boot id
+    # still shows as counters going backwards
+    again = ka.TrafficLedger(str(tmp_path), 1, boot=("boot-2", local(2024, 6, 12)), now=local(2024, 6, 13))
+    assert again.update({"eth0": (5, 2)}, local(2024, 6, 13)) == (322, 1055)
+
+
+def test_counter_that_goes_backwards_adds_its_new_value_never_a_negative_delta(tmp_path):
+    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=LONG_AGO, now=local(2024, 6, 5))
+    t = local(2024, 6, 5)
+    ledger.update({"eth0": (2 ** 32 - 100, 1000), "eth1": (500, 500)}, t)
+    # eth0's 32-bit rx counter wraps; eth1 is reset (ip link down/up)
+    assert ledger.update({"eth0": (50, 1100), "eth1": (20, 30)}, t + 1) == (100 + 30, 50 + 20)
+    # a NIC that vanishes keeps its totals; when it comes back its counter is new traffic
+    assert ledger.update({"eth0": (60, 1110)}, t + 2) == (140, 80)
+    assert ledger.update({"eth0": (60, 1110), "eth1": (7, 3)}, t + 3) == (143, 87)
+
+
+def test_changing_nic_filters_keeps_the_period_and_per_nic_totals(tmp_path):
+    t = local(2024, 6, 5)
+
+    def ledger(*nics):
+        return ka.TrafficLedger(str(tmp_path), 1, counted=lambda nic: nic in nics, boot=LONG_AGO, now=t)
+    eth0 = ledger("eth0")
+    eth0.update({"eth0": (0, 0)}, t)
+    assert eth0.update({"eth0": (1000, 100)}, t + 1) == (100, 1000)
+    eth0.flush(t + 1)
+    both = ledger("eth0", "eth1")
+    assert both.update({"eth0": (1500, 150), "eth1": (9999, 9999)}, t + 10) == (150, 1500)
+    assert both.update({"eth0": (1500, 150), "eth1": (10999, 10099)}, t + 11) == (250, 2500)
+    both.flush(t + 11)
+    eth1 = ledger("eth1")
+    assert eth1.update({"eth1": (11999, 10199)}, t + 20) == (200, 2000)
+    eth1.flush(t + 20)
+    assert saved_state(tmp_path)["nics"]["eth0"]["up"] == 150
+    assert ledger("eth0").update({"eth0": (1600, 160)}, t + 30) == (150, 1500)
+
+
+def test_state_is_saved_on_the_first_update_then_at_most_once_a_minute_and_on_flush(tmp_path):
+    t = local(2024, 6, 5)
+    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=LONG_AGO, now=t)
+    assert not (tmp_path / ka.TRAFFIC_FILE).exists()
+    ledger.update({"eth0": (0, 0)}, t)
+    assert saved_state(tmp_path)["sampled_at"] == t
+    for second in range(1, 60):
+        ledger.update({"eth0": (second * 10, second)}, t + second)
+    assert saved_state(tmp_path)["sampled_at"] == t
+    ledger.update({"eth0": (600, 60)}, t + 60)
+    assert saved_state(tmp_path)["sampled_at"] == t + 60 and saved_state(tmp_path)["total"] == {"up": 60, "down": 600}
+    ledger.update({"eth0": (700, 70)}, t + 61)
+    ledger.flush(t + 62)
+    assert saved_state(tmp_path)["total"] == {"up": 70, "down": 700}
+    assert list(tmp_path.iterdir()) == [tmp_path / ka.TRAFFIC_FILE]  # no temp files left
+
+
+def test_unwritable_state_dir_is_reported_once_and_counting_goes_on(tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    t = local(2024, 6, 5)
+    ledger = ka.TrafficLedger(str(blocker / "state"), 1, boot=LONG_AGO, now=t)
+    with caplog.at_level("WARNING", logger="komari"):
+        ledger.update({"eth0": (100, 10)}, t)
+        ledger.update({"eth0": (300, 20)}, t + 61)
+        assert ledger.update({"eth0": (600, 40)}, t + 122) == (30, 500)
+        ledger.flush(t + 123)
+    assert sum("cannot save traffic" in r.getMessage() for r in caplog.records) == 1
+    assert ledger.problem.startswith("traffic totals kept in memory only") and str(tmp_path) not in ledger.problem
+    cfg, _ = ka.load_config(["--dry-run"], {})
+    collector = ka.Collector(cfg)
+    collector.traffic = ledger
+    report = collector.report()
+    assert report_problem(report) is None and ledger.problem in report["message"].splitlines()
+
+
+def test_official_net_static_json_is_imported_once_for_this_period(tmp_path):
+    t = local(2024, 6, 20, 12)
+    official = tmp_path / "opt-komari"
+    official.mkdir()
+    # the official agent's store: one record per NIC per 10-minute flush, kept 31 days
+    store = {"interfaces": {
+        "eth0": [{"timestamp": int(local(2024, 5, 31, 23, 50)), "tx": 999, "rx": 999},
+                 {"timestamp": int(local(2024, 6, 1, 0, 10)), "tx": 100, "rx": 1000},
+                 {"timestamp": int(local(2024, 6, 20, 11, 50)), "tx": 200, "rx": 2000}],
+        "wg0": [{"timestamp": int(local(2024, 6, 2)), "tx": 5, "rx": 7}],
+        "docker0": [{"timestamp": int(local(2024, 6, 2)), "tx": 10 ** 9, "rx": 10 ** 9}]},
+        "config": {"data_preserve_day": 31, "detect_interval": 2, "save_interval": 600, "nics": ["eth0", "wg0"]}}
+    (official / ka.NET_STATIC).write_text(json.dumps(store, separators=(",", ":")))
+    assert str(official / ka.NET_STATIC) in ka.net_static_candidates(cwd=str(official))
+    candidates = [str(tmp_path / "nowhere" / ka.NET_STATIC), str(official / ka.NET_STATIC)]
+    boot = ("b", local(2024, 6, 5))  # inside the period: the import already holds this boot's traffic
+    ledger = ka.TrafficLedger(str(tmp_path / "state"), 1, counted=ka.nic_counted, import_candidates=candidates,
+                              boot=boot, now=t)
+    assert ledger.update({"eth0": (50000, 40000), "wg0": (10, 10)}, t) == (305, 3007)
+    assert ledger.update({"eth0": (50010, 40001), "wg0": (10, 10)}, t + 1) == (306, 3017)
+    again = ka.TrafficLedger(str(tmp_path / "state"), 1, counted=ka.nic_counted, boot=boot, now=t + 2,
+                             import_path=str(official / ka.NET_STATIC), import_candidates=candidates)
+    assert again.update({"eth0": (50010, 40001), "wg0": (10, 10)}, t + 2) == (306, 3017)
+
+
+def test_sizes_are_1024_based_with_decimals():
+    assert ka.parse_size("120G") == 120 * GiB and ka.parse_size("1.5T") == int(1.5 * TiB)
+    assert ka.parse_size("512MiB") == 512 * 1024 ** 2 and ka.parse_size("2k") == 2048
+    assert ka.parse_size("0.5 P") == 1024 ** 5 // 2 and ka.parse_size("1GB") == GiB and ka.parse_size("100") == 100
+    for bad in ("", "-1G", "12X", "G", "1.2.3G", "1e3"):
+        with pytest.raises(ValueError):
+            ka.parse_size(bad)
+
+
+def test_traffic_command_calibrates_and_shows_the_totals(tmp_path):
+    now = time.time()
+    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=LONG_AGO, now=now)
+    ledger.update({"eth0": (1000, 1000)}, now)
+    ledger.update({"eth0": (2000, 1500)}, now + 1)
+    done = run_agent("traffic", "--state-dir", str(tmp_path), "--set-up", "120G", "--set-down", "1.5T")
+    assert done.returncode == 0, done.stderr
+    assert ledger.update({"eth0": (2000, 1500)}, now + 5) == (120 * GiB, int(1.5 * TiB))
+    assert ledger.update({"eth0": (2100, 1600)}, now + 6) == (120 * GiB + 100, int(1.5 * TiB) + 100)
+    assert not (tmp_path / ka.CALIBRATION_FILE).exists()
+    shown = run_agent("traffic", env={"AGENT_STATE_DIR": str(tmp_path)})  # --show is the default
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.decode()
+    assert "(%d bytes)" % (120 * GiB) in text and "1.50 TiB" in text and "period start: " in text
+    bad = run_agent("traffic", "--state-dir", str(tmp_path), "--set-up", "12X")
+    assert bad.returncode == 2 and len(bad.stderr.decode().strip().splitlines()) == 1
+
+
+def push_over_loopback(nbytes):
+    """Send nbytes through a TCP connection on 127.0.0.1 (lo counts them as tx and rx)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        with socket.create_connection(server.getsockname()) as client:
+            conn, _ = server.accept()
+            received = []
+
+            def drain():
+                total = 0
+                while total < nbytes:
+                    chunk = conn.recv(1 << 16)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                received.append(total)
+            reader = threading.Thread(target=drain)
+            reader.start()
+            client.sendall(b"\0" * nbytes)
+            reader.join(10)
+            conn.close()
+    assert received == [nbytes]
+
+
+MONTHLY_LO = ("-i", "0.3", "--month-rotate", "1", "--include-nics", "lo")
+
+
+def fresh_traffic_state(panel):
+    """The panel's state directory without traffic files (a reused port must not inherit them)."""
+    state = panel_state_dir(panel)
+    for name in (ka.TRAFFIC_FILE, ka.CALIBRATION_FILE):
+        if (state / name).exists():
+            (state / name).unlink()
+    return state
+
+
+def test_running_agent_applies_a_calibration_and_saves_on_sigterm(panel, start_agent):
+    state = fresh_traffic_state(panel)
+    agent = start_agent(*MONTHLY_LO)
+    panel.wait_for(lambda: panel.reports, 15, "first report")
+    done = run_agent("traffic", "--state-dir", str(state), "--set-up", "120G", "--set-down", "1.5T")
+    assert done.returncode == 0, done.stderr
+    up, down = 120 * GiB, int(1.5 * TiB)
+    report = panel.wait_for(lambda: next((r for r in panel.reports if r["network"]["totalUp"] >= up), None),
+                            15, "a report with the calibrated totals")
+    assert up <= report["network"]["totalUp"] < up + GiB and down <= report["network"]["totalDown"] < down + GiB
+    assert panel.rejected == []
+    shown = run_agent("traffic", "--show", "--state-dir", str(state)).stdout.decode()
+    assert "120.00 GiB" in shown and "1.50 TiB" in shown
+    saved_at = saved_state(state)["saved_at"]
+    count = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) >= count + 2, 10, "two more reports")
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(5) == 0
+    assert saved_state(state)["saved_at"] > saved_at   # saved on the clean exit
+
+
+def test_totals_continue_after_sigkill_and_restart_mid_period(panel, start_agent):
+    state = fresh_traffic_state(panel)
+    # far above what lo has carried since boot, so totals restarting from the raw counters would show
+    done = run_agent("traffic", "--state-dir", str(state), "--set-up", "3T", "--set-down", "2T")
+    assert done.returncode == 0, done.stderr
+    first = start_agent(*MONTHLY_LO)
+    panel.wait_for(lambda: len(panel.reports) >= 3, 15, "three reports")
+    assert panel.reports[0]["network"]["totalUp"] >= 3 * TiB   # the waiting calibration applied at start
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(5)
+    before = panel.reports[-1]["network"]
+    count = len(panel.reports)
+    push_over_loopback(8 << 20)   # traffic while no agent runs still counts: the counters kept it
+    second = start_agent(*MONTHLY_LO)
+    after = panel.wait_for(lambda: len(panel.reports) > count and panel.reports[count], 15,
+                           "a report from the restarted agent")["network"]
+    assert before["totalUp"] + (8 << 20) <= after["totalUp"] < 3 * TiB + GiB
+    assert before["totalDown"] + (8 << 20) <= after["totalDown"] < 2 * TiB + GiB
+    assert "unreadable" not in second.log
+
+
+# ---------------------------------------------------------------------------
 # Transport
 # ---------------------------------------------------------------------------
 
