@@ -1893,6 +1893,113 @@ def upload_basic_info(panel, info):
     panel.post_json("/api/clients/uploadBasicInfo", older)
 
 
+# -- undelivered results -----------------------------------------------------
+
+SPOOL_DIR = "results"
+SPOOL_MAX_FILES = 1000
+SPOOL_MAX_BYTES = 50 << 20
+SPOOL_NAME = re.compile(r"^\d{20}-\d+-\d+\.json$")
+
+
+class ResultSpool:
+    """Exec results on their way to the panel, one file each (mode 0600) in
+    the state directory. A result is written here before the first POST and
+    removed only after the panel's 200, so neither an outage nor a SIGKILL
+    loses it. File names never contain server-supplied text; their order is
+    the order the results were made. When the directory cannot be written,
+    results wait in memory (and the problem is logged once)."""
+
+    def __init__(self, directory, max_files=SPOOL_MAX_FILES, max_bytes=SPOOL_MAX_BYTES):
+        self.directory = directory
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        self.memory = {}  # name -> bytes, for results the directory would not take
+        self.sequence = 0
+        self.trouble_log = OncePer(3600.0)
+
+    def put(self, result):
+        data = encode(result).encode("utf-8")
+        with self.lock:
+            self.sequence += 1
+            name = "%020d-%d-%d.json" % (time.time_ns(), os.getpid(), self.sequence)
+            try:
+                write_atomic(os.path.join(self.directory, name), data)
+            except OSError as e:
+                if self.trouble_log("write"):
+                    log.error("cannot keep undelivered results in %s (%s); keeping them in memory only",
+                              self.directory, describe_error(e))
+                self.memory[name] = data
+            self._trim()
+        return name
+
+    def pending(self):
+        """Names of the results still to deliver, oldest first."""
+        with self.lock:
+            return sorted(set(self._files()) | set(self.memory))
+
+    def load(self, name):
+        """The result stored under `name`, or None when it is gone or unreadable
+        (an unreadable one is removed: it can never be delivered)."""
+        with self.lock:
+            data = self.memory.get(name)
+        if data is None:
+            try:
+                with open(os.path.join(self.directory, name), "rb") as f:
+                    data = f.read()
+            except OSError:
+                return None
+        try:
+            result = json.loads(data.decode("utf-8"))
+        except ValueError:
+            result = None
+        if not isinstance(result, dict):
+            log.error("dropping an unreadable undelivered result %s", name)
+            self.remove(name)
+            return None
+        return result
+
+    def remove(self, name):
+        with self.lock:
+            self.memory.pop(name, None)
+            try:
+                os.unlink(os.path.join(self.directory, name))
+            except OSError:
+                pass
+
+    def _files(self):
+        try:
+            return [name for name in os.listdir(self.directory) if SPOOL_NAME.match(name)]
+        except OSError:
+            return []
+
+    def _sizes(self):
+        sizes = {name: len(data) for name, data in self.memory.items()}
+        for name in self._files():
+            try:
+                sizes[name] = os.stat(os.path.join(self.directory, name)).st_size
+            except OSError:
+                pass
+        return sizes
+
+    def _trim(self):
+        """Drop the oldest results past the bounds: a panel that never takes
+        them must not fill the disk."""
+        sizes = self._sizes()
+        total = sum(sizes.values())
+        for name in sorted(sizes):
+            if len(sizes) <= self.max_files and total <= self.max_bytes:
+                return
+            log.error("dropping the oldest undelivered result %s: more than %d results or %d MB waiting",
+                      name, self.max_files, self.max_bytes >> 20)
+            total -= sizes.pop(name)
+            self.memory.pop(name, None)
+            try:
+                os.unlink(os.path.join(self.directory, name))
+            except OSError:
+                pass
+
+
 def discovery_file(cfg):
     return os.path.join(state_dir(cfg), "auto-discovery.json")
 
@@ -2036,6 +2143,9 @@ class ReportLink:
 
     def ping_outstanding(self):
         return self.ping_sent is not None and self.last_heard < self.ping_sent
+
+    def answered_ping(self):
+        return self.ping_sent is not None and self.last_heard >= self.ping_sent
 
     def silent_too_long(self, now):
         """True when a ping went unanswered past the deadline."""
@@ -2914,7 +3024,8 @@ class Tasks:
             if self.error_once(text):
                 log.warning("the panel reported an error: %s", text)
             return
-        handler = {"exec": self.on_exec, "ping": self.on_ping, "terminal": self.on_terminal}.get(kind)
+        handlers = {"exec": self.on_exec, "ping": self.on_ping, "terminal": self.on_terminal}
+        handler = handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
             log.info("ignoring an unknown event %r from the panel", str(kind)[:40])
             return
@@ -3118,7 +3229,10 @@ class Agent:
         self.collector.traffic = traffic_ledger(cfg)
         self.addresses = PublicAddresses(cfg, on_change=self.want_basic_info)
         self.tasks = Tasks(self)
+        self.spool = ResultSpool(os.path.join(state_dir(cfg), SPOOL_DIR))
+        self.results_due = threading.Event()
         self.link = None
+        self.failures = 0  # connect attempts failed since the last good link
         self.info_wanted = threading.Event()
         self.refused_log = OncePer(60.0)
         self.period = min(cfg.interval, MAX_REPORT_GAP)
@@ -3163,27 +3277,50 @@ class Agent:
 
     # -- results ------------------------------------------------------------
     def deliver_result(self, result):
-        """POST an exec result in the background, retrying until the panel
-        takes it (the panel overwrites on a repeated POST, so retrying is safe)."""
-        threading.Thread(target=self._post_result, args=(result,), name="task-result", daemon=True).start()
+        """Spool an exec result, then let the courier POST it."""
+        self.spool.put(result)
+        self.results_due.set()
 
-    def _post_result(self, result):
+    def result_loop(self):
+        """The courier: sends spooled results, oldest first, now, after every
+        connect, and with growing pauses while the panel will not take them
+        (it overwrites on a repeated POST, so sending one twice is harmless)."""
         attempt = 0
         while not self.stop.is_set():
+            wait = None if attempt == 0 else backoff_delay(2.0, attempt - 1, cap=30.0)
+            self.results_due.wait(wait)
+            self.results_due.clear()
+            if self.stop.is_set():
+                return
+            attempt = 0 if self.send_spooled_results() else attempt + 1
+
+    def send_spooled_results(self):
+        """True when nothing is left to send."""
+        for name in self.spool.pending():
+            if self.stop.is_set():
+                return False
+            result = self.spool.load(name)
+            if result is None:
+                continue
+            task = str(result.get("task_id"))[:40]
             try:
                 self.panel.post_json("/api/clients/task/result", result)
-                log.info("result of task %s delivered", result.get("task_id"))
-                return True
             except PanelRefused as e:
+                if e.status == 400:
+                    # the panel will never take this one; keeping it would hold up the rest
+                    log.error("the panel rejected the result of task %s as invalid (%s); dropped", task, e.detail)
+                    self.spool.remove(name)
+                    continue
                 if self.refused_log(("result", e.status)):
-                    log.warning(explain_refusal(e, "task result upload failed"))
+                    log.warning(explain_refusal(e, "task result upload failed") + "; kept for later")
+                return False
             except OSError as e:
                 if self.refused_log(("result-net", type(e).__name__)):
-                    log.warning("task result upload failed: %s", describe_error(e))
-            attempt += 1
-            if self.stop.wait(backoff_delay(2.0, attempt - 1, cap=30.0)):
+                    log.warning("task result upload failed: %s; kept for later", describe_error(e))
                 return False
-        return False
+            self.spool.remove(name)
+            log.info("result of task %s delivered", task)
+        return True
 
     def send_on_link(self, obj):
         """Send a JSON message on the report socket; False when there is none."""
@@ -3198,37 +3335,52 @@ class Agent:
 
     # -- the report socket --------------------------------------------------
     def connect(self):
-        """A live ReportLink, after as many attempts as it takes; None once stopping."""
-        round_number = 0
+        """A live ReportLink, after as many attempts as it takes; None once stopping.
+        The address is resolved anew at every attempt, so a panel that moved
+        is found at the next one."""
         while not self.stop.is_set():
-            for attempt in range(max(1, self.cfg.max_retries)):
-                try:
-                    ws = open_websocket(self.cfg, self.panel.ws_url("/api/clients/report"))
-                except Exception as e:
-                    problem = handshake_problem(e)
-                    if self.refused_log(("ws", problem)):
-                        log.warning("cannot connect the report socket: %s", problem)
-                    if getattr(e, "status_code", None) == 401:
-                        round_number = max(round_number, 3)
-                    if self.stop.wait(backoff_delay(self.cfg.reconnect_interval, round_number)):
-                        return None
-                    continue
-                return ReportLink(ws, self.tasks.handle)
-            round_number += 1
-            self.want_basic_info()
+            try:
+                ws = open_websocket(self.cfg, self.panel.ws_url("/api/clients/report"))
+            except Exception as e:
+                problem = handshake_problem(e)
+                if self.refused_log(("ws", problem)):
+                    log.warning("cannot connect the report socket: %s", problem)
+                retries = max(1, self.cfg.max_retries)
+                if getattr(e, "status_code", None) == 401:
+                    # a wrong token will not fix itself in seconds
+                    self.failures = max(self.failures, 3 * retries)
+                if not self.wait_after_failure():
+                    return None
+                continue
+            return ReportLink(ws, self.tasks.handle)
         return None
 
+    def wait_after_failure(self):
+        """Count a failed attempt and wait before the next: --reconnect-interval
+        for --max-retries attempts, then twice as long each round, up to a
+        minute, with basic info sent again at each new round. False once stopping."""
+        self.failures += 1
+        retries = max(1, self.cfg.max_retries)
+        if self.failures % retries == 0:
+            self.want_basic_info()
+        return not self.stop.wait(backoff_delay(self.cfg.reconnect_interval, (self.failures - 1) // retries))
+
     def serve(self, link):
-        """Report every period until the link dies or the agent stops."""
+        """Report every period until the link dies or the agent stops. True
+        when the panel answered a ping on it (a link that proved itself)."""
+        proven = False
         self.link = link
         link.start()
         log.info("report socket connected")
         self.want_basic_info()
+        self.results_due.set()
         next_report = time.monotonic()
         next_ping = next_report + PING_EVERY
         try:
             while not self.stop.is_set() and not link.dead.is_set():
                 now = time.monotonic()
+                if not proven and link.answered_ping():
+                    proven, self.failures = True, 0  # the next outage starts from short delays again
                 if now >= next_report:
                     link.send_text(encode(self.collector.report()))
                     # keep the schedule; after a stall skip ahead instead of bursting
@@ -3247,6 +3399,7 @@ class Agent:
             log.warning("report socket lost: %s; reconnecting", link.why or "closed")
         link.close()
         self.link = None
+        return proven
 
     def discover_token(self):
         """The token from auto-discovery: saved from an earlier run, or a new
@@ -3284,16 +3437,22 @@ class Agent:
             self.panel.token = self.cfg.token = self.discover_token()
         threading.Thread(target=self.info_loop, name="basic-info", daemon=True).start()
         self.want_basic_info()
+        threading.Thread(target=self.result_loop, name="results", daemon=True).start()
+        self.results_due.set()
         while not self.stop.is_set():
             link = self.connect()
             if link is None:
                 break
-            self.serve(link)
+            # a link that never answered a ping counts as a failed attempt, so a
+            # panel that accepts and drops at once is not dialled in a tight loop
+            if not self.serve(link) and not self.stop.is_set() and not self.wait_after_failure():
+                break
 
     def shutdown(self):
         self.stop.set()
         self.collector.traffic and self.collector.traffic.flush()
         self.info_wanted.set()
+        self.results_due.set()
         self.tasks.shutdown()
         link = self.link
         if link is not None:
