@@ -1961,11 +1961,14 @@ class ResultSpool:
 
     def remove(self, name):
         with self.lock:
-            self.memory.pop(name, None)
-            try:
-                os.unlink(os.path.join(self.directory, name))
-            except OSError:
-                pass
+            self._forget(name)
+
+    def _forget(self, name):
+        self.memory.pop(name, None)
+        try:
+            os.unlink(os.path.join(self.directory, name))
+        except OSError:
+            pass
 
     def _files(self):
         try:
@@ -1993,11 +1996,7 @@ class ResultSpool:
             log.error("dropping the oldest undelivered result %s: more than %d results or %d MB waiting",
                       name, self.max_files, self.max_bytes >> 20)
             total -= sizes.pop(name)
-            self.memory.pop(name, None)
-            try:
-                os.unlink(os.path.join(self.directory, name))
-            except OSError:
-                pass
+            self._forget(name)
 
 
 def discovery_file(cfg):
