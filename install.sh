@@ -502,13 +502,18 @@ crontab_read() {
 	return 0
 }
 
-# crontab_write: the crontab gets stdin.
+# crontab_write: the crontab gets stdin. It is read whole before anything is
+# written, because stdin is usually a pipe from crontab_read of the same file.
 crontab_write() {
-	if [ -n "$DRY_RUN" ]; then say "would set the crontab to:"; sed 's/^/    | /'; return 0; fi
-	if [ -n "$ROOT" ]; then
-		mkdir -p "$(dirname "$(crontab_file)")" && cat >"$(crontab_file)"
+	_crontab=$(cat)
+	if [ -n "$DRY_RUN" ]; then
+		say "would set the crontab to:"
+		printf '%s\n' "$_crontab" | sed 's/^/    | /'
+	elif [ -n "$ROOT" ]; then
+		mkdir -p "$(dirname "$(crontab_file)")" &&
+			printf '%s\n' "$_crontab" >"$(crontab_file).new" && mv -f "$(crontab_file).new" "$(crontab_file)"
 	else
-		crontab -
+		printf '%s\n' "$_crontab" | crontab -
 	fi
 }
 

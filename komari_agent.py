@@ -40,6 +40,9 @@ BACKOFF_CAP = 60.0
 HTTP_TIMEOUT = 15.0
 WS_CONNECT_TIMEOUT = 10.0
 IP_LOOKUP_WAIT = 3.0
+# DNS query ids and ICMP idents must not be guessable by a spoofer, and jitter
+# should not depend on whoever else seeds the global generator.
+UNGUESSABLE = random.SystemRandom()
 
 
 # ---------------------------------------------------------------------------
@@ -2526,7 +2529,7 @@ def dns_lookup(server, name, qtype, timeout=2.0):
         family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
     else:
         address = (host, port)
-    ident = random.getrandbits(16)
+    ident = UNGUESSABLE.getrandbits(16)
     query = dns_query(name, qtype, ident)
     deadline = time.monotonic() + timeout
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
@@ -2610,7 +2613,7 @@ def icmp_echo(family, address, timeout, kind):
     allow that kind of socket here."""
     proto = socket.IPPROTO_ICMP if family == socket.AF_INET else socket.IPPROTO_ICMPV6
     reply_type = 0 if family == socket.AF_INET else 129
-    ident, seq = random.getrandbits(16), random.getrandbits(16)
+    ident, seq = UNGUESSABLE.getrandbits(16), UNGUESSABLE.getrandbits(16)
     sock = socket.socket(family, kind, proto)
     try:
         start = time.monotonic()
@@ -3211,7 +3214,7 @@ class Tasks:
 # The agent loop
 # ---------------------------------------------------------------------------
 
-def backoff_delay(base, round_number, cap=BACKOFF_CAP, rng=random.random):
+def backoff_delay(base, round_number, cap=BACKOFF_CAP, rng=UNGUESSABLE.random):
     """Seconds to wait before the next connect attempt: `base` in the first
     round, doubling each round up to `cap`, with +-20% jitter so a fleet of
     agents does not reconnect in lockstep."""
