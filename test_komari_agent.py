@@ -2519,10 +2519,12 @@ def test_install_without_python_says_what_to_install(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Benchmarks: bench/footprint.py runs and its sink speaks the protocol
+# Benchmarks: bench/footprint.py and bench/soak.py run, their sink speaks the
+# protocol, and each can tell a bad agent from a good one
 # ---------------------------------------------------------------------------
 
 FOOTPRINT = ROOT / "bench" / "footprint.py"
+SOAK = ROOT / "bench" / "soak.py"
 
 # A tiny agent: one basic info POST, then a report per --interval whose tcp
 # count is the kernel's own, so the test can see the idle sockets held.
@@ -2530,7 +2532,7 @@ STAND_IN_AGENT = r'''
 import argparse, json, time, urllib.request, websocket
 p = argparse.ArgumentParser()
 p.add_argument("-e"); p.add_argument("-t"); p.add_argument("--interval", type=float)
-a = p.parse_args()
+a, _ = p.parse_known_args()
 def tcp():
     n = 0
     for path, keys in (("/proc/net/sockstat", ("TCP:",)), ("/proc/net/sockstat6", ("TCP6:",))):
@@ -2588,6 +2590,34 @@ def test_footprint_explains_an_agent_that_dies():
     err = done.stderr.decode()
     assert done.returncode == 1
     assert "exited with code 3" in err and "no panel today" in err
+
+
+def test_soak_passes_our_agent_through_panel_restarts():
+    # A 12-second miniature of the 10-minute soak: three panel restarts.
+    done = subprocess.run([sys.executable, str(SOAK), "--minutes", "0.2", "--restart-every", "3.5", "--down", "1",
+                           "--exec-every", "0.4", "--exec-length", "2", "--grace", "30", "--json"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=90)
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    result = json.loads(done.stdout.decode())
+    assert result["restarts"] >= 2 and result["execs_sent"] >= 10
+    assert result["results_received"] == result["execs_sent"]
+    assert (result["results_lost"], result["results_wrong"], result["lost"]) == (0, 0, [])
+    assert result["report_sockets"] >= result["restarts"] and result["info_uploads"] > result["restarts"]
+    assert result["sigterm_exit_code"] == 0 and result["rss_last_mb"] > 0
+
+
+def test_soak_fails_an_agent_that_never_answers_execs(tmp_path):
+    stand_in = tmp_path / "stand_in_agent.py"
+    stand_in.write_text(STAND_IN_AGENT)
+    agent = "%s %s" % (shlex.quote(sys.executable), shlex.quote(str(stand_in)))
+    done = subprocess.run([sys.executable, str(SOAK), "--agent", agent, "--minutes", "0.05", "--restart-every", "60",
+                           "--exec-every", "0.5", "--grace", "1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    out = done.stdout.decode()
+    assert done.returncode == 1, out + done.stderr.decode()
+    lost = re.search(r"^results lost +(\d+) soak-1 soak-2", out, re.M)
+    assert lost and int(lost.group(1)) >= 3, out
+    assert re.search(r"^verdict +FAIL$", out, re.M), out
 
 
 def test_footprint_sink_speaks_rfc6455():
