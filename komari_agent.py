@@ -27,6 +27,9 @@ from fnmatch import fnmatchcase
 
 __version__ = "0.1.0"
 PROG = "komari_agent.py"
+# Kept now: Python deletes __main__.__file__ when the script's top level
+# returns, and the agent runs on after that (see the end of this file).
+SCRIPT_PATH = os.path.abspath(__file__)
 
 log = logging.getLogger("komari")
 
@@ -390,7 +393,7 @@ def state_dir(cfg):
     directory, which a service manager may set anywhere."""
     if cfg.state_dir:
         return os.path.abspath(os.path.expanduser(cfg.state_dir))
-    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), "state")
+    beside = os.path.join(os.path.dirname(SCRIPT_PATH), "state")
     if os.access(os.path.dirname(beside), os.W_OK) and (not os.path.exists(beside) or os.access(beside, os.W_OK)):
         return beside
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -1412,7 +1415,7 @@ def net_static_totals(data, start, end):
 
 def net_static_candidates(cwd=None):
     """Where an official agent that this one replaced left its net_static.json."""
-    dirs = [os.path.dirname(os.path.abspath(__file__)), cwd or os.getcwd(), OFFICIAL_INSTALL_DIR]
+    dirs = [os.path.dirname(SCRIPT_PATH), cwd or os.getcwd(), OFFICIAL_INSTALL_DIR]
     return [os.path.join(d, NET_STATIC) for d in dict.fromkeys(dirs)]
 
 
@@ -3223,9 +3226,9 @@ def backoff_delay(base, round_number, cap=BACKOFF_CAP, rng=UNGUESSABLE.random):
 
 
 class Agent:
-    def __init__(self, cfg):
+    def __init__(self, cfg, stop=None):
         self.cfg = cfg
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.panel = Panel(cfg)
         self.collector = Collector(cfg)
         self.collector.traffic = traffic_ledger(cfg)
@@ -3376,7 +3379,7 @@ class Agent:
         log.info("report socket connected")
         self.want_basic_info()
         self.results_due.set()
-        next_report = time.monotonic()
+        next_report = first_report = time.monotonic()
         next_ping = next_report + PING_EVERY
         try:
             while not self.stop.is_set() and not link.dead.is_set():
@@ -3385,6 +3388,8 @@ class Agent:
                     proven, self.failures = True, 0  # the next outage starts from short delays again
                 if now >= next_report:
                     link.send_text(encode(self.collector.report()))
+                    if not proven and next_report == first_report:
+                        return_free_memory()
                     # keep the schedule; after a stall skip ahead instead of bursting
                     next_report = max(next_report + self.period, now)
                 if now >= next_ping and not link.ping_outstanding():
@@ -3501,7 +3506,25 @@ def limit_malloc_arenas():
         lib.mallopt(-8, 1)  # M_ARENA_MAX
 
 
-def main(argv=None):
+def return_free_memory():
+    """Hand freed heap pages back to the kernel. Start-up (the script's syntax
+    tree, a TLS handshake) leaves megabytes free inside glibc's heap that it
+    would otherwise keep for good; called once per new report link."""
+    lib = glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
+def stop_on_signals():
+    """An Event that SIGTERM and SIGINT set. Only the main thread may install
+    signal handlers."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: stop.set())
+    return stop
+
+
+def main(argv=None, stop=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["traffic"]:
         return traffic_command(argv[1:], os.environ)
@@ -3518,14 +3541,7 @@ def main(argv=None):
     if cfg.dry_run:
         return dry_run(cfg)
     log.info("Komari agent (Python) %s, panel %s, report every %gs", __version__, cfg.endpoint, cfg.interval)
-    limit_malloc_arenas()
-    agent = Agent(cfg)
-
-    def on_signal(signum, frame):
-        agent.stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    agent = Agent(cfg, stop or stop_on_signals())
     worker = threading.Thread(target=agent.run_until_stopped, name="agent", daemon=True)
     worker.start()
     # no timeout: a main thread waking up every second costs more CPU than a report
@@ -3538,11 +3554,30 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
-    status = main()
+def exit_after_main(stop):
+    """Run main() and end the process with its status, whatever happens."""
+    try:
+        status = main(stop=stop)
+    except SystemExit as e:  # argparse's --help and --version
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            sys.stderr.write("%s\n" % e.code)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        status = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     # daemon threads may still sit in socket calls; interpreter teardown under
     # them can crash, and there is nothing left to clean up
     os._exit(status)
+
+
+if __name__ == "__main__":
+    # Python keeps a script's whole syntax tree (about 7 MB for this file)
+    # until the script's top level returns. So the top level only starts the
+    # agent's thread and returns, the tree is freed, and the interpreter waits
+    # for that thread, which ends the process itself.
+    limit_malloc_arenas()  # before the first thread, or that thread gets an arena of its own
+    threading.Thread(target=exit_after_main, args=(stop_on_signals(),), name="main").start()
