@@ -717,6 +717,29 @@ def test_connections_from_sockstat_counters():
     assert ka.connections_from_sockstat(SOCKSTAT, "") == (8, 2)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/net/sockstat"), reason="Linux /proc only")
+def test_open_proc_files_are_regenerated_at_every_read(tmp_path):
+    files = ka.OpenProcFiles()
+    tcp_in_use = lambda: int(re.search(r"^TCP: inuse (\d+)", files.read("/proc/net/sockstat"), re.M).group(1))
+    before = tcp_in_use()
+    listener = socket.create_server(("127.0.0.1", 0))
+    pairs = [socket.create_connection(listener.getsockname()) for _ in range(10)]
+    pairs += [listener.accept()[0] for _ in range(10)]
+    try:
+        # 21 more sockets; other processes may come and go a little meanwhile
+        assert tcp_in_use() - before >= 15
+    finally:
+        for sock in pairs + [listener]:
+            sock.close()
+    assert list(files.fds) == ["/proc/net/sockstat"]  # one descriptor, kept
+    big = tmp_path / "big"
+    big.write_text("x" * 70000 + "\nend")
+    assert files.read(str(big)).endswith("\nend") and files.first_line("/proc/loadavg").count(" ") == 4
+    with pytest.raises(OSError):
+        files.read(str(tmp_path / "missing"))
+    assert str(tmp_path / "missing") not in files.fds
+
+
 def test_static_facts_parsing():
     assert ka.cpu_name_from_cpuinfo("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
     arm = "processor\t: 0\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
@@ -1105,6 +1128,16 @@ def test_panel_drops_a_silent_socket_and_refuses_a_wrong_token(panel):
         assert closed and 0.8 <= time.monotonic() - started <= 4
     finally:
         ws.close()
+
+
+def test_report_frames_match_websocket_client_byte_for_byte():
+    import websocket
+    for size in (0, 1, 125, 126, 65535, 65536, 70001):
+        payload = bytes(range(256)) * (size // 256 + 1)
+        frame = websocket.ABNF.create_frame(payload[:size], websocket.ABNF.OPCODE_TEXT)
+        frame.get_mask_key = lambda n: b"\x01\x80\xfe\x7f"
+        assert ka.client_frame(0x1, payload[:size], b"\x01\x80\xfe\x7f") == frame.format(), size
+    assert ka.client_frame(0x1, b"x")[2:6] != ka.client_frame(0x1, b"x")[2:6]  # a fresh mask each time
 
 
 def test_long_interval_still_reports_within_the_panel_deadline():

@@ -19,7 +19,6 @@ with bench/footprint.py.
 
 import argparse
 import json
-import os
 import secrets
 import shlex
 import signal
