@@ -3612,7 +3612,9 @@ def main(argv=None, stop=None):
         return 1
     log.info("shutting down")
     agent.shutdown()
-    worker.join(1.5)
+    # shutdown() closed and saved everything; the worker may be asleep until
+    # its next report, and need not be waited for beyond a moment
+    worker.join(0.2)
     return 0
 
 
