@@ -474,6 +474,17 @@ class OpenProcFiles:
         self.fds = {}
 
     def read(self, path):
+        data = self.head(path)
+        if len(data) == 65536:  # a big file: read it whole the usual way
+            return read_text(path)
+        return data.decode("utf-8", "surrogateescape")
+
+    def first_line(self, path):
+        # /proc/stat of a big machine can pass 64 KiB; its first line cannot
+        return self.head(path).split(b"\n", 1)[0].decode("ascii", "replace")
+
+    def head(self, path):
+        """Up to 64 KiB from the start of the file, freshly generated."""
         fd = self.fds.get(path)
         if fd is None:
             fd = os.open(path, os.O_RDONLY)
@@ -482,16 +493,10 @@ class OpenProcFiles:
                 os.close(fd)
                 fd = kept
         try:
-            data = os.pread(fd, 65536, 0)
+            return os.pread(fd, 65536, 0)
         except OSError:
             self.forget(path)
             raise
-        if len(data) == 65536:  # a big file: read it whole the usual way
-            return read_text(path)
-        return data.decode("utf-8", "surrogateescape")
-
-    def first_line(self, path):
-        return self.read(path).split("\n", 1)[0]
 
     def forget(self, path):
         fd = self.fds.pop(path, None)
@@ -3447,7 +3452,7 @@ class Agent:
                     proven, self.failures = True, 0  # the next outage starts from short delays again
                 if now >= next_report:
                     link.send_text(encode(self.collector.report()))
-                    if not proven and next_report == first_report:
+                    if next_report == first_report:
                         return_free_memory()
                     # keep the schedule; after a stall skip ahead instead of bursting
                     next_report = max(next_report + self.period, now)
