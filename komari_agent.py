@@ -456,14 +456,6 @@ def read_text(path):
     return b"".join(chunks).decode("utf-8", "surrogateescape")
 
 
-def first_line(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.read(fd, 4096).split(b"\n", 1)[0].decode("ascii", "replace")
-    finally:
-        os.close(fd)
-
-
 class OpenProcFiles:
     """The proc files a report reads, each opened once and re-read with pread
     at offset 0, which makes the kernel regenerate it: the same figures
@@ -1420,7 +1412,7 @@ def human_size(n):
 def boot_identity(proc="/proc"):
     """(boot id, boot time in epoch seconds): a different id means the counters restarted."""
     try:
-        boot_id = first_line(proc + "/sys/kernel/random/boot_id").strip()
+        boot_id = read_text(proc + "/sys/kernel/random/boot_id").strip()
     except OSError:
         boot_id = ""
     boot_time = None
@@ -1886,24 +1878,29 @@ class Panel:
             self._opener = urllib.request.build_opener(*tls)
         return self._opener
 
-    def post_json(self, path, obj, timeout=HTTP_TIMEOUT):
-        """POST obj; returns the decoded JSON reply, or raises PanelRefused
-        (the panel said no) or OSError (it could not be reached)."""
+    def exchange(self, url, obj, headers=(), limit=1 << 20, timeout=HTTP_TIMEOUT):
+        """POST obj as JSON to url; (status, body) whatever the status, or
+        OSError when the panel could not be reached."""
         import urllib.error
         import urllib.request
-        request = urllib.request.Request(self.url(path), data=encode(obj).encode("utf-8"), method="POST",
-                                         headers={"Content-Type": "application/json",
-                                                  "User-Agent": "komari-agent-py/" + __version__})
+        request = urllib.request.Request(url, data=encode(obj).encode("utf-8"), method="POST",
+                                         headers=dict(headers, **{"Content-Type": "application/json",
+                                                                  "User-Agent": "komari-agent-py/" + __version__}))
         try:
             with self.opener().open(request, timeout=timeout) as reply:
-                status, body = reply.status, reply.read(1 << 20)
+                return reply.status, reply.read(limit)
         except urllib.error.HTTPError as e:
-            status, body = e.code, e.read(4096) if e.fp else b""
+            return e.code, e.read(4096) if e.fp else b""
         except urllib.error.URLError as e:
             reason = e.reason
             raise reason if isinstance(reason, OSError) else OSError(str(reason))
         except (ValueError, http_exceptions()) as e:
             raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+
+    def post_json(self, path, obj, timeout=HTTP_TIMEOUT):
+        """POST obj; returns the decoded JSON reply, or raises PanelRefused
+        (the panel said no) or OSError (it could not be reached)."""
+        status, body = self.exchange(self.url(path), obj, timeout=timeout)
         try:
             parsed = json.loads(body.decode("utf-8"))
         except ValueError:
@@ -2065,25 +2062,15 @@ def saved_discovery_token(cfg):
     return token if isinstance(token, str) else ""
 
 
-def register_with_key(cfg):
+def register_with_key(panel):
     """Register this host with the panel's auto-discovery key; returns the new
     token after saving it (mode 0600), since every registration creates a new
     client on the panel."""
-    import urllib.error
-    import urllib.request
     from urllib.parse import urlencode
+    cfg = panel.cfg
     url = cfg.endpoint + "/api/clients/register?" + urlencode({"name": socket.gethostname()})
-    request = urllib.request.Request(url, data=encode({"key": cfg.auto_discovery}).encode(), method="POST",
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": "Bearer " + cfg.auto_discovery})
-    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=tls_context(cfg)))
-    try:
-        with opener.open(request, timeout=HTTP_TIMEOUT) as reply:
-            status, body = reply.status, reply.read(1 << 16)
-    except urllib.error.HTTPError as e:
-        status, body = e.code, e.read(4096) if e.fp else b""
-    except urllib.error.URLError as e:
-        raise e.reason if isinstance(e.reason, OSError) else OSError(str(e.reason))
+    status, body = panel.exchange(url, {"key": cfg.auto_discovery}, limit=1 << 16,
+                                  headers={"Authorization": "Bearer " + cfg.auto_discovery})
     try:
         data = json.loads(body.decode("utf-8"))["data"]
         token, uuid = data["token"], data.get("uuid", "")
@@ -3482,7 +3469,7 @@ class Agent:
         round_number = 0
         while not token and not self.stop.is_set():
             try:
-                token = register_with_key(self.cfg)
+                token = register_with_key(self.panel)
             except PanelRefused as e:
                 if self.refused_log(("register", e.status)):
                     log.error("auto-discovery registration failed: %s%s", e,
