@@ -232,16 +232,7 @@ class PanelServer:
             self.cond.notify_all()
 
     def wait_for(self, predicate, timeout=10.0, what="condition"):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                result = predicate()
-                if result:
-                    return result
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    pytest.fail("timed out after %gs waiting for %s" % (timeout, what))
-                self.cond.wait(min(remaining, 0.1))
+        return wait_on(self.cond, predicate, timeout, what)
 
     def live_report_conn(self):
         return next((c for c in reversed(self.report_conns) if not c.closed), None)
@@ -1200,13 +1191,10 @@ def test_websocket_dial_sends_no_origin_and_reads_frames(panel):
         panel.wait_for(lambda: panel.reports, 5, "the report")
         assert "Origin" not in panel.ws_attempts[-1][1]
         panel.send_event({"message": "hello"})
-        deadline = time.monotonic() + 5
-        while not received and time.monotonic() < deadline:
-            link.dead.wait(0.05)
+        wait_until(lambda: received, 5, "the event on the link")
         assert json.loads(received[0]) == {"message": "hello"}
         link.send_ping()
-        while link.last_heard < link.ping_sent and time.monotonic() < deadline:
-            link.dead.wait(0.05)
+        wait_until(link.answered_ping, 5, "the pong")
         assert link.last_heard >= link.ping_sent  # the pong came back
     finally:
         link.close()
@@ -1245,6 +1233,13 @@ def live_processes(marker):
     return found
 
 
+def process_alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def session_processes(sid):
     found = []
     for proc in psutil.process_iter(["status"]):
@@ -1254,6 +1249,21 @@ def session_processes(sid):
         except (psutil.Error, OSError):
             pass
     return found
+
+
+def wait_on(cond, predicate, timeout, what):
+    """predicate()'s first true value, re-checked whenever `cond` is notified
+    (and at least every 0.1 s); the test fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    with cond:
+        while True:
+            result = predicate()
+            if result:
+                return result
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail("timed out after %gs waiting for %s" % (timeout, what))
+            cond.wait(min(remaining, 0.1))
 
 
 def wait_until(predicate, timeout, what):
@@ -1918,13 +1928,7 @@ class FaultProxy:
             return [at for at, method in self.arrivals if method == "GET"]
 
     def wait_for(self, predicate, timeout, what):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not predicate():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    pytest.fail("timed out after %gs waiting for %s" % (timeout, what))
-                self.cond.wait(min(remaining, 0.2))
+        return wait_on(self.cond, predicate, timeout, what)
 
     def set_mode(self, mode):
         with self.cond:
@@ -2464,10 +2468,7 @@ def test_install_cron_fallback_runs_in_background_until_uninstalled(panel, tmp_p
         assert [c.cmdline()[0] for c in children] == [str(install_dir / "venv" / "bin" / "python")]
         agent_pid = children[0].pid
         out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
-        deadline = time.monotonic() + 10
-        while psutil.pid_exists(agent_pid) and psutil.Process(agent_pid).status() != psutil.STATUS_ZOMBIE:
-            assert time.monotonic() < deadline, "the agent outlived --uninstall"
-            time.sleep(0.05)
+        wait_until(lambda: not process_alive(agent_pid), 10, "the agent to end with --uninstall")
         assert crontab.read_text() == "0 4 * * * /usr/local/bin/backup\n"
         assert not install_dir.exists(), out
     finally:

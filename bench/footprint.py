@@ -63,8 +63,8 @@ class Tally:
 class Sink(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), SinkHandler)
+    def __init__(self, port=0, handler=None):
+        super().__init__(("127.0.0.1", port), handler or SinkHandler)
         self.tallies = {}
 
     @property

@@ -124,8 +124,8 @@ class Panel(footprint.Sink):
     allow_reuse_address = True
 
     def __init__(self, port, token, ledger):
-        footprint.ThreadingHTTPServer.__init__(self, ("127.0.0.1", port), PanelHandler)
-        self.tallies = {token: ledger}
+        super().__init__(port, PanelHandler)
+        self.tallies[token] = ledger
         self.links = []
         self.conns_lock = threading.Lock()
         self.conns = set()
