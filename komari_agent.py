@@ -174,7 +174,7 @@ OPTIONS = [
            metavar="PATH"),
     Option("gpu", ("--gpu",), "bool", False, "add detailed GPU usage (nvidia-smi) to reports",
            json_keys=("enable_gpu", "gpu"), env=("AGENT_ENABLE_GPU", "AGENT_GPU")),
-    Option("custom_dns", ("--custom-dns",), "str", "", "DNS server (host or host:port) for probe targets"),
+    Option("custom_dns", ("--custom-dns",), "str", "", "DNS server (host or host:port) for the panel, the public-address lookups and probe targets"),
     Option("custom_ipv4", ("--custom-ipv4",), "str", "", "report this IPv4 address instead of looking it up"),
     Option("custom_ipv6", ("--custom-ipv6",), "str", "", "report this IPv6 address instead of looking it up"),
     Option("get_ip_addr_from_nic", ("--get-ip-addr-from-nic",), "bool", False,
@@ -2337,6 +2337,8 @@ class Panel:
             import urllib.request
             # loading the CA store costs megabytes: only for an https panel
             tls = [urllib.request.HTTPSHandler(context=tls_context(self.cfg))] if self.endpoint.startswith("https") else []
+            if self.cfg.custom_dns:
+                tls = resolving_handlers(self.cfg, self.endpoint.startswith("https"))
             self._opener = urllib.request.build_opener(*tls)
         return self._opener
 
@@ -2513,15 +2515,28 @@ def discovery_file(cfg):
     return os.path.join(state_dir(cfg), "auto-discovery.json")
 
 
-def saved_discovery_token(cfg):
-    """The token an earlier registration stored, or ""."""
-    try:
-        with open(discovery_file(cfg), "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError):
-        return ""
-    token = data.get("token") if isinstance(data, dict) else ""
-    return token if isinstance(token, str) else ""
+def official_discovery_files(cwd=None):
+    """Where the official agent that this one replaced kept its registration
+    (beside its binary): registering again would add a second client."""
+    dirs = [os.path.dirname(SCRIPT_PATH), OFFICIAL_INSTALL_DIR, cwd or os.getcwd()]
+    return [os.path.join(d, "auto-discovery.json") for d in dict.fromkeys(dirs)]
+
+
+def saved_discovery_token(cfg, official=None):
+    """The token an earlier registration stored (ours, else the official
+    agent's), or ""."""
+    for path in [discovery_file(cfg)] + (official_discovery_files() if official is None else list(official)):
+        try:
+            with open(path, "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError):
+            continue
+        token = data.get("token") if isinstance(data, dict) else ""
+        if isinstance(token, str) and token:
+            if path != discovery_file(cfg):
+                log.info("Using existing auto-discovery token for UUID: %s (from %s)", data.get("uuid"), path)
+            return token
+    return ""
 
 
 def register_with_key(panel):
@@ -2556,7 +2571,7 @@ def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT):
     import websocket
     sslopt = {"cert_reqs": ssl.CERT_NONE, "check_hostname": False} if cfg.ignore_unsafe_cert else {}
     kwargs = {}
-    if cfg.prefer_ip_version:
+    if cfg.prefer_ip_version or (cfg.custom_dns and not environment_proxy("http" + url[2:])):
         kwargs["socket"] = preferred_socket(cfg, url, timeout)
     ws = websocket.create_connection(url, timeout=timeout, suppress_origin=True, sslopt=sslopt,
                                      enable_multithread=True, skip_utf8_validation=True, **kwargs)
@@ -2570,23 +2585,55 @@ def preferred_socket(cfg, url, timeout):
     parts = urlsplit(url)
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
-    infos = socket.getaddrinfo(parts.hostname, port, 0, socket.SOCK_STREAM)
-    want = socket.AF_INET6 if cfg.prefer_ip_version == "6" else socket.AF_INET
-    infos.sort(key=lambda info: info[0] != want)
-    error = OSError("no address for %s" % parts.hostname)
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
-        sock.settimeout(timeout)
+    sock = dial_tcp(cfg, parts.hostname, port, timeout)
+    if secure:
+        sock = tls_context(cfg).wrap_socket(sock, server_hostname=parts.hostname)
+    return sock
+
+
+def dial_tcp(cfg, host, port, timeout):
+    """A connected TCP socket to host:port, through resolve_host (--custom-dns,
+    --prefer-ip-version): each address in turn."""
+    error = OSError("no address for %s" % host)
+    for family, address in resolve_host(cfg, host, port):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout if isinstance(timeout, (int, float)) else None)
         try:
             sock.connect(address)
+            return sock
         except OSError as e:
             sock.close()
             error = e
-            continue
-        if secure:
-            sock = tls_context(cfg).wrap_socket(sock, server_hostname=parts.hostname)
-        return sock
     raise error
+
+
+def resolving_handlers(cfg, secure):
+    """urllib handlers whose connections dial through dial_tcp, so that
+    --custom-dns also resolves the panel's name for HTTP uploads. A proxy
+    (CONNECT tunnel) is dialled the same way."""
+    import http.client
+    import urllib.request
+
+    class Plain(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = dial_tcp(cfg, self.host, self.port, self.timeout)
+            if self._tunnel_host:
+                self._tunnel()
+
+    class Secure(http.client.HTTPSConnection):
+        def connect(self):
+            Plain.connect(self)
+            self.sock = self._context.wrap_socket(self.sock, server_hostname=self._tunnel_host or self.host)
+
+    class PlainHandler(urllib.request.HTTPHandler):
+        def http_open(self, request):
+            return self.do_open(Plain, request)
+
+    class SecureHandler(urllib.request.HTTPSHandler):
+        def https_open(self, request):
+            return self.do_open(Secure, request, context=self._context)
+
+    return [PlainHandler()] + ([SecureHandler(context=tls_context(cfg))] if secure else [])
 
 
 def handshake_problem(error):
@@ -3308,15 +3355,56 @@ def settle_latency(measure, kind):
 
 # -- web terminal ------------------------------------------------------------------
 
-def login_shell():
-    """$SHELL if it is an executable file, else bash, else sh."""
+FALLBACK_SHELLS = ("zsh", "bash", "sh")
+# Run by /bin/sh before the user's shell, as the official agent does: the
+# update-motd.d scripts (Debian's print the kernel line), /etc/motd, then
+# exec of the shell given as $1, which POSIX sh runs for any login shell.
+MOTD_PRELUDE = ('for f in /etc/update-motd.d/*; do [ -e "$f" ] && [ -x "$f" ] && "$f"; done; '
+                '[ -r /etc/motd ] && cat /etc/motd; exec "$1"')
+
+
+def login_shell(passwd="/etc/passwd", uid=None, home=None, path=None):
+    """The user's shell from the passwd file when it can run (not nologin or
+    false), else the first of zsh, bash, sh on PATH; None without any.
+    $SHELL is not used, as in the official agent."""
     import shutil
-    candidates = [os.environ.get("SHELL", ""), shutil.which("bash") or "", shutil.which("sh") or "/bin/sh"]
-    for path in candidates:
-        if path and os.path.isabs(path) and os.access(path, os.X_OK) and \
-                os.path.basename(path) not in ("nologin", "false"):
-            return path
-    return "/bin/sh"
+    uid = os.getuid() if uid is None else uid
+    home = home if home is not None else os.path.expanduser("~")
+    shell = ""
+    try:
+        entries = [line.split(":") for line in read_text(passwd).splitlines()]
+    except OSError:
+        entries = []
+    # this uid's line; the official agent takes the first line holding $HOME
+    for fields in entries:
+        if len(fields) >= 7 and (fields[2] == str(uid) or (not shell and home and fields[5] == home)):
+            shell = fields[6].strip()
+            if fields[2] == str(uid):
+                break
+    if shell and os.path.basename(shell) not in ("nologin", "false"):
+        found = shell if os.path.isabs(shell) and os.access(shell, os.X_OK) else shutil.which(shell, path=path)
+        if found and not os.path.isdir(found):
+            return found
+    for name in FALLBACK_SHELLS:
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    return None
+
+
+def shell_command(shell):
+    """argv for the terminal: the MOTD prelude in /bin/sh, which then execs
+    the shell; the shell alone where there is no /bin/sh."""
+    if os.access("/bin/sh", os.X_OK):
+        return ["/bin/sh", "-c", MOTD_PRELUDE, "komari-motd", shell]
+    return [shell]
+
+
+def shell_env(shell, home):
+    """The terminal's environment: the agent's (without its AGENT_* settings),
+    with the official agent's TERM, LANG and LC_ALL."""
+    return child_env({"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
+                      "SHELL": shell})
 
 
 def home_directory():
@@ -3398,12 +3486,12 @@ class TerminalSession:
         try:
             set_window_size(slave, 24, 80)
             shell = login_shell()
+            if shell is None:
+                raise OSError(2, "no supported shell found among [%s]" % " ".join(FALLBACK_SHELLS))
             home = home_directory()
-            env = child_env({"TERM": "xterm-256color", "HOME": home, "SHELL": shell})
-            env.setdefault("LANG", "C.UTF-8")
-            # argv[0] "-name" makes any shell a login shell
-            argv = [sys.executable, "-I", "-S", "-c", CTTY_SHIM, shell, "-" + os.path.basename(shell)]
-            self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+            command = shell_command(shell)
+            argv = [sys.executable, "-I", "-S", "-c", CTTY_SHIM, command[0]] + command
+            self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=shell_env(shell, home),
                                          cwd=home if os.path.isdir(home) else "/",
                                          start_new_session=True, close_fds=True)
         except BaseException:
