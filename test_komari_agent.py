@@ -812,6 +812,337 @@ def test_report_numbers_are_clean_for_go():
         ka.encode({"x": float("nan")})
 
 
+# -- parity with the official agent: static facts from fixture trees -----------------
+# Each case is a small tree standing in for /, /proc or /sys, and helper
+# programs (lspci, getprop, pveversion, systemd-detect-virt, nvidia-smi,
+# rocm-smi) as shell scripts in a directory that is the whole PATH.
+
+def make_tree(root, spec):
+    """Files from {relative path: text | bytes | ("->", link target) | None (a directory)}."""
+    for rel, content in spec.items():
+        path = Path(root) / rel
+        if content is None:
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, tuple):
+            path.symlink_to(content[1])
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return str(root)
+
+
+def stub_commands(tmp_path, monkeypatch, scripts):
+    """PATH becomes a directory holding only these commands ({name: sh body})."""
+    bin_dir = tmp_path / "stub-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    return bin_dir
+
+
+PVE_OUTPUT = "echo 'pve-manager/8.2.4/faa83925c9641325 (running kernel: 6.8.12-1-pve)'"
+DEBIAN_RELEASE = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nVERSION_CODENAME=bookworm\n'
+GETPROP = ('case "$1" in ro.build.version.release) echo 14;; ro.product.brand) echo google;; '
+           'ro.product.model) echo "Pixel 8";; esac')
+
+
+@pytest.mark.parametrize("files, commands, expected", [
+    ({"etc/os-release": DEBIAN_RELEASE}, {}, "Debian GNU/Linux 12 (bookworm)"),
+    ({"etc/os-release": DEBIAN_RELEASE}, {"pveversion": PVE_OUTPUT}, "Proxmox VE 8.2.4 (bookworm)"),
+    ({"etc/os-release": 'PRETTY_NAME="Debian GNU/Linux 13 (trixie)"\n'},
+     {"pveversion": "echo 'pve-manager/9.0.3~2/0123 (running kernel: 6.14)'"}, "Proxmox VE 9.0.3"),
+    ({}, {"pveversion": "echo 'proxmox-ve: 8.2.0'"}, "Proxmox VE"),
+    ({"etc/os-release": DEBIAN_RELEASE}, {"pveversion": "exit 1"}, "Debian GNU/Linux 12 (bookworm)"),
+    ({"etc/synoinfo.conf": 'unique="synology_geminilake_920+"\nudc_check_state="7.2.1"\n',
+      "etc/os-release": DEBIAN_RELEASE}, {}, "Synology 920+ DSM 7.2.1"),
+    ({"etc.defaults/synoinfo.conf": 'unique="synology_apollolake_ds918+"\n'}, {}, "Synology DS918+ DSM"),
+    ({"usr/syno": None, "etc/os-release": DEBIAN_RELEASE}, {}, "Synology DSM"),
+    ({"usr/trim/BUILD_VERSION": "0.9.2\n", "etc/os-release": DEBIAN_RELEASE}, {}, "fnOS 0.9.2"),
+    ({"usr/trim": None}, {}, "fnOS"),
+    ({"etc/os-release": DEBIAN_RELEASE}, {"getprop": GETPROP, "pveversion": PVE_OUTPUT}, "Android 14 (google Pixel 8)"),
+    ({"system/build.prop": "ro.product.brand=Xiaomi\nro.build.version.release=11\nro.product.model=Xiaomi\n"}, {},
+     "Android 11 (Xiaomi)"),
+    ({"system/build.prop": "ro.product.model=X\n"}, {}, "Android"),
+    ({"system/app": None, "sdcard": None}, {}, "Android"),
+    ({"system/app": None, "etc/os-release": DEBIAN_RELEASE}, {}, "Debian GNU/Linux 12 (bookworm)"),
+    ({"etc/os-release": 'NAME="Alpine Linux"\nPRETTY_NAME="Alpine Linux v3.20"\n'}, {}, "Alpine Linux v3.20"),
+    ({}, {}, "Linux"),
+])
+def test_os_label_like_the_official_agent(tmp_path, monkeypatch, files, commands, expected):
+    stub_commands(tmp_path, monkeypatch, commands)
+    assert ka.os_name(make_tree(tmp_path / "root", files)) == expected
+
+
+LSPCI_DESKTOP = """00:02.0 VGA compatible controller: Intel Corporation CoffeeLake-S GT2 [UHD Graphics 630] (rev 02)
+00:14.3 Network controller: Intel Corporation Wi-Fi 6 AX201 (rev 20)
+01:00.0 VGA compatible controller: NVIDIA Corporation GA102 [GeForce RTX 3090] (rev a1)
+02:00.0 VGA compatible controller: NVIDIA Corporation GA102 [GeForce RTX 3090] (rev a1)
+"""
+LSPCI_SERVER = """02:00.0 VGA compatible controller: Matrox Electronics Systems Ltd. Integrated Matrox G200eW3 (rev 04)
+3b:00.0 3D controller: NVIDIA Corporation GH100 [H200 SXM 141GB] (rev a1)
+"""
+LSPCI_VM = """00:01.0 VGA compatible controller: Device 1234:1111 (rev 02)
+00:02.0 VGA compatible controller: Cirrus Logic GD 5446
+00:03.0 Display controller: Red Hat, Inc. Virtio 1.0 GPU (rev 01)
+"""
+PI4_DRM = {"class/drm/card0/device/driver": ("->", "../../../bus/platform/drivers/vc4-drm"),
+           "class/drm/card0/device/of_node/compatible": b"brcm,bcm2711-vc5\0",
+           "class/drm/card0-HDMI-A-1/status": "connected\n",
+           "class/drm/card1/device/driver": ("->", "../../../bus/platform/drivers/v3d")}
+
+
+@pytest.mark.parametrize("lspci, files, expected", [
+    (LSPCI_DESKTOP, {}, "Intel Corporation CoffeeLake-S GT2 [UHD Graphics 630], "
+                        "NVIDIA Corporation GA102 [GeForce RTX 3090] \u00d7 2"),
+    (LSPCI_SERVER, {}, "NVIDIA Corporation GH100 [H200 SXM 141GB]"),     # a GPU vendor first
+    ("02:00.0 VGA compatible controller: ASPEED Technology, Inc. ASPEED Graphics Family (rev 41)\n", {},
+     "ASPEED Technology, Inc. ASPEED Graphics Family"),                   # else any display device
+    (LSPCI_VM, {}, "None"),
+    (None, PI4_DRM, "Broadcom VideoCore VI (Pi 4), Broadcom V3D (Raspberry Pi 4/5)"),
+    (LSPCI_VM, {"class/drm/card0/device/driver": ("->", "../msm"),
+                "class/drm/card0/device/of_node/compatible": b"qcom,adreno-635.0\0qcom,adreno\0"},
+     "Qualcomm Adreno 635"),
+    (None, {"class/drm/card0/device/driver": ("->", "../panfrost"),
+            "class/drm/card0/device/of_node/compatible": b"rockchip,rk3399-mali\0arm,mali-t860\0"}, "ARM Mali T860"),
+    (None, {"class/drm/card0/device/driver": ("->", "../sun4i-drm"),
+            "class/drm/card0/device/of_node/compatible": b"allwinner,sun50i-h6-display-engine\0"}, "Allwinner H6"),
+    (None, {"class/drm/card0/device/driver": ("->", "../tegra"),
+            "class/drm/card0/device/of_node/compatible": b"nvidia,tegra234-host1x\0"}, "NVIDIA Orin"),
+    (None, {"class/drm/card0/device/driver": ("->", "../i915")}, "Intel Integrated Graphics"),
+    (None, {"class/drm/card0/device/driver": ("->", "../hibmc-drm")}, "Direct Render Manager hibmc-drm"),
+    (None, {"class/drm/card0/device/driver": ("->", "../virtio_gpu"),
+            "class/drm/card1/device/driver": ("->", "../simpledrm"),
+            "firmware/devicetree/base/model": "Raspberry Pi 3 Model B Rev 1.2\0"}, "Broadcom VideoCore (Integrated)"),
+    (None, {}, "None"),
+])
+def test_gpu_name_like_the_official_agent(tmp_path, monkeypatch, lspci, files, expected):
+    (tmp_path / "lspci.txt").write_text(lspci or "")
+    stub_commands(tmp_path, monkeypatch, {"lspci": "/bin/cat '%s'" % (tmp_path / "lspci.txt")} if lspci else {})
+    assert ka.gpu_name(make_tree(tmp_path / "sys", files)) == expected
+
+
+def cpuinfo_blocks(count, *lines):
+    return "".join("processor\t: %d\n%s\n\n" % (i, "\n".join(lines)) for i in range(count))
+
+
+PI4_64 = cpuinfo_blocks(4, "BogoMIPS\t: 108.00", "Features\t: fp asimd evtstrm crc32 cpuid",
+                        "CPU implementer\t: 0x41", "CPU architecture: 8", "CPU variant\t: 0x0",
+                        "CPU part\t: 0xd08", "CPU revision\t: 3") + \
+    "Hardware\t: BCM2835\nRevision\t: c03114\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
+PI4_32 = cpuinfo_blocks(4, "model name\t: ARMv7 Processor rev 3 (v7l)", "BogoMIPS\t: 108.00",
+                        "CPU implementer\t: 0x41", "CPU part\t: 0xd08")
+XEON = "".join("processor\t: %d\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 79\n"
+               "model name\t: Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz\nphysical id\t: %d\ncpu cores\t: 2\n\n"
+               % (i, i // 2) for i in range(4))
+TOPOLOGY_4 = {"devices/system/cpu/cpu%d/topology/core_cpus_list" % i: "%d\n" % i for i in range(4)}
+SIBLINGS_2 = {"devices/system/cpu/cpu%d/topology/thread_siblings_list" % i: ("0-1\n" if i < 2 else "2-3\n")
+              for i in range(4)}
+
+
+@pytest.mark.parametrize("cpuinfo, stat, sys_files, name, logical, physical", [
+    (PI4_64, "", TOPOLOGY_4, "Cortex-A72", 4, 4),                      # gopsutil's part table: a Pi 4
+    (PI4_32, "", SIBLINGS_2, "Cortex-A72", 4, 2),                      # the part wins over "model name"
+    (cpuinfo_blocks(2, "CPU implementer\t: 0x41", "CPU part\t: 0xd4f"), "", {}, "Undefined", 2, 0),
+    (cpuinfo_blocks(2, "CPU implementer\t: 0xc0", "CPU part\t: 0xac3"), "", {}, "Ampere", 2, 0),
+    (cpuinfo_blocks(1, "CPU implementer\t: 0x51", "CPU part\t: 0x805"), "", {}, "Qualcomm", 1, 0),
+    (XEON, "", {}, "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz", 4, 4),   # 2 packages x 2 cores, no /sys
+    ("Processor\t: ARMv7 Processor rev 5 (v7l)\nHardware\t: Generic DT based system\n",
+     "cpu  1 2 3 4\ncpu0 1 1 1 1\ncpu1 1 1 1 1\nintr 0\n", {}, "ARMv7 Processor rev 5 (v7l)", 2, 0),
+    ("", "", {}, "Unknown", os.cpu_count(), 0),
+])
+def test_cpu_facts_like_gopsutil(tmp_path, cpuinfo, stat, sys_files, name, logical, physical):
+    assert ka.cpu_name_from_cpuinfo(cpuinfo) == name
+    assert ka.logical_cpus(cpuinfo, stat) == logical
+    assert ka.physical_cores(make_tree(tmp_path / "sys", sys_files), cpuinfo) == physical
+
+
+HEX64 = "0123456789abcdef" * 4
+POD = "0f3a5f7e-1b2c-4d5e-8f90-123456789abc"
+
+
+@pytest.mark.parametrize("detect_virt, files, cgroup, expected", [
+    ("echo kvm", {"/.dockerenv": ""}, "", "kvm"),
+    ("echo none; exit 1", {".dockerenv": ""}, "", "docker"),              # bare metal exits 1: not trusted
+    (None, {"run/.containerenv": ""}, "0::/\n", "container"),
+    (None, {"run/.containerenv": ""}, "0::/user.slice/libpod-%s.scope\n" % HEX64, "podman"),
+    (None, {}, "0::/system.slice/docker-%s.scope\n" % HEX64, "docker"),
+    (None, {}, "12:pids:/kubepods/besteffort/pod%s/%s\n" % (POD, HEX64), "kubernetes"),
+    (None, {}, "0::/crio-%s.scope\n" % HEX64, "container"),
+    (None, {}, "0::/lxc/web01\n", "lxc"),
+    (None, {"dev/.lxc-boot-id": "x"}, "0::/\n", "lxc"),                  # the official LXC marker
+    (None, {".komari-agent-container": ""}, "0::/\n", "container"),       # the official image's marker
+    # a host that merely runs docker: no verdict from a service's cgroup
+    (None, {}, "0::/system.slice/docker.service\n", "none"),
+    (None, {"proc/cpuinfo": "flags\t\t: fpu vme hypervisor\n"}, "0::/init.scope\n", "virtualized"),
+    (None, {"proc/cpuinfo": "flags\t\t: fpu vme hypervisor\n", "sys/class/dmi/id/sys_vendor": "QEMU\n"}, "0::/\n",
+     "qemu"),
+])
+def test_virtualization_like_the_official_agent(tmp_path, monkeypatch, detect_virt, files, cgroup, expected):
+    stub_commands(tmp_path, monkeypatch, {"systemd-detect-virt": detect_virt} if detect_virt else {})
+    root = tmp_path / "root"
+    make_tree(root, dict({k.lstrip("/"): v for k, v in files.items()}, **{"proc/self/cgroup": cgroup}))
+    assert ka.virtualization(str(root), str(root / "proc"), str(root / "sys")) == expected
+
+
+NVIDIA_CSV = ("NVIDIA H200, 143771, 1024, 25, 41\nNVIDIA H200, 143771, 0, [N/A], 39\n")
+ROCM_JSON = json.dumps({"card1": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "50",
+                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "1048576",
+                                  "Temperature (Sensor junction) (C)": "45.0"},
+                        "card0": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "10",
+                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "0",
+                                  "Temperature (Sensor junction) (C)": "40"},
+                        "system": {"Driver version": "6.8"}})
+
+
+@pytest.mark.skipif(os.path.exists("/usr/bin/nvidia-smi") or os.path.exists("/opt/rocm/bin/rocm-smi"),
+                    reason="a real GPU tool in its fixed place would answer instead of the stubs")
+@pytest.mark.parametrize("commands, gpu, problem", [
+    ({"nvidia-smi": "/bin/cat <<'E'\n%sE" % NVIDIA_CSV},
+     {"count": 2, "average_usage": 12.5, "detailed_info": [
+         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 1024 << 20, "utilization": 25.0,
+          "temperature": 41},
+         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 0, "utilization": 0.0,
+          "temperature": 39}]}, ""),
+    ({"rocm-smi": "/bin/cat <<'E'\n%s\nE" % ROCM_JSON},
+     {"count": 2, "average_usage": 30.0, "detailed_info": [
+         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 0, "utilization": 10.0,
+          "temperature": 40},
+         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 1048576, "utilization": 50.0,
+          "temperature": 45}]}, ""),
+    ({"nvidia-smi": "exit 9", "rocm-smi": "echo '{}'"}, None, ""),               # no GPU: no block, no message
+    ({}, None, "rocm-smi tool not found"),
+    ({"rocm-smi": "exit 1"}, None, "no data available"),
+])
+def test_gpu_details_like_the_official_agent(tmp_path, monkeypatch, commands, gpu, problem):
+    stub_commands(tmp_path, monkeypatch, commands)
+    assert ka.gpu_details() == (gpu, problem)
+    cfg, _ = ka.load_config(["--dry-run", "--gpu"], {})
+    report = ka.Collector(cfg).report()
+    assert report.get("gpu") == gpu and report_problem(report) is None
+    assert ("failed to get detailed GPU info: " + problem in report["message"]) if problem else \
+        "GPU" not in report["message"]
+
+
+def sysinfo_uptime():
+    import ctypes
+    buf = ctypes.create_string_buffer(256)
+    assert ctypes.CDLL(None, use_errno=True).sysinfo(buf) == 0
+    return ctypes.c_long.from_buffer(buf).value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sysinfo(2) is Linux's")
+def test_uptime_is_the_kernels_sysinfo_figure():
+    cfg, _ = ka.load_config(["--dry-run"], {})
+    collector = ka.Collector(cfg)
+    for _ in range(20):  # int(CLOCK_BOOTTIME) is one lower nearly every time
+        before = sysinfo_uptime()
+        ours = collector.uptime()
+        after = sysinfo_uptime()
+        assert before <= ours <= after
+
+
+def test_public_address_services_are_the_official_ones():
+    assert ka.IPV4_LOOKUPS == (
+        "https://www.visa.cn/cdn-cgi/trace", "https://www.qualcomm.cn/cdn-cgi/trace",
+        "https://www.toutiao.com/stream/widget/local_weather/data/", "https://edge-ip.html.zone/geo",
+        "https://vercel-ip.html.zone/geo", "http://ipv4.ip.sb", "https://api.ipify.org?format=json")
+    assert ka.IPV6_LOOKUPS == ("https://v6.ip.zxinc.org/info.php?type=json", "https://api6.ipify.org?format=json",
+                               "https://ipv6.icanhazip.com", "http://api-ipv6.ip.sb/geoip")
+    assert ka.IP_LOOKUP_TIMEOUT == 15.0
+
+
+class LookupServer:
+    """An HTTP server on 127.0.0.1 that answers every GET with a trace body and
+    records the request line (a proxy sees absolute URLs)."""
+
+    def __init__(self, body):
+        seen = self.seen = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append((self.path, self.headers.get("User-Agent")))
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_lookups_use_custom_dns_and_the_environments_proxy(monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    dns = TinyDns({"lookup.komari.test": "127.0.0.1"})
+    service, proxy = LookupServer("fl=1\nip=1.0.0.7\nts=1\n"), LookupServer("ip=9.9.9.9")
+    try:
+        cfg, _ = ka.load_config(["--dry-run", "--custom-dns", "127.0.0.1:%d" % dns.port], {})
+        url = "http://lookup.komari.test:%d/cdn-cgi/trace" % service.port
+        # the first service fails (nothing listens there), the next one answers
+        dead = "http://127.0.0.1:%d/" % closed_port()
+        assert ka.lookup_public_ip(socket.AF_INET, cfg, timeout=5, services=[dead, url]) == "1.0.0.7"
+        assert ("lookup.komari.test", 1) in dns.queries
+        assert service.seen == [("/cdn-cgi/trace", "curl/8.0.1")]
+        # a proxy in the environment carries the lookup, as for the official agent
+        monkeypatch.setenv("http_proxy", "http://127.0.0.1:%d" % proxy.port)
+        assert ka.lookup_public_ip(socket.AF_INET, cfg, timeout=5, services=["http://ipv4.komari.test/"]) == "9.9.9.9"
+        assert proxy.seen == [("http://ipv4.komari.test/", "curl/8.0.1")]
+    finally:
+        dns.close()
+        service.close()
+        proxy.close()
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_list_disk_check_mem_and_show_warning_like_the_official_agent(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, str(AGENT)] + list(args), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, timeout=60, cwd=str(tmp_path), env=dict(os.environ))
+    listed = run("list-disk")
+    assert listed.returncode == 0
+    rows = listed.stdout.decode().splitlines()
+    width = max(len(r.split()[0]) for r in rows) + 2
+    assert rows[0] == "Mountpoint".ljust(width) + "Fstype"
+    assert any(r.startswith("/".ljust(width)) for r in rows[1:])            # every mount, / among them
+    log = listed.stderr.decode()
+    assert re.search(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d All Disk Partitions:$", log, re.M)
+    assert re.search(r"Monitoring Mountpoints: \[/ \(\S+\)", log)
+    memory = run("check-mem")
+    assert memory.returncode == 0 and memory.stdout == b""
+    lines = [l.split(" ", 2)[2] for l in memory.stderr.decode().splitlines()]
+    assert lines[:2] == ["--- Memory Check ---", "--- /proc/meminfo ---"]
+    assert [l.split(":")[0] for l in lines[2:14]] == ["MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached",
+                                                      "SwapTotal", "SwapFree", "SwapCached", "Shmem", "SReclaimable",
+                                                      "Zswap", "Zswapped"]
+    modes = [re.match(r"\[(\w+)\] Total: \d+ bytes \(\d+ MiB\), Used: \d+ bytes \(\d+ MiB\)$", l) for l in lines[15:]
+             if l.startswith("[")]
+    assert [m.group(1) for m in modes] == ["htoplike", "gopsutil", "callFree", "htoplike"]
+    assert lines[-2] == "--- Current Configured ---"
+    warned = run("--show-warning")  # the Windows toast helper: nothing to do, even without a panel
+    assert (warned.returncode, warned.stdout, warned.stderr) == (0, b"", b"")
+    assert run("list-disk", "--interval", "soon").returncode == 2
+
+
 # ---------------------------------------------------------------------------
 # Traffic: --month-rotate totals (fake clock, synthetic counters, real files)
 # ---------------------------------------------------------------------------
