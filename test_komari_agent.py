@@ -1422,6 +1422,47 @@ def test_totals_continue_after_sigkill_and_restart_mid_period(panel, start_agent
     assert "unreadable" not in second.log
 
 
+@pytest.mark.parametrize("nic, counted", [
+    ("eth0", True), ("ens18", True), ("wlan0", True), ("wg0", True), ("tailscale0", True), ("bond0", True),
+    ("ppp0", True), ("tun0", True), ("kube-ipvs0", True), ("vnet3", True),      # counted, as officially
+    ("lo", False), ("lowpan0", False), ("br0", False), ("br-3f2a", False), ("bridge0", False), ("tap0", False),
+    ("vmbr0", False), ("veth12ab", False), ("docker0", False), ("podman0", False), ("cni0", False),
+    ("flannel.1", False), ("virbr0", False), ("fwbr100i0", False), ("fwpr100p0", False),
+])
+def test_default_nic_deny_list_is_the_official_one(nic, counted):
+    assert ka.nic_counted(nic) is counted
+
+
+def test_net_static_json_in_the_official_format_is_written_beside_ours(tmp_path):
+    ledger = ka.TrafficLedger(str(tmp_path), 31, boot=LONG_AGO, now=local(2024, 4, 10),
+                              counted=lambda nic: nic != "docker0")
+    ledger.update({"eth0": (1000, 100), "wg0": (10, 1), "docker0": (5, 5)}, local(2024, 4, 10))
+    ledger.update({"eth0": (1000 + 7 * GiB, 100 + GiB), "wg0": (30, 4), "docker0": (9, 9)}, local(2024, 4, 10, 0, 5))
+    written = (tmp_path / ka.NET_STATIC).read_text()
+    assert " " not in written  # compact, like Go's json.Marshal
+    store = json.loads(written)
+    assert store["config"] == {"data_preserve_day": 31, "detect_interval": 2, "save_interval": 600,
+                               "nics": ["eth0", "wg0"]}
+    stamp = int(local(2024, 4, 10, 0, 5))  # the last save
+    assert store["interfaces"] == {"eth0": [{"timestamp": stamp, "tx": GiB, "rx": 7 * GiB}],
+                                   "wg0": [{"timestamp": stamp, "tx": 3, "rx": 20}]}
+    # the official agent's own sum over [last reset, now] gives our totals
+    sums = ka.net_static_totals(store, *ka.period_bounds(31, local(2024, 4, 20)))
+    assert (sum(u for u, _ in sums.values()), sum(d for _, d in sums.values())) == ledger.totals()
+    # and `traffic --export` writes the same from the saved state, wherever asked
+    ledger.flush(local(2024, 4, 10, 0, 6))
+    export = tmp_path / "elsewhere" / "net_static.json"
+    done = subprocess.run([sys.executable, str(AGENT), "traffic", "--state-dir", str(tmp_path), "--export",
+                           str(export)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 0, done.stderr
+    exported = json.loads(export.read_text())
+    assert exported["interfaces"]["eth0"][0]["rx"] == 7 * GiB and exported["config"]["nics"] == ["eth0", "wg0"]
+    # a calibration offset lands on the busiest NIC, so the official totals match the calibrated ones
+    state = dict(ledger.snapshot(local(2024, 4, 10, 0, 7)), offset={"up": -GiB // 2, "down": GiB})
+    calibrated = ka.net_static_from_snapshot(state, local(2024, 4, 10, 0, 7))["interfaces"]
+    assert calibrated["eth0"][0]["tx"] == GiB // 2 and calibrated["eth0"][0]["rx"] == 8 * GiB
+
+
 # ---------------------------------------------------------------------------
 # Transport
 # ---------------------------------------------------------------------------
@@ -1547,6 +1588,39 @@ def test_malformed_frames_are_skipped_by_the_parser(caplog):
     assert ka.parse_event(b"[1,2]") is None
     assert ka.parse_event(b"[" * 100000) is None
     assert ka.parse_event(b'{"message":"exec"}') == {"message": "exec"}
+
+
+def test_custom_dns_resolves_the_panel_for_uploads_and_the_report_socket(panel, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    dns = TinyDns({"panel.komari.test": "127.0.0.1"})
+    try:
+        cfg, _ = ka.load_config(["-e", "http://panel.komari.test:%d" % panel.port, "-t", TOKEN,
+                                 "--custom-dns", "127.0.0.1:%d" % dns.port], {})
+        ka.upload_basic_info(ka.Panel(cfg), {"os": "x"})
+        panel.wait_for(lambda: panel.basic_infos, 10, "the upload")
+        ws = ka.open_websocket(cfg, ka.Panel(cfg).ws_url("/api/clients/report"))
+        ws.close()
+        assert [q for q in dns.queries if q[0] == "panel.komari.test"].count(("panel.komari.test", 1)) >= 2
+        assert ka.resolve_host(cfg, "panel.komari.test", 80) == [(socket.AF_INET, ("127.0.0.1", 80))]
+    finally:
+        dns.close()
+
+
+def test_auto_discovery_takes_over_the_official_agents_registration(tmp_path):
+    cfg, _ = ka.load_config(["-e", "http://h", "--auto-discovery", DISCOVERY_KEY, "--state-dir",
+                             str(tmp_path / "state")], {})
+    official = tmp_path / "opt-komari" / "auto-discovery.json"
+    official.parent.mkdir()
+    official.write_text(json.dumps({"uuid": "c0ffee", "token": "official-token"}, indent=2))
+    missing = tmp_path / "nowhere" / "auto-discovery.json"
+    assert ka.saved_discovery_token(cfg, official=[str(missing)]) == ""
+    assert ka.saved_discovery_token(cfg, official=[str(missing), str(official)]) == "official-token"
+    # a registration of our own wins
+    (tmp_path / "state").mkdir()
+    Path(ka.discovery_file(cfg)).write_text(json.dumps({"uuid": "u2", "token": "our-token"}))
+    assert ka.saved_discovery_token(cfg, official=[str(official)]) == "our-token"
+    assert str(Path(ka.OFFICIAL_INSTALL_DIR) / "auto-discovery.json") in ka.official_discovery_files()
 
 
 # ---------------------------------------------------------------------------
@@ -2148,6 +2222,45 @@ def test_sigterm_ends_terminal_and_exec_groups(panel, start_agent, terminal_peer
         assert not any(live_processes("sleep 63.%d" % i) for i in (1, 2, 3))
     finally:
         kill_leftovers("sleep 63.1", "sleep 63.2", "sleep 63.3")
+
+
+@pytest.mark.parametrize("passwd_shell, on_path, expected", [
+    ("/ABS/fish", ("fish", "bash"), "fish"),       # the passwd shell, when it can run
+    ("fish", ("fish", "zsh"), "fish"),            # a bare name is looked up on PATH
+    ("/usr/bin/no-such-shell", ("bash", "zsh", "sh"), "zsh"),  # else zsh, bash, sh: zsh first
+    ("/ABS/nologin", ("nologin", "bash", "sh"), "bash"),        # never a shell that refuses to run
+    ("", ("sh",), "sh"),
+    ("/usr/bin/no-such-shell", (), None),
+])
+def test_terminal_shell_is_the_passwd_one_like_the_official_agent(tmp_path, passwd_shell, on_path, expected):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in on_path:
+        (bin_dir / name).write_text("#!/bin/sh\n")
+        (bin_dir / name).chmod(0o755)
+    shell = passwd_shell.replace("/ABS", str(bin_dir))
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:%s\n"
+                      "bob:x:1001:1001::/home/alice-old:/bin/sh\n" % shell)
+    found = ka.login_shell(str(passwd), uid=1000, home="/home/alice", path=str(bin_dir))
+    assert found == (str(bin_dir / expected) if expected else None)
+    # the official agent's way for a user without an own uid line: the one holding $HOME
+    assert ka.login_shell(str(passwd), uid=4242, home="/home/alice", path=str(bin_dir)) == found
+
+
+def test_terminal_command_and_environment_like_the_official_agent(monkeypatch):
+    assert ka.shell_command("/usr/bin/fish") == ["/bin/sh", "-c", ka.MOTD_PRELUDE, "komari-motd", "/usr/bin/fish"]
+    assert '"$1"' in ka.MOTD_PRELUDE and '"$0"' not in ka.MOTD_PRELUDE
+    assert subprocess.run(["/bin/sh", "-n", "-c", ka.MOTD_PRELUDE], timeout=10).returncode == 0
+    # the prelude ends by exec-ing the shell it was given, with no arguments
+    done = subprocess.run(ka.shell_command("/bin/pwd"), stdout=subprocess.PIPE, timeout=10, cwd="/")
+    assert done.returncode == 0 and done.stdout.endswith(b"/\n")
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    monkeypatch.setenv("AGENT_TOKEN", TOKEN)
+    env = ka.shell_env("/bin/bash", "/home/alice")
+    assert (env["TERM"], env["LANG"], env["LC_ALL"], env["HOME"]) == ("xterm-256color", "C.UTF-8", "C.UTF-8",
+                                                                      "/home/alice")
+    assert "AGENT_TOKEN" not in env
 
 
 # ---------------------------------------------------------------------------
