@@ -1115,6 +1115,17 @@ def closed_port():
         return s.getsockname()[1]
 
 
+def test_startup_names_the_monitored_mounts_and_interfaces(tmp_path, caplog):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "dev").write_text(NET_DEV)
+    (tmp_path / "stat").write_text("cpu  1 2 3 4 5 6 7 8\n")
+    cfg, _ = ka.load_config(["--dry-run", "--include-mountpoint", "/;/srv"], {"HOST_PROC": str(tmp_path)})
+    with caplog.at_level("INFO", logger="komari"):
+        ka.log_monitored(ka.Collector(cfg))
+    assert "Monitoring Mountpoints: [/ /srv]" in caplog.text
+    assert "Monitoring Interfaces: [eth0 wg0]" in caplog.text
+
+
 def test_list_disk_check_mem_and_show_warning_like_the_official_agent(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, str(AGENT)] + list(args), stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, timeout=60, cwd=str(tmp_path), env=dict(os.environ))
