@@ -1280,7 +1280,7 @@ def test_state_is_saved_on_the_first_update_then_at_most_once_a_minute_and_on_fl
     ledger.update({"eth0": (700, 70)}, t + 61)
     ledger.flush(t + 62)
     assert saved_state(tmp_path)["total"] == {"up": 70, "down": 700}
-    assert list(tmp_path.iterdir()) == [tmp_path / ka.TRAFFIC_FILE]  # no temp files left
+    assert sorted(tmp_path.iterdir()) == [tmp_path / ka.NET_STATIC, tmp_path / ka.TRAFFIC_FILE]  # no temp files left
 
 
 def test_unwritable_state_dir_is_reported_once_and_counting_goes_on(tmp_path, caplog):
