@@ -12,6 +12,7 @@ terminal) on that socket.  Needs Python 3.8+, psutil and websocket-client.
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -173,7 +174,7 @@ OPTIONS = [
            metavar="PATH"),
     Option("gpu", ("--gpu",), "bool", False, "add detailed GPU usage (nvidia-smi) to reports",
            json_keys=("enable_gpu", "gpu"), env=("AGENT_ENABLE_GPU", "AGENT_GPU")),
-    Option("custom_dns", ("--custom-dns",), "str", "", "DNS server (host or host:port) for probe targets"),
+    Option("custom_dns", ("--custom-dns",), "str", "", "DNS server (host or host:port) for the panel, the public-address lookups and probe targets"),
     Option("custom_ipv4", ("--custom-ipv4",), "str", "", "report this IPv4 address instead of looking it up"),
     Option("custom_ipv6", ("--custom-ipv6",), "str", "", "report this IPv6 address instead of looking it up"),
     Option("get_ip_addr_from_nic", ("--get-ip-addr-from-nic",), "bool", False,
@@ -186,6 +187,8 @@ OPTIONS = [
     Option("prefer_ip_version", ("--prefer-ip-version",), "str", "",
            "address family tried first (4 or 6) for the WebSockets and probe targets", check=_ip_version),
     Option("disable_compression", ("--disable-compression",), "bool", False, "accepted for compatibility; no effect"),
+    Option("show_warning", ("--show-warning",), "bool", False,
+           "the official agent's Windows warning helper: exits at once (status 0) elsewhere"),
     Option("state_dir", ("--state-dir",), "str", "", "where traffic totals and unsent results are kept"),
     Option("exec_timeout", ("--exec-timeout",), "float", 3600.0,
            "seconds before a remote command is killed (default 3600; 0 = never)", check=_not_negative),
@@ -345,7 +348,7 @@ def finish_config(cfg, warnings):
         warnings.append("protocol version %d is not spoken by this agent; using v1" % cfg.protocol_version)
     if cfg.disable_auto_update is False:
         pass  # nothing to update: the script is updated by re-running install.sh
-    if not cfg.dry_run:
+    if not cfg.dry_run and not cfg.show_warning:
         if not cfg.endpoint:
             raise ConfigError("no panel endpoint: pass --endpoint https://your-panel (or AGENT_ENDPOINT)")
         if not cfg.token and not cfg.auto_discovery:
@@ -672,9 +675,11 @@ def sum_disk_usage(usages):
 
 # -- network -----------------------------------------------------------------
 
-# Virtual NICs whose traffic is already counted on a physical NIC.
+# Virtual NICs whose traffic is already counted on a physical NIC: the
+# official agent's list, so that both count the same totals (tun*, wg* and
+# the like carry traffic of their own and count).
 VIRTUAL_NIC_PREFIXES = ("lo", "br", "cni", "docker", "podman", "flannel", "veth", "virbr", "vmbr", "tap",
-                        "fwbr", "fwpr", "kube", "tun", "vnet")
+                        "fwbr", "fwpr")
 
 
 def nic_counted(name, include=(), exclude=()):
@@ -757,6 +762,9 @@ def count_table_rows(paths):
 
 
 # -- static facts for basic info -----------------------------------------------
+# The readers below take the roots they read under (proc, sys and the
+# filesystem root, like gopsutil's HOST_PROC/HOST_SYS) so that they run
+# unchanged on fixture trees; helper programs are looked up on PATH.
 
 GO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "i386": "386",
            "i486": "386", "i586": "386", "i686": "386", "x86": "386", "loongarch64": "loong64",
@@ -773,126 +781,403 @@ def go_arch(machine):
     return machine or "unknown"
 
 
-ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
-             "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
-             "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77", "0xd40": "Neoverse-V1", "0xd41": "Cortex-A78",
-             "0xd44": "Cortex-X1", "0xd46": "Cortex-A510", "0xd47": "Cortex-A710", "0xd48": "Cortex-X2",
-             "0xd49": "Neoverse-N2", "0xd4f": "Neoverse-V2", "0xc07": "Cortex-A7", "0xc09": "Cortex-A9",
-             "0xc0f": "Cortex-A15"}
+def under(root, path):
+    """`path` (absolute) inside the tree at `root`."""
+    return os.path.join(root, path.lstrip("/"))
+
+
+# gopsutil's names for the CPU implementer codes of /proc/cpuinfo, and for the
+# part numbers of ARM Ltd. (0x41) cores; an unlisted ARM part is "Undefined".
+CPU_IMPLEMENTERS = {0x41: "ARM", 0x42: "Broadcom", 0x43: "Cavium", 0x44: "DEC", 0x46: "Fujitsu",
+                    0x48: "HiSilicon", 0x49: "Infineon", 0x4d: "Motorola/Freescale", 0x4e: "NVIDIA",
+                    0x50: "APM", 0x51: "Qualcomm", 0x56: "Marvell", 0x61: "Apple", 0x69: "Intel",
+                    0xc0: "Ampere"}
+ARM_PARTS = {
+    0x810: "ARM810", 0x920: "ARM920", 0x922: "ARM922", 0x926: "ARM926", 0x940: "ARM940", 0x946: "ARM946",
+    0x966: "ARM966", 0xa20: "ARM1020", 0xa22: "ARM1022", 0xa26: "ARM1026", 0xb02: "ARM11 MPCore",
+    0xb36: "ARM1136", 0xb56: "ARM1156", 0xb76: "ARM1176", 0xc05: "Cortex-A5", 0xc07: "Cortex-A7",
+    0xc08: "Cortex-A8", 0xc09: "Cortex-A9", 0xc0d: "Cortex-A17", 0xc0e: "Cortex-A17", 0xc0f: "Cortex-A15",
+    0xc14: "Cortex-R4", 0xc15: "Cortex-R5", 0xc17: "Cortex-R7", 0xc18: "Cortex-R8", 0xc20: "Cortex-M0",
+    0xc21: "Cortex-M1", 0xc23: "Cortex-M3", 0xc24: "Cortex-M4", 0xc27: "Cortex-M7", 0xc60: "Cortex-M0+",
+    0xd01: "Cortex-A32", 0xd02: "Cortex-A34", 0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55",
+    0xd06: "Cortex-A65", 0xd07: "Cortex-A57", 0xd08: "Cortex-A72", 0xd09: "Cortex-A73", 0xd0a: "Cortex-A75",
+    0xd0b: "Cortex-A76", 0xd0c: "Neoverse-N1", 0xd0d: "Cortex-A77", 0xd0e: "Cortex-A76AE",
+    0xd13: "Cortex-R52", 0xd20: "Cortex-M23", 0xd21: "Cortex-M33", 0xd40: "Neoverse-V1",
+    0xd41: "Cortex-A78", 0xd42: "Cortex-A78AE", 0xd43: "Cortex-A65AE", 0xd44: "Cortex-X1",
+    0xd46: "Cortex-A510", 0xd47: "Cortex-A710", 0xd48: "Cortex-X2", 0xd49: "Neoverse-N2",
+    0xd4a: "Neoverse-E1", 0xd4b: "Cortex-A78C", 0xd4c: "Cortex-X1C", 0xd4d: "Cortex-A715", 0xd4e: "Cortex-X3"}
+
+
+def first_cpu_fields(text):
+    """The first processor block of /proc/cpuinfo read the way gopsutil reads
+    it: {"name", "vendor", "family"}, or None when it finds no processor."""
+    cpu, processor_name = None, ""
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) < 2:
+            continue
+        key, value = fields[0].strip(), fields[1].strip()
+        if key == "Processor":      # old ARM kernels: one line for all CPUs
+            processor_name = value
+        elif key in ("processor", "cpu number"):
+            if cpu is not None:
+                return cpu
+            if not re.match(r"^[+-]?\d+$", value):
+                return None
+            cpu = {"name": processor_name, "vendor": "", "family": ""}
+        elif cpu is None:
+            continue
+        elif key in ("vendorId", "vendor_id"):
+            cpu["vendor"] = value
+        elif key == "CPU implementer":
+            try:
+                cpu["vendor"] = CPU_IMPLEMENTERS.get(int(value, 0), cpu["vendor"])
+            except ValueError:
+                pass
+        elif key == "cpu family":
+            cpu["family"] = value
+        elif key in ("model", "CPU part") and cpu["vendor"] == "ARM":
+            try:
+                cpu["name"] = ARM_PARTS.get(int(value, 0), "Undefined")
+            except ValueError:
+                pass
+        elif key in ("Model Name", "model name", "cpu"):
+            cpu["name"] = value
+    return cpu
 
 
 def cpu_name_from_cpuinfo(text):
-    """The CPU model; never empty."""
-    values = {}
+    """cpu_name as the official agent sends it: the model name of the first
+    CPU, else "<vendor> <family>", else a Model/Hardware/Processor line, else
+    "Unknown"."""
+    cpu = first_cpu_fields(text)
+    if cpu is not None:
+        name = cpu["name"].strip()
+        if not name and (cpu["vendor"] or cpu["family"]):
+            name = (cpu["vendor"] + " " + cpu["family"]).strip()
+        if name != "Unknown":
+            return name
     for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        key = key.strip()
-        if sep and key not in values and value.strip():
-            values[key] = value.strip()
-    for key in ("model name", "Model", "Hardware", "cpu model", "Processor", "cpu"):
-        if values.get(key):
-            return values[key]
-    part = values.get("CPU part", "").lower()
-    if part in ARM_PARTS and values.get("CPU implementer", "").lower() == "0x41":
-        return "ARM " + ARM_PARTS[part]
+        if line.startswith(("Model\t", "Hardware\t", "Processor\t")) and ":" in line:
+            name = line.split(":", 1)[1].strip()
+            if name:
+                return name
     return "Unknown"
 
 
-def logical_cpus(cpuinfo_text):
-    count = sum(1 for line in cpuinfo_text.splitlines() if line.startswith("processor"))
+def logical_cpus(cpuinfo_text, stat_text=""):
+    """`processor : N` lines, else cpuN lines of /proc/stat."""
+    count = sum(1 for line in cpuinfo_text.splitlines()
+                if line.lower().startswith("processor") and re.match(r"^\s*[+-]?\d+\s*$", line.partition(":")[2]))
+    count = count or sum(1 for line in stat_text.splitlines() if re.match(r"^cpu\d", line))
     return count or os.cpu_count() or 1
 
 
-def physical_cores(sys_cpu="/sys/devices/system/cpu"):
-    """Distinct cores by topology; 0 when unknown."""
-    cores = set()
+def physical_cores(sys_root="/sys", cpuinfo_text=""):
+    """Distinct cores by /sys topology, else the sum of `cpu cores` per
+    `physical id` in /proc/cpuinfo; 0 when unknown."""
+    base = under(sys_root, "/devices/system/cpu")
     try:
-        names = [n for n in os.listdir(sys_cpu) if n.startswith("cpu") and n[3:].isdigit()]
+        names = sorted(n for n in os.listdir(base) if re.match(r"^cpu\d", n))
     except OSError:
-        return 0
-    for name in names:
-        for leaf in ("core_cpus_list", "thread_siblings_list"):
+        names = []
+    for leaf in ("core_cpus_list", "thread_siblings_list"):
+        cores = set()
+        for name in names:
             try:
-                cores.add(read_text(os.path.join(sys_cpu, name, "topology", leaf)).strip())
-                break
+                lines = read_text(os.path.join(base, name, "topology", leaf)).splitlines()
             except OSError:
                 continue
-    return len(cores)
+            if len(lines) == 1:
+                cores.add(lines[0])
+        if cores:
+            return len(cores)
+    per_package, current = {}, {}
+    for line in cpuinfo_text.splitlines() + [""]:
+        line = line.strip().lower()
+        if not line:
+            if "physical id" in current and "cpu cores" in current:
+                per_package[current["physical id"]] = current["cpu cores"]
+            current = {}
+            continue
+        key, _, value = line.partition(":")
+        if key.strip() in ("physical id", "cpu cores") and re.match(r"^\s*\d+\s*$", value):
+            current[key.strip()] = int(value)
+    return sum(per_package.values())
 
 
 def os_name_from_release(text):
     for line in text.splitlines():
         if line.startswith("PRETTY_NAME="):
-            return line.split("=", 1)[1].strip().strip("\"'")
+            return line[len("PRETTY_NAME="):].strip('"')
     return ""
 
 
-def os_name():
-    for path, key in (("/etc/os-release", None), ("/usr/lib/os-release", None),
-                      ("/etc/openwrt_release", "DISTRIB_DESCRIPTION=")):
-        try:
-            text = read_text(path)
-        except OSError:
-            continue
-        if key is None:
-            name = os_name_from_release(text)
-        else:
-            name = next((l.split("=", 1)[1].strip().strip("\"'") for l in text.splitlines() if l.startswith(key)), "")
-        if name:
-            return name
-    return platform.system() or "Unknown"
+def release_value(root, key):
+    try:
+        text = read_text(under(root, "/etc/os-release"))
+    except OSError:
+        return ""
+    return next((line[len(key) + 1:].strip('"') for line in text.splitlines() if line.startswith(key + "=")), "")
 
 
-def run_quiet(argv, timeout=3.0):
-    """stdout of a helper program, or "" when it is missing, fails or hangs."""
+def run_output(argv, timeout=3.0):
+    """(exit status, stdout) of a helper program; (None, "") when it cannot run."""
     import subprocess
     try:
         done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               stdin=subprocess.DEVNULL, timeout=timeout)
     except (OSError, subprocess.SubprocessError):
+        return None, ""
+    return done.returncode, done.stdout.decode("utf-8", "replace")
+
+
+def run_quiet(argv, timeout=3.0):
+    """stdout of a helper program, or "" when it is missing, fails or hangs."""
+    status, out = run_output(argv, timeout)
+    return out if status == 0 else ""
+
+
+def device_label(version, brand, model):
+    label = "Android " + version
+    if model:
+        label += " (%s %s)" % (brand, model) if brand and brand != model else " (%s)" % model
+    return label
+
+
+def android_name(root):
+    status, version = run_output(["getprop", "ro.build.version.release"])
+    if status == 0 and version:
+        props = [run_output(["getprop", key]) for key in ("ro.product.brand", "ro.product.model")]
+        brand, model = [out.strip() if code == 0 else "" for code, out in props]
+        return device_label(version.strip(), brand, model)
+    if os.path.exists(under(root, "/system/build.prop")):
+        props = {}
+        try:
+            for line in read_text(under(root, "/system/build.prop")).splitlines():
+                key, sep, value = line.strip().partition("=")
+                if sep and key in ("ro.build.version.release", "ro.product.model", "ro.product.brand"):
+                    props.setdefault(key, value)
+        except OSError:
+            return "Android"
+        if not props.get("ro.build.version.release"):
+            return "Android"
+        return device_label(props["ro.build.version.release"], props.get("ro.product.brand", ""),
+                            props.get("ro.product.model", ""))
+    dirs = ("/system/app", "/system/priv-app", "/data/app", "/sdcard")
+    return "Android" if sum(os.path.isdir(under(root, d)) for d in dirs) >= 2 else ""
+
+
+def proxmox_name(root):
+    import shutil
+    if not shutil.which("pveversion"):
         return ""
-    return done.stdout.decode("utf-8", "replace") if done.returncode == 0 else ""
+    status, out = run_output(["pveversion"])
+    if status != 0:
+        return ""
+    version = ""
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("pve-manager/"):
+            version = line.split("/")[1].split("~")[0]
+    if not version:
+        return "Proxmox VE"
+    codename = release_value(root, "VERSION_CODENAME")
+    return "Proxmox VE %s (%s)" % (version, codename) if codename else "Proxmox VE " + version
+
+
+def synology_name(root):
+    for path in ("/etc/synoinfo.conf", "/etc.defaults/synoinfo.conf"):
+        try:
+            text = read_text(under(root, path))
+        except OSError:
+            continue
+        values = {}
+        for line in text.splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep and key in ("unique", "udc_check_state"):
+                values[key] = value.strip('"')
+        parts = values.get("unique", "").split("_")
+        if "synology_" in values.get("unique", "") and len(parts) >= 3:
+            return " ".join(filter(None, ("Synology", parts[-1].upper(), "DSM", values.get("udc_check_state"))))
+    return "Synology DSM" if os.path.isdir(under(root, "/usr/syno")) else ""
+
+
+def fnos_name(root):
+    try:
+        version = read_text(under(root, "/usr/trim/BUILD_VERSION")).strip()
+    except OSError:
+        version = ""
+    if version:
+        return "fnOS " + version
+    return "fnOS" if os.path.isdir(under(root, "/usr/trim")) else ""
+
+
+def os_name(root="/"):
+    """The official agent's OS label: Android, Proxmox VE, Synology DSM and
+    fnOS by their own markers, else PRETTY_NAME of /etc/os-release."""
+    if not IS_LINUX and root == "/":
+        return platform.system() or "Unknown"
+    for detect in (android_name, proxmox_name, synology_name, fnos_name):
+        name = detect(root)
+        if name:
+            return name
+    try:
+        text = read_text(under(root, "/etc/os-release"))
+    except OSError:
+        return "Linux"
+    return next((line[len("PRETTY_NAME="):].strip('"') for line in text.splitlines()
+                 if line.startswith("PRETTY_NAME=")), "Linux")
+
+
+LSPCI_NOT_A_GPU = [re.compile(p) for p in (r"^1111", r"(?i)^cirrus logic (cl[-\s]?)?gd 5", r"(?i)virtio",
+                                           r"(?i)vmware", r"(?i)qxl", r"(?i)hyper-v")]
+GPU_VENDOR_WORDS = ("nvidia", "amd", "radeon", "intel", "arc", "snap", "qualcomm", "snapdragon")
+
+
+def lspci_device_name(line):
+    """The text after the last colon, without the trailing "(rev xx)"."""
+    name = line.rpartition(":")[2].strip() if ":" in line else ""
+    if "(" in name:
+        name = name[:name.rindex("(")].strip()
+    return name
 
 
 def gpu_names_from_lspci(text):
+    """Display controllers of the lspci listing: those of a GPU vendor, else any."""
+    shown = [line for line in text.splitlines()
+             if any(word in line.lower() for word in ("vga", "3d", "display"))]
+    for lines in ([l for l in shown if any(v in l.lower() for v in GPU_VENDOR_WORDS)], shown):
+        names = [lspci_device_name(l) for l in lines]
+        names = [n for n in names if n and not any(p.search(n) for p in LSPCI_NOT_A_GPU)]
+        if names:
+            return names
+    return []
+
+
+VIRTUAL_DRM_DRIVERS = {"virtio-pci", "virtio_gpu", "bochs-drm", "qxl", "vmwgfx", "cirrus", "vboxvideo",
+                       "hyperv_fb", "simpledrm", "simplefb", "cirrus-qemu"}
+DRM_DRIVER_NAMES = {"vc4": "Broadcom VideoCore IV/VI (Raspberry Pi)", "vc4-drm": "Broadcom VideoCore IV/VI (Raspberry Pi)",
+                    "v3d": "Broadcom V3D (Raspberry Pi 4/5)", "v3d-drm": "Broadcom V3D (Raspberry Pi 4/5)",
+                    "msm": "Qualcomm Adreno (Unknown Model)", "msm_drm": "Qualcomm Adreno (Unknown Model)",
+                    "panfrost": "ARM Mali (Panfrost)", "lima": "ARM Mali (Lima)",
+                    "sun4i-drm": "Allwinner Display Engine", "sunxi-drm": "Allwinner Display Engine",
+                    "tegra": "NVIDIA Tegra", "ast": "ASPEED Technology, Inc. ASPEED Graphics Family",
+                    "i915": "Intel Integrated Graphics", "i915-drm": "Intel Integrated Graphics",
+                    "mgag200": "Matrox G200 Series"}
+
+
+def soc_gpu_model(driver, compatible):
+    """A GPU model named by a devicetree `compatible` list, or ""."""
+    text = compatible.replace(b"\0", b" ").decode("utf-8", "replace").lower()
+    if driver == "msm" or "adreno" in text:
+        found = re.search(r"adreno[-_](\d+)", text)
+        return "Qualcomm Adreno " + found.group(1) if found else "Qualcomm Adreno"
+    if driver in ("panfrost", "lima") or "mali" in text:
+        found = re.search(r"mali[-_]([a-z]\d+)", text)
+        return "ARM Mali " + found.group(1).upper() if found else "ARM Mali"
+    if driver in ("vc4", "vc4-drm", "v3d"):
+        for chip, name in (("bcm2712", "Broadcom VideoCore VII (Pi 5)"), ("bcm2711", "Broadcom VideoCore VI (Pi 4)"),
+                           ("bcm2837", "Broadcom VideoCore IV"), ("bcm2835", "Broadcom VideoCore IV")):
+            if chip in text:
+                return name
+    if "allwinner" in text or "sun50i" in text or "sun8i" in text:
+        found = re.search(r"sun\d+i-([a-z0-9]+)", text)
+        return "Allwinner " + found.group(1).upper() if found else "Allwinner Display Engine"
+    if driver == "tegra":
+        for chip, name in (("tegra194", "NVIDIA Tegra Xavier"), ("tegra234", "NVIDIA Orin"),
+                           ("tegra210", "NVIDIA Tegra X1")):
+            if chip in text:
+                return name
+    return ""
+
+
+def gpu_names_from_drm(sys_root="/sys"):
+    """GPUs of /sys/class/drm/cardN by their driver (ARM boards have no PCI)."""
+    base = under(sys_root, "/class/drm")
+    try:
+        cards = sorted(n for n in os.listdir(base) if re.match(r"^card\d+$", n))
+    except OSError:
+        cards = []
     names = []
-    for line in text.splitlines():
-        low = line.lower()
-        if "vga" in low or "3d controller" in low or "display controller" in low:
-            name = line.rsplit(":", 1)[-1].strip()
-            name = re.sub(r"\s*\(rev [0-9a-f]+\)$", "", name)
-            if name and not re.search(r"virtio|vmware|qxl|hyper-v|cirrus|bochs", name, re.I):
-                names.append(name)
+    for card in cards:
+        device = os.path.join(base, card, "device")
+        try:
+            driver = os.path.basename(os.readlink(os.path.join(device, "driver")))
+        except OSError:
+            continue
+        if driver in VIRTUAL_DRM_DRIVERS:
+            continue
+        try:
+            with open(os.path.join(device, "of_node", "compatible"), "rb") as f:
+                name = soc_gpu_model(driver, f.read())
+        except OSError:
+            name = ""
+        name = (name or DRM_DRIVER_NAMES.get(driver) or "Direct Render Manager " + driver).strip()
+        if not re.search(r"virtio|vmware|qxl|hyper-v|cirrus", name.lower()):
+            names.append(name)
     return names
 
 
 def group_names(names):
-    """"A × 2, B" for [A, A, B]."""
+    """"A × 2, B" for [A, A, B]; "None" for no names."""
     counts = {}
     for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    return ", ".join(n if c == 1 else "%s \u00d7 %d" % (n, c) for n, c in counts.items())
+        name = name.strip()
+        if name:
+            counts[name] = counts.get(name, 0) + 1
+    return ", ".join(n if c == 1 else "%s \u00d7 %d" % (n, c) for n, c in counts.items()) or "None"
 
 
-def gpu_name():
-    names = [l.strip() for l in run_quiet(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]).splitlines()
-             if l.strip()]
-    if not names:
-        names = gpu_names_from_lspci(run_quiet(["lspci"]))
-    return group_names(names)
+def gpu_name(sys_root="/sys"):
+    """gpu_name as the official agent sends it: lspci, else DRM devices, else
+    the Raspberry Pi's own GPU, else "None"."""
+    names = gpu_names_from_lspci(run_quiet(["lspci"])) or gpu_names_from_drm(sys_root)
+    if names:
+        return group_names(names)
+    try:
+        if "Raspberry Pi" in read_text(under(sys_root, "/firmware/devicetree/base/model")):
+            return "Broadcom VideoCore (Integrated)"
+    except OSError:
+        pass
+    return "None"
+
+
+CGROUP_RUNTIMES = ((r"/(docker|cri-containerd)[/-][0-9a-f]{12,64}(\.scope)?$", "docker"),
+                   (r"/docker-[0-9a-f]{12,64}\.scope$", "docker"),
+                   (r"/(libpod|podman)[-_][0-9a-f]{12,64}(\.scope)?$", "podman"),
+                   (r"/crio-[0-9a-f]{12,64}\.scope$", "container"),
+                   (r"/kubepods[/.].*[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "kubernetes"),
+                   (r"/lxc/[^/]+$", "lxc"))
 
 
 def virtualization_from_cgroup(text):
-    for line in text.splitlines():
-        low = line.lower()
-        if re.search(r"/(docker|cri-containerd)[-/][0-9a-f]{12,64}(\.scope)?$", low):
-            return "docker"
-        if re.search(r"/(libpod|podman)[-_][0-9a-f]{12,64}(\.scope)?$", low):
-            return "podman"
-        if re.search(r"/kubepods[/.]", low):
-            return "kubernetes"
-        if re.search(r"/lxc(\.payload)?[./]", low):
-            return "lxc"
+    """The container runtime named by a cgroup path's last element, or ""."""
+    low = text.lower()
+    for pattern, name in CGROUP_RUNTIMES:
+        if re.search(pattern, low, re.M):
+            return name
+    return ""
+
+
+def container_marker(root="/", proc="/proc"):
+    """The official container checks: marker files, then cgroup paths."""
+    def cgroup():
+        try:
+            return virtualization_from_cgroup(read_text(proc + "/self/cgroup"))
+        except OSError:
+            return ""
+    if os.path.isfile(under(root, "/.dockerenv")):
+        return "docker"
+    if os.path.isfile(under(root, "/run/.containerenv")):
+        return cgroup() or "container"
+    verdict = cgroup()
+    if verdict:
+        return verdict
+    if os.path.isfile(under(root, "/dev/.lxc-boot-id")):
+        return "lxc"
+    if os.path.isfile(under(root, "/.komari-agent-container")):
+        return "container"
     return ""
 
 
@@ -902,50 +1187,51 @@ DMI_VENDORS = (("kvm", "kvm"), ("qemu", "qemu"), ("vmware", "vmware"), ("virtual
                ("bhyve", "bhyve"))
 
 
-def virtualization():
-    answer = run_quiet(["systemd-detect-virt"]).strip()
-    if answer:
-        return answer
-    if os.path.exists("/.dockerenv"):
-        return "docker"
-    if os.path.exists("/run/.containerenv"):
-        return "podman"
-    try:
-        verdict = virtualization_from_cgroup(read_text("/proc/1/cgroup"))
-        if verdict:
-            return verdict
-    except OSError:
-        pass
-    if os.path.exists("/proc/vz") and not os.path.exists("/proc/bc"):
+def hypervisor_verdict(root="/", proc="/proc", sys_root="/sys"):
+    """What stands in for the official agent's CPUID probe, which Python
+    cannot make: OpenVZ and WSL markers, the DMI vendor, the cpuinfo
+    `hypervisor` flag (the CPUID bit itself)."""
+    if os.path.exists(proc + "/vz") and not os.path.exists(proc + "/bc"):
         return "openvz"
     try:
-        if "microsoft" in read_text("/proc/sys/kernel/osrelease").lower():
+        if "microsoft" in read_text(proc + "/sys/kernel/osrelease").lower():
             return "wsl"
     except OSError:
         pass
     dmi = ""
     for leaf in ("sys_vendor", "product_name", "bios_vendor"):
         try:
-            dmi += " " + read_text("/sys/class/dmi/id/" + leaf).lower()
+            dmi += " " + read_text(under(sys_root, "/class/dmi/id/" + leaf)).lower()
         except OSError:
             pass
     for needle, name in DMI_VENDORS:
         if needle in dmi:
             return name
     try:
-        if re.search(r"^flags\s*:.*\bhypervisor\b", read_text("/proc/cpuinfo"), re.M):
+        if re.search(r"^flags\s*:.*\bhypervisor\b", read_text(proc + "/cpuinfo"), re.M):
             return "virtualized"
     except OSError:
         pass
     return "none"
 
 
+def virtualization(root="/", proc="/proc", sys_root="/sys"):
+    """systemd-detect-virt when it exits 0, else container markers, else the
+    hypervisor; "none" on bare metal."""
+    answer = run_quiet(["systemd-detect-virt"]).strip()
+    return answer or container_marker(root, proc) or hypervisor_verdict(root, proc, sys_root)
+
+
 # -- public addresses ----------------------------------------------------------
 
-IPV4_LOOKUPS = ("https://api.ipify.org", "https://ipv4.icanhazip.com", "https://www.cloudflare.com/cdn-cgi/trace",
-                "http://ipv4.ip.sb")
-IPV6_LOOKUPS = ("https://api6.ipify.org", "https://ipv6.icanhazip.com", "https://www.cloudflare.com/cdn-cgi/trace",
-                "http://ipv6.ip.sb")
+# The official agent's services, in its order: the first ones answer from
+# mainland China, where many Komari users are.
+IPV4_LOOKUPS = ("https://www.visa.cn/cdn-cgi/trace", "https://www.qualcomm.cn/cdn-cgi/trace",
+                "https://www.toutiao.com/stream/widget/local_weather/data/", "https://edge-ip.html.zone/geo",
+                "https://vercel-ip.html.zone/geo", "http://ipv4.ip.sb", "https://api.ipify.org?format=json")
+IPV6_LOOKUPS = ("https://v6.ip.zxinc.org/info.php?type=json", "https://api6.ipify.org?format=json",
+                "https://ipv6.icanhazip.com", "http://api-ipv6.ip.sb/geoip")
+IP_LOOKUP_TIMEOUT = 15.0
 
 
 def address_in_text(text, family):
@@ -961,59 +1247,111 @@ def address_in_text(text, family):
     return ""
 
 
-def fetch_over_family(url, family, timeout):
-    """Body of a GET to `url` connecting only over `family` (so the answer is
-    our IPv4 or IPv6 address, whatever the resolver prefers)."""
-    import http.client
+def resolve_host(cfg, host, port, family=0):
+    """[(family, sockaddr)] to dial host:port: the --custom-dns server when one
+    is set (the system resolver if it does not answer), else the system
+    resolver; --prefer-ip-version's family first. The one place where the
+    panel dials and the address lookups resolve names."""
+    host = (host or "").strip("[]")
+    literal = ip_family(host)
+    if literal is not None:
+        found = [(literal, (host, port))]
+    else:
+        found = []
+        server = getattr(cfg, "custom_dns", "")
+        if server:
+            for qtype, kind in ((1, socket.AF_INET), (28, socket.AF_INET6)):
+                if family not in (0, kind):
+                    continue
+                try:
+                    found += [(kind, (address, port)) for address in dns_lookup(dns_server_address(server), host, qtype)]
+                except (OSError, ValueError, UnicodeError) as e:
+                    log.debug("custom DNS query for %s failed: %s", host, e)
+        if not found:
+            found = [(info[0], info[4][:2]) for info in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+                     if info[0] in (socket.AF_INET, socket.AF_INET6)]
+    found = [f for f in found if family in (0, f[0])]
+    if getattr(cfg, "prefer_ip_version", ""):
+        want = socket.AF_INET6 if cfg.prefer_ip_version == "6" else socket.AF_INET
+        found.sort(key=lambda item: item[0] != want)
+    if not found:
+        raise OSError("no address for %s" % host)
+    return found
+
+
+def environment_proxy(url):
+    """The proxy that HTTP(S)_PROXY/NO_PROXY name for `url`, or ""."""
+    import urllib.request
     from urllib.parse import urlsplit
     parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme, "")
+    if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
+        return ""
+    return proxy
+
+
+def fetch_over_family(url, family, timeout, cfg=None):
+    """Body of a GET to `url` connecting only over `family` (so the answer is
+    our IPv4 or IPv6 address, whatever the resolver prefers). Through the
+    environment's proxy when it names one, as the official agent does."""
+    import http.client
+    from urllib.parse import urlsplit
+    headers = {"User-Agent": "curl/8.0.1"}
+    if environment_proxy(url):
+        import urllib.request
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as reply:
+            return reply.read(4096).decode("utf-8", "replace")
+    parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    address = socket.getaddrinfo(parts.hostname, port, family, socket.SOCK_STREAM)[0][4]
-    sock = socket.create_connection(address[:2], timeout=timeout)
+    address = resolve_host(cfg, parts.hostname, port, family)[0][1]
+    sock = socket.create_connection(address, timeout=timeout)
     try:
         if parts.scheme == "https":
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
         conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
         conn.sock = sock
-        conn.request("GET", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
-                     headers={"User-Agent": "curl/8.0.1"})
+        conn.request("GET", (parts.path or "/") + ("?" + parts.query if parts.query else ""), headers=headers)
         return conn.getresponse().read(4096).decode("utf-8", "replace")
     finally:
         sock.close()
 
 
-def lookup_public_ip(family, timeout=4.0):
-    for url in IPV4_LOOKUPS if family == socket.AF_INET else IPV6_LOOKUPS:
+def lookup_public_ip(family, cfg=None, timeout=IP_LOOKUP_TIMEOUT, services=None):
+    for url in services or (IPV4_LOOKUPS if family == socket.AF_INET else IPV6_LOOKUPS):
         try:
-            address = address_in_text(fetch_over_family(url, family, timeout), family)
-        except (OSError, ValueError, ssl.SSLError, Exception):  # any failure: try the next service
+            address = address_in_text(fetch_over_family(url, family, timeout, cfg), family)
+        except Exception:  # any failure: try the next service
             continue
         if address:
+            log.info("Get IPV%d Success: %s", 4 if family == socket.AF_INET else 6, address)
             return address
     return ""
 
 
 def nic_addresses(cfg):
-    """(ipv4, ipv6): the first global-ish address of a counted NIC."""
+    """(ipv4, ipv6) of the counted NICs that are up: the first IPv4 (any
+    scope) and the first IPv6 that is not link-local, as the official agent
+    picks them."""
     import ipaddress
     v4 = v6 = ""
     try:
-        addrs = psutil_module().net_if_addrs()
+        ps = psutil_module()
+        addrs, stats = ps.net_if_addrs(), ps.net_if_stats()
     except Exception:
         return "", ""
     for nic, entries in addrs.items():
-        if not nic_counted(nic, cfg.nics_include, cfg.nics_exclude):
+        if not nic_counted(nic, cfg.nics_include, cfg.nics_exclude) or not getattr(stats.get(nic), "isup", False):
             continue
         for entry in entries:
             try:
                 ip = ipaddress.ip_address(entry.address.split("%")[0])
             except ValueError:
                 continue
-            if ip.is_loopback or ip.is_link_local:
+            if ip.is_loopback:
                 continue
             if ip.version == 4 and not v4:
                 v4 = str(ip)
-            elif ip.version == 6 and not v6:
+            elif ip.version == 6 and not v6 and not ip.is_link_local:
                 v6 = str(ip)
     return v4, v6
 
@@ -1041,15 +1379,18 @@ class PublicAddresses:
     def _refresh(self):
         cfg = self.cfg
         before = (self.v4, self.v6)
-        if cfg.get_ip_addr_from_nic:
-            v4, v6 = nic_addresses(cfg)
-            self.v4, self.v6 = cfg.custom_ipv4 or v4, cfg.custom_ipv6 or v6
+        # as the official agent: addresses found on the NICs win over the
+        # --custom-ipv4/6 values and the lookups
+        v4, v6 = nic_addresses(cfg) if cfg.get_ip_addr_from_nic else ("", "")
+        if v4 or v6:
+            self.v4, self.v6 = v4, v6
         else:
+            self.v4, self.v6 = cfg.custom_ipv4 or self.v4, cfg.custom_ipv6 or self.v6
             threads = []
             if not cfg.custom_ipv4:
-                threads.append(threading.Thread(target=lambda: setattr(self, "v4", lookup_public_ip(socket.AF_INET) or self.v4)))
+                threads.append(threading.Thread(target=lambda: setattr(self, "v4", lookup_public_ip(socket.AF_INET, cfg) or self.v4)))
             if not cfg.custom_ipv6:
-                threads.append(threading.Thread(target=lambda: setattr(self, "v6", lookup_public_ip(socket.AF_INET6) or self.v6)))
+                threads.append(threading.Thread(target=lambda: setattr(self, "v6", lookup_public_ip(socket.AF_INET6, cfg) or self.v6)))
             for t in threads:
                 t.daemon = True
                 t.start()
@@ -1065,20 +1406,29 @@ class PublicAddresses:
         return self.v4, self.v6
 
 
+def read_or_empty(path):
+    try:
+        return read_text(path)
+    except OSError:
+        return ""
+
+
+def sys_root():
+    """/sys, or HOST_SYS as gopsutil honours it (a container watching its host)."""
+    return (os.environ.get("HOST_SYS") or "/sys").rstrip("/") or "/sys"
+
+
 def basic_info(cfg, collector, addresses, wait=IP_LOOKUP_WAIT):
     """The basic-info object: exactly the keys the server has columns for."""
-    try:
-        cpuinfo = read_text("/proc/cpuinfo")
-    except OSError:
-        cpuinfo = ""
+    cpuinfo, stat = (read_or_empty(cfg.host_proc + name) for name in ("/cpuinfo", "/stat"))
     ipv4, ipv6 = addresses.current(wait)
     ram, swap, disk = collector.ram_swap_disk_totals()
     info = {
         "cpu_name": cpu_name_from_cpuinfo(cpuinfo) if cpuinfo else (platform.processor() or "Unknown"),
-        "cpu_cores": logical_cpus(cpuinfo),
-        "cpu_physical_cores": physical_cores(),
+        "cpu_cores": logical_cpus(cpuinfo, stat),
+        "cpu_physical_cores": physical_cores(sys_root(), cpuinfo),
         "arch": go_arch(platform.machine()),
-        "os": os_name(),
+        "os": collector.static.get("os") or os_name(),
         "kernel_version": platform.release() or "Unknown",
         "gpu_name": collector.static.get("gpu_name", ""),
         "virtualization": collector.static.get("virtualization", ""),
@@ -1120,7 +1470,8 @@ class Collector:
     def load_static(self):
         """Slow facts that need helper programs; looked up once."""
         if not self.static:
-            self.static = {"gpu_name": gpu_name(), "virtualization": virtualization()}
+            self.static = {"gpu_name": gpu_name(sys_root()), "os": os_name(),
+                           "virtualization": virtualization(proc=self.proc, sys_root=sys_root())}
 
     # each collector returns its figure or raises; report() turns failures into message lines
     def cpu_sample(self):
@@ -1226,7 +1577,8 @@ class Collector:
 
     def uptime(self):
         if hasattr(time, "CLOCK_BOOTTIME"):
-            return int(time.clock_gettime(time.CLOCK_BOOTTIME))
+            # rounded up, as sysinfo(2) rounds it for the official agent
+            return math.ceil(time.clock_gettime(time.CLOCK_BOOTTIME))
         return int(time.time() - psutil_module().boot_time())
 
     PROCESSES_TTL = 4.5
@@ -1292,10 +1644,12 @@ class Collector:
                 "message": "\n".join(failures),
             }
             if self.cfg.gpu:
-                gpu = attempt("gpu", gpu_details, None)
+                gpu, problem = gpu_details()
+                if problem:
+                    failures.append("failed to get detailed GPU info: " + problem)
                 if gpu:
                     report["gpu"] = gpu
-                    report["message"] = "\n".join(failures)
+                report["message"] = "\n".join(failures)
             return report
 
 
@@ -1315,29 +1669,89 @@ def count(value):
         return 0
 
 
-def gpu_details():
-    """The report's optional gpu block from nvidia-smi, or None without a GPU."""
-    text = run_quiet(["nvidia-smi", "--query-gpu=name,memory.total,memory.used,utilization.gpu,temperature.gpu",
-                      "--format=csv,noheader,nounits"], timeout=2.0)
-    devices = []
-    for line in text.splitlines():
-        fields = [f.strip() for f in line.split(",")]
-        if len(fields) < 5:
-            continue
+def gpu_tool(name, usual_path):
+    """The path of a GPU tool: its usual place, else PATH; "" when missing."""
+    import shutil
+    return usual_path if os.path.exists(usual_path) else shutil.which(name) or ""
 
-        def number(text, scale=1):
-            try:
-                return float(text) * scale
-            except ValueError:
-                return 0.0
-        devices.append({"name": fields[0], "memory_total": count(number(fields[1], 1 << 20)),
-                        "memory_used": count(number(fields[2], 1 << 20)),
-                        "utilization": finite(number(fields[3]), 0.0, 100.0),
-                        "temperature": count(number(fields[4]))})
+
+def leading_number(text):
+    """25.0 from "25 %", "1024 MiB", "65 C", "45.0"; 0.0 for "[N/A]" and the like."""
+    found = re.match(r"^\s*(\d+(?:\.\d+)?)", str(text))
+    return float(found.group(1)) if found else 0.0
+
+
+def gpu_device(name, memory_total, memory_used, utilization, temperature):
+    return {"name": name, "memory_total": count(memory_total), "memory_used": count(memory_used),
+            "utilization": finite(utilization, 0.0, 100.0), "temperature": count(temperature)}
+
+
+def nvidia_devices(csv_text):
+    """Devices from nvidia-smi's CSV query (name, MiB total, MiB used, %, C):
+    every field the panel shows, at a fraction of the cost of `-q -x`."""
+    devices = []
+    for line in csv_text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) >= 5:
+            devices.append(gpu_device(fields[0], leading_number(fields[1]) * (1 << 20),
+                                      leading_number(fields[2]) * (1 << 20), leading_number(fields[3]),
+                                      leading_number(fields[4])))
+    return devices
+
+
+def rocm_devices(json_text):
+    """Devices from `rocm-smi --showallinfo --json` (its card* entries)."""
+    data = json.loads(json_text)
+    if not isinstance(data, dict):
+        raise ValueError("rocm-smi output is not a JSON object")
+    devices = []
+    for key in sorted(k for k in data if k.startswith("card")):
+        card = data[key] if isinstance(data[key], dict) else {}
+        devices.append(gpu_device(str(card.get("Card series", "")), leading_number(card.get("VRAM Total Memory (B)", "")),
+                                  leading_number(card.get("VRAM Total Used Memory (B)", "")),
+                                  leading_number(card.get("GPU use (%)", "")),
+                                  leading_number(card.get("Temperature (Sensor junction) (C)", ""))))
+    return devices
+
+
+NVIDIA_QUERY = ["--query-gpu=name,memory.total,memory.used,utilization.gpu,temperature.gpu",
+                "--format=csv,noheader,nounits"]
+
+
+def gpu_devices():
+    """The GPUs' figures, NVIDIA's through nvidia-smi, else AMD's through
+    rocm-smi; an error names what failed."""
+    smi = gpu_tool("nvidia-smi", "/usr/bin/nvidia-smi")
+    if smi:
+        status, out = run_output([smi] + NVIDIA_QUERY, timeout=2.0)
+        if status == 0:
+            return nvidia_devices(out)
+    rocm = gpu_tool("rocm-smi", "/opt/rocm/bin/rocm-smi")
+    if not rocm:
+        raise OSError("rocm-smi tool not found")
+    status, out = run_output([rocm, "--showallinfo", "--json"], timeout=5.0)
+    if status != 0:
+        raise OSError("no data available")
+    return rocm_devices(out)
+
+
+def gpu_details():
+    """(the report's gpu block or None, a problem or ""), as the official
+    agent: no block without GPUs; on failure the message line and, when the
+    names can still be read, {"models": [...]}."""
+    try:
+        devices = gpu_devices()
+    except (OSError, ValueError) as e:
+        problem = str(e) if not isinstance(e, OSError) or not e.strerror else e.strerror
+        try:
+            models = [d["name"] for d in gpu_devices() if d["name"]]
+        except (OSError, ValueError):
+            models = []
+        return ({"models": models} if models else None), problem
     if not devices:
-        return None
+        return None, ""
     return {"count": len(devices), "average_usage": sum(d["utilization"] for d in devices) / len(devices),
-            "detailed_info": devices}
+            "detailed_info": devices}, ""
 
 
 # One encoder for the run: json.dumps with options builds a new one per call.
@@ -1374,13 +1788,16 @@ def local_time(t):
 
 
 def reset_moment(year, month, day):
-    """00:00 local time on `day` of the month, or on its last day when the month is shorter."""
+    """00:00 local time on `day` of the month; in a month without that day
+    (31 in April, 30 in February) the 1st of the next month, as the official
+    agent resets."""
     import calendar
     while month < 1:
         year, month = year - 1, month + 12
     while month > 12:
         year, month = year + 1, month - 12
-    day = min(day, calendar.monthrange(year, month)[1])
+    if day > calendar.monthrange(year, month)[1]:
+        year, month, day = year + month // 12, month % 12 + 1, 1
     return time.mktime((year, month, day, 0, 0, 0, 0, 0, -1))
 
 
@@ -1390,7 +1807,10 @@ def period_bounds(reset_day, now):
     start = reset_moment(t.tm_year, t.tm_mon, reset_day)
     if now < start:
         return reset_moment(t.tm_year, t.tm_mon - 1, reset_day), start
-    return start, reset_moment(t.tm_year, t.tm_mon + 1, reset_day)
+    end = reset_moment(t.tm_year, t.tm_mon + 1, reset_day)
+    if end <= start:  # this month's reset rolled into the next month, whose own reset comes later
+        end = reset_moment(t.tm_year, t.tm_mon + 2, reset_day)
+    return start, end
 
 
 def parse_size(text):
@@ -1448,6 +1868,28 @@ def net_static_totals(data, start, end):
         if up or down:
             totals[str(nic)] = [up, down]
     return totals
+
+
+def net_static_from_snapshot(state, stamp):
+    """The official agent's net_static.json holding this period's totals of a
+    traffic.json snapshot: one record per counted NIC, stamped `stamp`, so an
+    official agent started in the same period reports the same totals. A
+    calibration offset goes to the busiest NIC."""
+    counted = [n for n in state.get("counted") or [] if isinstance(n, str)]
+    nics = state.get("nics") or {}
+    totals = {n: [whole((nics.get(n) or {}).get("up")), whole((nics.get(n) or {}).get("down"))] for n in counted}
+    offset = state.get("offset") or {}
+    for i, key in ((0, "up"), (1, "down")):
+        shift = offset.get(key) if isinstance(offset.get(key), int) else 0
+        if shift and totals:
+            busiest = max(sorted(totals), key=lambda n: totals[n][i])
+            totals[busiest][i] = max(0, totals[busiest][i] + shift)
+    return {"interfaces": {n: [{"timestamp": int(stamp), "tx": up, "rx": down}] for n, (up, down) in totals.items()},
+            "config": {"data_preserve_day": 31, "detect_interval": 2, "save_interval": 600, "nics": counted}}
+
+
+def write_net_static(path, state, stamp):
+    write_atomic(path, json.dumps(net_static_from_snapshot(state, stamp), separators=(",", ":")).encode(), 0o644)
 
 
 def net_static_candidates(cwd=None):
@@ -1575,7 +2017,10 @@ class TrafficLedger:
 
     def save(self, now):
         try:
-            write_atomic(self.path, json.dumps(self.snapshot(now), indent=1, sort_keys=True).encode())
+            snapshot = self.snapshot(now)
+            write_atomic(self.path, json.dumps(snapshot, indent=1, sort_keys=True).encode())
+            # the official agent's format beside ours: switching back keeps the month
+            write_net_static(os.path.join(os.path.dirname(self.path), NET_STATIC), snapshot, now)
         except OSError as e:
             if not self.problem:
                 log.warning("cannot save traffic totals in %s (%s); counting goes on in memory",
@@ -1750,6 +2195,9 @@ def traffic_command(argv, environ):
                         help="set this period's upload total, e.g. 120G (K/M/G/T/P, 1024-based, decimals allowed)")
     parser.add_argument("--set-down", metavar="SIZE", help="set this period's download total, e.g. 1.5T")
     parser.add_argument("--show", action="store_true", help="print the period start and totals (the default)")
+    parser.add_argument("--export", metavar="PATH", nargs="?", const="",
+                        help="write this period's totals as the official agent's net_static.json (default: in the "
+                             "state directory), for switching back to it")
     try:
         args, rest = parser.parse_known_args(argv)
         sizes = {k: parse_size(v) for k, v in (("up", args.set_up), ("down", args.set_down)) if v is not None}
@@ -1780,9 +2228,23 @@ def traffic_command(argv, environ):
         print("calibration saved in %s: %s; a running agent applies it within %d s, otherwise it is applied "
               "when the agent starts with --month-rotate" % (calibration, ", ".join(
                   "%s %s" % (k, human_size(v)) for k, v in sorted(sizes.items())), CALIBRATION_CHECK_EVERY + 2))
+    if args.export is not None:
+        return export_traffic(directory, args.export or os.path.join(directory, NET_STATIC))
     if args.show or not sizes:
         shown = show_traffic(directory, calibration)
         return 0 if sizes else shown
+    return 0
+
+
+def export_traffic(directory, path):
+    try:
+        state = read_json_object(os.path.join(directory, TRAFFIC_FILE))
+        stamp = state.get("saved_at") if isinstance(state.get("saved_at"), (int, float)) else time.time()
+        write_net_static(os.path.abspath(path), state, stamp)
+    except (OSError, ValueError) as e:
+        sys.stderr.write("%s traffic: error: cannot export: %s\n" % (PROG, describe_error(e)))
+        return 1
+    print("wrote %s; put it in the official agent's working directory (/opt/komari) before starting it" % path)
     return 0
 
 
@@ -1875,6 +2337,8 @@ class Panel:
             import urllib.request
             # loading the CA store costs megabytes: only for an https panel
             tls = [urllib.request.HTTPSHandler(context=tls_context(self.cfg))] if self.endpoint.startswith("https") else []
+            if self.cfg.custom_dns:
+                tls = resolving_handlers(self.cfg, self.endpoint.startswith("https"))
             self._opener = urllib.request.build_opener(*tls)
         return self._opener
 
@@ -2051,15 +2515,28 @@ def discovery_file(cfg):
     return os.path.join(state_dir(cfg), "auto-discovery.json")
 
 
-def saved_discovery_token(cfg):
-    """The token an earlier registration stored, or ""."""
-    try:
-        with open(discovery_file(cfg), "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError):
-        return ""
-    token = data.get("token") if isinstance(data, dict) else ""
-    return token if isinstance(token, str) else ""
+def official_discovery_files(cwd=None):
+    """Where the official agent that this one replaced kept its registration
+    (beside its binary): registering again would add a second client."""
+    dirs = [os.path.dirname(SCRIPT_PATH), OFFICIAL_INSTALL_DIR, cwd or os.getcwd()]
+    return [os.path.join(d, "auto-discovery.json") for d in dict.fromkeys(dirs)]
+
+
+def saved_discovery_token(cfg, official=None):
+    """The token an earlier registration stored (ours, else the official
+    agent's), or ""."""
+    for path in [discovery_file(cfg)] + (official_discovery_files() if official is None else list(official)):
+        try:
+            with open(path, "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError):
+            continue
+        token = data.get("token") if isinstance(data, dict) else ""
+        if isinstance(token, str) and token:
+            if path != discovery_file(cfg):
+                log.info("Using existing auto-discovery token for UUID: %s (from %s)", data.get("uuid"), path)
+            return token
+    return ""
 
 
 def register_with_key(panel):
@@ -2094,7 +2571,7 @@ def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT):
     import websocket
     sslopt = {"cert_reqs": ssl.CERT_NONE, "check_hostname": False} if cfg.ignore_unsafe_cert else {}
     kwargs = {}
-    if cfg.prefer_ip_version:
+    if cfg.prefer_ip_version or (cfg.custom_dns and not environment_proxy("http" + url[2:])):
         kwargs["socket"] = preferred_socket(cfg, url, timeout)
     ws = websocket.create_connection(url, timeout=timeout, suppress_origin=True, sslopt=sslopt,
                                      enable_multithread=True, skip_utf8_validation=True, **kwargs)
@@ -2108,23 +2585,55 @@ def preferred_socket(cfg, url, timeout):
     parts = urlsplit(url)
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
-    infos = socket.getaddrinfo(parts.hostname, port, 0, socket.SOCK_STREAM)
-    want = socket.AF_INET6 if cfg.prefer_ip_version == "6" else socket.AF_INET
-    infos.sort(key=lambda info: info[0] != want)
-    error = OSError("no address for %s" % parts.hostname)
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
-        sock.settimeout(timeout)
+    sock = dial_tcp(cfg, parts.hostname, port, timeout)
+    if secure:
+        sock = tls_context(cfg).wrap_socket(sock, server_hostname=parts.hostname)
+    return sock
+
+
+def dial_tcp(cfg, host, port, timeout):
+    """A connected TCP socket to host:port, through resolve_host (--custom-dns,
+    --prefer-ip-version): each address in turn."""
+    error = OSError("no address for %s" % host)
+    for family, address in resolve_host(cfg, host, port):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout if isinstance(timeout, (int, float)) else None)
         try:
             sock.connect(address)
+            return sock
         except OSError as e:
             sock.close()
             error = e
-            continue
-        if secure:
-            sock = tls_context(cfg).wrap_socket(sock, server_hostname=parts.hostname)
-        return sock
     raise error
+
+
+def resolving_handlers(cfg, secure):
+    """urllib handlers whose connections dial through dial_tcp, so that
+    --custom-dns also resolves the panel's name for HTTP uploads. A proxy
+    (CONNECT tunnel) is dialled the same way."""
+    import http.client
+    import urllib.request
+
+    class Plain(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = dial_tcp(cfg, self.host, self.port, self.timeout)
+            if self._tunnel_host:
+                self._tunnel()
+
+    class Secure(http.client.HTTPSConnection):
+        def connect(self):
+            Plain.connect(self)
+            self.sock = self._context.wrap_socket(self.sock, server_hostname=self._tunnel_host or self.host)
+
+    class PlainHandler(urllib.request.HTTPHandler):
+        def http_open(self, request):
+            return self.do_open(Plain, request)
+
+    class SecureHandler(urllib.request.HTTPSHandler):
+        def https_open(self, request):
+            return self.do_open(Secure, request, context=self._context)
+
+    return [PlainHandler()] + ([SecureHandler(context=tls_context(cfg))] if secure else [])
 
 
 def handshake_problem(error):
@@ -2846,15 +3355,56 @@ def settle_latency(measure, kind):
 
 # -- web terminal ------------------------------------------------------------------
 
-def login_shell():
-    """$SHELL if it is an executable file, else bash, else sh."""
+FALLBACK_SHELLS = ("zsh", "bash", "sh")
+# Run by /bin/sh before the user's shell, as the official agent does: the
+# update-motd.d scripts (Debian's print the kernel line), /etc/motd, then
+# exec of the shell given as $1, which POSIX sh runs for any login shell.
+MOTD_PRELUDE = ('for f in /etc/update-motd.d/*; do [ -e "$f" ] && [ -x "$f" ] && "$f"; done; '
+                '[ -r /etc/motd ] && cat /etc/motd; exec "$1"')
+
+
+def login_shell(passwd="/etc/passwd", uid=None, home=None, path=None):
+    """The user's shell from the passwd file when it can run (not nologin or
+    false), else the first of zsh, bash, sh on PATH; None without any.
+    $SHELL is not used, as in the official agent."""
     import shutil
-    candidates = [os.environ.get("SHELL", ""), shutil.which("bash") or "", shutil.which("sh") or "/bin/sh"]
-    for path in candidates:
-        if path and os.path.isabs(path) and os.access(path, os.X_OK) and \
-                os.path.basename(path) not in ("nologin", "false"):
-            return path
-    return "/bin/sh"
+    uid = os.getuid() if uid is None else uid
+    home = home if home is not None else os.path.expanduser("~")
+    shell = ""
+    try:
+        entries = [line.split(":") for line in read_text(passwd).splitlines()]
+    except OSError:
+        entries = []
+    # this uid's line; the official agent takes the first line holding $HOME
+    for fields in entries:
+        if len(fields) >= 7 and (fields[2] == str(uid) or (not shell and home and fields[5] == home)):
+            shell = fields[6].strip()
+            if fields[2] == str(uid):
+                break
+    if shell and os.path.basename(shell) not in ("nologin", "false"):
+        found = shell if os.path.isabs(shell) and os.access(shell, os.X_OK) else shutil.which(shell, path=path)
+        if found and not os.path.isdir(found):
+            return found
+    for name in FALLBACK_SHELLS:
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    return None
+
+
+def shell_command(shell):
+    """argv for the terminal: the MOTD prelude in /bin/sh, which then execs
+    the shell; the shell alone where there is no /bin/sh."""
+    if os.access("/bin/sh", os.X_OK):
+        return ["/bin/sh", "-c", MOTD_PRELUDE, "komari-motd", shell]
+    return [shell]
+
+
+def shell_env(shell, home):
+    """The terminal's environment: the agent's (without its AGENT_* settings),
+    with the official agent's TERM, LANG and LC_ALL."""
+    return child_env({"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
+                      "SHELL": shell})
 
 
 def home_directory():
@@ -2936,12 +3486,12 @@ class TerminalSession:
         try:
             set_window_size(slave, 24, 80)
             shell = login_shell()
+            if shell is None:
+                raise OSError(2, "no supported shell found among [%s]" % " ".join(FALLBACK_SHELLS))
             home = home_directory()
-            env = child_env({"TERM": "xterm-256color", "HOME": home, "SHELL": shell})
-            env.setdefault("LANG", "C.UTF-8")
-            # argv[0] "-name" makes any shell a login shell
-            argv = [sys.executable, "-I", "-S", "-c", CTTY_SHIM, shell, "-" + os.path.basename(shell)]
-            self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+            command = shell_command(shell)
+            argv = [sys.executable, "-I", "-S", "-c", CTTY_SHIM, command[0]] + command
+            self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=shell_env(shell, home),
                                          cwd=home if os.path.isdir(home) else "/",
                                          start_new_session=True, close_fds=True)
         except BaseException:
@@ -3539,6 +4089,121 @@ def dry_run(cfg):
     return 0
 
 
+def go_log(message):
+    """A line on stderr the way the official agent's subcommands log it."""
+    sys.stderr.write("%s %s\n" % (time.strftime("%Y/%m/%d %H:%M:%S"), message))
+
+
+def subcommand_config(name, argv, environ):
+    """The config of `list-disk`/`check-mem`, which take the agent's flags; None after a bad flag."""
+    try:
+        cfg, _ = load_config(list(argv) + ["--dry-run"], environ)
+    except ConfigError as e:
+        sys.stderr.write("%s %s: error: %s\n" % (PROG, name, e))
+        return None
+    return cfg
+
+
+def all_mounts(cfg):
+    """Every mount as a Mount, filtered or not."""
+    if IS_LINUX:
+        path = cfg.host_proc + "/1/mountinfo" if cfg.host_proc != "/proc" else "/proc/self/mountinfo"
+        return parse_mountinfo(read_text(path))
+    return [Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts)
+            for p in psutil_module().disk_partitions(all=True)]
+
+
+def monitored_mountpoints(collector):
+    """The startup and list-disk line's list: "[/ (ext4) /data (xfs)]", or the
+    --include-mountpoint entries as given."""
+    if collector.cfg.mountpoints:
+        return "[%s]" % " ".join(collector.cfg.mountpoints)
+    return "[%s]" % " ".join("%s (%s)" % (m.mountpoint, m.fstype)
+                             for _, m in sorted(collector.mount_table(), key=lambda km: km[1].mountpoint))
+
+
+def log_monitored(collector):
+    """The official agent's startup lines, which users grep for."""
+    for what, listing in (("Mountpoints", monitored_mountpoints), ("Interfaces", monitored_interfaces)):
+        try:
+            log.info("Monitoring %s: %s", what, listing(collector))
+        except OSError as e:
+            log.warning("cannot list the monitored %s: %s", what.lower(), describe_error(e))
+
+
+def monitored_interfaces(collector):
+    """"[eth0 wg0]": the NICs whose traffic counts."""
+    return "[%s]" % " ".join(sorted(collector.nic_counters()))
+
+
+def list_disk_command(argv, environ):
+    """`list-disk`: every mount, then the ones whose space counts (official output)."""
+    cfg = subcommand_config("list-disk", argv, environ)
+    if cfg is None:
+        return 2
+    try:
+        mounts = all_mounts(cfg)
+    except OSError as e:
+        go_log("Failed to get disk partitions: %s" % describe_error(e))
+        return 0
+    go_log("All Disk Partitions:")
+    rows = [("Mountpoint", "Fstype")] + [(m.mountpoint, m.fstype) for m in mounts]
+    width = max(len(r[0]) for r in rows) + 2
+    sys.stdout.write("".join("%s%s\n" % (mountpoint.ljust(width), fstype) for mountpoint, fstype in rows))
+    sys.stdout.flush()
+    try:
+        go_log("Monitoring Mountpoints: %s" % monitored_mountpoints(Collector(cfg)))
+    except OSError as e:
+        go_log("Failed to get disk list: %s" % describe_error(e))
+    return 0
+
+
+def free_command_memory():
+    """(total, used) from the Mem: line of `free -b`; zeros without free."""
+    for line in run_quiet(["free", "-b"]).splitlines()[1:]:
+        if line.startswith("Mem:"):
+            fields = line.split()
+            if len(fields) >= 3 and fields[1].isdigit() and fields[2].isdigit():
+                return int(fields[1]), int(fields[2])
+            break
+    return 0, 0
+
+
+def check_mem_command(argv, environ):
+    """`check-mem`: /proc/meminfo and each formula for used memory (official output)."""
+    cfg = subcommand_config("check-mem", argv, environ)
+    if cfg is None:
+        return 2
+    mib = 1 << 20
+
+    def line(mode, total, used):
+        go_log("[%s] Total: %d bytes (%d MiB), Used: %d bytes (%d MiB)" % (mode, total, total // mib, used, used // mib))
+    go_log("--- Memory Check ---")
+    try:
+        info = parse_meminfo(read_text("/proc/meminfo"))
+    except OSError:
+        info = {}
+    if info:
+        go_log("--- /proc/meminfo ---")
+        for key in ("MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached", "SwapTotal", "SwapFree",
+                    "SwapCached", "Shmem", "SReclaimable", "Zswap", "Zswapped"):
+            go_log("%-13s %d MiB" % (key + ":", info.get(key, 0) // mib))
+        go_log("---------------------")
+    htop = ram_usage(info) if info.get("MemTotal") else (0, 0)
+    line("htoplike", *htop)
+    vm = psutil_module().virtual_memory()
+    line("gopsutil", vm.total, vm.total - vm.available)
+    line("callFree", *free_command_memory())
+    go_log("--- Current Configured ---")
+    if cfg.memory_include_cache:
+        line("includeCache", vm.total, vm.total - vm.free)
+    elif htop[0]:
+        line("htoplike", *htop)
+    else:
+        line("gopsutil", vm.total, vm.total - vm.available)
+    return 0
+
+
 def glibc():
     """The C library through ctypes, or None where it is not glibc-like."""
     if not IS_LINUX:
@@ -3582,6 +4247,10 @@ def main(argv=None, stop=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["traffic"]:
         return traffic_command(argv[1:], os.environ)
+    if argv[:1] == ["list-disk"]:
+        return list_disk_command(argv[1:], os.environ)
+    if argv[:1] == ["check-mem"]:
+        return check_mem_command(argv[1:], os.environ)
     try:
         cfg, warnings = load_config(argv, os.environ)
     except ConfigError as e:
@@ -3592,10 +4261,13 @@ def main(argv=None, stop=None):
     hide_secret(cfg.auto_discovery)
     for warning in warnings:
         log.warning(warning)
+    if cfg.show_warning:
+        return 0  # the official agent's Windows toast helper; nothing to show elsewhere
     if cfg.dry_run:
         return dry_run(cfg)
     log.info("Komari agent (Python) %s, panel %s, report every %gs", __version__, cfg.endpoint, cfg.interval)
     agent = Agent(cfg, stop or stop_on_signals())
+    log_monitored(agent.collector)
     worker = threading.Thread(target=agent.run_until_stopped, name="agent", daemon=True)
     worker.start()
     # no timeout: a main thread waking up every second costs more CPU than a report

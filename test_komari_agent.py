@@ -736,7 +736,7 @@ def test_open_proc_files_are_regenerated_at_every_read(tmp_path):
 def test_static_facts_parsing():
     assert ka.cpu_name_from_cpuinfo("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
     arm = "processor\t: 0\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
-    assert ka.cpu_name_from_cpuinfo(arm) == "ARM Neoverse-N1"
+    assert ka.cpu_name_from_cpuinfo(arm) == "Neoverse-N1"
     assert ka.cpu_name_from_cpuinfo("") == "Unknown"
     assert ka.go_arch("x86_64") == "amd64" and ka.go_arch("aarch64") == "arm64" and ka.go_arch("armv7l") == "arm"
     assert ka.os_name_from_release('NAME="Debian"\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n') \
@@ -812,6 +812,348 @@ def test_report_numbers_are_clean_for_go():
         ka.encode({"x": float("nan")})
 
 
+# -- parity with the official agent: static facts from fixture trees -----------------
+# Each case is a small tree standing in for /, /proc or /sys, and helper
+# programs (lspci, getprop, pveversion, systemd-detect-virt, nvidia-smi,
+# rocm-smi) as shell scripts in a directory that is the whole PATH.
+
+def make_tree(root, spec):
+    """Files from {relative path: text | bytes | ("->", link target) | None (a directory)}."""
+    for rel, content in spec.items():
+        path = Path(root) / rel
+        if content is None:
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, tuple):
+            path.symlink_to(content[1])
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return str(root)
+
+
+def stub_commands(tmp_path, monkeypatch, scripts):
+    """PATH becomes a directory holding only these commands ({name: sh body})."""
+    bin_dir = tmp_path / "stub-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    return bin_dir
+
+
+PVE_OUTPUT = "echo 'pve-manager/8.2.4/faa83925c9641325 (running kernel: 6.8.12-1-pve)'"
+DEBIAN_RELEASE = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nVERSION_CODENAME=bookworm\n'
+GETPROP = ('case "$1" in ro.build.version.release) echo 14;; ro.product.brand) echo google;; '
+           'ro.product.model) echo "Pixel 8";; esac')
+
+
+@pytest.mark.parametrize("files, commands, expected", [
+    ({"etc/os-release": DEBIAN_RELEASE}, {}, "Debian GNU/Linux 12 (bookworm)"),
+    ({"etc/os-release": DEBIAN_RELEASE}, {"pveversion": PVE_OUTPUT}, "Proxmox VE 8.2.4 (bookworm)"),
+    ({"etc/os-release": 'PRETTY_NAME="Debian GNU/Linux 13 (trixie)"\n'},
+     {"pveversion": "echo 'pve-manager/9.0.3~2/0123 (running kernel: 6.14)'"}, "Proxmox VE 9.0.3"),
+    ({}, {"pveversion": "echo 'proxmox-ve: 8.2.0'"}, "Proxmox VE"),
+    ({"etc/os-release": DEBIAN_RELEASE}, {"pveversion": "exit 1"}, "Debian GNU/Linux 12 (bookworm)"),
+    ({"etc/synoinfo.conf": 'unique="synology_geminilake_920+"\nudc_check_state="7.2.1"\n',
+      "etc/os-release": DEBIAN_RELEASE}, {}, "Synology 920+ DSM 7.2.1"),
+    ({"etc.defaults/synoinfo.conf": 'unique="synology_apollolake_ds918+"\n'}, {}, "Synology DS918+ DSM"),
+    ({"usr/syno": None, "etc/os-release": DEBIAN_RELEASE}, {}, "Synology DSM"),
+    ({"usr/trim/BUILD_VERSION": "0.9.2\n", "etc/os-release": DEBIAN_RELEASE}, {}, "fnOS 0.9.2"),
+    ({"usr/trim": None}, {}, "fnOS"),
+    ({"etc/os-release": DEBIAN_RELEASE}, {"getprop": GETPROP, "pveversion": PVE_OUTPUT}, "Android 14 (google Pixel 8)"),
+    ({"system/build.prop": "ro.product.brand=Xiaomi\nro.build.version.release=11\nro.product.model=Xiaomi\n"}, {},
+     "Android 11 (Xiaomi)"),
+    ({"system/build.prop": "ro.product.model=X\n"}, {}, "Android"),
+    ({"system/app": None, "sdcard": None}, {}, "Android"),
+    ({"system/app": None, "etc/os-release": DEBIAN_RELEASE}, {}, "Debian GNU/Linux 12 (bookworm)"),
+    ({"etc/os-release": 'NAME="Alpine Linux"\nPRETTY_NAME="Alpine Linux v3.20"\n'}, {}, "Alpine Linux v3.20"),
+    ({}, {}, "Linux"),
+])
+def test_os_label_like_the_official_agent(tmp_path, monkeypatch, files, commands, expected):
+    stub_commands(tmp_path, monkeypatch, commands)
+    assert ka.os_name(make_tree(tmp_path / "root", files)) == expected
+
+
+LSPCI_DESKTOP = """00:02.0 VGA compatible controller: Intel Corporation CoffeeLake-S GT2 [UHD Graphics 630] (rev 02)
+00:14.3 Network controller: Intel Corporation Wi-Fi 6 AX201 (rev 20)
+01:00.0 VGA compatible controller: NVIDIA Corporation GA102 [GeForce RTX 3090] (rev a1)
+02:00.0 VGA compatible controller: NVIDIA Corporation GA102 [GeForce RTX 3090] (rev a1)
+"""
+LSPCI_SERVER = """02:00.0 VGA compatible controller: Matrox Electronics Systems Ltd. Integrated Matrox G200eW3 (rev 04)
+3b:00.0 3D controller: NVIDIA Corporation GH100 [H200 SXM 141GB] (rev a1)
+"""
+LSPCI_VM = """00:01.0 VGA compatible controller: Device 1234:1111 (rev 02)
+00:02.0 VGA compatible controller: Cirrus Logic GD 5446
+00:03.0 Display controller: Red Hat, Inc. Virtio 1.0 GPU (rev 01)
+"""
+PI4_DRM = {"class/drm/card0/device/driver": ("->", "../../../bus/platform/drivers/vc4-drm"),
+           "class/drm/card0/device/of_node/compatible": b"brcm,bcm2711-vc5\0",
+           "class/drm/card0-HDMI-A-1/status": "connected\n",
+           "class/drm/card1/device/driver": ("->", "../../../bus/platform/drivers/v3d")}
+
+
+@pytest.mark.parametrize("lspci, files, expected", [
+    (LSPCI_DESKTOP, {}, "Intel Corporation CoffeeLake-S GT2 [UHD Graphics 630], "
+                        "NVIDIA Corporation GA102 [GeForce RTX 3090] \u00d7 2"),
+    (LSPCI_SERVER, {}, "NVIDIA Corporation GH100 [H200 SXM 141GB]"),     # a GPU vendor first
+    ("02:00.0 VGA compatible controller: ASPEED Technology, Inc. ASPEED Graphics Family (rev 41)\n", {},
+     "ASPEED Technology, Inc. ASPEED Graphics Family"),                   # else any display device
+    (LSPCI_VM, {}, "None"),
+    (None, PI4_DRM, "Broadcom VideoCore VI (Pi 4), Broadcom V3D (Raspberry Pi 4/5)"),
+    (LSPCI_VM, {"class/drm/card0/device/driver": ("->", "../msm"),
+                "class/drm/card0/device/of_node/compatible": b"qcom,adreno-635.0\0qcom,adreno\0"},
+     "Qualcomm Adreno 635"),
+    (None, {"class/drm/card0/device/driver": ("->", "../panfrost"),
+            "class/drm/card0/device/of_node/compatible": b"rockchip,rk3399-mali\0arm,mali-t860\0"}, "ARM Mali T860"),
+    (None, {"class/drm/card0/device/driver": ("->", "../sun4i-drm"),
+            "class/drm/card0/device/of_node/compatible": b"allwinner,sun50i-h6-display-engine\0"}, "Allwinner H6"),
+    (None, {"class/drm/card0/device/driver": ("->", "../tegra"),
+            "class/drm/card0/device/of_node/compatible": b"nvidia,tegra234-host1x\0"}, "NVIDIA Orin"),
+    (None, {"class/drm/card0/device/driver": ("->", "../i915")}, "Intel Integrated Graphics"),
+    (None, {"class/drm/card0/device/driver": ("->", "../hibmc-drm")}, "Direct Render Manager hibmc-drm"),
+    (None, {"class/drm/card0/device/driver": ("->", "../virtio_gpu"),
+            "class/drm/card1/device/driver": ("->", "../simpledrm"),
+            "firmware/devicetree/base/model": "Raspberry Pi 3 Model B Rev 1.2\0"}, "Broadcom VideoCore (Integrated)"),
+    (None, {}, "None"),
+])
+def test_gpu_name_like_the_official_agent(tmp_path, monkeypatch, lspci, files, expected):
+    (tmp_path / "lspci.txt").write_text(lspci or "")
+    stub_commands(tmp_path, monkeypatch, {"lspci": "/bin/cat '%s'" % (tmp_path / "lspci.txt")} if lspci else {})
+    assert ka.gpu_name(make_tree(tmp_path / "sys", files)) == expected
+
+
+def cpuinfo_blocks(count, *lines):
+    return "".join("processor\t: %d\n%s\n\n" % (i, "\n".join(lines)) for i in range(count))
+
+
+PI4_64 = cpuinfo_blocks(4, "BogoMIPS\t: 108.00", "Features\t: fp asimd evtstrm crc32 cpuid",
+                        "CPU implementer\t: 0x41", "CPU architecture: 8", "CPU variant\t: 0x0",
+                        "CPU part\t: 0xd08", "CPU revision\t: 3") + \
+    "Hardware\t: BCM2835\nRevision\t: c03114\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
+PI4_32 = cpuinfo_blocks(4, "model name\t: ARMv7 Processor rev 3 (v7l)", "BogoMIPS\t: 108.00",
+                        "CPU implementer\t: 0x41", "CPU part\t: 0xd08")
+XEON = "".join("processor\t: %d\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 79\n"
+               "model name\t: Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz\nphysical id\t: %d\ncpu cores\t: 2\n\n"
+               % (i, i // 2) for i in range(4))
+TOPOLOGY_4 = {"devices/system/cpu/cpu%d/topology/core_cpus_list" % i: "%d\n" % i for i in range(4)}
+SIBLINGS_2 = {"devices/system/cpu/cpu%d/topology/thread_siblings_list" % i: ("0-1\n" if i < 2 else "2-3\n")
+              for i in range(4)}
+
+
+@pytest.mark.parametrize("cpuinfo, stat, sys_files, name, logical, physical", [
+    (PI4_64, "", TOPOLOGY_4, "Cortex-A72", 4, 4),                      # gopsutil's part table: a Pi 4
+    (PI4_32, "", SIBLINGS_2, "Cortex-A72", 4, 2),                      # the part wins over "model name"
+    (cpuinfo_blocks(2, "CPU implementer\t: 0x41", "CPU part\t: 0xd4f"), "", {}, "Undefined", 2, 0),
+    (cpuinfo_blocks(2, "CPU implementer\t: 0xc0", "CPU part\t: 0xac3"), "", {}, "Ampere", 2, 0),
+    (cpuinfo_blocks(1, "CPU implementer\t: 0x51", "CPU part\t: 0x805"), "", {}, "Qualcomm", 1, 0),
+    (XEON, "", {}, "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz", 4, 4),   # 2 packages x 2 cores, no /sys
+    ("Processor\t: ARMv7 Processor rev 5 (v7l)\nHardware\t: Generic DT based system\n",
+     "cpu  1 2 3 4\ncpu0 1 1 1 1\ncpu1 1 1 1 1\nintr 0\n", {}, "ARMv7 Processor rev 5 (v7l)", 2, 0),
+    ("", "", {}, "Unknown", os.cpu_count(), 0),
+])
+def test_cpu_facts_like_gopsutil(tmp_path, cpuinfo, stat, sys_files, name, logical, physical):
+    assert ka.cpu_name_from_cpuinfo(cpuinfo) == name
+    assert ka.logical_cpus(cpuinfo, stat) == logical
+    assert ka.physical_cores(make_tree(tmp_path / "sys", sys_files), cpuinfo) == physical
+
+
+HEX64 = "0123456789abcdef" * 4
+POD = "0f3a5f7e-1b2c-4d5e-8f90-123456789abc"
+
+
+@pytest.mark.parametrize("detect_virt, files, cgroup, expected", [
+    ("echo kvm", {"/.dockerenv": ""}, "", "kvm"),
+    ("echo none; exit 1", {".dockerenv": ""}, "", "docker"),              # bare metal exits 1: not trusted
+    (None, {"run/.containerenv": ""}, "0::/\n", "container"),
+    (None, {"run/.containerenv": ""}, "0::/user.slice/libpod-%s.scope\n" % HEX64, "podman"),
+    (None, {}, "0::/system.slice/docker-%s.scope\n" % HEX64, "docker"),
+    (None, {}, "12:pids:/kubepods/besteffort/pod%s/%s\n" % (POD, HEX64), "kubernetes"),
+    (None, {}, "0::/crio-%s.scope\n" % HEX64, "container"),
+    (None, {}, "0::/lxc/web01\n", "lxc"),
+    (None, {"dev/.lxc-boot-id": "x"}, "0::/\n", "lxc"),                  # the official LXC marker
+    (None, {".komari-agent-container": ""}, "0::/\n", "container"),       # the official image's marker
+    # a host that merely runs docker: no verdict from a service's cgroup
+    (None, {}, "0::/system.slice/docker.service\n", "none"),
+    (None, {"proc/cpuinfo": "flags\t\t: fpu vme hypervisor\n"}, "0::/init.scope\n", "virtualized"),
+    (None, {"proc/cpuinfo": "flags\t\t: fpu vme hypervisor\n", "sys/class/dmi/id/sys_vendor": "QEMU\n"}, "0::/\n",
+     "qemu"),
+])
+def test_virtualization_like_the_official_agent(tmp_path, monkeypatch, detect_virt, files, cgroup, expected):
+    stub_commands(tmp_path, monkeypatch, {"systemd-detect-virt": detect_virt} if detect_virt else {})
+    root = tmp_path / "root"
+    make_tree(root, dict({k.lstrip("/"): v for k, v in files.items()}, **{"proc/self/cgroup": cgroup}))
+    assert ka.virtualization(str(root), str(root / "proc"), str(root / "sys")) == expected
+
+
+NVIDIA_CSV = ("NVIDIA H200, 143771, 1024, 25, 41\nNVIDIA H200, 143771, 0, [N/A], 39\n")
+ROCM_JSON = json.dumps({"card1": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "50",
+                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "1048576",
+                                  "Temperature (Sensor junction) (C)": "45.0"},
+                        "card0": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "10",
+                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "0",
+                                  "Temperature (Sensor junction) (C)": "40"},
+                        "system": {"Driver version": "6.8"}})
+
+
+@pytest.mark.skipif(os.path.exists("/usr/bin/nvidia-smi") or os.path.exists("/opt/rocm/bin/rocm-smi"),
+                    reason="a real GPU tool in its fixed place would answer instead of the stubs")
+@pytest.mark.parametrize("commands, gpu, problem", [
+    ({"nvidia-smi": "/bin/cat <<'E'\n%sE" % NVIDIA_CSV},
+     {"count": 2, "average_usage": 12.5, "detailed_info": [
+         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 1024 << 20, "utilization": 25.0,
+          "temperature": 41},
+         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 0, "utilization": 0.0,
+          "temperature": 39}]}, ""),
+    ({"rocm-smi": "/bin/cat <<'E'\n%s\nE" % ROCM_JSON},
+     {"count": 2, "average_usage": 30.0, "detailed_info": [
+         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 0, "utilization": 10.0,
+          "temperature": 40},
+         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 1048576, "utilization": 50.0,
+          "temperature": 45}]}, ""),
+    ({"nvidia-smi": "exit 9", "rocm-smi": "echo '{}'"}, None, ""),               # no GPU: no block, no message
+    ({}, None, "rocm-smi tool not found"),
+    ({"rocm-smi": "exit 1"}, None, "no data available"),
+])
+def test_gpu_details_like_the_official_agent(tmp_path, monkeypatch, commands, gpu, problem):
+    stub_commands(tmp_path, monkeypatch, commands)
+    assert ka.gpu_details() == (gpu, problem)
+    cfg, _ = ka.load_config(["--dry-run", "--gpu"], {})
+    report = ka.Collector(cfg).report()
+    assert report.get("gpu") == gpu and report_problem(report) is None
+    assert ("failed to get detailed GPU info: " + problem in report["message"]) if problem else \
+        "GPU" not in report["message"]
+
+
+def sysinfo_uptime():
+    import ctypes
+    buf = ctypes.create_string_buffer(256)
+    assert ctypes.CDLL(None, use_errno=True).sysinfo(buf) == 0
+    return ctypes.c_long.from_buffer(buf).value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sysinfo(2) is Linux's")
+def test_uptime_is_the_kernels_sysinfo_figure():
+    cfg, _ = ka.load_config(["--dry-run"], {})
+    collector = ka.Collector(cfg)
+    for _ in range(20):  # int(CLOCK_BOOTTIME) is one lower nearly every time
+        before = sysinfo_uptime()
+        ours = collector.uptime()
+        after = sysinfo_uptime()
+        assert before <= ours <= after
+
+
+def test_public_address_services_are_the_official_ones():
+    assert ka.IPV4_LOOKUPS == (
+        "https://www.visa.cn/cdn-cgi/trace", "https://www.qualcomm.cn/cdn-cgi/trace",
+        "https://www.toutiao.com/stream/widget/local_weather/data/", "https://edge-ip.html.zone/geo",
+        "https://vercel-ip.html.zone/geo", "http://ipv4.ip.sb", "https://api.ipify.org?format=json")
+    assert ka.IPV6_LOOKUPS == ("https://v6.ip.zxinc.org/info.php?type=json", "https://api6.ipify.org?format=json",
+                               "https://ipv6.icanhazip.com", "http://api-ipv6.ip.sb/geoip")
+    assert ka.IP_LOOKUP_TIMEOUT == 15.0
+
+
+class LookupServer:
+    """An HTTP server on 127.0.0.1 that answers every GET with a trace body and
+    records the request line (a proxy sees absolute URLs)."""
+
+    def __init__(self, body):
+        seen = self.seen = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append((self.path, self.headers.get("User-Agent")))
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_lookups_use_custom_dns_and_the_environments_proxy(monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    dns = TinyDns({"lookup.komari.test": "127.0.0.1"})
+    service, proxy = LookupServer("fl=1\nip=1.0.0.7\nts=1\n"), LookupServer("ip=9.9.9.9")
+    try:
+        cfg, _ = ka.load_config(["--dry-run", "--custom-dns", "127.0.0.1:%d" % dns.port], {})
+        url = "http://lookup.komari.test:%d/cdn-cgi/trace" % service.port
+        # the first service fails (nothing listens there), the next one answers
+        dead = "http://127.0.0.1:%d/" % closed_port()
+        assert ka.lookup_public_ip(socket.AF_INET, cfg, timeout=5, services=[dead, url]) == "1.0.0.7"
+        assert ("lookup.komari.test", 1) in dns.queries
+        assert service.seen == [("/cdn-cgi/trace", "curl/8.0.1")]
+        # a proxy in the environment carries the lookup, as for the official agent
+        monkeypatch.setenv("http_proxy", "http://127.0.0.1:%d" % proxy.port)
+        assert ka.lookup_public_ip(socket.AF_INET, cfg, timeout=5, services=["http://ipv4.komari.test/"]) == "9.9.9.9"
+        assert proxy.seen == [("http://ipv4.komari.test/", "curl/8.0.1")]
+    finally:
+        dns.close()
+        service.close()
+        proxy.close()
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_startup_names_the_monitored_mounts_and_interfaces(tmp_path, caplog):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "dev").write_text(NET_DEV)
+    (tmp_path / "stat").write_text("cpu  1 2 3 4 5 6 7 8\n")
+    cfg, _ = ka.load_config(["--dry-run", "--include-mountpoint", "/;/srv"], {"HOST_PROC": str(tmp_path)})
+    with caplog.at_level("INFO", logger="komari"):
+        ka.log_monitored(ka.Collector(cfg))
+    assert "Monitoring Mountpoints: [/ /srv]" in caplog.text
+    assert "Monitoring Interfaces: [eth0 wg0]" in caplog.text
+
+
+def test_list_disk_check_mem_and_show_warning_like_the_official_agent(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, str(AGENT)] + list(args), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, timeout=60, cwd=str(tmp_path), env=dict(os.environ))
+    listed = run("list-disk")
+    assert listed.returncode == 0
+    rows = listed.stdout.decode().splitlines()
+    width = max(len(r.split()[0]) for r in rows) + 2
+    assert rows[0] == "Mountpoint".ljust(width) + "Fstype"
+    assert any(r.startswith("/".ljust(width)) for r in rows[1:])            # every mount, / among them
+    log = listed.stderr.decode()
+    assert re.search(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d All Disk Partitions:$", log, re.M)
+    assert re.search(r"Monitoring Mountpoints: \[/ \(\S+\)", log)
+    memory = run("check-mem")
+    assert memory.returncode == 0 and memory.stdout == b""
+    lines = [l.split(" ", 2)[2] for l in memory.stderr.decode().splitlines()]
+    assert lines[:2] == ["--- Memory Check ---", "--- /proc/meminfo ---"]
+    assert [l.split(":")[0] for l in lines[2:14]] == ["MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached",
+                                                      "SwapTotal", "SwapFree", "SwapCached", "Shmem", "SReclaimable",
+                                                      "Zswap", "Zswapped"]
+    modes = [re.match(r"\[(\w+)\] Total: \d+ bytes \(\d+ MiB\), Used: \d+ bytes \(\d+ MiB\)$", l) for l in lines[15:]
+             if l.startswith("[")]
+    assert [m.group(1) for m in modes] == ["htoplike", "gopsutil", "callFree", "htoplike"]
+    assert lines[-2] == "--- Current Configured ---"
+    warned = run("--show-warning")  # the Windows toast helper: nothing to do, even without a panel
+    assert (warned.returncode, warned.stdout, warned.stderr) == (0, b"", b"")
+    assert run("list-disk", "--interval", "soon").returncode == 2
+
+
 # ---------------------------------------------------------------------------
 # Traffic: --month-rotate totals (fake clock, synthetic counters, real files)
 # ---------------------------------------------------------------------------
@@ -831,39 +1173,43 @@ def saved_state(directory):
 
 
 @pytest.mark.parametrize("day, now, start, end", [
-    (31, (2024, 4, 30, 10), (2024, 4, 30), (2024, 5, 31)),        # April has no 31st: its last day
-    (31, (2024, 4, 29, 23, 59, 59), (2024, 3, 31), (2024, 4, 30)),
-    (31, (2024, 5, 1), (2024, 4, 30), (2024, 5, 31)),
-    (30, (2024, 2, 29, 12), (2024, 2, 29), (2024, 3, 30)),         # leap year: Feb 29 is the last day
-    (31, (2024, 2, 28, 23), (2024, 1, 31), (2024, 2, 29)),
-    (30, (2024, 3, 1), (2024, 2, 29), (2024, 3, 30)),
-    (30, (2023, 2, 28), (2023, 2, 28), (2023, 3, 30)),             # not a leap year
-    (31, (2023, 2, 27), (2023, 1, 31), (2023, 2, 28)),
+    # the official rule: a month without day N resets on the 1st of the next month
+    (31, (2024, 4, 15), (2024, 3, 31), (2024, 5, 1)),             # the reference's examples
+    (31, (2024, 5, 1), (2024, 5, 1), (2024, 5, 31)),
+    (31, (2024, 4, 30, 10), (2024, 3, 31), (2024, 5, 1)),
+    (30, (2024, 2, 29, 12), (2024, 1, 30), (2024, 3, 1)),          # leap February has no 30th either
+    (31, (2024, 2, 28, 23), (2024, 1, 31), (2024, 3, 1)),
+    (30, (2024, 3, 1), (2024, 3, 1), (2024, 3, 30)),
+    (30, (2023, 2, 28), (2023, 1, 30), (2023, 3, 1)),
+    (29, (2023, 2, 28, 23, 59, 59), (2023, 1, 29), (2023, 3, 1)),  # not a leap year
+    (29, (2024, 2, 29), (2024, 2, 29), (2024, 3, 29)),             # a leap year
+    (31, (2023, 3, 1), (2023, 3, 1), (2023, 3, 31)),
+    (31, (2024, 12, 31, 5), (2024, 12, 31), (2025, 1, 31)),
     (1, (2024, 1, 1), (2024, 1, 1), (2024, 2, 1)),
     (1, (2023, 12, 31, 23, 59, 59), (2023, 12, 1), (2024, 1, 1)),
     (15, (2024, 1, 10), (2023, 12, 15), (2024, 1, 15)),
 ])
-def test_period_starts_at_midnight_on_the_reset_day_or_the_months_last_day(day, now, start, end):
+def test_period_starts_on_the_reset_day_or_the_1st_after_a_shorter_month(day, now, start, end):
     assert ka.period_bounds(day, local(*now)) == (local(*start), local(*end))
 
 
-def test_ledger_counts_deltas_and_rotates_on_day_31_in_a_30_day_month(tmp_path):
+def test_ledger_counts_deltas_and_rotates_on_the_1st_after_a_month_without_day_31(tmp_path):
     ledger = ka.TrafficLedger(str(tmp_path), 31, boot=LONG_AGO, now=local(2024, 4, 29, 23))
-    assert (ledger.start, ledger.end) == (local(2024, 3, 31), local(2024, 4, 30))
+    assert (ledger.start, ledger.end) == (local(2024, 3, 31), local(2024, 5, 1))
     # booted long before the period: what the counters held at start is not this period's
     assert ledger.update({"eth0": (5000, 2000)}, local(2024, 4, 29, 23)) == (0, 0)
-    assert ledger.update({"eth0": (8000, 2500)}, local(2024, 4, 29, 23, 59, 59)) == (500, 3000)
-    assert ledger.update({"eth0": (8100, 2600)}, local(2024, 4, 30, 0, 0, 1)) == (0, 0)
-    assert ledger.update({"eth0": (9100, 2700)}, local(2024, 4, 30, 0, 0, 2)) == (100, 1000)
-    assert (ledger.start, ledger.end) == (local(2024, 4, 30), local(2024, 5, 31))
+    assert ledger.update({"eth0": (8000, 2500)}, local(2024, 4, 30, 23, 59, 59)) == (500, 3000)
+    assert ledger.update({"eth0": (8100, 2600)}, local(2024, 5, 1, 0, 0, 1)) == (0, 0)
+    assert ledger.update({"eth0": (9100, 2700)}, local(2024, 5, 1, 0, 0, 2)) == (100, 1000)
+    assert (ledger.start, ledger.end) == (local(2024, 5, 1), local(2024, 5, 31))
     assert ledger.previous["up"] == 500 and ledger.previous["down"] == 3000
-    # and in a leap year, reset day 30 rolls over on Feb 29
-    leap = ka.TrafficLedger(str(tmp_path / "leap"), 30, boot=LONG_AGO, now=local(2024, 2, 28, 23))
-    leap.update({"eth0": (0, 0)}, local(2024, 2, 28, 23))
-    assert leap.update({"eth0": (70, 7)}, local(2024, 2, 28, 23, 59, 59)) == (7, 70)
-    leap.update({"eth0": (80, 8)}, local(2024, 2, 29, 0, 0, 1))
-    assert leap.update({"eth0": (90, 9)}, local(2024, 2, 29, 0, 0, 2)) == (1, 10)
-    assert leap.start == local(2024, 2, 29)
+    # reset day 30 in a leap year: the period that began on 30 January runs to 1 March
+    leap = ka.TrafficLedger(str(tmp_path / "leap"), 30, boot=LONG_AGO, now=local(2024, 2, 29, 23))
+    leap.update({"eth0": (0, 0)}, local(2024, 2, 29, 23))
+    assert leap.update({"eth0": (70, 7)}, local(2024, 2, 29, 23, 59, 59)) == (7, 70)
+    leap.update({"eth0": (80, 8)}, local(2024, 3, 1, 0, 0, 1))
+    assert leap.update({"eth0": (90, 9)}, local(2024, 3, 1, 0, 0, 2)) == (1, 10)
+    assert leap.start == local(2024, 3, 1)
 
 
 def test_fresh_state_counts_everything_since_a_boot_inside_the_period(tmp_path):
@@ -934,7 +1280,7 @@ def test_state_is_saved_on_the_first_update_then_at_most_once_a_minute_and_on_fl
     ledger.update({"eth0": (700, 70)}, t + 61)
     ledger.flush(t + 62)
     assert saved_state(tmp_path)["total"] == {"up": 70, "down": 700}
-    assert list(tmp_path.iterdir()) == [tmp_path / ka.TRAFFIC_FILE]  # no temp files left
+    assert sorted(tmp_path.iterdir()) == [tmp_path / ka.NET_STATIC, tmp_path / ka.TRAFFIC_FILE]  # no temp files left
 
 
 def test_unwritable_state_dir_is_reported_once_and_counting_goes_on(tmp_path, caplog):
@@ -1087,6 +1433,47 @@ def test_totals_continue_after_sigkill_and_restart_mid_period(panel, start_agent
     assert "unreadable" not in second.log
 
 
+@pytest.mark.parametrize("nic, counted", [
+    ("eth0", True), ("ens18", True), ("wlan0", True), ("wg0", True), ("tailscale0", True), ("bond0", True),
+    ("ppp0", True), ("tun0", True), ("kube-ipvs0", True), ("vnet3", True),      # counted, as officially
+    ("lo", False), ("lowpan0", False), ("br0", False), ("br-3f2a", False), ("bridge0", False), ("tap0", False),
+    ("vmbr0", False), ("veth12ab", False), ("docker0", False), ("podman0", False), ("cni0", False),
+    ("flannel.1", False), ("virbr0", False), ("fwbr100i0", False), ("fwpr100p0", False),
+])
+def test_default_nic_deny_list_is_the_official_one(nic, counted):
+    assert ka.nic_counted(nic) is counted
+
+
+def test_net_static_json_in_the_official_format_is_written_beside_ours(tmp_path):
+    ledger = ka.TrafficLedger(str(tmp_path), 31, boot=LONG_AGO, now=local(2024, 4, 10),
+                              counted=lambda nic: nic != "docker0")
+    ledger.update({"eth0": (1000, 100), "wg0": (10, 1), "docker0": (5, 5)}, local(2024, 4, 10))
+    ledger.update({"eth0": (1000 + 7 * GiB, 100 + GiB), "wg0": (30, 4), "docker0": (9, 9)}, local(2024, 4, 10, 0, 5))
+    written = (tmp_path / ka.NET_STATIC).read_text()
+    assert " " not in written  # compact, like Go's json.Marshal
+    store = json.loads(written)
+    assert store["config"] == {"data_preserve_day": 31, "detect_interval": 2, "save_interval": 600,
+                               "nics": ["eth0", "wg0"]}
+    stamp = int(local(2024, 4, 10, 0, 5))  # the last save
+    assert store["interfaces"] == {"eth0": [{"timestamp": stamp, "tx": GiB, "rx": 7 * GiB}],
+                                   "wg0": [{"timestamp": stamp, "tx": 3, "rx": 20}]}
+    # the official agent's own sum over [last reset, now] gives our totals
+    sums = ka.net_static_totals(store, *ka.period_bounds(31, local(2024, 4, 20)))
+    assert (sum(u for u, _ in sums.values()), sum(d for _, d in sums.values())) == ledger.totals()
+    # and `traffic --export` writes the same from the saved state, wherever asked
+    ledger.flush(local(2024, 4, 10, 0, 6))
+    export = tmp_path / "elsewhere" / "net_static.json"
+    done = subprocess.run([sys.executable, str(AGENT), "traffic", "--state-dir", str(tmp_path), "--export",
+                           str(export)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 0, done.stderr
+    exported = json.loads(export.read_text())
+    assert exported["interfaces"]["eth0"][0]["rx"] == 7 * GiB and exported["config"]["nics"] == ["eth0", "wg0"]
+    # a calibration offset lands on the busiest NIC, so the official totals match the calibrated ones
+    state = dict(ledger.snapshot(local(2024, 4, 10, 0, 7)), offset={"up": -GiB // 2, "down": GiB})
+    calibrated = ka.net_static_from_snapshot(state, local(2024, 4, 10, 0, 7))["interfaces"]
+    assert calibrated["eth0"][0]["tx"] == GiB // 2 and calibrated["eth0"][0]["rx"] == 8 * GiB
+
+
 # ---------------------------------------------------------------------------
 # Transport
 # ---------------------------------------------------------------------------
@@ -1212,6 +1599,39 @@ def test_malformed_frames_are_skipped_by_the_parser(caplog):
     assert ka.parse_event(b"[1,2]") is None
     assert ka.parse_event(b"[" * 100000) is None
     assert ka.parse_event(b'{"message":"exec"}') == {"message": "exec"}
+
+
+def test_custom_dns_resolves_the_panel_for_uploads_and_the_report_socket(panel, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    dns = TinyDns({"panel.komari.test": "127.0.0.1"})
+    try:
+        cfg, _ = ka.load_config(["-e", "http://panel.komari.test:%d" % panel.port, "-t", TOKEN,
+                                 "--custom-dns", "127.0.0.1:%d" % dns.port], {})
+        ka.upload_basic_info(ka.Panel(cfg), {"os": "x"})
+        panel.wait_for(lambda: panel.basic_infos, 10, "the upload")
+        ws = ka.open_websocket(cfg, ka.Panel(cfg).ws_url("/api/clients/report"))
+        ws.close()
+        assert [q for q in dns.queries if q[0] == "panel.komari.test"].count(("panel.komari.test", 1)) >= 2
+        assert ka.resolve_host(cfg, "panel.komari.test", 80) == [(socket.AF_INET, ("127.0.0.1", 80))]
+    finally:
+        dns.close()
+
+
+def test_auto_discovery_takes_over_the_official_agents_registration(tmp_path):
+    cfg, _ = ka.load_config(["-e", "http://h", "--auto-discovery", DISCOVERY_KEY, "--state-dir",
+                             str(tmp_path / "state")], {})
+    official = tmp_path / "opt-komari" / "auto-discovery.json"
+    official.parent.mkdir()
+    official.write_text(json.dumps({"uuid": "c0ffee", "token": "official-token"}, indent=2))
+    missing = tmp_path / "nowhere" / "auto-discovery.json"
+    assert ka.saved_discovery_token(cfg, official=[str(missing)]) == ""
+    assert ka.saved_discovery_token(cfg, official=[str(missing), str(official)]) == "official-token"
+    # a registration of our own wins
+    (tmp_path / "state").mkdir()
+    Path(ka.discovery_file(cfg)).write_text(json.dumps({"uuid": "u2", "token": "our-token"}))
+    assert ka.saved_discovery_token(cfg, official=[str(official)]) == "our-token"
+    assert str(Path(ka.OFFICIAL_INSTALL_DIR) / "auto-discovery.json") in ka.official_discovery_files()
 
 
 # ---------------------------------------------------------------------------
@@ -1813,6 +2233,45 @@ def test_sigterm_ends_terminal_and_exec_groups(panel, start_agent, terminal_peer
         assert not any(live_processes("sleep 63.%d" % i) for i in (1, 2, 3))
     finally:
         kill_leftovers("sleep 63.1", "sleep 63.2", "sleep 63.3")
+
+
+@pytest.mark.parametrize("passwd_shell, on_path, expected", [
+    ("/ABS/fish", ("fish", "bash"), "fish"),       # the passwd shell, when it can run
+    ("fish", ("fish", "zsh"), "fish"),            # a bare name is looked up on PATH
+    ("/usr/bin/no-such-shell", ("bash", "zsh", "sh"), "zsh"),  # else zsh, bash, sh: zsh first
+    ("/ABS/nologin", ("nologin", "bash", "sh"), "bash"),        # never a shell that refuses to run
+    ("", ("sh",), "sh"),
+    ("/usr/bin/no-such-shell", (), None),
+])
+def test_terminal_shell_is_the_passwd_one_like_the_official_agent(tmp_path, passwd_shell, on_path, expected):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in on_path:
+        (bin_dir / name).write_text("#!/bin/sh\n")
+        (bin_dir / name).chmod(0o755)
+    shell = passwd_shell.replace("/ABS", str(bin_dir))
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:%s\n"
+                      "bob:x:1001:1001::/home/alice-old:/bin/sh\n" % shell)
+    found = ka.login_shell(str(passwd), uid=1000, home="/home/alice", path=str(bin_dir))
+    assert found == (str(bin_dir / expected) if expected else None)
+    # the official agent's way for a user without an own uid line: the one holding $HOME
+    assert ka.login_shell(str(passwd), uid=4242, home="/home/alice", path=str(bin_dir)) == found
+
+
+def test_terminal_command_and_environment_like_the_official_agent(monkeypatch):
+    assert ka.shell_command("/usr/bin/fish") == ["/bin/sh", "-c", ka.MOTD_PRELUDE, "komari-motd", "/usr/bin/fish"]
+    assert '"$1"' in ka.MOTD_PRELUDE and '"$0"' not in ka.MOTD_PRELUDE
+    assert subprocess.run(["/bin/sh", "-n", "-c", ka.MOTD_PRELUDE], timeout=10).returncode == 0
+    # the prelude ends by exec-ing the shell it was given, with no arguments
+    done = subprocess.run(ka.shell_command("/bin/pwd"), stdout=subprocess.PIPE, timeout=10, cwd="/")
+    assert done.returncode == 0 and done.stdout.endswith(b"/\n")
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    monkeypatch.setenv("AGENT_TOKEN", TOKEN)
+    env = ka.shell_env("/bin/bash", "/home/alice")
+    assert (env["TERM"], env["LANG"], env["LC_ALL"], env["HOME"]) == ("xterm-256color", "C.UTF-8", "C.UTF-8",
+                                                                      "/home/alice")
+    assert "AGENT_TOKEN" not in env
 
 
 # ---------------------------------------------------------------------------
