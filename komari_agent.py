@@ -2256,9 +2256,15 @@ PROBE_TIMEOUT = 3.0
 # a probe slower than this is measured again (a lost SYN or packet inflates one try)
 HIGH_LATENCY_MS = 1000.0
 MAX_PROBES = 32
+# so that one slow target cannot hold every probe slot
+MAX_PROBES_PER_TARGET = 8
+# probes waiting for a slot (up to PROBE_TIMEOUT); beyond this they report loss at once
+MAX_PROBES_WAITING = 64
 # after the shell of an exec exits, how long background jobs that still hold
 # its output may keep it open before the result is sent without them
 EXEC_LINGER = 2.0
+# at shutdown, how long the threads of killed commands get to spool their results
+EXEC_SPOOL_WAIT = 0.5
 # SIGHUP first (shells save history, jobs get told); SIGKILL after this
 HANGUP_GRACE = 0.5
 TERMINAL_IDLE_PING = 30.0
@@ -2273,6 +2279,23 @@ CTTY_SHIM = ("import fcntl,os,sys,termios\n"
              "os.execv(sys.argv[1],sys.argv[2:])\n")
 
 
+# JSON may carry a lone UTF-16 surrogate ("\ud800") that UTF-8 cannot
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_strings(value):
+    """Decoded JSON with every lone surrogate in its strings (keys too)
+    replaced by U+FFFD, as Go's decoder does: whatever the panel sent can then
+    be logged, spooled and echoed back without a UnicodeEncodeError."""
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {clean_strings(k): clean_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_strings(v) for v in value]
+    return value
+
+
 def parse_event(data):
     """The event dict from a frame, or None (with the reason logged) when the
     frame is not a JSON object."""
@@ -2281,7 +2304,7 @@ def parse_event(data):
         return None
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        event = json.loads(text)
+        event = clean_strings(json.loads(text))
     except (ValueError, RecursionError, UnicodeDecodeError) as e:
         log.warning("skipping a message from the panel that is not JSON (%s)", type(e).__name__)
         return None
@@ -2423,8 +2446,9 @@ def feed_stdin(pipe, data):
 
 def run_command(command, timeout, limit, started=None):
     """Run `command` as a script for `sh -s` in a new session and process
-    group. Returns (output text, exit code, timed out); the whole group is
-    killed at the timeout (0 = none)."""
+    group. Returns (output text, exit code, timed out); while the shell runs,
+    the timeout (0 = none) kills its whole group. Background jobs still
+    running after the shell exits are left alone."""
     import selectors
     import subprocess
     try:
@@ -2446,13 +2470,16 @@ def run_command(command, timeout, limit, started=None):
         timed_out = False
         while selector.get_map():
             now = time.monotonic()
+            if linger_until is None and proc.poll() is not None:
+                linger_until = now + EXEC_LINGER
+                # the shell is done: jobs it left running are the user's
+                # (daemons started this way), not ours to time out
+                deadline = None
             if deadline is not None and now >= deadline:
                 timed_out = True
                 deadline = None
                 end_session(proc.pid, grace=0)
                 linger_until = now + 1.0  # collect what the killed group had written
-            if linger_until is None and proc.poll() is not None:
-                linger_until = now + EXEC_LINGER
             if linger_until is not None and now >= linger_until:
                 break
             wake = min(t for t in (deadline, linger_until, now + 0.25) if t is not None)
@@ -2602,9 +2629,10 @@ def dns_lookup(server, name, qtype, timeout=2.0):
                     raise
 
 
-def probe_addresses(cfg, host):
+def probe_addresses(cfg, host, deadline=None):
     """[(family, address)] for a probe target, preferred family first:
-    --custom-dns when set (UDP A/AAAA query), else the system resolver."""
+    --custom-dns when set (UDP A/AAAA queries, within `deadline`), else the
+    system resolver."""
     host = host.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -2620,7 +2648,8 @@ def probe_addresses(cfg, host):
         for qtype in ((28, 1) if want_v6 else (1, 28)):
             try:
                 family = socket.AF_INET if qtype == 1 else socket.AF_INET6
-                found = [(family, a) for a in dns_lookup(server, host, qtype)]
+                timeout = 2.0 if deadline is None else min(2.0, deadline - time.monotonic())
+                found = [(family, a) for a in dns_lookup(server, host, qtype, timeout)] if timeout > 0 else []
             except (OSError, ValueError) as e:
                 log.debug("DNS query for a probe target failed: %s", e)
             if found:
@@ -2634,9 +2663,9 @@ def probe_addresses(cfg, host):
     return found
 
 
-def first_address(cfg, host):
+def first_address(cfg, host, deadline=None):
     try:
-        found = probe_addresses(cfg, host)
+        found = probe_addresses(cfg, host, deadline)
     except (OSError, ValueError, UnicodeError):
         return None
     return found[0] if found else None
@@ -2752,12 +2781,13 @@ def tcp_connect_ms(cfg, target, timeout=PROBE_TIMEOUT):
     parsed = split_host_port(target)
     if parsed is None:
         return None
-    found = first_address(cfg, parsed[0])
-    if found is None:
+    deadline = time.monotonic() + timeout
+    found = first_address(cfg, parsed[0], deadline)
+    if found is None or time.monotonic() >= deadline:
         return None
     family, address = found
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock.settimeout(deadline - time.monotonic())
     try:
         start = time.monotonic()
         sock.connect((address, parsed[1]))
@@ -2780,11 +2810,52 @@ def http_probe_url(target):
     return "http://" + text
 
 
+def wait_ready(sock, deadline, write=False):
+    """Until `sock` can be read (or written); socket.timeout past `deadline`."""
+    import select
+    remaining = deadline - time.monotonic()
+    ready = remaining > 0 and select.select([] if write else [sock], [sock] if write else [], [], remaining)
+    if not ready or not (ready[0] or ready[1]):
+        raise socket.timeout("probe deadline")
+
+
+def response_head(sock, deadline, limit=65536):
+    """The bytes of an HTTP response up to the end of its headers, read from a
+    non-blocking (TLS or plain) socket by `deadline`: a server that trickles
+    its answer a byte at a time still cannot hold the probe longer."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        try:
+            data = sock.recv(4096)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            wait_ready(sock, deadline)
+            continue
+        except ssl.SSLWantWriteError:
+            wait_ready(sock, deadline, write=True)
+            continue
+        if not data or len(head) > limit:
+            raise ValueError("no complete response head")
+        head += data
+        if time.monotonic() > deadline:
+            raise socket.timeout("probe deadline")
+    return head
+
+
+def tls_handshake(sock, deadline):
+    while True:
+        try:
+            return sock.do_handshake()
+        except ssl.SSLWantReadError:
+            wait_ready(sock, deadline)
+        except ssl.SSLWantWriteError:
+            wait_ready(sock, deadline, write=True)
+
+
 def http_get_ms(cfg, target, timeout=PROBE_TIMEOUT):
     """Milliseconds until the response headers of a GET (name lookup,
-    connect and TLS included); None unless the status is 2xx/3xx.
-    Redirects are not followed and no proxy is used."""
-    import http.client
+    connect and TLS included), all within one deadline of `timeout` s; None
+    unless the status is 2xx/3xx. Redirects are not followed and no proxy is
+    used."""
     from urllib.parse import urlsplit
     try:
         parts = urlsplit(http_probe_url(target))
@@ -2796,33 +2867,90 @@ def http_get_ms(cfg, target, timeout=PROBE_TIMEOUT):
         return None
     start = time.monotonic()
     deadline = start + timeout
-    found = first_address(cfg, host)
+    found = first_address(cfg, host, deadline)
     if found is None:
         return None
     family, address = found
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    conn = None
+    path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    if re.search(r"[\x00-\x20\x7f]", path + host):
+        return None  # it would break the request line or smuggle a header
     try:
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        host_name = host.encode("ascii")
+    except UnicodeError:
+        try:
+            host_name = host.encode("idna")
+        except UnicodeError:
+            return None
+    host_header = (b"[%s]" % host_name if b":" in host_name else host_name) + \
+        (b"" if parts.port is None else b":%d" % port)
+    request = b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: komari-agent-py/%s\r\nAccept: */*\r\n" \
+        b"Connection: close\r\n\r\n" % (path.encode("utf-8", "replace"), host_header, __version__.encode())
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        sock.settimeout(remaining)
         sock.connect((address, port))
         if secure:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+        sock.settimeout(0.0)
+        if secure:
+            tls_handshake(sock, deadline)
         sock.settimeout(max(0.05, deadline - time.monotonic()))
-        connection_class = http.client.HTTPSConnection if secure else http.client.HTTPConnection
-        conn = connection_class(host, port, timeout=timeout)
-        conn.sock = sock  # already connected to the address we resolved
-        conn.request("GET", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
-                     headers={"User-Agent": "komari-agent-py/" + __version__, "Connection": "close"})
-        status = conn.getresponse().status
+        sock.sendall(request)  # a few hundred bytes: the socket buffer takes them at once
+        sock.settimeout(0.0)
+        head = response_head(sock, deadline)
         elapsed = (time.monotonic() - start) * 1000
-    except (OSError, ValueError, http.client.HTTPException):
+    except (OSError, ValueError):
         return None
     finally:
-        (conn or sock).close()
         sock.close()
-    if not 200 <= status < 400 or elapsed > timeout * 1000:
+    status = re.match(rb"HTTP/\d(?:\.\d)? (\d{3})[ \r]", head)
+    if status is None or not 200 <= int(status.group(1)) < 400 or elapsed > timeout * 1000:
         return None
     return elapsed
+
+
+class ProbeSlots:
+    """Admits at most MAX_PROBES + MAX_PROBES_WAITING probes; of those, at
+    most MAX_PROBES run at once and at most MAX_PROBES_PER_TARGET against one
+    target, so a target that answers slowly never takes the others' slots.
+    A probe that finds no slot waits for one up to PROBE_TIMEOUT."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.admitted = 0
+        self.running = 0
+        self.per_target = {}
+
+    def admit(self):
+        with self.cond:
+            if self.admitted >= MAX_PROBES + MAX_PROBES_WAITING:
+                return False
+            self.admitted += 1
+            return True
+
+    def start(self, target, timeout=PROBE_TIMEOUT):
+        """True once the probe may run; False when no slot came free in time."""
+        def free():
+            return self.running < MAX_PROBES and self.per_target.get(target, 0) < MAX_PROBES_PER_TARGET
+        with self.cond:
+            if not self.cond.wait_for(free, timeout):
+                return False
+            self.running += 1
+            self.per_target[target] = self.per_target.get(target, 0) + 1
+            return True
+
+    def finish(self, target, started):
+        with self.cond:
+            self.admitted -= 1
+            if started:
+                self.running -= 1
+                self.per_target[target] -= 1
+                if not self.per_target[target]:
+                    del self.per_target[target]
+            self.cond.notify_all()
 
 
 def settle_latency(measure, kind):
@@ -2894,7 +3022,7 @@ def terminal_input(text):
             return ("resize", rows, cols)
         return None
     if kind == "input" and isinstance(message.get("input"), str) and message["input"]:
-        return ("keys", message["input"].encode("utf-8"))
+        return ("keys", clean_strings(message["input"]).encode("utf-8"))
     return None  # heartbeat, close and kinds we do not know are never typed
 
 
@@ -3062,10 +3190,12 @@ class Tasks:
         self.refusal_log = OncePer(60.0)
         self.lock = threading.Lock()
         self.execs = {}        # pid -> Popen of running commands
+        self.exec_threads = 0  # commands whose result is not spooled yet
+        self.execs_done = threading.Condition(self.lock)
         self.terminals = set()  # live TerminalSession objects
         self.exec_slots = threading.BoundedSemaphore(self.cfg.max_execs)
         self.terminal_slots = threading.BoundedSemaphore(self.cfg.max_terminals)
-        self.probe_slots = threading.BoundedSemaphore(MAX_PROBES)
+        self.probe_slots = ProbeSlots()
         self.request_ids = {}   # terminal request ids already answered (a bounded, ordered set)
         self.icmp = IcmpProber()
         self.closing = False
@@ -3109,22 +3239,32 @@ class Tasks:
             log.warning("refused remote command %s: %d already running (--max-execs)", task_id[:40], self.cfg.max_execs)
             return self.finish_exec(task_id, "Refused: %d commands are already running on this server (--max-execs %d)."
                                     % (self.cfg.max_execs, self.cfg.max_execs), -1)
+        with self.lock:
+            self.exec_threads += 1
         self.spawn("exec", self.run_exec, task_id, command)
 
     def run_exec(self, task_id, command):
         try:
-            log.info("running remote command %s (%d bytes)", task_id[:40], len(command))
-            log.debug("remote command %s: %r", task_id[:40], command[:500])
-            text, code, timed_out = run_command(command, self.cfg.exec_timeout, self.cfg.exec_max_output,
-                                                started=self.exec_started)
-            if timed_out:
-                log.warning("remote command %s timed out after %gs and was killed", task_id[:40], self.cfg.exec_timeout)
-        except Exception as e:
-            log.exception("remote command %s failed", task_id[:40])
-            text, code = "komari-agent: the command could not be run (%s)" % type(e).__name__, -1
+            try:
+                log.info("running remote command %s (%d bytes)", task_id[:40], len(command))
+                log.debug("remote command %s: %r", task_id[:40], command[:500])
+                text, code, timed_out = run_command(command, self.cfg.exec_timeout, self.cfg.exec_max_output,
+                                                    started=self.exec_started)
+                if timed_out:
+                    log.warning("remote command %s timed out after %gs and was killed", task_id[:40], self.cfg.exec_timeout)
+                elif self.closing and code == -1:
+                    text += "%s[komari-agent: the agent was stopped; the command's process group was killed]" \
+                        % ("\n" if text and not text.endswith("\n") else "")
+            except Exception as e:
+                log.exception("remote command %s failed", task_id[:40])
+                text, code = "komari-agent: the command could not be run (%s)" % type(e).__name__, -1
+            finally:
+                self.exec_slots.release()
+            self.finish_exec(task_id, text, code)
         finally:
-            self.exec_slots.release()
-        self.finish_exec(task_id, text, code)
+            with self.lock:
+                self.exec_threads -= 1
+                self.execs_done.notify_all()
 
     def exec_started(self, proc):
         with self.lock:
@@ -3147,20 +3287,26 @@ class Tasks:
             if self.refusal_log("bad-ping"):
                 log.warning("ignoring a malformed ping event (task id %r)", str(task_id)[:20])
             return
-        if not self.probe_slots.acquire(blocking=False):
+        if not self.probe_slots.admit():
             if self.refusal_log("ping-busy"):
-                log.warning("too many ping probes at once (%d); reporting loss", MAX_PROBES)
+                log.warning("too many ping probes at once (%d); reporting loss", MAX_PROBES + MAX_PROBES_WAITING)
             return self.send_ping_result(task_id, kind, -1)
         self.spawn("ping", self.run_probe, task_id, kind, target)
 
     def run_probe(self, task_id, kind, target):
+        slot = (kind.lower(), target.strip().lower())
+        started = False
+        value = -1
         try:
-            value = settle_latency(lambda: self.measure(kind.lower(), target), kind.lower())
+            started = self.probe_slots.start(slot)
+            if started:
+                value = settle_latency(lambda: self.measure(kind.lower(), target), kind.lower())
+            elif self.refusal_log("ping-wait"):
+                log.warning("no free ping probe slot within %gs (a slow target?); reporting loss", PROBE_TIMEOUT)
         except Exception:
             log.exception("ping probe %d failed", task_id)
-            value = -1
         finally:
-            self.probe_slots.release()
+            self.probe_slots.finish(slot, started)
         self.send_ping_result(task_id, kind, value)
 
     def measure(self, kind, target):
@@ -3262,6 +3408,9 @@ class Tasks:
             time.sleep(0.05)
         for pid in shells + commands:
             end_session(pid, grace=0)
+        # the killed commands' results go to the spool before the process exits
+        with self.lock:
+            self.execs_done.wait_for(lambda: self.exec_threads == 0, EXEC_SPOOL_WAIT)
 
 
 # ---------------------------------------------------------------------------
@@ -3570,10 +3719,16 @@ def return_free_memory():
 
 
 def stop_on_signals():
-    """An Event that SIGTERM and SIGINT set. Only the main thread may install
-    signal handlers."""
+    """An Event that SIGTERM, SIGINT and SIGHUP set: a hangup (the terminal
+    that started the agent closed) is a clean stop like SIGTERM, never a
+    death that orphans commands and loses unsaved totals. A SIGHUP that was
+    ignored when the agent started (nohup) stays ignored. Only the main
+    thread may install signal handlers."""
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+    for signum in (signal.SIGTERM, signal.SIGINT, hangup):
+        if signum is None or signum == hangup and signal.getsignal(signum) == signal.SIG_IGN:
+            continue
         signal.signal(signum, lambda signum, frame: stop.set())
     return stop
 
