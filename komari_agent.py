@@ -188,7 +188,9 @@ OPTIONS = [
     Option("disable_compression", ("--disable-compression",), "bool", False, "accepted for compatibility; no effect"),
     Option("state_dir", ("--state-dir",), "str", "", "where traffic totals and unsent results are kept"),
     Option("exec_timeout", ("--exec-timeout",), "float", 3600.0,
-           "seconds before a remote command is killed (default 3600; 0 = never)", check=_not_negative),
+           "seconds before a remote command is killed (default 3600; 0 = never). While its shell runs, a "
+           "timeout or the agent stopping kills the shell's whole process group; background jobs still "
+           "running after the shell has exited (daemons started with &) are left alone", check=_not_negative),
     Option("exec_max_output", ("--exec-max-output",), "int", 1048576,
            "bytes of command output kept (head and tail; default 1 MiB)", check=_positive),
     Option("max_execs", ("--max-execs",), "int", 8, "remote commands running at once (default 8)", check=_positive),
@@ -1870,32 +1872,44 @@ class Panel:
         url = self.url(path, **query)
         return "ws" + url[4:] if url.startswith("http") else url
 
-    def opener(self):
+    def opener(self, cutter=None):
+        """An opener whose connections `cutter` (a ConnectionCutter) can cut."""
+        import urllib.request
         if self._opener is None:
-            import urllib.request
             # loading the CA store costs megabytes: only for an https panel
-            tls = [urllib.request.HTTPSHandler(context=tls_context(self.cfg))] if self.endpoint.startswith("https") else []
-            self._opener = urllib.request.build_opener(*tls)
-        return self._opener
+            self._opener = tls_context(self.cfg) if self.endpoint.startswith("https") else False
+        return urllib.request.build_opener(*cuttable_handlers(cutter, self._opener or None))
 
     def exchange(self, url, obj, headers=(), limit=1 << 20, timeout=HTTP_TIMEOUT):
         """POST obj as JSON to url; (status, body) whatever the status, or
-        OSError when the panel could not be reached."""
+        OSError when the panel could not be reached. `timeout` bounds the
+        whole exchange, not each read: a panel or proxy that trickles its
+        answer is cut off."""
         import urllib.error
         import urllib.request
         request = urllib.request.Request(url, data=encode(obj).encode("utf-8"), method="POST",
                                          headers=dict(headers, **{"Content-Type": "application/json",
                                                                   "User-Agent": "komari-agent-py/" + __version__}))
+        cutter = ConnectionCutter(timeout)
         try:
-            with self.opener().open(request, timeout=timeout) as reply:
-                return reply.status, reply.read(limit)
-        except urllib.error.HTTPError as e:
-            return e.code, e.read(4096) if e.fp else b""
+            try:
+                with self.opener(cutter).open(request, timeout=timeout) as reply:
+                    return reply.status, reply.read(limit)
+            except urllib.error.HTTPError as e:
+                return e.code, e.read(4096) if e.fp else b""
         except urllib.error.URLError as e:
             reason = e.reason
+            if cutter.fired:
+                raise socket.timeout("no complete answer within %gs" % timeout)
             raise reason if isinstance(reason, OSError) else OSError(str(reason))
-        except (ValueError, http_exceptions()) as e:
+        except (OSError, ValueError, http_exceptions()) as e:
+            if cutter.fired:
+                raise socket.timeout("no complete answer within %gs" % timeout)
+            if isinstance(e, OSError):
+                raise
             raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+        finally:
+            cutter.cancel()
 
     def post_json(self, path, obj, timeout=HTTP_TIMEOUT):
         """POST obj; returns the decoded JSON reply, or raises PanelRefused
@@ -1909,6 +1923,73 @@ class Panel:
         if status != 200 or not isinstance(parsed, dict) or parsed.get("status") != "success":
             raise PanelRefused(status, describe_body(body))
         return parsed
+
+
+class ConnectionCutter:
+    """One overall deadline for an HTTP exchange: when it passes, the
+    connections opened for the exchange are shut down, which ends any read
+    however slowly the peer trickles (a socket timeout counts per read)."""
+
+    def __init__(self, seconds):
+        self.lock = threading.Lock()
+        self.sockets = []  # duplicates: shutting one down ends the connection, never a reused fd
+        self.fired = self.done = False
+        self.timer = threading.Timer(seconds, self.fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def watch(self, create_connection):
+        def create(*args, **kwargs):
+            sock = create_connection(*args, **kwargs)
+            with self.lock:
+                if not self.done:
+                    self.sockets.append(sock.dup())
+                fired = self.fired
+            if fired:
+                sock.shutdown(socket.SHUT_RDWR)
+            return sock
+        return create
+
+    def fire(self):
+        with self.lock:
+            self.fired = True
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cancel(self):
+        self.timer.cancel()
+        with self.lock:
+            self.done = True
+            for sock in self.sockets:
+                sock.close()
+            self.sockets = []
+
+
+def cuttable_handlers(cutter, context):
+    """urllib handlers for http (and https with `context`) whose connections
+    `cutter` watches."""
+    import http.client
+    import urllib.request
+
+    def watched(connection_class):
+        def make(host, **kwargs):
+            connection = connection_class(host, **kwargs)
+            if cutter is not None:
+                connection._create_connection = cutter.watch(connection._create_connection)
+            return connection
+        return make
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(watched(http.client.HTTPConnection), req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(watched(http.client.HTTPSConnection), req, context=context)
+    return [HTTPHandler(), HTTPSHandler(context=context)]
 
 
 def http_exceptions():
@@ -2268,6 +2349,8 @@ EXEC_SPOOL_WAIT = 0.5
 # SIGHUP first (shells save history, jobs get told); SIGKILL after this
 HANGUP_GRACE = 0.5
 TERMINAL_IDLE_PING = 30.0
+# keystrokes held for a shell that is not reading them (a big paste into `sleep`)
+TERMINAL_INPUT_BUFFER = 1 << 20
 DISABLED_EXEC = "Remote control is disabled."
 DISABLED_TERMINAL = "\n\nWeb SSH is disabled. Enable it by running without the --disable-web-ssh flag."
 # Run by the terminal's child right after setsid(): the pty becomes the
@@ -3103,25 +3186,55 @@ class TerminalSession:
             os.close(self.master)
 
     def pump_input(self):
-        """Socket to pty until the socket ends (EOF, reset or close frame)."""
+        """Socket to pty until the socket ends (EOF, reset or close frame).
+        The pty is written without blocking: keystrokes the shell does not
+        read yet wait in a bounded buffer, so this thread keeps watching the
+        socket and notices at once when the panel drops it."""
+        import select
         import websocket
         self.ws.settimeout(TERMINAL_IDLE_PING)
-        ping_out = False
+        os.set_blocking(self.master, False)
+        pending = bytearray()
+        heard = time.monotonic()
+        ping_out = said_full = False
         while not self.done.is_set():
+            if pending:
+                try:
+                    del pending[:os.write(self.master, pending[:65536])]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return
+            sock = self.ws.sock
+            if sock is None:
+                return
+            buffered = isinstance(sock, ssl.SSLSocket) and sock.pending()
+            if not buffered:
+                silent = time.monotonic() - heard
+                if silent >= TERMINAL_IDLE_PING:
+                    if ping_out:
+                        return  # nothing heard for a whole ping period: the peer is gone
+                    try:
+                        self.ws.ping(b"komari")
+                    except Exception:
+                        return
+                    ping_out, heard = True, time.monotonic()
+                    continue
+                wait = TERMINAL_IDLE_PING - silent
+                try:
+                    readable, _, _ = select.select([sock], [self.master] if pending else [], [],
+                                                   min(wait, 0.5) if pending else wait)
+                except (OSError, ValueError):
+                    return
+                if not readable:
+                    continue
             try:
                 opcode, frame = self.ws.recv_data_frame(True)
             except websocket.WebSocketTimeoutException:
-                if ping_out:
-                    return  # nothing heard for a whole ping period: the peer is gone
-                try:
-                    self.ws.ping(b"komari")
-                except Exception:
-                    return
-                ping_out = True
-                continue
+                continue  # a frame that stalled half-way: the silence clock decides
             except Exception:
                 return
-            ping_out = False
+            heard, ping_out = time.monotonic(), False
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 return
             if opcode == websocket.ABNF.OPCODE_BINARY:
@@ -3130,15 +3243,20 @@ class TerminalSession:
                 action = terminal_input(frame.data)
             else:
                 continue
-            try:
-                if action is None:
-                    continue
-                if action[0] == "resize":
+            if action is None:
+                continue
+            if action[0] == "resize":
+                try:
                     set_window_size(self.master, action[1], action[2])
-                elif action[1]:
-                    write_all(self.master, action[1])
-            except OSError:
-                return
+                except OSError:
+                    return
+            elif len(pending) + len(action[1]) > TERMINAL_INPUT_BUFFER:
+                if not said_full:
+                    said_full = True
+                    log.warning("terminal session %s: the shell is not reading its input; "
+                                "%d bytes of keystrokes dropped", self.request_id[:8], len(action[1]))
+            else:
+                pending += action[1]
 
     def pump_output(self):
         """pty to socket until the shell side closes."""
@@ -3150,6 +3268,8 @@ class TerminalSession:
                     continue
                 try:
                     data = os.read(self.master, 4096)
+                except BlockingIOError:
+                    continue
                 except OSError:
                     data = b""  # EIO: no process holds the pty any more
                 if not data:
@@ -3356,12 +3476,24 @@ class Tasks:
             return self.refuse_terminal(url, "\r\nRefused: %d terminal sessions are already open on this server "
                                         "(--max-terminals %d). Close one and try again.\r\n"
                                         % (self.cfg.max_terminals, self.cfg.max_terminals))
+        freed = []
+
+        def free_slot(session=None):
+            # at the session's end, not when its threads are done: a dropped
+            # link must never keep a slot
+            with self.lock:
+                if session is not None:
+                    self.terminals.discard(session)
+                if freed:
+                    return
+                freed.append(True)
+            self.terminal_slots.release()
         try:
             ws = self.dial_terminal(url)
             if ws is not None:
-                TerminalSession(ws, request_id, self.terminal_started, self.terminal_ended).run()
+                TerminalSession(ws, request_id, self.terminal_started, free_slot).run()
         finally:
-            self.terminal_slots.release()
+            free_slot()
 
     def dial_terminal(self, url):
         try:
@@ -3386,10 +3518,6 @@ class Tasks:
             closing = self.closing
         if closing:
             session.end()
-
-    def terminal_ended(self, session):
-        with self.lock:
-            self.terminals.discard(session)
 
     def shutdown(self):
         """Called once on SIGTERM/SIGINT: every running command and terminal
