@@ -1821,10 +1821,11 @@ def test_big_paste_into_a_busy_shell_then_a_dropped_link_ends_the_session(panel,
     agent = start_agent("--max-terminals", "1")
     term = open_terminal(panel, terminal_peer, "g" * 32)
     try:
-        term.send_keys("echo pid-$$; sleep 67.1\r")
+        # no echo: nothing comes out of the pty that could reveal the lost socket
+        term.send_keys("stty -echo; echo pid-$$; sleep 67.1\r")
         shell = int(term.read_until(rb"pid-(\d+)").group(1))
         wait_until(lambda: live_processes("sleep 67.1"), 10, "the sleep in the foreground")
-        term.conn.send(b"x" * 70000, 2)   # more than the pty takes while nothing reads it
+        term.conn.send(b"echo pasted\r" * 20000, 2)   # 240 KB of lines: more than the pty holds unread
         term.hang_up()
         wait_until(lambda: not session_processes(shell), 5.0, "every process of the terminal session to go")
         agent.wait_log("terminal session gggggggg ended")
