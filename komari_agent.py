@@ -1875,7 +1875,7 @@ class Panel:
     def opener(self, cutter=None):
         """An opener whose connections `cutter` (a ConnectionCutter) can cut."""
         import urllib.request
-        if self._opener is None:
+        if self._opener is None:  # kept here: the TLS context (False for an http panel)
             # loading the CA store costs megabytes: only for an https panel
             self._opener = tls_context(self.cfg) if self.endpoint.startswith("https") else False
         return urllib.request.build_opener(*cuttable_handlers(cutter, self._opener or None))
@@ -1900,11 +1900,11 @@ class Panel:
         except urllib.error.URLError as e:
             reason = e.reason
             if cutter.fired:
-                raise socket.timeout("no complete answer within %gs" % timeout)
+                raise cutter.timeout()
             raise reason if isinstance(reason, OSError) else OSError(str(reason))
         except (OSError, ValueError, http_exceptions()) as e:
             if cutter.fired:
-                raise socket.timeout("no complete answer within %gs" % timeout)
+                raise cutter.timeout()
             if isinstance(e, OSError):
                 raise
             raise OSError("bad HTTP exchange: %s" % type(e).__name__)
@@ -1931,6 +1931,7 @@ class ConnectionCutter:
     however slowly the peer trickles (a socket timeout counts per read)."""
 
     def __init__(self, seconds):
+        self.seconds = seconds
         self.lock = threading.Lock()
         self.sockets = []  # duplicates: shutting one down ends the connection, never a reused fd
         self.fired = self.done = False
@@ -1958,6 +1959,10 @@ class ConnectionCutter:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def timeout(self):
+        import errno
+        return socket.timeout(errno.ETIMEDOUT, "no complete answer within %gs" % self.seconds)
 
     def cancel(self):
         self.timer.cancel()
@@ -2351,6 +2356,7 @@ HANGUP_GRACE = 0.5
 TERMINAL_IDLE_PING = 30.0
 # keystrokes held for a shell that is not reading them (a big paste into `sleep`)
 TERMINAL_INPUT_BUFFER = 1 << 20
+DROPPED_INPUT_LOG = OncePer()  # once per terminal session
 DISABLED_EXEC = "Remote control is disabled."
 DISABLED_TERMINAL = "\n\nWeb SSH is disabled. Enable it by running without the --disable-web-ssh flag."
 # Run by the terminal's child right after setsid(): the pty becomes the
@@ -2907,7 +2913,7 @@ def response_head(sock, deadline, limit=65536):
     non-blocking (TLS or plain) socket by `deadline`: a server that trickles
     its answer a byte at a time still cannot hold the probe longer."""
     head = b""
-    while b"\r\n\r\n" not in head:
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
         try:
             data = sock.recv(4096)
         except (ssl.SSLWantReadError, BlockingIOError):
@@ -2939,7 +2945,7 @@ def http_get_ms(cfg, target, timeout=PROBE_TIMEOUT):
     connect and TLS included), all within one deadline of `timeout` s; None
     unless the status is 2xx/3xx. Redirects are not followed and no proxy is
     used."""
-    from urllib.parse import urlsplit
+    from urllib.parse import quote, urlsplit
     try:
         parts = urlsplit(http_probe_url(target))
         host, secure = parts.hostname, parts.scheme.lower() == "https"
@@ -2954,7 +2960,8 @@ def http_get_ms(cfg, target, timeout=PROBE_TIMEOUT):
     if found is None:
         return None
     family, address = found
-    path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    path = quote((parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                 safe="!#$%&'()*+,/:;=?@[]~", errors="replace")  # non-ASCII as UTF-8 %xx
     if re.search(r"[\x00-\x20\x7f]", path + host):
         return None  # it would break the request line or smuggle a header
     try:
@@ -2967,7 +2974,7 @@ def http_get_ms(cfg, target, timeout=PROBE_TIMEOUT):
     host_header = (b"[%s]" % host_name if b":" in host_name else host_name) + \
         (b"" if parts.port is None else b":%d" % port)
     request = b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: komari-agent-py/%s\r\nAccept: */*\r\n" \
-        b"Connection: close\r\n\r\n" % (path.encode("utf-8", "replace"), host_header, __version__.encode())
+        b"Connection: close\r\n\r\n" % (path.encode("ascii"), host_header, __version__.encode())
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         remaining = deadline - time.monotonic()
@@ -3087,6 +3094,18 @@ def write_all(fd, data):
         data = data[os.write(fd, data):]
 
 
+def write_some(fd, pending):
+    """Write what the non-blocking `fd` takes now from the bytearray
+    `pending`, and remove that from it; False when the fd is gone."""
+    try:
+        del pending[:os.write(fd, pending[:65536])]
+    except BlockingIOError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
 def terminal_input(text):
     """What a text frame means: ("resize", rows, cols), ("keys", bytes) or
     None to ignore. A text frame that is not a JSON object is typed as it is."""
@@ -3196,15 +3215,10 @@ class TerminalSession:
         os.set_blocking(self.master, False)
         pending = bytearray()
         heard = time.monotonic()
-        ping_out = said_full = False
+        ping_out = False
         while not self.done.is_set():
-            if pending:
-                try:
-                    del pending[:os.write(self.master, pending[:65536])]
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    return
+            if pending and not write_some(self.master, pending):
+                return
             sock = self.ws.sock
             if sock is None:
                 return
@@ -3235,28 +3249,32 @@ class TerminalSession:
             except Exception:
                 return
             heard, ping_out = time.monotonic(), False
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
+            if opcode == websocket.ABNF.OPCODE_CLOSE or not self.take_input(opcode, frame.data, pending):
                 return
-            if opcode == websocket.ABNF.OPCODE_BINARY:
-                action = ("keys", frame.data)
-            elif opcode == websocket.ABNF.OPCODE_TEXT:
-                action = terminal_input(frame.data)
-            else:
-                continue
-            if action is None:
-                continue
-            if action[0] == "resize":
-                try:
-                    set_window_size(self.master, action[1], action[2])
-                except OSError:
-                    return
-            elif len(pending) + len(action[1]) > TERMINAL_INPUT_BUFFER:
-                if not said_full:
-                    said_full = True
-                    log.warning("terminal session %s: the shell is not reading its input; "
-                                "%d bytes of keystrokes dropped", self.request_id[:8], len(action[1]))
-            else:
-                pending += action[1]
+
+    def take_input(self, opcode, data, pending):
+        """Apply one frame from the browser: a resize now, keystrokes onto
+        `pending` (up to TERMINAL_INPUT_BUFFER). False when the pty is gone."""
+        import websocket
+        if opcode == websocket.ABNF.OPCODE_BINARY:
+            action = ("keys", data)
+        elif opcode == websocket.ABNF.OPCODE_TEXT:
+            action = terminal_input(data)
+        else:
+            return True
+        if action is None:
+            return True
+        if action[0] == "resize":
+            try:
+                set_window_size(self.master, action[1], action[2])
+            except OSError:
+                return False
+        elif len(pending) + len(action[1]) <= TERMINAL_INPUT_BUFFER:
+            pending += action[1]
+        elif DROPPED_INPUT_LOG(self.request_id):
+            log.warning("terminal session %s: the shell is not reading its input; keystrokes beyond "
+                        "%d KiB are dropped", self.request_id[:8], TERMINAL_INPUT_BUFFER >> 10)
+        return True
 
     def pump_output(self):
         """pty to socket until the shell side closes."""
@@ -3437,8 +3455,10 @@ class Tasks:
             return http_get_ms(self.cfg, target)
         if kind == "icmp":
             parsed = split_host_port(target)
-            found = first_address(self.cfg, parsed[0] if parsed else target)
-            return None if found is None else self.icmp(found[0], found[1])
+            deadline = time.monotonic() + PROBE_TIMEOUT
+            found = first_address(self.cfg, parsed[0] if parsed else target, deadline)
+            remaining = deadline - time.monotonic()
+            return None if found is None or remaining <= 0 else self.icmp(found[0], found[1], remaining)
         if self.refusal_log(("ping-type", kind[:20])):
             log.warning("unsupported ping type %r; reporting loss", kind[:20])
         return None
