@@ -3389,7 +3389,8 @@ class Tasks:
                 text, code, timed_out = run_command(command, self.cfg.exec_timeout, self.cfg.exec_max_output,
                                                     started=self.exec_started)
                 if timed_out:
-                    log.warning("remote command %s timed out after %gs and was killed", task_id[:40], self.cfg.exec_timeout)
+                    log.warning("remote command %s timed out after %gs and was killed",
+                                task_id[:40], self.cfg.exec_timeout)
                 elif self.closing and code == -1:
                     text += "%s[komari-agent: the agent was stopped; the command's process group was killed]" \
                         % ("\n" if text and not text.endswith("\n") else "")
