@@ -191,7 +191,9 @@ OPTIONS = [
            "the official agent's Windows warning helper: exits at once (status 0) elsewhere"),
     Option("state_dir", ("--state-dir",), "str", "", "where traffic totals and unsent results are kept"),
     Option("exec_timeout", ("--exec-timeout",), "float", 3600.0,
-           "seconds before a remote command is killed (default 3600; 0 = never)", check=_not_negative),
+           "seconds before a remote command is killed (default 3600; 0 = never). While its shell runs, a "
+           "timeout or the agent stopping kills the shell's whole process group; background jobs still "
+           "running after the shell has exited (daemons started with &) are left alone", check=_not_negative),
     Option("exec_max_output", ("--exec-max-output",), "int", 1048576,
            "bytes of command output kept (head and tail; default 1 MiB)", check=_positive),
     Option("max_execs", ("--max-execs",), "int", 8, "remote commands running at once (default 8)", check=_positive),
@@ -2332,34 +2334,48 @@ class Panel:
         url = self.url(path, **query)
         return "ws" + url[4:] if url.startswith("http") else url
 
-    def opener(self):
-        if self._opener is None:
-            import urllib.request
+    def opener(self, cutter=None):
+        """An opener whose connections `cutter` (a ConnectionCutter) can cut."""
+        import urllib.request
+        if self._opener is None:  # kept here: the TLS context (False for an http panel)
             # loading the CA store costs megabytes: only for an https panel
-            tls = [urllib.request.HTTPSHandler(context=tls_context(self.cfg))] if self.endpoint.startswith("https") else []
-            if self.cfg.custom_dns:
-                tls = resolving_handlers(self.cfg, self.endpoint.startswith("https"))
-            self._opener = urllib.request.build_opener(*tls)
-        return self._opener
+            self._opener = tls_context(self.cfg) if self.endpoint.startswith("https") else False
+        dial = None
+        if self.cfg.custom_dns:  # the panel's name through --custom-dns too
+            def dial(address, timeout=None, source_address=None):
+                return dial_tcp(self.cfg, address[0], address[1], timeout)
+        return urllib.request.build_opener(*cuttable_handlers(cutter, self._opener or None, dial))
 
     def exchange(self, url, obj, headers=(), limit=1 << 20, timeout=HTTP_TIMEOUT):
         """POST obj as JSON to url; (status, body) whatever the status, or
-        OSError when the panel could not be reached."""
+        OSError when the panel could not be reached. `timeout` bounds the
+        whole exchange, not each read: a panel or proxy that trickles its
+        answer is cut off."""
         import urllib.error
         import urllib.request
         request = urllib.request.Request(url, data=encode(obj).encode("utf-8"), method="POST",
                                          headers=dict(headers, **{"Content-Type": "application/json",
                                                                   "User-Agent": "komari-agent-py/" + __version__}))
+        cutter = ConnectionCutter(timeout)
         try:
-            with self.opener().open(request, timeout=timeout) as reply:
-                return reply.status, reply.read(limit)
-        except urllib.error.HTTPError as e:
-            return e.code, e.read(4096) if e.fp else b""
+            try:
+                with self.opener(cutter).open(request, timeout=timeout) as reply:
+                    return reply.status, reply.read(limit)
+            except urllib.error.HTTPError as e:
+                return e.code, e.read(4096) if e.fp else b""
         except urllib.error.URLError as e:
             reason = e.reason
+            if cutter.fired:
+                raise cutter.timeout()
             raise reason if isinstance(reason, OSError) else OSError(str(reason))
-        except (ValueError, http_exceptions()) as e:
+        except (OSError, ValueError, http_exceptions()) as e:
+            if cutter.fired:
+                raise cutter.timeout()
+            if isinstance(e, OSError):
+                raise
             raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+        finally:
+            cutter.cancel()
 
     def post_json(self, path, obj, timeout=HTTP_TIMEOUT):
         """POST obj; returns the decoded JSON reply, or raises PanelRefused
@@ -2373,6 +2389,82 @@ class Panel:
         if status != 200 or not isinstance(parsed, dict) or parsed.get("status") != "success":
             raise PanelRefused(status, describe_body(body))
         return parsed
+
+
+class ConnectionCutter:
+    """One overall deadline for an HTTP exchange: when it passes, the
+    connections opened for the exchange are shut down, which ends any read
+    however slowly the peer trickles (a socket timeout counts per read)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.sockets = []  # duplicates: shutting one down ends the connection, never a reused fd
+        self.fired = self.done = False
+        self.timer = threading.Timer(seconds, self.fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def watch(self, create_connection):
+        def create(*args, **kwargs):
+            sock = create_connection(*args, **kwargs)
+            with self.lock:
+                if not self.done:
+                    self.sockets.append(sock.dup())
+                fired = self.fired
+            if fired:
+                sock.shutdown(socket.SHUT_RDWR)
+            return sock
+        return create
+
+    def fire(self):
+        with self.lock:
+            self.fired = True
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def timeout(self):
+        import errno
+        return socket.timeout(errno.ETIMEDOUT, "no complete answer within %gs" % self.seconds)
+
+    def cancel(self):
+        self.timer.cancel()
+        with self.lock:
+            self.done = True
+            for sock in self.sockets:
+                sock.close()
+            self.sockets = []
+
+
+def cuttable_handlers(cutter, context, dial=None):
+    """urllib handlers for http (and https with `context`) whose connections
+    `cutter` watches, dialled by `dial` (socket.create_connection's
+    signature) when one is given. A proxy (CONNECT tunnel) is dialled the
+    same way."""
+    import http.client
+    import urllib.request
+
+    def watched(connection_class):
+        def make(host, **kwargs):
+            connection = connection_class(host, **kwargs)
+            if dial is not None:
+                connection._create_connection = dial
+            if cutter is not None:
+                connection._create_connection = cutter.watch(connection._create_connection)
+            return connection
+        return make
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(watched(http.client.HTTPConnection), req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(watched(http.client.HTTPSConnection), req, context=context)
+    return [HTTPHandler(), HTTPSHandler(context=context)]
 
 
 def http_exceptions():
@@ -2607,35 +2699,6 @@ def dial_tcp(cfg, host, port, timeout):
     raise error
 
 
-def resolving_handlers(cfg, secure):
-    """urllib handlers whose connections dial through dial_tcp, so that
-    --custom-dns also resolves the panel's name for HTTP uploads. A proxy
-    (CONNECT tunnel) is dialled the same way."""
-    import http.client
-    import urllib.request
-
-    class Plain(http.client.HTTPConnection):
-        def connect(self):
-            self.sock = dial_tcp(cfg, self.host, self.port, self.timeout)
-            if self._tunnel_host:
-                self._tunnel()
-
-    class Secure(http.client.HTTPSConnection):
-        def connect(self):
-            Plain.connect(self)
-            self.sock = self._context.wrap_socket(self.sock, server_hostname=self._tunnel_host or self.host)
-
-    class PlainHandler(urllib.request.HTTPHandler):
-        def http_open(self, request):
-            return self.do_open(Plain, request)
-
-    class SecureHandler(urllib.request.HTTPSHandler):
-        def https_open(self, request):
-            return self.do_open(Secure, request, context=self._context)
-
-    return [PlainHandler()] + ([SecureHandler(context=tls_context(cfg))] if secure else [])
-
-
 def handshake_problem(error):
     """One line explaining a failed WebSocket dial."""
     status = getattr(error, "status_code", None)
@@ -2765,12 +2828,21 @@ PROBE_TIMEOUT = 3.0
 # a probe slower than this is measured again (a lost SYN or packet inflates one try)
 HIGH_LATENCY_MS = 1000.0
 MAX_PROBES = 32
+# so that one slow target cannot hold every probe slot
+MAX_PROBES_PER_TARGET = 8
+# probes waiting for a slot (up to PROBE_TIMEOUT); beyond this they report loss at once
+MAX_PROBES_WAITING = 64
 # after the shell of an exec exits, how long background jobs that still hold
 # its output may keep it open before the result is sent without them
 EXEC_LINGER = 2.0
+# at shutdown, how long the threads of killed commands get to spool their results
+EXEC_SPOOL_WAIT = 0.5
 # SIGHUP first (shells save history, jobs get told); SIGKILL after this
 HANGUP_GRACE = 0.5
 TERMINAL_IDLE_PING = 30.0
+# keystrokes held for a shell that is not reading them (a big paste into `sleep`)
+TERMINAL_INPUT_BUFFER = 1 << 20
+DROPPED_INPUT_LOG = OncePer()  # once per terminal session
 DISABLED_EXEC = "Remote control is disabled."
 DISABLED_TERMINAL = "\n\nWeb SSH is disabled. Enable it by running without the --disable-web-ssh flag."
 # Run by the terminal's child right after setsid(): the pty becomes the
@@ -2782,6 +2854,23 @@ CTTY_SHIM = ("import fcntl,os,sys,termios\n"
              "os.execv(sys.argv[1],sys.argv[2:])\n")
 
 
+# JSON may carry a lone UTF-16 surrogate ("\ud800") that UTF-8 cannot
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_strings(value):
+    """Decoded JSON with every lone surrogate in its strings (keys too)
+    replaced by U+FFFD, as Go's decoder does: whatever the panel sent can then
+    be logged, spooled and echoed back without a UnicodeEncodeError."""
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {clean_strings(k): clean_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_strings(v) for v in value]
+    return value
+
+
 def parse_event(data):
     """The event dict from a frame, or None (with the reason logged) when the
     frame is not a JSON object."""
@@ -2790,7 +2879,7 @@ def parse_event(data):
         return None
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        event = json.loads(text)
+        event = clean_strings(json.loads(text))
     except (ValueError, RecursionError, UnicodeDecodeError) as e:
         log.warning("skipping a message from the panel that is not JSON (%s)", type(e).__name__)
         return None
@@ -2932,8 +3021,9 @@ def feed_stdin(pipe, data):
 
 def run_command(command, timeout, limit, started=None):
     """Run `command` as a script for `sh -s` in a new session and process
-    group. Returns (output text, exit code, timed out); the whole group is
-    killed at the timeout (0 = none)."""
+    group. Returns (output text, exit code, timed out); while the shell runs,
+    the timeout (0 = none) kills its whole group. Background jobs still
+    running after the shell exits are left alone."""
     import selectors
     import subprocess
     try:
@@ -2955,13 +3045,16 @@ def run_command(command, timeout, limit, started=None):
         timed_out = False
         while selector.get_map():
             now = time.monotonic()
+            if linger_until is None and proc.poll() is not None:
+                linger_until = now + EXEC_LINGER
+                # the shell is done: jobs it left running are the user's
+                # (daemons started this way), not ours to time out
+                deadline = None
             if deadline is not None and now >= deadline:
                 timed_out = True
                 deadline = None
                 end_session(proc.pid, grace=0)
                 linger_until = now + 1.0  # collect what the killed group had written
-            if linger_until is None and proc.poll() is not None:
-                linger_until = now + EXEC_LINGER
             if linger_until is not None and now >= linger_until:
                 break
             wake = min(t for t in (deadline, linger_until, now + 0.25) if t is not None)
@@ -3111,9 +3204,10 @@ def dns_lookup(server, name, qtype, timeout=2.0):
                     raise
 
 
-def probe_addresses(cfg, host):
+def probe_addresses(cfg, host, deadline=None):
     """[(family, address)] for a probe target, preferred family first:
-    --custom-dns when set (UDP A/AAAA query), else the system resolver."""
+    --custom-dns when set (UDP A/AAAA queries, within `deadline`), else the
+    system resolver."""
     host = host.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -3129,7 +3223,8 @@ def probe_addresses(cfg, host):
         for qtype in ((28, 1) if want_v6 else (1, 28)):
             try:
                 family = socket.AF_INET if qtype == 1 else socket.AF_INET6
-                found = [(family, a) for a in dns_lookup(server, host, qtype)]
+                timeout = 2.0 if deadline is None else min(2.0, deadline - time.monotonic())
+                found = [(family, a) for a in dns_lookup(server, host, qtype, timeout)] if timeout > 0 else []
             except (OSError, ValueError) as e:
                 log.debug("DNS query for a probe target failed: %s", e)
             if found:
@@ -3143,9 +3238,9 @@ def probe_addresses(cfg, host):
     return found
 
 
-def first_address(cfg, host):
+def first_address(cfg, host, deadline=None):
     try:
-        found = probe_addresses(cfg, host)
+        found = probe_addresses(cfg, host, deadline)
     except (OSError, ValueError, UnicodeError):
         return None
     return found[0] if found else None
@@ -3261,12 +3356,13 @@ def tcp_connect_ms(cfg, target, timeout=PROBE_TIMEOUT):
     parsed = split_host_port(target)
     if parsed is None:
         return None
-    found = first_address(cfg, parsed[0])
-    if found is None:
+    deadline = time.monotonic() + timeout
+    found = first_address(cfg, parsed[0], deadline)
+    if found is None or time.monotonic() >= deadline:
         return None
     family, address = found
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock.settimeout(deadline - time.monotonic())
     try:
         start = time.monotonic()
         sock.connect((address, parsed[1]))
@@ -3289,12 +3385,53 @@ def http_probe_url(target):
     return "http://" + text
 
 
+def wait_ready(sock, deadline, write=False):
+    """Until `sock` can be read (or written); socket.timeout past `deadline`."""
+    import select
+    remaining = deadline - time.monotonic()
+    ready = remaining > 0 and select.select([] if write else [sock], [sock] if write else [], [], remaining)
+    if not ready or not (ready[0] or ready[1]):
+        raise socket.timeout("probe deadline")
+
+
+def response_head(sock, deadline, limit=65536):
+    """The bytes of an HTTP response up to the end of its headers, read from a
+    non-blocking (TLS or plain) socket by `deadline`: a server that trickles
+    its answer a byte at a time still cannot hold the probe longer."""
+    head = b""
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+        try:
+            data = sock.recv(4096)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            wait_ready(sock, deadline)
+            continue
+        except ssl.SSLWantWriteError:
+            wait_ready(sock, deadline, write=True)
+            continue
+        if not data or len(head) > limit:
+            raise ValueError("no complete response head")
+        head += data
+        if time.monotonic() > deadline:
+            raise socket.timeout("probe deadline")
+    return head
+
+
+def tls_handshake(sock, deadline):
+    while True:
+        try:
+            return sock.do_handshake()
+        except ssl.SSLWantReadError:
+            wait_ready(sock, deadline)
+        except ssl.SSLWantWriteError:
+            wait_ready(sock, deadline, write=True)
+
+
 def http_get_ms(cfg, target, timeout=PROBE_TIMEOUT):
     """Milliseconds until the response headers of a GET (name lookup,
-    connect and TLS included); None unless the status is 2xx/3xx.
-    Redirects are not followed and no proxy is used."""
-    import http.client
-    from urllib.parse import urlsplit
+    connect and TLS included), all within one deadline of `timeout` s; None
+    unless the status is 2xx/3xx. Redirects are not followed and no proxy is
+    used."""
+    from urllib.parse import quote, urlsplit
     try:
         parts = urlsplit(http_probe_url(target))
         host, secure = parts.hostname, parts.scheme.lower() == "https"
@@ -3305,33 +3442,91 @@ def http_get_ms(cfg, target, timeout=PROBE_TIMEOUT):
         return None
     start = time.monotonic()
     deadline = start + timeout
-    found = first_address(cfg, host)
+    found = first_address(cfg, host, deadline)
     if found is None:
         return None
     family, address = found
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    conn = None
+    path = quote((parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                 safe="!#$%&'()*+,/:;=?@[]~", errors="replace")  # non-ASCII as UTF-8 %xx
+    if re.search(r"[\x00-\x20\x7f]", path + host):
+        return None  # it would break the request line or smuggle a header
     try:
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        host_name = host.encode("ascii")
+    except UnicodeError:
+        try:
+            host_name = host.encode("idna")
+        except UnicodeError:
+            return None
+    host_header = (b"[%s]" % host_name if b":" in host_name else host_name) + \
+        (b"" if parts.port is None else b":%d" % port)
+    request = b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: komari-agent-py/%s\r\nAccept: */*\r\n" \
+        b"Connection: close\r\n\r\n" % (path.encode("ascii"), host_header, __version__.encode())
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        sock.settimeout(remaining)
         sock.connect((address, port))
         if secure:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+        sock.settimeout(0.0)
+        if secure:
+            tls_handshake(sock, deadline)
         sock.settimeout(max(0.05, deadline - time.monotonic()))
-        connection_class = http.client.HTTPSConnection if secure else http.client.HTTPConnection
-        conn = connection_class(host, port, timeout=timeout)
-        conn.sock = sock  # already connected to the address we resolved
-        conn.request("GET", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
-                     headers={"User-Agent": "komari-agent-py/" + __version__, "Connection": "close"})
-        status = conn.getresponse().status
+        sock.sendall(request)  # a few hundred bytes: the socket buffer takes them at once
+        sock.settimeout(0.0)
+        head = response_head(sock, deadline)
         elapsed = (time.monotonic() - start) * 1000
-    except (OSError, ValueError, http.client.HTTPException):
+    except (OSError, ValueError):
         return None
     finally:
-        (conn or sock).close()
         sock.close()
-    if not 200 <= status < 400 or elapsed > timeout * 1000:
+    status = re.match(rb"HTTP/\d(?:\.\d)? (\d{3})[ \r]", head)
+    if status is None or not 200 <= int(status.group(1)) < 400 or elapsed > timeout * 1000:
         return None
     return elapsed
+
+
+class ProbeSlots:
+    """Admits at most MAX_PROBES + MAX_PROBES_WAITING probes; of those, at
+    most MAX_PROBES run at once and at most MAX_PROBES_PER_TARGET against one
+    target, so a target that answers slowly never takes the others' slots.
+    A probe that finds no slot waits for one up to PROBE_TIMEOUT."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.admitted = 0
+        self.running = 0
+        self.per_target = {}
+
+    def admit(self):
+        with self.cond:
+            if self.admitted >= MAX_PROBES + MAX_PROBES_WAITING:
+                return False
+            self.admitted += 1
+            return True
+
+    def start(self, target, timeout=PROBE_TIMEOUT):
+        """True once the probe may run; False when no slot came free in time."""
+        def free():
+            return self.running < MAX_PROBES and self.per_target.get(target, 0) < MAX_PROBES_PER_TARGET
+        with self.cond:
+            if not self.cond.wait_for(free, timeout):
+                return False
+            self.running += 1
+            self.per_target[target] = self.per_target.get(target, 0) + 1
+            return True
+
+    def finish(self, target, started):
+        with self.cond:
+            self.admitted -= 1
+            if started:
+                self.running -= 1
+                self.per_target[target] -= 1
+                if not self.per_target[target]:
+                    del self.per_target[target]
+            self.cond.notify_all()
 
 
 def settle_latency(measure, kind):
@@ -3426,6 +3621,18 @@ def write_all(fd, data):
         data = data[os.write(fd, data):]
 
 
+def write_some(fd, pending):
+    """Write what the non-blocking `fd` takes now from the bytearray
+    `pending`, and remove that from it; False when the fd is gone."""
+    try:
+        del pending[:os.write(fd, pending[:65536])]
+    except BlockingIOError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
 def terminal_input(text):
     """What a text frame means: ("resize", rows, cols), ("keys", bytes) or
     None to ignore. A text frame that is not a JSON object is typed as it is."""
@@ -3444,7 +3651,7 @@ def terminal_input(text):
             return ("resize", rows, cols)
         return None
     if kind == "input" and isinstance(message.get("input"), str) and message["input"]:
-        return ("keys", message["input"].encode("utf-8"))
+        return ("keys", clean_strings(message["input"]).encode("utf-8"))
     return None  # heartbeat, close and kinds we do not know are never typed
 
 
@@ -3525,42 +3732,76 @@ class TerminalSession:
             os.close(self.master)
 
     def pump_input(self):
-        """Socket to pty until the socket ends (EOF, reset or close frame)."""
+        """Socket to pty until the socket ends (EOF, reset or close frame).
+        The pty is written without blocking: keystrokes the shell does not
+        read yet wait in a bounded buffer, so this thread keeps watching the
+        socket and notices at once when the panel drops it."""
+        import select
         import websocket
         self.ws.settimeout(TERMINAL_IDLE_PING)
+        os.set_blocking(self.master, False)
+        pending = bytearray()
+        heard = time.monotonic()
         ping_out = False
         while not self.done.is_set():
+            if pending and not write_some(self.master, pending):
+                return
+            sock = self.ws.sock
+            if sock is None:
+                return
+            buffered = isinstance(sock, ssl.SSLSocket) and sock.pending()
+            if not buffered:
+                silent = time.monotonic() - heard
+                if silent >= TERMINAL_IDLE_PING:
+                    if ping_out:
+                        return  # nothing heard for a whole ping period: the peer is gone
+                    try:
+                        self.ws.ping(b"komari")
+                    except Exception:
+                        return
+                    ping_out, heard = True, time.monotonic()
+                    continue
+                wait = TERMINAL_IDLE_PING - silent
+                try:
+                    readable, _, _ = select.select([sock], [self.master] if pending else [], [],
+                                                   min(wait, 0.5) if pending else wait)
+                except (OSError, ValueError):
+                    return
+                if not readable:
+                    continue
             try:
                 opcode, frame = self.ws.recv_data_frame(True)
             except websocket.WebSocketTimeoutException:
-                if ping_out:
-                    return  # nothing heard for a whole ping period: the peer is gone
-                try:
-                    self.ws.ping(b"komari")
-                except Exception:
-                    return
-                ping_out = True
-                continue
+                continue  # a frame that stalled half-way: the silence clock decides
             except Exception:
                 return
-            ping_out = False
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
+            heard, ping_out = time.monotonic(), False
+            if opcode == websocket.ABNF.OPCODE_CLOSE or not self.take_input(opcode, frame.data, pending):
                 return
-            if opcode == websocket.ABNF.OPCODE_BINARY:
-                action = ("keys", frame.data)
-            elif opcode == websocket.ABNF.OPCODE_TEXT:
-                action = terminal_input(frame.data)
-            else:
-                continue
+
+    def take_input(self, opcode, data, pending):
+        """Apply one frame from the browser: a resize now, keystrokes onto
+        `pending` (up to TERMINAL_INPUT_BUFFER). False when the pty is gone."""
+        import websocket
+        if opcode == websocket.ABNF.OPCODE_BINARY:
+            action = ("keys", data)
+        elif opcode == websocket.ABNF.OPCODE_TEXT:
+            action = terminal_input(data)
+        else:
+            return True
+        if action is None:
+            return True
+        if action[0] == "resize":
             try:
-                if action is None:
-                    continue
-                if action[0] == "resize":
-                    set_window_size(self.master, action[1], action[2])
-                elif action[1]:
-                    write_all(self.master, action[1])
+                set_window_size(self.master, action[1], action[2])
             except OSError:
-                return
+                return False
+        elif len(pending) + len(action[1]) <= TERMINAL_INPUT_BUFFER:
+            pending += action[1]
+        elif DROPPED_INPUT_LOG(self.request_id):
+            log.warning("terminal session %s: the shell is not reading its input; keystrokes beyond "
+                        "%d KiB are dropped", self.request_id[:8], TERMINAL_INPUT_BUFFER >> 10)
+        return True
 
     def pump_output(self):
         """pty to socket until the shell side closes."""
@@ -3572,6 +3813,8 @@ class TerminalSession:
                     continue
                 try:
                     data = os.read(self.master, 4096)
+                except BlockingIOError:
+                    continue
                 except OSError:
                     data = b""  # EIO: no process holds the pty any more
                 if not data:
@@ -3612,10 +3855,12 @@ class Tasks:
         self.refusal_log = OncePer(60.0)
         self.lock = threading.Lock()
         self.execs = {}        # pid -> Popen of running commands
+        self.exec_threads = 0  # commands whose result is not spooled yet
+        self.execs_done = threading.Condition(self.lock)
         self.terminals = set()  # live TerminalSession objects
         self.exec_slots = threading.BoundedSemaphore(self.cfg.max_execs)
         self.terminal_slots = threading.BoundedSemaphore(self.cfg.max_terminals)
-        self.probe_slots = threading.BoundedSemaphore(MAX_PROBES)
+        self.probe_slots = ProbeSlots()
         self.request_ids = {}   # terminal request ids already answered (a bounded, ordered set)
         self.icmp = IcmpProber()
         self.closing = False
@@ -3659,22 +3904,33 @@ class Tasks:
             log.warning("refused remote command %s: %d already running (--max-execs)", task_id[:40], self.cfg.max_execs)
             return self.finish_exec(task_id, "Refused: %d commands are already running on this server (--max-execs %d)."
                                     % (self.cfg.max_execs, self.cfg.max_execs), -1)
+        with self.lock:
+            self.exec_threads += 1
         self.spawn("exec", self.run_exec, task_id, command)
 
     def run_exec(self, task_id, command):
         try:
-            log.info("running remote command %s (%d bytes)", task_id[:40], len(command))
-            log.debug("remote command %s: %r", task_id[:40], command[:500])
-            text, code, timed_out = run_command(command, self.cfg.exec_timeout, self.cfg.exec_max_output,
-                                                started=self.exec_started)
-            if timed_out:
-                log.warning("remote command %s timed out after %gs and was killed", task_id[:40], self.cfg.exec_timeout)
-        except Exception as e:
-            log.exception("remote command %s failed", task_id[:40])
-            text, code = "komari-agent: the command could not be run (%s)" % type(e).__name__, -1
+            try:
+                log.info("running remote command %s (%d bytes)", task_id[:40], len(command))
+                log.debug("remote command %s: %r", task_id[:40], command[:500])
+                text, code, timed_out = run_command(command, self.cfg.exec_timeout, self.cfg.exec_max_output,
+                                                    started=self.exec_started)
+                if timed_out:
+                    log.warning("remote command %s timed out after %gs and was killed",
+                                task_id[:40], self.cfg.exec_timeout)
+                elif self.closing and code == -1:
+                    text += "%s[komari-agent: the agent was stopped; the command's process group was killed]" \
+                        % ("\n" if text and not text.endswith("\n") else "")
+            except Exception as e:
+                log.exception("remote command %s failed", task_id[:40])
+                text, code = "komari-agent: the command could not be run (%s)" % type(e).__name__, -1
+            finally:
+                self.exec_slots.release()
+            self.finish_exec(task_id, text, code)
         finally:
-            self.exec_slots.release()
-        self.finish_exec(task_id, text, code)
+            with self.lock:
+                self.exec_threads -= 1
+                self.execs_done.notify_all()
 
     def exec_started(self, proc):
         with self.lock:
@@ -3697,20 +3953,26 @@ class Tasks:
             if self.refusal_log("bad-ping"):
                 log.warning("ignoring a malformed ping event (task id %r)", str(task_id)[:20])
             return
-        if not self.probe_slots.acquire(blocking=False):
+        if not self.probe_slots.admit():
             if self.refusal_log("ping-busy"):
-                log.warning("too many ping probes at once (%d); reporting loss", MAX_PROBES)
+                log.warning("too many ping probes at once (%d); reporting loss", MAX_PROBES + MAX_PROBES_WAITING)
             return self.send_ping_result(task_id, kind, -1)
         self.spawn("ping", self.run_probe, task_id, kind, target)
 
     def run_probe(self, task_id, kind, target):
+        slot = (kind.lower(), target.strip().lower())
+        started = False
+        value = -1
         try:
-            value = settle_latency(lambda: self.measure(kind.lower(), target), kind.lower())
+            started = self.probe_slots.start(slot)
+            if started:
+                value = settle_latency(lambda: self.measure(kind.lower(), target), kind.lower())
+            elif self.refusal_log("ping-wait"):
+                log.warning("no free ping probe slot within %gs (a slow target?); reporting loss", PROBE_TIMEOUT)
         except Exception:
             log.exception("ping probe %d failed", task_id)
-            value = -1
         finally:
-            self.probe_slots.release()
+            self.probe_slots.finish(slot, started)
         self.send_ping_result(task_id, kind, value)
 
     def measure(self, kind, target):
@@ -3721,8 +3983,10 @@ class Tasks:
             return http_get_ms(self.cfg, target)
         if kind == "icmp":
             parsed = split_host_port(target)
-            found = first_address(self.cfg, parsed[0] if parsed else target)
-            return None if found is None else self.icmp(found[0], found[1])
+            deadline = time.monotonic() + PROBE_TIMEOUT
+            found = first_address(self.cfg, parsed[0] if parsed else target, deadline)
+            remaining = deadline - time.monotonic()
+            return None if found is None or remaining <= 0 else self.icmp(found[0], found[1], remaining)
         if self.refusal_log(("ping-type", kind[:20])):
             log.warning("unsupported ping type %r; reporting loss", kind[:20])
         return None
@@ -3760,12 +4024,24 @@ class Tasks:
             return self.refuse_terminal(url, "\r\nRefused: %d terminal sessions are already open on this server "
                                         "(--max-terminals %d). Close one and try again.\r\n"
                                         % (self.cfg.max_terminals, self.cfg.max_terminals))
+        freed = []
+
+        def free_slot(session=None):
+            # at the session's end, not when its threads are done: a dropped
+            # link must never keep a slot
+            with self.lock:
+                if session is not None:
+                    self.terminals.discard(session)
+                if freed:
+                    return
+                freed.append(True)
+            self.terminal_slots.release()
         try:
             ws = self.dial_terminal(url)
             if ws is not None:
-                TerminalSession(ws, request_id, self.terminal_started, self.terminal_ended).run()
+                TerminalSession(ws, request_id, self.terminal_started, free_slot).run()
         finally:
-            self.terminal_slots.release()
+            free_slot()
 
     def dial_terminal(self, url):
         try:
@@ -3791,10 +4067,6 @@ class Tasks:
         if closing:
             session.end()
 
-    def terminal_ended(self, session):
-        with self.lock:
-            self.terminals.discard(session)
-
     def shutdown(self):
         """Called once on SIGTERM/SIGINT: every running command and terminal
         session loses its whole process group (the process is about to exit,
@@ -3812,6 +4084,9 @@ class Tasks:
             time.sleep(0.05)
         for pid in shells + commands:
             end_session(pid, grace=0)
+        # the killed commands' results go to the spool before the process exits
+        with self.lock:
+            self.execs_done.wait_for(lambda: self.exec_threads == 0, EXEC_SPOOL_WAIT)
 
 
 # ---------------------------------------------------------------------------
@@ -4235,10 +4510,16 @@ def return_free_memory():
 
 
 def stop_on_signals():
-    """An Event that SIGTERM and SIGINT set. Only the main thread may install
-    signal handlers."""
+    """An Event that SIGTERM, SIGINT and SIGHUP set: a hangup (the terminal
+    that started the agent closed) is a clean stop like SIGTERM, never a
+    death that orphans commands and loses unsaved totals. A SIGHUP that was
+    ignored when the agent started (nohup) stays ignored. Only the main
+    thread may install signal handlers."""
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+    for signum in (signal.SIGTERM, signal.SIGINT, hangup):
+        if signum is None or signum == hangup and signal.getsignal(signum) == signal.SIG_IGN:
+            continue
         signal.signal(signum, lambda signum, frame: stop.set())
     return stop
 

@@ -2274,6 +2274,146 @@ def test_terminal_command_and_environment_like_the_official_agent(monkeypatch):
     assert "AGENT_TOKEN" not in env
 
 
+# -- hardening (issue 12): paste, deadlines, SIGHUP, surrogates, exec jobs ----------
+
+def test_big_paste_into_a_busy_shell_then_a_dropped_link_ends_the_session(panel, start_agent, terminal_peer):
+    agent = start_agent("--max-terminals", "1")
+    term = open_terminal(panel, terminal_peer, "g" * 32)
+    try:
+        # no echo: nothing comes out of the pty that could reveal the lost socket
+        term.send_keys("stty -echo; echo pid-$$; sleep 67.1\r")
+        shell = int(term.read_until(rb"pid-(\d+)").group(1))
+        wait_until(lambda: live_processes("sleep 67.1"), 10, "the sleep in the foreground")
+        term.conn.send(b"echo pasted\r" * 20000, 2)   # 240 KB of lines: more than the pty holds unread
+        term.hang_up()
+        wait_until(lambda: not session_processes(shell), 5.0, "every process of the terminal session to go")
+        agent.wait_log("terminal session gggggggg ended")
+        # its slot is free again: --max-terminals 1 lets the next session in
+        open_terminal(panel, terminal_peer, "h" * 32)
+    finally:
+        kill_leftovers("sleep 67.1")
+
+
+@pytest.fixture
+def trickler():
+    """An HTTP server on 127.0.0.1 that answers every request with a status
+    line and then endless headers, one byte every 0.1 s: each read is quick,
+    the answer never ends."""
+    done = threading.Event()
+
+    class Trickle(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.recv(65536)
+            answer = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: 1\r\n" * 10000
+            for i in range(len(answer)):
+                if done.wait(0.1):
+                    return
+                try:
+                    self.request.sendall(answer[i:i + 1])
+                except OSError:
+                    return
+
+    class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = 64
+    server = Server(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield server.server_address[1]
+    done.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_trickling_http_targets_neither_outlast_the_deadline_nor_starve_other_probes(panel, start_agent, trickler):
+    start_agent()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        for n in range(1, 41):
+            panel.send_event({"message": "ping", "ping_task_id": n, "ping_type": "http",
+                              "ping_target": "127.0.0.1:%d/slow" % trickler})
+        panel.send_event({"message": "ping", "ping_task_id": 100, "ping_type": "tcp",
+                          "ping_target": "127.0.0.1:%d" % listener.getsockname()[1]})
+        assert ping_value(panel, 100, 10) >= 0
+        # one 3 s deadline per probe (8 at a time to one target, the rest wait up to 3 s for a slot)
+        assert [ping_value(panel, n, 20) for n in range(1, 41)] == [-1] * 40
+    finally:
+        listener.close()
+    assert panel.rejected == []
+
+
+def test_a_trickling_panel_request_ends_at_its_overall_deadline(trickler, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % trickler, "-t", "T"], {})
+    panel = ka.Panel(cfg)
+    outcome = []
+
+    def post():
+        try:
+            outcome.append(panel.exchange(panel.url("/api/clients/task/result"), {"task_id": "t"}, timeout=1.0))
+        except OSError as e:
+            outcome.append(e)
+    worker = threading.Thread(target=post, daemon=True)
+    worker.start()
+    worker.join(15)   # the trickle itself would take 1000 s
+    assert outcome, "the request outlived its 1 s deadline by 14 s"
+    assert isinstance(outcome[0], OSError) and "within 1s" in str(outcome[0])
+
+
+def test_sighup_stops_like_sigterm_and_keeps_the_killed_commands_result(panel, start_agent):
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)   # a test run under nohup must not pass that on
+    try:
+        agent = start_agent()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    try:
+        panel.send_event({"message": "exec", "task_id": "hup", "command": "echo before; sleep 68.1"})
+        wait_until(lambda: live_processes("sleep 68.1"), 10, "the command")
+        agent.proc.send_signal(signal.SIGHUP)
+        assert agent.proc.wait(10) == 0
+        assert live_processes("sleep 68.1") == []
+        spooled = [json.loads(path.read_text()) for path in spool_files(panel)]
+        result = next(r for r in panel.task_results + spooled if r["task_id"] == "hup")
+        assert result["result"].startswith("before\n") and "agent was stopped" in result["result"]
+        assert result["exit_code"] == -1
+    finally:
+        kill_leftovers("sleep 68.1")
+
+
+def test_lone_surrogates_from_the_panel_are_replaced_and_nothing_is_lost(panel, start_agent, terminal_peer):
+    agent = start_agent()
+    panel.send_event('{"message":"exec","task_id":"sur\\ud800","command":"echo ok-$((1+1))"}')
+    panel.send_event('{"message":"ping","ping_task_id":5,"ping_type":"tcp\\udfff","ping_target":"x\\udc00"}')
+    panel.send_event('{"message":"terminal","request_id":"%s\\ud800"}' % ("r" * 31))
+    assert result_for(panel, "sur\ufffd")["result"] == "ok-2\n"
+    result = panel.wait_for(lambda: next((r for r in panel.ping_results if r["task_id"] == 5), None), 10, "ping 5")
+    assert result["ping_type"] == "tcp\ufffd" and result["value"] == -1
+    term = terminal_peer.next_session(0)
+    assert term.conn.query["id"] == ["r" * 31 + "\ufffd"]
+    term.send_control({"type": "input", "input": "echo in-\ud800-$((3+4))\r"})
+    term.read_until(b"in-\xef\xbf\xbd-7")
+    assert len(panel.report_conns) == 1 and panel.rejected == []
+    assert "Traceback" not in agent.log
+
+
+def test_exec_jobs_that_outlive_their_shell_are_left_alone(panel, start_agent):
+    start_agent("--exec-timeout", "1")
+    try:
+        panel.send_event({"message": "exec", "task_id": "daemon", "command": "sleep 69.1 & echo done"})
+        result = result_for(panel, "daemon", 15)
+        # the shell finished at once: its result is its own, and its job (a daemon, say) lives on
+        assert result["exit_code"] == 0 and result["result"] == "done\n"
+        assert live_processes("sleep 69.1")
+    finally:
+        kill_leftovers("sleep 69.1")
+    text = " ".join(run_agent("--help").stdout.decode().split())
+    assert "While its shell runs, a timeout or the agent stopping kills the shell's whole process group" in text
+    assert "after the shell has exited (daemons started with &) are left alone" in text
+
+
 # ---------------------------------------------------------------------------
 # The agent loop, end to end
 # ---------------------------------------------------------------------------
