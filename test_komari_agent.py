@@ -537,7 +537,7 @@ def test_idn_endpoint_is_punycoded():
     (["-e", "http://h"], {}, "token"),
     (["-e", "http://h", "-t", "T", "-i", "fast"], {}, "--interval"),
     (["-e", "http://h", "-t", "T"], {"AGENT_INTERVAL": "soon"}, "AGENT_INTERVAL"),
-    (["-e", "http://h", "-t", "T", "-i", "0"], {}, "greater than 0"),
+    (["-e", "http://h", "-t", "T", "-c", "0"], {}, "greater than 0"),
     (["-e", "ftp://h", "-t", "T"], {}, "endpoint"),
     (["-e", "http://h", "-t", "T", "--month-rotate", "32"], {}, "month"),
     (["-e", "http://h", "-t", "T", "--config", "/nonexistent/agent.json"], {}, "cannot read config"),
