@@ -90,6 +90,8 @@ def encoded_char(c):
         forms.append(r"\\u" + any_case_hex("%04X" % ord(c)))
     if ord(c) < 0x100:
         forms.append(r"\\x" + any_case_hex("%02X" % ord(c)))
+    if ord(c) > 0x7f:  # a repr of the UTF-8 bytes
+        forms.append("".join(r"\\x" + any_case_hex("%02X" % b) for b in c.encode("utf-8")))
     return "(?:%s)" % "|".join(forms)
 
 
