@@ -1812,8 +1812,8 @@ class TrafficLedger:
             return
         try:
             data = read_json_object(self.calibration_path)
-            at = float(data.get("at") or 0)
-        except (OSError, ValueError, TypeError) as e:
+            at = stored_time(data.get("at") or 0)
+        except (OSError, ValueError, TypeError, OverflowError) as e:
             log.warning("ignoring calibration file %s: %s", self.calibration_path, describe_error(e))
             at = None
         if at is not None and at > self.calibrated_at:

@@ -1195,6 +1195,17 @@ def test_state_that_cannot_be_loaded_is_set_aside_and_counting_starts_afresh(tmp
     assert (tmp_path / (ka.TRAFFIC_FILE + ".bad")).read_text() == content
 
 
+def test_a_calibration_stamped_infinity_cannot_poison_the_saved_state(tmp_path):
+    (tmp_path / ka.CALIBRATION_FILE).write_text('{"up": 5, "at": Infinity}')
+    now = local(2024, 5, 10, 12)
+    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=("b1", now - 3600), now=now)
+    assert ledger.update({"eth0": (1000, 500)}, now=now + 1) == (500, 1000)
+    ledger.flush(now + 2)
+    again = ka.TrafficLedger(str(tmp_path), 1, boot=("b1", now - 3600), now=now + 3)
+    assert again.update({"eth0": (1000, 500)}, now=now + 4) == (500, 1000)
+    assert not (tmp_path / (ka.TRAFFIC_FILE + ".bad")).exists()
+
+
 def test_absurd_calibration_size_exits_2_with_one_line(tmp_path):
     done = run_agent("traffic", "--state-dir", str(tmp_path), "--set-up", "9" * 400, timeout=20)
     lines = done.stderr.decode().strip().splitlines()
