@@ -10,6 +10,7 @@ terminal) on that socket.  Needs Python 3.8+, psutil and websocket-client.
 """
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -24,7 +25,9 @@ import struct
 import sys
 import threading
 import time
+from collections import OrderedDict
 from fnmatch import fnmatchcase
+from stat import S_ISDIR, S_ISREG
 
 __version__ = "0.1.0"
 PROG = "komari_agent.py"
@@ -57,18 +60,54 @@ class RedactingFormatter(logging.Formatter):
     """Formats like the Go agent (YYYY/MM/DD HH:MM:SS) and blanks out secrets,
     including any that sneak in through exception texts."""
 
-    secrets = []
+    patterns = []   # from hide_secret(); group 1 (a "token=" before a short secret) is kept
 
     def format(self, record):
         text = super().format(record)
-        for secret in self.secrets:
-            if secret:
-                text = text.replace(secret, "***")
+        for pattern in self.patterns:
+            text = pattern.sub(r"\1***", text)
         return text
 
 
+# A secret shorter than this is hidden only where it stands as a value
+# (token=..., "key": "...", Bearer ...): as a substring it would blank out
+# letters of ordinary words and, by doing so, spell the secret out.
+SHORT_SECRET = 12
+
+
+def any_case_hex(text):
+    return "".join("[%s%s]" % (c.lower(), c.upper()) if c.isalpha() else c for c in text)
+
+
+def encoded_char(c):
+    """A regex for the character `c` as it may appear in a log line: itself,
+    %-encoded in either case, '+' for a space, or a JSON/repr escape."""
+    forms = [re.escape(c), "".join(any_case_hex("%%%02X" % b) for b in c.encode("utf-8"))]
+    if c == " ":
+        forms.append(r"\+")
+    if c in "\"\\/'":
+        forms.append(re.escape("\\" + c))
+    if ord(c) < 0x10000:
+        forms.append(r"\\u" + any_case_hex("%04X" % ord(c)))
+    if ord(c) < 0x100:
+        forms.append(r"\\x" + any_case_hex("%02X" % ord(c)))
+    if ord(c) > 0x7f:  # a repr of the UTF-8 bytes
+        forms.append("".join(r"\\x" + any_case_hex("%02X" % b) for b in c.encode("utf-8")))
+    return "(?:%s)" % "|".join(forms)
+
+
+def secret_pattern(secret):
+    """What hides `secret` in every encoding: anywhere when it is long enough
+    not to occur by chance, otherwise only as the value of a token or key."""
+    body = "".join(encoded_char(c) for c in secret)
+    if len(secret) >= SHORT_SECRET:
+        return re.compile("()" + body)
+    value_of = r"""((?i:\b(?:token|key|secret|password)["']?\s*[=:]\s*["']?|\bbearer\s+))"""
+    return re.compile(value_of + body + r"""(?![^\s&#;,"')\]}>])""")
+
+
 def setup_logging(level=logging.INFO):
-    handler = logging.StreamHandler(sys.stderr)
+    handler = FloodLimitedHandler(sys.stderr)
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s", "%Y/%m/%d %H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -76,11 +115,10 @@ def setup_logging(level=logging.INFO):
 
 
 def hide_secret(secret):
-    if secret and secret not in RedactingFormatter.secrets:
-        RedactingFormatter.secrets.append(secret)
-        if len(secret) > 3:
-            from urllib.parse import quote
-            RedactingFormatter.secrets.append(quote(secret, safe=""))
+    if secret:
+        pattern = secret_pattern(secret)
+        if all(p.pattern != pattern.pattern for p in RedactingFormatter.patterns):
+            RedactingFormatter.patterns.append(pattern)
 
 
 class OncePer:
@@ -102,6 +140,58 @@ class OncePer:
                 self.seen.clear()
             self.seen[key] = now
             return True
+
+
+# Log lines of one kind (one call site and message) per LOG_FLOOD_PERIOD
+# seconds before the rest are only counted: one line for a problem, a few
+# for routine events.
+LOG_FLOOD_PERIOD = 60.0
+LOG_BURST = {logging.DEBUG: 20, logging.INFO: 10}
+
+
+class FloodLimitedHandler(logging.StreamHandler):
+    """A stderr handler that a flood of one kind of line (10 000 bad frames
+    from a hostile panel, say) cannot fill: each kind gets its burst per
+    period, the rest are counted, and the count is logged once the period is
+    over, with the last of them."""
+
+    def __init__(self, stream=None, period=LOG_FLOOD_PERIOD):
+        super().__init__(stream)
+        self.period = period
+        self.window = OncePer(period)   # a new window for a kind when its period is over
+        self.shown = {}                  # kind -> lines shown in its current window
+        self.held = {}                   # kind -> [lines counted, the last of them, window start]
+        self.gate = threading.Lock()
+
+    def handle(self, record):
+        kind = (record.name, record.pathname, record.lineno, str(record.msg)[:200])
+        now = time.monotonic()
+        with self.gate:
+            due = [k for k, (_, _, start) in self.held.items() if now - start >= self.period]
+            summaries = [self.summary(*self.held.pop(k), now=now) for k in due]
+            if self.window(kind):
+                self.shown[kind] = 0
+                self.held.pop(kind, None)
+            if len(self.shown) > 1000:
+                self.shown = {kind: self.shown.get(kind, 0)}
+            shown = self.shown.get(kind, 0)
+            passed = shown < LOG_BURST.get(record.levelno, 1)
+            if passed:
+                self.shown[kind] = shown + 1
+            else:
+                held = self.held.setdefault(kind, [0, None, self.window.seen.get(kind, now)])
+                held[0] += 1
+                held[1] = record
+        for summary in summaries:
+            super().handle(summary)
+        return super().handle(record) if passed else False
+
+    @staticmethod
+    def summary(count, record, start, now):
+        """The last held line of a kind, saying how many like it were not logged."""
+        line = logging.makeLogRecord(dict(record.__dict__, exc_info=None, exc_text=None, stack_info=None, args=None))
+        line.msg = "%s [%d more like this in the last %d s]" % (record.getMessage(), count, round(now - start))
+        return line
 
 
 # ---------------------------------------------------------------------------
@@ -137,10 +227,32 @@ def _ip_version(v):
     return None if v in ("", "4", "6") else "must be 4 or 6"
 
 
+# The official agent clamps the interval to >= 1 s; this one allows sub-second
+# reports but refuses rates that only burn CPU (0.0001 s gave 90 reports a second).
+MIN_INTERVAL = 0.25
+
+
+def _interval(v):
+    return None if v >= MIN_INTERVAL else "must be at least %g seconds" % MIN_INTERVAL
+
+
+def _address(family, name):
+    def check(v):
+        if not v:
+            return None
+        try:
+            socket.inet_pton(family, v)
+            return None
+        except (OSError, ValueError):
+            return "must be an %s address" % name
+    return check
+
+
 OPTIONS = [
     Option("endpoint", ("-e", "--endpoint"), "str", "", "panel URL, e.g. https://panel.example.com"),
     Option("token", ("-t", "--token"), "str", "", "client token from the panel"),
-    Option("interval", ("-i", "--interval"), "float", 1.0, "seconds between reports (default 1.0)", check=_positive),
+    Option("interval", ("-i", "--interval"), "float", 1.0,
+           "seconds between reports (default 1.0, at least %g)" % MIN_INTERVAL, check=_interval),
     Option("info_report_interval", ("--info-report-interval",), "float", 5.0,
            "minutes between basic-info uploads (default 5)", check=_positive),
     Option("reconnect_interval", ("-c", "--reconnect-interval"), "float", 5.0,
@@ -175,8 +287,10 @@ OPTIONS = [
     Option("gpu", ("--gpu",), "bool", False, "add detailed GPU usage (nvidia-smi) to reports",
            json_keys=("enable_gpu", "gpu"), env=("AGENT_ENABLE_GPU", "AGENT_GPU")),
     Option("custom_dns", ("--custom-dns",), "str", "", "DNS server (host or host:port) for the panel, the public-address lookups and probe targets"),
-    Option("custom_ipv4", ("--custom-ipv4",), "str", "", "report this IPv4 address instead of looking it up"),
-    Option("custom_ipv6", ("--custom-ipv6",), "str", "", "report this IPv6 address instead of looking it up"),
+    Option("custom_ipv4", ("--custom-ipv4",), "str", "", "report this IPv4 address instead of looking it up",
+           check=_address(socket.AF_INET, "IPv4")),
+    Option("custom_ipv6", ("--custom-ipv6",), "str", "", "report this IPv6 address instead of looking it up",
+           check=_address(socket.AF_INET6, "IPv6")),
     Option("get_ip_addr_from_nic", ("--get-ip-addr-from-nic",), "bool", False,
            "report the addresses of the local NICs instead of looking them up"),
     Option("auto_discovery", ("--auto-discovery",), "str", "",
@@ -407,13 +521,68 @@ def state_dir(cfg):
     return os.path.join(base, "komari-agent")
 
 
+def private_directory(path):
+    """Create `path` (mode 0700) if missing and make sure only this user can
+    write in it: one that others can write is made private when it is ours,
+    else refused (someone could plant links or FIFOs in it). Returns what is
+    wrong with it, or ""."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+        if not S_ISDIR(st.st_mode):
+            return "%s is not a directory" % path
+        if st.st_mode & 0o022:
+            mine = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
+            if not mine or st.st_mode & 0o1000:   # sticky: a shared one like /tmp, never ours to change
+                return "%s can be written by other users" % path
+            os.chmod(path, 0o700)
+            log.warning("%s could be written by other users; made it private (mode 0700)", path)
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "%s is not writable" % path
+    except OSError as e:
+        return "%s: %s" % (path, describe_error(e))
+    return ""
+
+
+def read_regular_file(path, limit, follow=True):
+    """The bytes of the regular file `path`, at most `limit` of them; OSError
+    for anything else (a FIFO or a device would block or never end), and,
+    unless `follow`, for a symbolic link."""
+    no_follow = 0 if follow else getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | no_follow)
+    try:
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path, data, mode=0o600):
     """Replace `path` with `data` so that a crash leaves the old or the new
     file, never a torn one: temp file, fsync, rename, fsync the directory."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
     temp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # never through a link or into a file someone else put there
+    exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(temp, exclusive, mode)
+    except FileExistsError:  # left by a crash of a process with this pid
+        os.unlink(temp)
+        fd = os.open(temp, exclusive, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -1466,6 +1635,7 @@ class Collector:
         self.nic_decisions = {}
         self.static = {}
         self.traffic = None   # a TrafficLedger when --month-rotate is set
+        self.mount_problems = {}  # --include-mountpoint entries that cannot be counted -> why
         self.lock = threading.Lock()
         self.cpu_sample()  # baseline, so the first report has a real CPU figure
 
@@ -1522,8 +1692,11 @@ class Collector:
             for i, path in enumerate(dict.fromkeys(self.cfg.mountpoints)):
                 try:
                     usages.append(("path:%d" % i,) + statvfs_usage(path))
-                except OSError:
-                    continue
+                    self.mount_problems.pop(path, None)
+                except OSError as e:
+                    if path not in self.mount_problems:
+                        log.warning("--include-mountpoint %s is not counted: %s", path, describe_error(e))
+                    self.mount_problems[path] = describe_error(e)
         else:
             for key, mount in self.mount_table():
                 try:
@@ -1631,6 +1804,7 @@ class Collector:
             processes = attempt("processes", self.process_count, 0)
             if self.traffic is not None and self.traffic.problem:
                 failures.append(self.traffic.problem)
+            failures += ["disk: mount point %s not counted (%s)" % item for item in sorted(self.mount_problems.items())]
             report = {
                 "cpu": {"usage": finite(usage, 0.001, 100.0)},
                 "ram": {"total": count(ram_total), "used": count(ram_used)},
@@ -1821,7 +1995,10 @@ def parse_size(text):
     if not match:
         raise ValueError("not a size: %r (use a number with K, M, G, T or P, e.g. 120G or 1.5T)" % text)
     power = SIZE_UNITS.index(match.group(2).upper()) + 1 if match.group(2) else 0
-    return int(round(float(match.group(1)) * 1024 ** power))
+    size = float(match.group(1)) * 1024 ** power
+    if not size < 1 << 63:  # also infinity, from 400 digits
+        raise ValueError("%s is more than the panel can count (at most 8 EiB)" % str(text).strip()[:40])
+    return int(round(size))
 
 
 def human_size(n):
@@ -1900,10 +2077,9 @@ def net_static_candidates(cwd=None):
     return [os.path.join(d, NET_STATIC) for d in dict.fromkeys(dirs)]
 
 
-def read_json_object(path):
-    """A JSON object from `path`; OSError or ValueError otherwise."""
-    with open(path, "rb") as f:
-        data = json.loads(f.read().decode("utf-8"))
+def read_json_object(path, limit=64 << 20):
+    """A JSON object from the regular file `path`; OSError or ValueError otherwise."""
+    data = json.loads(read_regular_file(path, limit).decode("utf-8"))
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     return data
@@ -1912,6 +2088,14 @@ def read_json_object(path):
 def whole(value):
     """A non-negative int from stored JSON, 0 for anything else."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def stored_time(value):
+    """Epoch seconds from stored JSON; ValueError (or OverflowError) unless a
+    real moment: time.localtime() of it must work."""
+    value = float(value)
+    time.localtime(value)
+    return value
 
 
 class TrafficLedger:
@@ -1963,13 +2147,15 @@ class TrafficLedger:
 
     # -- state file ---------------------------------------------------------
     def load(self):
-        """Take over the saved state; False when there is none."""
+        """Take over the saved state; False when there is none. State that
+        cannot be taken over, whatever the reason, is set aside as .bad: a
+        file that fails at every start would otherwise stop the agent for good."""
         try:
             data = read_json_object(self.path)
             self.take_state(data)
         except FileNotFoundError:
             return False
-        except (OSError, ValueError, TypeError, AttributeError) as e:
+        except Exception as e:
             log.warning("traffic state %s is unreadable (%s); starting afresh", self.path, describe_error(e))
             try:
                 os.replace(self.path, self.path + ".bad")
@@ -1982,8 +2168,9 @@ class TrafficLedger:
     def take_state(self, data):
         start = data.get("period_start")
         if isinstance(start, (int, float)) and not isinstance(start, bool):
-            self.start = float(start)
-            self.end = float(data.get("period_end") or period_bounds(self.reset_day, self.start)[1])
+            self.start = stored_time(start)
+            # no order is asked of them: after the clock went back, end can lie before start
+            self.end = stored_time(data.get("period_end") or period_bounds(self.reset_day, self.start)[1])
         for nic, entry in (data.get("nics") or {}).items():
             if isinstance(entry, dict):
                 rx, tx = entry.get("rx"), entry.get("tx")
@@ -1994,10 +2181,10 @@ class TrafficLedger:
         self.offset = [int(offset.get("up", 0)), int(offset.get("down", 0))]
         self.previous = data.get("previous") if isinstance(data.get("previous"), dict) else None
         self.imported = [p for p in data.get("imported") or [] if isinstance(p, str)]
-        self.calibrated_at = float(data.get("calibrated_at") or 0)
+        self.calibrated_at = stored_time(data.get("calibrated_at") or 0)
         self.state_boot_id = str(data.get("boot_id") or "") or None
         sampled_at = data.get("sampled_at")
-        self.sampled_at = float(sampled_at) if isinstance(sampled_at, (int, float)) else None
+        self.sampled_at = stored_time(sampled_at) if isinstance(sampled_at, (int, float)) else None
         if data.get("reset_day") != self.reset_day:
             # a new reset day moves the period's bounds; the totals so far are kept
             self.start, self.end = period_bounds(self.reset_day, self.now_at_start)
@@ -2071,8 +2258,8 @@ class TrafficLedger:
             return
         try:
             data = read_json_object(self.calibration_path)
-            at = float(data.get("at") or 0)
-        except (OSError, ValueError, TypeError) as e:
+            at = stored_time(data.get("at") or 0)
+        except (OSError, ValueError, TypeError, OverflowError) as e:
             log.warning("ignoring calibration file %s: %s", self.calibration_path, describe_error(e))
             at = None
         if at is not None and at > self.calibrated_at:
@@ -2502,7 +2689,9 @@ def upload_basic_info(panel, info):
 SPOOL_DIR = "results"
 SPOOL_MAX_FILES = 1000
 SPOOL_MAX_BYTES = 50 << 20
-SPOOL_NAME = re.compile(r"^\d{20}-\d+-\d+\.json$")
+# "-r": a refusal (empty command, remote control off, too many running) that
+# cost nothing to make; the first to go when the spool is full
+SPOOL_NAME = re.compile(r"^\d{20}-\d+-\d+(-r)?\.json$")
 
 
 class ResultSpool:
@@ -2511,7 +2700,10 @@ class ResultSpool:
     removed only after the panel's 200, so neither an outage nor a SIGKILL
     loses it. File names never contain server-supplied text; their order is
     the order the results were made. When the directory cannot be written,
-    results wait in memory (and the problem is logged once)."""
+    or others could write in it, results wait in memory (and the problem is
+    logged once). The directory is listed once, at start; after that an
+    index in memory says what is waiting, so a write costs the same with a
+    thousand results waiting as with none."""
 
     def __init__(self, directory, max_files=SPOOL_MAX_FILES, max_bytes=SPOOL_MAX_BYTES):
         self.directory = directory
@@ -2521,37 +2713,69 @@ class ResultSpool:
         self.memory = {}  # name -> bytes, for results the directory would not take
         self.sequence = 0
         self.trouble_log = OncePer(3600.0)
+        # name -> size, oldest first; refusals apart, since they are evicted first
+        self.results, self.refusals = OrderedDict(), OrderedDict()
+        self.total = 0
+        self.problem = private_directory(directory)
+        if self.problem:
+            self.trouble(self.problem)
+        else:
+            self.index_directory()
 
-    def put(self, result):
+    def trouble(self, why):
+        if self.trouble_log("write"):
+            log.error("cannot keep undelivered results in %s (%s); keeping them in memory only", self.directory, why)
+
+    def index_directory(self):
+        try:
+            names = sorted(name for name in os.listdir(self.directory) if SPOOL_NAME.match(name))
+        except OSError:
+            return
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(self.directory, name))
+            except OSError:
+                continue
+            self.add(name, st.st_size if S_ISREG(st.st_mode) else 0)
+
+    def add(self, name, size):
+        (self.refusals if name.endswith("-r.json") else self.results)[name] = size
+        self.total += size
+
+    def put(self, result, refusal=False):
         data = encode(result).encode("utf-8")
         with self.lock:
             self.sequence += 1
-            name = "%020d-%d-%d.json" % (time.time_ns(), os.getpid(), self.sequence)
+            name = "%020d-%d-%d%s.json" % (time.time_ns(), os.getpid(), self.sequence, "-r" if refusal else "")
             try:
+                if self.problem:
+                    raise OSError(self.problem)
                 write_atomic(os.path.join(self.directory, name), data)
             except OSError as e:
-                if self.trouble_log("write"):
-                    log.error("cannot keep undelivered results in %s (%s); keeping them in memory only",
-                              self.directory, describe_error(e))
+                self.trouble(describe_error(e))
                 self.memory[name] = data
+            self.add(name, len(data))
             self._trim()
         return name
 
     def pending(self):
         """Names of the results still to deliver, oldest first."""
         with self.lock:
-            return sorted(set(self._files()) | set(self.memory))
+            return sorted(list(self.results) + list(self.refusals))
 
     def load(self, name):
         """The result stored under `name`, or None when it is gone or unreadable
-        (an unreadable one is removed: it can never be delivered)."""
+        (an unreadable one is removed: it can never be delivered). Only a
+        regular file of a sane size is read: never a link, a FIFO or a device."""
         with self.lock:
             data = self.memory.get(name)
         if data is None:
             try:
-                with open(os.path.join(self.directory, name), "rb") as f:
-                    data = f.read()
-            except OSError:
+                data = read_regular_file(os.path.join(self.directory, name), self.max_bytes, follow=False)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.error("dropping undelivered result %s: %s", name, describe_error(e))
+                self.remove(name)
                 return None
         try:
             result = json.loads(data.decode("utf-8"))
@@ -2569,37 +2793,22 @@ class ResultSpool:
 
     def _forget(self, name):
         self.memory.pop(name, None)
+        size = self.results.pop(name, None)
+        if size is None:
+            size = self.refusals.pop(name, 0)
+        self.total -= size
         try:
             os.unlink(os.path.join(self.directory, name))
         except OSError:
             pass
 
-    def _files(self):
-        try:
-            return [name for name in os.listdir(self.directory) if SPOOL_NAME.match(name)]
-        except OSError:
-            return []
-
-    def _sizes(self):
-        sizes = {name: len(data) for name, data in self.memory.items()}
-        for name in self._files():
-            try:
-                sizes[name] = os.stat(os.path.join(self.directory, name)).st_size
-            except OSError:
-                pass
-        return sizes
-
     def _trim(self):
-        """Drop the oldest results past the bounds: a panel that never takes
-        them must not fill the disk."""
-        sizes = self._sizes()
-        total = sum(sizes.values())
-        for name in sorted(sizes):
-            if len(sizes) <= self.max_files and total <= self.max_bytes:
-                return
-            log.error("dropping the oldest undelivered result %s: more than %d results or %d MB waiting",
-                      name, self.max_files, self.max_bytes >> 20)
-            total -= sizes.pop(name)
+        """Drop results past the bounds, refusals first, then the oldest: a
+        panel that never takes them must not fill the disk."""
+        while len(self.results) + len(self.refusals) > self.max_files or self.total > self.max_bytes:
+            name = next(iter(self.refusals or self.results))
+            log.error("dropping the oldest undelivered %s %s: more than %d results or %d MB waiting",
+                      "refusal" if name in self.refusals else "result", name, self.max_files, self.max_bytes >> 20)
             self._forget(name)
 
 
@@ -3894,16 +4103,16 @@ class Tasks:
         if not isinstance(command, str):
             command = ""
         if not command.strip():
-            return self.finish_exec(task_id, "No command provided", 0)
+            return self.finish_exec(task_id, "No command provided", 0, refusal=True)
         if self.cfg.disable_web_ssh:
             log.warning("refused remote command %s: remote control is disabled (--disable-web-ssh)", task_id[:40])
-            return self.finish_exec(task_id, DISABLED_EXEC, -1)
+            return self.finish_exec(task_id, DISABLED_EXEC, -1, refusal=True)
         if self.closing:
             return
         if not self.exec_slots.acquire(blocking=False):
             log.warning("refused remote command %s: %d already running (--max-execs)", task_id[:40], self.cfg.max_execs)
             return self.finish_exec(task_id, "Refused: %d commands are already running on this server (--max-execs %d)."
-                                    % (self.cfg.max_execs, self.cfg.max_execs), -1)
+                                    % (self.cfg.max_execs, self.cfg.max_execs), -1, refusal=True)
         with self.lock:
             self.exec_threads += 1
         self.spawn("exec", self.run_exec, task_id, command)
@@ -3939,12 +4148,12 @@ class Tasks:
         if closing:
             end_session(proc.pid, grace=0)
 
-    def finish_exec(self, task_id, text, code):
+    def finish_exec(self, task_id, text, code, refusal=False):
         with self.lock:
             for pid in [pid for pid, proc in self.execs.items() if proc.returncode is not None]:
                 del self.execs[pid]
         self.agent.deliver_result({"task_id": task_id, "result": text, "exit_code": code,
-                                   "finished_at": rfc3339_now()})
+                                   "finished_at": rfc3339_now()}, refusal)
 
     # -- ping --------------------------------------------------------------
     def on_ping(self, link, event):
@@ -4157,9 +4366,9 @@ class Agent:
         return False
 
     # -- results ------------------------------------------------------------
-    def deliver_result(self, result):
+    def deliver_result(self, result, refusal=False):
         """Spool an exec result, then let the courier POST it."""
-        self.spool.put(result)
+        self.spool.put(result, refusal)
         self.results_due.set()
 
     def result_loop(self):
@@ -4349,6 +4558,25 @@ class Agent:
 # main()
 # ---------------------------------------------------------------------------
 
+# module -> the package that provides it (requirements.txt)
+DEPENDENCIES = (("psutil", "psutil"), ("websocket", "websocket-client"))
+
+
+def missing_packages():
+    """The required packages this Python cannot find (looked up, not imported:
+    psutil is loaded only where /proc does not answer)."""
+    import importlib.util
+    return [package for module, package in DEPENDENCIES if importlib.util.find_spec(module) is None]
+
+
+def check_state_dir(cfg):
+    """Say at start, not at the first save, when state cannot be kept."""
+    problem = private_directory(state_dir(cfg))
+    if problem:
+        log.warning("state directory problem: %s; traffic totals and undelivered results are kept in memory "
+                    "only and lost on restart (see --state-dir)", problem)
+
+
 def dry_run(cfg):
     """Print the basic info and one report, each as the one line of JSON that
     would go on the wire."""
@@ -4537,6 +4765,12 @@ def main(argv=None, stop=None):
     except ConfigError as e:
         sys.stderr.write("%s: error: %s\n" % (PROG, e))
         return 2
+    missing = missing_packages()
+    if missing:
+        python = os.path.basename(sys.executable) or "python3"
+        sys.stderr.write("%s: error: missing Python package%s %s: install with `%s -m pip install %s` (or re-run "
+                         "install.sh)\n" % (PROG, "s" * (len(missing) > 1), " and ".join(missing), python, " ".join(missing)))
+        return 1
     setup_logging(getattr(logging, cfg.log_level.upper()))
     hide_secret(cfg.token)
     hide_secret(cfg.auto_discovery)
@@ -4547,6 +4781,7 @@ def main(argv=None, stop=None):
     if cfg.dry_run:
         return dry_run(cfg)
     log.info("Komari agent (Python) %s, panel %s, report every %gs", __version__, cfg.endpoint, cfg.interval)
+    check_state_dir(cfg)
     agent = Agent(cfg, stop or stop_on_signals())
     log_monitored(agent.collector)
     worker = threading.Thread(target=agent.run_until_stopped, name="agent", daemon=True)

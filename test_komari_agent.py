@@ -12,8 +12,10 @@ agent loop, main().
 import base64
 import configparser
 import importlib.util
+import io
 import hashlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -537,7 +539,7 @@ def test_idn_endpoint_is_punycoded():
     (["-e", "http://h"], {}, "token"),
     (["-e", "http://h", "-t", "T", "-i", "fast"], {}, "--interval"),
     (["-e", "http://h", "-t", "T"], {"AGENT_INTERVAL": "soon"}, "AGENT_INTERVAL"),
-    (["-e", "http://h", "-t", "T", "-i", "0"], {}, "greater than 0"),
+    (["-e", "http://h", "-t", "T", "-c", "0"], {}, "greater than 0"),
     (["-e", "ftp://h", "-t", "T"], {}, "endpoint"),
     (["-e", "http://h", "-t", "T", "--month-rotate", "32"], {}, "month"),
     (["-e", "http://h", "-t", "T", "--config", "/nonexistent/agent.json"], {}, "cannot read config"),
@@ -570,6 +572,92 @@ def test_help_lists_the_official_flags():
                  "--include-mountpoint", "--month-rotate", "--gpu", "--custom-dns", "--custom-ipv4",
                  "--custom-ipv6", "--get-ip-addr-from-nic", "--config", "--prefer-ip-version", "--dry-run"):
         assert flag in text
+
+
+# -- hardening (issue 12): nonsense values, missing packages, the state
+# directory, redaction of every encoding of the token ------------------------
+
+@pytest.mark.parametrize("args, needle", [
+    (["--custom-ipv4", "notanip"], "--custom-ipv4 must be an IPv4 address"),
+    (["--custom-ipv4", "::1"], "--custom-ipv4 must be an IPv4 address"),
+    (["--custom-ipv6", "1.2.3.4"], "--custom-ipv6 must be an IPv6 address"),
+    (["--interval", "0.0001"], "--interval must be at least"),
+])
+def test_nonsense_values_exit_2_with_one_line(args, needle):
+    done = run_agent("-e", "http://127.0.0.1:1", "-t", "T", *args, timeout=20)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], (done.returncode, lines)
+    cfg, _ = ka.load_config(["-e", "http://h", "-t", "T", "--custom-ipv4", "192.0.2.1", "--custom-ipv6", "2001:db8::1",
+                             "-i", str(ka.MIN_INTERVAL)], {})
+    assert (cfg.custom_ipv4, cfg.custom_ipv6, cfg.interval) == ("192.0.2.1", "2001:db8::1", ka.MIN_INTERVAL)
+
+
+def test_missing_package_stops_the_agent_at_start_with_one_line():
+    # -S: no site-packages, so neither psutil nor websocket-client can be found
+    if subprocess.run([sys.executable, "-S", "-c", "import websocket"], stderr=subprocess.DEVNULL).returncode == 0:
+        pytest.skip("websocket-client is importable without site-packages here")
+    for extra in ([], ["--dry-run"]):
+        done = subprocess.run([sys.executable, "-S", str(AGENT), "-e", "http://127.0.0.1:1", "-t", "T"] + extra,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+        lines = done.stderr.decode().strip().splitlines()
+        assert done.returncode != 0 and len(lines) == 1, (done.returncode, lines)
+        assert "websocket-client" in lines[0] and "pip install" in lines[0] and done.stdout == b""
+
+
+def test_missing_mountpoint_is_warned_once_and_said_in_the_report(tmp_path, caplog):
+    cfg, _ = ka.load_config(["--dry-run", "--include-mountpoint", "%s;/" % (tmp_path / "nonexist")], {})
+    collector = ka.Collector(cfg)
+    with caplog.at_level("WARNING", logger="komari"):
+        reports = [collector.report() for _ in range(3)]
+    assert all("nonexist not counted" in r["message"] for r in reports)
+    assert reports[-1]["disk"]["total"] == os.statvfs("/").f_blocks * os.statvfs("/").f_frsize
+    assert sum("nonexist" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_unwritable_state_dir_is_reported_at_start(panel, start_agent, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    agent = start_agent("-i", "0.5", "--state-dir", str(blocker / "state"))
+    agent.wait_log("state directory problem", 10)
+    assert agent.proc.poll() is None
+    panel.wait_for(lambda: panel.reports, 15, "reports all the same")
+
+
+@pytest.fixture
+def redaction(monkeypatch):
+    """ka.hide_secret with a clean slate, and a function formatting a line the agent's way."""
+    monkeypatch.setattr(ka.RedactingFormatter, "patterns", [], raising=False)
+    monkeypatch.setattr(ka.RedactingFormatter, "secrets", [], raising=False)
+    formatter = ka.RedactingFormatter("%(message)s")
+    return lambda text: formatter.format(logging.makeLogRecord({"msg": text, "args": None}))
+
+
+def test_every_encoding_of_the_token_is_redacted(redaction):
+    from urllib.parse import quote, quote_plus, urlencode
+    token = "tok en/Secret+1234=ab\"é"
+    ka.hide_secret(token)
+    forms = [token, quote(token), quote(token, safe=""), quote_plus(token), urlencode({"token": token}),
+             json.dumps(token), json.dumps(token, ensure_ascii=False), repr(token), repr(token.encode()),
+             re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), quote_plus(token))]
+    for form in forms:
+        line = redaction("GET /api/clients/report?x=1&%s HTTP/1.1 failed" % form)
+        assert "Secret" not in line and "***" in line, (form, line)
+
+
+def test_a_short_token_is_redacted_only_as_a_value(redaction):
+    ka.hide_secret("o")
+    assert redaction("Komari agent (Python) 0.1.0, report to http://host/ok") == \
+        "Komari agent (Python) 0.1.0, report to http://host/ok"
+    assert redaction("GET /api/clients/report?token=o&x=1 refused") == "GET /api/clients/report?token=***&x=1 refused"
+    assert redaction('{"token": "o"} Authorization: Bearer o') == '{"token": "***"} Authorization: Bearer ***'
+    assert redaction("token=ox stays") == "token=ox stays"
+
+
+def test_a_short_token_does_not_garble_the_log(panel, start_agent):
+    agent = start_agent("-i", "0.5", token="o")
+    agent.wait_log("refused the token", 15)
+    assert "Komari agent (Python) %s" % ka.__version__ in agent.log, agent.log
+    assert "token=o" not in agent.log
 
 
 # ---------------------------------------------------------------------------
@@ -1472,6 +1560,56 @@ def test_net_static_json_in_the_official_format_is_written_beside_ours(tmp_path)
     state = dict(ledger.snapshot(local(2024, 4, 10, 0, 7)), offset={"up": -GiB // 2, "down": GiB})
     calibrated = ka.net_static_from_snapshot(state, local(2024, 4, 10, 0, 7))["interfaces"]
     assert calibrated["eth0"][0]["tx"] == GiB // 2 and calibrated["eth0"][0]["rx"] == 8 * GiB
+
+
+# -- hardening (issue 12): state that cannot be loaded never stops the agent --
+
+@pytest.mark.parametrize("content", [
+    '{"reset_day":1,"period_start":1e300}',
+    '{"reset_day":1,"period_start":-1e300}',
+    '{"reset_day":1,"period_start":1e300,"period_end":2e300}',
+    '{"reset_day":1,"offset":{"up":Infinity,"down":0}}',
+    '{"reset_day":1,"offset":{"up":NaN}}',
+    '{"reset_day":1,"sampled_at":1e300,"calibrated_at":-Infinity}',
+    '{"reset_day":1,"nics":[1]}',
+    '{"reset_day":1,"nics":{"eth0":{"up":"x"}},"imported":7}',
+])
+def test_state_that_cannot_be_loaded_is_set_aside_and_counting_starts_afresh(tmp_path, content):
+    (tmp_path / ka.TRAFFIC_FILE).write_text(content)
+    now = local(2024, 5, 10, 12)
+    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=("b1", now - 3600), now=now)
+    assert (ledger.start, ledger.end) == (local(2024, 5, 1), local(2024, 6, 1))
+    assert ledger.update({"eth0": (1000, 500)}, now=now + 1) == (500, 1000)
+    assert ledger.update({"eth0": (1500, 700)}, now=now + 2) == (700, 1500)
+    assert (tmp_path / (ka.TRAFFIC_FILE + ".bad")).read_text() == content
+
+
+def test_a_calibration_stamped_infinity_cannot_poison_the_saved_state(tmp_path):
+    (tmp_path / ka.CALIBRATION_FILE).write_text('{"up": 5, "at": Infinity}')
+    now = local(2024, 5, 10, 12)
+    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=("b1", now - 3600), now=now)
+    assert ledger.update({"eth0": (1000, 500)}, now=now + 1) == (500, 1000)
+    ledger.flush(now + 2)
+    again = ka.TrafficLedger(str(tmp_path), 1, boot=("b1", now - 3600), now=now + 3)
+    assert again.update({"eth0": (1000, 500)}, now=now + 4) == (500, 1000)
+    assert not (tmp_path / (ka.TRAFFIC_FILE + ".bad")).exists()
+
+
+def test_absurd_calibration_size_exits_2_with_one_line(tmp_path):
+    done = run_agent("traffic", "--state-dir", str(tmp_path), "--set-up", "9" * 400, timeout=20)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "set-up" not in done.stdout.decode(), (done.returncode, lines)
+    assert "more than the panel can count" in lines[0]
+    assert not (tmp_path / ka.CALIBRATION_FILE).exists()
+
+
+def test_agent_with_a_corrupt_traffic_state_reports_instead_of_crashing(panel, start_agent):
+    state = fresh_traffic_state(panel)
+    (state / ka.TRAFFIC_FILE).write_text('{"reset_day":1,"period_start":1e300,"offset":{"up":Infinity}}')
+    agent = start_agent(*MONTHLY_LO)
+    panel.wait_for(lambda: len(panel.reports) >= 2, 15, "reports")
+    assert agent.proc.poll() is None and "starting afresh" in agent.log
+    assert (state / (ka.TRAFFIC_FILE + ".bad")).exists()
 
 
 # ---------------------------------------------------------------------------
@@ -2843,6 +2981,124 @@ def test_fuzzed_frames_never_break_the_event_handler(tmp_path):
     assert not os.path.exists("/tmp/komari-fuzz")
     for name in agent.spool.pending():
         assert agent.spool.load(name)["result"] in ("Remote control is disabled.", "No command provided")
+
+
+# -- hardening (issue 12): a spool that trusts nothing in its directory, cheap
+# refusals that cannot push real results out, log floods ---------------------
+
+def plant_spool_entries(directory, secret):
+    """Entries named like spooled results that no agent wrote: a link to a
+    readable JSON file, a FIFO, a 200 MB sparse file and a directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    secret.write_text(json.dumps({"task_id": "leaked", "result": "the target's content", "exit_code": 0}))
+    names = ["%020d-1-%d.json" % (n, n) for n in range(1, 5)]
+    os.mkfifo(str(directory / names[0]))
+    (directory / names[1]).symlink_to(secret)
+    with open(str(directory / names[2]), "wb") as f:
+        f.truncate(200 << 20)
+    (directory / names[3]).mkdir()
+    return names
+
+
+def test_spool_reads_only_regular_files_of_a_sane_size(tmp_path, caplog):
+    directory = tmp_path / "results"
+    planted = plant_spool_entries(directory, tmp_path / "secret.json")
+    spool = ka.ResultSpool(str(directory), max_bytes=1 << 20)
+    assert spool.pending() == planted
+    loaded = {}
+    reader = threading.Thread(target=lambda: loaded.update((n, spool.load(n)) for n in planted), daemon=True)
+    reader.start()
+    reader.join(10)   # a FIFO would block it for good
+    assert loaded == dict.fromkeys(planted), loaded
+    assert "larger than" in caplog.text and spool.pending() == []
+    assert (tmp_path / "secret.json").exists() and not os.path.lexists(str(directory / planted[1]))
+    name = spool.put({"task_id": "real", "result": "ok", "exit_code": 0})
+    assert spool.load(name)["task_id"] == "real"
+
+
+def test_state_directory_others_can_write_is_made_private_or_refused(tmp_path, caplog):
+    fresh = tmp_path / "new" / "results"
+    ka.ResultSpool(str(fresh)).put({"task_id": "a", "result": "", "exit_code": 0})
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700 and len(list(fresh.iterdir())) == 1
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    ours.chmod(0o777)
+    with caplog.at_level("WARNING", logger="komari"):
+        ka.ResultSpool(str(ours)).put({"task_id": "b", "result": "", "exit_code": 0})
+    assert stat.S_IMODE(ours.stat().st_mode) == 0o700 and len(list(ours.iterdir())) == 1
+    assert caplog.text.count("made it private") == 1
+    shared = tmp_path / "shared"   # sticky and open to all, like /tmp: not ours to change
+    shared.mkdir()
+    shared.chmod(0o1777)
+    spool = ka.ResultSpool(str(shared))
+    name = spool.put({"task_id": "c", "result": "", "exit_code": 0})
+    assert list(shared.iterdir()) == [] and spool.load(name)["task_id"] == "c"
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777 and "other users" in caplog.text
+
+
+def test_refusals_are_evicted_first_and_a_write_never_lists_the_directory(tmp_path, monkeypatch):
+    spool = ka.ResultSpool(str(tmp_path / "results"), max_files=10)
+    spool.put({"task_id": "real-0", "result": "kept", "exit_code": 0})
+    for n in range(30):
+        spool.put({"task_id": "cheap-%d" % n, "result": "No command provided", "exit_code": 0}, refusal=True)
+    for n in range(1, 6):
+        spool.put({"task_id": "real-%d" % n, "result": "kept", "exit_code": 0})
+    kept = [spool.load(name)["task_id"] for name in spool.pending()]
+    assert kept == ["real-0", "cheap-26", "cheap-27", "cheap-28", "cheap-29"] + ["real-%d" % n for n in range(1, 6)]
+    assert len(list((tmp_path / "results").iterdir())) == 10
+    calls = []
+    for name in ("listdir", "scandir", "stat", "lstat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    for n in range(100):
+        spool.put({"task_id": "more-%d" % n, "result": "", "exit_code": 0}, refusal=n % 2 == 0)
+    monkeypatch.undo()
+    # a few stats per write (makedirs), never one per waiting result
+    assert "listdir" not in calls and "scandir" not in calls and len(calls) <= 3 * 100, len(calls)
+    assert len(spool.pending()) == 10
+
+
+def test_planted_spool_entries_are_never_sent_and_never_block_results(panel, start_agent, tmp_path):
+    state = tmp_path / "state"
+    plant_spool_entries(state / ka.SPOOL_DIR, tmp_path / "secret.json")
+    (state / ka.SPOOL_DIR).chmod(0o700)
+    start_agent("-i", "0.5", "--state-dir", str(state))
+    panel.send_event({"message": "exec", "task_id": "real-1", "command": "echo real"})
+    assert result_for(panel, "real-1", 20)["result"].strip() == "real"
+    assert [r["task_id"] for r in panel.task_results] == ["real-1"]
+    # a refusal is spooled as one, so that it goes first when the spool is full
+    panel.fail_http["/api/clients/task/result"] = 502
+    panel.send_event({"message": "exec", "task_id": "cheap-1", "command": " "})
+    wait_until(lambda: list((state / ka.SPOOL_DIR).glob("*-r.json")), 10, "the spooled refusal")
+
+
+def test_flood_limited_log_says_one_line_then_a_count():
+    stream = io.StringIO()
+    handler = ka.FloodLimitedHandler(stream, period=0.2)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.Logger("flood-test")
+    logger.addHandler(handler)
+    for n in range(1000):
+        logger.warning("bad frame %d", n)
+    logger.warning("another kind of problem")
+    for n in range(20):
+        logger.info("routine event %d", n)
+    assert stream.getvalue().splitlines() == ["WARNING bad frame 0", "WARNING another kind of problem"] + \
+        ["INFO routine event %d" % n for n in range(ka.LOG_BURST[logging.INFO])]
+    # after the period the next line of any kind brings the count of those held back
+    wait_until(lambda: logger.info("tick") or "999 more like this" in stream.getvalue(), 5, "the count")
+    assert "WARNING bad frame 999 [999 more like this in the last" in stream.getvalue()
+
+
+def test_ten_thousand_bad_frames_give_a_few_log_lines(panel, start_agent):
+    agent = start_agent("-i", "0.5")
+    conn = panel.wait_for(panel.live_report_conn, 15, "a live report socket")
+    for n in range(10000):
+        conn.send("{not json %d" % n if n % 2 else json.dumps({"message": "bogus-%d" % n}))
+    panel.send_event({"message": "exec", "task_id": "after-flood", "command": " "})
+    result_for(panel, "after-flood", 60)
+    assert len(agent.lines) < 50, "\n".join(agent.lines[:60])
+    assert agent.proc.poll() is None and len(panel.report_conns) == 1
 
 
 # ---------------------------------------------------------------------------
