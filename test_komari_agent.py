@@ -401,8 +401,9 @@ class PanelHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def panel():
+def panel(tmp_path_factory):
     server = PanelServer()
+    server.state_dir = tmp_path_factory.mktemp("agent-state")  # pytest's, so nothing is left in /tmp
     yield server
     server.stop()
 
@@ -467,9 +468,7 @@ def start_agent(panel):
 
 
 def panel_state_dir(panel):
-    path = Path("/tmp") / ("komari-test-state-%d-%d" % (os.getpid(), panel.port))
-    path.mkdir(exist_ok=True)
-    return path
+    return panel.state_dir
 
 
 def run_agent(*args, env=None, timeout=30):
