@@ -2359,10 +2359,16 @@ def test_install_no_service_agent_runs_from_its_venv_and_reaches_panel(panel, tm
         cmdline = psutil.Process(agent.pid).cmdline()  # exec kept the pid: this is the agent itself
         assert cmdline[0] == str(install_dir / "venv" / "bin" / "python")
         assert not any(panel.token in word for word in cmdline)
+        status = install_dir / "state" / "status.json"
+        wait_until(lambda: status.is_file() and json.loads(status.read_text())["state"] == "connected", 10,
+                   "the agent's status file to say connected")
     finally:
         stop_process_group(agent.pid)
         agent.wait(5)
     out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
+    assert "kept %s/state (traffic totals, undelivered results): add --purge" % install_dir in out
+    assert sorted(p.name for p in install_dir.iterdir()) == ["install.manifest", "state"]
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
     assert not install_dir.exists(), out
 
 
@@ -2390,7 +2396,7 @@ def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tm
                                                                 "token": "second-token"}
     assert launcher_argv(shared)[6:] == ["--interval", "2"]
 
-    out, _ = run_install(tmp_path, "--install-dir", str(shared), "--uninstall")
+    out, _ = run_install(tmp_path, "--install-dir", str(shared), "--uninstall", "--purge")
     assert "kept %s" % shared in out
     assert tree_snapshot(tmp_path, dir_mtimes=False) == before, "uninstall left or removed something"
 
@@ -2444,35 +2450,37 @@ def test_install_service_definition_is_valid(tmp_path, kind):
         assert probe.stdout.decode().splitlines() == [
             "START=99 USE_PROCD=1", "open", "command " + launcher, "respawn 3600 5 0", "stdout 1", "stderr 1",
             "close"], probe.stderr.decode()
-    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
     assert not definition.exists() and not install_dir.exists(), out
 
 
-def test_install_cron_fallback_runs_in_background_until_uninstalled(panel, tmp_path):
+def test_install_cron_fallback_under_a_fake_root_writes_the_crontab_and_starts_nothing(panel, tmp_path):
+    """KOMARI_INSTALL_ROOT never starts or stops a process: the crontab entry is
+    written, and keepalive.sh, run the way cron runs it at boot, keeps the agent up."""
     install_dir = tmp_path / "agent"
     crontab = tmp_path / "root" / "var" / "spool" / "cron" / "crontabs" / psutil.Process().username()
     crontab.parent.mkdir(parents=True)
     crontab.write_text("0 4 * * * /usr/local/bin/backup\n")
-    run_install(tmp_path, "-e", panel.endpoint, "-t", panel.token, "--install-dir", str(install_dir),
-                "--service", "cron", "--venv-system-site-packages", "--reconnect-interval", "0.2")
-    keepalive = None
+    out, _ = run_install(tmp_path, "-e", panel.endpoint, "-t", panel.token, "--install-dir", str(install_dir),
+                         "--service", "cron", "--venv-system-site-packages", "--reconnect-interval", "0.2")
+    assert "not started: KOMARI_INSTALL_ROOT is set" in out
+    assert crontab.read_text().splitlines() == [
+        "0 4 * * * /usr/local/bin/backup",
+        "@reboot /bin/sh %s/keepalive.sh >/dev/null 2>&1 # written by komari_agent.py install.sh: komari-agent"
+        % install_dir]
+    assert not (install_dir / "keepalive.pid").exists() and not live_processes(str(install_dir))
+    keepalive = subprocess.Popen(["/bin/sh", str(install_dir / "keepalive.sh")], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        assert crontab.read_text().splitlines() == [
-            "0 4 * * * /usr/local/bin/backup",
-            "@reboot /bin/sh %s/keepalive.sh >/dev/null 2>&1 # written by komari_agent.py install.sh: komari-agent"
-            % install_dir]
-        panel.wait_for(lambda: panel.basic_infos, 20, "basic info from the agent started in the background")
-        keepalive = int((install_dir / "keepalive.pid").read_text())
-        children = psutil.Process(keepalive).children()
+        panel.wait_for(lambda: panel.basic_infos, 20, "basic info from the agent keepalive.sh started")
+        children = psutil.Process(keepalive.pid).children()
         assert [c.cmdline()[0] for c in children] == [str(install_dir / "venv" / "bin" / "python")]
-        agent_pid = children[0].pid
-        out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
-        wait_until(lambda: not process_alive(agent_pid), 10, "the agent to end with --uninstall")
-        assert crontab.read_text() == "0 4 * * * /usr/local/bin/backup\n"
-        assert not install_dir.exists(), out
     finally:
-        if keepalive:
-            stop_process_group(keepalive)
+        stop_process_group(keepalive.pid)
+        keepalive.wait(5)
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
+    assert crontab.read_text() == "0 4 * * * /usr/local/bin/backup\n"
+    assert not install_dir.exists(), out
 
 
 def test_install_without_venv_falls_back_and_says_which_way(tmp_path):
@@ -2503,7 +2511,7 @@ def test_install_dry_run_changes_nothing(tmp_path):
                    "would write %s/config.json (mode 0600)" % install_dir,
                    "would write %s/run-agent.sh (mode 0755)" % install_dir,
                    "would write %s/keepalive.sh (mode 0755)" % install_dir,
-                   "would set the crontab to:", "would start %s/keepalive.sh" % install_dir):
+                   "would set the crontab to:", "not started: KOMARI_INSTALL_ROOT is set"):
         assert action in out, action
     # and on top of a real install: an upgrade and an uninstall, both dry
     run_install(tmp_path, "-e", "https://panel.example.com", "-t", "dry-secret", "--install-dir", str(install_dir),
