@@ -909,19 +909,11 @@ stand_down_official() {
 	record=$(official_record)
 	claim "$record"
 	make_dir "$record"
-	case $OFFICIAL_KIND in
-	process)
-		warn "the official agent runs as process $OFFICIAL_FILE without a service definition install.sh knows: stop it yourself (kill $OFFICIAL_FILE), or the panel gets two agents for this server"
-		;;
-	binary) ;;
-	*)
-		if [ -n "$DRY_RUN" ]; then
-			say "would copy $OFFICIAL_FILE to $record/"
-		else
-			cp -p "$OFFICIAL_FILE" "$record/" || die "cannot copy $OFFICIAL_FILE to $record"
-		fi
-		;;
-	esac
+	if [ -n "$DRY_RUN" ]; then
+		say "would copy $OFFICIAL_FILE to $record/"
+	else
+		cp -p "$OFFICIAL_FILE" "$record/" || die "cannot copy $OFFICIAL_FILE to $record"
+	fi
 	{
 		printf '# %s: the official agent this install replaced (--uninstall --restore-official)
 ' "$MARK"
@@ -940,7 +932,7 @@ service_switch() {
 		link=$(enable_link "$1" "$2")
 		if [ "$4" = on ]; then
 			[ -n "$DRY_RUN" ] && { say "would enable $2 ($link)"; return 0; }
-			mkdir -p "$(dirname "$link")" && ln -sf "$3" "$link"
+			mkdir -p "$(dirname "$link")" && ln -sf "${3#"$ROOT"}" "$link"
 		else
 			remove "$link"
 		fi
@@ -973,9 +965,9 @@ import_official_files() {
 	done
 }
 
-# restore_official: the official agent back as it was: its service definition where ours was,
-# enabled and started. False when this install replaced none.
-restore_official() {
+# put_back_official: the official agent's service definition back where ours was (still
+# disabled). False when this install replaced none.
+put_back_official() {
 	record=$(official_record)
 	[ -f "$record/official.conf" ] || return 1
 	# shellcheck disable=SC1091 # written by stand_down_official
@@ -990,6 +982,24 @@ restore_official() {
 			fi
 		fi
 	fi
+	return 0
+}
+
+# official_start_command: what starts the official agent again by hand.
+official_start_command() {
+	case $OFFICIAL_KIND in
+	systemd) printf 'systemctl enable --now %s' "$OFFICIAL_NAME" ;;
+	systemd-user) printf 'systemctl --user enable --now %s' "$OFFICIAL_NAME" ;;
+	openrc) printf 'rc-update add %s default && rc-service %s start' "$OFFICIAL_NAME" "$OFFICIAL_NAME" ;;
+	procd) printf '%s enable && %s start' "${OFFICIAL_FILE#"$ROOT"}" "${OFFICIAL_FILE#"$ROOT"}" ;;
+	*) printf 'start %s as before' "$OFFICIAL_FILE" ;;
+	esac
+}
+
+# restore_official: the official agent back as it was: its service definition where ours was,
+# enabled and started. False when this install replaced none.
+restore_official() {
+	put_back_official || return 1
 	service_switch "$OFFICIAL_KIND" "$OFFICIAL_NAME" "$OFFICIAL_FILE" on
 	say "the official agent is back: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE) enabled and started${ROOT:+ (links only: KOMARI_INSTALL_ROOT is set)}"
 	return 0
@@ -1048,15 +1058,27 @@ do_install() {
 	[ -n "$NO_SERVICE" ] && SERVICE=none
 	if [ -n "$VERSION" ]; then say "note: --install-version $VERSION ignored: komari_agent.py comes from $SOURCE"; fi
 	REPLACING=''
-	if [ ! -f "$(official_record)/official.conf" ] && find_official; then
+	# (an install of ours that replaced it already, and is still here, has nothing to find)
+	if ! { [ -f "$(official_record)/official.conf" ] && [ -f "$DIR/install.conf" ]; } && find_official; then
 		# what the official agent ran with, unless given now
 		read_official
-		REPLACING=1
 		[ -n "$ENDPOINT" ] || ENDPOINT=$OFFICIAL_ENDPOINT
 		[ -n "$TOKEN" ] || TOKEN=$OFFICIAL_TOKEN
 		[ -n "$DISCOVERY" ] || DISCOVERY=$OFFICIAL_DISCOVERY
-		[ -n "$AGENT_ARGS_GIVEN" ] || AGENT_ARGS=$OFFICIAL_ARGS
-		say "found the official agent: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE); its settings are taken over"
+		[ -n "$AGENT_ARGS_GIVEN" ] || [ -z "$OFFICIAL_ARGS" ] || AGENT_ARGS=$OFFICIAL_ARGS
+		case $OFFICIAL_KIND in
+		binary)
+			say "found the official agent's binary $OFFICIAL_FILE (no service): left alone; its traffic totals and auto-discovery registration are taken over"
+			;;
+		process)
+			say "found the official agent running as process $OFFICIAL_FILE; its settings are taken over"
+			warn "it runs without a service definition install.sh knows: stop it yourself (kill $OFFICIAL_FILE), or the panel gets two agents for this server"
+			;;
+		*)
+			REPLACING=1
+			say "found the official agent: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE); it is replaced, its settings are taken over"
+			;;
+		esac
 	fi
 	if [ -z "$ENDPOINT" ] || { [ -z "$TOKEN" ] && [ -z "$DISCOVERY" ]; }; then
 		config_has_credentials || usage_error "-e ENDPOINT and -t TOKEN are needed (no earlier install in $DIR to take them from)"
@@ -1090,10 +1112,8 @@ do_install() {
 	make_dir "$DIR/state"
 	write_launcher
 	LOGS='' STARTED_AT=''
-	if [ -n "$REPLACING" ]; then
-		stand_down_official
-		import_official_files
-	fi
+	[ -z "$REPLACING" ] || stand_down_official
+	[ -z "$OFFICIAL_KIND" ] || import_official_files
 	if [ -n "$NO_SERVICE" ]; then
 		SERVICE=$SAVED_SERVICE # --no-service is about this run, not a setting to keep
 		say "no service installed (--no-service); start the agent with: $DIR/run-agent.sh"
@@ -1193,16 +1213,20 @@ do_uninstall() {
 	[ -n "$SAVED_SERVICE" ] && stop_service "$SAVED_SERVICE"
 	was_dir=''
 	in_manifest "$DIR" && was_dir=1
-	remove_installed ${PURGE:+purge}
-	case $SAVED_SERVICE in
-	systemd) [ -n "$ROOT" ] || run systemctl daemon-reload ;;
-	systemd-user) [ -n "$ROOT" ] || run systemctl --user daemon-reload ;;
-	esac
+	remove_installed # state/ and the record of a replaced official agent stay for now
 	if [ -n "$RESTORE_OFFICIAL" ]; then
 		restore_official
 		MANIFEST=$(printf '%s\n' "$MANIFEST" | grep -Fv "$(official_record)")
 		remove "$(official_record)"
+	elif [ -n "$replaced" ]; then
+		put_back_official
+		say "the official agent's service ($OFFICIAL_FILE) is back in place, stopped and disabled: to start it, run this again with --uninstall --restore-official, or: $(official_start_command)"
 	fi
+	[ -z "$PURGE" ] || remove_installed purge
+	case $SAVED_SERVICE in
+	systemd) [ -n "$ROOT" ] || run systemctl daemon-reload ;;
+	systemd-user) [ -n "$ROOT" ] || run systemctl --user daemon-reload ;;
+	esac
 	if printf '%s\n' "$MANIFEST" | grep -Fvx "$DIR" | grep -q .; then
 		save_manifest # what stays is still ours, for a later --purge
 	else
@@ -1211,9 +1235,6 @@ do_uninstall() {
 	fi
 	if [ -d "$DIR/state" ] && in_manifest "$DIR/state"; then
 		say "kept $DIR/state (traffic totals, undelivered results): add --purge to remove it too"
-	fi
-	if [ -n "$replaced" ] && [ -z "$RESTORE_OFFICIAL" ] && [ -d "$(official_record)" ]; then
-		say "the official agent this install replaced is still stopped and disabled: run this again with --uninstall --restore-official to start it again"
 	fi
 	if [ -z "$MANIFEST" ] && [ -n "$was_dir" ]; then
 		if [ -n "$DRY_RUN" ]; then
@@ -1244,7 +1265,7 @@ main() {
 	ENDPOINT='' TOKEN='' DISCOVERY='' DIR='' DIR_GIVEN='' NAME=komari-agent NAME_GIVEN='' GHPROXY='' VERSION='' SOURCE=''
 	PIP_INDEX_URL='' VENV_SYSTEM_SITE='' SERVICE='' NO_SERVICE='' NO_START='' UNINSTALL='' DRY_RUN=''
 	AGENT_ARGS='' AGENT_ARGS_GIVEN='' PURGE='' RESTORE_OFFICIAL='' WORK='' FRESH='' FINISHED=''
-	OFFICIAL_FILE=''
+	OFFICIAL_FILE='' OFFICIAL_KIND=''
 	while [ $# -gt 0 ]; do
 		opt=$1
 		case $opt in

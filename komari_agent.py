@@ -3650,7 +3650,7 @@ def check_settings(cfg):
     where = {"cli": "command line", "env": "environment", "file": "config file %s" % cfg.config}
     print("settings are valid; in effect (defaults left out):")
     for option in OPTIONS:
-        if option.dest not in cfg.origins or option.dest in ("config", "dry_run"):
+        if option.dest not in cfg.origins or option.dest in ("config", "dry_run", "state_dir"):
             continue
         value = getattr(cfg, option.dest)
         if option.dest in ("token", "auto_discovery") and value:

@@ -571,6 +571,63 @@ def test_help_lists_the_official_flags():
         assert flag in text
 
 
+# -- issue 13: unknown flags, AGENT_* typos, --check, --help -------------------
+
+def test_unknown_flag_exits_2_with_a_suggestion_but_official_only_flags_warn():
+    done = run_agent("-e", "http://h", "-t", "T", "--disable-webssh")
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, lines
+    assert "unknown option --disable-webssh (did you mean --disable-web-ssh?)" in lines[0]
+    cfg, warnings = ka.load_config(["-e", "http://h", "-t", "T", "--cf-access-client-secret=s", "--show-warning",
+                                    "--cf-access-client-id", "x", "-i", "2"], {})
+    assert cfg.interval == 2.0 and len(warnings) == 3 and all("does not implement" in w for w in warnings)
+
+
+def test_agent_variables_that_match_no_setting_are_warned_with_a_suggestion():
+    _, warnings = ka.load_config(["-e", "http://h", "-t", "T"], {"AGENT_DISABLE_WEBSSH": "1", "AGENT_TOKEN": "T",
+                                                                "AGENT_CF_ACCESS_CLIENT_ID": "x"})
+    assert warnings == ["ignoring AGENT_DISABLE_WEBSSH: no such setting (did you mean AGENT_DISABLE_WEB_SSH?)"]
+
+
+def test_check_validates_everything_prints_the_settings_and_contacts_nothing(panel, tmp_path):
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"endpoint": panel.endpoint, "token": TOKEN, "month_rotate": 3}))
+    done = run_agent("--config", str(config), "--disable-web-ssh", "--check", env={"AGENT_INTERVAL": "2"})
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr
+    assert TOKEN not in out + done.stderr.decode() and "tok... (23 characters)" in out
+    assert re.search(r"--month-rotate +3 +\(config file", out) and re.search(r"--interval +2.0 +\(environment", out)
+    assert re.search(r"--disable-web-ssh +True +\(command line", out)
+    assert not panel.basic_infos and not panel.reports
+    done = run_agent("--config", str(config), "--interval", "abc", "--check")
+    assert done.returncode == 2 and len(done.stderr.decode().strip().splitlines()) == 1
+    assert not done.stdout
+
+
+def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ():
+    text = run_agent("--help").stdout.decode()
+    assert "traffic [--set-up SIZE]" in text
+    for flag, env in (("--gpu", "AGENT_ENABLE_GPU"), ("--auto-discovery", "AGENT_AUTO_DISCOVERY_KEY"),
+                      ("--include-mountpoint", "AGENT_INCLUDE_MOUNTPOINTS"), ("--config", "AGENT_CONFIG_FILE"),
+                      ("--memory-exclude-bcf", "AGENT_MEMORY_REPORT_RAW_USED")):
+        assert re.search(r"\n  %s +%s " % (flag, env), text), flag
+    assert "--interval" not in text.split("These names differ")[1]
+
+
+def test_status_file_is_written_on_change_only_and_never_holds_the_token(tmp_path):
+    ka.hide_secret("status-secret-token")
+    status = ka.LinkStatus(str(tmp_path))
+    status.set("connecting", "HTTP 401 for /api/clients/report?token=status-secret-token")
+    first = (tmp_path / "status.json").stat().st_mtime_ns
+    status.set("connecting", "HTTP 401 for /api/clients/report?token=status-secret-token")
+    assert (tmp_path / "status.json").stat().st_mtime_ns == first
+    data = json.loads((tmp_path / "status.json").read_text())
+    assert data["state"] == "connecting" and "status-secret-token" not in json.dumps(data) and "***" in data["error"]
+    assert data["pid"] == os.getpid() and data["started"] <= time.time()
+    status.set("connected")
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "connected"
+
+
 # ---------------------------------------------------------------------------
 # Collectors: arithmetic on fixed /proc inputs
 # ---------------------------------------------------------------------------
@@ -2391,7 +2448,8 @@ def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tm
     assert launcher_argv(shared)[6:] == ["--disable-web-ssh", "--month-rotate", "3"]
     assert unit.is_file()
 
-    run_install(tmp_path, "-t", "second-token", "--interval", "2", *common)  # new token and flags
+    _, err = run_install(tmp_path, "-t", "second-token", "--interval", "2", *common)  # new token and flags
+    assert "this run drops --disable-web-ssh, which the last install had" in err  # a line of its own
     assert json.loads((shared / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
                                                                 "token": "second-token"}
     assert launcher_argv(shared)[6:] == ["--interval", "2"]
@@ -2559,6 +2617,160 @@ def test_install_without_python_says_what_to_install(tmp_path):
                          expect_rc=1, env=env)
     assert len(err.splitlines()) == 1 and "install Python 3.8 or newer" in err and "apt-get install python3" in err
     assert not (tmp_path / "a").exists()
+
+
+# -- issue 13: replacing the official agent, checked settings, no silent mistakes --
+
+OFFICIAL_NET_STATIC = b'{"interfaces":["eth0"],"data":{"eth0":[{"timestamp":1,"tx":5,"rx":7}]}}\n'
+OFFICIAL_DISCOVERY = b'{\n  "uuid": "u-1",\n  "token": "discovered-token"\n}\n'
+
+
+def fake_official(root, kind, endpoint, token, flags="--disable-web-ssh --custom-ipv4 192.0.2.7"):
+    """The official installer's service definition for KIND (its own templates,
+    each with another way of writing -e and -t), enabled the way its service
+    manager records it, with its binary and files in /opt/komari."""
+    opt = root / "opt" / "komari"
+    opt.mkdir(parents=True)
+    (opt / "agent").write_bytes(b"the official binary")
+    (opt / "agent").chmod(0o755)
+    (opt / "net_static.json").write_bytes(OFFICIAL_NET_STATIC)
+    (opt / "auto-discovery.json").write_bytes(OFFICIAL_DISCOVERY)
+    if kind == "systemd":
+        path, link, target = "etc/systemd/system/komari-agent.service", \
+            "etc/systemd/system/multi-user.target.wants/komari-agent.service", "/etc/systemd/system/komari-agent.service"
+        text = ("[Unit]\nDescription=Komari Agent Service\nAfter=network.target\n\n[Service]\nType=simple\n"
+                "ExecStart=/opt/komari/agent -e %s -t %s %s\nWorkingDirectory=/opt/komari\nRestart=always\n"
+                "User=root\n\n[Install]\nWantedBy=multi-user.target\n" % (endpoint, token, flags))
+    elif kind == "openrc":
+        path, link, target = "etc/init.d/komari-agent", "etc/runlevels/default/komari-agent", "/etc/init.d/komari-agent"
+        text = ('#!/sbin/openrc-run\n\nname="Komari Agent Service"\ndescription="Komari monitoring agent"\n'
+                'command="/opt/komari/agent"\ncommand_args="--endpoint=%s --token \'%s\' %s"\ncommand_user="root"\n'
+                'directory="/opt/komari"\npidfile="/run/komari-agent.pid"\nretry="SIGTERM/30"\n'
+                'supervisor=supervise-daemon\n\ndepend() {\n    need net\n    after network\n}\n'
+                % (endpoint, token, flags))
+    else:
+        path, link, target = "etc/init.d/komari-agent", "etc/rc.d/S99komari-agent", "../init.d/komari-agent"
+        text = ('#!/bin/sh /etc/rc.common\n\nSTART=99\nSTOP=10\n\nUSE_PROCD=1\n\nPROG="/opt/komari/agent"\n'
+                'ARGS="--endpoint %s -t%s %s"\n\nstart_service() {\n    procd_open_instance\n'
+                '    procd_set_param command $PROG $ARGS\n    procd_set_param respawn\n    procd_set_param stdout 1\n'
+                '    procd_set_param stderr 1\n    procd_set_param user root\n    procd_close_instance\n}\n\n'
+                'stop_service() {\n    killall $(basename $PROG)\n}\n' % (endpoint, token, flags))
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / path).write_text(text)
+    (root / link).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, str(root / link))
+    return root / path, root / link
+
+
+@pytest.mark.parametrize("kind", ["systemd", "openrc", "procd"])
+def test_install_replaces_the_official_agent_in_place_and_gives_the_box_back(tmp_path, kind):
+    root = tmp_path / "root"
+    definition, link = fake_official(root, kind, "https://panel.example.com", "official-token-1234")
+    original = definition.read_bytes()
+    install_dir = tmp_path / "agent"
+    out, err = run_install(tmp_path, "--install-dir", str(install_dir), "--service", kind, "--venv-system-site-packages")
+    assert "found the official agent: %s 'komari-agent' (%s)" % (kind, definition) in out
+    assert "official-token-1234" not in out + err and "--token" in out  # the settings in effect, token masked
+    assert json.loads((install_dir / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
+                                                                   "token": "official-token-1234"}
+    assert launcher_argv(install_dir)[6:] == ["--disable-web-ssh", "--custom-ipv4", "192.0.2.7"]
+    assert "written by komari_agent.py install.sh" in definition.read_text()  # ours in its place ...
+    assert (install_dir / "official-agent" / definition.name).read_bytes() == original  # ... theirs kept aside
+    assert (root / "opt/komari/agent").read_bytes() == b"the official binary"
+    assert (install_dir / "net_static.json").read_bytes() == OFFICIAL_NET_STATIC
+    assert (install_dir / "state" / "auto-discovery.json").read_bytes() == OFFICIAL_DISCOVERY
+    # plain --uninstall: theirs goes back in place, still disabled, and how to start it is offered
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
+    assert definition.read_bytes() == original and not os.path.lexists(str(link))
+    assert "--restore-official" in out
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--restore-official", "--purge")
+    assert "the official agent is back" in out
+    assert definition.read_bytes() == original and os.readlink(str(link)).endswith(str(definition)[len(str(root)):])
+    assert not install_dir.exists()
+
+
+def test_install_rolls_back_to_the_official_agent_unless_ours_reaches_the_panel(panel, tmp_path):
+    """A real agent against the loopback panel: with the official unit's wrong
+    token ours is refused and the official agent is put back at once; with the
+    right one install.sh says connected. Under KOMARI_INSTALL_ROOT install.sh
+    starts nothing, so the test starts the agent when install.sh waits for it."""
+    root = tmp_path / "root"
+    definition, link = fake_official(root, "systemd", panel.endpoint, "wrong-token-5678",
+                                     flags="--custom-ipv4 192.0.2.7 --reconnect-interval 1")
+    original = definition.read_bytes()
+    install_dir = tmp_path / "agent"
+
+    def install_and_start_agent(*args):
+        cmd = INSTALL_SHELL + [str(INSTALL_SH), "--install-dir", str(install_dir), "--service", "systemd",
+                               "--venv-system-site-packages"] + list(args)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path),
+                                env=install_env(tmp_path, KOMARI_INSTALL_WAIT="30"))
+        out = []
+        for line in iter(proc.stdout.readline, b""):
+            out.append(line.decode())
+            if "waiting up to 30 s for the agent to reach the panel" in out[-1]:
+                break
+        assert proc.poll() is None, "".join(out) + proc.stderr.read().decode()
+        agent = subprocess.Popen([str(install_dir / "run-agent.sh")], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True,
+                                 env={k: v for k, v in os.environ.items() if not k.startswith("AGENT_")})
+        try:
+            rest, err = proc.communicate(timeout=60)
+        finally:
+            stop_process_group(agent.pid)
+            agent.wait(5)
+        return proc.returncode, "".join(out) + rest.decode(), err.decode()
+
+    rc, out, err = install_and_start_agent()
+    assert rc == 1, out + err
+    assert err.strip().splitlines() == [err.strip()] and "rolled back to the official agent" in err
+    assert "refused the token" in err and "wrong-token-5678" not in out + err
+    assert definition.read_bytes() == original and os.readlink(str(link)) == "/etc/systemd/system/komari-agent.service"
+    assert not install_dir.exists()
+
+    rc, out, err = install_and_start_agent("-t", panel.token)
+    assert rc == 0 and "connected: the agent reached the panel" in out, out + err
+    assert "written by komari_agent.py install.sh" in definition.read_text()
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--restore-official", "--purge")
+    assert definition.read_bytes() == original and not install_dir.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--interval", "abc"], "the agent refuses these settings: --interval: expected a number, got 'abc'"),
+    (["-e", "notaurl"], "the agent refuses these settings: endpoint must look like"),
+    (["--disable-webssh"], "(did you mean --disable-web-ssh?)"),
+])
+def test_install_checks_the_settings_with_the_agent_before_writing_anything(tmp_path, args, message):
+    before = tree_snapshot(tmp_path)
+    _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir",
+                         str(tmp_path / "agent"), "--service", "systemd", *args, expect_rc=1)
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_install_explains_a_404_and_removes_a_half_made_directory(tmp_path):
+    from http.server import HTTPServer, SimpleHTTPRequestHandler
+    empty = tmp_path / "www"
+    empty.mkdir()
+    server = HTTPServer(("127.0.0.1", 0), lambda *a: SimpleHTTPRequestHandler(*a, directory=str(empty)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    install_dir = tmp_path / "agent"
+    url = "http://127.0.0.1:%d/main/komari_agent.py" % server.server_address[1]
+    try:
+        _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                             expect_rc=1, stdin_script=True, env=install_env(tmp_path, KOMARI_AGENT_URL=url))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(err.splitlines()) == 1 and "HTTP 404" in err and "set --source URL|PATH or KOMARI_AGENT_URL" in err
+    assert not install_dir.exists()
+    # a failure after the directory was made: an agent that checks the settings but will not start
+    broken = tmp_path / "komari_agent.py"
+    broken.write_text(re.sub(r'\n    parser.add_argument\("--version".*', "", AGENT.read_text()))
+    _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                         "--no-service", "--source", str(broken), "--venv-system-site-packages", expect_rc=1)
+    assert "the installed agent does not start" in err and "removed the half-made %s" % install_dir in err
+    assert not install_dir.exists()
 
 
 # ---------------------------------------------------------------------------
