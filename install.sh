@@ -262,7 +262,7 @@ pip_index_args() {
 # see_python_packages VENV_PYTHON: where $PY is itself in a virtual environment, the packages
 # it sees are that environment's, not the base Python's; a .pth file lets the new one see them.
 see_python_packages() {
-	dirs=$("$PY" -c 'import site, sys; sys.prefix != sys.base_prefix and print("\n".join(site.getsitepackages()))' </dev/null 2>/dev/null)
+	dirs=$("$PY" -c 'import sys; sys.prefix != sys.base_prefix and print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))' </dev/null 2>/dev/null)
 	[ -n "$dirs" ] || return 0
 	target=$("$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' </dev/null 2>/dev/null) || return 0
 	printf '%s\n' "$dirs" >"$target/komari-install-python-packages.pth"
