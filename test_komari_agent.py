@@ -1,7 +1,7 @@
 """Tests for komari_agent.py.
 
 The panel side is real: PanelServer below is an HTTP + WebSocket server on
-127.0.0.1 that speaks PROTOCOL.md, decodes reports the way the Go server does
+127.0.0.1 that speaks the panel protocol (README.md, "What is sent"), decodes reports the way the Go server does
 (a float where it wants an integer, or a cpu usage outside 0-100, rejects the
 report), closes a report socket that sends no data for 11 s, and answers 401
 to a wrong token. End-to-end tests run komari_agent.py as a subprocess.
@@ -2943,3 +2943,10 @@ def test_every_help_flag_is_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     flags = set(re.findall(r"--[a-z][a-z0-9-]+", run_agent("--help").stdout.decode()))
     assert flags and not [f for f in sorted(flags) if f not in readme]
+
+
+def test_no_file_cites_a_protocol_document_the_project_does_not_have():
+    missing = "PROTOCOL" + ".md"  # the wire contract lives outside the project; README summarises it
+    files = [ROOT / "komari_agent.py", ROOT / "install.sh", ROOT / "README.md", Path(__file__)] + \
+        sorted((ROOT / "bench").glob("*.py"))
+    assert [f.name for f in files if missing in f.read_text()] == []
