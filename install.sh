@@ -405,7 +405,12 @@ check_settings() {
 		eval "set -- $AGENT_ARGS"
 		AGENT_ENDPOINT=$ENDPOINT AGENT_TOKEN=$TOKEN AGENT_AUTO_DISCOVERY_KEY=$DISCOVERY \
 			"$PY" "$AGENT_FILE" ${config:+--config "$config"} --state-dir "$DIR/state" "$@" --check 2>&1 </dev/null
-	) || die "the agent refuses these settings: $(printf '%s\n' "$checked" | tail -n 1 | sed 's/^komari_agent.py: error: //')"
+	) || {
+		# a bad setting, like a bad option: exit 2
+		printf 'install.sh: error: the agent refuses these settings: %s\n' \
+			"$(printf '%s\n' "$checked" | tail -n 1 | sed 's/^komari_agent.py: error: //')" >&2
+		exit 2
+	}
 	printf '%s\n' "$checked" | sed -n 's/^[0-9/]* [0-9:]* WARNING /install.sh: warning: agent: /p' >&2
 	printf '%s\n' "$checked" | grep -v -e '^[0-9/]* [0-9:]* [A-Z]* ' -e '^  state directory'
 	case $SAVED_AGENT_ARGS in

@@ -2743,7 +2743,7 @@ def test_install_rolls_back_to_the_official_agent_unless_ours_reaches_the_panel(
 def test_install_checks_the_settings_with_the_agent_before_writing_anything(tmp_path, args, message):
     before = tree_snapshot(tmp_path)
     _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir",
-                         str(tmp_path / "agent"), "--service", "systemd", *args, expect_rc=1)
+                         str(tmp_path / "agent"), "--service", "systemd", *args, expect_rc=2)
     assert len(err.splitlines()) == 1 and message in err, err
     assert tree_snapshot(tmp_path) == before
 
@@ -2771,6 +2771,18 @@ def test_install_explains_a_404_and_removes_a_half_made_directory(tmp_path):
                          "--no-service", "--source", str(broken), "--venv-system-site-packages", expect_rc=1)
     assert "the installed agent does not start" in err and "removed the half-made %s" % install_dir in err
     assert not install_dir.exists()
+
+
+def test_install_that_never_hears_from_its_agent_says_so_and_exits_1(tmp_path):
+    """Nothing starts the agent under KOMARI_INSTALL_ROOT, so a wait finds no
+    status: that is reported with where to look, never as a plain Done."""
+    install_dir = tmp_path / "agent"
+    out, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                           "--service", "openrc", "--venv-system-site-packages", expect_rc=1,
+                           env=install_env(tmp_path, KOMARI_INSTALL_WAIT="1"))
+    assert "has not reached the panel within 1 s: no word from the agent" in err and "Done." not in out
+    assert "Logs: tail -f /var/log/komari-agent.log; its last state: %s/state/status.json" % install_dir in out
+    assert (install_dir / "run-agent.sh").is_file()  # installed all the same; it keeps trying
 
 
 # ---------------------------------------------------------------------------
