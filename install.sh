@@ -834,9 +834,9 @@ find_official() {
 # flags, quoted like AGENT_ARGS) and OFFICIAL_DIR (its working directory) from its service
 # definition or command line; -e URL, -eURL, --endpoint URL and --endpoint=URL, quoted or not.
 read_official() {
-	parsed=$("$PY" - "$OFFICIAL_KIND" "$OFFICIAL_FILE" <<'EOF'
+	parsed=$("$PY" - "$OFFICIAL_KIND" "$OFFICIAL_FILE" "$ROOT" <<'EOF'
 import os, re, shlex, sys
-kind, source = sys.argv[1], sys.argv[2]
+kind, source, root = sys.argv[1], sys.argv[2], sys.argv[3]
 
 def words(text):
     try:
@@ -853,7 +853,7 @@ if kind == "process":
     except OSError:
         pass
 elif kind == "binary":
-    argv = [source]
+    argv = [source[len(root):] if root and source.startswith(root + "/") else source]
 else:
     with open(source, encoding="utf-8", errors="replace") as f:
         text = f.read()
@@ -928,6 +928,7 @@ OFFICIAL_FILE=%s
 ' "$(q "$OFFICIAL_KIND")" "$(q "$OFFICIAL_NAME")" "$(q "$OFFICIAL_FILE")"
 	} | write_file "$record/official.conf" 0600
 	service_switch "$OFFICIAL_KIND" "$OFFICIAL_NAME" "$OFFICIAL_FILE" off
+	STOOD_DOWN=1
 }
 
 # service_switch KIND NAME FILE on|off: enable and start, or stop and disable, a service.
@@ -1080,8 +1081,12 @@ do_install() {
 			warn "it runs without a service definition install.sh knows: stop it yourself (kill $OFFICIAL_FILE), or the panel gets two agents for this server"
 			;;
 		*)
-			REPLACING=1
-			say "found the official agent: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE); it is replaced, its settings are taken over"
+			if [ -n "$NO_SERVICE" ]; then
+				say "found the official agent: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE); its settings are taken over, it is left running (--no-service)"
+			else
+				REPLACING=1
+				say "found the official agent: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE); it is replaced, its settings are taken over"
+			fi
 			;;
 		esac
 	fi
@@ -1257,11 +1262,17 @@ do_uninstall() {
 cleanup() {
 	[ -n "$WORK" ] && rm -rf "$WORK"
 	[ -n "$DIR" ] && rm -f "$DIR/.requirements.tmp" "$DIR/komari_agent.py.new" "$DIR/install.manifest.tmp"
-	if [ -n "$FRESH" ] && [ -z "$FINISHED" ] && [ -z "$DRY_RUN" ] && [ -d "$DIR" ]; then
+	[ -z "$FINISHED" ] && [ -z "$DRY_RUN" ] || return 0
+	if [ -n "$STOOD_DOWN" ]; then
+		FINISHED=1
+		roll_back_to_official >/dev/null 2>&1
+		printf 'install.sh: the official agent is back as it was\n' >&2
+	elif [ -n "$FRESH" ] && [ -d "$DIR" ]; then
 		remove_installed purge 2>/dev/null
 		rm -f "$DIR/install.manifest"
 		rmdir "$DIR" 2>/dev/null && printf 'install.sh: removed the half-made %s\n' "$DIR" >&2
 	fi
+	return 0
 }
 
 # ---- command line ---------------------------------------------------------------------------
@@ -1269,7 +1280,7 @@ cleanup() {
 main() {
 	ENDPOINT='' TOKEN='' DISCOVERY='' DIR='' DIR_GIVEN='' NAME=komari-agent NAME_GIVEN='' GHPROXY='' VERSION='' SOURCE=''
 	PIP_INDEX_URL='' VENV_SYSTEM_SITE='' SERVICE='' NO_SERVICE='' NO_START='' UNINSTALL='' DRY_RUN=''
-	AGENT_ARGS='' AGENT_ARGS_GIVEN='' PURGE='' RESTORE_OFFICIAL='' WORK='' FRESH='' FINISHED=''
+	AGENT_ARGS='' AGENT_ARGS_GIVEN='' PURGE='' RESTORE_OFFICIAL='' WORK='' FRESH='' FINISHED='' STOOD_DOWN=''
 	OFFICIAL_FILE='' OFFICIAL_KIND=''
 	while [ $# -gt 0 ]; do
 		opt=$1
