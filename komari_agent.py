@@ -3,7 +3,8 @@
 
 Speaks the Komari agent protocol v1 (summarised in README.md, "What is sent"
 and "Remote control"): basic info by HTTP POST, a realtime report over a
-WebSocket, and the server's events (exec, ping, terminal) on that socket.  Needs Python 3.8+, psutil and websocket-client.
+WebSocket, and the server's events (exec, ping, terminal) on that socket.
+Needs Python 3.8+, psutil and websocket-client.
 
     python3 komari_agent.py --endpoint https://panel.example --token TOKEN
     python3 komari_agent.py --dry-run        # print what would be sent
