@@ -61,10 +61,11 @@ An official Go agent found here (its systemd, OpenRC or procd service) is replac
 token and flags are taken over, it is stopped and disabled (its files are kept), and it is
 started again if ours has not reached the panel within 60 s.
 Environment: KOMARI_PYTHON (interpreter, default python3), KOMARI_AGENT_URL (see --source),
-KOMARI_INSTALL_ROOT (prefix for /etc and /var paths and where the official agent is looked for, a crontab file there instead of
-crontab(1), service enabling as the links a service manager would make; no process is ever
-started or stopped; for tests and images), KOMARI_INSTALL_WAIT (seconds to wait for the agent
-to reach the panel; 0 under KOMARI_INSTALL_ROOT, where nothing is started, unless set).
+KOMARI_INSTALL_ROOT (prefix for /etc and /var paths and where the official agent is looked
+for; a crontab file there instead of crontab(1); enabling is the link a service manager would
+make; no process is ever started or stopped; for tests and images), KOMARI_INSTALL_WAIT
+(seconds to wait for the agent to reach the panel: 20, 60 when replacing the official agent,
+0 under KOMARI_INSTALL_ROOT, where nothing is started).
 EOF
 }
 
