@@ -6,15 +6,22 @@
 # POSIX sh (dash, busybox ash). Takes the official installer's options (-e/-t, --install-dir,
 # --install-service-name, --install-ghproxy, --install-version) plus every agent flag, which is
 # passed to the service unchanged. Run with --help for the rest. Re-running upgrades in place and
-# keeps the settings; --uninstall removes only what this script created.
+# keeps the settings; --uninstall removes only what this script created. Where the official Go
+# agent is installed, it is replaced in place: its settings are taken over, it is stopped and
+# disabled (its files are kept), and it is started again if ours does not reach the panel.
 #
 # Everything lives inside main(), called on the last line, so a download cut short runs nothing,
 # and every command gets </dev/null so that nothing eats the rest of a script read from a pipe.
 
 # Every file this script writes carries this mark; --uninstall checks for it.
 MARK='written by komari_agent.py install.sh'
-# Where komari_agent.py comes from when not run from a checkout (KOMARI_AGENT_URL overrides).
+# Where komari_agent.py comes from when not run from a checkout: the one place that names it
+# (--source and KOMARI_AGENT_URL override it).
 DEFAULT_AGENT_URL='https://raw.githubusercontent.com/OWNER/REPO/main/komari_agent.py'
+# Seconds to wait for the started agent to reach the panel, and, when it replaced the official
+# agent, before giving the box back to that one (KOMARI_INSTALL_WAIT overrides both).
+WAIT_CONNECTED=20
+WAIT_REPLACED=60
 # Same as requirements.txt (a test keeps them equal); used when no requirements.txt is at hand.
 REQUIREMENTS='psutil>=5.6
 websocket-client>=1.0'
@@ -42,13 +49,23 @@ Usage: install.sh -e ENDPOINT -t TOKEN [options] [agent flags]
   --service KIND                auto (default), systemd, systemd-user, openrc, procd, cron
   --no-service                  install files and dependencies only
   --no-start                    write the service definition but do not enable or start it
-  --uninstall                   stop the service and remove what install.sh created
+  --uninstall                   stop the service and remove what install.sh created, except
+                                state/ (traffic totals, undelivered results)
+  --purge                       with --uninstall: remove state/ too
+  --restore-official            with --uninstall: start the official agent this install replaced
   --dry-run                     print every action, change nothing
   -h, --help                    this text
-Any other argument is an agent flag (see komari_agent.py --help) and is passed on unchanged.
-Environment: KOMARI_PYTHON (interpreter, default python3), KOMARI_AGENT_URL,
-KOMARI_INSTALL_ROOT (prefix for /etc and /var paths, and a crontab file there instead of
-crontab(1); no service manager command is run; for tests and images).
+Any other argument is an agent flag (see komari_agent.py --help) and is passed on unchanged;
+the agent checks them all before anything is written.
+An official Go agent found here (its systemd, OpenRC or procd service) is replaced: its endpoint,
+token and flags are taken over, it is stopped and disabled (its files are kept), and it is
+started again if ours has not reached the panel within 60 s.
+Environment: KOMARI_PYTHON (interpreter, default python3), KOMARI_AGENT_URL (see --source),
+KOMARI_INSTALL_ROOT (prefix for /etc and /var paths and where the official agent is looked
+for; a crontab file there instead of crontab(1); enabling is the link a service manager would
+make; no process is ever started or stopped; for tests and images), KOMARI_INSTALL_WAIT
+(seconds to wait for the agent to reach the panel: 20, 60 when replacing the official agent,
+0 under KOMARI_INSTALL_ROOT, where nothing is started).
 EOF
 }
 
@@ -162,16 +179,52 @@ with_ghproxy() {
 	esac
 }
 
-# fetch URL DEST: curl, else wget, else Python itself.
+# fetch URL DEST: curl, else wget, else Python itself. On failure FETCH_ERROR says why, with
+# the HTTP status where there was one ("HTTP 404").
 fetch() {
+	FETCH_ERROR=''
 	if [ -n "$DRY_RUN" ]; then say "would download $1 to $2"; return 0; fi
 	if have curl; then
-		curl -fsSL --retry 2 --connect-timeout 20 -o "$2" "$1" </dev/null
+		code=$(curl -sSL --retry 2 --connect-timeout 20 -o "$2" -w '%{http_code}' "$1" 2>"$2.err" </dev/null)
+		rc=$?
+		case $rc:$code in
+		0:2??) rm -f "$2.err"; return 0 ;;
+		0:*) FETCH_ERROR="HTTP $code" ;;
+		*) FETCH_ERROR=$(tail -n 1 "$2.err") ;;
+		esac
 	elif have wget; then
-		wget -q -T 20 -O "$2" "$1" </dev/null
+		wget -S -q -T 20 -O "$2" "$1" 2>"$2.err" </dev/null && { rm -f "$2.err"; return 0; }
+		code=$(sed -n 's/^ *HTTP\/[0-9.]* \([0-9][0-9][0-9]\).*/\1/p' "$2.err" | tail -n 1)
+		FETCH_ERROR=${code:+HTTP $code}
 	else
-		"$PY" -c 'import sys, urllib.request; open(sys.argv[2], "wb").write(urllib.request.urlopen(sys.argv[1], timeout=20).read())' "$1" "$2" </dev/null
+		"$PY" - "$1" "$2" 2>"$2.err" <<'EOF' && { rm -f "$2.err"; return 0; }
+import sys, urllib.error, urllib.request
+try:
+    data = urllib.request.urlopen(sys.argv[1], timeout=20).read()
+except urllib.error.HTTPError as e:
+    sys.exit("HTTP %d" % e.code)
+except Exception as e:
+    sys.exit(str(e))
+open(sys.argv[2], "wb").write(data)
+EOF
+		FETCH_ERROR=$(tail -n 1 "$2.err")
 	fi
+	rm -f "$2" "$2.err"
+	return 1
+}
+
+# download_failed URL: one line, and what to do about it.
+download_failed() {
+	why=${FETCH_ERROR:-no answer}
+	if [ "$SOURCE" = "$DEFAULT_AGENT_URL" ]; then
+		where="the default address in this install.sh"
+	else
+		where="from --source or KOMARI_AGENT_URL"
+	fi
+	case $FETCH_ERROR in
+	'HTTP 404') die "cannot download komari_agent.py from $1: HTTP 404, not found ($where); set --source URL|PATH or KOMARI_AGENT_URL to where komari_agent.py is published" ;;
+	*) die "cannot download komari_agent.py from $1: $why ($where); check the address and the network, or set --source URL|PATH or KOMARI_AGENT_URL" ;;
+	esac
 }
 
 # ---- Python and the dependencies ------------------------------------------------------------
@@ -207,6 +260,15 @@ pip_index_args() {
 	return 0
 }
 
+# see_python_packages VENV_PYTHON: where $PY is itself in a virtual environment, the packages
+# it sees are that environment's, not the base Python's; a .pth file lets the new one see them.
+see_python_packages() {
+	dirs=$("$PY" -c 'import sys; sys.prefix != sys.base_prefix and print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))' </dev/null 2>/dev/null)
+	[ -n "$dirs" ] || return 0
+	target=$("$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' </dev/null 2>/dev/null) || return 0
+	printf '%s\n' "$dirs" >"$target/komari-install-python-packages.pth"
+}
+
 # deps_venv: a virtual environment in DIR/venv (made without pip first, so that nothing is
 # downloaded when the packages it can see already do).
 deps_venv() {
@@ -223,6 +285,7 @@ deps_venv() {
 			return 1
 		}
 		made_venv=1
+		[ -z "$VENV_SYSTEM_SITE" ] || see_python_packages "$venv_python"
 	fi
 	if ! requirements_met "$venv_python"; then
 		"$venv_python" -m pip --version >/dev/null 2>&1 </dev/null ||
@@ -296,25 +359,70 @@ install_dependencies() {
 
 # ---- files in the install directory ---------------------------------------------------------
 
-install_agent_file() {
+# obtain_agent: AGENT_FILE is a komari_agent.py to install: the --source file itself, or a
+# download into a temporary directory. Nothing is written to the install directory yet.
+obtain_agent() {
 	if [ -f "$SOURCE" ]; then
-		say "==> installing komari_agent.py from $SOURCE"
-		[ -n "$DRY_RUN" ] && { say "would copy $SOURCE to $DIR/komari_agent.py"; return 0; }
-		cp "$SOURCE" "$DIR/komari_agent.py.new" || die "cannot copy $SOURCE"
+		AGENT_FILE=$SOURCE
 	else
 		url=$(with_ghproxy "$SOURCE")
 		say "==> downloading komari_agent.py from $url"
+		AGENT_FILE=''
 		[ -n "$DRY_RUN" ] && { fetch "$url" "$DIR/komari_agent.py"; return 0; }
-		fetch "$url" "$DIR/komari_agent.py.new" || { rm -f "$DIR/komari_agent.py.new"; die "download failed: $url"; }
+		WORK=$(mktemp -d "${TMPDIR:-/tmp}/komari-install.XXXXXX") || die "cannot create a temporary directory"
+		AGENT_FILE=$WORK/komari_agent.py
+		fetch "$url" "$AGENT_FILE" || download_failed "$url"
 	fi
 	# A proxy's error page must not replace a working agent.
-	if ! grep -q 'Komari' "$DIR/komari_agent.py.new" ||
-		! "$PY" -c 'import ast, sys; ast.parse(open(sys.argv[1], "rb").read())' "$DIR/komari_agent.py.new" </dev/null 2>/dev/null; then
-		rm -f "$DIR/komari_agent.py.new"
+	if ! grep -q 'Komari' "$AGENT_FILE" ||
+		! "$PY" -c 'import ast, sys; ast.parse(open(sys.argv[1], "rb").read())' "$AGENT_FILE" </dev/null 2>/dev/null; then
 		die "$SOURCE is not komari_agent.py"
 	fi
+}
+
+install_agent_file() {
+	[ -z "$AGENT_FILE" ] && return 0 # dry run of a download: said so above
+	say "==> installing komari_agent.py from $SOURCE"
+	[ -n "$DRY_RUN" ] && { say "would copy $AGENT_FILE to $DIR/komari_agent.py"; return 0; }
+	cp "$AGENT_FILE" "$DIR/komari_agent.py.new" || die "cannot copy $AGENT_FILE"
 	claim "$DIR/komari_agent.py"
 	chmod 0644 "$DIR/komari_agent.py.new" && mv -f "$DIR/komari_agent.py.new" "$DIR/komari_agent.py"
+}
+
+# check_settings: the agent itself checks the settings the service will run with (the flags,
+# the config file as it will be, no AGENT_* from this shell) and prints them; its one-line
+# error stops the install before anything is written.
+# shellcheck disable=SC2120 # "$@" is the agent flags, set inside
+check_settings() {
+	if [ -z "$AGENT_FILE" ]; then
+		say "would check the settings with the downloaded komari_agent.py --check"
+		return 0
+	fi
+	config=''
+	[ -f "$DIR/config.json" ] && config=$DIR/config.json
+	checked=$(
+		# shellcheck disable=SC2046 # one name per word on purpose
+		unset $(env | sed -n 's/^\(AGENT_[A-Za-z0-9_]*\)=.*/\1/p')
+		eval "set -- $AGENT_ARGS"
+		AGENT_ENDPOINT=$ENDPOINT AGENT_TOKEN=$TOKEN AGENT_AUTO_DISCOVERY_KEY=$DISCOVERY \
+			"$PY" "$AGENT_FILE" ${config:+--config "$config"} --state-dir "$DIR/state" "$@" --check 2>&1 </dev/null
+	) || {
+		# a bad setting, like a bad option: exit 2
+		printf 'install.sh: error: the agent refuses these settings: %s\n' \
+			"$(printf '%s\n' "$checked" | tail -n 1 | sed 's/^komari_agent.py: error: //')" >&2
+		exit 2
+	}
+	printf '%s\n' "$checked" | sed -n 's/^[0-9/]* [0-9:]* WARNING /install.sh: warning: agent: /p' >&2
+	printf '%s\n' "$checked" | grep -v -e '^[0-9/]* [0-9:]* [A-Z]* ' -e '^  state directory'
+	case $SAVED_AGENT_ARGS in
+	*"'--disable-web-ssh'"* | *"'--disable-web-ssh=true'"*)
+		case $AGENT_ARGS in
+		*"'--disable-web-ssh'"* | *"'--disable-web-ssh=true'"*) ;;
+		*) warn "this run drops --disable-web-ssh, which the last install had: remote control (exec, terminal) will be ON; add --disable-web-ssh to keep it off" ;;
+		esac
+		;;
+	esac
+	return 0
 }
 
 # write_config: endpoint, token and auto-discovery key go into a 0600 JSON file that the agent
@@ -557,7 +665,7 @@ linger_hint() {
 install_service() {
 	file=$(service_file "$SERVICE")
 	say "==> service: $SERVICE ($file)"
-	if [ -e "$file" ] && ! grep -Fq "$MARK" "$file"; then
+	if [ -e "$file" ] && ! grep -Fq "$MARK" "$file" && [ "$file" != "$OFFICIAL_FILE" ]; then
 		warn "replacing $file, which install.sh did not write"
 	fi
 	claim_parents "$file"
@@ -572,8 +680,10 @@ install_service() {
 		claim "$DIR/agent.log"
 		claim "$DIR/agent.log.1"
 		keepalive_script | write_file "$file" 0755
-		if [ -z "$ROOT" ] && ! have crontab; then
+		if [ -z "$ROOT" ] && ! have crontab && is_root; then
 			warn "no crontab command: the agent starts now but not at boot; add '/bin/sh $file &' to a boot script (/etc/rc.local)"
+		elif [ -z "$ROOT" ] && ! have crontab; then
+			warn "no crontab command: the agent starts now but not at boot; after a reboot start it with '/bin/sh $file &' (it starts one copy only, so a line in ~/.profile does too), or ask root to install cron"
 		else
 			{ crontab_without_ours; cron_line; } | crontab_write ||
 				warn "could not add the @reboot entry to the crontab: the agent starts now but not at boot"
@@ -581,43 +691,57 @@ install_service() {
 		;;
 	*) usage_error "unknown service kind $SERVICE" ;;
 	esac
+	LOGS=$(log_hint "$SERVICE")
 	if [ -n "$NO_START" ]; then
 		say "not enabled or started (--no-start)"
 		return 0
 	fi
-	if [ -n "$ROOT" ] && [ "$SERVICE" != cron ]; then
-		say "not enabled or started: KOMARI_INSTALL_ROOT is set"
+	if [ -n "$ROOT" ]; then
+		# no process is started or stopped; enabling is the link a service manager would make
+		link=$(enable_link "$SERVICE" "$NAME")
+		if [ -n "$link" ]; then
+			claim_parents "$link"
+			claim "$link"
+			service_switch "$SERVICE" "$NAME" "$file" on
+		fi
+		say "not started: KOMARI_INSTALL_ROOT is set"
 		return 0
 	fi
+	STARTED_AT=$(date +%s)
 	case $SERVICE in
 	systemd)
 		run systemctl daemon-reload
 		run systemctl enable "$NAME.service"
 		run systemctl restart "$NAME.service"
-		LOGS="journalctl -u $NAME -f"
 		;;
 	systemd-user)
 		run systemctl --user daemon-reload
 		run systemctl --user enable "$NAME.service"
 		run systemctl --user restart "$NAME.service"
-		LOGS="journalctl --user -u $NAME -f"
 		linger_hint
 		;;
 	openrc)
 		run rc-update add "$NAME" default
 		run rc-service "$NAME" restart
-		LOGS="tail -f /var/log/$NAME.log"
 		;;
 	procd)
 		run "$file" enable
 		run "$file" restart
-		LOGS="logread -f -e komari"
 		;;
 	cron)
 		stop_keepalive
 		start_keepalive
-		LOGS="tail -f $DIR/agent.log"
 		;;
+	esac
+}
+
+log_hint() {
+	case $1 in
+	systemd) printf 'journalctl -u %s -f' "$NAME" ;;
+	systemd-user) printf 'journalctl --user -u %s -f' "$NAME" ;;
+	openrc) printf 'tail -f /var/log/%s.log' "$NAME" ;;
+	procd) printf 'logread -f -e komari' ;;
+	cron) printf 'tail -f %s/agent.log' "$DIR" ;;
 	esac
 }
 
@@ -638,8 +762,13 @@ stop_service() {
 	procd)
 		[ -z "$MANAGED" ] || { [ -f "$file" ] && run "$file" stop; [ -f "$file" ] && run "$file" disable; }
 		;;
+	esac
+	case $1 in
+	systemd | systemd-user | openrc | procd)
+		[ -n "$MANAGED" ] || remove "$(enable_link "$1" "$NAME")"
+		;;
 	cron)
-		stop_keepalive
+		[ -z "$MANAGED" ] || stop_keepalive
 		if { [ -n "$ROOT" ] || have crontab; } && crontab_read | grep -Fq "# $MARK: $NAME"; then
 			crontab_without_ours | crontab_write
 		fi
@@ -648,9 +777,282 @@ stop_service() {
 	return 0
 }
 
+# ---- the official Go agent: find it, take its settings, stand it down, give the box back ------
+
+# enable_link KIND NAME: the link a service manager makes to enable NAME at boot. Under
+# KOMARI_INSTALL_ROOT enabling and disabling is done on these links alone.
+enable_link() {
+	case $1 in
+	systemd) printf '%s/etc/systemd/system/multi-user.target.wants/%s.service' "$ROOT" "$2" ;;
+	systemd-user) printf '%s/default.target.wants/%s.service' "$(unit_dir_user)" "$2" ;;
+	openrc) printf '%s/etc/runlevels/default/%s' "$ROOT" "$2" ;;
+	procd) printf '%s/etc/rc.d/S99%s' "$ROOT" "$2" ;;
+	esac
+}
+
+# find_official: is the official agent installed here? Sets OFFICIAL_KIND (systemd,
+# systemd-user, openrc, procd; process for one running without a service definition we know;
+# binary for /opt/komari/agent alone), OFFICIAL_NAME and OFFICIAL_FILE (the definition, or pid).
+find_official() {
+	OFFICIAL_KIND='' OFFICIAL_NAME='' OFFICIAL_FILE=''
+	for oname in "$NAME" komari-agent; do
+		if is_root; then
+			set -- "systemd $ROOT/etc/systemd/system/$oname.service" "initd $ROOT/etc/init.d/$oname"
+		else
+			set -- "systemd-user $(unit_dir_user)/$oname.service"
+		fi
+		for candidate; do
+			kind=${candidate%% *} file=${candidate#* }
+			[ -f "$file" ] || continue
+			grep -Fq "$MARK" "$file" && continue
+			if [ "$kind" = initd ]; then
+				if grep -q 'openrc-run' "$file"; then kind=openrc; elif grep -q 'rc\.common' "$file"; then kind=procd; else continue; fi
+			fi
+			OFFICIAL_KIND=$kind OFFICIAL_NAME=$oname OFFICIAL_FILE=$file
+			return 0
+		done
+	done
+	if [ -z "$ROOT" ]; then # the processes of this box, never of a fake root
+		# shellcheck disable=SC2013 # /proc/PID/comm paths: no spaces
+		for comm in $(grep -lx -e komari-agent -e agent /proc/[0-9]*/comm 2>/dev/null); do
+			pid=${comm#/proc/} pid=${pid%/comm}
+			case $(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n 1) in
+			komari-agent | */komari-agent | */komari/agent)
+				OFFICIAL_KIND=process OFFICIAL_NAME=komari-agent OFFICIAL_FILE=$pid
+				return 0
+				;;
+			esac
+		done
+	fi
+	if [ -x "$ROOT/opt/komari/agent" ]; then
+		OFFICIAL_KIND=binary OFFICIAL_NAME=komari-agent OFFICIAL_FILE=$ROOT/opt/komari/agent
+		return 0
+	fi
+	return 1
+}
+
+# read_official: OFFICIAL_ENDPOINT, OFFICIAL_TOKEN, OFFICIAL_DISCOVERY, OFFICIAL_ARGS (the other
+# flags, quoted like AGENT_ARGS) and OFFICIAL_DIR (its working directory) from its service
+# definition or command line; -e URL, -eURL, --endpoint URL and --endpoint=URL, quoted or not.
+read_official() {
+	parsed=$("$PY" - "$OFFICIAL_KIND" "$OFFICIAL_FILE" "$ROOT" <<'EOF'
+import os, re, shlex, sys
+kind, source, root = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def words(text):
+    try:
+        return shlex.split(text)
+    except ValueError:
+        return text.split()
+
+argv, workdir = [], ""
+if kind == "process":
+    with open("/proc/%s/cmdline" % source, "rb") as f:
+        argv = [w.decode("utf-8", "replace") for w in f.read().split(b"\0") if w]
+    try:
+        workdir = os.readlink("/proc/%s/cwd" % source)
+    except OSError:
+        pass
+elif kind == "binary":
+    argv = [source[len(root):] if root and source.startswith(root + "/") else source]
+else:
+    with open(source, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if kind.startswith("systemd"):
+        for line in text.splitlines():
+            key, _, value = line.strip().partition("=")
+            if key.strip() == "ExecStart" and value.strip():
+                argv = words(value.strip().lstrip("-@:+!"))
+            elif key.strip() == "WorkingDirectory":
+                workdir = value.strip().lstrip("-")
+    else:
+        var, command = {}, ""
+        for line in text.splitlines():
+            m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)=(.*)$", line)
+            if m:
+                value = words(m.group(2))
+                var[m.group(1)] = value[0] if value else ""
+            m = re.match(r"\s*procd_set_param\s+command\s+(.*)$", line)
+            if m:
+                command = m.group(1)
+        if kind == "openrc":
+            argv = [var.get("command", "")] + words(var.get("command_args", ""))
+            workdir = var.get("directory", "")
+        else:
+            argv = words(re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: var.get(m.group(1), ""), command))
+names = {"-e": "ENDPOINT", "--endpoint": "ENDPOINT", "-t": "TOKEN", "--token": "TOKEN",
+         "--auto-discovery": "DISCOVERY"}
+found, rest, args, i = {}, [], argv[1:], 0
+while i < len(args):
+    name, eq, value = args[i].partition("=")
+    if name in names and (eq or i + 1 < len(args)):
+        if not eq:
+            i += 1
+            value = args[i]
+        found[names[name]] = value
+    elif args[i][:2] in ("-e", "-t") and len(args[i]) > 2:
+        found[names[args[i][:2]]] = args[i][2:]
+    else:
+        rest.append(args[i])
+    i += 1
+found["DIR"] = workdir or (os.path.dirname(argv[0]) if argv else "")
+found["ARGS"] = "".join(" '%s'" % word.replace("'", "'\\''") for word in rest)
+for key in ("ENDPOINT", "TOKEN", "DISCOVERY", "DIR", "ARGS"):
+    print("OFFICIAL_%s=%s" % (key, shlex.quote(found.get(key, ""))))
+EOF
+	) || die "cannot read the official agent's settings from $OFFICIAL_FILE"
+	eval "$parsed"
+}
+
+# official_record: what --uninstall --restore-official needs, kept beside a copy of the
+# official agent's service definition.
+official_record() { printf '%s/official-agent' "$DIR"; }
+
+# stand_down_official: the official agent stopped and disabled, its service definition copied
+# aside (ours may take its place), its files left where they are.
+stand_down_official() {
+	say "==> replacing the official agent: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE)"
+	record=$(official_record)
+	claim "$record"
+	make_dir "$record"
+	if [ -n "$DRY_RUN" ]; then
+		say "would copy $OFFICIAL_FILE to $record/"
+	else
+		cp -p "$OFFICIAL_FILE" "$record/" || die "cannot copy $OFFICIAL_FILE to $record"
+	fi
+	{
+		printf '# %s: the official agent this install replaced (--uninstall --restore-official)
+' "$MARK"
+		printf 'OFFICIAL_KIND=%s
+OFFICIAL_NAME=%s
+OFFICIAL_FILE=%s
+' "$(q "$OFFICIAL_KIND")" "$(q "$OFFICIAL_NAME")" "$(q "$OFFICIAL_FILE")"
+	} | write_file "$record/official.conf" 0600
+	service_switch "$OFFICIAL_KIND" "$OFFICIAL_NAME" "$OFFICIAL_FILE" off
+	STOOD_DOWN=1
+}
+
+# service_switch KIND NAME FILE on|off: enable and start, or stop and disable, a service.
+service_switch() {
+	case $1 in systemd | systemd-user | openrc | procd) ;; *) return 0 ;; esac
+	if [ -n "$ROOT" ]; then
+		link=$(enable_link "$1" "$2")
+		if [ "$4" = on ]; then
+			[ -n "$DRY_RUN" ] && { say "would enable $2 ($link)"; return 0; }
+			mkdir -p "$(dirname "$link")" && ln -sf "${3#"$ROOT"}" "$link"
+		else
+			remove "$link"
+		fi
+		return 0
+	fi
+	user=''
+	[ "$1" = systemd-user ] && user=--user
+	case $1:$4 in
+	systemd*:on) run systemctl $user daemon-reload; run systemctl $user enable --now "$2.service" ;;
+	systemd*:off) run systemctl $user disable --now "$2.service" ;;
+	openrc:on) run rc-update add "$2" default; run rc-service "$2" start ;;
+	openrc:off) run rc-service "$2" stop; run rc-update del "$2" default ;;
+	procd:on) run "$3" enable; run "$3" start ;;
+	procd:off) run "$3" stop; run "$3" disable ;;
+	esac
+	return 0
+}
+
+# import_official_files: this month's traffic (net_static.json, which the agent imports from
+# its own directory at its first start) and an auto-discovery registration.
+import_official_files() {
+	for name in net_static.json auto-discovery.json; do
+		from=$ROOT$OFFICIAL_DIR/$name
+		case $name in auto-discovery.json) to=$DIR/state/$name ;; *) to=$DIR/$name ;; esac
+		[ -f "$from" ] && [ ! -e "$to" ] || continue
+		claim "$to"
+		if [ -n "$DRY_RUN" ]; then say "would copy $from to $to"; continue; fi
+		write_file "$to" 0600 <"$from"
+		say "imported $from"
+	done
+}
+
+# put_back_official: the official agent's service definition back where ours was (still
+# disabled). False when this install replaced none.
+put_back_official() {
+	record=$(official_record)
+	[ -f "$record/official.conf" ] || return 1
+	# shellcheck disable=SC1091 # written by stand_down_official
+	. "$record/official.conf"
+	copy=$record/$(basename "$OFFICIAL_FILE")
+	if [ -f "$copy" ] && { [ ! -f "$OFFICIAL_FILE" ] || grep -Fq "$MARK" "$OFFICIAL_FILE"; }; then
+		if [ -n "$DRY_RUN" ]; then
+			say "would put $copy back as $OFFICIAL_FILE"
+		else
+			if ! { mkdir -p "$(dirname "$OFFICIAL_FILE")" && cp -p "$copy" "$OFFICIAL_FILE"; }; then
+				die "cannot put $copy back as $OFFICIAL_FILE"
+			fi
+		fi
+	fi
+	return 0
+}
+
+# official_start_command: what starts the official agent again by hand.
+official_start_command() {
+	case $OFFICIAL_KIND in
+	systemd) printf 'systemctl enable --now %s' "$OFFICIAL_NAME" ;;
+	systemd-user) printf 'systemctl --user enable --now %s' "$OFFICIAL_NAME" ;;
+	openrc) printf 'rc-update add %s default && rc-service %s start' "$OFFICIAL_NAME" "$OFFICIAL_NAME" ;;
+	procd) printf '%s enable && %s start' "${OFFICIAL_FILE#"$ROOT"}" "${OFFICIAL_FILE#"$ROOT"}" ;;
+	*) printf 'start %s as before' "$OFFICIAL_FILE" ;;
+	esac
+}
+
+# restore_official: the official agent back as it was: its service definition where ours was,
+# enabled and started. False when this install replaced none.
+restore_official() {
+	put_back_official || return 1
+	service_switch "$OFFICIAL_KIND" "$OFFICIAL_NAME" "$OFFICIAL_FILE" on
+	say "the official agent is back: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE) enabled and started${ROOT:+ (links only: KOMARI_INSTALL_ROOT is set)}"
+	return 0
+}
+
+# ---- reaching the panel --------------------------------------------------------------------
+
+# agent_status SINCE: "STATE<tab>ERROR" from the agent's status file, if an agent started at
+# SINCE (epoch seconds) or later wrote it.
+agent_status() {
+	"$PY" - "$DIR/state/status.json" "$1" 2>/dev/null <<'EOF'
+import json, sys
+try:
+    with open(sys.argv[1]) as f:
+        status = json.load(f)
+    if int(status.get("started", 0)) >= int(sys.argv[2]):
+        print("%s\t%s" % (status.get("state", ""), " ".join(str(status.get("error", "")).split())))
+except Exception:
+    pass
+EOF
+}
+
+# wait_for_panel SECONDS SINCE: true once the agent reports "connected"; otherwise STATUS_ERROR
+# holds its last error. A refused token ends the wait at once: it will not fix itself.
+wait_for_panel() {
+	say "==> waiting up to $1 s for the agent to reach the panel"
+	deadline=$(($(date +%s) + $1))
+	line=''
+	while :; do
+		line=$(agent_status "$2")
+		case $line in
+		connected*) say "connected: the agent reached the panel"; return 0 ;;
+		refused*) break ;;
+		esac
+		[ "$(date +%s)" -lt "$deadline" ] || break
+		sleep 0.5 2>/dev/null || sleep 1
+	done
+	STATUS_ERROR=$(printf '%s' "$line" | cut -f2-)
+	[ -n "$STATUS_ERROR" ] || STATUS_ERROR="no word from the agent (${line:-it did not start}); see the log"
+	return 1
+}
+
 # ---- install and uninstall ------------------------------------------------------------------
 
 do_install() {
+	START_TIME=$(date +%s)
 	check_python
 	load_settings
 	# Agent flags given now replace the saved ones; none given keeps them.
@@ -662,6 +1064,33 @@ do_install() {
 	[ "$SERVICE" = auto ] && SERVICE=$(detect_service)
 	[ -n "$NO_SERVICE" ] && SERVICE=none
 	if [ -n "$VERSION" ]; then say "note: --install-version $VERSION ignored: komari_agent.py comes from $SOURCE"; fi
+	REPLACING=''
+	# (an install of ours that replaced it already, and is still here, has nothing to find)
+	if ! { [ -f "$(official_record)/official.conf" ] && [ -f "$DIR/install.conf" ]; } && find_official; then
+		# what the official agent ran with, unless given now
+		read_official
+		[ -n "$ENDPOINT" ] || ENDPOINT=$OFFICIAL_ENDPOINT
+		[ -n "$TOKEN" ] || TOKEN=$OFFICIAL_TOKEN
+		[ -n "$DISCOVERY" ] || DISCOVERY=$OFFICIAL_DISCOVERY
+		[ -n "$AGENT_ARGS_GIVEN" ] || [ -z "$OFFICIAL_ARGS" ] || AGENT_ARGS=$OFFICIAL_ARGS
+		case $OFFICIAL_KIND in
+		binary)
+			say "found the official agent's binary $OFFICIAL_FILE (no service): left alone; its traffic totals and auto-discovery registration are taken over"
+			;;
+		process)
+			say "found the official agent running as process $OFFICIAL_FILE; its settings are taken over"
+			warn "it runs without a service definition install.sh knows: stop it yourself (kill $OFFICIAL_FILE), or the panel gets two agents for this server"
+			;;
+		*)
+			if [ -n "$NO_SERVICE" ]; then
+				say "found the official agent: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE); its settings are taken over, it is left running (--no-service)"
+			else
+				REPLACING=1
+				say "found the official agent: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE); it is replaced, its settings are taken over"
+			fi
+			;;
+		esac
+	fi
 	if [ -z "$ENDPOINT" ] || { [ -z "$TOKEN" ] && [ -z "$DISCOVERY" ]; }; then
 		config_has_credentials || usage_error "-e ENDPOINT and -t TOKEN are needed (no earlier install in $DIR to take them from)"
 	fi
@@ -670,12 +1099,14 @@ do_install() {
 	what="as service '$NAME' ($SERVICE)"
 	[ "$SERVICE" = none ] && what="without a service (--no-service)"
 	say "Installing komari_agent.py into $DIR $what${DRY_RUN:+ [dry run: nothing is changed]}"
+	obtain_agent
+	# shellcheck disable=SC2119 # it takes no arguments
+	check_settings
 	load_manifest
+	[ -d "$DIR" ] || FRESH=1 # removed again if this run fails
 	claim "$DIR"
 	make_dir "$DIR"
 	save_manifest
-	# a failed run leaves no temporary file behind
-	[ -n "$DRY_RUN" ] || trap 'rm -f "$DIR/.requirements.tmp" "$DIR/komari_agent.py.new"' EXIT
 	install_agent_file
 	if [ "$REQ_FILE" = "$DIR/.requirements.tmp" ] && [ -z "$DRY_RUN" ]; then
 		printf '%s\n' "$REQUIREMENTS" >"$REQ_FILE"
@@ -691,7 +1122,9 @@ do_install() {
 	claim "$DIR/state"
 	make_dir "$DIR/state"
 	write_launcher
-	LOGS=''
+	LOGS='' STARTED_AT=''
+	[ -z "$REPLACING" ] || stand_down_official
+	[ -z "$OFFICIAL_KIND" ] || import_official_files
 	if [ -n "$NO_SERVICE" ]; then
 		SERVICE=$SAVED_SERVICE # --no-service is about this run, not a setting to keep
 		say "no service installed (--no-service); start the agent with: $DIR/run-agent.sh"
@@ -700,8 +1133,72 @@ do_install() {
 	fi
 	write_settings
 	save_manifest
-	say "Done.${LOGS:+ Logs: $LOGS}"
-	say "Upgrade: run the same command again. Uninstall: add --uninstall${DIR_GIVEN:+ --install-dir $DIR}${NAME_GIVEN:+ --install-service-name $NAME}."
+	FINISHED=1
+	uninstall_hint="Uninstall: add --uninstall${DIR_GIVEN:+ --install-dir $DIR}${NAME_GIVEN:+ --install-service-name $NAME}"
+	wait=${KOMARI_INSTALL_WAIT:-}
+	if [ -z "$wait" ]; then
+		wait=$WAIT_CONNECTED
+		[ -n "$REPLACING" ] && wait=$WAIT_REPLACED
+		[ -n "$STARTED_AT" ] || wait=0
+	fi
+	case $wait in '' | *[!0-9]*) usage_error "KOMARI_INSTALL_WAIT must be a number of seconds" ;; esac
+	if [ -n "$DRY_RUN" ] || [ -n "$NO_START" ] || [ -n "$NO_SERVICE" ] || [ "$wait" = 0 ]; then
+		say "Done.${LOGS:+ Logs: $LOGS}"
+		say "Upgrade: run the same command again. $uninstall_hint."
+		return 0
+	fi
+	if wait_for_panel "$wait" "$START_TIME"; then
+		say "Done.${LOGS:+ Logs: $LOGS}"
+		say "Upgrade: run the same command again. $uninstall_hint${REPLACING:+ (add --restore-official to start the official agent again)}."
+		return 0
+	fi
+	if [ -n "$REPLACING" ]; then
+		roll_back_to_official
+		die "rolled back to the official agent: komari_agent.py did not reach the panel within $wait s: $STATUS_ERROR"
+	fi
+	warn "the agent has not reached the panel within $wait s: $STATUS_ERROR"
+	say "It is installed and keeps trying. Logs: ${LOGS:-$DIR/state/status.json}; its last state: $DIR/state/status.json. $uninstall_hint."
+	exit 1
+}
+
+# roll_back_to_official: ours stopped and removed, the official agent as it was.
+roll_back_to_official() {
+	stop_service "$SERVICE"
+	remove_installed # keeps the record of the official agent, which restore_official reads
+	restore_official >/dev/null
+	remove_installed purge
+	rm -f "$DIR/install.manifest"
+	[ -z "$FRESH" ] || rmdir "$DIR" 2>/dev/null
+	return 0
+}
+
+# remove_installed [purge]: the manifest's paths, deepest first, except (without purge) state/
+# and the record of a replaced official agent, which stay in the manifest.
+remove_installed() {
+	kept=''
+	had_dir=''
+	in_manifest "$DIR" && had_dir=1
+	while IFS='' read -r path; do
+		if [ -z "$path" ] || [ "$path" = "$DIR" ]; then
+			continue # last, and only when empty
+		elif [ "$1" != purge ] && case $path in "$DIR/state" | "$DIR/state/"* | "$(official_record)" | "$(official_record)/"*) true ;; *) false ;; esac; then
+			kept="$kept
+$path"
+			continue
+		elif safe_to_remove "$path"; then
+			remove "$path"
+		elif [ -d "$path" ] && [ ! -L "$path" ]; then
+			# a directory made for a service definition: only if nothing else is in it
+			if [ -n "$DRY_RUN" ]; then say "would remove $path if empty"; else rmdir "$path" 2>/dev/null; fi
+		elif [ -e "$path" ]; then
+			warn "not removing $path: not a file install.sh wrote"
+		fi
+	done <<EOF
+$(printf '%s\n' "$MANIFEST" | awk 'NF { print length($0) "\t" $0 }' | sort -rn | cut -f2-)
+EOF
+	MANIFEST=$kept
+	[ -n "$had_dir" ] && [ -n "$kept" ] && MANIFEST="$DIR$kept"
+	return 0
 }
 
 # safe_to_remove PATH: only paths inside the install directory or our own service definitions,
@@ -720,38 +1217,63 @@ do_uninstall() {
 	[ -f "$DIR/install.manifest" ] || die "nothing installed by install.sh in $DIR (give --install-dir and --install-service-name as at install time)"
 	load_manifest
 	load_settings
+	replaced=''
+	[ -f "$(official_record)/official.conf" ] && replaced=1
+	[ -z "$RESTORE_OFFICIAL" ] || [ -n "$replaced" ] || die "no official agent was replaced by install.sh in $DIR: nothing to restore"
 	say "Uninstalling komari_agent.py from $DIR (service '$NAME')${DRY_RUN:+ [dry run: nothing is changed]}"
 	[ -n "$SAVED_SERVICE" ] && stop_service "$SAVED_SERVICE"
-	# Deepest paths first, so a directory is empty by the time it comes.
-	printf '%s\n' "$MANIFEST" | awk 'NF { print length($0) "\t" $0 }' | sort -rn | cut -f2- | {
-		while IFS='' read -r path; do
-			if [ "$path" = "$DIR" ]; then
-				: # last, and only when empty
-			elif safe_to_remove "$path"; then
-				remove "$path"
-			elif [ -d "$path" ] && [ ! -L "$path" ]; then
-				# a directory made for a service definition: only if nothing else is in it
-				if [ -n "$DRY_RUN" ]; then say "would remove $path if empty"; else rmdir "$path" 2>/dev/null; fi
-			elif [ -e "$path" ]; then
-				warn "not removing $path: not a file install.sh wrote"
-			fi
-		done
-	}
+	was_dir=''
+	in_manifest "$DIR" && was_dir=1
+	remove_installed # state/ and the record of a replaced official agent stay for now
+	if [ -n "$RESTORE_OFFICIAL" ]; then
+		restore_official
+		MANIFEST=$(printf '%s\n' "$MANIFEST" | grep -Fv "$(official_record)")
+		remove "$(official_record)"
+	elif [ -n "$replaced" ]; then
+		put_back_official
+		say "the official agent's service ($OFFICIAL_FILE) is back in place, stopped and disabled: to start it, run this again with --uninstall --restore-official, or: $(official_start_command)"
+	fi
+	[ -z "$PURGE" ] || remove_installed purge
 	case $SAVED_SERVICE in
 	systemd) [ -n "$ROOT" ] || run systemctl daemon-reload ;;
 	systemd-user) [ -n "$ROOT" ] || run systemctl --user daemon-reload ;;
 	esac
-	remove "$DIR/install.manifest"
-	if in_manifest "$DIR"; then
+	if printf '%s\n' "$MANIFEST" | grep -Fvx "$DIR" | grep -q .; then
+		save_manifest # what stays is still ours, for a later --purge
+	else
+		remove "$DIR/install.manifest"
+		MANIFEST=''
+	fi
+	if [ -d "$DIR/state" ] && in_manifest "$DIR/state"; then
+		say "kept $DIR/state (traffic totals, undelivered results): add --purge to remove it too"
+	fi
+	if [ -z "$MANIFEST" ] && [ -n "$was_dir" ]; then
 		if [ -n "$DRY_RUN" ]; then
 			say "would remove $DIR if nothing else is left in it"
 		else
 			rmdir "$DIR" 2>/dev/null || say "kept $DIR: it holds files install.sh did not create"
 		fi
-	else
+	elif [ -z "$was_dir" ]; then
 		say "kept $DIR: it was there before install.sh"
 	fi
 	say "Uninstalled.${DRY_RUN:+ (dry run: nothing was changed)}"
+}
+
+# cleanup: at exit, temporary files go; a first install that failed leaves nothing behind.
+cleanup() {
+	[ -n "$WORK" ] && rm -rf "$WORK"
+	[ -n "$DIR" ] && rm -f "$DIR/.requirements.tmp" "$DIR/komari_agent.py.new" "$DIR/install.manifest.tmp"
+	[ -z "$FINISHED" ] && [ -z "$DRY_RUN" ] || return 0
+	if [ -n "$STOOD_DOWN" ]; then
+		FINISHED=1
+		roll_back_to_official >/dev/null 2>&1
+		printf 'install.sh: the official agent is back as it was\n' >&2
+	elif [ -n "$FRESH" ] && [ -d "$DIR" ]; then
+		remove_installed purge 2>/dev/null
+		rm -f "$DIR/install.manifest"
+		rmdir "$DIR" 2>/dev/null && printf 'install.sh: removed the half-made %s\n' "$DIR" >&2
+	fi
+	return 0
 }
 
 # ---- command line ---------------------------------------------------------------------------
@@ -759,7 +1281,8 @@ do_uninstall() {
 main() {
 	ENDPOINT='' TOKEN='' DISCOVERY='' DIR='' DIR_GIVEN='' NAME=komari-agent NAME_GIVEN='' GHPROXY='' VERSION='' SOURCE=''
 	PIP_INDEX_URL='' VENV_SYSTEM_SITE='' SERVICE='' NO_SERVICE='' NO_START='' UNINSTALL='' DRY_RUN=''
-	AGENT_ARGS='' AGENT_ARGS_GIVEN=''
+	AGENT_ARGS='' AGENT_ARGS_GIVEN='' PURGE='' RESTORE_OFFICIAL='' WORK='' FRESH='' FINISHED='' STOOD_DOWN=''
+	OFFICIAL_FILE='' OFFICIAL_KIND=''
 	while [ $# -gt 0 ]; do
 		opt=$1
 		case $opt in
@@ -791,6 +1314,8 @@ main() {
 		--no-service) NO_SERVICE=1 ;;
 		--no-start) NO_START=1 ;;
 		--uninstall) UNINSTALL=1 ;;
+		--purge) PURGE=1 ;;
+		--restore-official) RESTORE_OFFICIAL=1 UNINSTALL=1 ;;
 		--dry-run) DRY_RUN=1 ;;
 		-h | --help) usage; exit 0 ;;
 		*)
@@ -830,6 +1355,9 @@ main() {
 	*) SOURCE=$(pwd)/$SOURCE ;;
 	esac
 	MANIFEST=''
+	[ -z "$PURGE" ] || [ -n "$UNINSTALL" ] || usage_error "--purge goes with --uninstall"
+	trap cleanup EXIT
+	trap 'exit 130' INT TERM HUP
 	if [ -n "$UNINSTALL" ]; then do_uninstall; else do_install; fi
 }
 

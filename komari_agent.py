@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """komari_agent.py - a single-file Komari monitoring agent.
 
-Speaks the Komari agent protocol v1 (see PROTOCOL.md): basic info by HTTP POST,
-a realtime report over a WebSocket, and the server's events (exec, ping,
-terminal) on that socket.  Needs Python 3.8+, psutil and websocket-client.
+Speaks the Komari agent protocol v1 (summarised in README.md, "What is sent"
+and "Remote control"): basic info by HTTP POST, a realtime report over a
+WebSocket, and the server's events (exec, ping, terminal) on that socket.
+Needs Python 3.8+, psutil and websocket-client.
 
     python3 komari_agent.py --endpoint https://panel.example --token TOKEN
     python3 komari_agent.py --dry-run        # print what would be sent
@@ -63,10 +64,14 @@ class RedactingFormatter(logging.Formatter):
     patterns = []   # from hide_secret(); group 1 (a "token=" before a short secret) is kept
 
     def format(self, record):
-        text = super().format(record)
-        for pattern in self.patterns:
-            text = pattern.sub(r"\1***", text)
-        return text
+        return redacted(super().format(record))
+
+
+def redacted(text):
+    """`text` with every secret given to hide_secret() blanked out."""
+    for pattern in RedactingFormatter.patterns:
+        text = pattern.sub(r"\1***", text)
+    return text
 
 
 # A secret shorter than this is hidden only where it stands as a value
@@ -326,6 +331,15 @@ DEPRECATED_FLAGS = {
     "--autoUpdate": "deprecated since 0.0.9, use --disable-auto-update",
     "-memory-mode-available": "deprecated, no effect; use --memory-include-cache",
 }
+# Flags some official agent version had that this one does not implement:
+# accepted with a warning so that an old install command keeps working. The
+# value says whether the flag takes a value. Any other unknown flag is an error.
+OFFICIAL_ONLY_FLAGS = {
+    "--cf-access-client-id": True,      # official 1.2.13 to 1.2.59
+    "--cf-access-client-secret": True,  # official 1.2.13 to 1.2.59
+}
+# Environment names of those flags: ignored quietly, like the official agent does.
+OFFICIAL_ONLY_ENV = ("AGENT_CF_ACCESS_CLIENT_ID", "AGENT_CF_ACCESS_CLIENT_SECRET")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 
@@ -370,12 +384,31 @@ class ArgParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def help_epilog():
+    """The end of --help: where else settings come from, the names that do not
+    follow the rule, and the subcommand."""
+    differ = []
+    for option in OPTIONS:
+        flag = option.flags[-1]
+        plain = flag[2:].replace("-", "_")
+        if option.env[0] != "AGENT_" + plain.upper() or option.json_keys[0] != plain:
+            differ.append("  %-24s %-30s %s" % (flag, option.env[0], option.json_keys[0]))
+    return "\n".join([
+        "Every option can also be set as AGENT_<NAME> in the environment or as a snake_case key in the",
+        "--config JSON file; the command line wins over the environment, which wins over the file.",
+        "These names differ from the flag's:",
+        "  %-24s %-30s %s" % ("flag", "environment", "JSON key"),
+    ] + differ + [
+        "",
+        "Subcommand: %s traffic [--set-up SIZE] [--set-down SIZE] [--show] [agent flags]" % PROG,
+        "  shows or corrects this period's traffic totals (--month-rotate); see its --help.",
+    ])
+
+
 def build_arg_parser():
     parser = ArgParser(prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS,
                        description="Komari monitoring agent (protocol v1), version %s." % __version__,
-                       epilog="Every option can also be set as AGENT_<NAME> in the environment or as a "
-                              "snake_case key in the --config JSON file; the command line wins over the "
-                              "environment, which wins over the file.")
+                       epilog=help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     for option in OPTIONS:
         kwargs = {"dest": option.dest, "help": option.help}
         if option.kind == "bool":
@@ -383,6 +416,10 @@ def build_arg_parser():
         else:
             kwargs["metavar"] = option.metavar or option.kind.upper().replace("STR", "VALUE")
         parser.add_argument(*option.flags, **kwargs)
+    parser.add_argument("--check", action="store_true",
+                        help="check the flags, environment and config file, print the settings in effect "
+                             "(secrets masked) and exit: 0 when they are good, 2 with one line when not; "
+                             "no network")
     parser.add_argument("--version", action="version", version="komari_agent.py " + __version__)
     return parser
 
@@ -418,13 +455,16 @@ def load_config(argv, environ):
     """Merge defaults, the config file, the environment and argv into a
     namespace. Returns (config, warnings); raises ConfigError."""
     argv, warnings = split_deprecated(list(argv))
+    argv, official_only = split_official_only(argv)
+    warnings.extend(official_only)
     cli, unknown = build_arg_parser().parse_known_args(argv)
     for arg in unknown:
-        if arg.startswith("-"):
-            warnings.append("ignoring unknown option %s (from a newer official agent?)" % arg.split("=", 1)[0])
-        else:
-            warnings.append("ignoring stray argument %r" % arg)
+        if arg.startswith("-") and arg != "-":
+            raise ConfigError(unknown_flag_message(arg.split("=", 1)[0]))
+        warnings.append("ignoring stray argument %r" % arg)
+    warnings.extend(unknown_environment_warnings(environ))
     cli = vars(cli)
+    check = cli.pop("check", False)
     values = {o.dest: o.default for o in OPTIONS}
     origin = {}
 
@@ -453,7 +493,46 @@ def load_config(argv, environ):
         origin[dest] = "cli"
     values["host_proc"] = (environ.get("HOST_PROC") or "/proc").rstrip("/") or "/proc"
     cfg = argparse.Namespace(**values)
+    cfg.check, cfg.origins = check, origin
     return finish_config(cfg, warnings), warnings
+
+
+def split_official_only(argv):
+    """argv without the flags (and their values) that only some official agent
+    version had, plus a warning for each."""
+    kept, warnings, skip = [], [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in OFFICIAL_ONLY_FLAGS:
+            warnings.append("ignoring %s: an official agent flag this agent does not implement" % name)
+            skip = OFFICIAL_ONLY_FLAGS[name] and "=" not in arg
+            continue
+        kept.append(arg)
+    return kept, warnings
+
+
+def suggestion(word, choices):
+    """' (did you mean X?)' for the closest of choices, or ''."""
+    import difflib
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return " (did you mean %s?)" % close[0] if close else ""
+
+
+def unknown_flag_message(flag):
+    known = [f for o in OPTIONS for f in o.flags if f.startswith("--")] + ["--check", "--version", "--help"]
+    return "unknown option %s%s; see --help" % (flag, suggestion(flag, known))
+
+
+def unknown_environment_warnings(environ):
+    """A warning for each AGENT_* variable that sets nothing (a typo would
+    otherwise be silently ignored)."""
+    known = [name for o in OPTIONS for name in o.env]
+    return ["ignoring %s: no such setting%s" % (name, suggestion(name, known))
+            for name in sorted(environ)
+            if name.startswith("AGENT_") and name not in known and name not in OFFICIAL_ONLY_ENV]
 
 
 def finish_config(cfg, warnings):
@@ -4310,6 +4389,34 @@ def backoff_delay(base, round_number, cap=BACKOFF_CAP, rng=UNGUESSABLE.random):
     return max(0.1, min(cap, delay * (0.8 + 0.4 * rng())))
 
 
+STATUS_FILE = "status.json"
+
+
+class LinkStatus:
+    """status.json in the state directory: the link's last state and error, for
+    install.sh and for people (`cat state/status.json`). Written only when it
+    changes; a failure to write it never stops the agent."""
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, STATUS_FILE)
+        self.started = int(time.time())
+        self.last = None
+
+    def set(self, state, error=""):
+        """state: starting, connecting, connected, disconnected or refused
+        (the panel said no to the token: retrying will not help)."""
+        error = redacted(error)
+        if (state, error) == self.last:
+            return
+        self.last = (state, error)
+        status = {"state": state, "error": error, "since": rfc3339_now(), "pid": os.getpid(),
+                  "started": self.started, "version": __version__}
+        try:
+            write_atomic(self.path, (json.dumps(status, indent=1) + "\n").encode("utf-8"), mode=0o644)
+        except OSError:
+            pass
+
+
 class Agent:
     def __init__(self, cfg, stop=None):
         self.cfg = cfg
@@ -4327,6 +4434,7 @@ class Agent:
         self.refused_log = OncePer(60.0)
         self.period = min(cfg.interval, MAX_REPORT_GAP)
         self.failed = False
+        self.status = LinkStatus(state_dir(cfg))
 
     # -- basic info ---------------------------------------------------------
     def want_basic_info(self):
@@ -4357,6 +4465,7 @@ class Agent:
                 if self.refused_log(("info", e.status)):
                     log.error(explain_refusal(e, "basic info upload failed"))
                 if e.status == 401:
+                    self.status.set("refused", explain_refusal(e, "basic info upload failed"))
                     return False
             except OSError as e:
                 if self.refused_log(("info-net", type(e).__name__)):
@@ -4435,6 +4544,8 @@ class Agent:
                 problem = handshake_problem(e)
                 if self.refused_log(("ws", problem)):
                     log.warning("cannot connect the report socket: %s", problem)
+                self.status.set("refused" if getattr(e, "status_code", None) == 401 else "connecting",
+                                "cannot connect the report socket: %s" % problem)
                 retries = max(1, self.cfg.max_retries)
                 if getattr(e, "status_code", None) == 401:
                     # a wrong token will not fix itself in seconds
@@ -4462,6 +4573,7 @@ class Agent:
         self.link = link
         link.start()
         log.info("report socket connected")
+        self.status.set("connected")
         self.want_basic_info()
         self.results_due.set()
         next_report = first_report = time.monotonic()
@@ -4492,6 +4604,7 @@ class Agent:
             pass
         if not self.stop.is_set():
             log.warning("report socket lost: %s; reconnecting", link.why or "closed")
+            self.status.set("disconnected", "report socket lost: %s" % (link.why or "closed"))
         link.close()
         self.link = None
         return proven
@@ -4508,6 +4621,8 @@ class Agent:
                 if self.refused_log(("register", e.status)):
                     log.error("auto-discovery registration failed: %s%s", e,
                               " (wrong auto-discovery key?)" if e.status == 403 else "")
+                self.status.set("refused" if e.status in (401, 403) else "connecting",
+                                "auto-discovery registration failed: %s" % e)
             except OSError as e:
                 if self.refused_log(("register-net", type(e).__name__)):
                     log.warning("auto-discovery registration failed: %s", describe_error(e))
@@ -4528,6 +4643,7 @@ class Agent:
             self.stop.set()
 
     def run(self):
+        self.status.set("starting")
         if not self.panel.token:
             self.panel.token = self.cfg.token = self.discover_token()
         threading.Thread(target=self.info_loop, name="basic-info", daemon=True).start()
@@ -4575,6 +4691,27 @@ def check_state_dir(cfg):
     if problem:
         log.warning("state directory problem: %s; traffic totals and undelivered results are kept in memory "
                     "only and lost on restart (see --state-dir)", problem)
+
+
+def masked(secret):
+    """Enough of a secret to tell two apart, not enough to use it."""
+    return "%s... (%d characters)" % (secret[:3], len(secret)) if len(secret) >= 12 else "*** (set)"
+
+
+def check_settings(cfg):
+    """--check: the settings in effect that differ from the defaults, one per
+    line with where each came from; secrets masked. Nothing is contacted."""
+    where = {"cli": "command line", "env": "environment", "file": "config file %s" % cfg.config}
+    print("settings are valid; in effect (defaults left out):")
+    for option in OPTIONS:
+        if option.dest not in cfg.origins or option.dest in ("config", "dry_run", "state_dir"):
+            continue
+        value = getattr(cfg, option.dest)
+        if option.dest in ("token", "auto_discovery") and value:
+            value = masked(value)
+        print("  %-24s %-36s (%s)" % (option.flags[-1], value, where[cfg.origins[option.dest]]))
+    print("  %-24s %s" % ("state directory", state_dir(cfg)))
+    return 0
 
 
 def dry_run(cfg):
@@ -4778,6 +4915,8 @@ def main(argv=None, stop=None):
         log.warning(warning)
     if cfg.show_warning:
         return 0  # the official agent's Windows toast helper; nothing to show elsewhere
+    if cfg.check:
+        return check_settings(cfg)
     if cfg.dry_run:
         return dry_run(cfg)
     log.info("Komari agent (Python) %s, panel %s, report every %gs", __version__, cfg.endpoint, cfg.interval)

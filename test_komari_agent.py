@@ -1,7 +1,7 @@
 """Tests for komari_agent.py.
 
 The panel side is real: PanelServer below is an HTTP + WebSocket server on
-127.0.0.1 that speaks PROTOCOL.md, decodes reports the way the Go server does
+127.0.0.1 that speaks the panel protocol (README.md, "What is sent"), decodes reports the way the Go server does
 (a float where it wants an integer, or a cpu usage outside 0-100, rejects the
 report), closes a report socket that sends no data for 11 s, and answers 401
 to a wrong token. End-to-end tests run komari_agent.py as a subprocess.
@@ -403,8 +403,9 @@ class PanelHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def panel():
+def panel(tmp_path_factory):
     server = PanelServer()
+    server.state_dir = tmp_path_factory.mktemp("agent-state")  # pytest's, so nothing is left in /tmp
     yield server
     server.stop()
 
@@ -469,9 +470,7 @@ def start_agent(panel):
 
 
 def panel_state_dir(panel):
-    path = Path("/tmp") / ("komari-test-state-%d-%d" % (os.getpid(), panel.port))
-    path.mkdir(exist_ok=True)
-    return path
+    return panel.state_dir
 
 
 def run_agent(*args, env=None, timeout=30):
@@ -658,6 +657,63 @@ def test_a_short_token_does_not_garble_the_log(panel, start_agent):
     agent.wait_log("refused the token", 15)
     assert "Komari agent (Python) %s" % ka.__version__ in agent.log, agent.log
     assert "token=o" not in agent.log
+
+
+# -- issue 13: unknown flags, AGENT_* typos, --check, --help -------------------
+
+def test_unknown_flag_exits_2_with_a_suggestion_but_official_only_flags_warn():
+    done = run_agent("-e", "http://h", "-t", "T", "--disable-webssh")
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, lines
+    assert "unknown option --disable-webssh (did you mean --disable-web-ssh?)" in lines[0]
+    cfg, warnings = ka.load_config(["-e", "http://h", "-t", "T", "--cf-access-client-secret=s", "--show-warning",
+                                    "--cf-access-client-id", "x", "-i", "2"], {})
+    assert cfg.interval == 2.0 and cfg.show_warning and len(warnings) == 2 and all("does not implement" in w for w in warnings)
+
+
+def test_agent_variables_that_match_no_setting_are_warned_with_a_suggestion():
+    _, warnings = ka.load_config(["-e", "http://h", "-t", "T"], {"AGENT_DISABLE_WEBSSH": "1", "AGENT_TOKEN": "T",
+                                                                "AGENT_CF_ACCESS_CLIENT_ID": "x"})
+    assert warnings == ["ignoring AGENT_DISABLE_WEBSSH: no such setting (did you mean AGENT_DISABLE_WEB_SSH?)"]
+
+
+def test_check_validates_everything_prints_the_settings_and_contacts_nothing(panel, tmp_path):
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"endpoint": panel.endpoint, "token": TOKEN, "month_rotate": 3}))
+    done = run_agent("--config", str(config), "--disable-web-ssh", "--check", env={"AGENT_INTERVAL": "2"})
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr
+    assert TOKEN not in out + done.stderr.decode() and "tok... (23 characters)" in out
+    assert re.search(r"--month-rotate +3 +\(config file", out) and re.search(r"--interval +2.0 +\(environment", out)
+    assert re.search(r"--disable-web-ssh +True +\(command line", out)
+    assert not panel.basic_infos and not panel.reports
+    done = run_agent("--config", str(config), "--interval", "abc", "--check")
+    assert done.returncode == 2 and len(done.stderr.decode().strip().splitlines()) == 1
+    assert not done.stdout
+
+
+def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ():
+    text = run_agent("--help").stdout.decode()
+    assert "traffic [--set-up SIZE]" in text
+    for flag, env in (("--gpu", "AGENT_ENABLE_GPU"), ("--auto-discovery", "AGENT_AUTO_DISCOVERY_KEY"),
+                      ("--include-mountpoint", "AGENT_INCLUDE_MOUNTPOINTS"), ("--config", "AGENT_CONFIG_FILE"),
+                      ("--memory-exclude-bcf", "AGENT_MEMORY_REPORT_RAW_USED")):
+        assert re.search(r"\n  %s +%s " % (flag, env), text), flag
+    assert "--interval" not in text.split("These names differ")[1]
+
+
+def test_status_file_is_written_on_change_only_and_never_holds_the_token(tmp_path):
+    ka.hide_secret("status-secret-token")
+    status = ka.LinkStatus(str(tmp_path))
+    status.set("connecting", "HTTP 401 for /api/clients/report?token=status-secret-token")
+    first = (tmp_path / "status.json").stat().st_mtime_ns
+    status.set("connecting", "HTTP 401 for /api/clients/report?token=status-secret-token")
+    assert (tmp_path / "status.json").stat().st_mtime_ns == first
+    data = json.loads((tmp_path / "status.json").read_text())
+    assert data["state"] == "connecting" and "status-secret-token" not in json.dumps(data) and "***" in data["error"]
+    assert data["pid"] == os.getpid() and data["started"] <= time.time()
+    status.set("connected")
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "connected"
 
 
 # ---------------------------------------------------------------------------
@@ -3215,10 +3271,16 @@ def test_install_no_service_agent_runs_from_its_venv_and_reaches_panel(panel, tm
         cmdline = psutil.Process(agent.pid).cmdline()  # exec kept the pid: this is the agent itself
         assert cmdline[0] == str(install_dir / "venv" / "bin" / "python")
         assert not any(panel.token in word for word in cmdline)
+        status = install_dir / "state" / "status.json"
+        wait_until(lambda: status.is_file() and json.loads(status.read_text())["state"] == "connected", 10,
+                   "the agent's status file to say connected")
     finally:
         stop_process_group(agent.pid)
         agent.wait(5)
     out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
+    assert "kept %s/state (traffic totals, undelivered results): add --purge" % install_dir in out
+    assert sorted(p.name for p in install_dir.iterdir()) == ["install.manifest", "state"]
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
     assert not install_dir.exists(), out
 
 
@@ -3241,12 +3303,13 @@ def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tm
     assert launcher_argv(shared)[6:] == ["--disable-web-ssh", "--month-rotate", "3"]
     assert unit.is_file()
 
-    run_install(tmp_path, "-t", "second-token", "--interval", "2", *common)  # new token and flags
+    _, err = run_install(tmp_path, "-t", "second-token", "--interval", "2", *common)  # new token and flags
+    assert "this run drops --disable-web-ssh, which the last install had" in err  # a line of its own
     assert json.loads((shared / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
                                                                 "token": "second-token"}
     assert launcher_argv(shared)[6:] == ["--interval", "2"]
 
-    out, _ = run_install(tmp_path, "--install-dir", str(shared), "--uninstall")
+    out, _ = run_install(tmp_path, "--install-dir", str(shared), "--uninstall", "--purge")
     assert "kept %s" % shared in out
     assert tree_snapshot(tmp_path, dir_mtimes=False) == before, "uninstall left or removed something"
 
@@ -3300,35 +3363,37 @@ def test_install_service_definition_is_valid(tmp_path, kind):
         assert probe.stdout.decode().splitlines() == [
             "START=99 USE_PROCD=1", "open", "command " + launcher, "respawn 3600 5 0", "stdout 1", "stderr 1",
             "close"], probe.stderr.decode()
-    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
     assert not definition.exists() and not install_dir.exists(), out
 
 
-def test_install_cron_fallback_runs_in_background_until_uninstalled(panel, tmp_path):
+def test_install_cron_fallback_under_a_fake_root_writes_the_crontab_and_starts_nothing(panel, tmp_path):
+    """KOMARI_INSTALL_ROOT never starts or stops a process: the crontab entry is
+    written, and keepalive.sh, run the way cron runs it at boot, keeps the agent up."""
     install_dir = tmp_path / "agent"
     crontab = tmp_path / "root" / "var" / "spool" / "cron" / "crontabs" / psutil.Process().username()
     crontab.parent.mkdir(parents=True)
     crontab.write_text("0 4 * * * /usr/local/bin/backup\n")
-    run_install(tmp_path, "-e", panel.endpoint, "-t", panel.token, "--install-dir", str(install_dir),
-                "--service", "cron", "--venv-system-site-packages", "--reconnect-interval", "0.2")
-    keepalive = None
+    out, _ = run_install(tmp_path, "-e", panel.endpoint, "-t", panel.token, "--install-dir", str(install_dir),
+                         "--service", "cron", "--venv-system-site-packages", "--reconnect-interval", "0.2")
+    assert "not started: KOMARI_INSTALL_ROOT is set" in out
+    assert crontab.read_text().splitlines() == [
+        "0 4 * * * /usr/local/bin/backup",
+        "@reboot /bin/sh %s/keepalive.sh >/dev/null 2>&1 # written by komari_agent.py install.sh: komari-agent"
+        % install_dir]
+    assert not (install_dir / "keepalive.pid").exists() and not live_processes(str(install_dir))
+    keepalive = subprocess.Popen(["/bin/sh", str(install_dir / "keepalive.sh")], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        assert crontab.read_text().splitlines() == [
-            "0 4 * * * /usr/local/bin/backup",
-            "@reboot /bin/sh %s/keepalive.sh >/dev/null 2>&1 # written by komari_agent.py install.sh: komari-agent"
-            % install_dir]
-        panel.wait_for(lambda: panel.basic_infos, 20, "basic info from the agent started in the background")
-        keepalive = int((install_dir / "keepalive.pid").read_text())
-        children = psutil.Process(keepalive).children()
+        panel.wait_for(lambda: panel.basic_infos, 20, "basic info from the agent keepalive.sh started")
+        children = psutil.Process(keepalive.pid).children()
         assert [c.cmdline()[0] for c in children] == [str(install_dir / "venv" / "bin" / "python")]
-        agent_pid = children[0].pid
-        out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
-        wait_until(lambda: not process_alive(agent_pid), 10, "the agent to end with --uninstall")
-        assert crontab.read_text() == "0 4 * * * /usr/local/bin/backup\n"
-        assert not install_dir.exists(), out
     finally:
-        if keepalive:
-            stop_process_group(keepalive)
+        stop_process_group(keepalive.pid)
+        keepalive.wait(5)
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
+    assert crontab.read_text() == "0 4 * * * /usr/local/bin/backup\n"
+    assert not install_dir.exists(), out
 
 
 def test_install_without_venv_falls_back_and_says_which_way(tmp_path):
@@ -3359,7 +3424,7 @@ def test_install_dry_run_changes_nothing(tmp_path):
                    "would write %s/config.json (mode 0600)" % install_dir,
                    "would write %s/run-agent.sh (mode 0755)" % install_dir,
                    "would write %s/keepalive.sh (mode 0755)" % install_dir,
-                   "would set the crontab to:", "would start %s/keepalive.sh" % install_dir):
+                   "would set the crontab to:", "not started: KOMARI_INSTALL_ROOT is set"):
         assert action in out, action
     # and on top of a real install: an upgrade and an uninstall, both dry
     run_install(tmp_path, "-e", "https://panel.example.com", "-t", "dry-secret", "--install-dir", str(install_dir),
@@ -3407,6 +3472,172 @@ def test_install_without_python_says_what_to_install(tmp_path):
                          expect_rc=1, env=env)
     assert len(err.splitlines()) == 1 and "install Python 3.8 or newer" in err and "apt-get install python3" in err
     assert not (tmp_path / "a").exists()
+
+
+# -- issue 13: replacing the official agent, checked settings, no silent mistakes --
+
+OFFICIAL_NET_STATIC = b'{"interfaces":["eth0"],"data":{"eth0":[{"timestamp":1,"tx":5,"rx":7}]}}\n'
+OFFICIAL_DISCOVERY = b'{\n  "uuid": "u-1",\n  "token": "discovered-token"\n}\n'
+
+
+def fake_official(root, kind, endpoint, token, flags="--disable-web-ssh --custom-ipv4 192.0.2.7"):
+    """The official installer's service definition for KIND (its own templates,
+    each with another way of writing -e and -t), enabled the way its service
+    manager records it, with its binary and files in /opt/komari."""
+    opt = root / "opt" / "komari"
+    opt.mkdir(parents=True)
+    (opt / "agent").write_bytes(b"the official binary")
+    (opt / "agent").chmod(0o755)
+    (opt / "net_static.json").write_bytes(OFFICIAL_NET_STATIC)
+    (opt / "auto-discovery.json").write_bytes(OFFICIAL_DISCOVERY)
+    if kind == "systemd":
+        path, link, target = "etc/systemd/system/komari-agent.service", \
+            "etc/systemd/system/multi-user.target.wants/komari-agent.service", "/etc/systemd/system/komari-agent.service"
+        text = ("[Unit]\nDescription=Komari Agent Service\nAfter=network.target\n\n[Service]\nType=simple\n"
+                "ExecStart=/opt/komari/agent -e %s -t %s %s\nWorkingDirectory=/opt/komari\nRestart=always\n"
+                "User=root\n\n[Install]\nWantedBy=multi-user.target\n" % (endpoint, token, flags))
+    elif kind == "openrc":
+        path, link, target = "etc/init.d/komari-agent", "etc/runlevels/default/komari-agent", "/etc/init.d/komari-agent"
+        text = ('#!/sbin/openrc-run\n\nname="Komari Agent Service"\ndescription="Komari monitoring agent"\n'
+                'command="/opt/komari/agent"\ncommand_args="--endpoint=%s --token \'%s\' %s"\ncommand_user="root"\n'
+                'directory="/opt/komari"\npidfile="/run/komari-agent.pid"\nretry="SIGTERM/30"\n'
+                'supervisor=supervise-daemon\n\ndepend() {\n    need net\n    after network\n}\n'
+                % (endpoint, token, flags))
+    else:
+        path, link, target = "etc/init.d/komari-agent", "etc/rc.d/S99komari-agent", "../init.d/komari-agent"
+        text = ('#!/bin/sh /etc/rc.common\n\nSTART=99\nSTOP=10\n\nUSE_PROCD=1\n\nPROG="/opt/komari/agent"\n'
+                'ARGS="--endpoint %s -t%s %s"\n\nstart_service() {\n    procd_open_instance\n'
+                '    procd_set_param command $PROG $ARGS\n    procd_set_param respawn\n    procd_set_param stdout 1\n'
+                '    procd_set_param stderr 1\n    procd_set_param user root\n    procd_close_instance\n}\n\n'
+                'stop_service() {\n    killall $(basename $PROG)\n}\n' % (endpoint, token, flags))
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / path).write_text(text)
+    (root / link).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, str(root / link))
+    return root / path, root / link
+
+
+@pytest.mark.parametrize("kind", ["systemd", "openrc", "procd"])
+def test_install_replaces_the_official_agent_in_place_and_gives_the_box_back(tmp_path, kind):
+    root = tmp_path / "root"
+    definition, link = fake_official(root, kind, "https://panel.example.com", "official-token-1234")
+    original = definition.read_bytes()
+    install_dir = tmp_path / "agent"
+    out, err = run_install(tmp_path, "--install-dir", str(install_dir), "--service", kind, "--venv-system-site-packages")
+    assert "found the official agent: %s 'komari-agent' (%s)" % (kind, definition) in out
+    assert "official-token-1234" not in out + err and "--token" in out  # the settings in effect, token masked
+    assert json.loads((install_dir / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
+                                                                   "token": "official-token-1234"}
+    assert launcher_argv(install_dir)[6:] == ["--disable-web-ssh", "--custom-ipv4", "192.0.2.7"]
+    assert "written by komari_agent.py install.sh" in definition.read_text()  # ours in its place ...
+    assert (install_dir / "official-agent" / definition.name).read_bytes() == original  # ... theirs kept aside
+    assert (root / "opt/komari/agent").read_bytes() == b"the official binary"
+    assert (install_dir / "net_static.json").read_bytes() == OFFICIAL_NET_STATIC
+    assert (install_dir / "state" / "auto-discovery.json").read_bytes() == OFFICIAL_DISCOVERY
+    # plain --uninstall: theirs goes back in place, still disabled, and how to start it is offered
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
+    assert definition.read_bytes() == original and not os.path.lexists(str(link))
+    assert "--restore-official" in out
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--restore-official", "--purge")
+    assert "the official agent is back" in out
+    assert definition.read_bytes() == original and os.readlink(str(link)).endswith(str(definition)[len(str(root)):])
+    assert not install_dir.exists()
+
+
+def test_install_rolls_back_to_the_official_agent_unless_ours_reaches_the_panel(panel, tmp_path):
+    """A real agent against the loopback panel: with the official unit's wrong
+    token ours is refused and the official agent is put back at once; with the
+    right one install.sh says connected. Under KOMARI_INSTALL_ROOT install.sh
+    starts nothing, so the test starts the agent when install.sh waits for it."""
+    root = tmp_path / "root"
+    definition, link = fake_official(root, "systemd", panel.endpoint, "wrong-token-5678",
+                                     flags="--custom-ipv4 192.0.2.7 --reconnect-interval 1")
+    original = definition.read_bytes()
+    install_dir = tmp_path / "agent"
+
+    def install_and_start_agent(*args):
+        cmd = INSTALL_SHELL + [str(INSTALL_SH), "--install-dir", str(install_dir), "--service", "systemd",
+                               "--venv-system-site-packages"] + list(args)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path),
+                                env=install_env(tmp_path, KOMARI_INSTALL_WAIT="30"))
+        out = []
+        for line in iter(proc.stdout.readline, b""):
+            out.append(line.decode())
+            if "waiting up to 30 s for the agent to reach the panel" in out[-1]:
+                break
+        assert proc.poll() is None, "".join(out) + proc.stderr.read().decode()
+        agent = subprocess.Popen([str(install_dir / "run-agent.sh")], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True,
+                                 env={k: v for k, v in os.environ.items() if not k.startswith("AGENT_")})
+        try:
+            rest, err = proc.communicate(timeout=60)
+        finally:
+            stop_process_group(agent.pid)
+            agent.wait(5)
+        return proc.returncode, "".join(out) + rest.decode(), err.decode()
+
+    rc, out, err = install_and_start_agent()
+    assert rc == 1, out + err
+    assert err.strip().splitlines() == [err.strip()] and "rolled back to the official agent" in err
+    assert "refused the token" in err and "wrong-token-5678" not in out + err
+    assert definition.read_bytes() == original and os.readlink(str(link)) == "/etc/systemd/system/komari-agent.service"
+    assert not install_dir.exists()
+
+    rc, out, err = install_and_start_agent("-t", panel.token)
+    assert rc == 0 and "connected: the agent reached the panel" in out, out + err
+    assert "written by komari_agent.py install.sh" in definition.read_text()
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--restore-official", "--purge")
+    assert definition.read_bytes() == original and not install_dir.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--interval", "abc"], "the agent refuses these settings: --interval: expected a number, got 'abc'"),
+    (["-e", "notaurl"], "the agent refuses these settings: endpoint must look like"),
+    (["--disable-webssh"], "(did you mean --disable-web-ssh?)"),
+])
+def test_install_checks_the_settings_with_the_agent_before_writing_anything(tmp_path, args, message):
+    before = tree_snapshot(tmp_path)
+    _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir",
+                         str(tmp_path / "agent"), "--service", "systemd", *args, expect_rc=2)
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert tree_snapshot(tmp_path) == before
+
+
+def test_install_explains_a_404_and_removes_a_half_made_directory(tmp_path):
+    from http.server import HTTPServer, SimpleHTTPRequestHandler
+    empty = tmp_path / "www"
+    empty.mkdir()
+    server = HTTPServer(("127.0.0.1", 0), lambda *a: SimpleHTTPRequestHandler(*a, directory=str(empty)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    install_dir = tmp_path / "agent"
+    url = "http://127.0.0.1:%d/main/komari_agent.py" % server.server_address[1]
+    try:
+        _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                             expect_rc=1, stdin_script=True, env=install_env(tmp_path, KOMARI_AGENT_URL=url))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(err.splitlines()) == 1 and "HTTP 404" in err and "set --source URL|PATH or KOMARI_AGENT_URL" in err
+    assert not install_dir.exists()
+    # a failure after the directory was made: an agent that checks the settings but will not start
+    broken = tmp_path / "komari_agent.py"
+    broken.write_text(re.sub(r'\n    parser.add_argument\("--version".*', "", AGENT.read_text()))
+    _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                         "--no-service", "--source", str(broken), "--venv-system-site-packages", expect_rc=1)
+    assert "the installed agent does not start" in err and "removed the half-made %s" % install_dir in err
+    assert not install_dir.exists()
+
+
+def test_install_that_never_hears_from_its_agent_says_so_and_exits_1(tmp_path):
+    """Nothing starts the agent under KOMARI_INSTALL_ROOT, so a wait finds no
+    status: that is reported with where to look, never as a plain Done."""
+    install_dir = tmp_path / "agent"
+    out, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                           "--service", "openrc", "--venv-system-site-packages", expect_rc=1,
+                           env=install_env(tmp_path, KOMARI_INSTALL_WAIT="1"))
+    assert "has not reached the panel within 1 s: no word from the agent" in err and "Done." not in out
+    assert "Logs: tail -f /var/log/komari-agent.log; its last state: %s/state/status.json" % install_dir in out
+    assert (install_dir / "run-agent.sh").is_file()  # installed all the same; it keeps trying
 
 
 # ---------------------------------------------------------------------------
@@ -3579,3 +3810,10 @@ def test_every_help_flag_is_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     flags = set(re.findall(r"--[a-z][a-z0-9-]+", run_agent("--help").stdout.decode()))
     assert flags and not [f for f in sorted(flags) if f not in readme]
+
+
+def test_no_file_cites_a_protocol_document_the_project_does_not_have():
+    missing = "PROTOCOL" + ".md"  # the wire contract lives outside the project; README summarises it
+    files = [ROOT / "komari_agent.py", ROOT / "install.sh", ROOT / "README.md", Path(__file__)] + \
+        sorted((ROOT / "bench").glob("*.py"))
+    assert [f.name for f in files if missing in f.read_text()] == []

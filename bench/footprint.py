@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Footprint of a Komari agent: CPU per report, memory, threads.
 
-Starts a loopback sink that speaks PROTOCOL.md (basic info and task result
+Starts a loopback sink that speaks the panel protocol (README.md, "What is sent": basic info and task result
 POSTs, the report WebSocket), runs an agent against it at --interval 1, and
 measures the agent's whole process tree from /proc while it reports.
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak: does a Komari agent lose task results while its panel keeps dying?
 
-Runs a loopback panel (PROTOCOL.md: basic info and task result POSTs, the
+Runs a loopback panel (the protocol of README.md, "What is sent": basic info and task result POSTs, the
 report WebSocket) on a fixed port, starts the agent against it, sends an exec
 event every few seconds and restarts the panel on a schedule: listener and
 every open connection closed, down a while, then up again on the same port.
