@@ -11,6 +11,7 @@ agent loop, main().
 
 import base64
 import configparser
+import gzip
 import importlib.util
 import hashlib
 import json
@@ -27,6 +28,8 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -114,13 +117,20 @@ class WsConn:
         self.sock, self.path, self.query = sock, path, query
         self.lock = threading.Lock()
         self.closed = False
+        self.protocol = 1
+        self.deflate = None    # a PerMessageDeflate once negotiated (v2 only)
+        self.last_flags = 0    # the first header byte of the last frame read
+        self.wire_sizes = []   # (compressed?, payload bytes on the wire) per data message read
 
     def send(self, payload, opcode=None):
         if isinstance(payload, str):
             payload, opcode = payload.encode(), opcode or 1
         opcode = opcode or 2
+        rsv1 = 0
+        if self.deflate and opcode in (1, 2):
+            payload, rsv1 = self.deflate.compress(payload), 0x40
         n = len(payload)
-        header = bytes([0x80 | opcode])
+        header = bytes([0x80 | rsv1 | opcode])
         if n < 126:
             header += bytes([n])
         elif n < 65536:
@@ -146,6 +156,7 @@ class WsConn:
     def read_frame(self, deadline=None):
         """(opcode, payload) of the next frame."""
         b0, b1 = self._read_exact(2, deadline)
+        self.last_flags = b0
         n = b1 & 0x7F
         if n == 126:
             n = struct.unpack("!H", self._read_exact(2, deadline))[0]
@@ -156,6 +167,27 @@ class WsConn:
         for i in range(n):
             data[i] ^= mask[i % 4]
         return b0 & 0x0F, bytes(data)
+
+    def read_message(self, deadline=None):
+        """(opcode, payload) of the next control frame or whole data message:
+        fragments joined, permessage-deflate undone. A compressed frame on a
+        socket that did not negotiate it is a protocol error, as in gorilla."""
+        opcode, payload = self.read_frame(deadline)
+        compressed = bool(self.last_flags & 0x40)
+        if opcode >= 8:
+            return opcode, payload
+        parts, wire = [payload], len(payload)
+        while not self.last_flags & 0x80:  # FIN not set: continuation frames follow
+            _, more = self.read_frame(time.monotonic() + 10)
+            parts.append(more)
+            wire += len(more)
+        payload = b"".join(parts)
+        if compressed and not self.deflate:
+            raise EOFError("RSV1 set on a socket without permessage-deflate")
+        self.wire_sizes.append((compressed, wire))
+        if compressed:
+            payload = self.deflate.decompress(payload)
+        return opcode, payload
 
     def close(self):
         self.closed = True
@@ -172,8 +204,14 @@ class PanelServer:
 
     READ_WAIT = 11.0  # the real server's read deadline on the report socket
 
-    def __init__(self, token=TOKEN):
+    def __init__(self, token=TOKEN, protocol=1, serves_v2=True):
         self.token = token
+        self.protocol = protocol      # what start_agent asks the agent to speak
+        self.serves_v2 = serves_v2    # False: an old server, /v2/rpc is the frontend's 200 HTML
+        self.compression = "context"  # v2 socket: "context", "no_context" (takeover) or "off"
+        self.rpc_calls, self.events = [], []  # JSON-RPC calls received; the v2 event queue
+        self.acked, self.v2_flag, self.presence_until = [], False, 0.0
+        self.PULL_WAIT = 25.0
         self.host = "127.0.0.1"
         self.port = None
         self.cond = threading.Condition()
@@ -181,6 +219,7 @@ class PanelServer:
         self.task_results, self.ping_results, self.other_frames = [], [], []
         self.report_conns, self.ws_attempts, self.http_requests = [], [], []
         self.terminal_conns, self.registrations, self.pings = [], [], []
+        self.post_sizes = []      # (Content-Encoding, body bytes) of each v2 POST
         self.frozen = threading.Event()
         self.fail_http = {}       # path -> status to answer instead
         self.on_terminal = None   # callback(WsConn) run for terminal sockets
@@ -242,6 +281,67 @@ class PanelServer:
         conn.send(event if isinstance(event, (str, bytes)) else json.dumps(event))
         return conn
 
+    # protocol v2: the client's v1/v2 flag, its POST presence, its event queue (server.md §10-11)
+    def socket_opened(self, conn):
+        """A new v2 socket: the flag says v2 and every queued event is pushed
+        as a notification without its id, and counts as acknowledged."""
+        with self.cond:
+            self.v2_flag = True
+            queued, self.events[:] = self.live_events(), []
+        for event in queued:
+            conn.send(json.dumps({"jsonrpc": "2.0", "method": event["method"], "params": event["params"]}))
+
+    def live_events(self):
+        now = time.monotonic()
+        self.events[:] = [e for e in self.events if e["_expires"] > now]
+        return [{k: v for k, v in e.items() if not k.startswith("_")} for e in self.events]
+
+    def queue_event(self, method, params, ttl=300.0, event_id=None):
+        """Queue an event as the server does for a v2 client without a socket:
+        at most 128, a newer ping for the same task replaces the queued one."""
+        with self.cond:
+            if method == "agent.ping":
+                self.events[:] = [e for e in self.events if not (
+                    e["method"] == "agent.ping" and e["params"]["ping_task_id"] == params["ping_task_id"])]
+            now = datetime.now(timezone.utc)
+            event = {"id": event_id or os.urandom(8).hex(), "method": method, "params": params,
+                     "created_at": now.isoformat(), "expires_at": (now + timedelta(seconds=ttl)).isoformat(),
+                     "_expires": time.monotonic() + ttl}
+            self.events.append(event)
+            del self.events[:-128]
+            self.cond.notify_all()
+            return event["id"]
+
+    def acknowledge(self, ids):
+        with self.cond:
+            self.acked.extend(ids)
+            self.events[:] = [e for e in self.events if e["id"] not in ids]
+
+    def issue(self, method, params, legacy):
+        """An admin's exec or ping as the server routes it: on the live socket
+        (JSON-RPC if the flag says v2, else the legacy frame), queued for a v2
+        client in POST mode, else refused ("No clients connected"): None."""
+        with self.cond:
+            conn = self.live_report_conn()
+            if conn:
+                conn.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params})
+                          if conn.protocol == 2 and self.v2_flag else json.dumps(legacy) + "\n")
+                return "socket"
+            if self.v2_flag and time.monotonic() < self.presence_until:
+                return self.queue_event(method, params, 300.0 if method == "agent.exec" else 3.0)
+            return None
+
+    def exec_task(self, task_id, command):
+        return self.issue("agent.exec", {"task_id": task_id, "command": command},
+                          {"message": "exec", "task_id": task_id, "command": command})
+
+    def ping_task(self, task_id, kind, target):
+        return self.issue("agent.ping", {"ping_task_id": task_id, "ping_type": kind, "ping_target": target},
+                          {"message": "ping", "ping_task_id": task_id, "ping_type": kind, "ping_target": target})
+
+    def calls(self, method):
+        return [c for c in self.rpc_calls if c["method"] == method]
+
 
 class PanelHandler(BaseHTTPRequestHandler):
     panel = None
@@ -281,6 +381,8 @@ class PanelHandler(BaseHTTPRequestHandler):
                                     "data": {"uuid": "uuid-%d" % len(panel.registrations), "token": panel.token}})
         if not self.authorised(query):
             return
+        if parts.path == V2_PATH and panel.serves_v2:
+            return self.serve_rpc_post(body)
         if parts.path in panel.fail_http:
             status = panel.fail_http[parts.path]
             return self.reply(status, b"<html><title>502 Bad Gateway</title></html>" if status >= 500
@@ -314,23 +416,34 @@ class PanelHandler(BaseHTTPRequestHandler):
         panel.record(panel.ws_attempts, (parts.path, dict(self.headers)))
         if not self.authorised(query):
             return
-        if parts.path not in ("/api/clients/report", "/api/clients/terminal") \
-                or self.headers.get("Upgrade", "").lower() != "websocket":
+        upgrade = self.headers.get("Upgrade", "").lower() == "websocket"
+        if parts.path == V2_PATH and panel.serves_v2 and not upgrade:
+            return self.reply(400, {"error": "Require WebSocket upgrade", "status": "error"})
+        if parts.path not in ("/api/clients/report", "/api/clients/terminal") + ((V2_PATH,) if panel.serves_v2 else ()) \
+                or not upgrade:
             return self.reply(200, b"<!doctype html><html><title>Komari</title></html>")
         if "Origin" in self.headers:
             return self.reply(403, {"status": "error", "error": "origin not allowed"})
         key = self.headers["Sec-WebSocket-Key"]
         accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        deflate = negotiate_deflate(self.headers.get("Sec-WebSocket-Extensions", ""), panel.compression) \
+            if parts.path == V2_PATH else None
+        extension = b"Sec-WebSocket-Extensions: " + deflate.answer.encode() + b"\r\n" if deflate else b""
         self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n" + extension + b"\r\n")
         self.wfile.flush()
         conn = WsConn(self.connection, parts.path, query)
+        if parts.path == V2_PATH:
+            conn.protocol, conn.deflate = 2, deflate
+            conn.offered = self.headers.get("Sec-WebSocket-Extensions", "")
         if parts.path == "/api/clients/terminal":
             panel.record(panel.terminal_conns, conn)
             if panel.on_terminal:
                 panel.on_terminal(conn)
             return
         panel.record(panel.report_conns, conn)
+        if conn.protocol == 2:
+            panel.socket_opened(conn)
         self.serve_report_socket(conn)
         self.close_connection = True
 
@@ -345,7 +458,7 @@ class PanelHandler(BaseHTTPRequestHandler):
                     deadline = None
                     continue
                 try:
-                    opcode, payload = conn.read_frame(deadline if deadline else time.monotonic() + 0.2)
+                    opcode, payload = conn.read_message(deadline if deadline else time.monotonic() + 0.2)
                 except socket.timeout:
                     if deadline and time.monotonic() >= deadline:
                         break  # silent for 11 s: the real server drops the socket
@@ -362,6 +475,9 @@ class PanelHandler(BaseHTTPRequestHandler):
                 if opcode not in (1, 2):
                     continue
                 deadline = time.monotonic() + panel.READ_WAIT
+                if conn.protocol == 2:
+                    self.serve_rpc_frame(conn, payload)
+                    continue
                 try:
                     message = go_json(payload.decode())
                 except ValueError:
@@ -392,19 +508,267 @@ class PanelHandler(BaseHTTPRequestHandler):
                 else:
                     panel.record(panel.other_frames, message)
                     conn.send(json.dumps({"error": "Unknown message type", "status": "error"}) + "\n")
-        except (EOFError, OSError):
-            pass
+        except (EOFError, OSError) as e:
+            if str(e):
+                panel.record(panel.rejected, ("frame", str(e), None))
         finally:
             conn.close()
             with panel.cond:
                 panel.cond.notify_all()
 
+    def serve_rpc_frame(self, conn, payload):
+        status, response = rpc_answer(self.panel, payload, "ws")
+        # the server answers requests (non-null id) and parse errors only
+        if response is not None and (response.get("id") is not None or status == 400 and
+                                     response["error"]["code"] == -32700):
+            conn.send(json.dumps(response))
+
+    def serve_rpc_post(self, body):
+        panel = self.panel
+        panel.record(panel.post_sizes, (self.headers.get("Content-Encoding", ""), len(body)))
+        if self.headers.get("Content-Encoding", "").lower() == "gzip":
+            try:
+                body = gzip.decompress(body)
+            except (OSError, EOFError, zlib.error):
+                return self.reply(400, rpc_error(None, -32700, "invalid compressed body"))
+        status, response = rpc_answer(panel, body, "post")
+        return self.reply(status, response)
+
+
+# protocol v2 on the panel: JSON-RPC 2.0 over a WebSocket with permessage-deflate, or over POST
+
+V2_PATH = "/api/clients/v2/rpc"
+GO_RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+INFLATE_LIMIT = 16 << 20
+
+
+class PerMessageDeflate:
+    """RFC 7692 on the server end: raw deflate, 00 00 ff ff stripped and put
+    back, the LZ77 window kept across messages unless "no context takeover"."""
+
+    def __init__(self, answer, server_context, client_context, server_bits=15):
+        self.answer, self.server_context, self.client_context = answer, server_context, client_context
+        self.server_bits = server_bits
+        self.compressor = self.decompressor = None
+
+    def compress(self, data):
+        if self.compressor is None or not self.server_context:
+            self.compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -self.server_bits)
+        out = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
+        return out[:-4] if out.endswith(b"\x00\x00\xff\xff") else out
+
+    def decompress(self, data):
+        if self.decompressor is None or not self.client_context:
+            self.decompressor = zlib.decompressobj(-15)
+        try:
+            out = self.decompressor.decompress(data + b"\x00\x00\xff\xff", INFLATE_LIMIT)
+        except zlib.error as e:
+            # e.g. the agent kept its context after agreeing not to
+            raise EOFError("bad deflate data: %s" % e)
+        if self.decompressor.unconsumed_tail:
+            raise EOFError("inflated message over %d bytes" % INFLATE_LIMIT)
+        return out
+
+
+def negotiate_deflate(offer_header, mode):
+    """The PerMessageDeflate to use for a client's Sec-WebSocket-Extensions
+    offer, or None (offer absent or compression "off")."""
+    if mode == "off":
+        return None
+    for offer in offer_header.split(","):
+        name, *params = [p.strip() for p in offer.split(";")]
+        if name.lower() != "permessage-deflate":
+            continue
+        params = dict((p.split("=", 1) + [""])[:2] for p in params if p)
+        params = {k.strip().lower(): v.strip().strip('"') for k, v in params.items()}
+        server_context = mode == "context" and "server_no_context_takeover" not in params
+        client_context = mode == "context"
+        answer = ["permessage-deflate"]
+        if not server_context:
+            answer.append("server_no_context_takeover")
+        if not client_context:
+            answer.append("client_no_context_takeover")
+        bits = 15
+        if params.get("server_max_window_bits"):
+            bits = max(9, int(params["server_max_window_bits"]))
+            answer.append("server_max_window_bits=%d" % bits)
+        return PerMessageDeflate("; ".join(answer), server_context, client_context, bits)
+    return None
+
+
+def rpc_error(rid, code, message, data=None):
+    error = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    response = {"jsonrpc": "2.0", "error": error}
+    if rid is not None:
+        response["id"] = rid
+    return response
+
+
+def rpc_answer(panel, raw, transport):
+    """(HTTP status, response) for one JSON-RPC message, as the server's
+    report_v2.go answers it; everything valid is recorded on the panel."""
+    try:
+        message = go_json(raw.decode().strip())
+    except (ValueError, UnicodeDecodeError):
+        message = None
+    if not isinstance(message, dict) or not isinstance(message.get("method"), str):
+        panel.record(panel.rejected, ("rpc", "parse error", raw[:200]))
+        return 400, rpc_error(None, -32700, "parse error")
+    rid = message.get("id")
+    if message.get("jsonrpc") != "2.0":
+        return 400, rpc_error(rid, -32600, "invalid jsonrpc version")
+    method, params = message["method"], message.get("params")
+    panel.record(panel.rpc_calls, {"via": transport, "method": method, "params": params, "id": rid,
+                                   "_at": time.monotonic()})
+    result = rpc_result(panel, method, params if isinstance(params, dict) else {}, transport)
+    if isinstance(result, tuple):
+        panel.record(panel.rejected, ("rpc " + method, result[1], params))
+        return 400, rpc_error(rid, *result)
+    return 200, {"jsonrpc": "2.0", "id": rid, "result": result}
+
+
+def string_list(value):
+    return value is None or isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def rpc_result(panel, method, params, transport):
+    """The result of one method, or (code, message[, data]) for an error."""
+    if method == "agent.report":
+        report = params.get("report")
+        if not isinstance(report, dict) or not string_list(params.get("ack_event_ids")):
+            return (-32602, "invalid report params")
+        problem = report_problem(report)
+        if problem:
+            return (-32000, "failed to save report", problem)
+        panel.acknowledge(params.get("ack_event_ids") or [])
+        with panel.cond:
+            # the quirk of §11: a report sets the flag to v2, but opening a new
+            # presence session (none alive) sets it back to v1 right after
+            panel.v2_flag = time.monotonic() < panel.presence_until
+            panel.presence_until = time.monotonic() + 35
+        report["_at"], report["_via"] = time.monotonic(), "v2-" + transport
+        panel.record(panel.reports, report)
+        with panel.cond:
+            return {"status": "success", "events": panel.live_events()[:8]}
+    if method == "agent.basicInfo":
+        info = params.get("info")
+        problem = basic_info_problem(info) if isinstance(info, dict) else "invalid basic info params"
+        if problem:
+            return (-32000, "failed to save basic info", problem)
+        panel.record(panel.basic_infos, info)
+        return {"status": "success"}
+    if method == "agent.pingResult":
+        ok = is_go_int(params.get("task_id")) and params["task_id"] >= 0 and is_go_int(params.get("value", 0)) \
+            and isinstance(params.get("ping_type", ""), str) and GO_RFC3339.match(str(params.get("finished_at")))
+        if not ok:
+            return (-32602, "invalid ping result params")
+        panel.record(panel.ping_results, dict(params, _via="v2-" + transport))
+        return {"status": "success"}
+    if method == "agent.pull":
+        if not string_list(params.get("ack_event_ids")):
+            return (-32602, "invalid pull params")
+        panel.acknowledge(params.get("ack_event_ids") or [])
+        with panel.cond:
+            panel.v2_flag, panel.presence_until = True, time.monotonic() + 35
+        if transport == "post":
+            wait_ends = time.monotonic() + panel.PULL_WAIT
+            with panel.cond:
+                while not panel.live_events() and time.monotonic() < wait_ends:
+                    panel.cond.wait(min(0.1, max(0.0, wait_ends - time.monotonic())))
+        with panel.cond:
+            return {"events": panel.live_events()}
+    return (-32601, "method not found", method)
+
 
 @pytest.fixture
-def panel():
-    server = PanelServer()
+def panel(request):
+    """The panel; the agents start_agent starts speak its `protocol`: 1 unless a
+    test parametrizes it indirectly (`@pytest.mark.parametrize("panel", [1, 2],
+    indirect=True)`), which is only worth it where the protocols behave differently."""
+    server = PanelServer(protocol=getattr(request, "param", 1))
     yield server
     server.stop()
+
+
+class UpgradeRefusingProxy:
+    """A TCP proxy in front of the panel that answers every WebSocket upgrade
+    with a 403 HTML page (a CDN that breaks WebSockets) while plain requests
+    pass; `refusing = False` lets upgrades through again."""
+
+    def __init__(self, target_port):
+        self.target_port, self.refusing, self.refused, self.passed = target_port, True, [], []
+        self.cond = threading.Condition()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.socks = []
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    @property
+    def endpoint(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def wait_for(self, predicate, timeout, what):
+        return wait_on(self.cond, predicate, timeout, what)
+
+    def _accept_loop(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.socks.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return client.close()
+                head += chunk
+            upgrade = re.search(rb"(?im)^upgrade:\s*websocket", head.split(b"\r\n\r\n")[0]) is not None
+            with self.cond:
+                (self.refused if upgrade and self.refusing else self.passed).append(time.monotonic())
+                self.cond.notify_all()
+            if upgrade and self.refusing:
+                page = b"<html><body><h1>403 Forbidden</h1>WebSockets are not allowed</body></html>"
+                client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
+                               b"Connection: close\r\n\r\n%s" % (len(page), page))
+                return client.close()
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.socks.append(upstream)
+            upstream.sendall(head)
+        except OSError:
+            return client.close()
+        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+        self._pump(client, upstream)
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+        for sock in self.socks:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
 
 class AgentProcess:
@@ -458,6 +822,8 @@ def start_agent(panel):
     def start(*args, env=None, endpoint=None, token=None):
         base = ["-e", endpoint or panel.endpoint, "-t", token or panel.token, "--reconnect-interval", "0.2",
                 "--custom-ipv4", "192.0.2.7", "--state-dir", str(panel_state_dir(panel))]
+        if "--protocol-version" not in args:
+            base += ["--protocol-version", str(panel.protocol)]
         agent = AgentProcess(base + list(args), env=env)
         started.append(agent)
         return agent
