@@ -1580,6 +1580,270 @@ def test_malformed_frames_are_skipped_by_the_parser(caplog):
     assert ka.parse_event(b'{"message":"exec"}') == {"message": "exec"}
 
 
+# Transport: protocol v2 (JSON-RPC 2.0 over a compressed WebSocket, POST mode, fallback to v1)
+
+V2_REPORT = {"cpu": {"usage": 1.5}, "ram": {"total": 10, "used": 5}, "uptime": 7, "process": 3}
+
+
+def rpc(method, params, rid=None):
+    message = {"jsonrpc": "2.0", "method": method, "params": params}
+    if rid is not None:
+        message["id"] = rid
+    return json.dumps(message)
+
+
+def post_rpc(panel, body, gzipped=True):
+    """(status, reply) of one POST to the panel's /v2/rpc."""
+    import urllib.error
+    import urllib.request
+    data = gzip.compress(body.encode()) if gzipped else body.encode()
+    headers = {"Content-Type": "application/json"}
+    if gzipped:
+        headers["Content-Encoding"] = "gzip"
+    request = urllib.request.Request(panel.endpoint + V2_PATH + "?token=" + panel.token, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def v2_reports(panel, via):
+    return [r for r in panel.reports if r.get("_via") == via]
+
+
+def infos_sent(panel):
+    """Basic info uploads of either protocol."""
+    return len(panel.basic_infos)
+
+
+def test_v2_panel_answers_like_the_server(panel):
+    # the fake is checked here with a plain client, so the agent's tests below rest on it
+    ws = websocket.create_connection(panel.endpoint.replace("http", "ws") + V2_PATH + "?token=" + TOKEN,
+                                     suppress_origin=True, timeout=5)
+    try:
+        ws.send(rpc("agent.report", {"report": V2_REPORT}, 1))
+        assert json.loads(ws.recv()) == {"jsonrpc": "2.0", "id": 1, "result": {"status": "success", "events": []}}
+        assert panel.exec_task("t1", "true") == "socket"
+        assert json.loads(ws.recv())["message"] == "exec"  # between the first and second report: legacy
+        ws.send(rpc("agent.report", {"report": V2_REPORT}, 2))
+        ws.recv()
+        panel.exec_task("t2", "true")
+        assert json.loads(ws.recv())["method"] == "agent.exec"
+        ws.send("nonsense")
+        assert json.loads(ws.recv())["error"]["code"] == -32700
+        ws.send(rpc("agent.report", {"report": {"ram": {"total": 1.5}}}))  # a bad notification: dropped
+        ws.send(rpc("agent.pingResult", {"task_id": 3, "ping_type": "tcp", "value": 4,
+                                          "finished_at": "2026-01-01T00:00:00+08:00"}))
+        panel.wait_for(lambda: panel.ping_results, 5, "the ping result")
+        assert panel.reports[-1]["_via"] == "v2-ws" and len(panel.reports) == 2
+        assert panel.report_conns[-1].deflate is None  # websocket-client offers no compression
+    finally:
+        ws.close()
+    panel.wait_for(lambda: not panel.live_report_conn(), 5, "the socket closed")
+    panel.PULL_WAIT = 0.5
+    pull = rpc("agent.pull", {"ack_event_ids": []}, "p")
+    assert post_rpc(panel, pull)[1]["result"] == {"events": []}
+    event = panel.exec_task("t3", "true")  # POST presence alive, flag v2: queued
+    assert len(event) == 16
+    status, reply = post_rpc(panel, rpc("agent.report", {"report": V2_REPORT, "ack_event_ids": []}, "r"))
+    assert status == 200 and [e["id"] for e in reply["result"]["events"]] == [event]
+    assert post_rpc(panel, rpc("agent.pull", {"ack_event_ids": [event]}, "p"))[1]["result"] == {"events": []}
+    assert panel.acked == [event] and panel.post_sizes[0][0] == "gzip"
+    assert post_rpc(panel, rpc("agent.taskResult", {}, 5), gzipped=False)[1]["error"]["code"] == -32601
+    assert post_rpc(panel, "[1]")[0] == 400
+
+
+@pytest.mark.parametrize("panel, mode, flags", [(2, "context", ()), (2, "no_context", ()), (2, "off", ()),
+                                                (2, "context", ("--disable-compression",))],
+                         indirect=["panel"], ids=["takeover", "no-takeover", "refused", "disabled"])
+def test_v2_socket_reports_and_round_trips_with_and_without_compression(panel, start_agent, mode, flags):
+    panel.compression = mode
+    agent = start_agent("-i", "0.3", *flags)
+    compressed = mode != "off" and not flags
+    agent.wait_log("report link up: v2 WebSocket (%s)" % ("permessage-deflate" if compressed else "no compression"), 15)
+    panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 4, 15, "four reports on the v2 socket")
+    conn = panel.report_conns[-1]
+    assert conn.protocol == 2 and ("permessage-deflate" in conn.offered) == (not flags)
+    assert {c for c, _ in conn.wire_sizes} == {compressed}  # the panel refuses RSV1 where not agreed
+    if mode == "context":
+        later = sorted(n for _, n in conn.wire_sizes[2:])
+        assert later[len(later) // 2] < 100, conn.wire_sizes  # a report shrinks to tens of bytes
+    assert len(panel.calls("agent.basicInfo")) == 1 and infos_sent(panel) == 1  # once per link
+    assert all(c["id"] is not None for c in panel.calls("agent.report"))  # requests, so events can come back
+    panel.exec_task("v2-exec", "echo compressed-$((6*7))")
+    assert result_for(panel, "v2-exec")["result"].strip() == "compressed-42"
+    panel.ping_task(31, "tcp", "127.0.0.1:%d" % panel.port)
+    assert ping_value(panel, 31) >= 0
+    assert panel.calls("agent.pingResult") and panel.rejected == []
+    assert TOKEN not in agent.log
+
+
+def test_v2_events_with_ids_are_acked_and_run_once_even_across_a_reconnect(panel, start_agent, tmp_path):
+    panel.protocol = 2
+    marker = tmp_path / "runs"
+    start_agent("-i", "0.3")
+    panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 15, "two reports on the v2 socket")
+    params = {"task_id": "dup-task", "command": "echo run >> %s" % shlex.quote(str(marker))}
+    panel.queue_event("agent.exec", params, event_id="e" * 16)
+    panel.wait_for(lambda: "e" * 16 in panel.acked, 10, "the ack of the event")
+    result_for(panel, "dup-task")
+    # the ack got lost: the server hands the same event over again, with its id
+    panel.queue_event("agent.exec", params, event_id="e" * 16)
+    panel.wait_for(lambda: panel.acked.count("e" * 16) >= 2, 10, "the event acked again")
+    # the link drops; the new socket gets the queued event as a notification, without its id
+    conns = len(panel.report_conns)
+    panel.live_report_conn().close()
+    panel.queue_event("agent.exec", params, event_id="e" * 16)
+    panel.wait_for(lambda: len(panel.report_conns) > conns and not panel.events, 15, "the queue flushed on a new socket")
+    panel.queue_event("agent.exec", params, event_id="e" * 16)
+    panel.wait_for(lambda: panel.acked.count("e" * 16) >= 3, 10, "the event acked on the new link")
+    reports = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) >= reports + 3, 10, "reports after the duplicates")
+    assert marker.read_text() == "run\n"
+    assert [r["task_id"] for r in panel.task_results] == ["dup-task"]
+
+
+def test_v2_socket_takes_legacy_frames_and_notifications_alike(panel, start_agent, terminal_peer):
+    panel.protocol = 2
+    start_agent("-i", "0.3")
+    panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 1, 15, "a report on the v2 socket")
+    panel.send_event({"message": "exec", "task_id": "legacy-exec", "command": "echo legacy"})
+    panel.send_event({"message": "ping", "ping_task_id": 41, "ping_type": "tcp",
+                      "ping_target": "127.0.0.1:%d" % panel.port})
+    panel.send_event(rpc("agent.exec", {"task_id": "rpc-exec", "command": "echo rpc"}))
+    panel.send_event(rpc("agent.ping", {"ping_task_id": 42, "ping_type": "tcp", "ping_target": "127.0.0.1:%d" % panel.port}))
+    panel.send_event(rpc("agent.nonsense", {"x": 1}))
+    assert result_for(panel, "legacy-exec")["result"].strip() == "legacy"
+    assert result_for(panel, "rpc-exec")["result"].strip() == "rpc"
+    assert ping_value(panel, 41) >= 0 and ping_value(panel, 42) >= 0
+    assert {c["via"] for c in panel.calls("agent.pingResult")} == {"ws"}
+    term = open_terminal(panel, terminal_peer, "b" * 32)  # a terminal request is always a legacy frame
+    term.hang_up()
+    reports = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) >= reports + 2, 10, "reports go on")
+    assert panel.rejected == []
+
+
+def test_post_mode_behind_a_proxy_that_refuses_websockets(panel, start_agent):
+    panel.protocol, panel.PULL_WAIT = 2, 25.0
+    proxy = UpgradeRefusingProxy(panel.port)
+    try:
+        agent = start_agent("-i", "0.5", "--max-retries", "2", "--reconnect-interval", "0.5", endpoint=proxy.endpoint)
+        agent.wait_log("report link up: v2 POST", 20)
+        panel.wait_for(lambda: len(v2_reports(panel, "v2-post")) >= 2, 15, "reports by POST")
+        assert {enc for enc, _ in panel.post_sizes} == {"gzip"} and panel.basic_infos
+        # execs and pings reach a POST-mode agent through the queue (agent.pull)
+        panel.wait_for(lambda: panel.exec_task("post-exec", "echo via-pull"), 10, "the exec queued")
+        assert result_for(panel, "post-exec", 15)["result"].strip() == "via-pull"
+        panel.wait_for(lambda: panel.ping_task(51, "tcp", "127.0.0.1:%d" % panel.port), 10, "the ping queued")
+        assert ping_value(panel, 51) >= 0
+        assert panel.calls("agent.pull") and {c["via"] for c in panel.calls("agent.pingResult")} == {"post"}
+        assert "post-exec" not in [r["task_id"] for r in panel.task_results[1:]]  # ran once
+        refused = len(proxy.refused)
+        proxy.wait_for(lambda: len(proxy.refused) >= refused + 2, 10, "the WebSocket retried in POST mode")
+        proxy.refusing = False
+        agent.wait_log("leaving POST mode", 15)
+        panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 15, "reports on the WebSocket again")
+        assert "falling back to protocol v1" not in agent.log
+        assert not any("_via" not in r for r in panel.reports)  # never v1: its upgrade is refused as well
+        assert agent.log.count("report link up: v2 POST") == 1 and panel.rejected == []
+    finally:
+        proxy.close()
+
+
+def test_old_server_gets_v1_after_three_protocol_failures(panel, start_agent):
+    panel.serves_v2 = False  # /v2/rpc: 200 HTML to a GET, 404 to a POST
+    agent = start_agent("-i", "0.3", "--protocol-version", "2")
+    agent.wait_log("falling back to protocol v1", 20)
+    panel.wait_for(lambda: len(panel.reports) >= 3, 15, "v1 reports")
+    assert panel.report_conns[-1].path == "/api/clients/report"
+    assert 3 <= len([a for a in panel.ws_attempts if a[0] == V2_PATH]) + \
+        len([r for r in panel.http_requests if r[0] == V2_PATH]) <= 6
+    assert agent.log.count("falling back to protocol v1") == 1 and panel.basic_infos
+
+
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
+def test_basic_info_is_sent_once_per_link(panel, start_agent):
+    start_agent("-i", "0.3")
+    panel.wait_for(lambda: len(panel.reports) >= 4, 15, "four reports")
+    assert infos_sent(panel) == 1
+    conns = len(panel.report_conns)
+    panel.live_report_conn().close()
+    panel.wait_for(lambda: len(panel.report_conns) > conns, 15, "a new link")
+    reports = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) >= reports + 4, 15, "four reports on the new link")
+    assert infos_sent(panel) == 2
+
+
+def send_raw(conn, data):
+    with conn.lock:
+        conn.sock.sendall(data)
+
+
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
+def test_huge_frames_and_endless_fragments_drop_the_link_without_buffering(panel, start_agent):
+    agent = start_agent("-i", "0.3", "--disable-web-ssh")
+    panel.wait_for(lambda: len(panel.reports) >= 2, 15, "reports")
+    proc = psutil.Process(agent.proc.pid)
+    rss = proc.memory_info().rss
+    attacks = [
+        # a 200 MB text frame announced by its header: only 64 KiB of it ever comes
+        b"\x81\x7f" + struct.pack("!Q", 200 << 20) + b"x" * 65536,
+        # 4 KiB fragments that never end (1.5 MiB in all, no FIN)
+        b"\x01\x7e\x10\x00" + b"y" * 4096 + (b"\x00\x7e\x10\x00" + b"y" * 4096) * 380,
+    ]
+    if panel.protocol == 2:
+        # 64 MiB of zeros in a 64 KiB compressed message: the inflated size is bounded too
+        bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
+        body = bomb.compress(b"0" * (64 << 20)) + bomb.flush(zlib.Z_SYNC_FLUSH)
+        attacks.append(b"\xc1\x7f" + struct.pack("!Q", len(body) - 4) + body[:-4])
+    for attack in attacks:
+        conns = len(panel.report_conns)
+        conn = panel.live_report_conn()
+        try:
+            send_raw(conn, attack)
+        except OSError:
+            pass  # the agent hung up while it was still coming
+        panel.wait_for(lambda: len(panel.report_conns) > conns and panel.live_report_conn(), 20,
+                       "a new link after the attack")
+        reports = len(panel.reports)
+        panel.wait_for(lambda: len(panel.reports) >= reports + 2, 10, "reports on the new link")
+        conn.close()
+    assert agent.proc.poll() is None
+    assert proc.memory_info().rss - rss < 32 << 20, (rss, proc.memory_info().rss)
+    assert 1 <= agent.log.count("frame too large") <= len(attacks)
+
+
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
+def test_sigterm_within_two_seconds_while_the_panel_answers_nothing(panel, start_agent):
+    agent = start_agent("-i", "0.5")
+    panel.wait_for(lambda: len(panel.reports) >= 2, 15, "reports")
+    panel.freeze()
+    reports = len(panel.reports)
+    time.sleep(1.0)  # the agent is now inside a read/report that will never be answered
+    started = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(5) == 0
+    assert time.monotonic() - started < 2.0
+    assert len(panel.reports) == reports
+    panel.thaw()
+
+
+def test_back_online_within_the_reconnect_interval_after_an_outage(panel, proxy, start_agent):
+    panel.protocol = 2
+    start_agent("-i", "0.5", "--reconnect-interval", "1", endpoint=proxy.endpoint)
+    panel.wait_for(lambda: panel.reports, 15, "first report")
+    proxy.set_mode("reset")
+    outage = time.monotonic() + 15
+    proxy.wait_for(lambda: time.monotonic() >= outage, 20, "a 15 s outage")
+    reports = len(panel.reports)
+    proxy.set_mode("pass")
+    back = time.monotonic()
+    panel.wait_for(lambda: len(panel.reports) > reports, 15, "a report after the outage")
+    assert time.monotonic() - back <= 1.0 + 1.5  # the reconnect interval, and slack for a busy machine
+
+
 # ---------------------------------------------------------------------------
 # Tasks: exec, ping probes, web terminal
 # ---------------------------------------------------------------------------
