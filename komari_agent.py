@@ -352,8 +352,6 @@ def finish_config(cfg, warnings):
     """Cross-field checks and derived values."""
     if cfg.memory_mode_available:
         warnings.append("memory_mode_available is deprecated and has no effect; use --memory-include-cache")
-    if cfg.protocol_version not in (0, 1):
-        warnings.append("protocol version %d is not spoken by this agent; using v1" % cfg.protocol_version)
     if cfg.disable_auto_update is False:
         pass  # nothing to update: the script is updated by re-running install.sh
     if not cfg.dry_run:
@@ -2645,7 +2643,7 @@ class ReportLink:
         the rest of a huge frame first)."""
         if FRAME_TROUBLE_LOG(kind):
             log.warning("%s: the panel sent %s; dropping the link", kind, what)
-        self.fail("%s from the panel" % kind)
+        self.fail("the panel sent %s" % what)
         drop_tcp(self.sock)
         raise LinkClosed(self.why)
 
