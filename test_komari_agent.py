@@ -1765,15 +1765,15 @@ def test_old_server_gets_v1_after_three_protocol_failures(panel, start_agent):
 
 @pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_basic_info_is_sent_once_per_link(panel, start_agent):
-    start_agent("-i", "0.3")
+    agent = start_agent("-i", "0.3")
     panel.wait_for(lambda: len(panel.reports) >= 4, 15, "four reports")
-    assert infos_sent(panel) == 1
+    assert infos_sent(panel) == 1, agent.log
     conns = len(panel.report_conns)
     panel.live_report_conn().close()
     panel.wait_for(lambda: len(panel.report_conns) > conns, 15, "a new link")
     reports = len(panel.reports)
     panel.wait_for(lambda: len(panel.reports) >= reports + 4, 15, "four reports on the new link")
-    assert infos_sent(panel) == 2
+    assert infos_sent(panel) == 2, agent.log
 
 
 def send_raw(conn, data):
@@ -1812,7 +1812,7 @@ def test_huge_frames_and_endless_fragments_drop_the_link_without_buffering(panel
         conn.close()
     assert agent.proc.poll() is None
     assert proc.memory_info().rss - rss < 32 << 20, (rss, proc.memory_info().rss)
-    assert 1 <= agent.log.count("frame too large") <= len(attacks)
+    assert agent.log.count("frame too large:") == 1, agent.log  # logged once
 
 
 @pytest.mark.parametrize("panel", [1, 2], indirect=True)
@@ -2466,6 +2466,7 @@ def test_agent_uploads_basic_info_and_reports_at_pace(panel, start_agent):
     assert TOKEN not in agent.log
 
 
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_agent_reconnects_after_a_panel_restart_and_resends_info(panel, start_agent):
     start_agent("-i", "0.5")
     panel.wait_for(lambda: panel.reports and panel.basic_infos, 15, "first report and info")
@@ -2511,6 +2512,7 @@ def test_auto_discovery_registers_once_and_keeps_the_token(panel, tmp_path):
     assert len(panel.registrations) == 1
 
 
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_sigterm_exits_cleanly_within_two_seconds(panel, start_agent):
     agent = start_agent("-i", "0.5")
     panel.wait_for(lambda: panel.reports, 15, "first report")
