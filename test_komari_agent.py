@@ -208,7 +208,9 @@ class PanelServer:
         self.token = token
         self.protocol = protocol      # what start_agent asks the agent to speak
         self.serves_v2 = serves_v2    # False: an old server, /v2/rpc is the frontend's 200 HTML
-        self.compression = "context"  # v2 socket: "context", "no_context" (takeover) or "off"
+        # v2 socket compression: "no_context" is what the real server (gorilla) answers to any offer,
+        # "context" keeps the LZ77 window both ways (RFC 7692's default), "off" answers no extension
+        self.compression = "no_context"
         self.rpc_calls, self.events = [], []  # JSON-RPC calls received; the v2 event queue
         self.acked, self.v2_flag, self.presence_until = [], False, 0.0
         self.PULL_WAIT = 25.0
@@ -1654,9 +1656,9 @@ def test_v2_panel_answers_like_the_server(panel):
     assert post_rpc(panel, "[1]")[0] == 400
 
 
-@pytest.mark.parametrize("panel, mode, flags", [(2, "context", ()), (2, "no_context", ()), (2, "off", ()),
-                                                (2, "context", ("--disable-compression",))],
-                         indirect=["panel"], ids=["takeover", "no-takeover", "refused", "disabled"])
+@pytest.mark.parametrize("panel, mode, flags", [(2, "no_context", ()), (2, "context", ()), (2, "off", ()),
+                                                (2, "no_context", ("--disable-compression",))],
+                         indirect=["panel"], ids=["gorilla", "takeover", "refused", "disabled"])
 def test_v2_socket_reports_and_round_trips_with_and_without_compression(panel, start_agent, mode, flags):
     panel.compression = mode
     agent = start_agent("-i", "0.3", *flags)
