@@ -2502,6 +2502,7 @@ class ReportLink:
     notes when anything was last heard."""
 
     mode = "v1 WebSocket"
+    first_report_in = 0.0  # seconds from start() to the first report: at once
 
     def __init__(self, ws, on_message, deflate=None):
         self.ws = ws
@@ -2746,7 +2747,7 @@ class RpcLink(ReportLink):
             self.inbox.take(self, reply.legacy)
         for event_id, method, params in reply.events:
             self.inbox.take_rpc(self, event_id, method, params)
-        if reply.answers is not None:
+        if reply.answers is not None or reply.error is not None:
             self.answered(reply)
 
     def answered(self, reply):
@@ -2807,6 +2808,8 @@ class PostLink:
         self.lock = threading.Lock()
         self.strikes = 0
         self.failures = 0
+        self.last_success = time.monotonic()
+        self.first_report_in = 0.0
         self.heard = False
         self.trouble_log = OncePer(60.0)
 
@@ -2817,6 +2820,8 @@ class PostLink:
         link = cls(agent)
         acks = link.inbox.pending_acks()
         link.settle(link.post(link.report_request(agent.collector.report(), acks)), acks)
+        link.last_success = time.monotonic()
+        link.first_report_in = agent.period  # that report was the first
         return link
 
     def start(self):
@@ -2882,13 +2887,15 @@ class PostLink:
     def send_report(self, report):
         acks = self.inbox.pending_acks()
         try:
-            self.exchange(self.report_request(report, acks), acks, timeout=MAX_REPORT_GAP)
+            self.exchange(self.report_request(report, acks), acks, timeout=PONG_DEADLINE)
         except OSError as e:
+            # dead like a socket whose ping went unanswered: nothing got through for PONG_DEADLINE
             self.failures += 1
-            if self.failures >= max(3, self.cfg.max_retries):
+            if self.failures >= 3 or time.monotonic() - self.last_success > PONG_DEADLINE:
                 self.fail("%d reports by POST failed in a row (%s)" % (self.failures, describe_error(e)))
         else:
             self.failures = 0
+            self.last_success = time.monotonic()
         if self.dead.is_set():
             raise LinkClosed(self.why)
 
@@ -4230,7 +4237,7 @@ class Agent:
             try:
                 return kind, DIALLERS[kind](self)
             except Exception as e:
-                problem = handshake_problem(e)
+                problem = e.detail if isinstance(e, ProtocolRejected) else handshake_problem(e)
                 self.chooser.failed(kind, e, problem)
                 if self.refused_log(("ws", problem)):
                     log.warning("cannot connect the report socket: %s", problem)
@@ -4266,7 +4273,7 @@ class Agent:
         log.info("report link up: %s; %s", link.mode, self.chooser.why(kind))
         self.want_basic_info()
         self.results_due.set()
-        next_report = first_report = time.monotonic()
+        next_report = first_report = time.monotonic() + link.first_report_in
         try:
             while not self.stop.is_set() and not link.dead.is_set():
                 now = time.monotonic()
