@@ -2785,6 +2785,67 @@ def rpc_refusal(status, body):
     return "HTTP %s with %s" % (status, describe_body(body))
 
 
+class KeptAlive:
+    """POSTs to one URL over one kept-alive HTTP connection, for one thread: a
+    report every interval must not cost a TCP and TLS handshake each. Through
+    urllib (a connection per request) where an environment proxy applies."""
+
+    def __init__(self, panel, url):
+        from urllib.parse import urlsplit
+        import urllib.request
+        parts = urlsplit(url)
+        self.panel, self.url, self.parts = panel, url, parts
+        self.target = parts.path + "?" + parts.query
+        self.direct = not urllib.request.getproxies().get(parts.scheme) or \
+            bool(urllib.request.proxy_bypass(parts.hostname or ""))
+        self.context = tls_context(panel.cfg) if parts.scheme == "https" and self.direct else None
+        self.conn = None
+
+    def connection(self, timeout):
+        import http.client
+        if self.context is not None:
+            return http.client.HTTPSConnection(self.parts.hostname, self.parts.port, timeout=timeout,
+                                               context=self.context)
+        return http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=timeout)
+
+    def post(self, body, headers, timeout, limit=MAX_MESSAGE_BYTES):
+        """(status, body) as Panel.exchange gives them."""
+        if not self.direct:
+            return self.panel.exchange(self.url, body, headers=headers, limit=limit, timeout=timeout)
+        headers = dict(headers, **{"Content-Type": "application/json",
+                                   "User-Agent": "komari-agent-py/" + __version__})
+        for attempt in (1, 2):
+            reused = self.conn is not None
+            if self.conn is None:
+                self.conn = self.connection(timeout)
+            try:
+                if self.conn.sock is not None:
+                    self.conn.sock.settimeout(timeout)
+                self.conn.timeout = timeout
+                self.conn.request("POST", self.target, body, headers)
+                reply = self.conn.getresponse()
+                data = reply.read(limit)
+                if reply.will_close or not reply.isclosed():
+                    self.close()  # the panel closes it, or we left part of the body unread
+                return reply.status, data
+            except (OSError, ValueError, http_exceptions()) as e:
+                self.close()
+                # a kept-alive connection the panel had closed meanwhile: once more on a new one
+                if reused and attempt == 1 and not isinstance(e, socket.timeout):
+                    continue
+                if isinstance(e, OSError):
+                    raise
+                raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+
+    def close(self):
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
 class PostLink:
     """Protocol v2 by HTTP POST, for a panel behind a proxy that refuses
     WebSocket upgrades: a report POSTed every interval (gzip), one agent.pull
@@ -2805,6 +2866,9 @@ class PostLink:
         self.rejected = None
         self.successor = None
         self.ids = itertools.count(1)
+        # one kept-alive connection for the reports (the agent thread), one for the pulls
+        self.reporting = KeptAlive(agent.panel, self.url)
+        self.pulling = KeptAlive(agent.panel, self.url)
         self.lock = threading.Lock()
         self.strikes = 0
         self.failures = 0
@@ -2819,7 +2883,7 @@ class PostLink:
         ProtocolRejected or OSError when it did not."""
         link = cls(agent)
         acks = link.inbox.pending_acks()
-        link.settle(link.post(link.report_request(agent.collector.report(), acks)), acks)
+        link.settle(link.post(link.report_request(agent.collector.report(), acks), via=link.reporting), acks)
         link.last_success = time.monotonic()
         link.first_report_in = agent.period  # that report was the first
         return link
@@ -2831,13 +2895,17 @@ class PostLink:
     def report_request(self, report, acks):
         return rpc_report(encode(report), acks, "report-%d" % next(self.ids))
 
-    def post(self, text, timeout=HTTP_TIMEOUT):
-        """The RpcReply to one request; ProtocolRejected when the panel does
-        not answer in v2, OSError when it cannot be reached."""
+    def post(self, text, timeout=HTTP_TIMEOUT, via=None):
+        """The RpcReply to one request (sent `via` a KeptAlive, else on a
+        connection of its own); ProtocolRejected when the panel does not
+        answer in v2, OSError when it cannot be reached."""
         body, headers = text.encode("utf-8"), {}
         if not self.cfg.disable_compression:
             body, headers = gzip_bytes(body), {"Content-Encoding": "gzip"}
-        status, data = self.agent.panel.exchange(self.url, body, headers=headers, timeout=timeout)
+        if via is not None:
+            status, data = via.post(body, headers, timeout)
+        else:
+            status, data = self.agent.panel.exchange(self.url, body, headers=headers, timeout=timeout)
         try:
             if data[:2] == b"\x1f\x8b":
                 data = gunzip_bytes(data)
@@ -2865,11 +2933,11 @@ class PostLink:
         for event_id, method, params in reply.events:
             self.inbox.take_rpc(self, event_id, method, params)
 
-    def exchange(self, text, acks=(), timeout=HTTP_TIMEOUT):
+    def exchange(self, text, acks=(), timeout=HTTP_TIMEOUT, via=None):
         """post() and settle(); protocol failures are counted here, and the
         link dies after PROTOCOL_STRIKES of them in a row. OSError passes."""
         try:
-            reply = self.post(text, timeout)
+            reply = self.post(text, timeout, via)
         except ProtocolRejected as e:
             with self.lock:
                 self.strikes += 1
@@ -2887,7 +2955,7 @@ class PostLink:
     def send_report(self, report):
         acks = self.inbox.pending_acks()
         try:
-            self.exchange(self.report_request(report, acks), acks, timeout=PONG_DEADLINE)
+            self.exchange(self.report_request(report, acks), acks, timeout=PONG_DEADLINE, via=self.reporting)
         except OSError as e:
             # dead like a socket whose ping went unanswered: nothing got through for PONG_DEADLINE
             self.failures += 1
@@ -2927,6 +2995,7 @@ class PostLink:
 
     def close(self):
         self.fail(self.why or "closed")
+        self.reporting.close()
 
     def _pull_loop(self):
         """One agent.pull always waiting: the panel answers when it has events
@@ -2935,7 +3004,7 @@ class PostLink:
             acks = self.inbox.pending_acks()
             started = time.monotonic()
             try:
-                self.exchange(rpc_pull(acks, "pull-%d" % next(self.ids)), acks, timeout=PULL_TIMEOUT)
+                self.exchange(rpc_pull(acks, "pull-%d" % next(self.ids)), acks, timeout=PULL_TIMEOUT, via=self.pulling)
             except OSError as e:
                 if self.trouble_log(("pull", type(e).__name__)):
                     log.warning("agent.pull failed: %s", describe_error(e))
@@ -2943,6 +3012,7 @@ class PostLink:
                 continue
             if time.monotonic() - started < 1.0:
                 self.dead.wait(0.5)  # a panel that does not hold the poll is not polled in a loop
+        self.pulling.close()
 
     def _retry_websocket(self):
         while not self.dead.wait(self.cfg.reconnect_interval):
