@@ -2015,6 +2015,8 @@ class Inbox:
         if event_id is not None:
             with self.lock:
                 self.acks[event_id] = True
+                while len(self.acks) > self.KEEP:  # a panel that never confirms
+                    del self.acks[next(iter(self.acks))]
 
     def take_rpc(self, link, event_id, method, params):
         try:
@@ -2714,6 +2716,7 @@ class RpcLink(ReportLink):
         self.mode = "v2 WebSocket (%s)" % ("permessage-deflate" if deflate else "no compression")
         self.ids = itertools.count(1)
         self.sent_acks = {}  # request id -> the event ids it acknowledged
+        self.acks_lock = threading.Lock()
         self.strikes = 0
         self.error_log = OncePer(60.0)
 
@@ -2721,9 +2724,10 @@ class RpcLink(ReportLink):
         request_id = next(self.ids)
         acks = self.inbox.pending_acks()
         if acks:
-            self.sent_acks[request_id] = acks
-            while len(self.sent_acks) > 64:
-                del self.sent_acks[next(iter(self.sent_acks))]
+            with self.acks_lock:
+                self.sent_acks[request_id] = acks
+                while len(self.sent_acks) > 64:  # requests the panel never answered
+                    del self.sent_acks[next(iter(self.sent_acks))]
         self.send_text(rpc_report(encode(report), acks, request_id))
 
     def send_ping_result(self, task_id, kind, value):
@@ -2751,7 +2755,8 @@ class RpcLink(ReportLink):
             self.answered(reply)
 
     def answered(self, reply):
-        acks = self.sent_acks.pop(reply.answers, None)
+        with self.acks_lock:
+            acks = self.sent_acks.pop(reply.answers, None)
         if reply.error is None:
             self.strikes = 0
             if acks:
