@@ -1962,7 +1962,7 @@ def read_rpc(message):
         error = message["error"] if isinstance(message["error"], dict) else {}
         code = error.get("code")
         text = "%s %s" % (error.get("message", ""), error.get("data", "") or "")
-        return RpcReply(message.get("id"), error=(code if isinstance(code, int) else 0, text.strip()[:200]))
+        return RpcReply(request_id(message), error=(code if isinstance(code, int) else 0, text.strip()[:200]))
     if "result" not in message:
         raise ValueError("neither a result nor an error")
     result = message["result"]
@@ -1973,7 +1973,13 @@ def read_rpc(message):
             event_id = item.get("id")
             queued.append((event_id if isinstance(event_id, str) and event_id else None,
                            item["method"], item.get("params")))
-    return RpcReply(message.get("id"), events=queued)
+    return RpcReply(request_id(message), events=queued)
+
+
+def request_id(message):
+    """The id a reply answers, when it is one we could have sent."""
+    value = message.get("id")
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
 
 
 class Inbox:
