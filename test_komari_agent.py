@@ -3255,6 +3255,20 @@ def test_footprint_json_compares_two_agents_with_idle_sockets(tmp_path):
     assert set(result["ratio"]) >= {"cpu_ms_per_report", "rss_avg_mb", "rss_peak_mb", "threads"}
 
 
+def test_footprint_counts_bytes_on_the_wire_per_link():
+    done = subprocess.run([sys.executable, str(FOOTPRINT), "--wire", "--links", "v1,v2-ws-takeover", "--seconds", "3",
+                           "--warmup", "0.5", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    links = json.loads(done.stdout.decode())["links"]
+    assert set(links) == {"v1", "v2-ws-takeover"}
+    for link in links.values():
+        assert link["reports"] > 0 and link["bad_frames"] == 0 and link["info_uploads"] >= 1
+        assert link["bytes_up_per_report"] > 0 and link["cpu_ms_per_report_sched"] > 0
+    assert links["v1"]["bytes_per_report"] > 250  # a whole JSON report goes up each time
+    # the deflate context kept across messages: a report costs a fraction of v1's
+    assert links["v2-ws-takeover"]["vs_v1"] < 0.5, links
+
+
 def test_footprint_explains_an_agent_that_dies():
     agent = "%s -c %s" % (shlex.quote(sys.executable), shlex.quote("print('no panel today'); raise SystemExit(3)"))
     done = subprocess.run([sys.executable, str(FOOTPRINT), "--seconds", "3", "--agent", agent],
