@@ -1656,6 +1656,33 @@ def test_v2_panel_answers_like_the_server(panel):
     assert post_rpc(panel, "[1]")[0] == 400
 
 
+def test_each_wire_builder_emits_exactly_the_keys_the_panel_checks(panel):
+    report = ka.encode({"cpu": {"usage": 1.5}, "ram": {"total": 10, "used": 5}, "uptime": 7})
+    task = ka.task_result("t-1", "out", 0)
+    ping_v1 = ka.ping_result_v1(7, "tcp", 12)
+    ping_v2 = ka.ping_result_params(7, "tcp", -1)
+    table = [  # (what, the message as sent, its keys (params for v2))
+        ("task result", task, {"task_id", "result", "exit_code", "finished_at"}),
+        ("v1 ping result", ping_v1, {"type", "task_id", "ping_type", "value", "finished_at"}),
+        ("agent.pingResult", go_json(ka.rpc_notification("agent.pingResult", ping_v2))["params"],
+         {"task_id", "ping_type", "value", "finished_at"}),
+        ("agent.report", go_json(ka.rpc_report(report, ["e1"], 3))["params"], {"report", "ack_event_ids"}),
+        ("agent.report without acks", go_json(ka.rpc_report(report, [], 4))["params"], {"report"}),
+        ("agent.pull", go_json(ka.rpc_pull([], "pull-1"))["params"], {"capabilities", "ack_event_ids"}),
+    ]
+    for what, message, keys in table:
+        assert set(message) == keys, what
+    assert is_go_int(task["exit_code"]) and re.match(RFC3339, task["finished_at"])
+    assert is_go_int(ping_v1["task_id"]) and is_go_int(ping_v1["value"])
+    # and the panel, which decodes as the server does, takes every v2 message whole
+    for message in (ka.rpc_report(report, ["e1"], 3), ka.rpc_pull([], "pull-1"),
+                    ka.rpc_request("agent.pingResult", ping_v2, 5)):
+        panel.PULL_WAIT = 0
+        status, reply = rpc_answer(panel, message.encode(), "post")
+        assert status == 200 and "result" in reply, (message, reply)
+    assert panel.acked == ["e1"] and panel.rejected == []
+
+
 @pytest.mark.parametrize("panel, mode, flags", [(2, "no_context", ()), (2, "context", ()), (2, "off", ()),
                                                 (2, "no_context", ("--disable-compression",))],
                          indirect=["panel"], ids=["gorilla", "takeover", "refused", "disabled"])
