@@ -1883,12 +1883,13 @@ def rpc_notification(method, params):
     return encode({"jsonrpc": "2.0", "method": method, "params": params})
 
 
-def rpc_report(report_json, acks, request_id):
+def rpc_report(report_json, acks, request_id=None):
     """agent.report around an already encoded report: built as a string, since
-    this runs every interval and the report is the whole message."""
+    this runs every interval and the report is the whole message. Without a
+    request id it is a notification, which the panel does not answer."""
     acked = ',"ack_event_ids":' + encode(acks) if acks else ""
-    return '{"jsonrpc":"2.0","method":"agent.report","params":{"report":%s%s},"id":%s}' % (
-        report_json, acked, encode(request_id))
+    asked = ',"id":' + encode(request_id) if request_id is not None else ""
+    return '{"jsonrpc":"2.0","method":"agent.report","params":{"report":%s%s}%s}' % (report_json, acked, asked)
 
 
 def rpc_pull(acks, request_id):
@@ -2712,9 +2713,11 @@ class ReportLink:
 
 class RpcLink(ReportLink):
     """The v2 report WebSocket: JSON-RPC 2.0, compressed when the panel agreed.
-    Reports are requests, so each is answered: the answer confirms the acks it
-    carried and may hand over queued events. Events also come as notifications
-    and, by the v1/v2 flag quirk of the panel, as legacy frames."""
+    Reports are requests (the official agent sends notifications), so each
+    is answered: the answer confirms the acks it carried, may hand over
+    queued events, and says when the panel refused a report, which it drops
+    silently from a notification. Events also come as notifications and, by
+    the panel's v1/v2 flag quirk, as legacy frames."""
 
     def __init__(self, ws, inbox, deflate=None):
         super().__init__(ws, self._on_rpc, deflate)
@@ -2727,8 +2730,8 @@ class RpcLink(ReportLink):
         self.error_log = OncePer(60.0)
 
     def send_report(self, report):
-        request_id = next(self.ids)
         acks = self.inbox.pending_acks()
+        request_id = next(self.ids)
         if acks:
             with self.acks_lock:
                 self.sent_acks[request_id] = acks
