@@ -3065,7 +3065,13 @@ def dial_websocket(cfg, url, header=None):
 def dial_rpc_socket(agent):
     cfg = agent.cfg
     header = None if cfg.disable_compression else ["Sec-WebSocket-Extensions: " + DEFLATE_OFFER]
-    ws = dial_websocket(cfg, agent.panel.ws_url(RPC_PATH), header)
+    try:
+        ws = dial_websocket(cfg, agent.panel.ws_url(RPC_PATH), header)
+    except ProtocolRejected as e:
+        if e.status == 200:
+            e.detail = "the panel answered /v2/rpc with a web page (HTTP 200): a panel without protocol v2, " \
+                       "or check --endpoint"
+        raise
     headers = ws.getheaders() or {}
     offered = headers.get("sec-websocket-extensions") or headers.get("Sec-WebSocket-Extensions")
     params = None if cfg.disable_compression else deflate_params(offered)
@@ -3154,7 +3160,10 @@ class LinkChooser:
         if link.rejected is not None and kind != V1_SOCKET:
             self.fall_back("the panel refused protocol v2 (%s)" % link.rejected.detail)
         elif kind == V1_SOCKET and not self.only_v1:
-            self.start_over()  # like the official agent: v2 again on the next link
+            # like the official agent, v2 again on the next link; but the panel
+            # refused it before, so one more refusal (not a network error) is enough
+            self.start_over()
+            self.strikes, self.post_refused = PROTOCOL_STRIKES - 1, True
 
 
 # ---------------------------------------------------------------------------
@@ -4326,7 +4335,11 @@ class Agent:
                 if self.refused_log(("ws", problem)):
                     log.warning("cannot connect the report socket: %s", problem)
                 # a wrong token will not fix itself in seconds
-                if not self.wait_after_failure(refused_token=getattr(e, "status", None) == 401):
+                refused_token = getattr(e, "status", None) == 401
+                if isinstance(e, ProtocolRejected) and not refused_token and \
+                        LINK_ORDER.index(self.chooser.next()) > LINK_ORDER.index(kind):
+                    continue  # refused, not unreachable: the next kind of link is dialled at once
+                if not self.wait_after_failure(refused_token=refused_token):
                     return None
         return None
 
