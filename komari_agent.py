@@ -1892,6 +1892,19 @@ def rpc_report(report_json, acks, request_id=None):
     return '{"jsonrpc":"2.0","method":"agent.report","params":{"report":%s%s}%s}' % (report_json, acked, asked)
 
 
+def rpc_basic_info(info, request_id):
+    """agent.basicInfo: the same object v1 POSTs to BASIC_INFO_PATH."""
+    return rpc_request("agent.basicInfo", {"info": info}, request_id)
+
+
+def rpc_ping_result(task_id, kind, value, request_id=None):
+    """agent.pingResult: a notification on the socket, a request by POST."""
+    params = ping_result_params(task_id, kind, value)
+    if request_id is None:
+        return rpc_notification("agent.pingResult", params)
+    return rpc_request("agent.pingResult", params, request_id)
+
+
 def rpc_pull(acks, request_id):
     return rpc_request("agent.pull", {"capabilities": list(PULL_CAPABILITIES), "ack_event_ids": list(acks)},
                        request_id)
@@ -2740,10 +2753,10 @@ class RpcLink(ReportLink):
         self.send_text(rpc_report(encode(report), acks, request_id))
 
     def send_ping_result(self, task_id, kind, value):
-        self.send_text(rpc_notification("agent.pingResult", ping_result_params(task_id, kind, value)))
+        self.send_text(rpc_ping_result(task_id, kind, value))
 
     def send_basic_info(self, info):
-        self.send_text(rpc_request("agent.basicInfo", {"info": info}, next(self.ids)))
+        self.send_text(rpc_basic_info(info, next(self.ids)))
         return True
 
     def _on_rpc(self, link, data):
@@ -2982,8 +2995,7 @@ class PostLink:
             raise LinkClosed(self.why)
 
     def send_ping_result(self, task_id, kind, value):
-        request = rpc_request("agent.pingResult", ping_result_params(task_id, kind, value),
-                              "ping-%d" % next(self.ids))
+        request = rpc_ping_result(task_id, kind, value, "ping-%d" % next(self.ids))
         try:
             self.exchange(request)
         except OSError as e:
@@ -2991,7 +3003,7 @@ class PostLink:
 
     def send_basic_info(self, info):
         try:
-            self.exchange(rpc_request("agent.basicInfo", {"info": info}, "info-%d" % next(self.ids)))
+            self.exchange(rpc_basic_info(info, "info-%d" % next(self.ids)))
         except OSError as e:
             log.warning("basic info upload failed: %s", describe_error(e))
         return True
