@@ -2946,8 +2946,9 @@ class PostLink:
             return reply
         if status == 400 and reply.error is not None and not reply.refuses_protocol:
             return reply  # about this message's content, not the protocol
-        raise ProtocolRejected(status, "HTTP %s, JSON-RPC error %s: %s" % ((status,) + (reply.error or (0, "")))
-                               if status != 401 else rpc_refusal(status, data))
+        if status == 401 or reply.error is None:
+            raise ProtocolRejected(status, rpc_refusal(status, data))
+        raise ProtocolRejected(status, "HTTP %s, JSON-RPC error %s: %s" % (status, reply.error[0], reply.error[1]))
 
     def settle(self, reply, acks):
         """Acks confirmed, events taken, errors logged."""
