@@ -1819,21 +1819,22 @@ def test_huge_frames_and_endless_fragments_drop_the_link_without_buffering(panel
     proc = psutil.Process(agent.proc.pid)
     rss = proc.memory_info().rss
     attacks = [
-        # a 200 MB text frame announced by its header: only 64 KiB of it ever comes
-        b"\x81\x7f" + struct.pack("!Q", 200 << 20) + b"x" * 65536,
+        # a 200 MB text frame, sent for as long as the agent reads it
+        [b"\x81\x7f" + struct.pack("!Q", 200 << 20)] + [b"x" * (1 << 20)] * 200,
         # 4 KiB fragments that never end (1.5 MiB in all, no FIN)
-        b"\x01\x7e\x10\x00" + b"y" * 4096 + (b"\x00\x7e\x10\x00" + b"y" * 4096) * 380,
+        [b"\x01\x7e\x10\x00" + b"y" * 4096 + (b"\x00\x7e\x10\x00" + b"y" * 4096) * 380],
     ]
     if panel.protocol == 2:
         # 64 MiB of zeros in a 64 KiB compressed message: the inflated size is bounded too
         bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
         body = bomb.compress(b"0" * (64 << 20)) + bomb.flush(zlib.Z_SYNC_FLUSH)
-        attacks.append(b"\xc1\x7f" + struct.pack("!Q", len(body) - 4) + body[:-4])
+        attacks.append([b"\xc1\x7f" + struct.pack("!Q", len(body) - 4) + body[:-4]])
     for attack in attacks:
         conns = len(panel.report_conns)
         conn = panel.live_report_conn()
         try:
-            send_raw(conn, attack)
+            for chunk in attack:
+                send_raw(conn, chunk)
         except OSError:
             pass  # the agent hung up while it was still coming
         panel.wait_for(lambda: len(panel.report_conns) > conns and panel.live_report_conn(), 20,
@@ -2849,7 +2850,8 @@ def test_a_thousand_events_at_once_leave_the_agent_reporting(panel, start_agent)
             frames.append("{not json %d" % n)
         else:
             frames.append(os.urandom(64))
-    frames += ["[" * 100000 + "]" * 100000, json.dumps({"message": "exec", "pad": "x" * (3 << 20)})]
+    # (a message over 1 MiB drops the link: test_huge_frames_and_endless_fragments_drop_the_link_without_buffering)
+    frames += ["[" * 100000 + "]" * 100000]
     conn = panel.wait_for(panel.live_report_conn, 10, "a live report socket")
     for frame in frames:
         conn.send(frame)
