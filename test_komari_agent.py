@@ -1761,7 +1761,7 @@ def test_post_mode_behind_a_proxy_that_refuses_websockets(panel, start_agent):
     proxy = UpgradeRefusingProxy(panel.port)
     try:
         agent = start_agent("-i", "0.5", "--max-retries", "2", "--reconnect-interval", "0.5", endpoint=proxy.endpoint)
-        agent.wait_log("report link up: v2 POST", 20)
+        agent.wait_log("report link up: v2 POST; ", 20)  # and why, on the same line
         panel.wait_for(lambda: len(v2_reports(panel, "v2-post")) >= 2, 15, "reports by POST")
         assert {enc for enc, _ in panel.post_sizes} == {"gzip"} and panel.basic_infos
         # execs and pings reach a POST-mode agent through the queue (agent.pull)
