@@ -2692,6 +2692,7 @@ def spool_files(panel):
     return sorted((panel_state_dir(panel) / ka.SPOOL_DIR).glob("*.json"))
 
 
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_blackholed_link_is_replaced_within_45_seconds(panel, proxy, start_agent):
     start_agent("-i", "1", endpoint=proxy.endpoint)
     panel.wait_for(lambda: panel.reports, 15, "first report")
@@ -2706,6 +2707,7 @@ def test_blackholed_link_is_replaced_within_45_seconds(panel, proxy, start_agent
     panel.wait_for(lambda: len(panel.reports) >= reports + 2, 10, "reports on the new socket")
 
 
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_dropped_and_reset_links_are_redialled_and_info_resent(panel, proxy, start_agent):
     agent = start_agent("-i", "0.5", endpoint=proxy.endpoint)
     panel.wait_for(lambda: panel.reports and panel.basic_infos, 15, "first report and info")
