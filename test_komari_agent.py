@@ -4,7 +4,9 @@ The panel side is real: PanelServer below is an HTTP + WebSocket server on
 127.0.0.1 that speaks PROTOCOL.md, decodes reports the way the Go server does
 (a float where it wants an integer, or a cpu usage outside 0-100, rejects the
 report), closes a report socket that sends no data for 11 s, and answers 401
-to a wrong token. End-to-end tests run komari_agent.py as a subprocess.
+to a wrong token. It speaks protocol v2 as well (server.md 10-11): JSON-RPC
+over a permessage-deflate WebSocket or gzip POST, the event queue with acks,
+the legacy-frame quirk. End-to-end tests run komari_agent.py as a subprocess.
 Sections mirror the agent: configuration, collectors, transport, tasks, the
 agent loop, main().
 """
@@ -421,8 +423,8 @@ class PanelHandler(BaseHTTPRequestHandler):
         upgrade = self.headers.get("Upgrade", "").lower() == "websocket"
         if parts.path == V2_PATH and panel.serves_v2 and not upgrade:
             return self.reply(400, {"error": "Require WebSocket upgrade", "status": "error"})
-        if parts.path not in ("/api/clients/report", "/api/clients/terminal") + ((V2_PATH,) if panel.serves_v2 else ()) \
-                or not upgrade:
+        served = ("/api/clients/report", "/api/clients/terminal") + ((V2_PATH,) if panel.serves_v2 else ())
+        if parts.path not in served or not upgrade:
             return self.reply(200, b"<!doctype html><html><title>Komari</title></html>")
         if "Origin" in self.headers:
             return self.reply(403, {"status": "error", "error": "origin not allowed"})
@@ -1614,11 +1616,6 @@ def v2_reports(panel, via):
     return [r for r in panel.reports if r.get("_via") == via]
 
 
-def infos_sent(panel):
-    """Basic info uploads of either protocol."""
-    return len(panel.basic_infos)
-
-
 def test_v2_panel_answers_like_the_server(panel):
     # the fake is checked here with a plain client, so the agent's tests below rest on it
     ws = websocket.create_connection(panel.endpoint.replace("http", "ws") + V2_PATH + "?token=" + TOKEN,
@@ -1698,7 +1695,7 @@ def test_v2_socket_reports_and_round_trips_with_and_without_compression(panel, s
     if compressed and mode == "context":
         later = sorted(n for _, n in conn.wire_sizes[2:])
         assert later[len(later) // 2] < 100, conn.wire_sizes  # a report shrinks to tens of bytes
-    assert len(panel.calls("agent.basicInfo")) == 1 and infos_sent(panel) == 1  # once per link
+    assert len(panel.calls("agent.basicInfo")) == 1 and len(panel.basic_infos) == 1  # once per link
     assert all(c["id"] is not None for c in panel.calls("agent.report"))  # requests, so events can come back
     panel.exec_task("v2-exec", "echo compressed-$((6*7))")
     agent.wait_log("v2-exec", 10)
@@ -1725,7 +1722,8 @@ def test_v2_events_with_ids_are_acked_and_run_once_even_across_a_reconnect(panel
     conns = len(panel.report_conns)
     panel.live_report_conn().close()
     panel.queue_event("agent.exec", params, event_id="e" * 16)
-    panel.wait_for(lambda: len(panel.report_conns) > conns and not panel.events, 15, "the queue flushed on a new socket")
+    panel.wait_for(lambda: len(panel.report_conns) > conns and not panel.events, 15,
+                   "the queue flushed on a new socket")
     panel.queue_event("agent.exec", params, event_id="e" * 16)
     panel.wait_for(lambda: panel.acked.count("e" * 16) >= 3, 10, "the event acked on the new link")
     reports = len(panel.reports)
@@ -1742,7 +1740,8 @@ def test_v2_socket_takes_legacy_frames_and_notifications_alike(panel, start_agen
     panel.send_event({"message": "ping", "ping_task_id": 41, "ping_type": "tcp",
                       "ping_target": "127.0.0.1:%d" % panel.port})
     panel.send_event(rpc("agent.exec", {"task_id": "rpc-exec", "command": "echo rpc"}))
-    panel.send_event(rpc("agent.ping", {"ping_task_id": 42, "ping_type": "tcp", "ping_target": "127.0.0.1:%d" % panel.port}))
+    panel.send_event(rpc("agent.ping", {"ping_task_id": 42, "ping_type": "tcp",
+                                        "ping_target": "127.0.0.1:%d" % panel.port}))
     panel.send_event(rpc("agent.nonsense", {"x": 1}))
     assert result_for(panel, "rpc-exec")["result"].strip() == "rpc", agent.log
     agent.wait_log("legacy-exec", 10)
@@ -1798,13 +1797,13 @@ def test_old_server_gets_v1_after_three_protocol_failures(panel, start_agent):
 def test_basic_info_is_sent_once_per_link(panel, start_agent):
     agent = start_agent("-i", "0.3")
     panel.wait_for(lambda: len(panel.reports) >= 4, 15, "four reports")
-    assert infos_sent(panel) == 1, agent.log
+    assert len(panel.basic_infos) == 1, agent.log
     conns = len(panel.report_conns)
     panel.live_report_conn().close()
     panel.wait_for(lambda: len(panel.report_conns) > conns, 15, "a new link")
     reports = len(panel.reports)
     panel.wait_for(lambda: len(panel.reports) >= reports + 4, 15, "four reports on the new link")
-    assert infos_sent(panel) == 2, agent.log
+    assert len(panel.basic_infos) == 2, agent.log
 
 
 def send_raw(conn, data):
