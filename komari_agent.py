@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """komari_agent.py - a single-file Komari monitoring agent.
 
-Speaks the Komari agent protocol v1 (summarised in README.md, "What is sent"
-and "Remote control"): basic info by HTTP POST, a realtime report over a
-WebSocket, and the server's events (exec, ping, terminal) on that socket.
-Needs Python 3.8+, psutil and websocket-client.
+Speaks the Komari agent protocol v2 (JSON-RPC 2.0 over a compressed WebSocket,
+or over HTTP POST where WebSockets are blocked) and falls back to v1 for
+older panels (summarised in README.md, "What is sent"): basic info, a realtime report every interval,
+and the server's events (exec, ping, terminal).  Needs Python 3.8+, psutil and
+websocket-client.
 
     python3 komari_agent.py --endpoint https://panel.example --token TOKEN
     python3 komari_agent.py --dry-run        # print what would be sent
@@ -12,6 +13,7 @@ Needs Python 3.8+, psutil and websocket-client.
 
 import argparse
 import errno
+import itertools
 import json
 import logging
 import math
@@ -27,6 +29,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+import zlib
 from fnmatch import fnmatchcase
 from stat import S_ISDIR, S_ISREG
 
@@ -203,7 +206,11 @@ class FloodLimitedHandler(logging.StreamHandler):
 # Configuration: defaults < --config JSON < AGENT_* environment < command line
 # ---------------------------------------------------------------------------
 
-class ConfigError(Exception):
+class AgentError(Exception):
+    """The root of the agent's own errors."""
+
+
+class ConfigError(AgentError):
     """A bad setting: reported as one line on stderr, exit code 2."""
 
 
@@ -301,11 +308,14 @@ OPTIONS = [
     Option("auto_discovery", ("--auto-discovery",), "str", "",
            "auto-discovery key: register with the panel when no token is given",
            json_keys=("auto_discovery_key", "auto_discovery"), env=("AGENT_AUTO_DISCOVERY_KEY",)),
-    Option("protocol_version", ("--protocol-version",), "int", 1,
-           "protocol version; only 1 is spoken, 2 falls back to 1"),
+    Option("protocol_version", ("--protocol-version",), "int", 2,
+           "2 (default): JSON-RPC over a compressed WebSocket, HTTP POST when WebSockets are blocked, "
+           "v1 when the panel is too old; 1: only the v1 WebSocket",
+           check=lambda v: None if v in (1, 2) else "must be 1 or 2"),
     Option("prefer_ip_version", ("--prefer-ip-version",), "str", "",
            "address family tried first (4 or 6) for the WebSockets and probe targets", check=_ip_version),
-    Option("disable_compression", ("--disable-compression",), "bool", False, "accepted for compatibility; no effect"),
+    Option("disable_compression", ("--disable-compression",), "bool", False,
+           "protocol v2: no permessage-deflate on the WebSocket, no gzip on POST bodies"),
     Option("show_warning", ("--show-warning",), "bool", False,
            "the official agent's Windows warning helper: exits at once (status 0) elsewhere"),
     Option("state_dir", ("--state-dir",), "str", "", "where traffic totals and unsent results are kept"),
@@ -539,8 +549,6 @@ def finish_config(cfg, warnings):
     """Cross-field checks and derived values."""
     if cfg.memory_mode_available:
         warnings.append("memory_mode_available is deprecated and has no effect; use --memory-include-cache")
-    if cfg.protocol_version not in (0, 1):
-        warnings.append("protocol version %d is not spoken by this agent; using v1" % cfg.protocol_version)
     if cfg.disable_auto_update is False:
         pass  # nothing to update: the script is updated by re-running install.sh
     if not cfg.dry_run and not cfg.show_warning:
@@ -1549,7 +1557,9 @@ def fetch_over_family(url, family, timeout, cfg=None):
     headers = {"User-Agent": "curl/8.0.1"}
     if environment_proxy(url):
         import urllib.request
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as reply:
+        # a fresh opener: urlopen()'s global one keeps the proxy of its first call forever
+        opener = urllib.request.build_opener()
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout) as reply:
             return reply.read(4096).decode("utf-8", "replace")
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -2007,15 +2017,6 @@ def gpu_details():
         return None, ""
     return {"count": len(devices), "average_usage": sum(d["utilization"] for d in devices) / len(devices),
             "detailed_info": devices}, ""
-
-
-# One encoder for the run: json.dumps with options builds a new one per call.
-WIRE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def encode(obj):
-    """Compact JSON exactly as it goes on the wire; NaN is an error, not a token."""
-    return WIRE_JSON.encode(obj)
 
 
 # -- monthly traffic (--month-rotate) -------------------------------------------
@@ -2549,10 +2550,266 @@ def show_traffic(directory, calibration):
 
 
 # ---------------------------------------------------------------------------
-# Transport: HTTP uploads and the report WebSocket
+# Wire protocol: the panel's paths, every message we send, every message we
+# read; v1 beside v2 (JSON-RPC 2.0)
+# ---------------------------------------------------------------------------
+# Traps (the server's behaviour, README "What is sent"): exec results go by POST to
+# TASK_RESULT_PATH even on v2 (the server ignores agent.taskResult); a terminal
+# request needs a socket, so it never reaches an agent in POST mode; a v2 ping
+# result's finished_at must carry a zone or the whole call fails; a v2 socket
+# still carries legacy {"message": ...} frames (terminal always, exec and ping
+# between the first and second report).
+
+BASIC_INFO_PATH = "/api/clients/uploadBasicInfo"
+REPORT_PATH = "/api/clients/report"
+RPC_PATH = "/api/clients/v2/rpc"
+TASK_RESULT_PATH = "/api/clients/task/result"
+TERMINAL_PATH = "/api/clients/terminal"
+REGISTER_PATH = "/api/clients/register"
+# inbound messages larger than this are refused (by the frame header, before
+# buffering, on the sockets)
+MAX_MESSAGE_BYTES = 1 << 20
+# what a v2 agent says it can take in agent.pull (no terminal: it needs a socket)
+PULL_CAPABILITIES = ("exec", "ping")
+# JSON-RPC errors that mean "this server does not speak v2 as we do"; others
+# (-32602 invalid params, -32000 failed to save) are about one message's content
+RPC_PROTOCOL_ERRORS = (-32700, -32600, -32601)
+
+# One encoder for the run: json.dumps with options builds a new one per call.
+WIRE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def encode(obj):
+    """Compact JSON exactly as it goes on the wire; NaN is an error, not a token."""
+    return WIRE_JSON.encode(obj)
+
+
+def rfc3339_now():
+    """Local time with its offset, e.g. 2026-11-24T16:00:00.123+08:00."""
+    from datetime import datetime
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+# -- what we send ----------------------------------------------------------------
+
+def task_result(task_id, text, code):
+    """An exec result for TASK_RESULT_PATH (v1 and v2 alike)."""
+    return {"task_id": task_id, "result": text, "exit_code": code, "finished_at": rfc3339_now()}
+
+
+def ping_result_v1(task_id, kind, value):
+    return {"type": "ping_result", "task_id": task_id, "ping_type": kind, "value": value,
+            "finished_at": rfc3339_now()}
+
+
+def ping_result_params(task_id, kind, value):
+    return {"task_id": task_id, "ping_type": kind, "value": value, "finished_at": rfc3339_now()}
+
+
+def rpc_request(method, params, request_id):
+    return encode({"jsonrpc": "2.0", "method": method, "params": params, "id": request_id})
+
+
+def rpc_notification(method, params):
+    return encode({"jsonrpc": "2.0", "method": method, "params": params})
+
+
+def rpc_report(report_json, acks, request_id=None):
+    """agent.report around an already encoded report: built as a string, since
+    this runs every interval and the report is the whole message. Without a
+    request id it is a notification, which the panel does not answer."""
+    acked = ',"ack_event_ids":' + encode(acks) if acks else ""
+    asked = ',"id":' + encode(request_id) if request_id is not None else ""
+    return '{"jsonrpc":"2.0","method":"agent.report","params":{"report":%s%s}%s}' % (report_json, acked, asked)
+
+
+def rpc_basic_info(info, request_id):
+    """agent.basicInfo: the same object v1 POSTs to BASIC_INFO_PATH."""
+    return rpc_request("agent.basicInfo", {"info": info}, request_id)
+
+
+def rpc_ping_result(task_id, kind, value, request_id=None):
+    """agent.pingResult: a notification on the socket, a request by POST."""
+    params = ping_result_params(task_id, kind, value)
+    if request_id is None:
+        return rpc_notification("agent.pingResult", params)
+    return rpc_request("agent.pingResult", params, request_id)
+
+
+def rpc_pull(acks, request_id):
+    return rpc_request("agent.pull", {"capabilities": list(PULL_CAPABILITIES), "ack_event_ids": list(acks)},
+                       request_id)
+
+
+# -- what we read ----------------------------------------------------------------
+
+# JSON may carry a lone UTF-16 surrogate ("\ud800") that UTF-8 cannot encode
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_strings(value):
+    """Decoded JSON with every lone surrogate in its strings (keys too)
+    replaced by U+FFFD, as Go's decoder does: whatever the panel sent can then
+    be logged, spooled and echoed back without a UnicodeEncodeError."""
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {clean_strings(k): clean_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_strings(v) for v in value]
+    return value
+
+
+def parse_event(data):
+    """The event dict from a frame, or None (with the reason logged) when the
+    frame is not a JSON object."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        log.warning("skipping a %d-byte message from the panel: too large", len(data))
+        return None
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        event = clean_strings(json.loads(text))
+    except (ValueError, RecursionError, UnicodeDecodeError) as e:
+        log.warning("skipping a message from the panel that is not JSON (%s)", type(e).__name__)
+        return None
+    if not isinstance(event, dict):
+        log.warning("skipping a message from the panel that is not a JSON object")
+        return None
+    return event
+
+
+# v2 methods as the v1 events Tasks knows; None: logged and acknowledged only
+RPC_EVENTS = {"agent.exec": "exec", "agent.ping": "ping", "agent.terminal.request": "terminal",
+              "agent.message": None, "agent.event": None}
+
+
+def event_from_rpc(method, params):
+    """The v1-shaped event for a v2 method and its params; None for a kind that
+    is only logged; KeyError for a method we do not know."""
+    kind = RPC_EVENTS[method]
+    if kind is None:
+        log.info("the panel says (%s): %s", method, encode(params)[:200])
+        return None
+    event = dict(params) if isinstance(params, dict) else {}
+    event["message"] = kind
+    return event
+
+
+class RpcReply:
+    """One decoded v2 message: its notification events, the events a result
+    carried (with ids), or the error, and the id it answers."""
+
+    def __init__(self, answers=None, events=(), error=None, legacy=None):
+        self.answers = answers   # the id of our request this answers, or None
+        self.events = events     # [(event id or None, method, params)]
+        self.error = error       # (code, text) of a JSON-RPC error
+        self.legacy = legacy     # a v1 {"message": ...} frame on the v2 link
+
+    @property
+    def refuses_protocol(self):
+        return self.error is not None and self.error[0] in RPC_PROTOCOL_ERRORS
+
+
+def read_rpc(message):
+    """An RpcReply from a decoded JSON object sent on a v2 link; ValueError
+    when it is neither JSON-RPC 2.0 nor a legacy frame."""
+    if "message" in message or (message.get("status") == "error" and "jsonrpc" not in message):
+        return RpcReply(legacy=message)
+    if message.get("jsonrpc") != "2.0":
+        raise ValueError("not JSON-RPC 2.0")
+    method = message.get("method")
+    if isinstance(method, str):
+        return RpcReply(events=[(None, method, message.get("params"))])
+    if "error" in message:
+        error = message["error"] if isinstance(message["error"], dict) else {}
+        code = error.get("code")
+        text = "%s %s" % (error.get("message", ""), error.get("data", "") or "")
+        return RpcReply(request_id(message), error=(code if isinstance(code, int) else 0, text.strip()[:200]))
+    if "result" not in message:
+        raise ValueError("neither a result nor an error")
+    result = message["result"]
+    events = result.get("events") if isinstance(result, dict) else None
+    queued = []
+    for item in events if isinstance(events, list) else ():
+        if isinstance(item, dict) and isinstance(item.get("method"), str):
+            event_id = item.get("id")
+            queued.append((event_id if isinstance(event_id, str) and event_id else None,
+                           item["method"], item.get("params")))
+    return RpcReply(request_id(message), events=queued)
+
+
+def request_id(message):
+    """The id a reply answers, when it is one we could have sent."""
+    value = message.get("id")
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+
+
+class Inbox:
+    """Events from every link on their way to Tasks. It outlives the links, so
+    an event delivered twice (by a pull result, again by a report result, once
+    more as a notification after a reconnect) runs once: events are known by
+    id, execs by task id. Handled ids wait here until a reply confirms the
+    panel got the acknowledgement."""
+
+    KEEP = 4096  # ids remembered; the panel queues at most 128 per client
+
+    def __init__(self, dispatch):
+        self.dispatch = dispatch
+        self.lock = threading.Lock()
+        self.seen = {}   # event ids and ("exec", task id), oldest first
+        self.acks = {}   # event ids to acknowledge, oldest first
+
+    def _remember(self, key):
+        """False when key was seen before."""
+        if key in self.seen:
+            return False
+        self.seen[key] = True
+        while len(self.seen) > self.KEEP:
+            del self.seen[next(iter(self.seen))]
+        return True
+
+    def take(self, link, event, event_id=None):
+        """Run one event from a v2 link (event: the v1-shaped dict, or None for
+        one that is only logged)."""
+        with self.lock:
+            fresh = event_id is None or self._remember(event_id)
+            if fresh and event is not None and event.get("message") == "exec":
+                task_id = event.get("task_id")
+                fresh = not isinstance(task_id, str) or not task_id or self._remember(("exec", task_id))
+                if not fresh:
+                    log.info("remote command %s already run; not again", task_id[:40])
+        if fresh and event is not None:
+            self.dispatch(link, event)
+        if event_id is not None:
+            with self.lock:
+                self.acks[event_id] = True
+                while len(self.acks) > self.KEEP:  # a panel that never confirms
+                    del self.acks[next(iter(self.acks))]
+
+    def take_rpc(self, link, event_id, method, params):
+        try:
+            event = event_from_rpc(method, params)
+        except KeyError:
+            # not acknowledged: the panel offers it again until it expires
+            log.warning("ignoring an unknown event %r from the panel", str(method)[:40])
+            return
+        self.take(link, event, event_id)
+
+    def pending_acks(self):
+        with self.lock:
+            return list(self.acks)[:128]
+
+    def acknowledged(self, ids):
+        with self.lock:
+            for event_id in ids:
+                self.acks.pop(event_id, None)
+
+
+# ---------------------------------------------------------------------------
+# Transport: HTTP uploads and the report links (v2 WebSocket, v2 POST, v1 WebSocket)
 # ---------------------------------------------------------------------------
 
-class PanelRefused(Exception):
+class PanelRefused(AgentError):
     """The panel answered, but not with success."""
 
     def __init__(self, status, detail):
@@ -2606,11 +2863,13 @@ class Panel:
         if self._opener is None:  # kept here: the TLS context (False for an http panel)
             # loading the CA store costs megabytes: only for an https panel
             self._opener = tls_context(self.cfg) if self.endpoint.startswith("https") else False
-        dial = None
-        if self.cfg.custom_dns:  # the panel's name through --custom-dns too
-            def dial(address, timeout=None, source_address=None):
-                return dial_tcp(self.cfg, address[0], address[1], timeout)
+        dial = self.dial_through_custom_dns if self.cfg.custom_dns else None
         return urllib.request.build_opener(*cuttable_handlers(cutter, self._opener or None, dial))
+
+    def dial_through_custom_dns(self, address, timeout=None, source_address=None):
+        """socket.create_connection for urllib, resolving the panel's name
+        through --custom-dns."""
+        return dial_tcp(self.cfg, address[0], address[1], timeout)
 
     def exchange(self, url, obj, headers=(), limit=1 << 20, timeout=HTTP_TIMEOUT):
         """POST obj as JSON to url; (status, body) whatever the status, or
@@ -2619,7 +2878,8 @@ class Panel:
         answer is cut off."""
         import urllib.error
         import urllib.request
-        request = urllib.request.Request(url, data=encode(obj).encode("utf-8"), method="POST",
+        data = obj if isinstance(obj, bytes) else encode(obj).encode("utf-8")
+        request = urllib.request.Request(url, data=data, method="POST",
                                          headers=dict(headers, **{"Content-Type": "application/json",
                                                                   "User-Agent": "komari-agent-py/" + __version__}))
         cutter = ConnectionCutter(timeout)
@@ -2754,13 +3014,13 @@ def upload_basic_info(panel, info):
     """Send basic info; an older panel that rejects the two newest keys gets
     the upload again without them."""
     try:
-        panel.post_json("/api/clients/uploadBasicInfo", info)
+        panel.post_json(BASIC_INFO_PATH, info)
         return
     except PanelRefused as e:
         if e.status in (401, 200) or "kernel_version" not in info:
             raise
     older = {k: v for k, v in info.items() if k not in ("kernel_version", "cpu_physical_cores")}
-    panel.post_json("/api/clients/uploadBasicInfo", older)
+    panel.post_json(BASIC_INFO_PATH, older)
 
 
 # -- undelivered results -----------------------------------------------------
@@ -2925,7 +3185,7 @@ def register_with_key(panel):
     client on the panel."""
     from urllib.parse import urlencode
     cfg = panel.cfg
-    url = cfg.endpoint + "/api/clients/register?" + urlencode({"name": socket.gethostname()})
+    url = cfg.endpoint + REGISTER_PATH + "?" + urlencode({"name": socket.gethostname()})
     status, body = panel.exchange(url, {"key": cfg.auto_discovery}, limit=1 << 16,
                                   headers={"Authorization": "Bearer " + cfg.auto_discovery})
     try:
@@ -2940,19 +3200,34 @@ def register_with_key(panel):
     return token
 
 
-class LinkClosed(Exception):
-    pass
+class LinkClosed(AgentError):
+    """The report link is gone (the panel closed it, a write failed, a ping
+    went unanswered, a frame was too large); the agent loop dials again."""
 
 
-def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT):
+class ProtocolRejected(AgentError):
+    """The panel answered, but not in protocol v2: a refused upgrade (non-101),
+    a POST answered with something else than 200, a JSON-RPC error saying it
+    does not speak it, an unparsable reply. Counted apart from network errors
+    (OSError) when deciding to fall back."""
+
+    def __init__(self, status, detail):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT, header=None):
     """A connected websocket-client WebSocket: no Origin header (the panel's
-    browser origin policy would apply), no compression, proxies from the
-    environment, TLS verified unless -u."""
+    browser origin policy would apply), proxies from the environment, TLS
+    verified unless -u. Only a v2 report link's `header` offers compression."""
     import websocket
     sslopt = {"cert_reqs": ssl.CERT_NONE, "check_hostname": False} if cfg.ignore_unsafe_cert else {}
     kwargs = {}
     if cfg.prefer_ip_version or (cfg.custom_dns and not environment_proxy("http" + url[2:])):
         kwargs["socket"] = preferred_socket(cfg, url, timeout)
+    if header:
+        kwargs["header"] = header
     ws = websocket.create_connection(url, timeout=timeout, suppress_origin=True, sslopt=sslopt,
                                      enable_multithread=True, skip_utf8_validation=True, **kwargs)
     return ws
@@ -2989,7 +3264,7 @@ def dial_tcp(cfg, host, port, timeout):
 
 def handshake_problem(error):
     """One line explaining a failed WebSocket dial."""
-    status = getattr(error, "status_code", None)
+    status = getattr(error, "status_code", getattr(error, "status", None))
     if status == 401:
         return "the panel refused the token (HTTP 401); check --token"
     if status == 200:
@@ -3000,52 +3275,185 @@ def handshake_problem(error):
     return "%s: %s" % (type(error).__name__, error)
 
 
-def client_frame(opcode, payload, key=None):
-    """One final WebSocket frame from a client: masked, as RFC 6455 5.3 requires."""
+def client_frame(opcode, payload, key=None, rsv1=False):
+    """One final WebSocket frame from a client: masked, as RFC 6455 5.3 requires;
+    rsv1 marks a permessage-deflate message."""
+    first = (0xC0 if rsv1 else 0x80) | opcode
     n = len(payload)
     if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        head = struct.pack("!BB", first, 0x80 | n)
     elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        head = struct.pack("!BBH", first, 0x80 | 126, n)
     else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+        head = struct.pack("!BBQ", first, 0x80 | 127, n)
     key = key or os.urandom(4)
     # XOR as one big integer: many times faster than a loop over the bytes
     mask = int.from_bytes((key * (n // 4 + 1))[:n], "big")
     return head + key + (int.from_bytes(payload, "big") ^ mask).to_bytes(n, "big")
 
 
-class ReportLink:
-    """One report WebSocket: every write goes through one lock (reports,
-    ping results and pings come from different threads); a reader thread
-    dispatches the server's frames and notes when anything was last heard."""
+def unmask(data, key):
+    if not key or not data:
+        return data
+    n = len(data)
+    mask = int.from_bytes((key * (n // 4 + 1))[:n], "big")
+    return (int.from_bytes(data, "big") ^ mask).to_bytes(n, "big")
 
-    def __init__(self, ws, on_message):
+
+def drop_tcp(sock):
+    """Drop a connection at once, from any thread: shutdown() wakes a thread
+    blocked reading or writing on it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except Exception:
+        pass
+    try:
+        sock.close()
+    except Exception:
+        pass
+
+
+# -- permessage-deflate (RFC 7692) -------------------------------------------------
+
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+SYNC_TAIL = b"\x00\x00\xff\xff"
+
+
+def deflate_params(header):
+    """The permessage-deflate parameters the server accepted in its
+    Sec-WebSocket-Extensions header, or None when it accepted none."""
+    for extension in (header or "").split(","):
+        parts = [part.strip() for part in extension.split(";")]
+        if parts[0].lower() != "permessage-deflate":
+            continue
+        params = {}
+        for item in parts[1:]:
+            name, _, value = item.partition("=")
+            params[name.strip().lower()] = value.strip().strip('"')
+        return params
+    return None
+
+
+class Deflate:
+    """Compression state of one socket as negotiated. With context takeover
+    (what the permessage-deflate server of the websockets package agrees to)
+    one compressor lives as long as the socket, and a report compresses to a
+    tenth of its size; the Go panel (gorilla) insists on no context takeover,
+    and each message starts afresh."""
+
+    def __init__(self, params):
+        self.keep_out = "client_no_context_takeover" not in params
+        self.keep_in = "server_no_context_takeover" not in params
+        try:
+            bits = int(params.get("client_max_window_bits") or 15)
+        except ValueError:
+            bits = 15
+        # a message starting afresh is one report: a small window does as well
+        self.bits = min(15 if self.keep_out else 11, max(9, bits))
+        self.compressor = self.new_compressor()
+        self.decompressor = zlib.decompressobj(-15)
+
+    def new_compressor(self):
+        return zlib.compressobj(6, zlib.DEFLATED, -self.bits)
+
+    def compress(self, data):
+        compressor = self.compressor
+        out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        if not self.keep_out:
+            self.compressor = self.new_compressor()
+        return out[:-4] if out.endswith(SYNC_TAIL) else out
+
+    def decompress(self, data, limit):
+        """The inflated message; ValueError when it would exceed `limit`
+        (inflating stops there, a bomb costs nothing) or is not deflate."""
+        try:
+            out = self.decompressor.decompress(data + SYNC_TAIL, limit + 1)
+        except zlib.error as e:
+            raise ValueError("bad compressed data (%s)" % e)
+        if len(out) > limit:
+            raise ValueError("more than %d bytes inflated" % limit)
+        if not self.keep_in:
+            self.decompressor = zlib.decompressobj(-15)
+        return out
+
+
+# -- report links ------------------------------------------------------------------
+
+# frames the panel should never send (too large, fragments that never end):
+# one line per kind an hour, whatever a hostile panel keeps doing
+FRAME_TROUBLE_LOG = OncePer(3600.0)
+
+
+class ReportLink:
+    """The v1 report WebSocket, and the base of the v2 one (RpcLink).
+
+    Every report link (ReportLink, RpcLink, PostLink; LinkChooser picks one)
+    offers the agent loop: start(); send_report(report);
+    send_ping_result(task_id, kind, value); send_basic_info(info) (False: the
+    agent uploads it by HTTP); keepalive(now) (pings, dead-link detection;
+    returns when to call it again); proven() (the panel answered on it);
+    close(); the Event `dead` with `why`; `rejected` (the ProtocolRejected
+    that killed it, if the panel refused the protocol on it) and `successor`
+    (a link to use next instead of dialling).
+
+    Frames are read and written here, not by websocket-client: its reader
+    buffers a whole message before any size check, cannot inflate compressed
+    frames, and holds a lock through a 5 s read that a close would wait on.
+    Every write holds write_lock (reports, ping results and pings come from
+    different threads); a reader thread dispatches the panel's messages and
+    notes when anything was last heard."""
+
+    mode = "v1 WebSocket"
+    first_report_in = 0.0  # seconds from start() to the first report: at once
+
+    def __init__(self, ws, on_message, deflate=None):
         self.ws = ws
+        self.sock = ws.sock
         self.on_message = on_message
+        self.deflate = deflate
         self.write_lock = threading.Lock()
         self.dead = threading.Event()
         self.last_heard = time.monotonic()
         self.ping_sent = None
+        self.next_ping = self.last_heard + PING_EVERY
         self.why = ""
+        self.rejected = None
+        self.successor = None
+        self.buffer = b""
         self.reader = threading.Thread(target=self._read_loop, name="ws-reader", daemon=True)
 
     def start(self):
         # a short socket timeout bounds every blocked send; the reader treats
         # timeouts as "nothing yet" and keeps going
-        self.ws.settimeout(5.0)
+        self.sock.settimeout(5.0)
+        self.next_ping = time.monotonic() + PING_EVERY
         self.reader.start()
+
+    def send_report(self, report):
+        self.send_text(encode(report))
+
+    def send_ping_result(self, task_id, kind, value):
+        self.send_text(encode(ping_result_v1(task_id, kind, value)))
+
+    def send_basic_info(self, info):
+        return False
 
     def send_text(self, text):
         # Framed here and written straight to the socket: websocket-client's
-        # general send path costs a fifth of a whole report. Every write holds
-        # write_lock, so frames never interleave.
-        frame = client_frame(0x1, text.encode("utf-8"))
-        self._write(lambda: self.ws.sock.sendall(frame))
+        # general send path costs a fifth of a whole report.
+        data = text.encode("utf-8")
+        deflate = self.deflate
+        if deflate is None:
+            frame = client_frame(0x1, data)
+            self._write(lambda: self.sock.sendall(frame))
+        else:
+            # compressed under the lock: the compressor's context follows the frames' order
+            self._write(lambda: self.sock.sendall(client_frame(0x1, deflate.compress(data), rsv1=True)))
 
     def send_ping(self):
         self.ping_sent = time.monotonic()
-        self._write(lambda: self.ws.ping(b"komari"))
+        frame = client_frame(0x9, b"komari")
+        self._write(lambda: self.sock.sendall(frame))
 
     def _write(self, action):
         if self.dead.is_set():
@@ -3063,10 +3471,21 @@ class ReportLink:
     def answered_ping(self):
         return self.ping_sent is not None and self.last_heard >= self.ping_sent
 
+    proven = answered_ping
+
     def silent_too_long(self, now):
         """True when a ping went unanswered past the deadline."""
         return self.ping_sent is not None and self.last_heard < self.ping_sent and \
             now - self.ping_sent > PONG_DEADLINE
+
+    def keepalive(self, now):
+        if now >= self.next_ping and not self.ping_outstanding():
+            self.send_ping()
+            self.next_ping = now + PING_EVERY
+        if self.silent_too_long(now):
+            self.fail("no answer to a ping for %g s" % PONG_DEADLINE)
+            raise LinkClosed(self.why)
+        return min(self.next_ping, (self.ping_sent or now) + PONG_DEADLINE + 0.05)
 
     def fail(self, why):
         if not self.dead.is_set():
@@ -3074,44 +3493,576 @@ class ReportLink:
             self.dead.set()
 
     def close(self, status=1000):
+        """Never waits on the reader, nor long on a writer stuck on a dead peer:
+        the close frame gets one short chance, then TCP goes."""
         self.fail(self.why or "closed")
-        try:
-            # never wait on a dead peer: the close frame gets one short chance
-            self.ws.sock and self.ws.sock.settimeout(0.5)
-            self.ws.close(status=status, timeout=0.5)
-        except Exception:
-            pass
-        try:
-            self.ws.shutdown()
-        except Exception:
-            pass
+        if self.write_lock.acquire(timeout=0.2):
+            try:
+                self.sock.settimeout(0.5)
+                self.sock.sendall(client_frame(0x8, struct.pack("!H", status)))
+            except Exception:
+                pass
+            finally:
+                self.write_lock.release()
+        drop_tcp(self.sock)
 
+    # -- reading -------------------------------------------------------------
     def _read_loop(self):
-        import websocket
         while not self.dead.is_set():
             try:
-                opcode, frame = self.ws.recv_data_frame(True)
-            except websocket.WebSocketTimeoutException:
-                continue
+                payload = self.read_message()
+            except LinkClosed:
+                return
+            except ValueError as e:
+                self.refuse("bad frame", "a frame the agent cannot read (%s)" % e)
+                return
             except Exception as e:
                 self.fail("connection lost (%s)" % (describe_error(e) if isinstance(e, OSError) else type(e).__name__))
+                drop_tcp(self.sock)
                 return
-            self.last_heard = time.monotonic()
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
+            try:
+                self.on_message(self, payload)
+            except Exception:
+                log.exception("error while handling a message from the panel; skipped")
+
+    def _recv(self, n):
+        """Exactly n bytes from the socket (n is bounded by the caller)."""
+        while len(self.buffer) < n:
+            if self.dead.is_set():
+                raise LinkClosed(self.why)
+            try:
+                chunk = self.sock.recv(max(65536, n - len(self.buffer)))
+            except socket.timeout:
+                continue
+            if not chunk:
                 self.fail("the panel closed the connection")
+                raise LinkClosed(self.why)
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def refuse(self, kind, what):
+        """Drop the TCP link without reading on (a close handshake would read
+        the rest of a huge frame first)."""
+        if FRAME_TROUBLE_LOG(kind):
+            log.warning("%s: the panel sent %s; dropping the link", kind, what)
+        self.fail("the panel sent %s" % what)
+        drop_tcp(self.sock)
+        raise LinkClosed(self.why)
+
+    def read_message(self):
+        """The next data message's payload, inflated; pings are answered and
+        every frame counts as a sign of life on the way. Sizes are checked
+        against each frame header and the running total of a fragmented
+        message before anything of it is read."""
+        parts, total, compressed, started = [], 0, False, False
+        while True:
+            b0, b1 = self._recv(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", self._recv(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", self._recv(8))[0]
+            key = self._recv(4) if b1 & 0x80 else None
+            opcode = b0 & 0x0F
+            self.last_heard = time.monotonic()
+            if opcode >= 0x8:
+                if n > 125:
+                    self.refuse("bad frame", "a control frame of %d bytes" % n)
+                self.on_control(opcode, unmask(self._recv(n), key))
+                continue
+            if (opcode == 0) != started:
+                self.refuse("bad frame", "fragments out of order")
+            total += n
+            if total > MAX_MESSAGE_BYTES:
+                self.refuse("frame too large", "a message of more than %d bytes" % MAX_MESSAGE_BYTES)
+            if not started:
+                started, compressed = True, bool(b0 & 0x40)
+            parts.append(unmask(self._recv(n), key))
+            if b0 & 0x80:
+                break
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        if compressed:
+            if self.deflate is None:
+                self.refuse("bad frame", "a compressed frame that was not negotiated")
+            try:
+                payload = self.deflate.decompress(payload, MAX_MESSAGE_BYTES)
+            except ValueError as e:
+                self.refuse("frame too large" if "inflated" in str(e) else "bad frame", "a compressed message: %s" % e)
+        return payload
+
+    def on_control(self, opcode, payload):
+        if opcode == 0x8:
+            self.fail("the panel closed the connection")
+            drop_tcp(self.sock)
+            raise LinkClosed(self.why)
+        if opcode == 0x9:
+            frame = client_frame(0xA, payload)
+            try:
+                self._write(lambda: self.sock.sendall(frame))
+            except LinkClosed:
+                raise
+
+
+class RpcLink(ReportLink):
+    """The v2 report WebSocket: JSON-RPC 2.0, compressed when the panel agreed.
+    Reports are requests (the official agent sends notifications), so each
+    is answered: the answer confirms the acks it carried, may hand over
+    queued events, and says when the panel refused a report, which it drops
+    silently from a notification. Events also come as notifications and, by
+    the panel's v1/v2 flag quirk, as legacy frames."""
+
+    def __init__(self, ws, inbox, deflate=None):
+        super().__init__(ws, self._on_rpc, deflate)
+        self.inbox = inbox
+        self.mode = "v2 WebSocket (%s)" % ("permessage-deflate" if deflate else "no compression")
+        self.ids = itertools.count(1)
+        self.sent_acks = {}  # request id -> the event ids it acknowledged
+        self.acks_lock = threading.Lock()
+        self.strikes = 0
+        self.error_log = OncePer(60.0)
+
+    def send_report(self, report):
+        acks = self.inbox.pending_acks()
+        request_id = next(self.ids)
+        if acks:
+            with self.acks_lock:
+                self.sent_acks[request_id] = acks
+                while len(self.sent_acks) > 64:  # requests the panel never answered
+                    del self.sent_acks[next(iter(self.sent_acks))]
+        self.send_text(rpc_report(encode(report), acks, request_id))
+
+    def send_ping_result(self, task_id, kind, value):
+        self.send_text(rpc_ping_result(task_id, kind, value))
+
+    def send_basic_info(self, info):
+        self.send_text(rpc_basic_info(info, next(self.ids)))
+        return True
+
+    def _on_rpc(self, link, data):
+        message = parse_event(data)
+        if message is None:
+            return
+        try:
+            reply = read_rpc(message)
+        except ValueError as e:
+            if self.error_log(("unreadable", str(e))):
+                log.warning("skipping a message from the panel: %s", e)
+            return
+        if reply.legacy is not None:
+            self.inbox.take(self, reply.legacy)
+        for event_id, method, params in reply.events:
+            self.inbox.take_rpc(self, event_id, method, params)
+        if reply.answers is not None or reply.error is not None:
+            self.answered(reply)
+
+    def answered(self, reply):
+        with self.acks_lock:
+            acks = self.sent_acks.pop(reply.answers, None)
+        if reply.error is None:
+            self.strikes = 0
+            if acks:
+                self.inbox.acknowledged(acks)
+            return
+        code, text = reply.error
+        if self.error_log(text):
+            log.warning("the panel refused a message: %s (JSON-RPC error %s)", text, code)
+        if reply.refuses_protocol:
+            self.strikes += 1
+            if self.strikes >= PROTOCOL_STRIKES:
+                self.rejected = ProtocolRejected(None, "JSON-RPC error %s: %s" % (code, text))
+                self.fail("the panel refused protocol v2 (%s)" % self.rejected.detail)
+
+
+def gzip_bytes(data):
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return compressor.compress(data) + compressor.flush()
+
+
+def gunzip_bytes(data, limit=MAX_MESSAGE_BYTES):
+    out = zlib.decompressobj(47).decompress(data, limit + 1)
+    if len(out) > limit:
+        raise ValueError("reply larger than %d bytes" % limit)
+    return out
+
+
+def rpc_refusal(status, body):
+    if status == 401:
+        return "the panel refused the token (HTTP 401); check --token"
+    return "HTTP %s with %s" % (status, describe_body(body))
+
+
+class KeptAlive:
+    """POSTs to one URL over one kept-alive HTTP connection, for one thread: a
+    report every interval must not cost a TCP and TLS handshake each. Through
+    urllib (a connection per request) where an environment proxy applies."""
+
+    def __init__(self, panel, url):
+        from urllib.parse import urlsplit
+        import urllib.request
+        parts = urlsplit(url)
+        self.panel, self.url, self.parts = panel, url, parts
+        self.target = parts.path + "?" + parts.query
+        self.direct = not urllib.request.getproxies().get(parts.scheme) or \
+            bool(urllib.request.proxy_bypass(parts.hostname or ""))
+        self.context = tls_context(panel.cfg) if parts.scheme == "https" and self.direct else None
+        self.conn = None
+
+    def connection(self, timeout):
+        import http.client
+        if self.context is not None:
+            return http.client.HTTPSConnection(self.parts.hostname, self.parts.port, timeout=timeout,
+                                               context=self.context)
+        return http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=timeout)
+
+    def post(self, body, headers, timeout, limit=MAX_MESSAGE_BYTES):
+        """(status, body) as Panel.exchange gives them."""
+        if not self.direct:
+            return self.panel.exchange(self.url, body, headers=headers, limit=limit, timeout=timeout)
+        headers = dict(headers, **{"Content-Type": "application/json",
+                                   "User-Agent": "komari-agent-py/" + __version__})
+        for attempt in (1, 2):
+            reused = self.conn is not None
+            if self.conn is None:
+                self.conn = self.connection(timeout)
+            try:
+                if self.conn.sock is not None:
+                    self.conn.sock.settimeout(timeout)
+                self.conn.timeout = timeout
+                self.conn.request("POST", self.target, body, headers)
+                reply = self.conn.getresponse()
+                data = reply.read(limit)
+                if reply.will_close or not reply.isclosed():
+                    self.close()  # the panel closes it, or we left part of the body unread
+                return reply.status, data
+            except (OSError, ValueError, http_exceptions()) as e:
+                self.close()
+                # a kept-alive connection the panel had closed meanwhile: once more on a new one
+                if reused and attempt == 1 and not isinstance(e, socket.timeout):
+                    continue
+                if isinstance(e, OSError):
+                    raise
+                raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+
+    def close(self):
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
+class PostLink:
+    """Protocol v2 by HTTP POST, for a panel behind a proxy that refuses
+    WebSocket upgrades: a report POSTed every interval (gzip), one agent.pull
+    long poll always waiting for events, and a dial of the WebSocket every
+    --reconnect-interval; the first that works becomes this link's successor.
+    A terminal can never reach this link: the panel needs a socket for it.
+    Offers what ReportLink offers."""
+
+    mode = "v2 POST"
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.cfg = agent.cfg
+        self.inbox = agent.inbox
+        self.url = agent.panel.url(RPC_PATH)
+        self.dead = threading.Event()
+        self.why = ""
+        self.rejected = None
+        self.successor = None
+        self.ids = itertools.count(1)
+        # one kept-alive connection for the reports (the agent thread), one for the pulls
+        self.reporting = KeptAlive(agent.panel, self.url)
+        self.pulling = KeptAlive(agent.panel, self.url)
+        self.lock = threading.Lock()
+        self.strikes = 0
+        self.failures = 0
+        self.last_success = time.monotonic()
+        self.first_report_in = 0.0
+        self.heard = False
+        self.trouble_log = OncePer(60.0)
+
+    @classmethod
+    def open(cls, agent):
+        """A PostLink once the panel took a first report by POST;
+        ProtocolRejected or OSError when it did not."""
+        link = cls(agent)
+        acks = link.inbox.pending_acks()
+        link.settle(link.post(link.report_request(agent.collector.report(), acks), via=link.reporting), acks)
+        link.last_success = time.monotonic()
+        link.first_report_in = agent.period  # that report was the first
+        return link
+
+    def start(self):
+        threading.Thread(target=self._pull_loop, name="v2-pull", daemon=True).start()
+        threading.Thread(target=self._retry_websocket, name="v2-ws-retry", daemon=True).start()
+
+    def report_request(self, report, acks):
+        return rpc_report(encode(report), acks, "report-%d" % next(self.ids))
+
+    def post(self, text, timeout=HTTP_TIMEOUT, via=None):
+        """The RpcReply to one request (sent `via` a KeptAlive, else on a
+        connection of its own); ProtocolRejected when the panel does not
+        answer in v2, OSError when it cannot be reached."""
+        body, headers = text.encode("utf-8"), {}
+        if not self.cfg.disable_compression:
+            body, headers = gzip_bytes(body), {"Content-Encoding": "gzip"}
+        if via is not None:
+            status, data = via.post(body, headers, timeout)
+        else:
+            status, data = self.agent.panel.exchange(self.url, body, headers=headers, timeout=timeout)
+        try:
+            if data[:2] == b"\x1f\x8b":
+                data = gunzip_bytes(data)
+            message = clean_strings(json.loads(data.decode("utf-8")))
+            reply = read_rpc(message) if isinstance(message, dict) else None
+        except (ValueError, UnicodeDecodeError, RecursionError, zlib.error):
+            reply = None
+        if reply is None or reply.legacy is not None:
+            raise ProtocolRejected(status, rpc_refusal(status, data))
+        if status == 200 and reply.error is None:
+            return reply
+        if status == 400 and reply.error is not None and not reply.refuses_protocol:
+            return reply  # about this message's content, not the protocol
+        if status == 401 or reply.error is None:
+            raise ProtocolRejected(status, rpc_refusal(status, data))
+        raise ProtocolRejected(status, "HTTP %s, JSON-RPC error %s: %s" % (status, reply.error[0], reply.error[1]))
+
+    def settle(self, reply, acks):
+        """Acks confirmed, events taken, errors logged."""
+        self.heard = True
+        if reply.error is not None:
+            if self.trouble_log(reply.error[1]):
+                log.warning("the panel refused a message: %s (JSON-RPC error %s)", reply.error[1], reply.error[0])
+        elif acks:
+            self.inbox.acknowledged(acks)
+        for event_id, method, params in reply.events:
+            self.inbox.take_rpc(self, event_id, method, params)
+
+    def exchange(self, text, acks=(), timeout=HTTP_TIMEOUT, via=None):
+        """post() and settle(); protocol failures are counted here, and the
+        link dies after PROTOCOL_STRIKES of them in a row. OSError passes."""
+        try:
+            reply = self.post(text, timeout, via)
+        except ProtocolRejected as e:
+            with self.lock:
+                self.strikes += 1
+                strikes = self.strikes
+            if self.trouble_log(("refused", e.status)):
+                log.warning("v2 POST refused: %s", e.detail)
+            if strikes >= PROTOCOL_STRIKES:
+                self.rejected = e
+                self.fail("the panel refused protocol v2 by POST (%s)" % e.detail)
+            return
+        with self.lock:
+            self.strikes = 0
+        self.settle(reply, acks)
+
+    def send_report(self, report):
+        acks = self.inbox.pending_acks()
+        try:
+            self.exchange(self.report_request(report, acks), acks, timeout=PONG_DEADLINE, via=self.reporting)
+        except OSError as e:
+            # dead like a socket whose ping went unanswered: nothing got through for PONG_DEADLINE
+            self.failures += 1
+            if self.failures >= 3 or time.monotonic() - self.last_success > PONG_DEADLINE:
+                self.fail("%d reports by POST failed in a row (%s)" % (self.failures, describe_error(e)))
+        else:
+            self.failures = 0
+            self.last_success = time.monotonic()
+        if self.dead.is_set():
+            raise LinkClosed(self.why)
+
+    def send_ping_result(self, task_id, kind, value):
+        request = rpc_ping_result(task_id, kind, value, "ping-%d" % next(self.ids))
+        try:
+            self.exchange(request)
+        except OSError as e:
+            log.warning("ping result %d not sent: %s", task_id, describe_error(e))
+
+    def send_basic_info(self, info):
+        try:
+            self.exchange(rpc_basic_info(info, "info-%d" % next(self.ids)))
+        except OSError as e:
+            log.warning("basic info upload failed: %s", describe_error(e))
+        return True
+
+    def keepalive(self, now):
+        return now + 1.0  # a POST that fails is how this link finds out
+
+    def proven(self):
+        return self.heard
+
+    def fail(self, why):
+        if not self.dead.is_set():
+            self.why = why
+            self.dead.set()
+
+    def close(self):
+        self.fail(self.why or "closed")
+        self.reporting.close()
+
+    def _pull_loop(self):
+        """One agent.pull always waiting: the panel answers when it has events
+        for us, or after 25 s."""
+        while not self.dead.is_set():
+            acks = self.inbox.pending_acks()
+            started = time.monotonic()
+            try:
+                self.exchange(rpc_pull(acks, "pull-%d" % next(self.ids)), acks, timeout=PULL_TIMEOUT, via=self.pulling)
+            except OSError as e:
+                if self.trouble_log(("pull", type(e).__name__)):
+                    log.warning("agent.pull failed: %s", describe_error(e))
+                self.dead.wait(self.cfg.reconnect_interval)
+                continue
+            if time.monotonic() - started < 1.0:
+                self.dead.wait(0.5)  # a panel that does not hold the poll is not polled in a loop
+        self.pulling.close()
+
+    def _retry_websocket(self):
+        while not self.dead.wait(self.cfg.reconnect_interval):
+            try:
+                link = dial_rpc_socket(self.agent)
+            except Exception as e:
+                log.debug("the v2 WebSocket still fails: %s", handshake_problem(e))
+                continue
+            if self.dead.is_set():
+                link.close()
                 return
-            if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
-                try:
-                    self.on_message(self, frame.data)
-                except Exception:
-                    log.exception("error while handling a message from the panel; skipped")
+            self.successor = link
+            log.info("leaving POST mode: the WebSocket works again")
+            self.fail("the WebSocket works again")
+            return
+
+
+# -- choosing a link ---------------------------------------------------------------
+
+PROTOCOL_STRIKES = 3
+PULL_TIMEOUT = 35.0
+V2_SOCKET, V2_POST, V1_SOCKET = LINK_ORDER = ("v2 WebSocket", "v2 POST", "v1 WebSocket")
+
+
+def dial_websocket(cfg, url, header=None):
+    """open_websocket(), with a refused upgrade as ProtocolRejected."""
+    try:
+        return open_websocket(cfg, url, header=header)
+    except Exception as e:
+        status = getattr(e, "status_code", None)
+        if status is not None:
+            raise ProtocolRejected(status, handshake_problem(e))
+        raise
+
+
+def dial_rpc_socket(agent):
+    cfg = agent.cfg
+    header = None if cfg.disable_compression else ["Sec-WebSocket-Extensions: " + DEFLATE_OFFER]
+    try:
+        ws = dial_websocket(cfg, agent.panel.ws_url(RPC_PATH), header)
+    except ProtocolRejected as e:
+        if e.status == 200:
+            e.detail = "the panel answered /v2/rpc with a web page (HTTP 200): a panel without protocol v2, " \
+                       "or check --endpoint"
+        raise
+    headers = ws.getheaders() or {}
+    offered = headers.get("sec-websocket-extensions") or headers.get("Sec-WebSocket-Extensions")
+    params = None if cfg.disable_compression else deflate_params(offered)
+    return RpcLink(ws, agent.inbox, Deflate(params) if params is not None else None)
+
+
+def dial_report_socket(agent):
+    return ReportLink(dial_websocket(agent.cfg, agent.panel.ws_url(REPORT_PATH)), agent.tasks.handle)
+
+
+DIALLERS = {V2_SOCKET: dial_rpc_socket, V2_POST: PostLink.open, V1_SOCKET: dial_report_socket}
+
+
+class LinkChooser:
+    """Which link to dial next (LINK_ORDER), from what the last attempts said.
+    The v2 WebSocket first; v2 POST after --max-retries failed dials of it,
+    refused upgrades included (the official agent drops to v1 there, whose
+    upgrade a WebSocket-blocking proxy refuses too, and stays offline); v1
+    after PROTOCOL_STRIKES protocol failures in a row, one of them by POST
+    (an old panel answers both with its web page), until that v1 link is
+    lost. With --protocol-version 1, always v1."""
+
+    def __init__(self, cfg):
+        self.only_v1 = cfg.protocol_version == 1
+        self.retries = max(1, cfg.max_retries)
+        self.interval = cfg.reconnect_interval
+        self.on_v1 = self.only_v1
+        self.dials = 0          # failed v2 WebSocket dials in a row
+        self.strikes = 0        # protocol failures in a row
+        self.post_refused = False
+        self.v1_dials = 0
+        self.last_problem = ""
+        self.v1_reason = "--protocol-version 1"
+
+    def next(self):
+        if self.on_v1:
+            return V1_SOCKET
+        return V2_POST if self.dials >= self.retries else V2_SOCKET
+
+    def why(self, kind):
+        """Why `kind` is in use, for the one line naming the mode."""
+        if kind == V1_SOCKET:
+            return self.v1_reason
+        if kind == V2_POST:
+            return "the v2 WebSocket failed %d times in a row (last: %s); retrying it every %gs" % (
+                self.dials, self.last_problem, self.interval)
+        return "--protocol-version 2"
+
+    def failed(self, kind, error, problem):
+        self.last_problem = problem
+        protocol = isinstance(error, ProtocolRejected)
+        if kind == V2_SOCKET:
+            self.dials += 1
+        elif kind == V2_POST and not protocol:
+            # unreachable rather than refusing: alternate with the WebSocket,
+            # and take whichever comes back first
+            self.dials = self.retries - 1
+        elif kind == V1_SOCKET and not self.only_v1:
+            self.v1_dials += 1
+            if self.v1_dials >= self.retries:
+                self.start_over()
+        if protocol and kind != V1_SOCKET:
+            self.strikes += 1
+            self.post_refused = self.post_refused or kind == V2_POST
+            if self.strikes >= PROTOCOL_STRIKES and self.post_refused:
+                self.fall_back("the panel refused protocol v2 %d times in a row (last: %s)" % (self.strikes, problem))
+
+    def fall_back(self, why):
+        log.warning("falling back to protocol v1: %s; until that link is lost", why)
+        self.on_v1, self.v1_dials, self.v1_reason = True, 0, why
+
+    def start_over(self):
+        self.on_v1 = self.only_v1
+        self.dials = self.strikes = self.v1_dials = 0
+        self.post_refused = False
+
+    def connected(self, kind):
+        if kind == V2_SOCKET:
+            self.dials = 0
+        if kind != V1_SOCKET:
+            self.strikes, self.post_refused = 0, False
+        else:
+            self.v1_dials = 0
+
+    def lost(self, kind, link):
+        if link.rejected is not None and kind != V1_SOCKET:
+            self.fall_back("the panel refused protocol v2 (%s)" % link.rejected.detail)
+        elif kind == V1_SOCKET and not self.only_v1:
+            # like the official agent, v2 again on the next link; but the panel
+            # refused it before, so one more refusal (not a network error) is enough
+            self.start_over()
+            self.strikes, self.post_refused = PROTOCOL_STRIKES - 1, True
 
 
 # ---------------------------------------------------------------------------
 # Tasks: events from the panel (exec, ping probes, web terminal)
 # ---------------------------------------------------------------------------
 
-MAX_MESSAGE_BYTES = 1 << 20
 PROBE_TIMEOUT = 3.0
 # a probe slower than this is measured again (a lost SYN or packet inflates one try)
 HIGH_LATENCY_MS = 1000.0
@@ -3140,47 +4091,6 @@ DISABLED_TERMINAL = "\n\nWeb SSH is disabled. Enable it by running without the -
 CTTY_SHIM = ("import fcntl,os,sys,termios\n"
              "try:\n fcntl.ioctl(0,termios.TIOCSCTTY,0)\nexcept OSError:\n pass\n"
              "os.execv(sys.argv[1],sys.argv[2:])\n")
-
-
-# JSON may carry a lone UTF-16 surrogate ("\ud800") that UTF-8 cannot
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def clean_strings(value):
-    """Decoded JSON with every lone surrogate in its strings (keys too)
-    replaced by U+FFFD, as Go's decoder does: whatever the panel sent can then
-    be logged, spooled and echoed back without a UnicodeEncodeError."""
-    if isinstance(value, str):
-        return LONE_SURROGATE.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {clean_strings(k): clean_strings(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [clean_strings(v) for v in value]
-    return value
-
-
-def parse_event(data):
-    """The event dict from a frame, or None (with the reason logged) when the
-    frame is not a JSON object."""
-    if len(data) > MAX_MESSAGE_BYTES:
-        log.warning("skipping a %d-byte message from the panel: too large", len(data))
-        return None
-    try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-        event = clean_strings(json.loads(text))
-    except (ValueError, RecursionError, UnicodeDecodeError) as e:
-        log.warning("skipping a message from the panel that is not JSON (%s)", type(e).__name__)
-        return None
-    if not isinstance(event, dict):
-        log.warning("skipping a message from the panel that is not a JSON object")
-        return None
-    return event
-
-
-def rfc3339_now():
-    """Local time with its offset, e.g. 2026-11-24T16:00:00.123+08:00."""
-    from datetime import datetime
-    return datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
 def child_env(extra=None):
@@ -4155,8 +5065,11 @@ class Tasks:
 
     def handle(self, link, data):
         event = parse_event(data)
-        if event is None:
-            return
+        if event is not None:
+            self.dispatch(link, event)
+
+    def dispatch(self, link, event):
+        """Run one event in the v1 shape (v2 events arrive converted)."""
         kind = event.get("message")
         if event.get("status") == "error" and not kind:
             text = str(event.get("error") or event.get("message") or "")[:200]
@@ -4231,8 +5144,7 @@ class Tasks:
         with self.lock:
             for pid in [pid for pid, proc in self.execs.items() if proc.returncode is not None]:
                 del self.execs[pid]
-        self.agent.deliver_result({"task_id": task_id, "result": text, "exit_code": code,
-                                   "finished_at": rfc3339_now()}, refusal)
+        self.agent.deliver_result(task_result(task_id, text, code), refusal)
 
     # -- ping --------------------------------------------------------------
     def on_ping(self, link, event):
@@ -4280,9 +5192,7 @@ class Tasks:
         return None
 
     def send_ping_result(self, task_id, kind, value):
-        sent = self.agent.send_on_link({"type": "ping_result", "task_id": task_id, "ping_type": kind,
-                                        "value": value, "finished_at": rfc3339_now()})
-        if not sent:
+        if not self.agent.send_ping_result(task_id, kind, value):
             log.debug("ping result %d dropped: no report socket", task_id)
 
     # -- terminal ----------------------------------------------------------
@@ -4303,7 +5213,7 @@ class Tasks:
         self.spawn("terminal", self.run_terminal, request_id)
 
     def run_terminal(self, request_id):
-        url = self.agent.panel.ws_url("/api/clients/terminal", id=request_id)
+        url = self.agent.panel.ws_url(TERMINAL_PATH, id=request_id)
         if self.cfg.disable_web_ssh:
             log.warning("refused a terminal session: remote control is disabled (--disable-web-ssh)")
             return self.refuse_terminal(url, DISABLED_TERMINAL)
@@ -4417,7 +5327,33 @@ class LinkStatus:
             pass
 
 
+# an outage shorter than this is redialled every --reconnect-interval, so the
+# agent is back within that of the panel's return; only then does the wait grow
+FAST_REDIAL_FOR = 600.0
+
+
+def reconnect_delay(base, outage, rng=UNGUESSABLE.random):
+    """Seconds to wait before the next connect attempt, `outage` seconds into
+    an outage: `base` (less up to 20%: never later than the user asked) for
+    the first FAST_REDIAL_FOR seconds, then doubling every minute to the cap,
+    with jitter so a fleet of agents does not redial in lockstep."""
+    if outage < FAST_REDIAL_FOR:
+        return max(0.1, base * (0.8 + 0.2 * rng()))
+    return backoff_delay(base, 1 + int((outage - FAST_REDIAL_FOR) // 60), rng=rng)
+
+
 class Agent:
+    """The running agent. Threads, and the Event that wakes each:
+    - "agent" (run): dials a link (LinkChooser), then reports on it every
+      period until it dies (serve); wakes by a plain sleep, checks `stop`.
+    - "basic-info" (info_loop): on `info_wanted` (a new link, a failed round
+      of dials, changed public addresses) and every --info-report-interval.
+    - "results" (result_loop): POSTs spooled exec results on `results_due`.
+    - per link: "ws-reader" (a socket link's frames), or "v2-pull" and
+      "v2-ws-retry" (POST mode); each ends when the link's `dead` is set.
+    - per event: "exec", "ping", "terminal" workers started by Tasks.
+    The main thread waits on `stop` (SIGTERM, SIGINT) and calls shutdown()."""
+
     def __init__(self, cfg, stop=None):
         self.cfg = cfg
         self.stop = stop or threading.Event()
@@ -4426,10 +5362,13 @@ class Agent:
         self.collector.traffic = traffic_ledger(cfg)
         self.addresses = PublicAddresses(cfg, on_change=self.want_basic_info)
         self.tasks = Tasks(self)
+        self.inbox = Inbox(self.tasks.dispatch)
+        self.chooser = LinkChooser(cfg)
         self.spool = ResultSpool(os.path.join(state_dir(cfg), SPOOL_DIR))
         self.results_due = threading.Event()
         self.link = None
         self.failures = 0  # connect attempts failed since the last good link
+        self.outage_since = None  # when the first of them failed
         self.info_wanted = threading.Event()
         self.refused_log = OncePer(60.0)
         self.period = min(cfg.interval, MAX_REPORT_GAP)
@@ -4441,10 +5380,11 @@ class Agent:
         self.info_wanted.set()
 
     def info_loop(self):
-        """Uploads basic info when asked (start, connect, lookups changed) and
-        every --info-report-interval minutes."""
+        """Uploads basic info when asked (a new link, a failed round of dials,
+        lookups changed) and every --info-report-interval minutes: once per
+        link, on the link itself where it can carry it."""
         self.collector.load_static()
-        next_due = time.monotonic()
+        next_due = time.monotonic() + self.cfg.info_report_interval * 60
         while not self.stop.is_set():
             timeout = max(0.0, next_due - time.monotonic())
             if self.info_wanted.wait(timeout) or time.monotonic() >= next_due:
@@ -4456,6 +5396,13 @@ class Agent:
 
     def upload_info_with_retries(self):
         info = basic_info(self.cfg, self.collector, self.addresses)
+        link = self.link
+        try:
+            if link is not None and link.send_basic_info(info):
+                log.info("basic info uploaded (%s)", link.mode)
+                return True
+        except LinkClosed:
+            pass
         for attempt in range(self.cfg.max_retries + 1):
             try:
                 upload_basic_info(self.panel, info)
@@ -4503,7 +5450,7 @@ class Agent:
                 continue
             task = str(result.get("task_id"))[:40]
             try:
-                self.panel.post_json("/api/clients/task/result", result)
+                self.panel.post_json(TASK_RESULT_PATH, result)
             except PanelRefused as e:
                 if e.status == 400:
                     # the panel will never take this one; keeping it would hold up the rest
@@ -4521,93 +5468,97 @@ class Agent:
             log.info("result of task %s delivered", task)
         return True
 
-    def send_on_link(self, obj):
-        """Send a JSON message on the report socket; False when there is none."""
+    def send_ping_result(self, task_id, kind, value):
+        """Send a ping result on the current link; False when there is none."""
         link = self.link
         if link is None:
             return False
         try:
-            link.send_text(encode(obj))
+            link.send_ping_result(task_id, kind, value)
             return True
         except LinkClosed:
             return False
 
-    # -- the report socket --------------------------------------------------
+    # -- the report link ----------------------------------------------------
     def connect(self):
-        """A live ReportLink, after as many attempts as it takes; None once stopping.
-        The address is resolved anew at every attempt, so a panel that moved
-        is found at the next one."""
+        """(kind, live link), after as many attempts as it takes; None once
+        stopping. The address is resolved anew at every attempt, so a panel
+        that moved is found at the next one."""
         while not self.stop.is_set():
+            kind = self.chooser.next()
             try:
-                ws = open_websocket(self.cfg, self.panel.ws_url("/api/clients/report"))
+                return kind, DIALLERS[kind](self)
             except Exception as e:
-                problem = handshake_problem(e)
+                problem = e.detail if isinstance(e, ProtocolRejected) else handshake_problem(e)
+                self.chooser.failed(kind, e, problem)
                 if self.refused_log(("ws", problem)):
                     log.warning("cannot connect the report socket: %s", problem)
-                self.status.set("refused" if getattr(e, "status_code", None) == 401 else "connecting",
+                # a wrong token will not fix itself in seconds
+                refused_token = getattr(e, "status", None) == 401
+                self.status.set("refused" if refused_token else "connecting",
                                 "cannot connect the report socket: %s" % problem)
-                retries = max(1, self.cfg.max_retries)
-                if getattr(e, "status_code", None) == 401:
-                    # a wrong token will not fix itself in seconds
-                    self.failures = max(self.failures, 3 * retries)
-                if not self.wait_after_failure():
+                if isinstance(e, ProtocolRejected) and not refused_token and \
+                        LINK_ORDER.index(self.chooser.next()) > LINK_ORDER.index(kind):
+                    continue  # refused, not unreachable: the next kind of link is dialled at once
+                if not self.wait_after_failure(refused_token=refused_token):
                     return None
-                continue
-            return ReportLink(ws, self.tasks.handle)
         return None
 
-    def wait_after_failure(self):
-        """Count a failed attempt and wait before the next: --reconnect-interval
-        for --max-retries attempts, then twice as long each round, up to a
-        minute, with basic info sent again at each new round. False once stopping."""
+    def wait_after_failure(self, refused_token=False):
+        """Count a failed attempt and wait before the next (reconnect_delay),
+        with basic info sent again after every --max-retries attempts. False
+        once stopping."""
         self.failures += 1
+        now = time.monotonic()
+        if self.outage_since is None:
+            self.outage_since = now
         retries = max(1, self.cfg.max_retries)
         if self.failures % retries == 0:
             self.want_basic_info()
-        return not self.stop.wait(backoff_delay(self.cfg.reconnect_interval, (self.failures - 1) // retries))
+        if refused_token:
+            delay = backoff_delay(self.cfg.reconnect_interval, 3 + (self.failures - 1) // retries)
+        else:
+            delay = reconnect_delay(self.cfg.reconnect_interval, now - self.outage_since)
+        return not self.stop.wait(delay)
 
-    def serve(self, link):
+    def serve(self, kind, link):
         """Report every period until the link dies or the agent stops. True
-        when the panel answered a ping on it (a link that proved itself)."""
+        when the panel answered on it (a link that proved itself)."""
         proven = False
+        self.chooser.connected(kind)
         self.link = link
         link.start()
-        log.info("report socket connected")
+        log.info("report link up: %s; %s", link.mode, self.chooser.why(kind))
         self.status.set("connected")
         self.want_basic_info()
         self.results_due.set()
-        next_report = first_report = time.monotonic()
-        next_ping = next_report + PING_EVERY
+        next_report = first_report = time.monotonic() + link.first_report_in
         try:
             while not self.stop.is_set() and not link.dead.is_set():
                 now = time.monotonic()
-                if not proven and link.answered_ping():
-                    proven, self.failures = True, 0  # the next outage starts from short delays again
+                if not proven and link.proven():
+                    # the next outage starts from short delays again
+                    proven, self.failures, self.outage_since = True, 0, None
                 if now >= next_report:
-                    link.send_text(encode(self.collector.report()))
+                    link.send_report(self.collector.report())
                     if next_report == first_report:
                         return_free_memory()
                     # keep the schedule; after a stall skip ahead instead of bursting
                     next_report = max(next_report + self.period, now)
-                if now >= next_ping and not link.ping_outstanding():
-                    link.send_ping()
-                    next_ping = now + PING_EVERY
-                if link.silent_too_long(now):
-                    link.fail("no answer to a ping for %g s" % PONG_DEADLINE)
-                    break
-                wake = min(next_report, next_ping, (link.ping_sent or now) + PONG_DEADLINE + 0.05)
+                wake = min(next_report, link.keepalive(now))
                 # a plain sleep: waking from Event.wait costs about twice as
                 # much CPU, and this runs every report; a link that dies
                 # meanwhile is noticed within a second
                 time.sleep(min(1.0, max(0.01, wake - time.monotonic())))
         except LinkClosed:
             pass
-        if not self.stop.is_set():
+        if not self.stop.is_set() and link.successor is None:
             log.warning("report socket lost: %s; reconnecting", link.why or "closed")
             self.status.set("disconnected", "report socket lost: %s" % (link.why or "closed"))
         link.close()
         self.link = None
-        return proven
+        self.chooser.lost(kind, link)
+        return proven or link.successor is not None
 
     def discover_token(self):
         """The token from auto-discovery: saved from an earlier run, or a new
@@ -4647,17 +5598,18 @@ class Agent:
         if not self.panel.token:
             self.panel.token = self.cfg.token = self.discover_token()
         threading.Thread(target=self.info_loop, name="basic-info", daemon=True).start()
-        self.want_basic_info()
         threading.Thread(target=self.result_loop, name="results", daemon=True).start()
         self.results_due.set()
+        successor = None
         while not self.stop.is_set():
-            link = self.connect()
-            if link is None:
+            picked = (V2_SOCKET, successor) if successor is not None else self.connect()
+            if picked is None:
                 break
-            # a link that never answered a ping counts as a failed attempt, so a
-            # panel that accepts and drops at once is not dialled in a tight loop
-            if not self.serve(link) and not self.stop.is_set() and not self.wait_after_failure():
+            # a link that never answered counts as a failed attempt, so a panel
+            # that accepts and drops at once is not dialled in a tight loop
+            if not self.serve(*picked) and not self.stop.is_set() and not self.wait_after_failure():
                 break
+            successor = picked[1].successor
 
     def shutdown(self):
         self.stop.set()

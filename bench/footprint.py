@@ -1,19 +1,28 @@
 #!/usr/bin/env python3
-"""Footprint of a Komari agent: CPU per report, memory, threads.
+"""Footprint of a Komari agent: CPU per report, memory, threads, bytes on the wire.
 
 Starts a loopback sink that speaks the panel protocol (README.md, "What is sent": basic info and task result
-POSTs, the report WebSocket), runs an agent against it at --interval 1, and
+POSTs, the report WebSocket, protocol v2's JSON-RPC over a permessage-deflate
+WebSocket or gzip POST), runs an agent against it at --interval 1, and
 measures the agent's whole process tree from /proc while it reports.
 
     python3 bench/footprint.py --seconds 60
     python3 bench/footprint.py --vs '/usr/local/bin/komari-agent --disable-auto-update' --rounds 3
     python3 bench/footprint.py --sockets 5000 --json
+    python3 bench/footprint.py --wire --seconds 60
+
+--wire runs the agent once per link (v1, v2 WebSocket, v2 POST, and the v2
+WebSocket against a server that keeps the deflate context) through a TCP
+proxy that counts every byte both ways, and prints bytes and CPU per report
+side by side. The real server (gorilla) answers any deflate offer with "no
+context takeover", so "v2-ws" is what a real panel gets.
 
 Stdlib only; Linux (it reads /proc).
 """
 
 import argparse
 import base64
+import gzip
 import hashlib
 import json
 import math
@@ -29,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -53,6 +63,8 @@ class Tally:
         self.task_results = 0
         self.connections = 0
         self.last_report = None
+        self.refuse_upgrade = False  # v2: answer WebSocket upgrades with 403 (a proxy that breaks them)
+        self.takeover = False        # v2: keep the deflate context (gorilla never does)
 
     def count_report(self, report):
         with self.lock:
@@ -63,9 +75,11 @@ class Tally:
 class Sink(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port=0, handler=None):
+    def __init__(self, port=0, handler=None, serves_v2=False):
         super().__init__(("127.0.0.1", port), handler or SinkHandler)
         self.tallies = {}
+        self.serves_v2 = serves_v2  # else /v2/rpc is 404, as on a server older than v2
+        self.pull_wait = 25.0       # the server's agent.pull long poll
 
     @property
     def endpoint(self):
@@ -93,6 +107,12 @@ def unmask(payload, key):
 
 def read_frame(stream):
     """(fin, opcode, payload) of one client frame, unmasked (RFC 6455 5.2)."""
+    b0, payload = read_frame_head(stream)
+    return bool(b0 & 0x80), b0 & 0x0F, payload
+
+
+def read_frame_head(stream):
+    """(first header byte, unmasked payload) of one client frame."""
     b0, b1 = read_exact(stream, 2)
     length = b1 & 0x7F
     if length == 126:
@@ -102,19 +122,105 @@ def read_frame(stream):
     if not b1 & 0x80:
         raise ValueError("client frame not masked")
     key = read_exact(stream, 4)
-    return bool(b0 & 0x80), b0 & 0x0F, unmask(read_exact(stream, length), key)
+    return b0, unmask(read_exact(stream, length), key)
 
 
-def frame_bytes(opcode, payload=b""):
+def frame_bytes(opcode, payload=b"", rsv1=False):
     """One unmasked server frame with FIN set."""
     n = len(payload)
+    first = 0x80 | (0x40 if rsv1 else 0) | opcode
     if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, n)
+        head = struct.pack("!BB", first, n)
     elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+        head = struct.pack("!BBH", first, 126, n)
     else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+        head = struct.pack("!BBQ", first, 127, n)
     return head + payload
+
+
+V2_PATH = "/api/clients/v2/rpc"
+INFLATE_LIMIT = 16 << 20
+
+
+class Deflate:
+    """permessage-deflate (RFC 7692) on the server end of one socket."""
+
+    def __init__(self, takeover):
+        self.takeover = takeover
+        self.compressor = self.decompressor = None
+        self.answer = "permessage-deflate" if takeover else \
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"  # gorilla's answer
+
+    def compress(self, data):
+        if self.compressor is None or not self.takeover:
+            self.compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+        out = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
+        return out[:-4]
+
+    def decompress(self, data):
+        if self.decompressor is None or not self.takeover:
+            self.decompressor = zlib.decompressobj(-15)
+        return self.decompressor.decompress(data + b"\x00\x00\xff\xff", INFLATE_LIMIT)
+
+
+def offers_deflate(header):
+    return any(offer.split(";")[0].strip().lower() == "permessage-deflate" for offer in header.split(","))
+
+
+class CountingProxy:
+    """A TCP proxy on loopback that counts the bytes going each way: what the
+    agent costs on the wire, headers, handshakes and pings included."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.lock = threading.Lock()
+        self.up = self.down = 0  # agent -> panel, panel -> agent
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.socks = []
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    @property
+    def endpoint(self):
+        return "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+
+    def counts(self):
+        with self.lock:
+            return self.up, self.down
+
+    def _accept_loop(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            self.socks += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
+
+    def _pump(self, source, sink, direction):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+                with self.lock:
+                    setattr(self, direction, getattr(self, direction) + len(data))
+        except OSError:
+            pass
+        try:
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+        for sock in self.socks:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
 
 class SinkHandler(BaseHTTPRequestHandler):
@@ -140,6 +246,10 @@ class SinkHandler(BaseHTTPRequestHandler):
         tally, path = self.tally(), urlsplit(self.path).path
         if tally is None:
             return self.reply(401, {"status": "error", "message": "Unauthorized."})
+        if path == V2_PATH and self.server.serves_v2:
+            if self.headers.get("Content-Encoding", "").lower() == "gzip":
+                body = gzip.decompress(body)
+            return self.reply(200, self.answer_rpc(tally, body, post=True))
         if path not in ("/api/clients/uploadBasicInfo", "/api/clients/task/result"):
             return self.reply(404, {"status": "error", "message": "Not found"})
         try:
@@ -155,26 +265,92 @@ class SinkHandler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         tally = self.tally()
-        if urlsplit(self.path).path != "/api/clients/report":
+        path = urlsplit(self.path).path
+        v2 = path == V2_PATH and self.server.serves_v2
+        if path != "/api/clients/report" and not v2:
             return self.reply(404, {"status": "error", "message": "Not found"})
         if tally is None:
             return self.reply(401, {"status": "error", "message": "Unauthorized."})
+        if v2 and tally.refuse_upgrade:
+            return self.reply(403, {"status": "error", "message": "WebSockets are blocked here"})
         key = self.headers.get("Sec-WebSocket-Key", "")
         if "websocket" not in self.headers.get("Upgrade", "").lower() or not key:
             return self.reply(400, {"status": "error", "message": "WebSocket upgrade expected"})
         accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        deflate = Deflate(tally.takeover) if v2 and offers_deflate(self.headers.get("Sec-WebSocket-Extensions", "")) \
+            else None
         self.send_response(101, "Switching Protocols")
         self.send_header("Upgrade", "websocket")
         self.send_header("Connection", "Upgrade")
         self.send_header("Sec-WebSocket-Accept", accept)
+        if deflate:
+            self.send_header("Sec-WebSocket-Extensions", deflate.answer)
         self.end_headers()
         with tally.lock:
             tally.connections += 1
         self.close_connection = True
         try:
-            self.serve_websocket(tally)
-        except (EOFError, OSError, ValueError):
+            if v2:
+                self.serve_rpc_socket(tally, deflate)
+            else:
+                self.serve_websocket(tally)
+        except (EOFError, OSError, ValueError, zlib.error):
             pass
+
+    def serve_rpc_socket(self, tally, deflate):
+        """Protocol v2 on a socket: every request gets its response, compressed
+        when deflate was agreed, as gorilla writes them."""
+        message, compressed = b"", False
+        while True:
+            b0, payload = read_frame_head(self.rfile)
+            opcode = b0 & 0x0F
+            if opcode == 0x9:
+                self.wfile.write(frame_bytes(0xA, payload))
+            elif opcode == 0x8:
+                self.wfile.write(frame_bytes(0x8, payload[:2]))
+                return
+            elif opcode in (0x1, 0x2, 0x0):
+                if opcode:
+                    message, compressed = payload, bool(b0 & 0x40)
+                else:
+                    message += payload
+                if b0 & 0x80:
+                    if compressed:
+                        message = deflate.decompress(message)
+                    reply = self.answer_rpc(tally, message, post=False)
+                    if reply is not None:
+                        data = json.dumps(reply).encode()
+                        self.wfile.write(frame_bytes(0x1, deflate.compress(data), True) if deflate
+                                         else frame_bytes(0x1, data))
+
+    def answer_rpc(self, tally, raw, post):
+        """The JSON-RPC response to one message (None for a notification on a
+        socket); reports and basic info are counted as on v1."""
+        try:
+            request = json.loads(raw.decode("utf-8"))
+            method, params = request["method"], request.get("params") or {}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            with tally.lock:
+                tally.bad_frames += 1
+            return {"jsonrpc": "2.0", "error": {"code": -32700, "message": "parse error"}}
+        result = {"status": "success"}
+        if method == "agent.report" and isinstance(params.get("report"), dict):
+            tally.count_report(params["report"])
+            result["events"] = []
+        elif method == "agent.basicInfo":
+            with tally.lock:
+                tally.info_uploads += 1
+        elif method == "agent.pull":
+            time.sleep(self.server.pull_wait if post else 0)  # no events ever come: the whole long poll
+            result = {"events": []}
+        elif method != "agent.pingResult":
+            with tally.lock:
+                tally.bad_frames += 1
+            return {"jsonrpc": "2.0", "id": request.get("id"),
+                    "error": {"code": -32601, "message": "method not found", "data": method}}
+        if request.get("id") is None and not post:
+            return None
+        return {"jsonrpc": "2.0", "id": request.get("id"), "result": result}
 
     def serve_websocket(self, tally):
         message, message_op = b"", None
@@ -327,20 +503,30 @@ def stop(proc):
     proc.wait()
 
 
-def run_once(sink, command, args):
+def run_once(sink, command, args, link=None):
+    """One run; with `link` (a WIRE_LINKS entry) through a byte-counting proxy."""
     token = sink.new_token()
     tally = sink.tallies[token]
-    argv = shlex.split(command) + ["-e", sink.endpoint, "-t", token, "--interval", "%g" % args.interval]
+    proxy = None
+    endpoint = sink.endpoint
+    extra = []
+    if link:
+        extra, tally.refuse_upgrade, tally.takeover = list(link[1]), link[2], link[3]
+        proxy = CountingProxy(sink.server_address[1])
+        endpoint = proxy.endpoint
+    argv = shlex.split(command) + ["-e", endpoint, "-t", token, "--interval", "%g" % args.interval] + extra
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            return measure(proc, tally, args, out)
+            return measure(proc, tally, args, out, proxy)
         finally:
             stop(proc)
+            if proxy:
+                proxy.close()
 
 
-def measure(proc, tally, args, out):
+def measure(proc, tally, args, out, proxy=None):
     started = time.monotonic()
     if not wait_until(lambda: tally.reports > 0, started + args.start_timeout, proc):
         why = "exited with code %s" % proc.returncode if proc.poll() is not None else \
@@ -352,6 +538,7 @@ def measure(proc, tally, args, out):
     t0 = time.monotonic()
     before = sample_tree(proc.pid, with_threads_ns=True)
     reports0 = tally.reports
+    wire0 = proxy.counts() if proxy else (0, 0)
     rss, threads, hwm = [], [], before["hwm_kb"]
     ticks_total = int(math.ceil(args.seconds))
     for tick in range(1, ticks_total + 1):
@@ -365,6 +552,7 @@ def measure(proc, tally, args, out):
         hwm = max(hwm, s["hwm_kb"], s["rss_kb"])
     elapsed = time.monotonic() - t0
     reports = tally.reports - reports0
+    wire = proxy.counts() if proxy else (0, 0)
     ticks = s["ticks"] - before["ticks"]
     ns = ns_delta(before["ns"], s["ns"])
     per = max(reports, 1)
@@ -389,6 +577,12 @@ def measure(proc, tally, args, out):
         "bad_frames": tally.bad_frames,
         "reported_tcp": (last_report.get("connections") or {}).get("tcp"),
     }
+    if proxy:
+        up, down = wire[0] - wire0[0], wire[1] - wire0[1]
+        result.update(bytes_up=up, bytes_down=down, bytes_up_per_report=round(up / per, 1),
+                      bytes_down_per_report=round(down / per, 1), bytes_per_report=round((up + down) / per, 1),
+                      # a whole 30-day month at one report a second, both ways
+                      mb_per_month_at_1s=round((up + down) / per * 86400 * 30 / 1e6, 1))
     if reports == 0:
         raise RunFailed("agent sent no report during the %g s window; its output:\n%s"
                         % (args.seconds, log_tail(out)))
@@ -486,6 +680,54 @@ def table(result):
     return "\n".join(lines)
 
 
+# (name, agent flags, the sink refuses v2 upgrades, the sink keeps the deflate context)
+WIRE_LINKS = (("v1", ("--protocol-version", "1"), False, False),
+              ("v2-ws", ("--protocol-version", "2"), False, False),
+              ("v2-post", ("--protocol-version", "2"), True, False),  # default retries: the upgrade is retried every 5 s
+              ("v2-ws-takeover", ("--protocol-version", "2"), False, True))
+
+WIRE_COLUMNS = (("link", "name", "%s"), ("reports", "reports", "%d"), ("up B/report", "bytes_up_per_report", "%.1f"),
+                ("down B/report", "bytes_down_per_report", "%.1f"), ("total B/report", "bytes_per_report", "%.1f"),
+                ("vs v1", "vs_v1", "%.3f"), ("MB/month at 1 s", "mb_per_month_at_1s", "%.1f"),
+                ("cpu ms/report", "cpu_ms_per_report", "%.3f"), ("sched ms/report", "cpu_ms_per_report_sched", "%.3f"))
+
+
+def wire_table(result):
+    head = [title for title, _, _ in WIRE_COLUMNS]
+    rows = [[fmt % result["links"][name][key] for _, key, fmt in WIRE_COLUMNS] for name in result["links"]]
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    s = result["settings"]
+    return "\n".join(["bytes through the socket, both directions, per report (TCP payload: HTTP, WebSocket "
+                      "headers, pings and replies included); interval %g s, window %g s, rounds %d; agent: %s"
+                      % (s["interval"], s["seconds"], s["rounds"], result["command"]), "", line(head)]
+                     + [line(r) for r in rows])
+
+
+def wire_main(args, sink, progress):
+    chosen = [link for link in WIRE_LINKS if link[0] in args.links]
+    runs = {link[0]: [] for link in chosen}
+    for rnd in range(args.rounds):
+        for link in chosen:
+            progress("round %d/%d: %s ..." % (rnd + 1, args.rounds, link[0]))
+            runs[link[0]].append(run_once(sink, args.agent, args, link))
+    links = {}
+    for name, rounds in runs.items():
+        reports = sum(r["reports"] for r in rounds)
+        up, down = sum(r["bytes_up"] for r in rounds), sum(r["bytes_down"] for r in rounds)
+        combined = combine(rounds)
+        combined.update(name=name, bytes_up_per_report=round(up / reports, 1),
+                        bytes_down_per_report=round(down / reports, 1),
+                        bytes_per_report=round((up + down) / reports, 1),
+                        mb_per_month_at_1s=round((up + down) / reports * 86400 * 30 / 1e6, 1))
+        links[name] = combined
+    for link in links.values():
+        link["vs_v1"] = round(link["bytes_per_report"] / links["v1"]["bytes_per_report"], 3) if "v1" in links else 0.0
+    return {"settings": {"interval": args.interval, "warmup": args.warmup, "seconds": args.seconds,
+                         "rounds": args.rounds, "clk_tck": CLK_TCK}, "command": args.agent, "links": links}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="CPU per report, RSS and threads of a Komari agent.")
     p.add_argument("--agent", default="%s %s" % (shlex.quote(sys.executable), shlex.quote(str(REPO / "komari_agent.py"))),
@@ -498,7 +740,15 @@ def parse_args(argv):
     p.add_argument("--interval", type=float, default=1.0, help="--interval passed to the agent (default 1)")
     p.add_argument("--start-timeout", type=float, default=60.0, help="seconds to wait for the first report (default 60)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--wire", action="store_true",
+                   help="bytes on the wire and CPU per report for v1, v2 WebSocket and v2 POST, side by side")
+    p.add_argument("--links", default=",".join(link[0] for link in WIRE_LINKS),
+                   help="with --wire: which links to run (default: %(default)s)")
     args = p.parse_args(argv)
+    args.links = [name.strip() for name in args.links.split(",") if name.strip()]
+    unknown = set(args.links) - {link[0] for link in WIRE_LINKS}
+    if unknown or not args.links:
+        p.error("--links: choose from %s" % ", ".join(link[0] for link in WIRE_LINKS))
     if args.seconds < 1 or args.warmup < 0 or args.rounds < 1 or args.sockets < 0 or args.interval <= 0:
         p.error("need --seconds >= 1, --warmup >= 0, --rounds >= 1, --sockets >= 0, --interval > 0")
     return args
@@ -508,9 +758,21 @@ def main(argv=None):
     args = parse_args(argv)
     agents = [("ours", args.agent)] + ([("theirs", args.vs)] if args.vs else [])
     held = hold_sockets(args.sockets)
-    sink = Sink()
+    sink = Sink(serves_v2=True)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     progress = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.wire:
+        try:
+            result = wire_main(args, sink, progress)
+        except RunFailed as e:
+            print("footprint: %s" % e, file=sys.stderr)
+            return 1
+        finally:
+            sink.shutdown()
+            for s in held:
+                s.close()
+        print(json.dumps(result, indent=2) if args.json else wire_table(result))
+        return 0
     runs = {name: [] for name, _ in agents}
     try:
         for rnd in range(args.rounds):
