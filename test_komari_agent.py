@@ -1843,7 +1843,7 @@ def test_huge_frames_and_endless_fragments_drop_the_link_without_buffering(panel
         conn.close()
     assert agent.proc.poll() is None
     assert proc.memory_info().rss - rss < 32 << 20, (rss, proc.memory_info().rss)
-    assert agent.log.count("frame too large:") == 1, agent.log  # logged once
+    assert 1 <= agent.log.count("frame too large:") <= len(attacks), agent.log  # once per kind at most
 
 
 @pytest.mark.parametrize("panel", [1, 2], indirect=True)
