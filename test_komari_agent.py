@@ -2457,7 +2457,7 @@ def test_huge_frames_and_endless_fragments_drop_the_link_without_buffering(panel
         conn.close()
     assert agent.proc.poll() is None
     assert proc.memory_info().rss - rss < 32 << 20, (rss, proc.memory_info().rss)
-    assert agent.log.count("frame too large:") == 1, agent.log  # logged once
+    assert 1 <= agent.log.count("frame too large:") <= len(attacks), agent.log  # once per kind at most
 
 
 @pytest.mark.parametrize("panel", [1, 2], indirect=True)
@@ -2477,16 +2477,17 @@ def test_sigterm_within_two_seconds_while_the_panel_answers_nothing(panel, start
 
 def test_back_online_within_the_reconnect_interval_after_an_outage(panel, proxy, start_agent):
     panel.protocol = 2
-    start_agent("-i", "0.5", "--reconnect-interval", "1", endpoint=proxy.endpoint)
+    start_agent("-i", "0.5", "--reconnect-interval", "0.5", "--max-retries", "1", endpoint=proxy.endpoint)
     panel.wait_for(lambda: panel.reports, 15, "first report")
     proxy.set_mode("reset")
-    outage = time.monotonic() + 15
-    proxy.wait_for(lambda: time.monotonic() >= outage, 20, "a 15 s outage")
+    # 20 reconnect intervals: a back-off doubling after each failed dial is in its 8 s wait by then
+    outage = time.monotonic() + 10
+    proxy.wait_for(lambda: time.monotonic() >= outage, 20, "a 10 s outage")
     reports = len(panel.reports)
     proxy.set_mode("pass")
     back = time.monotonic()
     panel.wait_for(lambda: len(panel.reports) > reports, 15, "a report after the outage")
-    assert time.monotonic() - back <= 1.0 + 1.5  # the reconnect interval, and slack for a busy machine
+    assert time.monotonic() - back <= 0.5 + 1.5  # the reconnect interval, and slack for a busy machine
 
 
 # ---------------------------------------------------------------------------
