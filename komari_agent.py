@@ -3606,11 +3606,17 @@ class ReportLink:
 
 class RpcLink(ReportLink):
     """The v2 report WebSocket: JSON-RPC 2.0, compressed when the panel agreed.
-    Reports are requests (the official agent sends notifications), so each
-    is answered: the answer confirms the acks it carried, may hand over
-    queued events, and says when the panel refused a report, which it drops
-    silently from a notification. Events also come as notifications and, by
-    the panel's v1/v2 flag quirk, as legacy frames."""
+    A report is a request (answered) when it carries acks, when it is the
+    first on the link or every ASK_EVERY-th, and while the panel refuses
+    reports; otherwise a notification, as the official agent sends them. The
+    answer confirms the acks it carried, may hand over queued events and says
+    when the panel refused a report (which it drops silently from a
+    notification); on a socket the panel pushes events itself, so an answer
+    to every report would only cost bytes (a fifth of the link's traffic)
+    and CPU. Events also come as notifications and, by the panel's v1/v2
+    flag quirk, as legacy frames."""
+
+    ASK_EVERY = 30
 
     def __init__(self, ws, inbox, deflate=None):
         super().__init__(ws, self._on_rpc, deflate)
@@ -3620,10 +3626,15 @@ class RpcLink(ReportLink):
         self.sent_acks = {}  # request id -> the event ids it acknowledged
         self.acks_lock = threading.Lock()
         self.strikes = 0
+        self.reports = 0
         self.error_log = OncePer(60.0)
 
     def send_report(self, report):
         acks = self.inbox.pending_acks()
+        self.reports += 1
+        if not acks and not self.strikes and self.reports % self.ASK_EVERY != 1:
+            self.send_text(rpc_report(encode(report), acks))
+            return
         request_id = next(self.ids)
         if acks:
             with self.acks_lock:
