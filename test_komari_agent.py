@@ -699,6 +699,19 @@ def panel(request, tmp_path_factory):
     server.stop()
 
 
+def accept_each(listener, handle, keep=None):
+    """Accept on `listener` until it is closed, each connection handled on a
+    thread of its own (and remembered in `keep`, to be closed at the end)."""
+    while True:
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            return
+        if keep is not None:
+            keep.append(client)
+        threading.Thread(target=handle, args=(client,), daemon=True).start()
+
+
 class UpgradeRefusingProxy:
     """A TCP proxy in front of the panel that answers every WebSocket upgrade
     with a 403 HTML page (a CDN that breaks WebSockets) while plain requests
@@ -720,13 +733,7 @@ class UpgradeRefusingProxy:
         return wait_on(self.cond, predicate, timeout, what)
 
     def _accept_loop(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.socks.append(client)
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+        accept_each(self.listener, self._serve, self.socks)
 
     def _serve(self, client):
         head = b""
@@ -3413,12 +3420,7 @@ class FaultProxy:
             sock.close()
 
     def _accept_loop(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._take, args=(client,), daemon=True).start()
+        accept_each(self.listener, self._take)
 
     def _take(self, client):
         client.settimeout(2.0)
