@@ -2906,9 +2906,8 @@ def saved_discovery_token(cfg, official=None):
     """The token an earlier registration stored (ours, else the official
     agent's), or ""."""
     for path in [discovery_file(cfg)] + (official_discovery_files() if official is None else list(official)):
-        try:
-            with open(path, "rb") as f:
-                data = json.loads(f.read().decode("utf-8"))
+        try:   # never through a link, a FIFO or a huge file planted there
+            data = json.loads(read_regular_file(path, 1 << 16, follow=False).decode("utf-8"))
         except (OSError, ValueError):
             continue
         token = data.get("token") if isinstance(data, dict) else ""

@@ -1826,6 +1826,13 @@ def test_auto_discovery_takes_over_the_official_agents_registration(tmp_path):
     Path(ka.discovery_file(cfg)).write_text(json.dumps({"uuid": "u2", "token": "our-token"}))
     assert ka.saved_discovery_token(cfg, official=[str(official)]) == "our-token"
     assert str(Path(ka.OFFICIAL_INSTALL_DIR) / "auto-discovery.json") in ka.official_discovery_files()
+    # a FIFO, a link or a huge file where a registration should be is passed over, never waited on
+    os.unlink(ka.discovery_file(cfg))
+    os.mkfifo(ka.discovery_file(cfg))
+    linked, huge = tmp_path / "linked.json", tmp_path / "huge.json"
+    linked.symlink_to(official)
+    huge.write_text(json.dumps({"token": "huge-token", "pad": "x" * (1 << 17)}))
+    assert ka.saved_discovery_token(cfg, official=[str(linked), str(huge)]) == ""
 
 
 # ---------------------------------------------------------------------------
