@@ -228,6 +228,11 @@ def _day_of_month(v):
     return None if 0 <= v <= 31 else "must be a day of the month, 1-31 (0 = off)"
 
 
+def _minutes(v):
+    # longer waits than a thread can be told to wait would stop the uploads
+    return None if 0 < v <= 525600 else "must be greater than 0 and at most 525600 (a year)"
+
+
 def _ip_version(v):
     return None if v in ("", "4", "6") else "must be 4 or 6"
 
@@ -259,7 +264,7 @@ OPTIONS = [
     Option("interval", ("-i", "--interval"), "float", 1.0,
            "seconds between reports (default 1.0, at least %g)" % MIN_INTERVAL, check=_interval),
     Option("info_report_interval", ("--info-report-interval",), "float", 5.0,
-           "minutes between basic-info uploads (default 5)", check=_positive),
+           "minutes between basic-info uploads (default 5)", check=_minutes),
     Option("reconnect_interval", ("-c", "--reconnect-interval"), "float", 5.0,
            "seconds between reconnect attempts; grows to 60 while the panel stays down (default 5)", check=_positive),
     Option("max_retries", ("-r", "--max-retries"), "int", 3,
@@ -568,7 +573,11 @@ def normalise_endpoint(endpoint):
     it is not an http(s) URL."""
     from urllib.parse import urlsplit, urlunsplit
     url = endpoint.strip().rstrip("/")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # ValueError when out of range
+    except ValueError:  # "http://[::1", "http://h:99999"
+        parts = urlsplit("")
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ConfigError("endpoint must look like https://panel.example.com (got %r)" % endpoint)
     host = parts.hostname

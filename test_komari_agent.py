@@ -581,6 +581,9 @@ def test_help_lists_the_official_flags():
     (["--custom-ipv4", "::1"], "--custom-ipv4 must be an IPv4 address"),
     (["--custom-ipv6", "1.2.3.4"], "--custom-ipv6 must be an IPv6 address"),
     (["--interval", "0.0001"], "--interval must be at least"),
+    (["-e", "http://[::1"], "endpoint must look like"),
+    (["-e", "http://h:99999"], "endpoint must look like"),
+    (["--info-report-interval", "1e308"], "--info-report-interval must be greater than 0 and at most"),
 ])
 def test_nonsense_values_exit_2_with_one_line(args, needle):
     done = run_agent("-e", "http://127.0.0.1:1", "-t", "T", *args, timeout=20)
