@@ -2508,7 +2508,12 @@ def traffic_command(argv, environ):
     if args.export is not None:
         return export_traffic(directory, args.export or os.path.join(directory, NET_STATIC))
     if args.show or not sizes:
-        shown = show_traffic(directory, calibration)
+        try:
+            shown = show_traffic(directory, calibration)
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            sys.stderr.write("%s traffic: error: %s in %s is damaged (%s); the agent sets it aside when it "
+                             "starts\n" % (PROG, TRAFFIC_FILE, directory, describe_error(e)))
+            shown = 1
         return 0 if sizes else shown
     return 0
 

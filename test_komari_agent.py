@@ -1662,6 +1662,14 @@ def test_absurd_calibration_size_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / ka.CALIBRATION_FILE).exists()
 
 
+@pytest.mark.parametrize("content", ['{"total":[1]}', '{"offset":{"up":Infinity}}', '{"saved_at":1e300}'])
+def test_traffic_show_of_a_damaged_state_is_one_line(tmp_path, content):
+    (tmp_path / ka.TRAFFIC_FILE).write_text(content)
+    done = run_agent("traffic", "--state-dir", str(tmp_path), "--show", timeout=20)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "is damaged" in lines[0], (done.returncode, lines)
+
+
 def test_agent_with_a_corrupt_traffic_state_reports_instead_of_crashing(panel, start_agent):
     state = fresh_traffic_state(panel)
     (state / ka.TRAFFIC_FILE).write_text('{"reset_day":1,"period_start":1e300,"offset":{"up":Infinity}}')
