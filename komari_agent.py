@@ -405,8 +405,10 @@ def help_epilog():
         "  %-24s %-30s %s" % ("flag", "environment", "JSON key"),
     ] + differ + [
         "",
-        "Subcommand: %s traffic [--set-up SIZE] [--set-down SIZE] [--show] [agent flags]" % PROG,
-        "  shows or corrects this period's traffic totals (--month-rotate); see its --help.",
+        "Subcommand: %s traffic [--set-up SIZE] [--set-down SIZE] [--show] [--export [PATH]] [agent flags]" % PROG,
+        "  shows, corrects or exports this period's traffic totals (--month-rotate); see its --help.",
+        "Subcommands as in the official agent: %s list-disk (the mounts counted as disk)," % PROG,
+        "  %s check-mem (each used-memory formula)." % PROG,
     ])
 
 

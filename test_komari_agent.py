@@ -697,7 +697,8 @@ def test_check_validates_everything_prints_the_settings_and_contacts_nothing(pan
 
 def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ():
     text = run_agent("--help").stdout.decode()
-    assert "traffic [--set-up SIZE]" in text
+    assert "traffic [--set-up SIZE]" in text and "[--export [PATH]]" in text
+    assert "list-disk" in text and "check-mem" in text
     for flag, env in (("--gpu", "AGENT_ENABLE_GPU"), ("--auto-discovery", "AGENT_AUTO_DISCOVERY_KEY"),
                       ("--include-mountpoint", "AGENT_INCLUDE_MOUNTPOINTS"), ("--config", "AGENT_CONFIG_FILE"),
                       ("--memory-exclude-bcf", "AGENT_MEMORY_REPORT_RAW_USED")):
