@@ -4918,7 +4918,7 @@ def main(argv=None, stop=None):
         sys.stderr.write("%s: error: %s\n" % (PROG, e))
         return 2
     missing = missing_packages()
-    if missing:
+    if missing and not cfg.check:   # --check judges settings: install.sh runs it before installing packages
         python = os.path.basename(sys.executable) or "python3"
         sys.stderr.write("%s: error: missing Python package%s %s: install with `%s -m pip install %s` (or re-run "
                          "install.sh)\n" % (PROG, "s" * (len(missing) > 1), " and ".join(missing), python, " ".join(missing)))

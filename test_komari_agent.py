@@ -604,6 +604,10 @@ def test_missing_package_stops_the_agent_at_start_with_one_line():
         lines = done.stderr.decode().strip().splitlines()
         assert done.returncode != 0 and len(lines) == 1, (done.returncode, lines)
         assert "websocket-client" in lines[0] and "pip install" in lines[0] and done.stdout == b""
+    # --check judges the settings only: install.sh runs it before it installs the packages
+    done = subprocess.run([sys.executable, "-S", str(AGENT), "-e", "http://127.0.0.1:1", "-t", "T", "--check"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+    assert done.returncode == 0 and b"settings are valid" in done.stdout, done.stderr
 
 
 def test_missing_mountpoint_is_warned_once_and_said_in_the_report(tmp_path, caplog):
