@@ -3413,6 +3413,35 @@ def test_install_cron_fallback_under_a_fake_root_writes_the_crontab_and_starts_n
     assert not install_dir.exists(), out
 
 
+def test_install_as_a_user_without_crontab_says_what_to_run_at_boot(panel, tmp_path):
+    """A non-root install where there is no crontab command: no advice to edit
+    /etc/rc.local, which only root can. A real start (no KOMARI_INSTALL_ROOT),
+    with `id -u` saying 1000 and a PATH without crontab."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            target = os.path.join(directory, name)
+            if name not in ("crontab", "id") and not os.path.lexists(str(bin_dir / name)) \
+                    and os.access(target, os.X_OK):
+                (bin_dir / name).symlink_to(target)
+    (bin_dir / "id").write_text('#!/bin/sh\n[ "$1" = -u ] && exec echo 1000\nexec %s "$@"\n' % shutil.which("id"))
+    (bin_dir / "id").chmod(0o755)
+    env = install_env(tmp_path, PATH=str(bin_dir), KOMARI_INSTALL_WAIT="0")
+    del env["KOMARI_INSTALL_ROOT"]
+    install_dir = tmp_path / "agent"
+    try:
+        _, err = run_install(tmp_path, "-e", panel.endpoint, "-t", panel.token, "--install-dir", str(install_dir),
+                             "--service", "cron", "--venv-system-site-packages", env=env)
+        assert "no crontab command" in err and "rc.local" not in err
+        assert "/bin/sh %s/keepalive.sh &" % install_dir in err and "ask root to install cron" in err
+        panel.wait_for(lambda: panel.basic_infos, 20, "basic info from the agent it started")
+        run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge", env=env)
+        wait_until(lambda: not live_processes(str(install_dir)), 10, "the agent stopped by --uninstall")
+    finally:
+        kill_leftovers(str(install_dir))
+
+
 def test_install_without_venv_falls_back_and_says_which_way(tmp_path):
     """A Python whose venv module is missing (Debian without python3-venv):
     this one already has the packages, so it is used as it is, and said so."""
