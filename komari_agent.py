@@ -444,9 +444,8 @@ def split_deprecated(argv):
 
 
 def read_config_file(path):
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
+    try:   # a FIFO would hang the start, /dev/zero fill the memory
+        raw = read_regular_file(path, 1 << 20)
     except OSError as e:
         raise ConfigError("cannot read config file %s: %s" % (path, e.strerror or e))
     try:

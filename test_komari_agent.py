@@ -594,6 +594,14 @@ def test_nonsense_values_exit_2_with_one_line(args, needle):
     assert (cfg.custom_ipv4, cfg.custom_ipv6, cfg.interval) == ("192.0.2.1", "2001:db8::1", ka.MIN_INTERVAL)
 
 
+def test_config_file_that_is_no_regular_file_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(str(fifo))
+    for path in (str(fifo), "/dev/zero"):
+        with pytest.raises(ka.ConfigError, match="cannot read config file .*: not a regular file"):
+            ka.load_config(["--config", path], {})
+
+
 def test_missing_package_stops_the_agent_at_start_with_one_line():
     # -S: no site-packages, so neither psutil nor websocket-client can be found
     if subprocess.run([sys.executable, "-S", "-c", "import websocket"], stderr=subprocess.DEVNULL).returncode == 0:
