@@ -235,6 +235,11 @@ def _day_of_month(v):
     return None if 0 <= v <= 31 else "must be a day of the month, 1-31 (0 = off)"
 
 
+def _minutes(v):
+    # longer waits than a thread can be told to wait would stop the uploads
+    return None if 0 < v <= 525600 else "must be greater than 0 and at most 525600 (a year)"
+
+
 def _ip_version(v):
     return None if v in ("", "4", "6") else "must be 4 or 6"
 
@@ -266,7 +271,7 @@ OPTIONS = [
     Option("interval", ("-i", "--interval"), "float", 1.0,
            "seconds between reports (default 1.0, at least %g)" % MIN_INTERVAL, check=_interval),
     Option("info_report_interval", ("--info-report-interval",), "float", 5.0,
-           "minutes between basic-info uploads (default 5)", check=_positive),
+           "minutes between basic-info uploads (default 5)", check=_minutes),
     Option("reconnect_interval", ("-c", "--reconnect-interval"), "float", 5.0,
            "seconds between reconnect attempts; grows to 60 while the panel stays down (default 5)", check=_positive),
     Option("max_retries", ("-r", "--max-retries"), "int", 3,
@@ -410,8 +415,10 @@ def help_epilog():
         "  %-24s %-30s %s" % ("flag", "environment", "JSON key"),
     ] + differ + [
         "",
-        "Subcommand: %s traffic [--set-up SIZE] [--set-down SIZE] [--show] [agent flags]" % PROG,
-        "  shows or corrects this period's traffic totals (--month-rotate); see its --help.",
+        "Subcommand: %s traffic [--set-up SIZE] [--set-down SIZE] [--show] [--export [PATH]] [agent flags]" % PROG,
+        "  shows, corrects or exports this period's traffic totals (--month-rotate); see its --help.",
+        "Subcommands as in the official agent: %s list-disk (the mounts counted as disk)," % PROG,
+        "  %s check-mem (each used-memory formula)." % PROG,
     ])
 
 
@@ -447,9 +454,8 @@ def split_deprecated(argv):
 
 
 def read_config_file(path):
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
+    try:   # a FIFO would hang the start, /dev/zero fill the memory
+        raw = read_regular_file(path, 1 << 20)
     except OSError as e:
         raise ConfigError("cannot read config file %s: %s" % (path, e.strerror or e))
     try:
@@ -576,7 +582,11 @@ def normalise_endpoint(endpoint):
     it is not an http(s) URL."""
     from urllib.parse import urlsplit, urlunsplit
     url = endpoint.strip().rstrip("/")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # ValueError when out of range
+    except ValueError:  # "http://[::1", "http://h:99999"
+        parts = urlsplit("")
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ConfigError("endpoint must look like https://panel.example.com (got %r)" % endpoint)
     host = parts.hostname
@@ -2500,7 +2510,12 @@ def traffic_command(argv, environ):
     if args.export is not None:
         return export_traffic(directory, args.export or os.path.join(directory, NET_STATIC))
     if args.show or not sizes:
-        shown = show_traffic(directory, calibration)
+        try:
+            shown = show_traffic(directory, calibration)
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            sys.stderr.write("%s traffic: error: %s in %s is damaged (%s); the agent sets it aside when it "
+                             "starts\n" % (PROG, TRAFFIC_FILE, directory, describe_error(e)))
+            shown = 1
         return 0 if sizes else shown
     return 0
 
@@ -3166,9 +3181,8 @@ def saved_discovery_token(cfg, official=None):
     """The token an earlier registration stored (ours, else the official
     agent's), or ""."""
     for path in [discovery_file(cfg)] + (official_discovery_files() if official is None else list(official)):
-        try:
-            with open(path, "rb") as f:
-                data = json.loads(f.read().decode("utf-8"))
+        try:   # never through a link, a FIFO or a huge file planted there
+            data = json.loads(read_regular_file(path, 1 << 16, follow=False).decode("utf-8"))
         except (OSError, ValueError):
             continue
         token = data.get("token") if isinstance(data, dict) else ""
@@ -5866,7 +5880,7 @@ def main(argv=None, stop=None):
         sys.stderr.write("%s: error: %s\n" % (PROG, e))
         return 2
     missing = missing_packages()
-    if missing:
+    if missing and not cfg.check:   # --check judges settings: install.sh runs it before installing packages
         python = os.path.basename(sys.executable) or "python3"
         sys.stderr.write("%s: error: missing Python package%s %s: install with `%s -m pip install %s` (or re-run "
                          "install.sh)\n" % (PROG, "s" * (len(missing) > 1), " and ".join(missing), python, " ".join(missing)))

@@ -958,6 +958,9 @@ def test_help_lists_the_official_flags():
     (["--custom-ipv4", "::1"], "--custom-ipv4 must be an IPv4 address"),
     (["--custom-ipv6", "1.2.3.4"], "--custom-ipv6 must be an IPv6 address"),
     (["--interval", "0.0001"], "--interval must be at least"),
+    (["-e", "http://[::1"], "endpoint must look like"),
+    (["-e", "http://h:99999"], "endpoint must look like"),
+    (["--info-report-interval", "1e308"], "--info-report-interval must be greater than 0 and at most"),
 ])
 def test_nonsense_values_exit_2_with_one_line(args, needle):
     done = run_agent("-e", "http://127.0.0.1:1", "-t", "T", *args, timeout=20)
@@ -966,6 +969,14 @@ def test_nonsense_values_exit_2_with_one_line(args, needle):
     cfg, _ = ka.load_config(["-e", "http://h", "-t", "T", "--custom-ipv4", "192.0.2.1", "--custom-ipv6", "2001:db8::1",
                              "-i", str(ka.MIN_INTERVAL)], {})
     assert (cfg.custom_ipv4, cfg.custom_ipv6, cfg.interval) == ("192.0.2.1", "2001:db8::1", ka.MIN_INTERVAL)
+
+
+def test_config_file_that_is_no_regular_file_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(str(fifo))
+    for path in (str(fifo), "/dev/zero"):
+        with pytest.raises(ka.ConfigError, match="cannot read config file .*: not a regular file"):
+            ka.load_config(["--config", path], {})
 
 
 def test_missing_package_stops_the_agent_at_start_with_one_line():
@@ -978,6 +989,10 @@ def test_missing_package_stops_the_agent_at_start_with_one_line():
         lines = done.stderr.decode().strip().splitlines()
         assert done.returncode != 0 and len(lines) == 1, (done.returncode, lines)
         assert "websocket-client" in lines[0] and "pip install" in lines[0] and done.stdout == b""
+    # --check judges the settings only: install.sh runs it before it installs the packages
+    done = subprocess.run([sys.executable, "-S", str(AGENT), "-e", "http://127.0.0.1:1", "-t", "T", "--check"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+    assert done.returncode == 0 and b"settings are valid" in done.stdout, done.stderr
 
 
 def test_missing_mountpoint_is_warned_once_and_said_in_the_report(tmp_path, caplog):
@@ -1071,7 +1086,8 @@ def test_check_validates_everything_prints_the_settings_and_contacts_nothing(pan
 
 def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ():
     text = run_agent("--help").stdout.decode()
-    assert "traffic [--set-up SIZE]" in text
+    assert "traffic [--set-up SIZE]" in text and "[--export [PATH]]" in text
+    assert "list-disk" in text and "check-mem" in text
     for flag, env in (("--gpu", "AGENT_ENABLE_GPU"), ("--auto-discovery", "AGENT_AUTO_DISCOVERY_KEY"),
                       ("--include-mountpoint", "AGENT_INCLUDE_MOUNTPOINTS"), ("--config", "AGENT_CONFIG_FILE"),
                       ("--memory-exclude-bcf", "AGENT_MEMORY_REPORT_RAW_USED")):
@@ -1630,12 +1646,6 @@ def test_lookups_use_custom_dns_and_the_environments_proxy(monkeypatch):
         proxy.close()
 
 
-def closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_startup_names_the_monitored_mounts_and_interfaces(tmp_path, caplog):
     (tmp_path / "net").mkdir()
     (tmp_path / "net" / "dev").write_text(NET_DEV)
@@ -2036,6 +2046,14 @@ def test_absurd_calibration_size_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / ka.CALIBRATION_FILE).exists()
 
 
+@pytest.mark.parametrize("content", ['{"total":[1]}', '{"offset":{"up":Infinity}}', '{"saved_at":1e300}'])
+def test_traffic_show_of_a_damaged_state_is_one_line(tmp_path, content):
+    (tmp_path / ka.TRAFFIC_FILE).write_text(content)
+    done = run_agent("traffic", "--state-dir", str(tmp_path), "--show", timeout=20)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "is damaged" in lines[0], (done.returncode, lines)
+
+
 def test_agent_with_a_corrupt_traffic_state_reports_instead_of_crashing(panel, start_agent):
     state = fresh_traffic_state(panel)
     (state / ka.TRAFFIC_FILE).write_text('{"reset_day":1,"period_start":1e300,"offset":{"up":Infinity}}')
@@ -2203,6 +2221,13 @@ def test_auto_discovery_takes_over_the_official_agents_registration(tmp_path):
     Path(ka.discovery_file(cfg)).write_text(json.dumps({"uuid": "u2", "token": "our-token"}))
     assert ka.saved_discovery_token(cfg, official=[str(official)]) == "our-token"
     assert str(Path(ka.OFFICIAL_INSTALL_DIR) / "auto-discovery.json") in ka.official_discovery_files()
+    # a FIFO, a link or a huge file where a registration should be is passed over, never waited on
+    os.unlink(ka.discovery_file(cfg))
+    os.mkfifo(ka.discovery_file(cfg))
+    linked, huge = tmp_path / "linked.json", tmp_path / "huge.json"
+    linked.symlink_to(official)
+    huge.write_text(json.dumps({"token": "huge-token", "pad": "x" * (1 << 17)}))
+    assert ka.saved_discovery_token(cfg, official=[str(linked), str(huge)]) == ""
 
 
 # Transport: protocol v2 (JSON-RPC 2.0 over a compressed WebSocket, POST mode, fallback to v1)
@@ -4058,6 +4083,35 @@ def test_install_cron_fallback_under_a_fake_root_writes_the_crontab_and_starts_n
     assert not install_dir.exists(), out
 
 
+def test_install_as_a_user_without_crontab_says_what_to_run_at_boot(panel, tmp_path):
+    """A non-root install where there is no crontab command: no advice to edit
+    /etc/rc.local, which only root can. A real start (no KOMARI_INSTALL_ROOT),
+    with `id -u` saying 1000 and a PATH without crontab."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            target = os.path.join(directory, name)
+            if name not in ("crontab", "id") and not os.path.lexists(str(bin_dir / name)) \
+                    and os.access(target, os.X_OK):
+                (bin_dir / name).symlink_to(target)
+    (bin_dir / "id").write_text('#!/bin/sh\n[ "$1" = -u ] && exec echo 1000\nexec %s "$@"\n' % shutil.which("id"))
+    (bin_dir / "id").chmod(0o755)
+    env = install_env(tmp_path, PATH=str(bin_dir), KOMARI_INSTALL_WAIT="0")
+    del env["KOMARI_INSTALL_ROOT"]
+    install_dir = tmp_path / "agent"
+    try:
+        _, err = run_install(tmp_path, "-e", panel.endpoint, "-t", panel.token, "--install-dir", str(install_dir),
+                             "--service", "cron", "--venv-system-site-packages", env=env)
+        assert "no crontab command" in err and "rc.local" not in err
+        assert "/bin/sh %s/keepalive.sh &" % install_dir in err and "ask root to install cron" in err
+        panel.wait_for(lambda: panel.basic_infos, 20, "basic info from the agent it started")
+        run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge", env=env)
+        wait_until(lambda: not live_processes(str(install_dir)), 10, "the agent stopped by --uninstall")
+    finally:
+        kill_leftovers(str(install_dir))
+
+
 def test_install_without_venv_falls_back_and_says_which_way(tmp_path):
     """A Python whose venv module is missing (Debian without python3-venv):
     this one already has the packages, so it is used as it is, and said so."""
@@ -4478,13 +4532,14 @@ def test_readme_commands_match_ci():
     install_and_run, tests = blocks
     assert "pip install -r requirements.txt" in install_and_run and "--dry-run" in install_and_run
     assert "--endpoint" in install_and_run and "--token" in install_and_run
-    assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests == (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
 
 
 def test_every_help_flag_is_in_the_readme():
     import re
     readme = (ROOT / "README.md").read_text()
     flags = set(re.findall(r"--[a-z][a-z0-9-]+", run_agent("--help").stdout.decode()))
+    flags |= set(re.findall(r"--[a-z][a-z0-9-]+", run_agent("traffic", "--help").stdout.decode()))
     assert flags and not [f for f in sorted(flags) if f not in readme]
 
 
