@@ -1646,6 +1646,13 @@ def test_lookups_use_custom_dns_and_the_environments_proxy(monkeypatch):
         proxy.close()
 
 
+def closed_port():
+    """A loopback port that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_startup_names_the_monitored_mounts_and_interfaces(tmp_path, caplog):
     (tmp_path / "net").mkdir()
     (tmp_path / "net" / "dev").write_text(NET_DEV)
