@@ -28,7 +28,7 @@ import struct
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 import zlib
 from fnmatch import fnmatchcase
 from stat import S_ISDIR, S_ISREG
@@ -1714,6 +1714,12 @@ def basic_info(cfg, collector, addresses, wait=IP_LOOKUP_WAIT):
 
 # -- the report ----------------------------------------------------------------
 
+# One report's figures, as measured; report_payload() (Wire protocol) turns
+# them into the message the panel decodes.
+Figures = namedtuple("Figures", "cpu ram_total ram_used swap_total swap_used load1 load5 load15 disk_total disk_used "
+                                "up down total_up total_down tcp udp uptime processes gpu message")
+
+
 class Collector:
     """Everything that changes between reports: CPU and NIC baselines, the
     mount table cache. One instance lives for the whole run so speeds and CPU
@@ -1880,9 +1886,10 @@ class Collector:
             disk = 0
         return ram, swap, disk
 
-    def report(self):
-        """One realtime report. A collector that fails gives zeros and a line in
-        `message`; it never stops the report."""
+    def figures(self):
+        """The figures of one realtime report (report_payload() names their
+        keys). A collector that fails gives zeros and a line in `message`; it
+        never stops the report."""
         with self.lock:
             failures = []
 
@@ -1904,28 +1911,14 @@ class Collector:
             if self.traffic is not None and self.traffic.problem:
                 failures.append(self.traffic.problem)
             failures += ["disk: mount point %s not counted (%s)" % item for item in sorted(self.mount_problems.items())]
-            report = {
-                "cpu": {"usage": finite(usage, 0.001, 100.0)},
-                "ram": {"total": count(ram_total), "used": count(ram_used)},
-                "swap": {"total": count(swap_total), "used": count(swap_used)},
-                "load": {"load1": finite(load1, 0.0, 1000.0), "load5": finite(load5, 0.0, 1000.0),
-                         "load15": finite(load15, 0.0, 1000.0)},
-                "disk": {"total": count(disk_total), "used": count(disk_used)},
-                "network": {"up": count(up), "down": count(down), "totalUp": count(total_up),
-                            "totalDown": count(total_down)},
-                "connections": {"tcp": count(tcp), "udp": count(udp)},
-                "uptime": count(uptime),
-                "process": count(processes),
-                "message": "\n".join(failures),
-            }
+            gpu = None
             if self.cfg.gpu:
                 gpu, problem = gpu_details()
                 if problem:
                     failures.append("failed to get detailed GPU info: " + problem)
-                if gpu:
-                    report["gpu"] = gpu
-                report["message"] = "\n".join(failures)
-            return report
+            return Figures(usage, ram_total, ram_used, swap_total, swap_used, load1, load5, load15, disk_total,
+                           disk_used, up, down, total_up, total_down, tcp, udp, uptime, processes, gpu,
+                           "\n".join(failures))
 
 
 def finite(value, low, high):
@@ -2606,6 +2599,29 @@ def rfc3339_now():
 
 
 # -- what we send ----------------------------------------------------------------
+
+def report_payload(f):
+    """The realtime report for Figures `f`, as the panel decodes it (the v1
+    frame, and params.report of v2's agent.report), with every number in
+    the range and type the Go server accepts."""
+    report = {
+        "cpu": {"usage": finite(f.cpu, 0.001, 100.0)},
+        "ram": {"total": count(f.ram_total), "used": count(f.ram_used)},
+        "swap": {"total": count(f.swap_total), "used": count(f.swap_used)},
+        "load": {"load1": finite(f.load1, 0.0, 1000.0), "load5": finite(f.load5, 0.0, 1000.0),
+                 "load15": finite(f.load15, 0.0, 1000.0)},
+        "disk": {"total": count(f.disk_total), "used": count(f.disk_used)},
+        "network": {"up": count(f.up), "down": count(f.down), "totalUp": count(f.total_up),
+                    "totalDown": count(f.total_down)},
+        "connections": {"tcp": count(f.tcp), "udp": count(f.udp)},
+        "uptime": count(f.uptime),
+        "process": count(f.processes),
+        "message": f.message,
+    }
+    if f.gpu:
+        report["gpu"] = f.gpu
+    return report
+
 
 def task_result(task_id, text, code):
     """An exec result for TASK_RESULT_PATH (v1 and v2 alike)."""
@@ -3815,7 +3831,7 @@ class PostLink:
         ProtocolRejected or OSError when it did not."""
         link = cls(agent)
         acks = link.inbox.pending_acks()
-        link.settle(link.post(link.report_request(agent.collector.report(), acks), via=link.reporting), acks)
+        link.settle(link.post(link.report_request(report_payload(agent.collector.figures()), acks), via=link.reporting), acks)
         link.last_success = time.monotonic()
         link.first_report_in = agent.period  # that report was the first
         return link
@@ -5565,7 +5581,7 @@ class Agent:
                     # the next outage starts from short delays again
                     proven, self.failures, self.outage_since = True, 0, None
                 if now >= next_report:
-                    link.send_report(self.collector.report())
+                    link.send_report(report_payload(self.collector.figures()))
                     if next_report == first_report:
                         return_free_memory()
                     # keep the schedule; after a stall skip ahead instead of bursting
@@ -5698,10 +5714,10 @@ def dry_run(cfg):
     collector.load_static()
     addresses = PublicAddresses(cfg)
     info = basic_info(cfg, collector, addresses)
-    collector.report()  # baseline for speeds
+    collector.figures()  # baseline for speeds
     time.sleep(min(cfg.interval, 1.0))
     sys.stdout.write(encode(info) + "\n")
-    sys.stdout.write(encode(collector.report()) + "\n")
+    sys.stdout.write(encode(report_payload(collector.figures())) + "\n")
     sys.stdout.flush()
     return 0
 

@@ -999,7 +999,7 @@ def test_missing_mountpoint_is_warned_once_and_said_in_the_report(tmp_path, capl
     cfg, _ = ka.load_config(["--dry-run", "--include-mountpoint", "%s;/" % (tmp_path / "nonexist")], {})
     collector = ka.Collector(cfg)
     with caplog.at_level("WARNING", logger="komari"):
-        reports = [collector.report() for _ in range(3)]
+        reports = [ka.report_payload(collector.figures()) for _ in range(3)]
     assert all("nonexist not counted" in r["message"] for r in reports)
     assert reports[-1]["disk"]["total"] == os.statvfs("/").f_blocks * os.statvfs("/").f_frsize
     assert sum("nonexist" in r.getMessage() for r in caplog.records) == 1
@@ -1293,7 +1293,7 @@ def test_public_address_is_found_in_lookup_answers():
 def test_report_figures_agree_with_psutil():
     cfg, _ = ka.load_config(["--dry-run"], {})
     collector = ka.Collector(cfg)
-    report = collector.report()
+    report = ka.report_payload(collector.figures())
     assert report_problem(report) is None and report["message"] == ""
     vm = psutil.virtual_memory()
     assert report["ram"]["total"] == vm.total
@@ -1335,7 +1335,7 @@ def test_failing_collector_becomes_a_message_line(tmp_path):
     cfg, _ = ka.load_config(["--dry-run"], {"HOST_PROC": str(tmp_path)})
     (tmp_path / "stat").write_text("cpu  1 0 1 10 0 0 0 0 0 0\n")
     collector = ka.Collector(cfg)
-    report = collector.report()
+    report = ka.report_payload(collector.figures())
     assert report_problem(report) is None
     assert "failed to get memory" in report["message"] and "failed to get network" in report["message"]
     assert "cpu" not in report["message"]
@@ -1560,7 +1560,7 @@ def test_gpu_details_like_the_official_agent(tmp_path, monkeypatch, commands, gp
     stub_commands(tmp_path, monkeypatch, commands)
     assert ka.gpu_details() == (gpu, problem)
     cfg, _ = ka.load_config(["--dry-run", "--gpu"], {})
-    report = ka.Collector(cfg).report()
+    report = ka.report_payload(ka.Collector(cfg).figures())
     assert report.get("gpu") == gpu and report_problem(report) is None
     assert ("failed to get detailed GPU info: " + problem in report["message"]) if problem else \
         "GPU" not in report["message"]
@@ -1836,7 +1836,7 @@ def test_unwritable_state_dir_is_reported_once_and_counting_goes_on(tmp_path, ca
     cfg, _ = ka.load_config(["--dry-run"], {})
     collector = ka.Collector(cfg)
     collector.traffic = ledger
-    report = collector.report()
+    report = ka.report_payload(collector.figures())
     assert report_problem(report) is None and ledger.problem in report["message"].splitlines()
 
 
