@@ -2974,6 +2974,21 @@ class ConnectionCutter:
             return sock
         return create
 
+    def follow(self, sock):
+        """Cut `sock` too: a kept-alive connection (TLS or not) opened before."""
+        copy = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a plain socket even for TLS
+        with self.lock:
+            kept, fired = not self.done, self.fired
+            if kept:
+                self.sockets.append(copy)
+        if fired:
+            try:
+                copy.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if not kept:
+            copy.close()
+
     def fire(self):
         with self.lock:
             self.fired = True
@@ -3752,38 +3767,51 @@ class KeptAlive:
     def connection(self, timeout):
         import http.client
         if self.context is not None:
-            return http.client.HTTPSConnection(self.parts.hostname, self.parts.port, timeout=timeout,
+            conn = http.client.HTTPSConnection(self.parts.hostname, self.parts.port, timeout=timeout,
                                                context=self.context)
-        return http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=timeout)
+        else:
+            conn = http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=timeout)
+        if self.panel.cfg.custom_dns:
+            conn._create_connection = self.panel.dial_through_custom_dns
+        return conn
 
     def post(self, body, headers, timeout, limit=MAX_MESSAGE_BYTES):
-        """(status, body) as Panel.exchange gives them."""
+        """(status, body) as Panel.exchange gives them, within `timeout` overall
+        (a ConnectionCutter, as there: a trickled answer is cut off)."""
         if not self.direct:
             return self.panel.exchange(self.url, body, headers=headers, limit=limit, timeout=timeout)
         headers = dict(headers, **{"Content-Type": "application/json",
                                    "User-Agent": "komari-agent-py/" + __version__})
-        for attempt in (1, 2):
-            reused = self.conn is not None
-            if self.conn is None:
-                self.conn = self.connection(timeout)
-            try:
-                if self.conn.sock is not None:
-                    self.conn.sock.settimeout(timeout)
-                self.conn.timeout = timeout
-                self.conn.request("POST", self.target, body, headers)
-                reply = self.conn.getresponse()
-                data = reply.read(limit)
-                if reply.will_close or not reply.isclosed():
-                    self.close()  # the panel closes it, or we left part of the body unread
-                return reply.status, data
-            except (OSError, ValueError, http_exceptions()) as e:
-                self.close()
-                # a kept-alive connection the panel had closed meanwhile: once more on a new one
-                if reused and attempt == 1 and not isinstance(e, socket.timeout):
-                    continue
-                if isinstance(e, OSError):
-                    raise
-                raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+        cutter = ConnectionCutter(timeout)
+        try:
+            for attempt in (1, 2):
+                reused = self.conn is not None
+                if self.conn is None:
+                    self.conn = self.connection(timeout)
+                    self.conn._create_connection = cutter.watch(self.conn._create_connection)
+                try:
+                    if self.conn.sock is not None:
+                        cutter.follow(self.conn.sock)
+                        self.conn.sock.settimeout(timeout)
+                    self.conn.timeout = timeout
+                    self.conn.request("POST", self.target, body, headers)
+                    reply = self.conn.getresponse()
+                    data = reply.read(limit)
+                    if reply.will_close or not reply.isclosed():
+                        self.close()  # the panel closes it, or we left part of the body unread
+                    return reply.status, data
+                except (OSError, ValueError, http_exceptions()) as e:
+                    self.close()
+                    if cutter.fired:
+                        raise cutter.timeout()
+                    # a kept-alive connection the panel had closed meanwhile: once more on a new one
+                    if reused and attempt == 1 and not isinstance(e, socket.timeout):
+                        continue
+                    if isinstance(e, OSError):
+                        raise
+                    raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+        finally:
+            cutter.cancel()
 
     def close(self):
         conn, self.conn = self.conn, None

@@ -2530,6 +2530,34 @@ def test_back_online_within_the_reconnect_interval_after_an_outage(panel, proxy,
     assert time.monotonic() - back <= 0.5 + 1.5  # the reconnect interval, and slack for a busy machine
 
 
+def test_post_mode_requests_resolve_through_custom_dns_and_end_at_their_deadline(trickler, monkeypatch):
+    # POST mode's kept-alive connections are dialled apart from Panel.exchange: the
+    # same --custom-dns and the same overall deadline must hold for them
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    dns = TinyDns({"panel.komari.test": "127.0.0.1"})
+    try:
+        cfg, _ = ka.load_config(["-e", "http://panel.komari.test:%d" % trickler, "-t", "T",
+                                 "--custom-dns", "127.0.0.1:%d" % dns.port], {})
+        panel = ka.Panel(cfg)
+        kept = ka.KeptAlive(panel, panel.url(ka.RPC_PATH))
+        outcome = []
+
+        def post():
+            try:
+                outcome.append(kept.post(b"{}", {}, timeout=1.0))
+            except OSError as e:
+                outcome.append(e)
+        worker = threading.Thread(target=post, daemon=True)
+        worker.start()
+        worker.join(15)   # the trickle itself would take 1000 s
+        assert outcome, "the POST outlived its 1 s deadline by 14 s"
+        assert isinstance(outcome[0], OSError) and "within 1s" in str(outcome[0]), outcome[0]
+        assert ("panel.komari.test", 1) in dns.queries
+    finally:
+        dns.close()
+
+
 # ---------------------------------------------------------------------------
 # Tasks: exec, ping probes, web terminal
 # ---------------------------------------------------------------------------
