@@ -2719,7 +2719,7 @@ def event_from_rpc(method, params):
     is only logged; KeyError for a method we do not know."""
     kind = RPC_EVENTS[method]
     if kind is None:
-        log.info("the panel says (%s): %s", method, encode(params)[:200])
+        log.info("the panel says (%s): %s", method, json.dumps(params, ensure_ascii=False)[:200])  # NaN too
         return None
     event = dict(params) if isinstance(params, dict) else {}
     event["message"] = kind
@@ -2818,13 +2818,18 @@ class Inbox:
                     del self.acks[next(iter(self.acks))]
 
     def take_rpc(self, link, event_id, method, params):
+        """Never raises: in POST mode this runs on the agent's and the pull's
+        threads, and one odd event must not end them nor the events after it."""
         try:
             event = event_from_rpc(method, params)
         except KeyError:
             # not acknowledged: the panel offers it again until it expires
             log.warning("ignoring an unknown event %r from the panel", str(method)[:40])
             return
-        self.take(link, event, event_id)
+        try:
+            self.take(link, event, event_id)
+        except Exception:
+            log.exception("error while handling the event %r from the panel; skipped", str(method)[:40])
 
     def pending_acks(self):
         with self.lock:

@@ -2530,6 +2530,21 @@ def test_back_online_within_the_reconnect_interval_after_an_outage(panel, proxy,
     assert time.monotonic() - back <= 0.5 + 1.5  # the reconnect interval, and slack for a busy machine
 
 
+def test_an_odd_v2_event_is_logged_and_skipped_never_raised(caplog):
+    # in POST mode events are taken on the agent's own thread: an exception there ended the agent
+    seen = []
+    inbox = ka.Inbox(lambda link, event: seen.append(event) if event["task_id"] != "boom" else 1 / 0)
+    reply = ka.read_rpc(ka.clean_strings(json.loads(
+        '{"jsonrpc":"2.0","id":"r","result":{"events":[{"id":"e1","method":"agent.message","params":{"x":NaN}},'
+        '{"id":"e2","method":"agent.exec","params":{"task_id":"boom","command":"true"}},'
+        '{"id":"e3","method":"agent.exec","params":{"task_id":"t","command":"true"}}]}}')))
+    with caplog.at_level("INFO", logger="komari"):
+        for event_id, method, params in reply.events:
+            inbox.take_rpc(None, event_id, method, params)
+    assert [e["task_id"] for e in seen] == ["t"]
+    assert "NaN" in caplog.text and "ZeroDivisionError" in caplog.text
+
+
 def test_post_mode_requests_resolve_through_custom_dns_and_end_at_their_deadline(trickler, monkeypatch):
     # POST mode's kept-alive connections are dialled apart from Panel.exchange: the
     # same --custom-dns and the same overall deadline must hold for them
