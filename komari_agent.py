@@ -1294,8 +1294,7 @@ def os_name(root="/"):
         text = read_text(under(root, "/etc/os-release"))
     except OSError:
         return "Linux"
-    return next((line[len("PRETTY_NAME="):].strip('"') for line in text.splitlines()
-                 if line.startswith("PRETTY_NAME=")), "Linux")
+    return os_name_from_release(text) or "Linux"
 
 
 LSPCI_NOT_A_GPU = [re.compile(p) for p in (r"^1111", r"(?i)^cirrus logic (cl[-\s]?)?gd 5", r"(?i)virtio",
@@ -4886,11 +4885,6 @@ def set_window_size(fd, rows, cols):
     import fcntl
     import termios
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def write_all(fd, data):
-    while data:
-        data = data[os.write(fd, data):]
 
 
 def write_some(fd, pending):
