@@ -3273,7 +3273,8 @@ def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT, header=None):
     import websocket
     sslopt = {"cert_reqs": ssl.CERT_NONE, "check_hostname": False} if cfg.ignore_unsafe_cert else {}
     kwargs = {}
-    if cfg.prefer_ip_version or (cfg.custom_dns and not environment_proxy("http" + url[2:])):
+    # dialled here only where no proxy connects for us: a socket of ours would bypass it
+    if (cfg.prefer_ip_version or cfg.custom_dns) and not environment_proxy("http" + url[2:]):
         kwargs["socket"] = preferred_socket(cfg, url, timeout)
     if header:
         kwargs["header"] = header

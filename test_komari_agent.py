@@ -2530,6 +2530,52 @@ def test_back_online_within_the_reconnect_interval_after_an_outage(panel, proxy,
     assert time.monotonic() - back <= 0.5 + 1.5  # the reconnect interval, and slack for a busy machine
 
 
+class ConnectProxy:
+    """An HTTP CONNECT proxy on 127.0.0.1 that records each target and dials
+    it on 127.0.0.1 (a test name needs no DNS behind a proxy)."""
+
+    def __init__(self):
+        self.targets, self.socks = [], []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=accept_each, args=(self.listener, self._serve, self.socks), daemon=True).start()
+
+    def _serve(self, client):
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return client.close()
+                head += chunk
+            target = head.split()[1].decode()
+            self.targets.append(target)
+            upstream = socket.create_connection(("127.0.0.1", int(target.rpartition(":")[2])))
+            self.socks.append(upstream)
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        except OSError:
+            return client.close()
+        threading.Thread(target=UpgradeRefusingProxy._pump, args=(upstream, client), daemon=True).start()
+        UpgradeRefusingProxy._pump(client, upstream)
+
+    close = UpgradeRefusingProxy.close
+
+
+def test_prefer_ip_version_keeps_the_environments_proxy_for_the_sockets(panel, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = ConnectProxy()
+    try:
+        monkeypatch.setenv("http_proxy", "http://127.0.0.1:%d" % proxy.port)
+        cfg, _ = ka.load_config(["-e", "http://panel.komari.test:%d" % panel.port, "-t", panel.token,
+                                 "--prefer-ip-version", "4"], {})
+        ka.open_websocket(cfg, ka.Panel(cfg).ws_url("/api/clients/report")).close()
+        assert proxy.targets == ["panel.komari.test:%d" % panel.port]
+    finally:
+        proxy.close()
+
+
 def test_an_odd_v2_event_is_logged_and_skipped_never_raised(caplog):
     # in POST mode events are taken on the agent's own thread: an exception there ended the agent
     seen = []
