@@ -3238,12 +3238,13 @@ def register_with_key(panel):
     status, body = panel.exchange(url, {"key": cfg.auto_discovery}, limit=1 << 16,
                                   headers={"Authorization": "Bearer " + cfg.auto_discovery})
     try:
-        data = json.loads(body.decode("utf-8"))["data"]
+        data = clean_strings(json.loads(body.decode("utf-8")))["data"]
         token, uuid = data["token"], data.get("uuid", "")
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise PanelRefused(status, describe_body(body))
     if status != 200 or not isinstance(token, str) or not token:
         raise PanelRefused(status, describe_body(body))
+    uuid = uuid if isinstance(uuid, str) else ""  # NaN or an object would not even save
     write_atomic(discovery_file(cfg), encode({"uuid": uuid, "token": token}).encode(), 0o600)
     log.info("registered with the panel by auto-discovery as client %s", uuid)
     return token

@@ -3457,6 +3457,36 @@ def test_auto_discovery_registers_once_and_keeps_the_token(panel, tmp_path):
     assert len(panel.registrations) == 1
 
 
+def test_an_odd_registration_answer_is_saved_cleanly_or_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    answers = [b'{"status":"success","data":{"uuid":NaN,"token":"tok\\ud800en"}}', b'{"data":["tok"]}']
+
+    class Register(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = answers.pop(0)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Register)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % server.server_address[1], "--auto-discovery",
+                                 DISCOVERY_KEY, "--state-dir", str(tmp_path)], {})
+        assert ka.register_with_key(ka.Panel(cfg)) == "tok\ufffden"  # saved, never a UnicodeEncodeError
+        assert json.loads((tmp_path / "auto-discovery.json").read_text()) == {"uuid": "", "token": "tok\ufffden"}
+        with pytest.raises(ka.PanelRefused):
+            ka.register_with_key(ka.Panel(cfg))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_sigterm_exits_cleanly_within_two_seconds(panel, start_agent):
     agent = start_agent("-i", "0.5")
