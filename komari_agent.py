@@ -3958,10 +3958,13 @@ class PostLink:
             log.warning("ping result %d not sent: %s", task_id, describe_error(e))
 
     def send_basic_info(self, info):
+        """False when it did not get through: the agent then uploads it by
+        HTTP, with retries, as after a socket's failed send."""
         try:
             self.exchange(rpc_basic_info(info, "info-%d" % next(self.ids)))
         except OSError as e:
-            log.warning("basic info upload failed: %s", describe_error(e))
+            log.warning("basic info upload by POST failed: %s", describe_error(e))
+            return False
         return True
 
     def keepalive(self, now):

@@ -2591,6 +2591,14 @@ def test_an_odd_v2_event_is_logged_and_skipped_never_raised(caplog):
     assert "NaN" in caplog.text and "ZeroDivisionError" in caplog.text
 
 
+def test_post_mode_basic_info_that_did_not_get_through_is_left_to_the_http_upload(tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % closed_port(), "-t", "T", "--state-dir", str(tmp_path),
+                             "--custom-ipv4", "192.0.2.7"], {})
+    link = ka.PostLink(ka.Agent(cfg))
+    assert link.send_basic_info({"os": "x"}) is False   # True here meant "delivered": it was lost
+
+
 def test_post_mode_requests_resolve_through_custom_dns_and_end_at_their_deadline(trickler, monkeypatch):
     # POST mode's kept-alive connections are dialled apart from Panel.exchange: the
     # same --custom-dns and the same overall deadline must hold for them
