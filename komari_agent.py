@@ -273,7 +273,7 @@ OPTIONS = [
     Option("info_report_interval", ("--info-report-interval",), "float", 5.0,
            "minutes between basic-info uploads (default 5)", check=_minutes),
     Option("reconnect_interval", ("-c", "--reconnect-interval"), "float", 5.0,
-           "seconds between reconnect attempts; grows to 60 while the panel stays down (default 5)", check=_positive),
+           "seconds between reconnect attempts; after 10 minutes of outage grows to 60 (default 5)", check=_positive),
     Option("max_retries", ("-r", "--max-retries"), "int", 3,
            "connect attempts per round and retries per upload (default 3)", check=_not_negative),
     Option("ignore_unsafe_cert", ("-u", "--ignore-unsafe-cert"), "bool", False, "do not verify TLS certificates"),
@@ -424,7 +424,7 @@ def help_epilog():
 
 def build_arg_parser():
     parser = ArgParser(prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-                       description="Komari monitoring agent (protocol v1), version %s." % __version__,
+                       description="Komari monitoring agent (protocol v2, v1 for older panels), version %s." % __version__,
                        epilog=help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     for option in OPTIONS:
         kwargs = {"dest": option.dest, "help": option.help}
