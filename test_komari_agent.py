@@ -715,74 +715,44 @@ def accept_each(listener, handle, keep=None):
 class UpgradeRefusingProxy:
     """A TCP proxy in front of the panel that answers every WebSocket upgrade
     with a 403 HTML page (a CDN that breaks WebSockets) while plain requests
-    pass; `refusing = False` lets upgrades through again."""
+    pass; `refusing = False` lets upgrades through again. The relay is
+    bench/footprint.py's CountingProxy."""
 
     def __init__(self, target_port):
-        self.target_port, self.refusing, self.refused, self.passed = target_port, True, [], []
+        self.refusing, self.refused, self.passed = True, [], []
         self.cond = threading.Condition()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.socks = []
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    @property
-    def endpoint(self):
-        return "http://127.0.0.1:%d" % self.port
+        self.relay = load_footprint().CountingProxy(target_port, opening=self._opening)
+        self.endpoint, self.close = self.relay.endpoint, self.relay.close
 
     def wait_for(self, predicate, timeout, what):
         return wait_on(self.cond, predicate, timeout, what)
 
-    def _accept_loop(self):
-        accept_each(self.listener, self._serve, self.socks)
+    def _opening(self, client):
+        head = request_head(client)
+        if head is None:
+            return None
+        upgrade = re.search(rb"(?im)^upgrade:\s*websocket", head.split(b"\r\n\r\n")[0]) is not None
+        with self.cond:
+            (self.refused if upgrade and self.refusing else self.passed).append(time.monotonic())
+            self.cond.notify_all()
+        if upgrade and self.refusing:
+            page = b"<html><body><h1>403 Forbidden</h1>WebSockets are not allowed</body></html>"
+            client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
+                           b"Connection: close\r\n\r\n%s" % (len(page), page))
+            return None
+        return head
 
-    def _serve(self, client):
-        head = b""
-        try:
-            while b"\r\n\r\n" not in head:
-                chunk = client.recv(65536)
-                if not chunk:
-                    return client.close()
-                head += chunk
-            upgrade = re.search(rb"(?im)^upgrade:\s*websocket", head.split(b"\r\n\r\n")[0]) is not None
-            with self.cond:
-                (self.refused if upgrade and self.refusing else self.passed).append(time.monotonic())
-                self.cond.notify_all()
-            if upgrade and self.refusing:
-                page = b"<html><body><h1>403 Forbidden</h1>WebSockets are not allowed</body></html>"
-                client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
-                               b"Connection: close\r\n\r\n%s" % (len(page), page))
-                return client.close()
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.socks.append(upstream)
-            upstream.sendall(head)
-        except OSError:
-            return client.close()
-        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
-        self._pump(client, upstream)
 
-    @staticmethod
-    def _pump(source, sink):
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self):
-        self.listener.close()
-        for sock in self.socks:
-            try:
-                sock.close()
-            except OSError:
-                pass
+def request_head(client):
+    """What a client sent up to the end of its request's headers (and any
+    bytes after them), or None when it closed first."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = client.recv(65536)
+        if not chunk:
+            return None
+        head += chunk
+    return head
 
 
 class AgentProcess:
@@ -2531,41 +2501,28 @@ def test_back_online_within_the_reconnect_interval_after_an_outage(panel, proxy,
 
 
 class ConnectProxy:
-    """An HTTP CONNECT proxy on 127.0.0.1 that records each target and dials
-    it on 127.0.0.1 (a test name needs no DNS behind a proxy)."""
+    """An HTTP CONNECT proxy on 127.0.0.1 that records each target and
+    connects every tunnel to `target_port` (a test name needs no DNS)."""
 
-    def __init__(self):
-        self.targets, self.socks = [], []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=accept_each, args=(self.listener, self._serve, self.socks), daemon=True).start()
+    def __init__(self, target_port):
+        self.targets = []
+        self.relay = load_footprint().CountingProxy(target_port, opening=self._opening)
+        self.port, self.close = self.relay.listener.getsockname()[1], self.relay.close
 
-    def _serve(self, client):
-        head = b""
-        try:
-            while b"\r\n\r\n" not in head:
-                chunk = client.recv(65536)
-                if not chunk:
-                    return client.close()
-                head += chunk
-            target = head.split()[1].decode()
-            self.targets.append(target)
-            upstream = socket.create_connection(("127.0.0.1", int(target.rpartition(":")[2])))
-            self.socks.append(upstream)
-            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        except OSError:
-            return client.close()
-        threading.Thread(target=UpgradeRefusingProxy._pump, args=(upstream, client), daemon=True).start()
-        UpgradeRefusingProxy._pump(client, upstream)
-
-    close = UpgradeRefusingProxy.close
+    def _opening(self, client):
+        head = request_head(client)
+        if head is None:
+            return None
+        self.targets.append(head.split()[1].decode())
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        return head.partition(b"\r\n\r\n")[2]
 
 
 def test_prefer_ip_version_keeps_the_environments_proxy_for_the_sockets(panel, monkeypatch):
     for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
                  "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    proxy = ConnectProxy()
+    proxy = ConnectProxy(panel.port)
     try:
         monkeypatch.setenv("http_proxy", "http://127.0.0.1:%d" % proxy.port)
         cfg, _ = ka.load_config(["-e", "http://panel.komari.test:%d" % panel.port, "-t", panel.token,

@@ -163,10 +163,14 @@ def offers_deflate(header):
 
 class CountingProxy:
     """A TCP proxy on loopback that counts the bytes going each way: what the
-    agent costs on the wire, headers, handshakes and pings included."""
+    agent costs on the wire, headers, handshakes and pings included.
+    `opening(client)`, when given, reads what it needs of each new connection
+    first and returns the bytes to pass on, or None when it has answered the
+    client itself (the tests' proxies refuse upgrades or play CONNECT)."""
 
-    def __init__(self, target_port):
+    def __init__(self, target_port, opening=None):
         self.target_port = target_port
+        self.opening = opening
         self.lock = threading.Lock()
         self.up = self.down = 0  # agent -> panel, panel -> agent
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -185,12 +189,25 @@ class CountingProxy:
         while True:
             try:
                 client, _ = self.listener.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:
                 return
-            self.socks += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
+            self.socks.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        try:
+            head = b"" if self.opening is None else self.opening(client)
+            if head is None:
+                return client.close()
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.socks.append(upstream)
+            upstream.sendall(head)
+        except OSError:
+            return client.close()
+        with self.lock:
+            self.up += len(head)
+        threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
+        self._pump(client, upstream, "up")
 
     def _pump(self, source, sink, direction):
         try:
