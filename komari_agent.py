@@ -273,7 +273,7 @@ OPTIONS = [
     Option("info_report_interval", ("--info-report-interval",), "float", 5.0,
            "minutes between basic-info uploads (default 5)", check=_minutes),
     Option("reconnect_interval", ("-c", "--reconnect-interval"), "float", 5.0,
-           "seconds between reconnect attempts; grows to 60 while the panel stays down (default 5)", check=_positive),
+           "seconds between reconnect attempts; after 10 minutes of outage grows to 60 (default 5)", check=_positive),
     Option("max_retries", ("-r", "--max-retries"), "int", 3,
            "connect attempts per round and retries per upload (default 3)", check=_not_negative),
     Option("ignore_unsafe_cert", ("-u", "--ignore-unsafe-cert"), "bool", False, "do not verify TLS certificates"),
@@ -424,7 +424,7 @@ def help_epilog():
 
 def build_arg_parser():
     parser = ArgParser(prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-                       description="Komari monitoring agent (protocol v1), version %s." % __version__,
+                       description="Komari monitoring agent (protocol v2, v1 for older panels), version %s." % __version__,
                        epilog=help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     for option in OPTIONS:
         kwargs = {"dest": option.dest, "help": option.help}
@@ -1294,8 +1294,7 @@ def os_name(root="/"):
         text = read_text(under(root, "/etc/os-release"))
     except OSError:
         return "Linux"
-    return next((line[len("PRETTY_NAME="):].strip('"') for line in text.splitlines()
-                 if line.startswith("PRETTY_NAME=")), "Linux")
+    return os_name_from_release(text) or "Linux"
 
 
 LSPCI_NOT_A_GPU = [re.compile(p) for p in (r"^1111", r"(?i)^cirrus logic (cl[-\s]?)?gd 5", r"(?i)virtio",
@@ -2719,7 +2718,7 @@ def event_from_rpc(method, params):
     is only logged; KeyError for a method we do not know."""
     kind = RPC_EVENTS[method]
     if kind is None:
-        log.info("the panel says (%s): %s", method, encode(params)[:200])
+        log.info("the panel says (%s): %s", method, json.dumps(params, ensure_ascii=False)[:200])  # NaN too
         return None
     event = dict(params) if isinstance(params, dict) else {}
     event["message"] = kind
@@ -2818,13 +2817,18 @@ class Inbox:
                     del self.acks[next(iter(self.acks))]
 
     def take_rpc(self, link, event_id, method, params):
+        """Never raises: in POST mode this runs on the agent's and the pull's
+        threads, and one odd event must not end them nor the events after it."""
         try:
             event = event_from_rpc(method, params)
         except KeyError:
             # not acknowledged: the panel offers it again until it expires
             log.warning("ignoring an unknown event %r from the panel", str(method)[:40])
             return
-        self.take(link, event, event_id)
+        try:
+            self.take(link, event, event_id)
+        except Exception:
+            log.exception("error while handling the event %r from the panel; skipped", str(method)[:40])
 
     def pending_acks(self):
         with self.lock:
@@ -2973,6 +2977,21 @@ class ConnectionCutter:
                 sock.shutdown(socket.SHUT_RDWR)
             return sock
         return create
+
+    def follow(self, sock):
+        """Cut `sock` too: a kept-alive connection (TLS or not) opened before."""
+        copy = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a plain socket even for TLS
+        with self.lock:
+            kept, fired = not self.done, self.fired
+            if kept:
+                self.sockets.append(copy)
+        if fired:
+            try:
+                copy.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if not kept:
+            copy.close()
 
     def fire(self):
         with self.lock:
@@ -3219,12 +3238,13 @@ def register_with_key(panel):
     status, body = panel.exchange(url, {"key": cfg.auto_discovery}, limit=1 << 16,
                                   headers={"Authorization": "Bearer " + cfg.auto_discovery})
     try:
-        data = json.loads(body.decode("utf-8"))["data"]
+        data = clean_strings(json.loads(body.decode("utf-8")))["data"]
         token, uuid = data["token"], data.get("uuid", "")
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise PanelRefused(status, describe_body(body))
     if status != 200 or not isinstance(token, str) or not token:
         raise PanelRefused(status, describe_body(body))
+    uuid = uuid if isinstance(uuid, str) else ""  # NaN or an object would not even save
     write_atomic(discovery_file(cfg), encode({"uuid": uuid, "token": token}).encode(), 0o600)
     log.info("registered with the panel by auto-discovery as client %s", uuid)
     return token
@@ -3254,7 +3274,8 @@ def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT, header=None):
     import websocket
     sslopt = {"cert_reqs": ssl.CERT_NONE, "check_hostname": False} if cfg.ignore_unsafe_cert else {}
     kwargs = {}
-    if cfg.prefer_ip_version or (cfg.custom_dns and not environment_proxy("http" + url[2:])):
+    # dialled here only where no proxy connects for us: a socket of ours would bypass it
+    if (cfg.prefer_ip_version or cfg.custom_dns) and not environment_proxy("http" + url[2:]):
         kwargs["socket"] = preferred_socket(cfg, url, timeout)
     if header:
         kwargs["header"] = header
@@ -3752,38 +3773,51 @@ class KeptAlive:
     def connection(self, timeout):
         import http.client
         if self.context is not None:
-            return http.client.HTTPSConnection(self.parts.hostname, self.parts.port, timeout=timeout,
+            conn = http.client.HTTPSConnection(self.parts.hostname, self.parts.port, timeout=timeout,
                                                context=self.context)
-        return http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=timeout)
+        else:
+            conn = http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=timeout)
+        if self.panel.cfg.custom_dns:
+            conn._create_connection = self.panel.dial_through_custom_dns
+        return conn
 
     def post(self, body, headers, timeout, limit=MAX_MESSAGE_BYTES):
-        """(status, body) as Panel.exchange gives them."""
+        """(status, body) as Panel.exchange gives them, within `timeout` overall
+        (a ConnectionCutter, as there: a trickled answer is cut off)."""
         if not self.direct:
             return self.panel.exchange(self.url, body, headers=headers, limit=limit, timeout=timeout)
         headers = dict(headers, **{"Content-Type": "application/json",
                                    "User-Agent": "komari-agent-py/" + __version__})
-        for attempt in (1, 2):
-            reused = self.conn is not None
-            if self.conn is None:
-                self.conn = self.connection(timeout)
-            try:
-                if self.conn.sock is not None:
-                    self.conn.sock.settimeout(timeout)
-                self.conn.timeout = timeout
-                self.conn.request("POST", self.target, body, headers)
-                reply = self.conn.getresponse()
-                data = reply.read(limit)
-                if reply.will_close or not reply.isclosed():
-                    self.close()  # the panel closes it, or we left part of the body unread
-                return reply.status, data
-            except (OSError, ValueError, http_exceptions()) as e:
-                self.close()
-                # a kept-alive connection the panel had closed meanwhile: once more on a new one
-                if reused and attempt == 1 and not isinstance(e, socket.timeout):
-                    continue
-                if isinstance(e, OSError):
-                    raise
-                raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+        cutter = ConnectionCutter(timeout)
+        try:
+            for attempt in (1, 2):
+                reused = self.conn is not None
+                if self.conn is None:
+                    self.conn = self.connection(timeout)
+                    self.conn._create_connection = cutter.watch(self.conn._create_connection)
+                try:
+                    if self.conn.sock is not None:
+                        cutter.follow(self.conn.sock)
+                        self.conn.sock.settimeout(timeout)
+                    self.conn.timeout = timeout
+                    self.conn.request("POST", self.target, body, headers)
+                    reply = self.conn.getresponse()
+                    data = reply.read(limit)
+                    if reply.will_close or not reply.isclosed():
+                        self.close()  # the panel closes it, or we left part of the body unread
+                    return reply.status, data
+                except (OSError, ValueError, http_exceptions()) as e:
+                    self.close()
+                    if cutter.fired:
+                        raise cutter.timeout()
+                    # a kept-alive connection the panel had closed meanwhile: once more on a new one
+                    if reused and attempt == 1 and not isinstance(e, socket.timeout):
+                        continue
+                    if isinstance(e, OSError):
+                        raise
+                    raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+        finally:
+            cutter.cancel()
 
     def close(self):
         conn, self.conn = self.conn, None
@@ -3924,10 +3958,13 @@ class PostLink:
             log.warning("ping result %d not sent: %s", task_id, describe_error(e))
 
     def send_basic_info(self, info):
+        """False when it did not get through: the agent then uploads it by
+        HTTP, with retries, as after a socket's failed send."""
         try:
             self.exchange(rpc_basic_info(info, "info-%d" % next(self.ids)))
         except OSError as e:
-            log.warning("basic info upload failed: %s", describe_error(e))
+            log.warning("basic info upload by POST failed: %s", describe_error(e))
+            return False
         return True
 
     def keepalive(self, now):
@@ -4853,11 +4890,6 @@ def set_window_size(fd, rows, cols):
     import fcntl
     import termios
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def write_all(fd, data):
-    while data:
-        data = data[os.write(fd, data):]
 
 
 def write_some(fd, pending):

@@ -715,74 +715,44 @@ def accept_each(listener, handle, keep=None):
 class UpgradeRefusingProxy:
     """A TCP proxy in front of the panel that answers every WebSocket upgrade
     with a 403 HTML page (a CDN that breaks WebSockets) while plain requests
-    pass; `refusing = False` lets upgrades through again."""
+    pass; `refusing = False` lets upgrades through again. The relay is
+    bench/footprint.py's CountingProxy."""
 
     def __init__(self, target_port):
-        self.target_port, self.refusing, self.refused, self.passed = target_port, True, [], []
+        self.refusing, self.refused, self.passed = True, [], []
         self.cond = threading.Condition()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.socks = []
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    @property
-    def endpoint(self):
-        return "http://127.0.0.1:%d" % self.port
+        self.relay = load_footprint().CountingProxy(target_port, opening=self._opening)
+        self.endpoint, self.close = self.relay.endpoint, self.relay.close
 
     def wait_for(self, predicate, timeout, what):
         return wait_on(self.cond, predicate, timeout, what)
 
-    def _accept_loop(self):
-        accept_each(self.listener, self._serve, self.socks)
+    def _opening(self, client):
+        head = request_head(client)
+        if head is None:
+            return None
+        upgrade = re.search(rb"(?im)^upgrade:\s*websocket", head.split(b"\r\n\r\n")[0]) is not None
+        with self.cond:
+            (self.refused if upgrade and self.refusing else self.passed).append(time.monotonic())
+            self.cond.notify_all()
+        if upgrade and self.refusing:
+            page = b"<html><body><h1>403 Forbidden</h1>WebSockets are not allowed</body></html>"
+            client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
+                           b"Connection: close\r\n\r\n%s" % (len(page), page))
+            return None
+        return head
 
-    def _serve(self, client):
-        head = b""
-        try:
-            while b"\r\n\r\n" not in head:
-                chunk = client.recv(65536)
-                if not chunk:
-                    return client.close()
-                head += chunk
-            upgrade = re.search(rb"(?im)^upgrade:\s*websocket", head.split(b"\r\n\r\n")[0]) is not None
-            with self.cond:
-                (self.refused if upgrade and self.refusing else self.passed).append(time.monotonic())
-                self.cond.notify_all()
-            if upgrade and self.refusing:
-                page = b"<html><body><h1>403 Forbidden</h1>WebSockets are not allowed</body></html>"
-                client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
-                               b"Connection: close\r\n\r\n%s" % (len(page), page))
-                return client.close()
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.socks.append(upstream)
-            upstream.sendall(head)
-        except OSError:
-            return client.close()
-        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
-        self._pump(client, upstream)
 
-    @staticmethod
-    def _pump(source, sink):
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self):
-        self.listener.close()
-        for sock in self.socks:
-            try:
-                sock.close()
-            except OSError:
-                pass
+def request_head(client):
+    """What a client sent up to the end of its request's headers (and any
+    bytes after them), or None when it closed first."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = client.recv(65536)
+        if not chunk:
+            return None
+        head += chunk
+    return head
 
 
 class AgentProcess:
@@ -2530,6 +2500,80 @@ def test_back_online_within_the_reconnect_interval_after_an_outage(panel, proxy,
     assert time.monotonic() - back <= 0.5 + 1.5  # the reconnect interval, and slack for a busy machine
 
 
+class ConnectProxy:
+    """An HTTP CONNECT proxy on 127.0.0.1 that records each target and
+    connects every tunnel to `target_port` (a test name needs no DNS)."""
+
+    def __init__(self, target_port):
+        self.targets = []
+        self.relay = load_footprint().CountingProxy(target_port, opening=self._opening)
+        self.port, self.close = self.relay.listener.getsockname()[1], self.relay.close
+
+    def _opening(self, client):
+        head = request_head(client)
+        if head is None:
+            return None
+        self.targets.append(head.split()[1].decode())
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        return head.partition(b"\r\n\r\n")[2]
+
+
+def test_prefer_ip_version_keeps_the_environments_proxy_for_the_sockets(panel, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = ConnectProxy(panel.port)
+    try:
+        monkeypatch.setenv("http_proxy", "http://127.0.0.1:%d" % proxy.port)
+        cfg, _ = ka.load_config(["-e", "http://panel.komari.test:%d" % panel.port, "-t", panel.token,
+                                 "--prefer-ip-version", "4"], {})
+        ka.open_websocket(cfg, ka.Panel(cfg).ws_url("/api/clients/report")).close()
+        assert proxy.targets == ["panel.komari.test:%d" % panel.port]
+    finally:
+        proxy.close()
+
+
+def test_an_odd_v2_event_is_logged_and_skipped_never_raised(caplog):
+    # in POST mode events are taken on the agent's own thread: an exception there ended the agent
+    seen = []
+    inbox = ka.Inbox(lambda link, event: seen.append(event) if event["task_id"] != "boom" else 1 / 0)
+    reply = ka.read_rpc(ka.clean_strings(json.loads(
+        '{"jsonrpc":"2.0","id":"r","result":{"events":[{"id":"e1","method":"agent.message","params":{"x":NaN}},'
+        '{"id":"e2","method":"agent.exec","params":{"task_id":"boom","command":"true"}},'
+        '{"id":"e3","method":"agent.exec","params":{"task_id":"t","command":"true"}}]}}')))
+    with caplog.at_level("INFO", logger="komari"):
+        for event_id, method, params in reply.events:
+            inbox.take_rpc(None, event_id, method, params)
+    assert [e["task_id"] for e in seen] == ["t"]
+    assert "NaN" in caplog.text and "ZeroDivisionError" in caplog.text
+
+
+def test_post_mode_basic_info_that_did_not_get_through_is_left_to_the_http_upload(tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % closed_port(), "-t", "T", "--state-dir", str(tmp_path),
+                             "--custom-ipv4", "192.0.2.7"], {})
+    link = ka.PostLink(ka.Agent(cfg))
+    assert link.send_basic_info({"os": "x"}) is False   # True here meant "delivered": it was lost
+
+
+def test_post_mode_requests_resolve_through_custom_dns_and_end_at_their_deadline(trickler, monkeypatch):
+    # POST mode's kept-alive connections are dialled apart from Panel.exchange: the
+    # same --custom-dns and the same overall deadline must hold for them
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    dns = TinyDns({"panel.komari.test": "127.0.0.1"})
+    try:
+        cfg, _ = ka.load_config(["-e", "http://panel.komari.test:%d" % trickler, "-t", "T",
+                                 "--custom-dns", "127.0.0.1:%d" % dns.port], {})
+        panel = ka.Panel(cfg)
+        kept = ka.KeptAlive(panel, panel.url(ka.RPC_PATH))
+        outcome = outcome_within(lambda: kept.post(b"{}", {}, timeout=1.0), 15)  # the trickle would take 1000 s
+        assert isinstance(outcome, OSError) and "within 1s" in str(outcome), outcome
+        assert ("panel.komari.test", 1) in dns.queries
+    finally:
+        dns.close()
+
+
 # ---------------------------------------------------------------------------
 # Tasks: exec, ping probes, web terminal
 # ---------------------------------------------------------------------------
@@ -3213,6 +3257,24 @@ def trickler():
     server.server_close()
 
 
+def outcome_within(call, seconds):
+    """What call() returns or the OSError it raises; the test fails when it
+    has done neither after `seconds`."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(call())
+        except OSError as e:
+            outcome.append(e)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if not outcome:
+        pytest.fail("still running after %gs" % seconds)
+    return outcome[0]
+
+
 def test_trickling_http_targets_neither_outlast_the_deadline_nor_starve_other_probes(panel, start_agent, trickler):
     start_agent()
     listener = socket.socket()
@@ -3237,18 +3299,9 @@ def test_a_trickling_panel_request_ends_at_its_overall_deadline(trickler, monkey
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % trickler, "-t", "T"], {})
     panel = ka.Panel(cfg)
-    outcome = []
-
-    def post():
-        try:
-            outcome.append(panel.exchange(panel.url("/api/clients/task/result"), {"task_id": "t"}, timeout=1.0))
-        except OSError as e:
-            outcome.append(e)
-    worker = threading.Thread(target=post, daemon=True)
-    worker.start()
-    worker.join(15)   # the trickle itself would take 1000 s
-    assert outcome, "the request outlived its 1 s deadline by 14 s"
-    assert isinstance(outcome[0], OSError) and "within 1s" in str(outcome[0])
+    outcome = outcome_within(lambda: panel.exchange(panel.url("/api/clients/task/result"), {"task_id": "t"},
+                                                    timeout=1.0), 15)   # the trickle itself would take 1000 s
+    assert isinstance(outcome, OSError) and "within 1s" in str(outcome)
 
 
 def test_sighup_stops_like_sigterm_and_keeps_the_killed_commands_result(panel, start_agent):
@@ -3367,6 +3420,36 @@ def test_auto_discovery_registers_once_and_keeps_the_token(panel, tmp_path):
     finally:
         agent.stop()
     assert len(panel.registrations) == 1
+
+
+def test_an_odd_registration_answer_is_saved_cleanly_or_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    answers = [b'{"status":"success","data":{"uuid":NaN,"token":"tok\\ud800en"}}', b'{"data":["tok"]}']
+
+    class Register(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = answers.pop(0)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Register)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % server.server_address[1], "--auto-discovery",
+                                 DISCOVERY_KEY, "--state-dir", str(tmp_path)], {})
+        assert ka.register_with_key(ka.Panel(cfg)) == "tok\ufffden"  # saved, never a UnicodeEncodeError
+        assert json.loads((tmp_path / "auto-discovery.json").read_text()) == {"uuid": "", "token": "tok\ufffden"}
+        with pytest.raises(ka.PanelRefused):
+            ka.register_with_key(ka.Panel(cfg))
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("panel", [1, 2], indirect=True)

@@ -105,12 +105,6 @@ def unmask(payload, key):
     return (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
 
 
-def read_frame(stream):
-    """(fin, opcode, payload) of one client frame, unmasked (RFC 6455 5.2)."""
-    b0, payload = read_frame_head(stream)
-    return bool(b0 & 0x80), b0 & 0x0F, payload
-
-
 def read_frame_head(stream):
     """(first header byte, unmasked payload) of one client frame."""
     b0, b1 = read_exact(stream, 2)
@@ -169,10 +163,14 @@ def offers_deflate(header):
 
 class CountingProxy:
     """A TCP proxy on loopback that counts the bytes going each way: what the
-    agent costs on the wire, headers, handshakes and pings included."""
+    agent costs on the wire, headers, handshakes and pings included.
+    `opening(client)`, when given, reads what it needs of each new connection
+    first and returns the bytes to pass on, or None when it has answered the
+    client itself (the tests' proxies refuse upgrades or play CONNECT)."""
 
-    def __init__(self, target_port):
+    def __init__(self, target_port, opening=None):
         self.target_port = target_port
+        self.opening = opening
         self.lock = threading.Lock()
         self.up = self.down = 0  # agent -> panel, panel -> agent
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -191,12 +189,25 @@ class CountingProxy:
         while True:
             try:
                 client, _ = self.listener.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:
                 return
-            self.socks += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
+            self.socks.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        try:
+            head = b"" if self.opening is None else self.opening(client)
+            if head is None:
+                return client.close()
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.socks.append(upstream)
+            upstream.sendall(head)
+        except OSError:
+            return client.close()
+        with self.lock:
+            self.up += len(head)
+        threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
+        self._pump(client, upstream, "up")
 
     def _pump(self, source, sink, direction):
         try:
@@ -300,7 +311,19 @@ class SinkHandler(BaseHTTPRequestHandler):
     def serve_rpc_socket(self, tally, deflate):
         """Protocol v2 on a socket: every request gets its response, compressed
         when deflate was agreed, as gorilla writes them."""
-        message, compressed = b"", False
+        for _, message, compressed in self.messages():
+            if compressed:
+                message = deflate.decompress(message)
+            reply = self.answer_rpc(tally, message, post=False)
+            if reply is not None:
+                data = json.dumps(reply).encode()
+                self.wfile.write(frame_bytes(0x1, deflate.compress(data), True) if deflate
+                                 else frame_bytes(0x1, data))
+
+    def messages(self):
+        """(opcode, payload, compressed) of each whole data message from the
+        agent, until it closes; pings are answered on the way."""
+        message, message_op, compressed = b"", None, False
         while True:
             b0, payload = read_frame_head(self.rfile)
             opcode = b0 & 0x0F
@@ -311,17 +334,12 @@ class SinkHandler(BaseHTTPRequestHandler):
                 return
             elif opcode in (0x1, 0x2, 0x0):
                 if opcode:
-                    message, compressed = payload, bool(b0 & 0x40)
+                    message, message_op, compressed = payload, opcode, bool(b0 & 0x40)
                 else:
                     message += payload
                 if b0 & 0x80:
-                    if compressed:
-                        message = deflate.decompress(message)
-                    reply = self.answer_rpc(tally, message, post=False)
-                    if reply is not None:
-                        data = json.dumps(reply).encode()
-                        self.wfile.write(frame_bytes(0x1, deflate.compress(data), True) if deflate
-                                         else frame_bytes(0x1, data))
+                    yield message_op, message, compressed
+            # pongs and reserved opcodes are ignored
 
     def answer_rpc(self, tally, raw, post):
         """The JSON-RPC response to one message (None for a notification on a
@@ -353,22 +371,8 @@ class SinkHandler(BaseHTTPRequestHandler):
         return {"jsonrpc": "2.0", "id": request.get("id"), "result": result}
 
     def serve_websocket(self, tally):
-        message, message_op = b"", None
-        while True:
-            fin, opcode, payload = read_frame(self.rfile)
-            if opcode == 0x9:
-                self.wfile.write(frame_bytes(0xA, payload))
-            elif opcode == 0x8:
-                self.wfile.write(frame_bytes(0x8, payload[:2]))
-                return
-            elif opcode in (0x1, 0x2, 0x0):
-                if opcode:
-                    message, message_op = payload, opcode
-                else:
-                    message += payload
-                if fin:
-                    self.take_message(tally, message_op, message)
-            # pongs and reserved opcodes are ignored
+        for opcode, message, _ in self.messages():
+            self.take_message(tally, opcode, message)
 
     @staticmethod
     def take_message(tally, opcode, message):
