@@ -3922,6 +3922,9 @@ class PostLink:
         try:
             reply = self.post(text, timeout, via)
         except ProtocolRejected as e:
+            if e.status == 401:  # a revoked token, not a panel without v2: no strike, no fallback
+                self.fail(e.detail)
+                return
             with self.lock:
                 self.strikes += 1
                 strikes = self.strikes
@@ -4093,7 +4096,8 @@ class LinkChooser:
 
     def failed(self, kind, error, problem):
         self.last_problem = problem
-        protocol = isinstance(error, ProtocolRejected)
+        # a refused token says nothing about the protocol: it is no strike
+        protocol = isinstance(error, ProtocolRejected) and error.status != 401
         if kind == V2_SOCKET:
             self.dials += 1
         elif kind == V2_POST and not protocol:

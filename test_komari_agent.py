@@ -2406,6 +2406,24 @@ def test_post_mode_behind_a_proxy_that_refuses_websockets(panel, start_agent):
         proxy.close()
 
 
+def test_a_token_revoked_in_post_mode_is_refused_not_taken_for_an_old_panel(panel, start_agent):
+    panel.protocol, panel.PULL_WAIT = 2, 1.0
+    proxy = UpgradeRefusingProxy(panel.port)
+    try:
+        agent = start_agent("-i", "0.3", "--max-retries", "2", "--reconnect-interval", "0.3", endpoint=proxy.endpoint)
+        agent.wait_log("report link up: v2 POST; ", 20)
+        panel.token = "revoked-" + TOKEN
+        status = panel_state_dir(panel) / "status.json"
+        wait_until(lambda: status.exists() and json.loads(status.read_text())["state"] == "refused", 20,
+                   "status.json to say refused")
+        attempts = len(panel.http_requests) + len(panel.ws_attempts)
+        wait_until(lambda: len(panel.http_requests) + len(panel.ws_attempts) >= attempts + 3, 20, "more attempts")
+        assert "falling back to protocol v1" not in agent.log
+        assert "refused the token" in agent.log and TOKEN not in agent.log
+    finally:
+        proxy.close()
+
+
 def test_old_server_gets_v1_after_three_protocol_failures(panel, start_agent):
     panel.serves_v2 = False  # /v2/rpc: 200 HTML to a GET, 404 to a POST
     agent = start_agent("-i", "0.3", "--protocol-version", "2")
