@@ -316,9 +316,7 @@ class SinkHandler(BaseHTTPRequestHandler):
                 message = deflate.decompress(message)
             reply = self.answer_rpc(tally, message, post=False)
             if reply is not None:
-                data = json.dumps(reply).encode()
-                self.wfile.write(frame_bytes(0x1, deflate.compress(data), True) if deflate
-                                 else frame_bytes(0x1, data))
+                self.send_text(json.dumps(reply).encode(), deflate)
 
     def messages(self):
         """(opcode, payload, compressed) of each whole data message from the
@@ -340,6 +338,10 @@ class SinkHandler(BaseHTTPRequestHandler):
                 if b0 & 0x80:
                     yield message_op, message, compressed
             # pongs and reserved opcodes are ignored
+
+    def send_text(self, data, deflate):
+        """One text message to the agent, compressed when deflate was agreed."""
+        self.wfile.write(frame_bytes(0x1, deflate.compress(data), True) if deflate else frame_bytes(0x1, data))
 
     def answer_rpc(self, tally, raw, post):
         """The JSON-RPC response to one message (None for a notification on a

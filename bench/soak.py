@@ -2,8 +2,10 @@
 """Soak: does a Komari agent lose task results while its panel keeps dying?
 
 Runs a loopback panel (the protocol of README.md, "What is sent": basic info and task result POSTs, the
-report WebSocket) on a fixed port, starts the agent against it, sends an exec
-event every few seconds and restarts the panel on a schedule: listener and
+report WebSocket, and protocol v2's JSON-RPC socket unless --protocol 1) on a
+fixed port, starts the agent against it, sends an exec event every few seconds
+on its report socket (an `agent.exec` notification on a v2 socket, compressed
+when deflate was agreed) and restarts the panel on a schedule: listener and
 every open connection closed, down a while, then up again on the same port.
 At the end it waits for the results still owed, stops the agent with SIGTERM
 and prints what was lost, what came back wrong, and how the agent's memory
@@ -11,6 +13,7 @@ moved.
 
     python3 bench/soak.py                     # 10 minutes, restart every 30 s, down 5 s
     python3 bench/soak.py --minutes 1 --restart-every 10 --down 2 --exec-every 1 --json
+    python3 bench/soak.py --protocol 1        # a panel older than v2: the agent falls back to v1
 
 Exit status 0 when no result was lost or wrong and the agent ran throughout.
 Stdlib only; Linux (it reads /proc). Shares the sink and the /proc sampling
@@ -54,6 +57,7 @@ class Ledger(footprint.Tally):
         self.sent = {}       # task_id -> (expected output, life it was sent in)
         self.results = {}    # task_id -> [(result, exit_code), ...] in arrival order
         self.carried = 0     # results that arrived in a later life than their exec was sent in
+        self.v2_sockets = 0  # report sockets that spoke protocol v2
 
     def take_result(self, body):
         task = str(body.get("task_id"))
@@ -69,10 +73,10 @@ class Ledger(footprint.Tally):
 
 
 class LockedWriter:
-    """A socket writer that the handler (pongs) and the event sender share."""
+    """A socket writer that the handler (pongs, replies) and the event sender share."""
 
     def __init__(self, raw):
-        self.raw, self.lock = raw, threading.Lock()
+        self.raw, self.lock = raw, threading.RLock()
 
     def write(self, data):
         with self.lock:
@@ -110,12 +114,28 @@ class PanelHandler(footprint.SinkHandler):
         self.reply(200, {"status": "success"})
 
     def serve_websocket(self, tally):
+        self.serve_link(None, False, super().serve_websocket, tally)
+
+    def serve_rpc_socket(self, tally, deflate):
+        with tally.lock:
+            tally.v2_sockets += 1
+        self.serve_link(deflate, True, super().serve_rpc_socket, tally, deflate)
+
+    def serve_link(self, deflate, v2, serve, *args):
+        """Serve one report socket while the soak may write events into it."""
         self.wfile = LockedWriter(self.wfile)
-        self.server.links.append(self.wfile)
+        link = (self, deflate, v2)
+        self.server.links.append(link)
         try:
-            super().serve_websocket(tally)
+            serve(*args)
         finally:
-            self.server.links.remove(self.wfile)
+            self.server.links.remove(link)
+
+    def send_text(self, data, deflate):
+        # compressing and writing are one step: events and replies share the
+        # socket and its deflate state
+        with self.wfile.lock:
+            super().send_text(data, deflate)
 
 
 class Panel(footprint.Sink):
@@ -123,8 +143,8 @@ class Panel(footprint.Sink):
 
     allow_reuse_address = True
 
-    def __init__(self, port, token, ledger):
-        super().__init__(port, PanelHandler)
+    def __init__(self, port, token, ledger, serves_v2):
+        super().__init__(port, PanelHandler, serves_v2)
         self.tallies[token] = ledger
         self.links = []
         self.conns_lock = threading.Lock()
@@ -139,12 +159,14 @@ class Panel(footprint.Sink):
         with self.conns_lock:
             self.conns.discard(conn)
 
-    def send_event(self, event):
-        """Write one event to the newest report socket; False if there is none."""
-        data = footprint.frame_bytes(0x1, json.dumps(event).encode())
-        for link in reversed(list(self.links)):
+    def send_exec(self, task, command):
+        """Write one exec event to the newest report socket in its protocol;
+        False if there is none."""
+        for handler, deflate, v2 in reversed(list(self.links)):
+            event = {"jsonrpc": "2.0", "method": "agent.exec", "params": {"task_id": task, "command": command}} \
+                if v2 else {"message": "exec", "task_id": task, "command": command}
             try:
-                link.write(data)
+                handler.send_text(json.dumps(event).encode(), deflate)
                 return True
             except OSError:
                 continue
@@ -186,7 +208,7 @@ class Soak:
         self.rss_kb = []
 
     def panel_up(self):
-        self.panel = Panel(self.port, self.token, self.ledger)
+        self.panel = Panel(self.port, self.token, self.ledger, serves_v2=self.args.protocol == 2)
         with self.ledger.lock:
             self.ledger.life = self.restarts
         return time.monotonic()
@@ -204,7 +226,7 @@ class Soak:
         command = "sleep %.1f; echo soak-%d" % ((n * 0.7) % self.args.exec_length, n)
         with self.ledger.lock:
             self.ledger.sent[task] = ("soak-%d\n" % n, self.ledger.life)
-        if not self.panel.send_event({"message": "exec", "task_id": task, "command": command}):
+        if not self.panel.send_exec(task, command):
             with self.ledger.lock:
                 del self.ledger.sent[task]
             self.not_sent += 1
@@ -274,7 +296,7 @@ class Soak:
         rss = self.rss_kb
         lags = self.reconnect_lags
         return {
-            "settings": {"minutes": self.args.minutes, "restart_every": self.args.restart_every,
+            "settings": {"protocol": self.args.protocol, "minutes": self.args.minutes, "restart_every": self.args.restart_every,
                          "down": self.args.down, "exec_every": self.args.exec_every,
                          "exec_length": self.args.exec_length, "grace": self.args.grace},
             "agent": self.args.agent,
@@ -290,6 +312,7 @@ class Soak:
             "wrong": (wrong + unasked)[:20],
             "reports": ledger.reports,
             "report_sockets": ledger.connections,
+            "v2_sockets": ledger.v2_sockets,
             "info_uploads": ledger.info_uploads,
             "bad_frames": ledger.bad_frames,
             "reconnect_s_max": round(max(lags), 2) if lags else None,
@@ -312,8 +335,8 @@ def table(result):
     s = result["settings"]
     rows = [
         ("agent", result["agent"]),
-        ("soak", "%g min, panel restarted every %g s (down %g s), an exec every %g s taking up to %g s"
-         % (s["minutes"], s["restart_every"], s["down"], s["exec_every"], s["exec_length"])),
+        ("soak", "%g min, panel (protocol %s) restarted every %g s (down %g s), an exec every %g s taking up to %g s"
+         % (s["minutes"], "v2 and v1" if s["protocol"] == 2 else "v1 only", s["restart_every"], s["down"], s["exec_every"], s["exec_length"])),
         ("panel restarts", result["restarts"]),
         ("execs sent", "%d (%d ticks found no socket open)" % (result["execs_sent"], result["execs_not_sent"])),
         ("results received", "%d (%d finished or were sent while the panel was down; %d duplicates, "
@@ -321,8 +344,8 @@ def table(result):
          % (result["results_received"], result["results_carried_over_outage"], result["results_duplicated"])),
         ("results lost", "%d %s" % (result["results_lost"], " ".join(result["lost"]))),
         ("results wrong", "%d %s" % (result["results_wrong"], " ".join(result["wrong"]))),
-        ("reports", "%d over %d report sockets, %d basic info uploads"
-         % (result["reports"], result["report_sockets"], result["info_uploads"])),
+        ("reports", "%d over %d report sockets (%d of them v2), %d basic info uploads"
+         % (result["reports"], result["report_sockets"], result["v2_sockets"], result["info_uploads"])),
         ("back online after", "avg %s s, max %s s after the panel came up"
          % (result["reconnect_s_avg"], result["reconnect_s_max"])),
         ("RSS", "%.1f MB first, %.1f MB last, %.1f MB peak: growth %+.2f MB"
@@ -341,6 +364,9 @@ def parse_args(argv):
                                                  shlex.quote(str(footprint.REPO / "komari_agent.py"))),
                    help="agent command; -e URL -t TOKEN --interval 1 --reconnect-interval 1 --state-dir DIR "
                         "are appended (default: this repo's agent)")
+    p.add_argument("--protocol", type=int, choices=(1, 2), default=2,
+                   help="2: the panel serves protocol v2 beside v1, as the real server (default); 1: v1 only, "
+                        "as a server older than v2, so that the agent falls back")
     p.add_argument("--minutes", type=float, default=10.0, help="length of the soak (default 10)")
     p.add_argument("--restart-every", type=float, default=30.0, help="seconds between panel restarts (default 30)")
     p.add_argument("--down", type=float, default=5.0, help="seconds the panel stays down each time (default 5)")
