@@ -275,7 +275,7 @@ OPTIONS = [
     Option("reconnect_interval", ("-c", "--reconnect-interval"), "float", 5.0,
            "seconds between reconnect attempts; after 10 minutes of outage grows to 60 (default 5)", check=_positive),
     Option("max_retries", ("-r", "--max-retries"), "int", 3,
-           "connect attempts per round and retries per upload (default 3)", check=_not_negative),
+           "failed v2 WebSocket dials in a row before POST mode, and retries per upload (default 3)", check=_not_negative),
     Option("ignore_unsafe_cert", ("-u", "--ignore-unsafe-cert"), "bool", False, "do not verify TLS certificates"),
     Option("disable_web_ssh", ("--disable-web-ssh",), "bool", False,
            "turn off all remote control: exec, terminal"),
@@ -3401,17 +3401,15 @@ class Deflate:
             bits = 15
         # a message starting afresh is one report: a small window does as well
         self.bits = min(15 if self.keep_out else 11, max(9, bits))
-        self.compressor = self.new_compressor()
+        self.compressor = zlib.compressobj(6, zlib.DEFLATED, -self.bits)
         self.decompressor = zlib.decompressobj(-15)
 
-    def new_compressor(self):
-        return zlib.compressobj(6, zlib.DEFLATED, -self.bits)
-
     def compress(self, data):
-        compressor = self.compressor
-        out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
-        if not self.keep_out:
-            self.compressor = self.new_compressor()
+        # Without context takeover a full flush forgets the history, so each
+        # message stands alone; reusing the one compressor spares a fresh
+        # zlib state (over 100 KB allocated and freed) every report.
+        flush = zlib.Z_SYNC_FLUSH if self.keep_out else zlib.Z_FULL_FLUSH
+        out = self.compressor.compress(data) + self.compressor.flush(flush)
         return out[:-4] if out.endswith(SYNC_TAIL) else out
 
     def decompress(self, data, limit):
@@ -5423,8 +5421,8 @@ class Agent:
     """The running agent. Threads, and the Event that wakes each:
     - "agent" (run): dials a link (LinkChooser), then reports on it every
       period until it dies (serve); wakes by a plain sleep, checks `stop`.
-    - "basic-info" (info_loop): on `info_wanted` (a new link, a failed round
-      of dials, changed public addresses) and every --info-report-interval.
+    - "basic-info" (info_loop): on `info_wanted` (a new link, changed public
+      addresses) and every --info-report-interval.
     - "results" (result_loop): POSTs spooled exec results on `results_due`.
     - per link: "ws-reader" (a socket link's frames), or "v2-pull" and
       "v2-ws-retry" (POST mode); each ends when the link's `dead` is set.
@@ -5457,8 +5455,7 @@ class Agent:
         self.info_wanted.set()
 
     def info_loop(self):
-        """Uploads basic info when asked (a new link, a failed round of dials,
-        lookups changed) and every --info-report-interval minutes: once per
+        """Uploads basic info when asked (a new link, lookups changed) and every --info-report-interval minutes: once per
         link, on the link itself where it can carry it."""
         self.collector.load_static()
         next_due = time.monotonic() + self.cfg.info_report_interval * 60
@@ -5582,16 +5579,15 @@ class Agent:
         return None
 
     def wait_after_failure(self, refused_token=False):
-        """Count a failed attempt and wait before the next (reconnect_delay),
-        with basic info sent again after every --max-retries attempts. False
-        once stopping."""
+        """Count a failed attempt and wait before the next (reconnect_delay).
+        False once stopping. No basic info here (the official agent uploads
+        it after each failed round): the next link sends it, and two uploads
+        in the same second when the panel returns are one too many."""
         self.failures += 1
         now = time.monotonic()
         if self.outage_since is None:
             self.outage_since = now
         retries = max(1, self.cfg.max_retries)
-        if self.failures % retries == 0:
-            self.want_basic_info()
         if refused_token:
             delay = backoff_delay(self.cfg.reconnect_interval, 3 + (self.failures - 1) // retries)
         else:

@@ -2503,6 +2503,17 @@ def test_sigterm_within_two_seconds_while_the_panel_answers_nothing(panel, start
     panel.thaw()
 
 
+def test_failed_dials_ask_for_no_basic_info_the_next_link_sends_it(tmp_path):
+    # the official agent uploads basic info after every failed round; with an
+    # upload per new link that made two in the same second when the panel came back
+    cfg, _ = ka.load_config(["-e", "http://127.0.0.1:9", "-t", TOKEN, "-c", "0.01", "-r", "1",
+                             "--state-dir", str(tmp_path)], {})
+    agent = ka.Agent(cfg)
+    for _ in range(5):
+        assert agent.wait_after_failure()
+    assert not agent.info_wanted.is_set()
+
+
 def test_back_online_within_the_reconnect_interval_after_an_outage(panel, proxy, start_agent):
     panel.protocol = 2
     start_agent("-i", "0.5", "--reconnect-interval", "0.5", "--max-retries", "1", endpoint=proxy.endpoint)
