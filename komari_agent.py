@@ -3665,7 +3665,7 @@ class RpcLink(ReportLink):
     and CPU. Events also come as notifications and, by the panel's v1/v2
     flag quirk, as legacy frames."""
 
-    ASK_EVERY = 30
+    ASK_EVERY = 10
 
     def __init__(self, ws, inbox, deflate=None):
         super().__init__(ws, self._on_rpc, deflate)

@@ -2336,12 +2336,14 @@ def test_v2_events_with_ids_are_acked_and_run_once_even_across_a_reconnect(panel
     start_agent("-i", "0.3")
     panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 15, "two reports on the v2 socket")
     params = {"task_id": "dup-task", "command": "echo run >> %s" % shlex.quote(str(marker))}
+    # on a socket, events with ids come in the answers to reports, and only
+    # the first of a link, every 10th and those carrying acks are answered
     panel.queue_event("agent.exec", params, event_id="e" * 16)
-    panel.wait_for(lambda: "e" * 16 in panel.acked, 10, "the ack of the event")
+    panel.wait_for(lambda: "e" * 16 in panel.acked, 15, "the ack of the event")
     result_for(panel, "dup-task")
     # the ack got lost: the server hands the same event over again, with its id
     panel.queue_event("agent.exec", params, event_id="e" * 16)
-    panel.wait_for(lambda: panel.acked.count("e" * 16) >= 2, 10, "the event acked again")
+    panel.wait_for(lambda: panel.acked.count("e" * 16) >= 2, 15, "the event acked again")
     # the link drops; the new socket gets the queued event as a notification, without its id
     conns = len(panel.report_conns)
     panel.live_report_conn().close()
@@ -2349,7 +2351,7 @@ def test_v2_events_with_ids_are_acked_and_run_once_even_across_a_reconnect(panel
     panel.wait_for(lambda: len(panel.report_conns) > conns and not panel.events, 15,
                    "the queue flushed on a new socket")
     panel.queue_event("agent.exec", params, event_id="e" * 16)
-    panel.wait_for(lambda: panel.acked.count("e" * 16) >= 3, 10, "the event acked on the new link")
+    panel.wait_for(lambda: panel.acked.count("e" * 16) >= 3, 15, "the event acked on the new link")
     reports = len(panel.reports)
     panel.wait_for(lambda: len(panel.reports) >= reports + 3, 10, "reports after the duplicates")
     assert marker.read_text() == "run\n"
