@@ -203,7 +203,7 @@ class FloodLimitedHandler(logging.StreamHandler):
 
 
 # ---------------------------------------------------------------------------
-# Configuration: defaults < --config JSON < AGENT_* environment < command line
+# Used everywhere: errors, files, JSON
 # ---------------------------------------------------------------------------
 
 class AgentError(Exception):
@@ -213,6 +213,541 @@ class AgentError(Exception):
 class ConfigError(AgentError):
     """A bad setting: reported as one line on stderr, exit code 2."""
 
+
+def describe_error(error):
+    """A short, public-safe text for a failed collector (no paths, no secrets)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return type(error).__name__
+
+
+def run_output(argv, timeout=3.0):
+    """(exit status, stdout) of a helper program; (None, "") when it cannot run."""
+    import subprocess
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None, ""
+    return done.returncode, done.stdout.decode("utf-8", "replace")
+
+
+def run_quiet(argv, timeout=3.0):
+    """stdout of a helper program, or "" when it is missing, fails or hangs."""
+    status, out = run_output(argv, timeout)
+    return out if status == 0 else ""
+
+
+def read_text(path):
+    """A whole (proc) file as text. Plain os.read is about twice as fast as
+    open().read() here, and this runs several times per report."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            chunks.append(chunk)
+            # proc files hand over everything that fits: a short read is the end
+            if len(chunk) < 65536:
+                break
+    finally:
+        os.close(fd)
+    # surrogateescape keeps odd bytes in mount paths usable for statvfs
+    return b"".join(chunks).decode("utf-8", "surrogateescape")
+
+
+def read_or_empty(path):
+    try:
+        return read_text(path)
+    except OSError:
+        return ""
+
+
+def read_regular_file(path, limit, follow=True):
+    """The bytes of the regular file `path`, at most `limit` of them; OSError
+    for anything else (a FIFO or a device would block or never end), and,
+    unless `follow`, for a symbolic link."""
+    no_follow = 0 if follow else getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | no_follow)
+    try:
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_json_object(path, limit=64 << 20):
+    """A JSON object from the regular file `path`; OSError or ValueError otherwise."""
+    data = json.loads(read_regular_file(path, limit).decode("utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def write_atomic(path, data, mode=0o600):
+    """Replace `path` with `data` so that a crash leaves the old or the new
+    file, never a torn one: temp file, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
+    # never through a link or into a file someone else put there
+    exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(temp, exclusive, mode)
+    except FileExistsError:  # left by a crash of a process with this pid
+        os.unlink(temp)
+        fd = os.open(temp, exclusive, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def private_directory(path):
+    """Create `path` (mode 0700) if missing and make sure only this user can
+    write in it: one that others can write is made private when it is ours,
+    else refused (someone could plant links or FIFOs in it). Returns what is
+    wrong with it, or ""."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+        if not S_ISDIR(st.st_mode):
+            return "%s is not a directory" % path
+        if st.st_mode & 0o022:
+            mine = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
+            if not mine or st.st_mode & 0o1000:   # sticky: a shared one like /tmp, never ours to change
+                return "%s can be written by other users" % path
+            os.chmod(path, 0o700)
+            log.warning("%s could be written by other users; made it private (mode 0700)", path)
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "%s is not writable" % path
+    except OSError as e:
+        return "%s: %s" % (path, describe_error(e))
+    return ""
+
+# One encoder for the run: json.dumps with options builds a new one per call.
+WIRE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def encode(obj):
+    """Compact JSON exactly as it goes on the wire; NaN is an error, not a token."""
+    return WIRE_JSON.encode(obj)
+
+
+def rfc3339_now():
+    """Local time with its offset, e.g. 2026-11-24T16:00:00.123+08:00."""
+    from datetime import datetime
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+# ---------------------------------------------------------------------------
+# Platform: what differs between operating systems
+# ---------------------------------------------------------------------------
+
+IS_LINUX = sys.platform.startswith("linux")
+
+
+def psutil_module():
+    import psutil  # imported only where /proc is not enough
+    return psutil
+
+
+def glibc():
+    """The C library through ctypes, or None where it is not glibc-like."""
+    if not IS_LINUX:
+        return None
+    try:
+        import ctypes
+        lib = ctypes.CDLL("libc.so.6")
+        lib.mallopt  # noqa: B018 - it must exist
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+def limit_malloc_arenas():
+    """glibc gives each thread its own malloc arena; for a few mostly idle
+    threads that is megabytes of RSS for nothing."""
+    lib = glibc()
+    if lib is not None:
+        lib.mallopt(-8, 1)  # M_ARENA_MAX
+
+
+def return_free_memory():
+    """Hand freed heap pages back to the kernel. Start-up (the script's syntax
+    tree, a TLS handshake) leaves megabytes free inside glibc's heap that it
+    would otherwise keep for good; called once per new report link."""
+    lib = glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
+def sys_root():
+    """/sys, or HOST_SYS as gopsutil honours it (a container watching its host)."""
+    return (os.environ.get("HOST_SYS") or "/sys").rstrip("/") or "/sys"
+
+
+# ---------------------------------------------------------------------------
+# Network plumbing: addresses, DNS, proxies, TLS, dialling, one HTTP exchange
+# ---------------------------------------------------------------------------
+
+# -- addresses and DNS -------------------------------------------------------------
+
+def ip_family(text):
+    """socket.AF_INET/AF_INET6 for an IP literal, else None."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text)
+            return family
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def split_host_port(target, default_port=80):
+    """(host, port) from `host:port`, `[v6]:port`, a bare host or IPv6 (port
+    80); None when the port is not a port."""
+    text = target.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        host, rest = text[1:end], text[end + 1:]
+        if not rest:
+            port = str(default_port)
+        elif rest.startswith(":"):
+            port = rest[1:]
+        else:
+            return None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def dns_server_address(spec):
+    """(host, port) of a --custom-dns value: 1.2.3.4, 1.2.3.4:5353, [v6]:53, bare v6."""
+    spec = spec.strip()
+    if ip_family(spec) == socket.AF_INET6:
+        return spec, 53
+    parsed = split_host_port(spec, 53)
+    if parsed is None:
+        raise ValueError("bad --custom-dns %r" % spec)
+    return parsed
+
+
+def dns_query(name, qtype, ident):
+    labels = name.rstrip(".").encode("idna").split(b".")
+    if not all(0 < len(label) < 64 for label in labels):
+        raise ValueError("bad host name")
+    qname = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, 1)
+
+
+def skip_dns_name(reply, offset):
+    while True:
+        length = reply[offset]
+        if length & 0xC0 == 0xC0:
+            return offset + 2
+        if length == 0:
+            return offset + 1
+        offset += 1 + length
+
+
+def dns_answers(reply, ident, qtype):
+    """The addresses of type `qtype` (1 = A, 28 = AAAA) in a DNS reply to
+    query `ident`; CNAMEs in the chain are skipped. ValueError for a reply
+    that is not one (wrong id, an error code, truncated data)."""
+    try:
+        rid, flags, qdcount, ancount = struct.unpack("!HHHH", reply[:8])
+        if rid != ident or not flags & 0x8000:
+            raise ValueError("not our reply")
+        if flags & 0x000F not in (0, 3):  # 3 = no such name: an empty answer
+            raise ValueError("DNS error code %d" % (flags & 0x000F))
+        offset = 12
+        for _ in range(qdcount):
+            offset = skip_dns_name(reply, offset) + 4
+        family, size = (socket.AF_INET, 4) if qtype == 1 else (socket.AF_INET6, 16)
+        addresses = []
+        for _ in range(ancount):
+            offset = skip_dns_name(reply, offset)
+            rtype, _, _, rdlength = struct.unpack("!HHIH", reply[offset:offset + 10])
+            offset += 10
+            rdata = reply[offset:offset + rdlength]
+            if len(rdata) != rdlength:
+                raise ValueError("truncated reply")
+            offset += rdlength
+            if rtype == qtype and rdlength == size:
+                addresses.append(socket.inet_ntop(family, rdata))
+        return addresses
+    except (struct.error, IndexError) as e:
+        raise ValueError("malformed DNS reply") from e
+
+
+def dns_lookup(server, name, qtype, timeout=2.0):
+    """Addresses for `name` from one UDP query to `server` (host, port)."""
+    host, port = server
+    family = ip_family(host)
+    if family is None:
+        family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+    else:
+        address = (host, port)
+    ident = UNGUESSABLE.getrandbits(16)
+    query = dns_query(name, qtype, ident)
+    deadline = time.monotonic() + timeout
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.send(query)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("no DNS answer")
+            sock.settimeout(remaining)
+            reply = sock.recv(4096)
+            try:
+                return dns_answers(reply, ident, qtype)
+            except ValueError as e:
+                if str(e) != "not our reply":
+                    raise
+
+
+def resolve_host(cfg, host, port, family=0):
+    """[(family, sockaddr)] to dial host:port: the --custom-dns server when one
+    is set (the system resolver if it does not answer), else the system
+    resolver; --prefer-ip-version's family first. The one place where the
+    panel dials and the address lookups resolve names."""
+    host = (host or "").strip("[]")
+    literal = ip_family(host)
+    if literal is not None:
+        found = [(literal, (host, port))]
+    else:
+        found = []
+        server = getattr(cfg, "custom_dns", "")
+        if server:
+            for qtype, kind in ((1, socket.AF_INET), (28, socket.AF_INET6)):
+                if family not in (0, kind):
+                    continue
+                try:
+                    found += [(kind, (address, port)) for address in dns_lookup(dns_server_address(server), host, qtype)]
+                except (OSError, ValueError, UnicodeError) as e:
+                    log.debug("custom DNS query for %s failed: %s", host, e)
+        if not found:
+            found = [(info[0], info[4][:2]) for info in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+                     if info[0] in (socket.AF_INET, socket.AF_INET6)]
+    found = [f for f in found if family in (0, f[0])]
+    if getattr(cfg, "prefer_ip_version", ""):
+        want = socket.AF_INET6 if cfg.prefer_ip_version == "6" else socket.AF_INET
+        found.sort(key=lambda item: item[0] != want)
+    if not found:
+        raise OSError("no address for %s" % host)
+    return found
+
+
+def environment_proxy(url):
+    """The proxy that HTTP(S)_PROXY/NO_PROXY name for `url`, or ""."""
+    import urllib.request
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme, "")
+    if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
+        return ""
+    return proxy
+
+
+def tls_context(cfg):
+    if cfg.ignore_unsafe_cert:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context()
+
+
+def dial_tcp(cfg, host, port, timeout):
+    """A connected TCP socket to host:port, through resolve_host (--custom-dns,
+    --prefer-ip-version): each address in turn."""
+    error = OSError("no address for %s" % host)
+    for family, address in resolve_host(cfg, host, port):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout if isinstance(timeout, (int, float)) else None)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error
+
+
+def preferred_socket(cfg, url, timeout):
+    """A TCP (and TLS) socket to the URL's host, trying the preferred address
+    family first."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    sock = dial_tcp(cfg, parts.hostname, port, timeout)
+    if secure:
+        sock = tls_context(cfg).wrap_socket(sock, server_hostname=parts.hostname)
+    return sock
+
+
+def drop_tcp(sock):
+    """Drop a connection at once, from any thread: shutdown() wakes a thread
+    blocked reading or writing on it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except Exception:
+        pass
+    try:
+        sock.close()
+    except Exception:
+        pass
+
+
+class ConnectionCutter:
+    """One overall deadline for an HTTP exchange: when it passes, the
+    connections opened for the exchange are shut down, which ends any read
+    however slowly the peer trickles (a socket timeout counts per read)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.sockets = []  # duplicates: shutting one down ends the connection, never a reused fd
+        self.fired = self.done = False
+        self.timer = threading.Timer(seconds, self.fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def watch(self, create_connection):
+        def create(*args, **kwargs):
+            sock = create_connection(*args, **kwargs)
+            with self.lock:
+                if not self.done:
+                    self.sockets.append(sock.dup())
+                fired = self.fired
+            if fired:
+                sock.shutdown(socket.SHUT_RDWR)
+            return sock
+        return create
+
+    def follow(self, sock):
+        """Cut `sock` too: a kept-alive connection (TLS or not) opened before."""
+        copy = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a plain socket even for TLS
+        with self.lock:
+            kept, fired = not self.done, self.fired
+            if kept:
+                self.sockets.append(copy)
+        if fired:
+            try:
+                copy.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if not kept:
+            copy.close()
+
+    def fire(self):
+        with self.lock:
+            self.fired = True
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def timeout(self):
+        import errno
+        return socket.timeout(errno.ETIMEDOUT, "no complete answer within %gs" % self.seconds)
+
+    def cancel(self):
+        self.timer.cancel()
+        with self.lock:
+            self.done = True
+            for sock in self.sockets:
+                sock.close()
+            self.sockets = []
+
+
+def cuttable_handlers(cutter, context, dial=None):
+    """urllib handlers for http (and https with `context`) whose connections
+    `cutter` watches, dialled by `dial` (socket.create_connection's
+    signature) when one is given. A proxy (CONNECT tunnel) is dialled the
+    same way."""
+    import http.client
+    import urllib.request
+
+    def watched(connection_class):
+        def make(host, **kwargs):
+            connection = connection_class(host, **kwargs)
+            if dial is not None:
+                connection._create_connection = dial
+            if cutter is not None:
+                connection._create_connection = cutter.watch(connection._create_connection)
+            return connection
+        return make
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(watched(http.client.HTTPConnection), req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(watched(http.client.HTTPSConnection), req, context=context)
+    return [HTTPHandler(), HTTPSHandler(context=context)]
+
+
+def http_exceptions():
+    import http.client
+    return http.client.HTTPException
+
+
+def describe_body(body):
+    """One line for a reply we did not expect (an HTML error page from a proxy,
+    a JSON error from the panel)."""
+    text = body[:2000].decode("utf-8", "replace")
+    title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
+    if title:
+        return "an HTML page %r" % title.group(1).strip()[:80]
+    if "<html" in text.lower():
+        return "an HTML page"
+    return repr(" ".join(text.split())[:160])
+
+
+# ---------------------------------------------------------------------------
+# Configuration: defaults < --config JSON < AGENT_* environment < command line
+# ---------------------------------------------------------------------------
 
 class Option:
     def __init__(self, dest, flags, kind, default, help, json_keys=(), env=(), check=None, metavar=None):
@@ -618,114 +1153,9 @@ def state_dir(cfg):
     return os.path.join(base, "komari-agent")
 
 
-def private_directory(path):
-    """Create `path` (mode 0700) if missing and make sure only this user can
-    write in it: one that others can write is made private when it is ours,
-    else refused (someone could plant links or FIFOs in it). Returns what is
-    wrong with it, or ""."""
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.stat(path)
-        if not S_ISDIR(st.st_mode):
-            return "%s is not a directory" % path
-        if st.st_mode & 0o022:
-            mine = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
-            if not mine or st.st_mode & 0o1000:   # sticky: a shared one like /tmp, never ours to change
-                return "%s can be written by other users" % path
-            os.chmod(path, 0o700)
-            log.warning("%s could be written by other users; made it private (mode 0700)", path)
-        if not os.access(path, os.W_OK | os.X_OK):
-            return "%s is not writable" % path
-    except OSError as e:
-        return "%s: %s" % (path, describe_error(e))
-    return ""
-
-
-def read_regular_file(path, limit, follow=True):
-    """The bytes of the regular file `path`, at most `limit` of them; OSError
-    for anything else (a FIFO or a device would block or never end), and,
-    unless `follow`, for a symbolic link."""
-    no_follow = 0 if follow else getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | no_follow)
-    try:
-        st = os.fstat(fd)
-        if not S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        if st.st_size > limit:
-            raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
-        chunks, left = [], limit + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        if left <= 0:
-            raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path, data, mode=0o600):
-    """Replace `path` with `data` so that a crash leaves the old or the new
-    file, never a torn one: temp file, fsync, rename, fsync the directory."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    temp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
-    # never through a link or into a file someone else put there
-    exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(temp, exclusive, mode)
-    except FileExistsError:  # left by a crash of a process with this pid
-        os.unlink(temp)
-        fd = os.open(temp, exclusive, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 # ---------------------------------------------------------------------------
-# Collectors: /proc readers and the pure arithmetic behind each figure
+# Report figures: /proc readers and the arithmetic behind each figure
 # ---------------------------------------------------------------------------
-
-IS_LINUX = sys.platform.startswith("linux")
-
-
-def read_text(path):
-    """A whole (proc) file as text. Plain os.read is about twice as fast as
-    open().read() here, and this runs several times per report."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
-            chunks.append(chunk)
-            # proc files hand over everything that fits: a short read is the end
-            if len(chunk) < 65536:
-                break
-    finally:
-        os.close(fd)
-    # surrogateescape keeps odd bytes in mount paths usable for statvfs
-    return b"".join(chunks).decode("utf-8", "surrogateescape")
-
 
 class OpenProcFiles:
     """The proc files a report reads, each opened once and re-read with pread
@@ -765,18 +1195,6 @@ class OpenProcFiles:
         fd = self.fds.pop(path, None)
         if fd is not None:
             os.close(fd)
-
-
-def describe_error(error):
-    """A short, public-safe text for a failed collector (no paths, no secrets)."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return type(error).__name__
-
-
-def psutil_module():
-    import psutil  # imported only where /proc is not enough
-    return psutil
 
 
 # -- cpu ---------------------------------------------------------------------
@@ -1029,7 +1447,306 @@ def count_table_rows(paths):
     return rows
 
 
-# -- static facts for basic info -----------------------------------------------
+# -- GPU figures (--gpu) -----------------------------------------------------------
+
+def gpu_tool(name, usual_path):
+    """The path of a GPU tool: its usual place, else PATH; "" when missing."""
+    import shutil
+    return usual_path if os.path.exists(usual_path) else shutil.which(name) or ""
+
+
+def leading_number(text):
+    """25.0 from "25 %", "1024 MiB", "65 C", "45.0"; 0.0 for "[N/A]" and the like."""
+    found = re.match(r"^\s*(\d+(?:\.\d+)?)", str(text))
+    return float(found.group(1)) if found else 0.0
+
+
+def gpu_device(name, memory_total, memory_used, utilization, temperature):
+    return {"name": name, "memory_total": count(memory_total), "memory_used": count(memory_used),
+            "utilization": finite(utilization, 0.0, 100.0), "temperature": count(temperature)}
+
+
+def nvidia_devices(csv_text):
+    """Devices from nvidia-smi's CSV query (name, MiB total, MiB used, %, C):
+    every field the panel shows, at a fraction of the cost of `-q -x`."""
+    devices = []
+    for line in csv_text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) >= 5:
+            devices.append(gpu_device(fields[0], leading_number(fields[1]) * (1 << 20),
+                                      leading_number(fields[2]) * (1 << 20), leading_number(fields[3]),
+                                      leading_number(fields[4])))
+    return devices
+
+
+def rocm_devices(json_text):
+    """Devices from `rocm-smi --showallinfo --json` (its card* entries)."""
+    data = json.loads(json_text)
+    if not isinstance(data, dict):
+        raise ValueError("rocm-smi output is not a JSON object")
+    devices = []
+    for key in sorted(k for k in data if k.startswith("card")):
+        card = data[key] if isinstance(data[key], dict) else {}
+        devices.append(gpu_device(str(card.get("Card series", "")), leading_number(card.get("VRAM Total Memory (B)", "")),
+                                  leading_number(card.get("VRAM Total Used Memory (B)", "")),
+                                  leading_number(card.get("GPU use (%)", "")),
+                                  leading_number(card.get("Temperature (Sensor junction) (C)", ""))))
+    return devices
+
+
+NVIDIA_QUERY = ["--query-gpu=name,memory.total,memory.used,utilization.gpu,temperature.gpu",
+                "--format=csv,noheader,nounits"]
+
+
+def gpu_devices():
+    """The GPUs' figures, NVIDIA's through nvidia-smi, else AMD's through
+    rocm-smi; an error names what failed."""
+    smi = gpu_tool("nvidia-smi", "/usr/bin/nvidia-smi")
+    if smi:
+        status, out = run_output([smi] + NVIDIA_QUERY, timeout=2.0)
+        if status == 0:
+            return nvidia_devices(out)
+    rocm = gpu_tool("rocm-smi", "/opt/rocm/bin/rocm-smi")
+    if not rocm:
+        raise OSError("rocm-smi tool not found")
+    status, out = run_output([rocm, "--showallinfo", "--json"], timeout=5.0)
+    if status != 0:
+        raise OSError("no data available")
+    return rocm_devices(out)
+
+
+def gpu_details():
+    """(the report's gpu block or None, a problem or ""), as the official
+    agent: no block without GPUs; on failure the message line and, when the
+    names can still be read, {"models": [...]}."""
+    try:
+        devices = gpu_devices()
+    except (OSError, ValueError) as e:
+        problem = str(e) if not isinstance(e, OSError) or not e.strerror else e.strerror
+        try:
+            models = [d["name"] for d in gpu_devices() if d["name"]]
+        except (OSError, ValueError):
+            models = []
+        return ({"models": models} if models else None), problem
+    if not devices:
+        return None, ""
+    return {"count": len(devices), "average_usage": sum(d["utilization"] for d in devices) / len(devices),
+            "detailed_info": devices}, ""
+
+
+# -- the report ----------------------------------------------------------------
+
+# One report's figures, as measured; report_payload() (Wire protocol) turns
+# them into the message the panel decodes.
+Figures = namedtuple("Figures", "cpu ram_total ram_used swap_total swap_used load1 load5 load15 disk_total disk_used "
+                                "up down total_up total_down tcp udp uptime processes gpu message")
+
+
+class Collector:
+    """Everything that changes between reports: CPU and NIC baselines, the
+    mount table cache. One instance lives for the whole run so speeds and CPU
+    usage stay continuous across reconnects."""
+
+    MOUNTS_TTL = 30.0
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.proc = cfg.host_proc
+        self.files = OpenProcFiles()
+        self.net = NetMeter()
+        self.cpu_previous = None
+        self.mounts = None
+        self.mounts_at = 0.0
+        self.processes = None
+        self.processes_at = 0.0
+        self.nic_decisions = {}
+        self.static = {}
+        self.traffic = None   # a TrafficLedger when --month-rotate is set
+        self.mount_problems = {}  # --include-mountpoint entries that cannot be counted -> why
+        self.lock = threading.Lock()
+        self.cpu_sample()  # baseline, so the first report has a real CPU figure
+
+    def load_static(self):
+        """Slow facts that need helper programs; looked up once."""
+        if not self.static:
+            self.static = {"gpu_name": gpu_name(sys_root()), "os": os_name(),
+                           "virtualization": virtualization(proc=self.proc, sys_root=sys_root())}
+
+    # each collector returns its figure or raises; report() turns failures into message lines
+    def cpu_sample(self):
+        if IS_LINUX:
+            return cpu_busy_total(self.files.first_line(self.proc + "/stat"))
+        t = psutil_module().cpu_times()
+        total = sum(t)
+        return total - t.idle - getattr(t, "iowait", 0), total
+
+    def cpu_usage(self):
+        current = self.cpu_sample()
+        previous, self.cpu_previous = self.cpu_previous, current
+        return cpu_percent(previous, current) if previous else 0.001
+
+    def memory(self):
+        if IS_LINUX:
+            info = parse_meminfo(self.files.read(self.proc + "/meminfo"))
+            if info.get("MemTotal"):
+                return ram_usage(info, self.cfg.memory_include_cache), swap_usage(info)
+        ps = psutil_module()
+        vm, sw = ps.virtual_memory(), ps.swap_memory()
+        used = vm.total - vm.free if self.cfg.memory_include_cache else vm.total - vm.available
+        return (vm.total, max(0, used)), (sw.total, sw.used)
+
+    def load(self):
+        if IS_LINUX:
+            parts = self.files.first_line(self.proc + "/loadavg").split()
+            return float(parts[0]), float(parts[1]), float(parts[2])
+        return os.getloadavg()
+
+    def mount_table(self):
+        now = time.monotonic()
+        if self.mounts is None or now - self.mounts_at > self.MOUNTS_TTL:
+            if IS_LINUX:
+                path = self.proc + "/1/mountinfo" if self.proc != "/proc" else "/proc/self/mountinfo"
+                self.mounts = countable_mounts(parse_mountinfo(read_text(path)))
+            else:
+                self.mounts = [("dev:" + p.device, Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts))
+                               for p in psutil_module().disk_partitions(all=False)]
+            self.mounts_at = now
+        return self.mounts
+
+    def disk(self):
+        usages = []
+        if self.cfg.mountpoints:
+            for i, path in enumerate(dict.fromkeys(self.cfg.mountpoints)):
+                try:
+                    usages.append(("path:%d" % i,) + statvfs_usage(path))
+                    self.mount_problems.pop(path, None)
+                except OSError as e:
+                    if path not in self.mount_problems:
+                        log.warning("--include-mountpoint %s is not counted: %s", path, describe_error(e))
+                    self.mount_problems[path] = describe_error(e)
+        else:
+            for key, mount in self.mount_table():
+                try:
+                    usages.append((key,) + statvfs_usage(mount.mountpoint))
+                except OSError:
+                    continue
+        return sum_disk_usage(usages)
+
+    def nic_counters(self):
+        """{nic: (rx, tx)} over the counted NICs."""
+        if IS_LINUX:
+            raw = parse_net_dev(self.files.read(self.proc + "/net/dev"))
+        else:
+            raw = {n: (c.bytes_recv, c.bytes_sent) for n, c in psutil_module().net_io_counters(pernic=True).items()}
+        return {n: c for n, c in raw.items() if self.nic_counted(n)}
+
+    def nic_counted(self, name):
+        # decided once per NIC name: the wildcard matching is not free
+        counted = self.nic_decisions.get(name)
+        if counted is None:
+            if len(self.nic_decisions) > 4096:
+                self.nic_decisions.clear()
+            counted = self.nic_decisions[name] = nic_counted(name, self.cfg.nics_include, self.cfg.nics_exclude)
+        return counted
+
+    def network(self):
+        counters = self.nic_counters()
+        up, down = self.net.sample(counters, time.monotonic())
+        if self.traffic is not None:
+            total_up, total_down = self.traffic.update(counters)
+        else:
+            total_up = sum(tx for _, tx in counters.values())
+            total_down = sum(rx for rx, _ in counters.values())
+        return up, down, total_up, total_down
+
+    def connections(self):
+        net = self.proc + "/net/"
+        if IS_LINUX:
+            try:
+                v4 = self.files.read(net + "sockstat")
+            except OSError:
+                v4 = None
+            if v4:
+                try:
+                    v6 = self.files.read(net + "sockstat6")
+                except OSError:
+                    v6 = ""
+                return connections_from_sockstat(v4, v6)
+            return (count_table_rows([net + "tcp", net + "tcp6"]), count_table_rows([net + "udp", net + "udp6"]))
+        conns = psutil_module().net_connections("inet")
+        tcp = sum(1 for c in conns if c.type == socket.SOCK_STREAM)
+        return tcp, len(conns) - tcp
+
+    def uptime(self):
+        if hasattr(time, "CLOCK_BOOTTIME"):
+            # rounded up, as sysinfo(2) rounds it for the official agent
+            return math.ceil(time.clock_gettime(time.CLOCK_BOOTTIME))
+        return int(time.time() - psutil_module().boot_time())
+
+    PROCESSES_TTL = 4.5
+
+    def process_count(self):
+        """Processes, recounted every few seconds: listing /proc makes the
+        kernel walk every task, the dearest read of a report."""
+        now = time.monotonic()
+        if self.processes is None or now - self.processes_at >= self.PROCESSES_TTL:
+            if IS_LINUX:
+                self.processes = sum(map(str.isdigit, os.listdir(self.proc)))
+            else:
+                self.processes = len(psutil_module().pids())
+            self.processes_at = now
+        return self.processes
+
+    def ram_swap_disk_totals(self):
+        try:
+            (ram, _), (swap, _) = self.memory()
+        except Exception:
+            ram = swap = 0
+        try:
+            disk = self.disk()[0]
+        except Exception:
+            disk = 0
+        return ram, swap, disk
+
+    def figures(self):
+        """The figures of one realtime report (report_payload() names their
+        keys). A collector that fails gives zeros and a line in `message`; it
+        never stops the report."""
+        with self.lock:
+            failures = []
+
+            def attempt(name, function, fallback):
+                try:
+                    return function()
+                except Exception as e:
+                    failures.append("failed to get %s: %s" % (name, describe_error(e)))
+                    return fallback
+
+            usage = attempt("cpu", self.cpu_usage, 0.001)
+            (ram_total, ram_used), (swap_total, swap_used) = attempt("memory", self.memory, ((0, 0), (0, 0)))
+            load1, load5, load15 = attempt("load", self.load, (0.0, 0.0, 0.0))
+            disk_total, disk_used = attempt("disk", self.disk, (0, 0))
+            up, down, total_up, total_down = attempt("network", self.network, (0, 0, 0, 0))
+            tcp, udp = attempt("connections", self.connections, (0, 0))
+            uptime = attempt("uptime", self.uptime, 0)
+            processes = attempt("processes", self.process_count, 0)
+            if self.traffic is not None and self.traffic.problem:
+                failures.append(self.traffic.problem)
+            failures += ["disk: mount point %s not counted (%s)" % item for item in sorted(self.mount_problems.items())]
+            gpu = None
+            if self.cfg.gpu:
+                gpu, problem = gpu_details()
+                if problem:
+                    failures.append("failed to get detailed GPU info: " + problem)
+            return Figures(usage, ram_total, ram_used, swap_total, swap_used, load1, load5, load15, disk_total,
+                           disk_used, up, down, total_up, total_down, tcp, udp, uptime, processes, gpu,
+                           "\n".join(failures))
+
+
+# ---------------------------------------------------------------------------
+# Basic info: static facts, the GPU's name, public addresses
+# ---------------------------------------------------------------------------
+
 # The readers below take the roots they read under (proc, sys and the
 # filesystem root, like gopsutil's HOST_PROC/HOST_SYS) so that they run
 # unchanged on fixture trees; helper programs are looked up on PATH.
@@ -1187,23 +1904,6 @@ def release_value(root, key):
     except OSError:
         return ""
     return next((line[len(key) + 1:].strip('"') for line in text.splitlines() if line.startswith(key + "=")), "")
-
-
-def run_output(argv, timeout=3.0):
-    """(exit status, stdout) of a helper program; (None, "") when it cannot run."""
-    import subprocess
-    try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              stdin=subprocess.DEVNULL, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return None, ""
-    return done.returncode, done.stdout.decode("utf-8", "replace")
-
-
-def run_quiet(argv, timeout=3.0):
-    """stdout of a helper program, or "" when it is missing, fails or hangs."""
-    status, out = run_output(argv, timeout)
-    return out if status == 0 else ""
 
 
 def device_label(version, brand, model):
@@ -1514,49 +2214,6 @@ def address_in_text(text, family):
     return ""
 
 
-def resolve_host(cfg, host, port, family=0):
-    """[(family, sockaddr)] to dial host:port: the --custom-dns server when one
-    is set (the system resolver if it does not answer), else the system
-    resolver; --prefer-ip-version's family first. The one place where the
-    panel dials and the address lookups resolve names."""
-    host = (host or "").strip("[]")
-    literal = ip_family(host)
-    if literal is not None:
-        found = [(literal, (host, port))]
-    else:
-        found = []
-        server = getattr(cfg, "custom_dns", "")
-        if server:
-            for qtype, kind in ((1, socket.AF_INET), (28, socket.AF_INET6)):
-                if family not in (0, kind):
-                    continue
-                try:
-                    found += [(kind, (address, port)) for address in dns_lookup(dns_server_address(server), host, qtype)]
-                except (OSError, ValueError, UnicodeError) as e:
-                    log.debug("custom DNS query for %s failed: %s", host, e)
-        if not found:
-            found = [(info[0], info[4][:2]) for info in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
-                     if info[0] in (socket.AF_INET, socket.AF_INET6)]
-    found = [f for f in found if family in (0, f[0])]
-    if getattr(cfg, "prefer_ip_version", ""):
-        want = socket.AF_INET6 if cfg.prefer_ip_version == "6" else socket.AF_INET
-        found.sort(key=lambda item: item[0] != want)
-    if not found:
-        raise OSError("no address for %s" % host)
-    return found
-
-
-def environment_proxy(url):
-    """The proxy that HTTP(S)_PROXY/NO_PROXY name for `url`, or ""."""
-    import urllib.request
-    from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    proxy = urllib.request.getproxies().get(parts.scheme, "")
-    if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
-        return ""
-    return proxy
-
-
 def fetch_over_family(url, family, timeout, cfg=None):
     """Body of a GET to `url` connecting only over `family` (so the answer is
     our IPv4 or IPv6 address, whatever the resolver prefers). Through the
@@ -1675,18 +2332,6 @@ class PublicAddresses:
         return self.v4, self.v6
 
 
-def read_or_empty(path):
-    try:
-        return read_text(path)
-    except OSError:
-        return ""
-
-
-def sys_root():
-    """/sys, or HOST_SYS as gopsutil honours it (a container watching its host)."""
-    return (os.environ.get("HOST_SYS") or "/sys").rstrip("/") or "/sys"
-
-
 def basic_info(cfg, collector, addresses, wait=IP_LOOKUP_WAIT):
     """The basic-info object: exactly the keys the server has columns for."""
     cpuinfo, stat = (read_or_empty(cfg.host_proc + name) for name in ("/cpuinfo", "/stat"))
@@ -1711,317 +2356,9 @@ def basic_info(cfg, collector, addresses, wait=IP_LOOKUP_WAIT):
     return info
 
 
-# -- the report ----------------------------------------------------------------
-
-# One report's figures, as measured; report_payload() (Wire protocol) turns
-# them into the message the panel decodes.
-Figures = namedtuple("Figures", "cpu ram_total ram_used swap_total swap_used load1 load5 load15 disk_total disk_used "
-                                "up down total_up total_down tcp udp uptime processes gpu message")
-
-
-class Collector:
-    """Everything that changes between reports: CPU and NIC baselines, the
-    mount table cache. One instance lives for the whole run so speeds and CPU
-    usage stay continuous across reconnects."""
-
-    MOUNTS_TTL = 30.0
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.proc = cfg.host_proc
-        self.files = OpenProcFiles()
-        self.net = NetMeter()
-        self.cpu_previous = None
-        self.mounts = None
-        self.mounts_at = 0.0
-        self.processes = None
-        self.processes_at = 0.0
-        self.nic_decisions = {}
-        self.static = {}
-        self.traffic = None   # a TrafficLedger when --month-rotate is set
-        self.mount_problems = {}  # --include-mountpoint entries that cannot be counted -> why
-        self.lock = threading.Lock()
-        self.cpu_sample()  # baseline, so the first report has a real CPU figure
-
-    def load_static(self):
-        """Slow facts that need helper programs; looked up once."""
-        if not self.static:
-            self.static = {"gpu_name": gpu_name(sys_root()), "os": os_name(),
-                           "virtualization": virtualization(proc=self.proc, sys_root=sys_root())}
-
-    # each collector returns its figure or raises; report() turns failures into message lines
-    def cpu_sample(self):
-        if IS_LINUX:
-            return cpu_busy_total(self.files.first_line(self.proc + "/stat"))
-        t = psutil_module().cpu_times()
-        total = sum(t)
-        return total - t.idle - getattr(t, "iowait", 0), total
-
-    def cpu_usage(self):
-        current = self.cpu_sample()
-        previous, self.cpu_previous = self.cpu_previous, current
-        return cpu_percent(previous, current) if previous else 0.001
-
-    def memory(self):
-        if IS_LINUX:
-            info = parse_meminfo(self.files.read(self.proc + "/meminfo"))
-            if info.get("MemTotal"):
-                return ram_usage(info, self.cfg.memory_include_cache), swap_usage(info)
-        ps = psutil_module()
-        vm, sw = ps.virtual_memory(), ps.swap_memory()
-        used = vm.total - vm.free if self.cfg.memory_include_cache else vm.total - vm.available
-        return (vm.total, max(0, used)), (sw.total, sw.used)
-
-    def load(self):
-        if IS_LINUX:
-            parts = self.files.first_line(self.proc + "/loadavg").split()
-            return float(parts[0]), float(parts[1]), float(parts[2])
-        return os.getloadavg()
-
-    def mount_table(self):
-        now = time.monotonic()
-        if self.mounts is None or now - self.mounts_at > self.MOUNTS_TTL:
-            if IS_LINUX:
-                path = self.proc + "/1/mountinfo" if self.proc != "/proc" else "/proc/self/mountinfo"
-                self.mounts = countable_mounts(parse_mountinfo(read_text(path)))
-            else:
-                self.mounts = [("dev:" + p.device, Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts))
-                               for p in psutil_module().disk_partitions(all=False)]
-            self.mounts_at = now
-        return self.mounts
-
-    def disk(self):
-        usages = []
-        if self.cfg.mountpoints:
-            for i, path in enumerate(dict.fromkeys(self.cfg.mountpoints)):
-                try:
-                    usages.append(("path:%d" % i,) + statvfs_usage(path))
-                    self.mount_problems.pop(path, None)
-                except OSError as e:
-                    if path not in self.mount_problems:
-                        log.warning("--include-mountpoint %s is not counted: %s", path, describe_error(e))
-                    self.mount_problems[path] = describe_error(e)
-        else:
-            for key, mount in self.mount_table():
-                try:
-                    usages.append((key,) + statvfs_usage(mount.mountpoint))
-                except OSError:
-                    continue
-        return sum_disk_usage(usages)
-
-    def nic_counters(self):
-        """{nic: (rx, tx)} over the counted NICs."""
-        if IS_LINUX:
-            raw = parse_net_dev(self.files.read(self.proc + "/net/dev"))
-        else:
-            raw = {n: (c.bytes_recv, c.bytes_sent) for n, c in psutil_module().net_io_counters(pernic=True).items()}
-        return {n: c for n, c in raw.items() if self.nic_counted(n)}
-
-    def nic_counted(self, name):
-        # decided once per NIC name: the wildcard matching is not free
-        counted = self.nic_decisions.get(name)
-        if counted is None:
-            if len(self.nic_decisions) > 4096:
-                self.nic_decisions.clear()
-            counted = self.nic_decisions[name] = nic_counted(name, self.cfg.nics_include, self.cfg.nics_exclude)
-        return counted
-
-    def network(self):
-        counters = self.nic_counters()
-        up, down = self.net.sample(counters, time.monotonic())
-        if self.traffic is not None:
-            total_up, total_down = self.traffic.update(counters)
-        else:
-            total_up = sum(tx for _, tx in counters.values())
-            total_down = sum(rx for rx, _ in counters.values())
-        return up, down, total_up, total_down
-
-    def connections(self):
-        net = self.proc + "/net/"
-        if IS_LINUX:
-            try:
-                v4 = self.files.read(net + "sockstat")
-            except OSError:
-                v4 = None
-            if v4:
-                try:
-                    v6 = self.files.read(net + "sockstat6")
-                except OSError:
-                    v6 = ""
-                return connections_from_sockstat(v4, v6)
-            return (count_table_rows([net + "tcp", net + "tcp6"]), count_table_rows([net + "udp", net + "udp6"]))
-        conns = psutil_module().net_connections("inet")
-        tcp = sum(1 for c in conns if c.type == socket.SOCK_STREAM)
-        return tcp, len(conns) - tcp
-
-    def uptime(self):
-        if hasattr(time, "CLOCK_BOOTTIME"):
-            # rounded up, as sysinfo(2) rounds it for the official agent
-            return math.ceil(time.clock_gettime(time.CLOCK_BOOTTIME))
-        return int(time.time() - psutil_module().boot_time())
-
-    PROCESSES_TTL = 4.5
-
-    def process_count(self):
-        """Processes, recounted every few seconds: listing /proc makes the
-        kernel walk every task, the dearest read of a report."""
-        now = time.monotonic()
-        if self.processes is None or now - self.processes_at >= self.PROCESSES_TTL:
-            if IS_LINUX:
-                self.processes = sum(map(str.isdigit, os.listdir(self.proc)))
-            else:
-                self.processes = len(psutil_module().pids())
-            self.processes_at = now
-        return self.processes
-
-    def ram_swap_disk_totals(self):
-        try:
-            (ram, _), (swap, _) = self.memory()
-        except Exception:
-            ram = swap = 0
-        try:
-            disk = self.disk()[0]
-        except Exception:
-            disk = 0
-        return ram, swap, disk
-
-    def figures(self):
-        """The figures of one realtime report (report_payload() names their
-        keys). A collector that fails gives zeros and a line in `message`; it
-        never stops the report."""
-        with self.lock:
-            failures = []
-
-            def attempt(name, function, fallback):
-                try:
-                    return function()
-                except Exception as e:
-                    failures.append("failed to get %s: %s" % (name, describe_error(e)))
-                    return fallback
-
-            usage = attempt("cpu", self.cpu_usage, 0.001)
-            (ram_total, ram_used), (swap_total, swap_used) = attempt("memory", self.memory, ((0, 0), (0, 0)))
-            load1, load5, load15 = attempt("load", self.load, (0.0, 0.0, 0.0))
-            disk_total, disk_used = attempt("disk", self.disk, (0, 0))
-            up, down, total_up, total_down = attempt("network", self.network, (0, 0, 0, 0))
-            tcp, udp = attempt("connections", self.connections, (0, 0))
-            uptime = attempt("uptime", self.uptime, 0)
-            processes = attempt("processes", self.process_count, 0)
-            if self.traffic is not None and self.traffic.problem:
-                failures.append(self.traffic.problem)
-            failures += ["disk: mount point %s not counted (%s)" % item for item in sorted(self.mount_problems.items())]
-            gpu = None
-            if self.cfg.gpu:
-                gpu, problem = gpu_details()
-                if problem:
-                    failures.append("failed to get detailed GPU info: " + problem)
-            return Figures(usage, ram_total, ram_used, swap_total, swap_used, load1, load5, load15, disk_total,
-                           disk_used, up, down, total_up, total_down, tcp, udp, uptime, processes, gpu,
-                           "\n".join(failures))
-
-
-def finite(value, low, high):
-    """A float the server accepts: no NaN or infinity, within [low, high]."""
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        return low
-    return min(high, max(low, value))
-
-
-def count(value):
-    """A non-negative JSON integer (the server rejects 1.0 where it wants int64)."""
-    try:
-        return max(0, min(int(value), 2 ** 63 - 2))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def gpu_tool(name, usual_path):
-    """The path of a GPU tool: its usual place, else PATH; "" when missing."""
-    import shutil
-    return usual_path if os.path.exists(usual_path) else shutil.which(name) or ""
-
-
-def leading_number(text):
-    """25.0 from "25 %", "1024 MiB", "65 C", "45.0"; 0.0 for "[N/A]" and the like."""
-    found = re.match(r"^\s*(\d+(?:\.\d+)?)", str(text))
-    return float(found.group(1)) if found else 0.0
-
-
-def gpu_device(name, memory_total, memory_used, utilization, temperature):
-    return {"name": name, "memory_total": count(memory_total), "memory_used": count(memory_used),
-            "utilization": finite(utilization, 0.0, 100.0), "temperature": count(temperature)}
-
-
-def nvidia_devices(csv_text):
-    """Devices from nvidia-smi's CSV query (name, MiB total, MiB used, %, C):
-    every field the panel shows, at a fraction of the cost of `-q -x`."""
-    devices = []
-    for line in csv_text.splitlines():
-        fields = [f.strip() for f in line.split(",")]
-        if len(fields) >= 5:
-            devices.append(gpu_device(fields[0], leading_number(fields[1]) * (1 << 20),
-                                      leading_number(fields[2]) * (1 << 20), leading_number(fields[3]),
-                                      leading_number(fields[4])))
-    return devices
-
-
-def rocm_devices(json_text):
-    """Devices from `rocm-smi --showallinfo --json` (its card* entries)."""
-    data = json.loads(json_text)
-    if not isinstance(data, dict):
-        raise ValueError("rocm-smi output is not a JSON object")
-    devices = []
-    for key in sorted(k for k in data if k.startswith("card")):
-        card = data[key] if isinstance(data[key], dict) else {}
-        devices.append(gpu_device(str(card.get("Card series", "")), leading_number(card.get("VRAM Total Memory (B)", "")),
-                                  leading_number(card.get("VRAM Total Used Memory (B)", "")),
-                                  leading_number(card.get("GPU use (%)", "")),
-                                  leading_number(card.get("Temperature (Sensor junction) (C)", ""))))
-    return devices
-
-
-NVIDIA_QUERY = ["--query-gpu=name,memory.total,memory.used,utilization.gpu,temperature.gpu",
-                "--format=csv,noheader,nounits"]
-
-
-def gpu_devices():
-    """The GPUs' figures, NVIDIA's through nvidia-smi, else AMD's through
-    rocm-smi; an error names what failed."""
-    smi = gpu_tool("nvidia-smi", "/usr/bin/nvidia-smi")
-    if smi:
-        status, out = run_output([smi] + NVIDIA_QUERY, timeout=2.0)
-        if status == 0:
-            return nvidia_devices(out)
-    rocm = gpu_tool("rocm-smi", "/opt/rocm/bin/rocm-smi")
-    if not rocm:
-        raise OSError("rocm-smi tool not found")
-    status, out = run_output([rocm, "--showallinfo", "--json"], timeout=5.0)
-    if status != 0:
-        raise OSError("no data available")
-    return rocm_devices(out)
-
-
-def gpu_details():
-    """(the report's gpu block or None, a problem or ""), as the official
-    agent: no block without GPUs; on failure the message line and, when the
-    names can still be read, {"models": [...]}."""
-    try:
-        devices = gpu_devices()
-    except (OSError, ValueError) as e:
-        problem = str(e) if not isinstance(e, OSError) or not e.strerror else e.strerror
-        try:
-            models = [d["name"] for d in gpu_devices() if d["name"]]
-        except (OSError, ValueError):
-            models = []
-        return ({"models": models} if models else None), problem
-    if not devices:
-        return None, ""
-    return {"count": len(devices), "average_usage": sum(d["utilization"] for d in devices) / len(devices),
-            "detailed_info": devices}, ""
-
-
-# -- monthly traffic (--month-rotate) -------------------------------------------
+# ---------------------------------------------------------------------------
+# Monthly traffic: the ledger behind --month-rotate
+# ---------------------------------------------------------------------------
 
 TRAFFIC_FILE = "traffic.json"
 CALIBRATION_FILE = "traffic-calibration.json"
@@ -2157,14 +2494,6 @@ def net_static_candidates(cwd=None):
     """Where an official agent that this one replaced left its net_static.json."""
     dirs = [os.path.dirname(SCRIPT_PATH), cwd or os.getcwd(), OFFICIAL_INSTALL_DIR]
     return [os.path.join(d, NET_STATIC) for d in dict.fromkeys(dirs)]
-
-
-def read_json_object(path, limit=64 << 20):
-    """A JSON object from the regular file `path`; OSError or ValueError otherwise."""
-    data = json.loads(read_regular_file(path, limit).decode("utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    return data
 
 
 def whole(value):
@@ -2456,110 +2785,10 @@ def traffic_ledger(cfg):
     return ledger
 
 
-def traffic_command(argv, environ):
-    """`komari_agent.py traffic [--set-up SIZE] [--set-down SIZE] [--show] [agent flags]`:
-    calibrate or show this period's totals. Returns the exit code."""
-    parser = ArgParser(prog=PROG + " traffic", allow_abbrev=False,
-                       description="Show or correct this period's traffic totals. Give the same --state-dir "
-                                   "and --config (or AGENT_* environment) as the agent so the same state is used.")
-    parser.add_argument("--set-up", metavar="SIZE",
-                        help="set this period's upload total, e.g. 120G (K/M/G/T/P, 1024-based, decimals allowed)")
-    parser.add_argument("--set-down", metavar="SIZE", help="set this period's download total, e.g. 1.5T")
-    parser.add_argument("--show", action="store_true", help="print the period start and totals (the default)")
-    parser.add_argument("--export", metavar="PATH", nargs="?", const="",
-                        help="write this period's totals as the official agent's net_static.json (default: in the "
-                             "state directory), for switching back to it")
-    try:
-        args, rest = parser.parse_known_args(argv)
-        sizes = {k: parse_size(v) for k, v in (("up", args.set_up), ("down", args.set_down)) if v is not None}
-        cfg, _ = load_config(rest + ["--dry-run"], environ)
-    except (ConfigError, ValueError) as e:
-        sys.stderr.write("%s traffic: error: %s\n" % (PROG, e))
-        return 2
-    directory = state_dir(cfg)
-    calibration = os.path.join(directory, CALIBRATION_FILE)
-    if sizes:
-        try:
-            pending = read_json_object(calibration)
-        except (OSError, ValueError):
-            pending = {}
-        pending = {k: v for k, v in pending.items() if k in ("up", "down")}
-        pending.update(sizes)
-        pending["at"] = time.time()
-        try:
-            write_atomic(calibration, encode(pending).encode())
-            if hasattr(os, "geteuid") and os.geteuid() == 0:
-                # root calibrating for an agent that runs as its own user: let it read the file
-                owner = os.stat(directory)
-                os.chown(calibration, owner.st_uid, owner.st_gid)
-        except OSError as e:
-            sys.stderr.write("%s traffic: error: cannot write %s: %s (run it as the agent's user)\n"
-                             % (PROG, calibration, describe_error(e)))
-            return 1
-        print("calibration saved in %s: %s; a running agent applies it within %d s, otherwise it is applied "
-              "when the agent starts with --month-rotate" % (calibration, ", ".join(
-                  "%s %s" % (k, human_size(v)) for k, v in sorted(sizes.items())), CALIBRATION_CHECK_EVERY + 2))
-    if args.export is not None:
-        return export_traffic(directory, args.export or os.path.join(directory, NET_STATIC))
-    if args.show or not sizes:
-        try:
-            shown = show_traffic(directory, calibration)
-        except (TypeError, ValueError, AttributeError, OverflowError) as e:
-            sys.stderr.write("%s traffic: error: %s in %s is damaged (%s); the agent sets it aside when it "
-                             "starts\n" % (PROG, TRAFFIC_FILE, directory, describe_error(e)))
-            shown = 1
-        return 0 if sizes else shown
-    return 0
-
-
-def export_traffic(directory, path):
-    try:
-        state = read_json_object(os.path.join(directory, TRAFFIC_FILE))
-        stamp = state.get("saved_at") if isinstance(state.get("saved_at"), (int, float)) else time.time()
-        write_net_static(os.path.abspath(path), state, stamp)
-    except (OSError, ValueError) as e:
-        sys.stderr.write("%s traffic: error: cannot export: %s\n" % (PROG, describe_error(e)))
-        return 1
-    print("wrote %s; put it in the official agent's working directory (/opt/komari) before starting it" % path)
-    return 0
-
-
-def show_traffic(directory, calibration):
-    path = os.path.join(directory, TRAFFIC_FILE)
-    try:
-        data = read_json_object(path)
-    except (OSError, ValueError) as e:
-        print("no traffic state in %s (%s): is the agent running with --month-rotate and this --state-dir?"
-              % (directory, describe_error(e)))
-        return 1
-    total = data.get("total") or {}
-    print("period start: %s (reset day %s), next: %s" % (local_time(data.get("period_start")), data.get("reset_day"),
-                                                         local_time(data.get("period_end"))))
-    for key in ("up", "down"):
-        value = whole(total.get(key))
-        print("%-5s %s (%d bytes)" % (key + ":", human_size(value), value))
-    counted = set(data.get("counted") or [])
-    for nic, entry in sorted((data.get("nics") or {}).items()):
-        print("  %s%s: up %s, down %s" % (nic, "" if nic in counted else " (not counted)",
-                                          human_size(whole(entry.get("up"))), human_size(whole(entry.get("down")))))
-    offset = data.get("offset") or {}
-    if offset.get("up") or offset.get("down"):
-        print("  calibration offset: up %+d, down %+d bytes" % (offset.get("up", 0), offset.get("down", 0)))
-    previous = data.get("previous")
-    if isinstance(previous, dict):
-        print("previous period from %s: up %s, down %s" % (local_time(previous.get("start")),
-                                                           human_size(whole(previous.get("up"))),
-                                                           human_size(whole(previous.get("down")))))
-    print("as of %s (the agent saves every minute while it runs)" % local_time(data.get("saved_at")))
-    if os.path.exists(calibration):
-        print("a calibration is waiting for the agent to apply it")
-    return 0
-
-
 # ---------------------------------------------------------------------------
-# Wire protocol: the panel's paths, every message we send, every message we
-# read; v1 beside v2 (JSON-RPC 2.0)
+# Wire protocol: the panel's paths, every message we send, every message we read; v1 beside v2 (JSON-RPC 2.0)
 # ---------------------------------------------------------------------------
+
 # Traps (the server's behaviour, README "What is sent"): exec results go by POST to
 # TASK_RESULT_PATH even on v2 (the server ignores agent.taskResult); a terminal
 # request needs a socket, so it never reaches an agent in POST mode; a v2 ping
@@ -2582,19 +2811,21 @@ PULL_CAPABILITIES = ("exec", "ping")
 # (-32602 invalid params, -32000 failed to save) are about one message's content
 RPC_PROTOCOL_ERRORS = (-32700, -32600, -32601)
 
-# One encoder for the run: json.dumps with options builds a new one per call.
-WIRE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+def finite(value, low, high):
+    """A float the server accepts: no NaN or infinity, within [low, high]."""
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        return low
+    return min(high, max(low, value))
 
 
-def encode(obj):
-    """Compact JSON exactly as it goes on the wire; NaN is an error, not a token."""
-    return WIRE_JSON.encode(obj)
-
-
-def rfc3339_now():
-    """Local time with its offset, e.g. 2026-11-24T16:00:00.123+08:00."""
-    from datetime import datetime
-    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+def count(value):
+    """A non-negative JSON integer (the server rejects 1.0 where it wants int64)."""
+    try:
+        return max(0, min(int(value), 2 ** 63 - 2))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 # -- what we send ----------------------------------------------------------------
@@ -2774,74 +3005,8 @@ def request_id(message):
     return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
 
 
-class Inbox:
-    """Events from every link on their way to Tasks. It outlives the links, so
-    an event delivered twice (by a pull result, again by a report result, once
-    more as a notification after a reconnect) runs once: events are known by
-    id, execs by task id. Handled ids wait here until a reply confirms the
-    panel got the acknowledgement."""
-
-    KEEP = 4096  # ids remembered; the panel queues at most 128 per client
-
-    def __init__(self, dispatch):
-        self.dispatch = dispatch
-        self.lock = threading.Lock()
-        self.seen = {}   # event ids and ("exec", task id), oldest first
-        self.acks = {}   # event ids to acknowledge, oldest first
-
-    def _remember(self, key):
-        """False when key was seen before."""
-        if key in self.seen:
-            return False
-        self.seen[key] = True
-        while len(self.seen) > self.KEEP:
-            del self.seen[next(iter(self.seen))]
-        return True
-
-    def take(self, link, event, event_id=None):
-        """Run one event from a v2 link (event: the v1-shaped dict, or None for
-        one that is only logged)."""
-        with self.lock:
-            fresh = event_id is None or self._remember(event_id)
-            if fresh and event is not None and event.get("message") == "exec":
-                task_id = event.get("task_id")
-                fresh = not isinstance(task_id, str) or not task_id or self._remember(("exec", task_id))
-                if not fresh:
-                    log.info("remote command %s already run; not again", task_id[:40])
-        if fresh and event is not None:
-            self.dispatch(link, event)
-        if event_id is not None:
-            with self.lock:
-                self.acks[event_id] = True
-                while len(self.acks) > self.KEEP:  # a panel that never confirms
-                    del self.acks[next(iter(self.acks))]
-
-    def take_rpc(self, link, event_id, method, params):
-        """Never raises: in POST mode this runs on the agent's and the pull's
-        threads, and one odd event must not end them nor the events after it."""
-        try:
-            event = event_from_rpc(method, params)
-        except KeyError:
-            # not acknowledged: the panel offers it again until it expires
-            log.warning("ignoring an unknown event %r from the panel", str(method)[:40])
-            return
-        try:
-            self.take(link, event, event_id)
-        except Exception:
-            log.exception("error while handling the event %r from the panel; skipped", str(method)[:40])
-
-    def pending_acks(self):
-        with self.lock:
-            return list(self.acks)[:128]
-
-    def acknowledged(self, ids):
-        with self.lock:
-            for event_id in ids:
-                self.acks.pop(event_id, None)
-
-
 # ---------------------------------------------------------------------------
-# Transport: HTTP uploads and the report links (v2 WebSocket, v2 POST, v1 WebSocket)
+# Transport: HTTP uploads to the panel, undelivered results, auto-discovery
 # ---------------------------------------------------------------------------
 
 class PanelRefused(AgentError):
@@ -2851,27 +3016,6 @@ class PanelRefused(AgentError):
         super().__init__("HTTP %s %s" % (status, detail))
         self.status = status
         self.detail = detail
-
-
-def tls_context(cfg):
-    if cfg.ignore_unsafe_cert:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    return ssl.create_default_context()
-
-
-def describe_body(body):
-    """One line for a reply we did not expect (an HTML error page from a proxy,
-    a JSON error from the panel)."""
-    text = body[:2000].decode("utf-8", "replace")
-    title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
-    if title:
-        return "an HTML page %r" % title.group(1).strip()[:80]
-    if "<html" in text.lower():
-        return "an HTML page"
-    return repr(" ".join(text.split())[:160])
 
 
 class Panel:
@@ -2950,102 +3094,6 @@ class Panel:
         if status != 200 or not isinstance(parsed, dict) or parsed.get("status") != "success":
             raise PanelRefused(status, describe_body(body))
         return parsed
-
-
-class ConnectionCutter:
-    """One overall deadline for an HTTP exchange: when it passes, the
-    connections opened for the exchange are shut down, which ends any read
-    however slowly the peer trickles (a socket timeout counts per read)."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-        self.lock = threading.Lock()
-        self.sockets = []  # duplicates: shutting one down ends the connection, never a reused fd
-        self.fired = self.done = False
-        self.timer = threading.Timer(seconds, self.fire)
-        self.timer.daemon = True
-        self.timer.start()
-
-    def watch(self, create_connection):
-        def create(*args, **kwargs):
-            sock = create_connection(*args, **kwargs)
-            with self.lock:
-                if not self.done:
-                    self.sockets.append(sock.dup())
-                fired = self.fired
-            if fired:
-                sock.shutdown(socket.SHUT_RDWR)
-            return sock
-        return create
-
-    def follow(self, sock):
-        """Cut `sock` too: a kept-alive connection (TLS or not) opened before."""
-        copy = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a plain socket even for TLS
-        with self.lock:
-            kept, fired = not self.done, self.fired
-            if kept:
-                self.sockets.append(copy)
-        if fired:
-            try:
-                copy.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if not kept:
-            copy.close()
-
-    def fire(self):
-        with self.lock:
-            self.fired = True
-            for sock in self.sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def timeout(self):
-        import errno
-        return socket.timeout(errno.ETIMEDOUT, "no complete answer within %gs" % self.seconds)
-
-    def cancel(self):
-        self.timer.cancel()
-        with self.lock:
-            self.done = True
-            for sock in self.sockets:
-                sock.close()
-            self.sockets = []
-
-
-def cuttable_handlers(cutter, context, dial=None):
-    """urllib handlers for http (and https with `context`) whose connections
-    `cutter` watches, dialled by `dial` (socket.create_connection's
-    signature) when one is given. A proxy (CONNECT tunnel) is dialled the
-    same way."""
-    import http.client
-    import urllib.request
-
-    def watched(connection_class):
-        def make(host, **kwargs):
-            connection = connection_class(host, **kwargs)
-            if dial is not None:
-                connection._create_connection = dial
-            if cutter is not None:
-                connection._create_connection = cutter.watch(connection._create_connection)
-            return connection
-        return make
-
-    class HTTPHandler(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(watched(http.client.HTTPConnection), req)
-
-    class HTTPSHandler(urllib.request.HTTPSHandler):
-        def https_open(self, req):
-            return self.do_open(watched(http.client.HTTPSConnection), req, context=context)
-    return [HTTPHandler(), HTTPSHandler(context=context)]
-
-
-def http_exceptions():
-    import http.client
-    return http.client.HTTPException
 
 
 def explain_refusal(error, what):
@@ -3201,6 +3249,8 @@ class ResultSpool:
             self._forget(name)
 
 
+# -- auto-discovery ----------------------------------------------------------------
+
 def discovery_file(cfg):
     return os.path.join(state_dir(cfg), "auto-discovery.json")
 
@@ -3250,6 +3300,10 @@ def register_with_key(panel):
     return token
 
 
+# ---------------------------------------------------------------------------
+# Links: WebSocket framing, the three report links (v2 WebSocket, v2 POST, v1 WebSocket), choosing one
+# ---------------------------------------------------------------------------
+
 class LinkClosed(AgentError):
     """The report link is gone (the panel closed it, a write failed, a ping
     went unanswered, a frame was too large); the agent loop dials again."""
@@ -3267,6 +3321,72 @@ class ProtocolRejected(AgentError):
         self.detail = detail
 
 
+class Inbox:
+    """Events from every link on their way to Tasks. It outlives the links, so
+    an event delivered twice (by a pull result, again by a report result, once
+    more as a notification after a reconnect) runs once: events are known by
+    id, execs by task id. Handled ids wait here until a reply confirms the
+    panel got the acknowledgement."""
+
+    KEEP = 4096  # ids remembered; the panel queues at most 128 per client
+
+    def __init__(self, dispatch):
+        self.dispatch = dispatch
+        self.lock = threading.Lock()
+        self.seen = {}   # event ids and ("exec", task id), oldest first
+        self.acks = {}   # event ids to acknowledge, oldest first
+
+    def _remember(self, key):
+        """False when key was seen before."""
+        if key in self.seen:
+            return False
+        self.seen[key] = True
+        while len(self.seen) > self.KEEP:
+            del self.seen[next(iter(self.seen))]
+        return True
+
+    def take(self, link, event, event_id=None):
+        """Run one event from a v2 link (event: the v1-shaped dict, or None for
+        one that is only logged)."""
+        with self.lock:
+            fresh = event_id is None or self._remember(event_id)
+            if fresh and event is not None and event.get("message") == "exec":
+                task_id = event.get("task_id")
+                fresh = not isinstance(task_id, str) or not task_id or self._remember(("exec", task_id))
+                if not fresh:
+                    log.info("remote command %s already run; not again", task_id[:40])
+        if fresh and event is not None:
+            self.dispatch(link, event)
+        if event_id is not None:
+            with self.lock:
+                self.acks[event_id] = True
+                while len(self.acks) > self.KEEP:  # a panel that never confirms
+                    del self.acks[next(iter(self.acks))]
+
+    def take_rpc(self, link, event_id, method, params):
+        """Never raises: in POST mode this runs on the agent's and the pull's
+        threads, and one odd event must not end them nor the events after it."""
+        try:
+            event = event_from_rpc(method, params)
+        except KeyError:
+            # not acknowledged: the panel offers it again until it expires
+            log.warning("ignoring an unknown event %r from the panel", str(method)[:40])
+            return
+        try:
+            self.take(link, event, event_id)
+        except Exception:
+            log.exception("error while handling the event %r from the panel; skipped", str(method)[:40])
+
+    def pending_acks(self):
+        with self.lock:
+            return list(self.acks)[:128]
+
+    def acknowledged(self, ids):
+        with self.lock:
+            for event_id in ids:
+                self.acks.pop(event_id, None)
+
+
 def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT, header=None):
     """A connected websocket-client WebSocket: no Origin header (the panel's
     browser origin policy would apply), proxies from the environment, TLS
@@ -3282,35 +3402,6 @@ def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT, header=None):
     ws = websocket.create_connection(url, timeout=timeout, suppress_origin=True, sslopt=sslopt,
                                      enable_multithread=True, skip_utf8_validation=True, **kwargs)
     return ws
-
-
-def preferred_socket(cfg, url, timeout):
-    """A TCP (and TLS) socket to the URL's host, trying the preferred address
-    family first."""
-    from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
-    sock = dial_tcp(cfg, parts.hostname, port, timeout)
-    if secure:
-        sock = tls_context(cfg).wrap_socket(sock, server_hostname=parts.hostname)
-    return sock
-
-
-def dial_tcp(cfg, host, port, timeout):
-    """A connected TCP socket to host:port, through resolve_host (--custom-dns,
-    --prefer-ip-version): each address in turn."""
-    error = OSError("no address for %s" % host)
-    for family, address in resolve_host(cfg, host, port):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(timeout if isinstance(timeout, (int, float)) else None)
-        try:
-            sock.connect(address)
-            return sock
-        except OSError as e:
-            sock.close()
-            error = e
-    raise error
 
 
 def handshake_problem(error):
@@ -3349,19 +3440,6 @@ def unmask(data, key):
     n = len(data)
     mask = int.from_bytes((key * (n // 4 + 1))[:n], "big")
     return (int.from_bytes(data, "big") ^ mask).to_bytes(n, "big")
-
-
-def drop_tcp(sock):
-    """Drop a connection at once, from any thread: shutdown() wakes a thread
-    blocked reading or writing on it."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except Exception:
-        pass
-    try:
-        sock.close()
-    except Exception:
-        pass
 
 
 # -- permessage-deflate (RFC 7692) -------------------------------------------------
@@ -4360,127 +4438,6 @@ def run_command(command, timeout, limit, started=None):
 
 
 # -- ping probes -------------------------------------------------------------------
-
-def ip_family(text):
-    """socket.AF_INET/AF_INET6 for an IP literal, else None."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, text)
-            return family
-        except (OSError, ValueError):
-            pass
-    return None
-
-
-def split_host_port(target, default_port=80):
-    """(host, port) from `host:port`, `[v6]:port`, a bare host or IPv6 (port
-    80); None when the port is not a port."""
-    text = target.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            return None
-        host, rest = text[1:end], text[end + 1:]
-        if not rest:
-            port = str(default_port)
-        elif rest.startswith(":"):
-            port = rest[1:]
-        else:
-            return None
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)
-
-
-def dns_server_address(spec):
-    """(host, port) of a --custom-dns value: 1.2.3.4, 1.2.3.4:5353, [v6]:53, bare v6."""
-    spec = spec.strip()
-    if ip_family(spec) == socket.AF_INET6:
-        return spec, 53
-    parsed = split_host_port(spec, 53)
-    if parsed is None:
-        raise ValueError("bad --custom-dns %r" % spec)
-    return parsed
-
-
-def dns_query(name, qtype, ident):
-    labels = name.rstrip(".").encode("idna").split(b".")
-    if not all(0 < len(label) < 64 for label in labels):
-        raise ValueError("bad host name")
-    qname = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
-    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, 1)
-
-
-def skip_dns_name(reply, offset):
-    while True:
-        length = reply[offset]
-        if length & 0xC0 == 0xC0:
-            return offset + 2
-        if length == 0:
-            return offset + 1
-        offset += 1 + length
-
-
-def dns_answers(reply, ident, qtype):
-    """The addresses of type `qtype` (1 = A, 28 = AAAA) in a DNS reply to
-    query `ident`; CNAMEs in the chain are skipped. ValueError for a reply
-    that is not one (wrong id, an error code, truncated data)."""
-    try:
-        rid, flags, qdcount, ancount = struct.unpack("!HHHH", reply[:8])
-        if rid != ident or not flags & 0x8000:
-            raise ValueError("not our reply")
-        if flags & 0x000F not in (0, 3):  # 3 = no such name: an empty answer
-            raise ValueError("DNS error code %d" % (flags & 0x000F))
-        offset = 12
-        for _ in range(qdcount):
-            offset = skip_dns_name(reply, offset) + 4
-        family, size = (socket.AF_INET, 4) if qtype == 1 else (socket.AF_INET6, 16)
-        addresses = []
-        for _ in range(ancount):
-            offset = skip_dns_name(reply, offset)
-            rtype, _, _, rdlength = struct.unpack("!HHIH", reply[offset:offset + 10])
-            offset += 10
-            rdata = reply[offset:offset + rdlength]
-            if len(rdata) != rdlength:
-                raise ValueError("truncated reply")
-            offset += rdlength
-            if rtype == qtype and rdlength == size:
-                addresses.append(socket.inet_ntop(family, rdata))
-        return addresses
-    except (struct.error, IndexError) as e:
-        raise ValueError("malformed DNS reply") from e
-
-
-def dns_lookup(server, name, qtype, timeout=2.0):
-    """Addresses for `name` from one UDP query to `server` (host, port)."""
-    host, port = server
-    family = ip_family(host)
-    if family is None:
-        family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
-    else:
-        address = (host, port)
-    ident = UNGUESSABLE.getrandbits(16)
-    query = dns_query(name, qtype, ident)
-    deadline = time.monotonic() + timeout
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.send(query)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("no DNS answer")
-            sock.settimeout(remaining)
-            reply = sock.recv(4096)
-            try:
-                return dns_answers(reply, ident, qtype)
-            except ValueError as e:
-                if str(e) != "not our reply":
-                    raise
-
 
 def probe_addresses(cfg, host, deadline=None):
     """[(family, address)] for a probe target, preferred family first:
@@ -5696,7 +5653,7 @@ class Agent:
 
 
 # ---------------------------------------------------------------------------
-# main()
+# Subcommands: --check, --dry-run, list-disk, check-mem, traffic
 # ---------------------------------------------------------------------------
 
 # module -> the package that provides it (requirements.txt)
@@ -5787,6 +5744,11 @@ def monitored_mountpoints(collector):
                              for _, m in sorted(collector.mount_table(), key=lambda km: km[1].mountpoint))
 
 
+def monitored_interfaces(collector):
+    """"[eth0 wg0]": the NICs whose traffic counts."""
+    return "[%s]" % " ".join(sorted(collector.nic_counters()))
+
+
 def log_monitored(collector):
     """The official agent's startup lines, which users grep for."""
     for what, listing in (("Mountpoints", monitored_mountpoints), ("Interfaces", monitored_interfaces)):
@@ -5794,11 +5756,6 @@ def log_monitored(collector):
             log.info("Monitoring %s: %s", what, listing(collector))
         except OSError as e:
             log.warning("cannot list the monitored %s: %s", what.lower(), describe_error(e))
-
-
-def monitored_interfaces(collector):
-    """"[eth0 wg0]": the NICs whose traffic counts."""
-    return "[%s]" % " ".join(sorted(collector.nic_counters()))
 
 
 def list_disk_command(argv, environ):
@@ -5869,35 +5826,109 @@ def check_mem_command(argv, environ):
     return 0
 
 
-def glibc():
-    """The C library through ctypes, or None where it is not glibc-like."""
-    if not IS_LINUX:
-        return None
+def traffic_command(argv, environ):
+    """`komari_agent.py traffic [--set-up SIZE] [--set-down SIZE] [--show] [agent flags]`:
+    calibrate or show this period's totals. Returns the exit code."""
+    parser = ArgParser(prog=PROG + " traffic", allow_abbrev=False,
+                       description="Show or correct this period's traffic totals. Give the same --state-dir "
+                                   "and --config (or AGENT_* environment) as the agent so the same state is used.")
+    parser.add_argument("--set-up", metavar="SIZE",
+                        help="set this period's upload total, e.g. 120G (K/M/G/T/P, 1024-based, decimals allowed)")
+    parser.add_argument("--set-down", metavar="SIZE", help="set this period's download total, e.g. 1.5T")
+    parser.add_argument("--show", action="store_true", help="print the period start and totals (the default)")
+    parser.add_argument("--export", metavar="PATH", nargs="?", const="",
+                        help="write this period's totals as the official agent's net_static.json (default: in the "
+                             "state directory), for switching back to it")
     try:
-        import ctypes
-        lib = ctypes.CDLL("libc.so.6")
-        lib.mallopt  # noqa: B018 - it must exist
-        return lib
-    except (OSError, AttributeError):
-        return None
+        args, rest = parser.parse_known_args(argv)
+        sizes = {k: parse_size(v) for k, v in (("up", args.set_up), ("down", args.set_down)) if v is not None}
+        cfg, _ = load_config(rest + ["--dry-run"], environ)
+    except (ConfigError, ValueError) as e:
+        sys.stderr.write("%s traffic: error: %s\n" % (PROG, e))
+        return 2
+    directory = state_dir(cfg)
+    calibration = os.path.join(directory, CALIBRATION_FILE)
+    if sizes:
+        try:
+            pending = read_json_object(calibration)
+        except (OSError, ValueError):
+            pending = {}
+        pending = {k: v for k, v in pending.items() if k in ("up", "down")}
+        pending.update(sizes)
+        pending["at"] = time.time()
+        try:
+            write_atomic(calibration, encode(pending).encode())
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                # root calibrating for an agent that runs as its own user: let it read the file
+                owner = os.stat(directory)
+                os.chown(calibration, owner.st_uid, owner.st_gid)
+        except OSError as e:
+            sys.stderr.write("%s traffic: error: cannot write %s: %s (run it as the agent's user)\n"
+                             % (PROG, calibration, describe_error(e)))
+            return 1
+        print("calibration saved in %s: %s; a running agent applies it within %d s, otherwise it is applied "
+              "when the agent starts with --month-rotate" % (calibration, ", ".join(
+                  "%s %s" % (k, human_size(v)) for k, v in sorted(sizes.items())), CALIBRATION_CHECK_EVERY + 2))
+    if args.export is not None:
+        return export_traffic(directory, args.export or os.path.join(directory, NET_STATIC))
+    if args.show or not sizes:
+        try:
+            shown = show_traffic(directory, calibration)
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            sys.stderr.write("%s traffic: error: %s in %s is damaged (%s); the agent sets it aside when it "
+                             "starts\n" % (PROG, TRAFFIC_FILE, directory, describe_error(e)))
+            shown = 1
+        return 0 if sizes else shown
+    return 0
 
 
-def limit_malloc_arenas():
-    """glibc gives each thread its own malloc arena; for a few mostly idle
-    threads that is megabytes of RSS for nothing."""
-    lib = glibc()
-    if lib is not None:
-        lib.mallopt(-8, 1)  # M_ARENA_MAX
+def export_traffic(directory, path):
+    try:
+        state = read_json_object(os.path.join(directory, TRAFFIC_FILE))
+        stamp = state.get("saved_at") if isinstance(state.get("saved_at"), (int, float)) else time.time()
+        write_net_static(os.path.abspath(path), state, stamp)
+    except (OSError, ValueError) as e:
+        sys.stderr.write("%s traffic: error: cannot export: %s\n" % (PROG, describe_error(e)))
+        return 1
+    print("wrote %s; put it in the official agent's working directory (/opt/komari) before starting it" % path)
+    return 0
 
 
-def return_free_memory():
-    """Hand freed heap pages back to the kernel. Start-up (the script's syntax
-    tree, a TLS handshake) leaves megabytes free inside glibc's heap that it
-    would otherwise keep for good; called once per new report link."""
-    lib = glibc()
-    if lib is not None:
-        lib.malloc_trim(0)
+def show_traffic(directory, calibration):
+    path = os.path.join(directory, TRAFFIC_FILE)
+    try:
+        data = read_json_object(path)
+    except (OSError, ValueError) as e:
+        print("no traffic state in %s (%s): is the agent running with --month-rotate and this --state-dir?"
+              % (directory, describe_error(e)))
+        return 1
+    total = data.get("total") or {}
+    print("period start: %s (reset day %s), next: %s" % (local_time(data.get("period_start")), data.get("reset_day"),
+                                                         local_time(data.get("period_end"))))
+    for key in ("up", "down"):
+        value = whole(total.get(key))
+        print("%-5s %s (%d bytes)" % (key + ":", human_size(value), value))
+    counted = set(data.get("counted") or [])
+    for nic, entry in sorted((data.get("nics") or {}).items()):
+        print("  %s%s: up %s, down %s" % (nic, "" if nic in counted else " (not counted)",
+                                          human_size(whole(entry.get("up"))), human_size(whole(entry.get("down")))))
+    offset = data.get("offset") or {}
+    if offset.get("up") or offset.get("down"):
+        print("  calibration offset: up %+d, down %+d bytes" % (offset.get("up", 0), offset.get("down", 0)))
+    previous = data.get("previous")
+    if isinstance(previous, dict):
+        print("previous period from %s: up %s, down %s" % (local_time(previous.get("start")),
+                                                           human_size(whole(previous.get("up"))),
+                                                           human_size(whole(previous.get("down")))))
+    print("as of %s (the agent saves every minute while it runs)" % local_time(data.get("saved_at")))
+    if os.path.exists(calibration):
+        print("a calibration is waiting for the agent to apply it")
+    return 0
 
+
+# ---------------------------------------------------------------------------
+# main()
+# ---------------------------------------------------------------------------
 
 def stop_on_signals():
     """An Event that SIGTERM, SIGINT and SIGHUP set: a hangup (the terminal
