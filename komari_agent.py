@@ -688,7 +688,6 @@ class ConnectionCutter:
                     pass
 
     def timeout(self):
-        import errno
         return socket.timeout(errno.ETIMEDOUT, "no complete answer within %gs" % self.seconds)
 
     def cancel(self):
@@ -1090,8 +1089,6 @@ def finish_config(cfg, warnings):
     """Cross-field checks and derived values."""
     if cfg.memory_mode_available:
         warnings.append("memory_mode_available is deprecated and has no effect; use --memory-include-cache")
-    if cfg.disable_auto_update is False:
-        pass  # nothing to update: the script is updated by re-running install.sh
     if not cfg.dry_run and not cfg.show_warning:
         if not cfg.endpoint:
             raise ConfigError("no panel endpoint: pass --endpoint https://your-panel (or AGENT_ENDPOINT)")
@@ -1337,6 +1334,17 @@ def countable_mounts(mounts):
     return result
 
 
+def read_mounts(proc="/proc", every=True):
+    """The mount table as Mounts: the host's (its init's) when --host-proc
+    points elsewhere; without /proc, psutil's partitions (`every`: pseudo
+    file systems too)."""
+    if IS_LINUX:
+        path = proc + "/1/mountinfo" if proc != "/proc" else "/proc/self/mountinfo"
+        return parse_mountinfo(read_text(path))
+    return [Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts)
+            for p in psutil_module().disk_partitions(all=every)]
+
+
 def statvfs_usage(path):
     st = os.statvfs(path)
     total = st.f_blocks * st.f_frsize
@@ -1461,9 +1469,8 @@ def leading_number(text):
     return float(found.group(1)) if found else 0.0
 
 
-def gpu_device(name, memory_total, memory_used, utilization, temperature):
-    return {"name": name, "memory_total": count(memory_total), "memory_used": count(memory_used),
-            "utilization": finite(utilization, 0.0, 100.0), "temperature": count(temperature)}
+# one GPU's figures as its tool gave them (bytes, %, degrees C); report_payload() guards their ranges
+GpuDevice = namedtuple("GpuDevice", "name memory_total memory_used utilization temperature")
 
 
 def nvidia_devices(csv_text):
@@ -1473,7 +1480,7 @@ def nvidia_devices(csv_text):
     for line in csv_text.splitlines():
         fields = [f.strip() for f in line.split(",")]
         if len(fields) >= 5:
-            devices.append(gpu_device(fields[0], leading_number(fields[1]) * (1 << 20),
+            devices.append(GpuDevice(fields[0], leading_number(fields[1]) * (1 << 20),
                                       leading_number(fields[2]) * (1 << 20), leading_number(fields[3]),
                                       leading_number(fields[4])))
     return devices
@@ -1487,7 +1494,7 @@ def rocm_devices(json_text):
     devices = []
     for key in sorted(k for k in data if k.startswith("card")):
         card = data[key] if isinstance(data[key], dict) else {}
-        devices.append(gpu_device(str(card.get("Card series", "")), leading_number(card.get("VRAM Total Memory (B)", "")),
+        devices.append(GpuDevice(str(card.get("Card series", "")), leading_number(card.get("VRAM Total Memory (B)", "")),
                                   leading_number(card.get("VRAM Total Used Memory (B)", "")),
                                   leading_number(card.get("GPU use (%)", "")),
                                   leading_number(card.get("Temperature (Sensor junction) (C)", ""))))
@@ -1516,22 +1523,19 @@ def gpu_devices():
 
 
 def gpu_details():
-    """(the report's gpu block or None, a problem or ""), as the official
-    agent: no block without GPUs; on failure the message line and, when the
-    names can still be read, {"models": [...]}."""
+    """(GpuDevices, or only the model names, or None; a problem or ""), as
+    the official agent: nothing without GPUs; on failure the message line
+    and, when the names can still be read, those."""
     try:
         devices = gpu_devices()
     except (OSError, ValueError) as e:
         problem = str(e) if not isinstance(e, OSError) or not e.strerror else e.strerror
         try:
-            models = [d["name"] for d in gpu_devices() if d["name"]]
+            models = [d.name for d in gpu_devices() if d.name]
         except (OSError, ValueError):
             models = []
-        return ({"models": models} if models else None), problem
-    if not devices:
-        return None, ""
-    return {"count": len(devices), "average_usage": sum(d["utilization"] for d in devices) / len(devices),
-            "detailed_info": devices}, ""
+        return (models or None), problem
+    return (devices or None), ""
 
 
 # -- the report ----------------------------------------------------------------
@@ -1560,17 +1564,10 @@ class Collector:
         self.processes = None
         self.processes_at = 0.0
         self.nic_decisions = {}
-        self.static = {}
         self.traffic = None   # a TrafficLedger when --month-rotate is set
         self.mount_problems = {}  # --include-mountpoint entries that cannot be counted -> why
         self.lock = threading.Lock()
         self.cpu_sample()  # baseline, so the first report has a real CPU figure
-
-    def load_static(self):
-        """Slow facts that need helper programs; looked up once."""
-        if not self.static:
-            self.static = {"gpu_name": gpu_name(sys_root()), "os": os_name(),
-                           "virtualization": virtualization(proc=self.proc, sys_root=sys_root())}
 
     # each collector returns its figure or raises; report() turns failures into message lines
     def cpu_sample(self):
@@ -1605,11 +1602,9 @@ class Collector:
         now = time.monotonic()
         if self.mounts is None or now - self.mounts_at > self.MOUNTS_TTL:
             if IS_LINUX:
-                path = self.proc + "/1/mountinfo" if self.proc != "/proc" else "/proc/self/mountinfo"
-                self.mounts = countable_mounts(parse_mountinfo(read_text(path)))
+                self.mounts = countable_mounts(read_mounts(self.proc))
             else:
-                self.mounts = [("dev:" + p.device, Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts))
-                               for p in psutil_module().disk_partitions(all=False)]
+                self.mounts = [("dev:" + m.source, m) for m in read_mounts(self.proc, every=False)]
             self.mounts_at = now
         return self.mounts
 
@@ -2154,7 +2149,7 @@ DMI_VENDORS = (("kvm", "kvm"), ("qemu", "qemu"), ("vmware", "vmware"), ("virtual
                ("bhyve", "bhyve"))
 
 
-def hypervisor_verdict(root="/", proc="/proc", sys_root="/sys"):
+def hypervisor_verdict(proc="/proc", sys_root="/sys"):
     """What stands in for the official agent's CPUID probe, which Python
     cannot make: OpenVZ and WSL markers, the DMI vendor, the cpuinfo
     `hypervisor` flag (the CPUID bit itself)."""
@@ -2186,7 +2181,7 @@ def virtualization(root="/", proc="/proc", sys_root="/sys"):
     """systemd-detect-virt when it exits 0, else container markers, else the
     hypervisor; "none" on bare metal."""
     answer = run_quiet(["systemd-detect-virt"]).strip()
-    return answer or container_marker(root, proc) or hypervisor_verdict(root, proc, sys_root)
+    return answer or container_marker(root, proc) or hypervisor_verdict(proc, sys_root)
 
 
 # -- public addresses ----------------------------------------------------------
@@ -2332,28 +2327,33 @@ class PublicAddresses:
         return self.v4, self.v6
 
 
-def basic_info(cfg, collector, addresses, wait=IP_LOOKUP_WAIT):
-    """The basic-info object: exactly the keys the server has columns for."""
+# -- the whole of it ---------------------------------------------------------------
+
+def slow_facts(cfg):
+    """The facts that need helper programs (lspci, systemd-detect-virt):
+    looked up once per run."""
+    return {"gpu_name": gpu_name(sys_root()), "os": os_name(),
+            "virtualization": virtualization(proc=cfg.host_proc, sys_root=sys_root())}
+
+
+# basic_info_payload() (Wire protocol) names these for the panel
+BasicFacts = namedtuple("BasicFacts", "cpu_name cpu_cores cpu_physical_cores arch os kernel_version gpu_name "
+                                      "virtualization ipv4 ipv6 mem_total swap_total disk_total")
+
+
+def basic_facts(cfg, collector, addresses, slow, wait=IP_LOOKUP_WAIT):
+    """Everything basic info says, now: `slow` from slow_facts(), totals
+    from the collector, public addresses waited for up to `wait` seconds."""
     cpuinfo, stat = (read_or_empty(cfg.host_proc + name) for name in ("/cpuinfo", "/stat"))
     ipv4, ipv6 = addresses.current(wait)
     ram, swap, disk = collector.ram_swap_disk_totals()
-    info = {
-        "cpu_name": cpu_name_from_cpuinfo(cpuinfo) if cpuinfo else (platform.processor() or "Unknown"),
-        "cpu_cores": logical_cpus(cpuinfo, stat),
-        "cpu_physical_cores": physical_cores(sys_root(), cpuinfo),
-        "arch": go_arch(platform.machine()),
-        "os": collector.static.get("os") or os_name(),
-        "kernel_version": platform.release() or "Unknown",
-        "gpu_name": collector.static.get("gpu_name", ""),
-        "virtualization": collector.static.get("virtualization", ""),
-        "ipv4": ipv4,
-        "ipv6": ipv6,
-        "mem_total": int(ram),
-        "swap_total": int(swap),
-        "disk_total": int(disk),
-        "version": __version__,
-    }
-    return info
+    return BasicFacts(
+        cpu_name=cpu_name_from_cpuinfo(cpuinfo) if cpuinfo else (platform.processor() or "Unknown"),
+        cpu_cores=logical_cpus(cpuinfo, stat), cpu_physical_cores=physical_cores(sys_root(), cpuinfo),
+        arch=go_arch(platform.machine()), os=slow.get("os") or os_name(),
+        kernel_version=platform.release() or "Unknown", gpu_name=slow.get("gpu_name", ""),
+        virtualization=slow.get("virtualization", ""), ipv4=ipv4, ipv6=ipv6,
+        mem_total=ram, swap_total=swap, disk_total=disk)
 
 
 # ---------------------------------------------------------------------------
@@ -2830,6 +2830,15 @@ def count(value):
 
 # -- what we send ----------------------------------------------------------------
 
+def basic_info_payload(f):
+    """The basic-info object for BasicFacts `f`: exactly the keys the server
+    has columns for (v1's POST body, v2's agent.basicInfo params.info)."""
+    return {"cpu_name": f.cpu_name, "cpu_cores": f.cpu_cores, "cpu_physical_cores": f.cpu_physical_cores,
+            "arch": f.arch, "os": f.os, "kernel_version": f.kernel_version, "gpu_name": f.gpu_name,
+            "virtualization": f.virtualization, "ipv4": f.ipv4, "ipv6": f.ipv6, "mem_total": int(f.mem_total),
+            "swap_total": int(f.swap_total), "disk_total": int(f.disk_total), "version": __version__}
+
+
 def report_payload(f):
     """The realtime report for Figures `f`, as the panel decodes it (the v1
     frame, and params.report of v2's agent.report), with every number in
@@ -2849,8 +2858,20 @@ def report_payload(f):
         "message": f.message,
     }
     if f.gpu:
-        report["gpu"] = f.gpu
+        report["gpu"] = gpu_block(f.gpu)
     return report
+
+
+def gpu_block(gpu):
+    """The report's gpu object: every device's figures, or {"models": [...]}
+    when only the names could be read."""
+    if isinstance(gpu[0], str):
+        return {"models": list(gpu)}
+    devices = [{"name": d.name, "memory_total": count(d.memory_total), "memory_used": count(d.memory_used),
+                "utilization": finite(d.utilization, 0.0, 100.0), "temperature": count(d.temperature)}
+               for d in gpu]
+    return {"count": len(devices), "average_usage": sum(d["utilization"] for d in devices) / len(devices),
+            "detailed_info": devices}
 
 
 def task_result(task_id, text, code):
@@ -2858,13 +2879,14 @@ def task_result(task_id, text, code):
     return {"task_id": task_id, "result": text, "exit_code": code, "finished_at": rfc3339_now()}
 
 
-def ping_result_v1(task_id, kind, value):
-    return {"type": "ping_result", "task_id": task_id, "ping_type": kind, "value": value,
-            "finished_at": rfc3339_now()}
-
-
 def ping_result_params(task_id, kind, value):
+    """agent.pingResult's params; finished_at must carry a zone."""
     return {"task_id": task_id, "ping_type": kind, "value": value, "finished_at": rfc3339_now()}
+
+
+def ping_result_v1(task_id, kind, value):
+    """The v1 socket's ping_result frame: the same fields, typed."""
+    return dict({"type": "ping_result"}, **ping_result_params(task_id, kind, value))
 
 
 def rpc_request(method, params, request_id):
@@ -5402,6 +5424,7 @@ class Agent:
         self.failures = 0  # connect attempts failed since the last good link
         self.outage_since = None  # when the first of them failed
         self.info_wanted = threading.Event()
+        self.slow_facts = {}  # slow_facts(), looked up by the basic-info thread
         self.refused_log = OncePer(60.0)
         self.period = min(cfg.interval, MAX_REPORT_GAP)
         self.failed = False
@@ -5414,7 +5437,7 @@ class Agent:
     def info_loop(self):
         """Uploads basic info when asked (a new link, lookups changed) and every --info-report-interval minutes: once per
         link, on the link itself where it can carry it."""
-        self.collector.load_static()
+        self.slow_facts = slow_facts(self.cfg)
         next_due = time.monotonic() + self.cfg.info_report_interval * 60
         while not self.stop.is_set():
             timeout = max(0.0, next_due - time.monotonic())
@@ -5426,7 +5449,7 @@ class Agent:
                 next_due = time.monotonic() + self.cfg.info_report_interval * 60
 
     def upload_info_with_retries(self):
-        info = basic_info(self.cfg, self.collector, self.addresses)
+        info = basic_info_payload(basic_facts(self.cfg, self.collector, self.addresses, self.slow_facts))
         link = self.link
         try:
             if link is not None and link.send_basic_info(info):
@@ -5700,9 +5723,8 @@ def dry_run(cfg):
     """Print the basic info and one report, each as the one line of JSON that
     would go on the wire."""
     collector = Collector(cfg)
-    collector.load_static()
     addresses = PublicAddresses(cfg)
-    info = basic_info(cfg, collector, addresses)
+    info = basic_info_payload(basic_facts(cfg, collector, addresses, slow_facts(cfg)))
     collector.figures()  # baseline for speeds
     time.sleep(min(cfg.interval, 1.0))
     sys.stdout.write(encode(info) + "\n")
@@ -5724,15 +5746,6 @@ def subcommand_config(name, argv, environ):
         sys.stderr.write("%s %s: error: %s\n" % (PROG, name, e))
         return None
     return cfg
-
-
-def all_mounts(cfg):
-    """Every mount as a Mount, filtered or not."""
-    if IS_LINUX:
-        path = cfg.host_proc + "/1/mountinfo" if cfg.host_proc != "/proc" else "/proc/self/mountinfo"
-        return parse_mountinfo(read_text(path))
-    return [Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts)
-            for p in psutil_module().disk_partitions(all=True)]
 
 
 def monitored_mountpoints(collector):
@@ -5764,7 +5777,7 @@ def list_disk_command(argv, environ):
     if cfg is None:
         return 2
     try:
-        mounts = all_mounts(cfg)
+        mounts = read_mounts(cfg.host_proc)
     except OSError as e:
         go_log("Failed to get disk partitions: %s" % describe_error(e))
         return 0

