@@ -3367,7 +3367,7 @@ class Inbox:
             del self.seen[next(iter(self.seen))]
         return True
 
-    def take(self, link, event, event_id=None):
+    def take(self, event, event_id=None):
         """Run one event from a v2 link (event: the v1-shaped dict, or None for
         one that is only logged)."""
         with self.lock:
@@ -3378,14 +3378,14 @@ class Inbox:
                 if not fresh:
                     log.info("remote command %s already run; not again", task_id[:40])
         if fresh and event is not None:
-            self.dispatch(link, event)
+            self.dispatch(event)
         if event_id is not None:
             with self.lock:
                 self.acks[event_id] = True
                 while len(self.acks) > self.KEEP:  # a panel that never confirms
                     del self.acks[next(iter(self.acks))]
 
-    def take_rpc(self, link, event_id, method, params):
+    def take_rpc(self, event_id, method, params):
         """Never raises: in POST mode this runs on the agent's and the pull's
         threads, and one odd event must not end them nor the events after it."""
         try:
@@ -3395,7 +3395,7 @@ class Inbox:
             log.warning("ignoring an unknown event %r from the panel", str(method)[:40])
             return
         try:
-            self.take(link, event, event_id)
+            self.take(event, event_id)
         except Exception:
             log.exception("error while handling the event %r from the panel; skipped", str(method)[:40])
 
@@ -3533,41 +3533,64 @@ class Deflate:
 FRAME_TROUBLE_LOG = OncePer(3600.0)
 
 
-class ReportLink:
-    """The v1 report WebSocket, and the base of the v2 one (RpcLink).
+# The kinds of report link, in fallback order (LinkChooser).
+V2_SOCKET, V2_POST, V1_SOCKET = LINK_KINDS = ("v2 WebSocket", "v2 POST", "v1 WebSocket")
 
-    Every report link (ReportLink, RpcLink, PostLink; LinkChooser picks one)
-    offers the agent loop: start(); send_report(report);
-    send_ping_result(task_id, kind, value); send_basic_info(info) (False: the
-    agent uploads it by HTTP); keepalive(now) (pings, dead-link detection;
-    returns when to call it again); proven() (the panel answered on it);
-    close(); the Event `dead` with `why`; `rejected` (the ProtocolRejected
-    that killed it, if the panel refused the protocol on it) and `successor`
-    (a link to use next instead of dialling).
+
+class Link:
+    """What every report link offers the agent loop, whatever its kind:
+    start(); send_report(report); send_ping_result(task_id, kind, value);
+    send_basic_info(info) (False: the agent uploads it by HTTP instead);
+    keepalive(now) (pings, dead-link detection; returns when to call it
+    again); proven() (the panel answered on it); close().
+    State: `kind` (one of LINK_KINDS) and `label` (the kind with its details,
+    for the log); the Event `dead` with `why`; `rejected` (the
+    ProtocolRejected that killed it, when the panel refused the protocol on
+    it); `successor` (a link to use next instead of dialling);
+    `reported_at_open` (the dial itself carried the first report)."""
+
+    kind = ""
+    reported_at_open = False
+
+    def __init__(self):
+        self.label = self.kind
+        self.dead = threading.Event()
+        self.why = ""
+        self.rejected = None
+        self.successor = None
+
+    def fail(self, why):
+        if not self.dead.is_set():
+            self.why = why
+            self.dead.set()
+
+    def start(self):
+        pass
+
+    def send_basic_info(self, info):
+        return False
+
+
+class SocketLink(Link):
+    """A report WebSocket's frames, for the v1 and the v2 socket alike;
+    subclasses say what a message means (on_message) and how reports go.
 
     Frames are read and written here, not by websocket-client: its reader
     buffers a whole message before any size check, cannot inflate compressed
     frames, and holds a lock through a 5 s read that a close would wait on.
     Every write holds write_lock (reports, ping results and pings come from
-    different threads); a reader thread dispatches the panel's messages and
-    notes when anything was last heard."""
+    different threads); a reader thread hands the panel's messages to
+    on_message and notes when anything was last heard."""
 
-    mode = "v1 WebSocket"
-    first_report_in = 0.0  # seconds from start() to the first report: at once
-
-    def __init__(self, ws, on_message, deflate=None):
+    def __init__(self, ws, deflate=None):
+        super().__init__()
         self.ws = ws
         self.sock = ws.sock
-        self.on_message = on_message
         self.deflate = deflate
         self.write_lock = threading.Lock()
-        self.dead = threading.Event()
         self.last_heard = time.monotonic()
         self.ping_sent = None
         self.next_ping = self.last_heard + PING_EVERY
-        self.why = ""
-        self.rejected = None
-        self.successor = None
         self.buffer = b""
         self.reader = threading.Thread(target=self._read_loop, name="ws-reader", daemon=True)
 
@@ -3578,14 +3601,8 @@ class ReportLink:
         self.next_ping = time.monotonic() + PING_EVERY
         self.reader.start()
 
-    def send_report(self, report):
-        self.send_text(encode(report))
-
-    def send_ping_result(self, task_id, kind, value):
-        self.send_text(encode(ping_result_v1(task_id, kind, value)))
-
-    def send_basic_info(self, info):
-        return False
+    def on_message(self, payload):
+        raise NotImplementedError
 
     def send_text(self, text):
         # Framed here and written straight to the socket: websocket-client's
@@ -3636,11 +3653,6 @@ class ReportLink:
             raise LinkClosed(self.why)
         return min(self.next_ping, (self.ping_sent or now) + PONG_DEADLINE + 0.05)
 
-    def fail(self, why):
-        if not self.dead.is_set():
-            self.why = why
-            self.dead.set()
-
     def close(self, status=1000):
         """Never waits on the reader, nor long on a writer stuck on a dead peer:
         the close frame gets one short chance, then TCP goes."""
@@ -3670,7 +3682,7 @@ class ReportLink:
                 drop_tcp(self.sock)
                 return
             try:
-                self.on_message(self, payload)
+                self.on_message(payload)
             except Exception:
                 log.exception("error while handling a message from the panel; skipped")
 
@@ -3747,13 +3759,30 @@ class ReportLink:
             raise LinkClosed(self.why)
         if opcode == 0x9:
             frame = client_frame(0xA, payload)
-            try:
-                self._write(lambda: self.sock.sendall(frame))
-            except LinkClosed:
-                raise
+            self._write(lambda: self.sock.sendall(frame))
 
 
-class RpcLink(ReportLink):
+class ReportLink(SocketLink):
+    """The v1 report WebSocket: reports and ping results as JSON frames, the
+    panel's events as {"message": ...} frames handed to `handle`."""
+
+    kind = V1_SOCKET
+
+    def __init__(self, ws, handle):
+        super().__init__(ws)
+        self.handle = handle
+
+    def on_message(self, payload):
+        self.handle(payload)
+
+    def send_report(self, report):
+        self.send_text(encode(report))
+
+    def send_ping_result(self, task_id, kind, value):
+        self.send_text(encode(ping_result_v1(task_id, kind, value)))
+
+
+class RpcLink(SocketLink):
     """The v2 report WebSocket: JSON-RPC 2.0, compressed when the panel agreed.
     A report is a request (answered) when it carries acks, when it is the
     first on the link or every ASK_EVERY-th, and while the panel refuses
@@ -3766,11 +3795,12 @@ class RpcLink(ReportLink):
     flag quirk, as legacy frames."""
 
     ASK_EVERY = 10
+    kind = V2_SOCKET
 
     def __init__(self, ws, inbox, deflate=None):
-        super().__init__(ws, self._on_rpc, deflate)
+        super().__init__(ws, deflate)
         self.inbox = inbox
-        self.mode = "v2 WebSocket (%s)" % ("permessage-deflate" if deflate else "no compression")
+        self.label = "%s (%s)" % (self.kind, "permessage-deflate" if deflate else "no compression")
         self.ids = itertools.count(1)
         self.sent_acks = {}  # request id -> the event ids it acknowledged
         self.acks_lock = threading.Lock()
@@ -3799,8 +3829,8 @@ class RpcLink(ReportLink):
         self.send_text(rpc_basic_info(info, next(self.ids)))
         return True
 
-    def _on_rpc(self, link, data):
-        message = parse_event(data)
+    def on_message(self, payload):
+        message = parse_event(payload)
         if message is None:
             return
         try:
@@ -3810,9 +3840,9 @@ class RpcLink(ReportLink):
                 log.warning("skipping a message from the panel: %s", e)
             return
         if reply.legacy is not None:
-            self.inbox.take(self, reply.legacy)
+            self.inbox.take(reply.legacy)
         for event_id, method, params in reply.events:
-            self.inbox.take_rpc(self, event_id, method, params)
+            self.inbox.take_rpc(event_id, method, params)
         if reply.answers is not None or reply.error is not None:
             self.answered(reply)
 
@@ -3926,46 +3956,40 @@ class KeptAlive:
                 pass
 
 
-class PostLink:
+class PostLink(Link):
     """Protocol v2 by HTTP POST, for a panel behind a proxy that refuses
     WebSocket upgrades: a report POSTed every interval (gzip), one agent.pull
-    long poll always waiting for events, and a dial of the WebSocket every
-    --reconnect-interval; the first that works becomes this link's successor.
-    A terminal can never reach this link: the panel needs a socket for it.
-    Offers what ReportLink offers."""
+    long poll always waiting for events, and a dial of the WebSocket
+    (`redial`) every --reconnect-interval; the first that works becomes this
+    link's successor. A terminal can never reach this link: the panel needs
+    a socket for it."""
 
-    mode = "v2 POST"
+    kind = V2_POST
 
-    def __init__(self, agent):
-        self.agent = agent
-        self.cfg = agent.cfg
-        self.inbox = agent.inbox
-        self.url = agent.panel.url(RPC_PATH)
-        self.dead = threading.Event()
-        self.why = ""
-        self.rejected = None
-        self.successor = None
+    def __init__(self, cfg, panel, inbox, redial):
+        super().__init__()
+        self.cfg, self.panel, self.inbox, self.redial = cfg, panel, inbox, redial
+        self.url = panel.url(RPC_PATH)
         self.ids = itertools.count(1)
         # one kept-alive connection for the reports (the agent thread), one for the pulls
-        self.reporting = KeptAlive(agent.panel, self.url)
-        self.pulling = KeptAlive(agent.panel, self.url)
+        self.reporting = KeptAlive(panel, self.url)
+        self.pulling = KeptAlive(panel, self.url)
         self.lock = threading.Lock()
         self.strikes = 0
         self.failures = 0
         self.last_success = time.monotonic()
-        self.first_report_in = 0.0
         self.heard = False
         self.trouble_log = OncePer(60.0)
 
     @classmethod
-    def open(cls, agent):
-        """A PostLink once the panel took a first report by POST;
+    def open(cls, cfg, panel, inbox, redial, first_report):
+        """A PostLink once the panel took `first_report` by POST;
         ProtocolRejected or OSError when it did not."""
-        link = cls(agent)
-        acks = link.inbox.pending_acks()
-        link.settle(link.post(link.report_request(report_payload(agent.collector.figures()), acks), via=link.reporting), acks)
+        link = cls(cfg, panel, inbox, redial)
+        acks = inbox.pending_acks()
+        link.settle(link.post(link.report_request(first_report, acks), via=link.reporting), acks)
         link.last_success = time.monotonic()
-        link.first_report_in = agent.period  # that report was the first
+        link.reported_at_open = True
         return link
 
     def start(self):
@@ -3985,7 +4009,7 @@ class PostLink:
         if via is not None:
             status, data = via.post(body, headers, timeout)
         else:
-            status, data = self.agent.panel.exchange(self.url, body, headers=headers, timeout=timeout)
+            status, data = self.panel.exchange(self.url, body, headers=headers, timeout=timeout)
         try:
             if data[:2] == b"\x1f\x8b":
                 data = gunzip_bytes(data)
@@ -4012,7 +4036,7 @@ class PostLink:
         elif acks:
             self.inbox.acknowledged(acks)
         for event_id, method, params in reply.events:
-            self.inbox.take_rpc(self, event_id, method, params)
+            self.inbox.take_rpc(event_id, method, params)
 
     def exchange(self, text, acks=(), timeout=HTTP_TIMEOUT, via=None):
         """post() and settle(); protocol failures are counted here, and the
@@ -4074,11 +4098,6 @@ class PostLink:
     def proven(self):
         return self.heard
 
-    def fail(self, why):
-        if not self.dead.is_set():
-            self.why = why
-            self.dead.set()
-
     def close(self):
         self.fail(self.why or "closed")
         self.reporting.close()
@@ -4103,7 +4122,7 @@ class PostLink:
     def _retry_websocket(self):
         while not self.dead.wait(self.cfg.reconnect_interval):
             try:
-                link = dial_rpc_socket(self.agent)
+                link = self.redial()
             except Exception as e:
                 log.debug("the v2 WebSocket still fails: %s", handshake_problem(e))
                 continue
@@ -4120,7 +4139,6 @@ class PostLink:
 
 PROTOCOL_STRIKES = 3
 PULL_TIMEOUT = 35.0
-V2_SOCKET, V2_POST, V1_SOCKET = LINK_ORDER = ("v2 WebSocket", "v2 POST", "v1 WebSocket")
 
 
 def dial_websocket(cfg, url, header=None):
@@ -4134,11 +4152,10 @@ def dial_websocket(cfg, url, header=None):
         raise
 
 
-def dial_rpc_socket(agent):
-    cfg = agent.cfg
+def dial_rpc_socket(cfg, panel, inbox):
     header = None if cfg.disable_compression else ["Sec-WebSocket-Extensions: " + DEFLATE_OFFER]
     try:
-        ws = dial_websocket(cfg, agent.panel.ws_url(RPC_PATH), header)
+        ws = dial_websocket(cfg, panel.ws_url(RPC_PATH), header)
     except ProtocolRejected as e:
         if e.status == 200:
             e.detail = "the panel answered /v2/rpc with a web page (HTTP 200): a panel without protocol v2, " \
@@ -4147,18 +4164,16 @@ def dial_rpc_socket(agent):
     headers = ws.getheaders() or {}
     offered = headers.get("sec-websocket-extensions") or headers.get("Sec-WebSocket-Extensions")
     params = None if cfg.disable_compression else deflate_params(offered)
-    return RpcLink(ws, agent.inbox, Deflate(params) if params is not None else None)
+    return RpcLink(ws, inbox, Deflate(params) if params is not None else None)
 
 
-def dial_report_socket(agent):
-    return ReportLink(dial_websocket(agent.cfg, agent.panel.ws_url(REPORT_PATH)), agent.tasks.handle)
-
-
-DIALLERS = {V2_SOCKET: dial_rpc_socket, V2_POST: PostLink.open, V1_SOCKET: dial_report_socket}
+def dial_report_socket(cfg, panel, handle):
+    return ReportLink(dial_websocket(cfg, panel.ws_url(REPORT_PATH)), handle)
 
 
 class LinkChooser:
-    """Which link to dial next (LINK_ORDER), from what the last attempts said.
+    """Which link to dial next (LINK_KINDS), from what the last attempts said,
+    and the dialling itself: every decision about protocol versions is here.
     The v2 WebSocket first; v2 POST after --max-retries failed dials of it,
     refused upgrades included (the official agent drops to v1 there, whose
     upgrade a WebSocket-blocking proxy refuses too, and stays offline); v1
@@ -4166,7 +4181,10 @@ class LinkChooser:
     (an old panel answers both with its web page), until that v1 link is
     lost. With --protocol-version 1, always v1."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, panel, inbox, handle, report):
+        """`handle` takes a v1 socket's messages; `report` makes a report now
+        (POST mode opens with one)."""
+        self.cfg, self.panel, self.inbox, self.handle, self.report = cfg, panel, inbox, handle, report
         self.only_v1 = cfg.protocol_version == 1
         self.retries = max(1, cfg.max_retries)
         self.interval = cfg.reconnect_interval
@@ -4183,6 +4201,18 @@ class LinkChooser:
             return V1_SOCKET
         return V2_POST if self.dials >= self.retries else V2_SOCKET
 
+    def dial(self, kind):
+        """A live link of `kind`; ProtocolRejected or another error when it
+        could not be had."""
+        if kind == V2_SOCKET:
+            return self.dial_v2_socket()
+        if kind == V2_POST:
+            return PostLink.open(self.cfg, self.panel, self.inbox, self.dial_v2_socket, self.report())
+        return dial_report_socket(self.cfg, self.panel, self.handle)
+
+    def dial_v2_socket(self):
+        return dial_rpc_socket(self.cfg, self.panel, self.inbox)
+
     def why(self, kind):
         """Why `kind` is in use, for the one line naming the mode."""
         if kind == V1_SOCKET:
@@ -4193,6 +4223,8 @@ class LinkChooser:
         return "--protocol-version 2"
 
     def failed(self, kind, error, problem):
+        """Count a failed dial. True when the next kind of link is to be
+        dialled at once: this one was refused, not unreachable."""
         self.last_problem = problem
         # a refused token says nothing about the protocol: it is no strike
         protocol = isinstance(error, ProtocolRejected) and error.status != 401
@@ -4211,6 +4243,7 @@ class LinkChooser:
             self.post_refused = self.post_refused or kind == V2_POST
             if self.strikes >= PROTOCOL_STRIKES and self.post_refused:
                 self.fall_back("the panel refused protocol v2 %d times in a row (last: %s)" % (self.strikes, problem))
+        return protocol and LINK_KINDS.index(self.next()) > LINK_KINDS.index(kind)
 
     def fall_back(self, why):
         log.warning("falling back to protocol v1: %s; until that link is lost", why)
@@ -4221,7 +4254,8 @@ class LinkChooser:
         self.dials = self.strikes = self.v1_dials = 0
         self.post_refused = False
 
-    def connected(self, kind):
+    def connected(self, link):
+        kind = link.kind
         if kind == V2_SOCKET:
             self.dials = 0
         if kind != V1_SOCKET:
@@ -4229,7 +4263,8 @@ class LinkChooser:
         else:
             self.v1_dials = 0
 
-    def lost(self, kind, link):
+    def lost(self, link):
+        kind = link.kind
         if link.rejected is not None and kind != V1_SOCKET:
             self.fall_back("the panel refused protocol v2 (%s)" % link.rejected.detail)
         elif kind == V1_SOCKET and not self.only_v1:
@@ -5100,9 +5135,12 @@ class Tasks:
     """Runs the panel's events, each on its own daemon thread, so the report
     socket's reader and the report schedule are never held up."""
 
-    def __init__(self, agent):
-        self.agent = agent
-        self.cfg = agent.cfg
+    def __init__(self, cfg, panel, deliver_result, send_ping_result):
+        """`deliver_result(result, refusal)` keeps an exec result until the
+        panel has it; `send_ping_result(task_id, kind, value)` is False when
+        no link could carry it."""
+        self.cfg, self.panel = cfg, panel
+        self.deliver_result, self.link_ping_result = deliver_result, send_ping_result
         self.error_once = OncePer()
         self.refusal_log = OncePer(60.0)
         self.lock = threading.Lock()
@@ -5117,12 +5155,12 @@ class Tasks:
         self.icmp = IcmpProber()
         self.closing = False
 
-    def handle(self, link, data):
+    def handle(self, data):
         event = parse_event(data)
         if event is not None:
-            self.dispatch(link, event)
+            self.dispatch(event)
 
-    def dispatch(self, link, event):
+    def dispatch(self, event):
         """Run one event in the v1 shape (v2 events arrive converted)."""
         kind = event.get("message")
         if event.get("status") == "error" and not kind:
@@ -5135,13 +5173,13 @@ class Tasks:
         if handler is None:
             log.info("ignoring an unknown event %r from the panel", str(kind)[:40])
             return
-        handler(link, event)
+        handler(event)
 
     def spawn(self, name, target, *args):
         threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     # -- exec --------------------------------------------------------------
-    def on_exec(self, link, event):
+    def on_exec(self, event):
         task_id, command = event.get("task_id"), event.get("command")
         if not isinstance(task_id, str) or not task_id:
             log.warning("ignoring an exec event without a task id")
@@ -5198,10 +5236,10 @@ class Tasks:
         with self.lock:
             for pid in [pid for pid, proc in self.execs.items() if proc.returncode is not None]:
                 del self.execs[pid]
-        self.agent.deliver_result(task_result(task_id, text, code), refusal)
+        self.deliver_result(task_result(task_id, text, code), refusal)
 
     # -- ping --------------------------------------------------------------
-    def on_ping(self, link, event):
+    def on_ping(self, event):
         task_id, kind, target = event.get("ping_task_id"), event.get("ping_type"), event.get("ping_target")
         if not valid_task_id(task_id) or not isinstance(kind, str) or not isinstance(target, str):
             if self.refusal_log("bad-ping"):
@@ -5246,11 +5284,11 @@ class Tasks:
         return None
 
     def send_ping_result(self, task_id, kind, value):
-        if not self.agent.send_ping_result(task_id, kind, value):
-            log.debug("ping result %d dropped: no report socket", task_id)
+        if not self.link_ping_result(task_id, kind, value):
+            log.debug("ping result %d dropped: no report link", task_id)
 
     # -- terminal ----------------------------------------------------------
-    def on_terminal(self, link, event):
+    def on_terminal(self, event):
         request_id = event.get("request_id")
         if not isinstance(request_id, str) or not request_id or len(request_id) > 256:
             log.warning("ignoring a terminal event without a usable request id")
@@ -5267,7 +5305,7 @@ class Tasks:
         self.spawn("terminal", self.run_terminal, request_id)
 
     def run_terminal(self, request_id):
-        url = self.agent.panel.ws_url(TERMINAL_PATH, id=request_id)
+        url = self.panel.ws_url(TERMINAL_PATH, id=request_id)
         if self.cfg.disable_web_ssh:
             log.warning("refused a terminal session: remote control is disabled (--disable-web-ssh)")
             return self.refuse_terminal(url, DISABLED_TERMINAL)
@@ -5415,9 +5453,10 @@ class Agent:
         self.collector = Collector(cfg)
         self.collector.traffic = traffic_ledger(cfg)
         self.addresses = PublicAddresses(cfg, on_change=self.want_basic_info)
-        self.tasks = Tasks(self)
+        self.tasks = Tasks(cfg, self.panel, self.deliver_result, self.send_ping_result)
         self.inbox = Inbox(self.tasks.dispatch)
-        self.chooser = LinkChooser(cfg)
+        self.chooser = LinkChooser(cfg, self.panel, self.inbox, self.tasks.handle,
+                                   lambda: report_payload(self.collector.figures()))
         self.spool = ResultSpool(os.path.join(state_dir(cfg), SPOOL_DIR))
         self.results_due = threading.Event()
         self.link = None
@@ -5453,7 +5492,7 @@ class Agent:
         link = self.link
         try:
             if link is not None and link.send_basic_info(info):
-                log.info("basic info uploaded (%s)", link.mode)
+                log.info("basic info uploaded (%s)", link.label)
                 return True
         except LinkClosed:
             pass
@@ -5535,24 +5574,23 @@ class Agent:
 
     # -- the report link ----------------------------------------------------
     def connect(self):
-        """(kind, live link), after as many attempts as it takes; None once
+        """A live link, after as many attempts as it takes; None once
         stopping. The address is resolved anew at every attempt, so a panel
         that moved is found at the next one."""
         while not self.stop.is_set():
             kind = self.chooser.next()
             try:
-                return kind, DIALLERS[kind](self)
+                return self.chooser.dial(kind)
             except Exception as e:
                 problem = e.detail if isinstance(e, ProtocolRejected) else handshake_problem(e)
-                self.chooser.failed(kind, e, problem)
-                if self.refused_log(("ws", problem)):
-                    log.warning("cannot connect the report socket: %s", problem)
+                at_once = self.chooser.failed(kind, e, problem)
+                if self.refused_log(("link", problem)):
+                    log.warning("cannot connect the report link (%s): %s", kind, problem)
                 # a wrong token will not fix itself in seconds
                 refused_token = getattr(e, "status", None) == 401
                 self.status.set("refused" if refused_token else "connecting",
-                                "cannot connect the report socket: %s" % problem)
-                if isinstance(e, ProtocolRejected) and not refused_token and \
-                        LINK_ORDER.index(self.chooser.next()) > LINK_ORDER.index(kind):
+                                "cannot connect the report link (%s): %s" % (kind, problem))
+                if at_once:
                     continue  # refused, not unreachable: the next kind of link is dialled at once
                 if not self.wait_after_failure(refused_token=refused_token):
                     return None
@@ -5574,18 +5612,18 @@ class Agent:
             delay = reconnect_delay(self.cfg.reconnect_interval, now - self.outage_since)
         return not self.stop.wait(delay)
 
-    def serve(self, kind, link):
+    def serve(self, link):
         """Report every period until the link dies or the agent stops. True
         when the panel answered on it (a link that proved itself)."""
         proven = False
-        self.chooser.connected(kind)
+        self.chooser.connected(link)
         self.link = link
         link.start()
-        log.info("report link up: %s; %s", link.mode, self.chooser.why(kind))
+        log.info("report link up: %s; %s", link.label, self.chooser.why(link.kind))
         self.status.set("connected")
         self.want_basic_info()
         self.results_due.set()
-        next_report = first_report = time.monotonic() + link.first_report_in
+        next_report = first_report = time.monotonic() + (self.period if link.reported_at_open else 0.0)
         try:
             while not self.stop.is_set() and not link.dead.is_set():
                 now = time.monotonic()
@@ -5606,11 +5644,11 @@ class Agent:
         except LinkClosed:
             pass
         if not self.stop.is_set() and link.successor is None:
-            log.warning("report socket lost: %s; reconnecting", link.why or "closed")
-            self.status.set("disconnected", "report socket lost: %s" % (link.why or "closed"))
+            log.warning("report link lost (%s): %s; reconnecting", link.kind, link.why or "closed")
+            self.status.set("disconnected", "report link lost (%s): %s" % (link.kind, link.why or "closed"))
         link.close()
         self.link = None
-        self.chooser.lost(kind, link)
+        self.chooser.lost(link)
         return proven or link.successor is not None
 
     def discover_token(self):
@@ -5653,16 +5691,15 @@ class Agent:
         threading.Thread(target=self.info_loop, name="basic-info", daemon=True).start()
         threading.Thread(target=self.result_loop, name="results", daemon=True).start()
         self.results_due.set()
-        successor = None
+        link = None
         while not self.stop.is_set():
-            picked = (V2_SOCKET, successor) if successor is not None else self.connect()
-            if picked is None:
+            link = (link and link.successor) or self.connect()
+            if link is None:
                 break
             # a link that never answered counts as a failed attempt, so a panel
             # that accepts and drops at once is not dialled in a tight loop
-            if not self.serve(*picked) and not self.stop.is_set() and not self.wait_after_failure():
+            if not self.serve(link) and not self.stop.is_set() and not self.wait_after_failure():
                 break
-            successor = picked[1].successor
 
     def shutdown(self):
         self.stop.set()

@@ -2137,7 +2137,7 @@ def test_websocket_dial_sends_no_origin_and_reads_frames(panel):
     cfg, _ = ka.load_config(["-e", panel.endpoint, "-t", panel.token], {})
     received = []
     link = ka.ReportLink(ka.open_websocket(cfg, ka.Panel(cfg).ws_url("/api/clients/report")),
-                         lambda link, data: received.append(data))
+                         lambda data: received.append(data))
     link.start()
     try:
         link.send_text(ka.encode({"cpu": {"usage": 1.5}}))
@@ -2567,14 +2567,14 @@ def test_prefer_ip_version_keeps_the_environments_proxy_for_the_sockets(panel, m
 def test_an_odd_v2_event_is_logged_and_skipped_never_raised(caplog):
     # in POST mode events are taken on the agent's own thread: an exception there ended the agent
     seen = []
-    inbox = ka.Inbox(lambda link, event: seen.append(event) if event["task_id"] != "boom" else 1 / 0)
+    inbox = ka.Inbox(lambda event: seen.append(event) if event["task_id"] != "boom" else 1 / 0)
     reply = ka.read_rpc(ka.clean_strings(json.loads(
         '{"jsonrpc":"2.0","id":"r","result":{"events":[{"id":"e1","method":"agent.message","params":{"x":NaN}},'
         '{"id":"e2","method":"agent.exec","params":{"task_id":"boom","command":"true"}},'
         '{"id":"e3","method":"agent.exec","params":{"task_id":"t","command":"true"}}]}}')))
     with caplog.at_level("INFO", logger="komari"):
         for event_id, method, params in reply.events:
-            inbox.take_rpc(None, event_id, method, params)
+            inbox.take_rpc(event_id, method, params)
     assert [e["task_id"] for e in seen] == ["t"]
     assert "NaN" in caplog.text and "ZeroDivisionError" in caplog.text
 
@@ -2583,7 +2583,8 @@ def test_post_mode_basic_info_that_did_not_get_through_is_left_to_the_http_uploa
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % closed_port(), "-t", "T", "--state-dir", str(tmp_path),
                              "--custom-ipv4", "192.0.2.7"], {})
-    link = ka.PostLink(ka.Agent(cfg))
+    agent = ka.Agent(cfg)
+    link = ka.PostLink(cfg, agent.panel, agent.inbox, redial=None)
     assert link.send_basic_info({"os": "x"}) is False   # True here meant "delivered": it was lost
 
 
@@ -3662,7 +3663,7 @@ def test_slow_link_stays_up_and_keeps_reporting(panel, proxy, start_agent):
     reports, dials = len(panel.reports), len(proxy.dials())
     # past one ping round (every 5 s): 0.6 s of round trip is slow, not dead
     panel.wait_for(lambda: len(panel.reports) >= reports + 14, 20, "reports through the slow link")
-    assert len(proxy.dials()) == dials and "report socket lost" not in agent.log
+    assert len(proxy.dials()) == dials and "report link lost" not in agent.log
 
 
 def test_short_outage_is_redialled_at_the_reconnect_interval(panel, proxy, start_agent):
@@ -3710,7 +3711,7 @@ def test_wrong_token_is_logged_once_a_minute_at_most(panel, start_agent):
     attempts = len(panel.ws_attempts)
     time.sleep(3)  # a window to count in: nothing is awaited here
     assert len(panel.ws_attempts) - attempts <= 3
-    assert agent.log.count("cannot connect the report socket") == 1
+    assert agent.log.count("cannot connect the report link") == 1
     assert "not-the-token" not in agent.log and agent.proc.poll() is None
 
 
