@@ -3026,6 +3026,77 @@ def request_id(message):
     value = message.get("id")
     return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
 
+# -- the panel's events and answers, field by field ---------------------------------
+
+def valid_task_id(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 63
+
+
+def exec_request(event):
+    """(task id or None when it has none usable, command) of an exec event."""
+    task_id, command = event.get("task_id"), event.get("command")
+    return (task_id if isinstance(task_id, str) and task_id else None), \
+        (command if isinstance(command, str) else "")
+
+
+def ping_request(event):
+    """(task id, probe kind, target) of a ping event; None when malformed."""
+    task_id, kind, target = event.get("ping_task_id"), event.get("ping_type"), event.get("ping_target")
+    if valid_task_id(task_id) and isinstance(kind, str) and isinstance(target, str):
+        return task_id, kind, target
+    return None
+
+
+def terminal_request(event):
+    """The request id of a terminal event; None when unusable."""
+    request_id = event.get("request_id")
+    return request_id if isinstance(request_id, str) and 0 < len(request_id) <= 256 else None
+
+
+def terminal_input(text):
+    """What a text frame means: ("resize", rows, cols), ("keys", bytes) or
+    None to ignore. A text frame that is not a JSON object is typed as it is."""
+    try:
+        message = json.loads(text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return ("keys", text)
+    if message is None:
+        return None
+    if not isinstance(message, dict):
+        return ("keys", text)
+    kind = message.get("type")
+    if kind == "resize":
+        rows, cols = message.get("rows"), message.get("cols")
+        if all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536 for v in (rows, cols)):
+            return ("resize", rows, cols)
+        return None
+    if kind == "input" and isinstance(message.get("input"), str) and message["input"]:
+        return ("keys", clean_strings(message["input"]).encode("utf-8"))
+    return None  # heartbeat, close and kinds we do not know are never typed
+
+
+def registration_answer(body):
+    """(token, uuid) from the panel's answer to an auto-discovery
+    registration; ValueError when it holds none."""
+    try:
+        data = clean_strings(json.loads(body.decode("utf-8")))["data"]
+        token, uuid = data["token"], data.get("uuid", "")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise ValueError("no registration in the answer")
+    if not isinstance(token, str) or not token:
+        raise ValueError("no token in the answer")
+    return token, (uuid if isinstance(uuid, str) else "")  # NaN or an object would not even save
+
+
+def accepted(body):
+    """The panel's JSON answer to a v1 POST when it says success, else None
+    (a proxy or a wrong endpoint can answer 200 with HTML)."""
+    try:
+        parsed = json.loads(body.decode("utf-8"))
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) and parsed.get("status") == "success" else None
+
 
 # ---------------------------------------------------------------------------
 # Transport: HTTP uploads to the panel, undelivered results, auto-discovery
@@ -3108,12 +3179,8 @@ class Panel:
         """POST obj; returns the decoded JSON reply, or raises PanelRefused
         (the panel said no) or OSError (it could not be reached)."""
         status, body = self.exchange(self.url(path), obj, timeout=timeout)
-        try:
-            parsed = json.loads(body.decode("utf-8"))
-        except ValueError:
-            parsed = None
-        # a proxy or a wrong endpoint can answer 200 with HTML: insist on the JSON success
-        if status != 200 or not isinstance(parsed, dict) or parsed.get("status") != "success":
+        parsed = accepted(body)
+        if status != 200 or parsed is None:
             raise PanelRefused(status, describe_body(body))
         return parsed
 
@@ -3310,13 +3377,11 @@ def register_with_key(panel):
     status, body = panel.exchange(url, {"key": cfg.auto_discovery}, limit=1 << 16,
                                   headers={"Authorization": "Bearer " + cfg.auto_discovery})
     try:
-        data = clean_strings(json.loads(body.decode("utf-8")))["data"]
-        token, uuid = data["token"], data.get("uuid", "")
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        token, uuid = registration_answer(body)
+    except ValueError:
+        token = None
+    if status != 200 or token is None:
         raise PanelRefused(status, describe_body(body))
-    if status != 200 or not isinstance(token, str) or not token:
-        raise PanelRefused(status, describe_body(body))
-    uuid = uuid if isinstance(uuid, str) else ""  # NaN or an object would not even save
     write_atomic(discovery_file(cfg), encode({"uuid": uuid, "token": token}).encode(), 0o600)
     log.info("registered with the panel by auto-discovery as client %s", uuid)
     return token
@@ -4920,27 +4985,6 @@ def write_some(fd, pending):
     return True
 
 
-def terminal_input(text):
-    """What a text frame means: ("resize", rows, cols), ("keys", bytes) or
-    None to ignore. A text frame that is not a JSON object is typed as it is."""
-    try:
-        message = json.loads(text.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return ("keys", text)
-    if message is None:
-        return None
-    if not isinstance(message, dict):
-        return ("keys", text)
-    kind = message.get("type")
-    if kind == "resize":
-        rows, cols = message.get("rows"), message.get("cols")
-        if all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536 for v in (rows, cols)):
-            return ("resize", rows, cols)
-        return None
-    if kind == "input" and isinstance(message.get("input"), str) and message["input"]:
-        return ("keys", clean_strings(message["input"]).encode("utf-8"))
-    return None  # heartbeat, close and kinds we do not know are never typed
-
 
 def drop_socket(ws, goodbye=True):
     """Close a terminal socket at once, from any thread. The panel never
@@ -5127,9 +5171,6 @@ class TerminalSession:
 
 # -- dispatch ----------------------------------------------------------------------
 
-def valid_task_id(value):
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 63
-
 
 class Tasks:
     """Runs the panel's events, each on its own daemon thread, so the report
@@ -5180,12 +5221,10 @@ class Tasks:
 
     # -- exec --------------------------------------------------------------
     def on_exec(self, event):
-        task_id, command = event.get("task_id"), event.get("command")
-        if not isinstance(task_id, str) or not task_id:
+        task_id, command = exec_request(event)
+        if task_id is None:
             log.warning("ignoring an exec event without a task id")
             return
-        if not isinstance(command, str):
-            command = ""
         if not command.strip():
             return self.finish_exec(task_id, "No command provided", 0, refusal=True)
         if self.cfg.disable_web_ssh:
@@ -5240,11 +5279,12 @@ class Tasks:
 
     # -- ping --------------------------------------------------------------
     def on_ping(self, event):
-        task_id, kind, target = event.get("ping_task_id"), event.get("ping_type"), event.get("ping_target")
-        if not valid_task_id(task_id) or not isinstance(kind, str) or not isinstance(target, str):
+        request = ping_request(event)
+        if request is None:
             if self.refusal_log("bad-ping"):
-                log.warning("ignoring a malformed ping event (task id %r)", str(task_id)[:20])
+                log.warning("ignoring a malformed ping event (task id %r)", str(event.get("ping_task_id"))[:20])
             return
+        task_id, kind, target = request
         if not self.probe_slots.admit():
             if self.refusal_log("ping-busy"):
                 log.warning("too many ping probes at once (%d); reporting loss", MAX_PROBES + MAX_PROBES_WAITING)
@@ -5289,8 +5329,8 @@ class Tasks:
 
     # -- terminal ----------------------------------------------------------
     def on_terminal(self, event):
-        request_id = event.get("request_id")
-        if not isinstance(request_id, str) or not request_id or len(request_id) > 256:
+        request_id = terminal_request(event)
+        if request_id is None:
             log.warning("ignoring a terminal event without a usable request id")
             return
         with self.lock:
