@@ -749,12 +749,18 @@ def describe_body(body):
 # ---------------------------------------------------------------------------
 
 class Option:
-    def __init__(self, dest, flags, kind, default, help, json_keys=(), env=(), check=None, metavar=None):
+    """One setting: its flags, its AGENT_* names, its JSON keys and its --help
+    line. metavar says what the flag takes (URL, SECONDS...; booleans show
+    [BOOL]); group is the key of its --help group in HELP_GROUPS."""
+
+    def __init__(self, dest, flags, kind, default, help, json_keys=(), env=(), check=None, metavar=None,
+                 group="everyday"):
         self.dest, self.flags, self.kind, self.default, self.help = dest, flags, kind, default, help
         self.json_keys = json_keys or (dest,)
         self.env = env or ("AGENT_" + dest.upper(),)
         self.check = check
         self.metavar = metavar
+        self.group = group
 
 
 def _positive(v):
@@ -799,79 +805,110 @@ def _address(family, name):
     return check
 
 
+# --help shows the options in these groups, in this order (Option.group names
+# one); OPTIONS lists them group by group, in the order --help shows them.
+HELP_GROUPS = [
+    ("everyday", "Everyday options", None),
+    ("monitoring", "Monitoring", "what the reports count"),
+    ("network", "Network", "TLS, DNS and address families for the panel; the addresses reported"),
+    ("remote", "Remote control", "limits on remote commands and terminals (--disable-web-ssh turns both off)"),
+    ("official", "Official agent compatibility",
+     "accepted so that the official agent's one-click install command works; little or no effect here"),
+]
+
 OPTIONS = [
-    Option("endpoint", ("-e", "--endpoint"), "str", "", "panel URL, e.g. https://panel.example.com"),
-    Option("token", ("-t", "--token"), "str", "", "client token from the panel"),
-    Option("interval", ("-i", "--interval"), "float", 1.0,
-           "seconds between reports (default 1.0, at least %g)" % MIN_INTERVAL, check=_interval),
-    Option("info_report_interval", ("--info-report-interval",), "float", 5.0,
-           "minutes between basic-info uploads (default 5)", check=_minutes),
-    Option("reconnect_interval", ("-c", "--reconnect-interval"), "float", 5.0,
-           "seconds between reconnect attempts; after 10 minutes of outage grows to 60 (default 5)", check=_positive),
-    Option("max_retries", ("-r", "--max-retries"), "int", 3,
-           "failed v2 WebSocket dials in a row before POST mode, and retries per upload (default 3)", check=_not_negative),
-    Option("ignore_unsafe_cert", ("-u", "--ignore-unsafe-cert"), "bool", False, "do not verify TLS certificates"),
-    Option("disable_web_ssh", ("--disable-web-ssh",), "bool", False,
-           "turn off all remote control: exec, terminal"),
-    Option("disable_auto_update", ("--disable-auto-update",), "bool", False,
-           "accepted for compatibility; this agent never updates itself"),
-    Option("memory_include_cache", ("--memory-include-cache",), "bool", False,
-           "count buffers and cache as used memory (used = MemTotal - MemFree)"),
-    Option("memory_exclude_bcf", ("--memory-exclude-bcf",), "bool", False,
-           "htop formula for used memory (the default on Linux)",
-           json_keys=("memory_report_raw_used", "memory_exclude_bcf"),
-           env=("AGENT_MEMORY_REPORT_RAW_USED", "AGENT_MEMORY_EXCLUDE_BCF")),
-    Option("memory_mode_available", ("--memory-mode-available",), "bool", False,
-           "deprecated, no effect (use --memory-include-cache)"),
-    Option("include_nics", ("--include-nics",), "str", "", "comma list of NICs to count (* wildcards); wins over every exclusion"),
-    Option("exclude_nics", ("--exclude-nics",), "str", "", "comma list of NICs not to count (* wildcards)"),
-    Option("include_mountpoint", ("--include-mountpoint",), "str", "",
-           "semicolon list of mount points to count as disk, replacing the automatic choice",
-           json_keys=("include_mountpoints", "include_mountpoint"),
-           env=("AGENT_INCLUDE_MOUNTPOINTS", "AGENT_INCLUDE_MOUNTPOINT")),
-    Option("month_rotate", ("--month-rotate",), "int", 0,
-           "count totalUp/totalDown from this day of the month (1-31; 0 = since boot)", check=_day_of_month),
-    Option("import_net_static", ("--import-net-static",), "str", "",
-           "the official agent's net_static.json to carry this period's totals over from, once (with "
-           "--month-rotate; looked for beside this script, in the working directory and in /opt/komari)",
-           metavar="PATH"),
-    Option("gpu", ("--gpu",), "bool", False, "add detailed GPU usage (nvidia-smi) to reports",
-           json_keys=("enable_gpu", "gpu"), env=("AGENT_ENABLE_GPU", "AGENT_GPU")),
-    Option("custom_dns", ("--custom-dns",), "str", "", "DNS server (host or host:port) for the panel, the public-address lookups and probe targets"),
-    Option("custom_ipv4", ("--custom-ipv4",), "str", "", "report this IPv4 address instead of looking it up",
-           check=_address(socket.AF_INET, "IPv4")),
-    Option("custom_ipv6", ("--custom-ipv6",), "str", "", "report this IPv6 address instead of looking it up",
-           check=_address(socket.AF_INET6, "IPv6")),
-    Option("get_ip_addr_from_nic", ("--get-ip-addr-from-nic",), "bool", False,
-           "report the addresses of the local NICs instead of looking them up"),
+    # everyday
+    Option("endpoint", ("-e", "--endpoint"), "str", "", "panel URL, e.g. https://panel.example.com",
+           metavar="URL"),
+    Option("token", ("-t", "--token"), "str", "", "client token from the panel", metavar="TOKEN"),
     Option("auto_discovery", ("--auto-discovery",), "str", "",
            "auto-discovery key: register with the panel when no token is given",
-           json_keys=("auto_discovery_key", "auto_discovery"), env=("AGENT_AUTO_DISCOVERY_KEY",)),
+           json_keys=("auto_discovery_key", "auto_discovery"), env=("AGENT_AUTO_DISCOVERY_KEY",), metavar="KEY"),
+    Option("interval", ("-i", "--interval"), "float", 1.0,
+           "seconds between reports (default 1.0, at least %g)" % MIN_INTERVAL, check=_interval, metavar="SECONDS"),
     Option("protocol_version", ("--protocol-version",), "int", 2,
            "2 (default): JSON-RPC over a compressed WebSocket, HTTP POST when WebSockets are blocked, "
            "v1 when the panel is too old; 1: only the v1 WebSocket",
-           check=lambda v: None if v in (1, 2) else "must be 1 or 2"),
+           check=lambda v: None if v in (1, 2) else "must be 1 or 2", metavar="{1,2}"),
+    Option("reconnect_interval", ("-c", "--reconnect-interval"), "float", 5.0,
+           "seconds between reconnect attempts; after 10 minutes of outage grows to 60 (default 5)", check=_positive,
+           metavar="SECONDS"),
+    Option("max_retries", ("-r", "--max-retries"), "int", 3,
+           "failed v2 WebSocket dials in a row before POST mode, and retries per upload (default 3)", check=_not_negative,
+           metavar="N"),
+    Option("state_dir", ("--state-dir",), "str", "", "where traffic totals and unsent results are kept",
+           metavar="DIR"),
+    Option("disable_web_ssh", ("--disable-web-ssh",), "bool", False,
+           "turn off all remote control: exec, terminal"),
+    Option("log_level", ("--log-level",), "str", "info", "debug, info, warning or error (default info)",
+           check=lambda v: None if v.lower() in ("debug", "info", "warning", "error") else "must be debug, info, warning or error",
+           metavar="LEVEL"),
+    Option("config", ("--config",), "str", "", "JSON config file (snake_case keys)",
+           json_keys=("config_file",), env=("AGENT_CONFIG_FILE", "AGENT_CONFIG"), metavar="FILE"),
+    Option("dry_run", ("--dry-run",), "bool", False,
+           "print the basic info and one report as JSON and exit; needs no panel"),
+    # monitoring
+    Option("info_report_interval", ("--info-report-interval",), "float", 5.0,
+           "minutes between basic-info uploads (default 5)", check=_minutes, group="monitoring", metavar="MINUTES"),
+    Option("memory_include_cache", ("--memory-include-cache",), "bool", False,
+           "count buffers and cache as used memory (used = MemTotal - MemFree)", group="monitoring"),
+    Option("include_nics", ("--include-nics",), "str", "", "comma list of NICs to count (* wildcards); wins over every exclusion",
+           group="monitoring", metavar="NAMES"),
+    Option("exclude_nics", ("--exclude-nics",), "str", "", "comma list of NICs not to count (* wildcards)",
+           group="monitoring", metavar="NAMES"),
+    Option("include_mountpoint", ("--include-mountpoint",), "str", "",
+           "semicolon list of mount points to count as disk, replacing the automatic choice",
+           json_keys=("include_mountpoints", "include_mountpoint"),
+           env=("AGENT_INCLUDE_MOUNTPOINTS", "AGENT_INCLUDE_MOUNTPOINT"), group="monitoring", metavar="PATHS"),
+    Option("month_rotate", ("--month-rotate",), "int", 0,
+           "count totalUp/totalDown from this day of the month (1-31; 0 = since boot)", check=_day_of_month,
+           group="monitoring", metavar="DAY"),
+    Option("import_net_static", ("--import-net-static",), "str", "",
+           "the official agent's net_static.json to carry this period's totals over from, once (with "
+           "--month-rotate; looked for beside this script, in the working directory and in /opt/komari)",
+           group="monitoring", metavar="PATH"),
+    Option("gpu", ("--gpu",), "bool", False, "add detailed GPU usage (nvidia-smi) to reports",
+           json_keys=("enable_gpu", "gpu"), env=("AGENT_ENABLE_GPU", "AGENT_GPU"), group="monitoring"),
+    # network
+    Option("ignore_unsafe_cert", ("-u", "--ignore-unsafe-cert"), "bool", False, "do not verify TLS certificates",
+           group="network"),
+    Option("custom_dns", ("--custom-dns",), "str", "", "DNS server (host or host:port) for the panel, the public-address lookups and probe targets",
+           group="network", metavar="ADDRESS"),
     Option("prefer_ip_version", ("--prefer-ip-version",), "str", "",
-           "address family tried first (4 or 6) for the WebSockets and probe targets", check=_ip_version),
+           "address family tried first (4 or 6) for the WebSockets and probe targets", check=_ip_version,
+           group="network", metavar="{4,6}"),
     Option("disable_compression", ("--disable-compression",), "bool", False,
-           "protocol v2: no permessage-deflate on the WebSocket, no gzip on POST bodies"),
-    Option("show_warning", ("--show-warning",), "bool", False,
-           "the official agent's Windows warning helper: exits at once (status 0) elsewhere"),
-    Option("state_dir", ("--state-dir",), "str", "", "where traffic totals and unsent results are kept"),
+           "protocol v2: no permessage-deflate on the WebSocket, no gzip on POST bodies", group="network"),
+    Option("custom_ipv4", ("--custom-ipv4",), "str", "", "report this IPv4 address instead of looking it up",
+           check=_address(socket.AF_INET, "IPv4"), group="network", metavar="ADDRESS"),
+    Option("custom_ipv6", ("--custom-ipv6",), "str", "", "report this IPv6 address instead of looking it up",
+           check=_address(socket.AF_INET6, "IPv6"), group="network", metavar="ADDRESS"),
+    Option("get_ip_addr_from_nic", ("--get-ip-addr-from-nic",), "bool", False,
+           "report the addresses of the local NICs instead of looking them up", group="network"),
+    # remote control
     Option("exec_timeout", ("--exec-timeout",), "float", 3600.0,
            "seconds before a remote command is killed (default 3600; 0 = never). While its shell runs, a "
            "timeout or the agent stopping kills the shell's whole process group; background jobs still "
-           "running after the shell has exited (daemons started with &) are left alone", check=_not_negative),
+           "running after the shell has exited (daemons started with &) are left alone", check=_not_negative,
+           group="remote", metavar="SECONDS"),
     Option("exec_max_output", ("--exec-max-output",), "int", 1048576,
-           "bytes of command output kept (head and tail; default 1 MiB)", check=_positive),
-    Option("max_execs", ("--max-execs",), "int", 8, "remote commands running at once (default 8)", check=_positive),
-    Option("max_terminals", ("--max-terminals",), "int", 4, "terminal sessions at once (default 4)", check=_positive),
-    Option("config", ("--config",), "str", "", "JSON config file (snake_case keys)",
-           json_keys=("config_file",), env=("AGENT_CONFIG_FILE", "AGENT_CONFIG")),
-    Option("dry_run", ("--dry-run",), "bool", False,
-           "print the basic info and one report as JSON and exit; needs no panel"),
-    Option("log_level", ("--log-level",), "str", "info", "debug, info, warning or error (default info)",
-           check=lambda v: None if v.lower() in ("debug", "info", "warning", "error") else "must be debug, info, warning or error"),
+           "bytes of command output kept (head and tail; default 1 MiB)", check=_positive,
+           group="remote", metavar="BYTES"),
+    Option("max_execs", ("--max-execs",), "int", 8, "remote commands running at once (default 8)", check=_positive,
+           group="remote", metavar="N"),
+    Option("max_terminals", ("--max-terminals",), "int", 4, "terminal sessions at once (default 4)", check=_positive,
+           group="remote", metavar="N"),
+    # official agent compatibility
+    Option("disable_auto_update", ("--disable-auto-update",), "bool", False,
+           "accepted for compatibility; this agent never updates itself", group="official"),
+    Option("memory_exclude_bcf", ("--memory-exclude-bcf",), "bool", False,
+           "htop formula for used memory (the default on Linux)",
+           json_keys=("memory_report_raw_used", "memory_exclude_bcf"),
+           env=("AGENT_MEMORY_REPORT_RAW_USED", "AGENT_MEMORY_EXCLUDE_BCF"), group="official"),
+    Option("memory_mode_available", ("--memory-mode-available",), "bool", False,
+           "deprecated, no effect (use --memory-include-cache)", group="official"),
+    Option("show_warning", ("--show-warning",), "bool", False,
+           "the official agent's Windows warning helper: exits at once (status 0) elsewhere", group="official"),
 ]
 OPTION_BY_DEST = {o.dest: o for o in OPTIONS}
 # Flags the official agent dropped or renamed over the years: removed, with a warning.
@@ -928,14 +965,47 @@ def convert(option, value, origin):
     return number
 
 
+HELP_WIDTH = 100
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help at HELP_WIDTH columns whatever the terminal, the help column far
+    enough right for most flags to share its line, "-c, --reconnect-interval
+    SECONDS" rather than argparse's "-c SECONDS, --reconnect-interval SECONDS",
+    and descriptions and epilogs line by line as written, a line wrapped only
+    when it is too long."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=36, width=HELP_WIDTH)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+        lines = []
+        for line in text.splitlines():
+            lead = indent + line[:len(line) - len(line.lstrip())]
+            lines.extend([indent + line] if len(indent + line) <= width else
+                         textwrap.wrap(line.strip(), width, initial_indent=lead, subsequent_indent=lead))
+        return "\n".join(lines)
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        args = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return "%s %s" % (", ".join(action.option_strings), args)
+
+
 class ArgParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         raise ConfigError(message)
 
 
 def help_epilog():
     """The end of --help: where else settings come from, the names that do not
-    follow the rule, and the subcommand."""
+    follow the rule, and the subcommands."""
     differ = []
     for option in OPTIONS:
         flag = option.flags[-1]
@@ -949,29 +1019,39 @@ def help_epilog():
         "  %-24s %-30s %s" % ("flag", "environment", "JSON key"),
     ] + differ + [
         "",
-        "Subcommand: %s traffic [--set-up SIZE] [--set-down SIZE] [--show] [--export [PATH]] [agent flags]" % PROG,
-        "  shows, corrects or exports this period's traffic totals (--month-rotate); see its --help.",
-        "Subcommands as in the official agent: %s list-disk (the mounts counted as disk)," % PROG,
-        "  %s check-mem (each used-memory formula)." % PROG,
+        "Subcommands (each also takes the agent flags, to use the same settings and state):",
+        "  %s traffic [--set-up SIZE] [--set-down SIZE] [--show] [--export [PATH]]" % PROG,
+        "      shows, corrects or exports this period's traffic totals (--month-rotate); see its --help",
+        "  %s list-disk   the mounts counted as disk, as in the official agent" % PROG,
+        "  %s check-mem   each used-memory formula, as in the official agent" % PROG,
     ])
 
 
 def build_arg_parser():
-    parser = ArgParser(prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-                       description="Komari monitoring agent (protocol v2, v1 for older panels), version %s." % __version__,
-                       epilog=help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgParser(prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS, add_help=False,
+                       usage="%(prog)s -e URL (-t TOKEN | --auto-discovery KEY) [--check] [options]\n"
+                             "       %(prog)s --dry-run [options]\n"
+                             "       %(prog)s traffic | list-disk | check-mem [options]",
+                       description="Komari monitoring agent (protocol v2, v1 for older panels), version %s.\n"
+                                   "A [BOOL] flag alone turns its setting on; =false turns it off (--gpu=false)."
+                                   % __version__,
+                       epilog=help_epilog())
+    groups = {key: parser.add_argument_group(title, description) for key, title, description in HELP_GROUPS}
+    everyday = groups["everyday"]
+    everyday.add_argument("-h", "--help", action="help", help="show this help and exit")
     for option in OPTIONS:
         kwargs = {"dest": option.dest, "help": option.help}
         if option.kind == "bool":
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         else:
             kwargs["metavar"] = option.metavar or option.kind.upper().replace("STR", "VALUE")
-        parser.add_argument(*option.flags, **kwargs)
-    parser.add_argument("--check", action="store_true",
-                        help="check the flags, environment and config file, print the settings in effect "
-                             "(secrets masked) and exit: 0 when they are good, 2 with one line when not; "
-                             "no network")
-    parser.add_argument("--version", action="version", version="komari_agent.py " + __version__)
+        groups[option.group].add_argument(*option.flags, **kwargs)
+    everyday.add_argument("--check", action="store_true",
+                          help="check the flags, environment and config file, print the settings in effect "
+                               "(secrets masked) and exit: 0 when they are good, 2 with one line when not; "
+                               "no network")
+    everyday.add_argument("--version", action="version", version="komari_agent.py " + __version__,
+                          help="print the version and exit")
     return parser
 
 

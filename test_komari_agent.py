@@ -1079,6 +1079,29 @@ def test_status_file_is_written_on_change_only_and_never_holds_the_token(tmp_pat
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "connected"
 
 
+def test_help_is_grouped_everyday_first_within_100_columns_with_telling_metavars():
+    text = run_agent("--help", env={"COLUMNS": "40"}).stdout.decode()   # the width is fixed, not the terminal's
+    titles = [title for key, title, _ in ka.HELP_GROUPS]
+    assert titles[0] == "Everyday options" and "Official agent compatibility" in titles
+    starts = [text.find("\n%s:\n" % title) for title in titles]
+    assert -1 not in starts and starts == sorted(starts), starts
+    everyday = text[starts[0]:starts[1]]
+    for flag in ("--endpoint URL", "--token TOKEN", "--interval SECONDS", "--protocol-version {1,2}",
+                 "--reconnect-interval SECONDS", "--max-retries N", "--state-dir", "--disable-web-ssh",
+                 "--log-level LEVEL", "--dry-run", "--check", "--config"):
+        assert flag in everyday, flag
+    official = text[starts[titles.index("Official agent compatibility")]:]
+    assert "--disable-auto-update" in official and "--show-warning" in official
+    assert "--disable-auto-update" not in text[:starts[-1]]
+    for shown in ("--info-report-interval MINUTES", "--import-net-static PATH", "--month-rotate DAY",
+                  "--include-nics NAMES", "--custom-ipv4 ADDRESS", "--exec-timeout SECONDS"):
+        assert shown in text, shown
+    assert not re.search(r"\b(VALUE|FLOAT|INT)\b", text)   # no argparse type names as metavars
+    for args in (["--help"], ["traffic", "--help"]):
+        lines = run_agent(*args, env={"COLUMNS": "300"}).stdout.decode().splitlines()
+        assert lines and [line for line in lines if len(line) > 100] == [], args
+
+
 # ---------------------------------------------------------------------------
 # Collectors: arithmetic on fixed /proc inputs
 # ---------------------------------------------------------------------------
