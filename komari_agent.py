@@ -3,12 +3,34 @@
 
 Speaks the Komari agent protocol v2 (JSON-RPC 2.0 over a compressed WebSocket,
 or over HTTP POST where WebSockets are blocked) and falls back to v1 for
-older panels (summarised in README.md, "What is sent"): basic info, a realtime report every interval,
+older panels (docs/WIRE.md): basic info, a realtime report every interval,
 and the server's events (exec, ping, terminal).  Needs Python 3.8+, psutil and
 websocket-client.
 
     python3 komari_agent.py --endpoint https://panel.example --token TOKEN
     python3 komari_agent.py --dry-run        # print what would be sent
+
+The file reads top to bottom; nothing refers to a definition further down:
+    Logging           the token never reaches a log line
+    Used everywhere   errors, files, JSON, helper programs
+    Platform          every difference between operating systems
+    Network plumbing  addresses, DNS, proxies, TLS, dialling, one HTTP exchange
+    Configuration     OPTIONS: flags, AGENT_* variables, --config keys
+    Report figures    what each realtime report measures (the Collector)
+    Basic info        static facts, the GPU's name, public addresses
+    Monthly traffic   the ledger behind --month-rotate
+    Wire protocol     every message's shape, both ways, v1 beside v2
+    Transport         HTTP uploads, undelivered results, auto-discovery
+    Links             the three report links (Link) and LinkChooser
+    Tasks             exec, ping probes, the web terminal
+    The agent loop    Agent: its threads, reconnecting, basic info, results
+    Subcommands       --check, --dry-run, list-disk, check-mem, traffic
+    main()
+
+Imports: the standard library at the top. psutil and websocket-client, and
+stdlib modules that only some runs need, are imported inside the function
+that uses them: a report on Linux needs neither package, and every module
+loaded costs memory for the whole run.
 """
 
 import argparse
@@ -730,6 +752,26 @@ def cuttable_handlers(cutter, context, dial=None):
 def http_exceptions():
     import http.client
     return http.client.HTTPException
+
+
+def post_headers(headers=()):
+    """`headers` and the two every POST to the panel carries."""
+    return dict(headers, **{"Content-Type": "application/json", "User-Agent": "komari-agent-py/" + __version__})
+
+
+def http_failure(error, cutter):
+    """The OSError a failed HTTP exchange raises: a timeout when `cutter` (its
+    ConnectionCutter) ended it, the network error itself, or one line for an
+    answer that broke HTTP."""
+    import urllib.error
+    if cutter.fired:
+        return cutter.timeout()
+    if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
+        reason = error.reason
+        return reason if isinstance(reason, OSError) else OSError(str(reason))
+    if isinstance(error, OSError):
+        return error
+    return OSError("bad HTTP exchange: %s" % type(error).__name__)
 
 
 def describe_body(body):
@@ -2866,10 +2908,10 @@ def traffic_ledger(cfg):
 
 
 # ---------------------------------------------------------------------------
-# Wire protocol: the panel's paths, every message we send, every message we read; v1 beside v2 (JSON-RPC 2.0)
+# Wire protocol: the panel's paths, every message we send and read; v1 beside v2 (JSON-RPC 2.0)
 # ---------------------------------------------------------------------------
 
-# Traps (the server's behaviour, README "What is sent"): exec results go by POST to
+# Traps (the server's behaviour, docs/WIRE.md): exec results go by POST to
 # TASK_RESULT_PATH even on v2 (the server ignores agent.taskResult); a terminal
 # request needs a socket, so it never reaches an agent in POST mode; a v2 ping
 # result's finished_at must carry a zone or the whole call fails; a v2 socket
@@ -3231,9 +3273,7 @@ class Panel:
         import urllib.error
         import urllib.request
         data = obj if isinstance(obj, bytes) else encode(obj).encode("utf-8")
-        request = urllib.request.Request(url, data=data, method="POST",
-                                         headers=dict(headers, **{"Content-Type": "application/json",
-                                                                  "User-Agent": "komari-agent-py/" + __version__}))
+        request = urllib.request.Request(url, data=data, method="POST", headers=post_headers(headers))
         cutter = ConnectionCutter(timeout)
         try:
             try:
@@ -3241,17 +3281,8 @@ class Panel:
                     return reply.status, reply.read(limit)
             except urllib.error.HTTPError as e:
                 return e.code, e.read(4096) if e.fp else b""
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if cutter.fired:
-                raise cutter.timeout()
-            raise reason if isinstance(reason, OSError) else OSError(str(reason))
         except (OSError, ValueError, http_exceptions()) as e:
-            if cutter.fired:
-                raise cutter.timeout()
-            if isinstance(e, OSError):
-                raise
-            raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+            raise http_failure(e, cutter)
         finally:
             cutter.cancel()
 
@@ -3468,7 +3499,7 @@ def register_with_key(panel):
 
 
 # ---------------------------------------------------------------------------
-# Links: WebSocket framing, the three report links (v2 WebSocket, v2 POST, v1 WebSocket), choosing one
+# Links: WebSocket framing, the three report links, choosing one
 # ---------------------------------------------------------------------------
 
 class LinkClosed(AgentError):
@@ -4059,8 +4090,7 @@ class KeptAlive:
         (a ConnectionCutter, as there: a trickled answer is cut off)."""
         if not self.direct:
             return self.panel.exchange(self.url, body, headers=headers, limit=limit, timeout=timeout)
-        headers = dict(headers, **{"Content-Type": "application/json",
-                                   "User-Agent": "komari-agent-py/" + __version__})
+        headers = post_headers(headers)
         cutter = ConnectionCutter(timeout)
         try:
             for attempt in (1, 2):
@@ -4081,14 +4111,10 @@ class KeptAlive:
                     return reply.status, data
                 except (OSError, ValueError, http_exceptions()) as e:
                     self.close()
-                    if cutter.fired:
-                        raise cutter.timeout()
                     # a kept-alive connection the panel had closed meanwhile: once more on a new one
-                    if reused and attempt == 1 and not isinstance(e, socket.timeout):
+                    if reused and attempt == 1 and not cutter.fired and not isinstance(e, socket.timeout):
                         continue
-                    if isinstance(e, OSError):
-                        raise
-                    raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+                    raise http_failure(e, cutter)
         finally:
             cutter.cancel()
 
@@ -5589,6 +5615,17 @@ class Agent:
         self.failed = False
         self.status = LinkStatus(state_dir(cfg))
 
+    def complain(self, what, error, hint=""):
+        """Log that `what` failed (PanelRefused: what the refusal means; else
+        the network error), once a minute per kind of failure; the line."""
+        if isinstance(error, PanelRefused):
+            key, line = (what, error.status), explain_refusal(error, what + " failed") + hint
+        else:
+            key, line = (what, type(error).__name__), "%s failed: %s%s" % (what, describe_error(error), hint)
+        if self.refused_log(key):
+            log.warning(line)
+        return line
+
     # -- basic info ---------------------------------------------------------
     def want_basic_info(self):
         self.info_wanted.set()
@@ -5621,15 +5658,11 @@ class Agent:
                 upload_basic_info(self.panel, info)
                 log.info("basic info uploaded")
                 return True
-            except PanelRefused as e:
-                if self.refused_log(("info", e.status)):
-                    log.error(explain_refusal(e, "basic info upload failed"))
-                if e.status == 401:
-                    self.status.set("refused", explain_refusal(e, "basic info upload failed"))
+            except (PanelRefused, OSError) as e:
+                line = self.complain("basic info upload", e)
+                if getattr(e, "status", None) == 401:
+                    self.status.set("refused", line)
                     return False
-            except OSError as e:
-                if self.refused_log(("info-net", type(e).__name__)):
-                    log.warning("basic info upload failed: %s", describe_error(e))
             if self.stop.wait(min(2.0 * (attempt + 1), 10.0)):
                 return False
         return False
@@ -5670,12 +5703,10 @@ class Agent:
                     log.error("the panel rejected the result of task %s as invalid (%s); dropped", task, e.detail)
                     self.spool.remove(name)
                     continue
-                if self.refused_log(("result", e.status)):
-                    log.warning(explain_refusal(e, "task result upload failed") + "; kept for later")
+                self.complain("task result upload", e, "; kept for later")
                 return False
             except OSError as e:
-                if self.refused_log(("result-net", type(e).__name__)):
-                    log.warning("task result upload failed: %s; kept for later", describe_error(e))
+                self.complain("task result upload", e, "; kept for later")
                 return False
             self.spool.remove(name)
             log.info("result of task %s delivered", task)
@@ -5779,15 +5810,11 @@ class Agent:
         while not token and not self.stop.is_set():
             try:
                 token = register_with_key(self.panel)
-            except PanelRefused as e:
-                if self.refused_log(("register", e.status)):
-                    log.error("auto-discovery registration failed: %s%s", e,
-                              " (wrong auto-discovery key?)" if e.status == 403 else "")
-                self.status.set("refused" if e.status in (401, 403) else "connecting",
-                                "auto-discovery registration failed: %s" % e)
-            except OSError as e:
-                if self.refused_log(("register-net", type(e).__name__)):
-                    log.warning("auto-discovery registration failed: %s", describe_error(e))
+            except (PanelRefused, OSError) as e:
+                status = getattr(e, "status", None)
+                line = self.complain("auto-discovery registration", e,
+                                     " (wrong auto-discovery key?)" if status in (401, 403) else "")
+                self.status.set("refused" if status in (401, 403) else "connecting", line)
             if not token:
                 self.stop.wait(backoff_delay(self.cfg.reconnect_interval, round_number))
                 round_number += 1
@@ -5896,7 +5923,8 @@ def go_log(message):
 
 
 def subcommand_config(name, argv, environ):
-    """The config of `list-disk`/`check-mem`, which take the agent's flags; None after a bad flag."""
+    """The config of a subcommand, which takes the agent's flags to use the
+    same settings and state; None after a bad flag (said on stderr)."""
     try:
         cfg, _ = load_config(list(argv) + ["--dry-run"], environ)
     except ConfigError as e:
@@ -6012,9 +6040,11 @@ def traffic_command(argv, environ):
     try:
         args, rest = parser.parse_known_args(argv)
         sizes = {k: parse_size(v) for k, v in (("up", args.set_up), ("down", args.set_down)) if v is not None}
-        cfg, _ = load_config(rest + ["--dry-run"], environ)
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:
         sys.stderr.write("%s traffic: error: %s\n" % (PROG, e))
+        return 2
+    cfg = subcommand_config("traffic", rest, environ)
+    if cfg is None:
         return 2
     directory = state_dir(cfg)
     calibration = os.path.join(directory, CALIBRATION_FILE)
@@ -6115,14 +6145,13 @@ def stop_on_signals():
     return stop
 
 
+SUBCOMMANDS = {"traffic": traffic_command, "list-disk": list_disk_command, "check-mem": check_mem_command}
+
+
 def main(argv=None, stop=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["traffic"]:
-        return traffic_command(argv[1:], os.environ)
-    if argv[:1] == ["list-disk"]:
-        return list_disk_command(argv[1:], os.environ)
-    if argv[:1] == ["check-mem"]:
-        return check_mem_command(argv[1:], os.environ)
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:], os.environ)
     try:
         cfg, warnings = load_config(argv, os.environ)
     except ConfigError as e:
