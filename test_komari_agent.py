@@ -3858,7 +3858,7 @@ def test_fuzzed_frames_never_break_the_event_handler(tmp_path):
     @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(frame=fuzz_frames())
     def handle(frame):
-        agent.tasks.handle(None, frame)
+        agent.tasks.handle(frame)
 
     try:
         handle()
