@@ -4673,10 +4673,11 @@ def test_dry_run_prints_exactly_what_would_be_sent():
 
 def test_readme_commands_match_ci():
     readme = (ROOT / "README.md").read_text()
-    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```sh\n")[1:3]]
-    install_and_run, tests = blocks
-    assert "pip install -r requirements.txt" in install_and_run and "--dry-run" in install_and_run
-    assert "--endpoint" in install_and_run and "--token" in install_and_run
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```sh\n")[1:4]]
+    service, by_hand, tests = blocks
+    assert "install.sh" in service and "-e" in service and "-t" in service
+    assert "pip install -r requirements.txt" in by_hand and "--dry-run" in by_hand
+    assert "--endpoint" in by_hand and "--token" in by_hand
     assert tests == (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
 
 
