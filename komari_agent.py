@@ -13,11 +13,12 @@ websocket-client.
 The file reads top to bottom; nothing refers to a definition further down:
     Logging           the token never reaches a log line
     Used everywhere   errors, files, JSON, helper programs
-    Platform          every difference between operating systems
     Network plumbing  addresses, DNS, proxies, TLS, dialling, one HTTP exchange
     Configuration     OPTIONS: flags, AGENT_* variables, --config keys
+    Linux             /proc and /sys, read and parsed
+    Platform          every difference between systems, behind one host (make_host)
     Report figures    what each realtime report measures (the Collector)
-    Basic info        static facts, the GPU's name, public addresses
+    Basic info        the static facts together, public addresses
     Monthly traffic   the ledger behind --month-rotate
     Wire protocol     every message's shape, both ways, v1 beside v2
     Transport         HTTP uploads, undelivered results, auto-discovery
@@ -389,53 +390,6 @@ def rfc3339_now():
     """Local time with its offset, e.g. 2026-11-24T16:00:00.123+08:00."""
     from datetime import datetime
     return datetime.now().astimezone().isoformat(timespec="milliseconds")
-
-
-# ---------------------------------------------------------------------------
-# Platform: what differs between operating systems
-# ---------------------------------------------------------------------------
-
-IS_LINUX = sys.platform.startswith("linux")
-
-
-def psutil_module():
-    import psutil  # imported only where /proc is not enough
-    return psutil
-
-
-def glibc():
-    """The C library through ctypes, or None where it is not glibc-like."""
-    if not IS_LINUX:
-        return None
-    try:
-        import ctypes
-        lib = ctypes.CDLL("libc.so.6")
-        lib.mallopt  # noqa: B018 - it must exist
-        return lib
-    except (OSError, AttributeError):
-        return None
-
-
-def limit_malloc_arenas():
-    """glibc gives each thread its own malloc arena; for a few mostly idle
-    threads that is megabytes of RSS for nothing."""
-    lib = glibc()
-    if lib is not None:
-        lib.mallopt(-8, 1)  # M_ARENA_MAX
-
-
-def return_free_memory():
-    """Hand freed heap pages back to the kernel. Start-up (the script's syntax
-    tree, a TLS handshake) leaves megabytes free inside glibc's heap that it
-    would otherwise keep for good; called once per new report link."""
-    lib = glibc()
-    if lib is not None:
-        lib.malloc_trim(0)
-
-
-def sys_root():
-    """/sys, or HOST_SYS as gopsutil honours it (a container watching its host)."""
-    return (os.environ.get("HOST_SYS") or "/sys").rstrip("/") or "/sys"
 
 
 # ---------------------------------------------------------------------------
@@ -1273,7 +1227,7 @@ def state_dir(cfg):
 
 
 # ---------------------------------------------------------------------------
-# Report figures: /proc readers and the arithmetic behind each figure
+# Linux: /proc and /sys, read and parsed
 # ---------------------------------------------------------------------------
 
 class OpenProcFiles:
@@ -1327,16 +1281,6 @@ def cpu_busy_total(stat_line):
     user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
     total = user + nice + system + idle + iowait + irq + softirq + steal
     return total - idle - iowait, total
-
-
-def cpu_percent(previous, current):
-    """Busy share of all CPUs between two (busy, total) samples, 0.001-100.
-    Never 0: the server drops a zero usage (omitempty)."""
-    busy = current[0] - previous[0]
-    total = current[1] - previous[1]
-    if total <= 0:
-        return 100.0 if busy > 0 else 0.001
-    return min(100.0, max(0.001, busy * 100.0 / total))
 
 
 # -- memory ------------------------------------------------------------------
@@ -1456,57 +1400,7 @@ def countable_mounts(mounts):
     return result
 
 
-def read_mounts(proc="/proc", every=True):
-    """The mount table as Mounts: the host's (its init's) when --host-proc
-    points elsewhere; without /proc, psutil's partitions (`every`: pseudo
-    file systems too)."""
-    if IS_LINUX:
-        path = proc + "/1/mountinfo" if proc != "/proc" else "/proc/self/mountinfo"
-        return parse_mountinfo(read_text(path))
-    return [Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts)
-            for p in psutil_module().disk_partitions(all=every)]
-
-
-def statvfs_usage(path):
-    st = os.statvfs(path)
-    total = st.f_blocks * st.f_frsize
-    return total, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize
-
-
-def sum_disk_usage(usages):
-    """(total, used) from [(key, total, used, avail)]. Per device the largest
-    total wins; a ZFS pool is its datasets' used plus the free space they share."""
-    devices, pools = {}, {}
-    for key, total, used, avail in usages:
-        if key.startswith("zfs:"):
-            pool = pools.setdefault(key, [0, 0])
-            pool[0] += used
-            pool[1] = max(pool[1], avail)
-        elif key not in devices or total > devices[key][0]:
-            devices[key] = (total, used)
-    total = sum(t for t, _ in devices.values()) + sum(u + a for u, a in pools.values())
-    used = sum(u for _, u in devices.values()) + sum(u for u, _ in pools.values())
-    return total, used
-
-
-# -- network -----------------------------------------------------------------
-
-# Virtual NICs whose traffic is already counted on a physical NIC: the
-# official agent's list, so that both count the same totals (tun*, wg* and
-# the like carry traffic of their own and count).
-VIRTUAL_NIC_PREFIXES = ("lo", "br", "cni", "docker", "podman", "flannel", "veth", "virbr", "vmbr", "tap",
-                        "fwbr", "fwpr")
-
-
-def nic_counted(name, include=(), exclude=()):
-    """Whether a NIC's bytes count. An explicit include wins over everything;
-    with an include list, nothing else counts."""
-    if include:
-        return any(fnmatchcase(name, p) for p in include)
-    if name.startswith(VIRTUAL_NIC_PREFIXES):
-        return False
-    return not any(fnmatchcase(name, p) for p in exclude)
-
+# -- network -------------------------------------------------------------------
 
 NET_DEV_LINE = re.compile(r"^\s*([^\s:]+):\s*(\d+)(?:\s+\d+){7}\s+(\d+)", re.M)
 
@@ -1514,30 +1408,6 @@ NET_DEV_LINE = re.compile(r"^\s*([^\s:]+):\s*(\d+)(?:\s+\d+){7}\s+(\d+)", re.M)
 def parse_net_dev(text):
     """/proc/net/dev as {nic: (rx_bytes, tx_bytes)}."""
     return {name: (int(rx), int(tx)) for name, rx, tx in NET_DEV_LINE.findall(text)}
-
-
-class NetMeter:
-    """Per-NIC byte counters between reports: speeds from per-NIC deltas, so a
-    NIC that vanishes or resets does not zero the others' traffic."""
-
-    def __init__(self):
-        self.previous = None
-        self.at = None
-
-    def sample(self, counters, now):
-        """(up_per_s, down_per_s) since the last sample; (0, 0) the first time."""
-        up = down = 0
-        if self.previous is not None:
-            for nic, (rx, tx) in counters.items():
-                old = self.previous.get(nic)
-                if old is not None:
-                    down += rx - old[0] if rx >= old[0] else 0
-                    up += tx - old[1] if tx >= old[1] else 0
-        elapsed = now - self.at if self.at is not None else 0
-        self.previous, self.at = counters, now
-        if elapsed <= 0:
-            return 0, 0
-        return int(up / elapsed), int(down / elapsed)
 
 
 # -- connections -------------------------------------------------------------
@@ -1577,311 +1447,7 @@ def count_table_rows(paths):
     return rows
 
 
-# -- GPU figures (--gpu) -----------------------------------------------------------
-
-def gpu_tool(name, usual_path):
-    """The path of a GPU tool: its usual place, else PATH; "" when missing."""
-    import shutil
-    return usual_path if os.path.exists(usual_path) else shutil.which(name) or ""
-
-
-def leading_number(text):
-    """25.0 from "25 %", "1024 MiB", "65 C", "45.0"; 0.0 for "[N/A]" and the like."""
-    found = re.match(r"^\s*(\d+(?:\.\d+)?)", str(text))
-    return float(found.group(1)) if found else 0.0
-
-
-# one GPU's figures as its tool gave them (bytes, %, degrees C); report_payload() guards their ranges
-GpuDevice = namedtuple("GpuDevice", "name memory_total memory_used utilization temperature")
-
-
-def nvidia_devices(csv_text):
-    """Devices from nvidia-smi's CSV query (name, MiB total, MiB used, %, C):
-    every field the panel shows, at a fraction of the cost of `-q -x`."""
-    devices = []
-    for line in csv_text.splitlines():
-        fields = [f.strip() for f in line.split(",")]
-        if len(fields) >= 5:
-            devices.append(GpuDevice(fields[0], leading_number(fields[1]) * (1 << 20),
-                                      leading_number(fields[2]) * (1 << 20), leading_number(fields[3]),
-                                      leading_number(fields[4])))
-    return devices
-
-
-def rocm_devices(json_text):
-    """Devices from `rocm-smi --showallinfo --json` (its card* entries)."""
-    data = json.loads(json_text)
-    if not isinstance(data, dict):
-        raise ValueError("rocm-smi output is not a JSON object")
-    devices = []
-    for key in sorted(k for k in data if k.startswith("card")):
-        card = data[key] if isinstance(data[key], dict) else {}
-        devices.append(GpuDevice(str(card.get("Card series", "")), leading_number(card.get("VRAM Total Memory (B)", "")),
-                                  leading_number(card.get("VRAM Total Used Memory (B)", "")),
-                                  leading_number(card.get("GPU use (%)", "")),
-                                  leading_number(card.get("Temperature (Sensor junction) (C)", ""))))
-    return devices
-
-
-NVIDIA_QUERY = ["--query-gpu=name,memory.total,memory.used,utilization.gpu,temperature.gpu",
-                "--format=csv,noheader,nounits"]
-
-
-def gpu_devices():
-    """The GPUs' figures, NVIDIA's through nvidia-smi, else AMD's through
-    rocm-smi; an error names what failed."""
-    smi = gpu_tool("nvidia-smi", "/usr/bin/nvidia-smi")
-    if smi:
-        status, out = run_output([smi] + NVIDIA_QUERY, timeout=2.0)
-        if status == 0:
-            return nvidia_devices(out)
-    rocm = gpu_tool("rocm-smi", "/opt/rocm/bin/rocm-smi")
-    if not rocm:
-        raise OSError("rocm-smi tool not found")
-    status, out = run_output([rocm, "--showallinfo", "--json"], timeout=5.0)
-    if status != 0:
-        raise OSError("no data available")
-    return rocm_devices(out)
-
-
-def gpu_details():
-    """(GpuDevices, or only the model names, or None; a problem or ""), as
-    the official agent: nothing without GPUs; on failure the message line
-    and, when the names can still be read, those."""
-    try:
-        devices = gpu_devices()
-    except (OSError, ValueError) as e:
-        problem = str(e) if not isinstance(e, OSError) or not e.strerror else e.strerror
-        try:
-            models = [d.name for d in gpu_devices() if d.name]
-        except (OSError, ValueError):
-            models = []
-        return (models or None), problem
-    return (devices or None), ""
-
-
-# -- the report ----------------------------------------------------------------
-
-# One report's figures, as measured; report_payload() (Wire protocol) turns
-# them into the message the panel decodes.
-Figures = namedtuple("Figures", "cpu ram_total ram_used swap_total swap_used load1 load5 load15 disk_total disk_used "
-                                "up down total_up total_down tcp udp uptime processes gpu message")
-
-
-class Collector:
-    """Everything that changes between reports: CPU and NIC baselines, the
-    mount table cache. One instance lives for the whole run so speeds and CPU
-    usage stay continuous across reconnects."""
-
-    MOUNTS_TTL = 30.0
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.proc = cfg.host_proc
-        self.files = OpenProcFiles()
-        self.net = NetMeter()
-        self.cpu_previous = None
-        self.mounts = None
-        self.mounts_at = 0.0
-        self.processes = None
-        self.processes_at = 0.0
-        self.nic_decisions = {}
-        self.traffic = None   # a TrafficLedger when --month-rotate is set
-        self.mount_problems = {}  # --include-mountpoint entries that cannot be counted -> why
-        self.lock = threading.Lock()
-        self.cpu_sample()  # baseline, so the first report has a real CPU figure
-
-    # each collector returns its figure or raises; report() turns failures into message lines
-    def cpu_sample(self):
-        if IS_LINUX:
-            return cpu_busy_total(self.files.first_line(self.proc + "/stat"))
-        t = psutil_module().cpu_times()
-        total = sum(t)
-        return total - t.idle - getattr(t, "iowait", 0), total
-
-    def cpu_usage(self):
-        current = self.cpu_sample()
-        previous, self.cpu_previous = self.cpu_previous, current
-        return cpu_percent(previous, current) if previous else 0.001
-
-    def memory(self):
-        if IS_LINUX:
-            info = parse_meminfo(self.files.read(self.proc + "/meminfo"))
-            if info.get("MemTotal"):
-                return ram_usage(info, self.cfg.memory_include_cache), swap_usage(info)
-        ps = psutil_module()
-        vm, sw = ps.virtual_memory(), ps.swap_memory()
-        used = vm.total - vm.free if self.cfg.memory_include_cache else vm.total - vm.available
-        return (vm.total, max(0, used)), (sw.total, sw.used)
-
-    def load(self):
-        if IS_LINUX:
-            parts = self.files.first_line(self.proc + "/loadavg").split()
-            return float(parts[0]), float(parts[1]), float(parts[2])
-        return os.getloadavg()
-
-    def mount_table(self):
-        now = time.monotonic()
-        if self.mounts is None or now - self.mounts_at > self.MOUNTS_TTL:
-            if IS_LINUX:
-                self.mounts = countable_mounts(read_mounts(self.proc))
-            else:
-                self.mounts = [("dev:" + m.source, m) for m in read_mounts(self.proc, every=False)]
-            self.mounts_at = now
-        return self.mounts
-
-    def disk(self):
-        usages = []
-        if self.cfg.mountpoints:
-            for i, path in enumerate(dict.fromkeys(self.cfg.mountpoints)):
-                try:
-                    usages.append(("path:%d" % i,) + statvfs_usage(path))
-                    self.mount_problems.pop(path, None)
-                except OSError as e:
-                    if path not in self.mount_problems:
-                        log.warning("--include-mountpoint %s is not counted: %s", path, describe_error(e))
-                    self.mount_problems[path] = describe_error(e)
-        else:
-            for key, mount in self.mount_table():
-                try:
-                    usages.append((key,) + statvfs_usage(mount.mountpoint))
-                except OSError:
-                    continue
-        return sum_disk_usage(usages)
-
-    def nic_counters(self):
-        """{nic: (rx, tx)} over the counted NICs."""
-        if IS_LINUX:
-            raw = parse_net_dev(self.files.read(self.proc + "/net/dev"))
-        else:
-            raw = {n: (c.bytes_recv, c.bytes_sent) for n, c in psutil_module().net_io_counters(pernic=True).items()}
-        return {n: c for n, c in raw.items() if self.nic_counted(n)}
-
-    def nic_counted(self, name):
-        # decided once per NIC name: the wildcard matching is not free
-        counted = self.nic_decisions.get(name)
-        if counted is None:
-            if len(self.nic_decisions) > 4096:
-                self.nic_decisions.clear()
-            counted = self.nic_decisions[name] = nic_counted(name, self.cfg.nics_include, self.cfg.nics_exclude)
-        return counted
-
-    def network(self):
-        counters = self.nic_counters()
-        up, down = self.net.sample(counters, time.monotonic())
-        if self.traffic is not None:
-            total_up, total_down = self.traffic.update(counters)
-        else:
-            total_up = sum(tx for _, tx in counters.values())
-            total_down = sum(rx for rx, _ in counters.values())
-        return up, down, total_up, total_down
-
-    def connections(self):
-        net = self.proc + "/net/"
-        if IS_LINUX:
-            try:
-                v4 = self.files.read(net + "sockstat")
-            except OSError:
-                v4 = None
-            if v4:
-                try:
-                    v6 = self.files.read(net + "sockstat6")
-                except OSError:
-                    v6 = ""
-                return connections_from_sockstat(v4, v6)
-            return (count_table_rows([net + "tcp", net + "tcp6"]), count_table_rows([net + "udp", net + "udp6"]))
-        conns = psutil_module().net_connections("inet")
-        tcp = sum(1 for c in conns if c.type == socket.SOCK_STREAM)
-        return tcp, len(conns) - tcp
-
-    def uptime(self):
-        if hasattr(time, "CLOCK_BOOTTIME"):
-            # rounded up, as sysinfo(2) rounds it for the official agent
-            return math.ceil(time.clock_gettime(time.CLOCK_BOOTTIME))
-        return int(time.time() - psutil_module().boot_time())
-
-    PROCESSES_TTL = 4.5
-
-    def process_count(self):
-        """Processes, recounted every few seconds: listing /proc makes the
-        kernel walk every task, the dearest read of a report."""
-        now = time.monotonic()
-        if self.processes is None or now - self.processes_at >= self.PROCESSES_TTL:
-            if IS_LINUX:
-                self.processes = sum(map(str.isdigit, os.listdir(self.proc)))
-            else:
-                self.processes = len(psutil_module().pids())
-            self.processes_at = now
-        return self.processes
-
-    def ram_swap_disk_totals(self):
-        try:
-            (ram, _), (swap, _) = self.memory()
-        except Exception:
-            ram = swap = 0
-        try:
-            disk = self.disk()[0]
-        except Exception:
-            disk = 0
-        return ram, swap, disk
-
-    def figures(self):
-        """The figures of one realtime report (report_payload() names their
-        keys). A collector that fails gives zeros and a line in `message`; it
-        never stops the report."""
-        with self.lock:
-            failures = []
-
-            def attempt(name, function, fallback):
-                try:
-                    return function()
-                except Exception as e:
-                    failures.append("failed to get %s: %s" % (name, describe_error(e)))
-                    return fallback
-
-            usage = attempt("cpu", self.cpu_usage, 0.001)
-            (ram_total, ram_used), (swap_total, swap_used) = attempt("memory", self.memory, ((0, 0), (0, 0)))
-            load1, load5, load15 = attempt("load", self.load, (0.0, 0.0, 0.0))
-            disk_total, disk_used = attempt("disk", self.disk, (0, 0))
-            up, down, total_up, total_down = attempt("network", self.network, (0, 0, 0, 0))
-            tcp, udp = attempt("connections", self.connections, (0, 0))
-            uptime = attempt("uptime", self.uptime, 0)
-            processes = attempt("processes", self.process_count, 0)
-            if self.traffic is not None and self.traffic.problem:
-                failures.append(self.traffic.problem)
-            failures += ["disk: mount point %s not counted (%s)" % item for item in sorted(self.mount_problems.items())]
-            gpu = None
-            if self.cfg.gpu:
-                gpu, problem = gpu_details()
-                if problem:
-                    failures.append("failed to get detailed GPU info: " + problem)
-            return Figures(usage, ram_total, ram_used, swap_total, swap_used, load1, load5, load15, disk_total,
-                           disk_used, up, down, total_up, total_down, tcp, udp, uptime, processes, gpu,
-                           "\n".join(failures))
-
-
-# ---------------------------------------------------------------------------
-# Basic info: static facts, the GPU's name, public addresses
-# ---------------------------------------------------------------------------
-
-# The readers below take the roots they read under (proc, sys and the
-# filesystem root, like gopsutil's HOST_PROC/HOST_SYS) so that they run
-# unchanged on fixture trees; helper programs are looked up on PATH.
-
-GO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "i386": "386",
-           "i486": "386", "i586": "386", "i686": "386", "x86": "386", "loongarch64": "loong64",
-           "riscv64": "riscv64", "s390x": "s390x", "ppc64le": "ppc64le", "ppc64": "ppc64",
-           "mips": "mips", "mipsel": "mipsle", "mips64": "mips64", "mips64el": "mips64le"}
-
-
-def go_arch(machine):
-    machine = machine.lower()
-    if machine in GO_ARCH:
-        return GO_ARCH[machine]
-    if machine.startswith("arm"):
-        return "arm"
-    return machine or "unknown"
-
+# -- static facts: CPU, OS, GPU, virtualization --------------------------------
 
 def under(root, path):
     """`path` (absolute) inside the tree at `root`."""
@@ -2101,8 +1667,6 @@ def fnos_name(root):
 def os_name(root="/"):
     """The official agent's OS label: Android, Proxmox VE, Synology DSM and
     fnOS by their own markers, else PRETTY_NAME of /etc/os-release."""
-    if not IS_LINUX and root == "/":
-        return platform.system() or "Unknown"
     for detect in (android_name, proxmox_name, synology_name, fnos_name):
         name = detect(root)
         if name:
@@ -2306,6 +1870,630 @@ def virtualization(root="/", proc="/proc", sys_root="/sys"):
     return answer or container_marker(root, proc) or hypervisor_verdict(proc, sys_root)
 
 
+# -- boot ----------------------------------------------------------------------
+
+def boot_identity(proc="/proc"):
+    """(boot id, boot time) from /proc; None where it does not tell."""
+    try:
+        boot_id = read_text(proc + "/sys/kernel/random/boot_id").strip()
+    except OSError:
+        boot_id = ""
+    boot_time = None
+    try:
+        for line in read_text(proc + "/stat").splitlines():
+            if line.startswith("btime "):
+                boot_time = float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    if boot_time is None:
+        return None
+    return boot_id or "btime:%d" % round(boot_time, -1), boot_time
+
+
+# ---------------------------------------------------------------------------
+# Platform: every difference between operating systems, behind one host
+# ---------------------------------------------------------------------------
+
+IS_LINUX = sys.platform.startswith("linux")
+
+
+def psutil_module():
+    import psutil  # imported only where /proc is not enough
+    return psutil
+
+
+def glibc():
+    """The C library through ctypes, or None where it is not glibc-like."""
+    if not IS_LINUX:
+        return None
+    try:
+        import ctypes
+        lib = ctypes.CDLL("libc.so.6")
+        lib.mallopt  # noqa: B018 - it must exist
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+def limit_malloc_arenas():
+    """glibc gives each thread its own malloc arena; for a few mostly idle
+    threads that is megabytes of RSS for nothing."""
+    lib = glibc()
+    if lib is not None:
+        lib.mallopt(-8, 1)  # M_ARENA_MAX
+
+
+def return_free_memory():
+    """Hand freed heap pages back to the kernel. Start-up (the script's syntax
+    tree, a TLS handshake) leaves megabytes free inside glibc's heap that it
+    would otherwise keep for good; called once per new report link."""
+    lib = glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
+def sys_root():
+    """/sys, or HOST_SYS as gopsutil honours it (a container watching its host)."""
+    return (os.environ.get("HOST_SYS") or "/sys").rstrip("/") or "/sys"
+
+# -- the host: where each figure and fact is read ------------------------------------
+
+class PsutilHost:
+    """Figures and facts through psutil, on every system it knows; the
+    fallback where a faster source does not answer. Every method returns its
+    value or raises (the Collector turns a failure into a message line)."""
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+        self.proc = getattr(cfg, "host_proc", "/proc")
+
+    def cpu_times(self):
+        """(busy, total) CPU time since boot."""
+        t = psutil_module().cpu_times()
+        total = sum(t)
+        return total - t.idle - getattr(t, "iowait", 0), total
+
+    def memory(self, include_cache):
+        """((total, used), (swap total, swap used)) in bytes."""
+        ps = psutil_module()
+        vm, sw = ps.virtual_memory(), ps.swap_memory()
+        used = vm.total - vm.free if include_cache else vm.total - vm.available
+        return (vm.total, max(0, used)), (sw.total, sw.used)
+
+    def load(self):
+        return os.getloadavg()
+
+    def all_mounts(self):
+        """Every mount as a Mount, pseudo file systems too (list-disk)."""
+        return [Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts)
+                for p in psutil_module().disk_partitions(all=True)]
+
+    def counted_mounts(self):
+        """[(key, Mount)] whose space counts as disk; a key stands for one device."""
+        return [("dev:" + p.device, Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts))
+                for p in psutil_module().disk_partitions(all=False)]
+
+    def disk_usage(self, path):
+        """(total, used, available) bytes of the file system holding `path`."""
+        usage = psutil_module().disk_usage(path)
+        return usage.total, usage.used, usage.free
+
+    def nic_counters(self):
+        """{nic: (received, sent)} bytes, every NIC."""
+        return {n: (c.bytes_recv, c.bytes_sent) for n, c in psutil_module().net_io_counters(pernic=True).items()}
+
+    def connections(self):
+        """(tcp, udp) sockets."""
+        conns = psutil_module().net_connections("inet")
+        tcp = sum(1 for c in conns if c.type == socket.SOCK_STREAM)
+        return tcp, len(conns) - tcp
+
+    def uptime(self):
+        return int(time.time() - psutil_module().boot_time())
+
+    def process_count(self):
+        return len(psutil_module().pids())
+
+    def boot_identity(self):
+        """(boot id, boot time in epoch seconds): a new id means the NIC
+        counters started again from zero."""
+        try:
+            boot_time = float(psutil_module().boot_time())
+        except Exception:
+            boot_time = time.time() - time.monotonic()
+        return "btime:%d" % round(boot_time, -1), boot_time
+
+    def cpu_facts(self):
+        """(CPU name, logical CPUs, physical cores; 0 when unknown)."""
+        ps = psutil_module()
+        return platform.processor() or "Unknown", ps.cpu_count() or os.cpu_count() or 1, \
+            ps.cpu_count(logical=False) or 0
+
+    def os_name(self):
+        return platform.system() or "Unknown"
+
+    def kernel_version(self):
+        return platform.release() or "Unknown"
+
+    def gpu_name(self):
+        return gpu_name(sys_root())
+
+    def virtualization(self):
+        return virtualization(proc=self.proc, sys_root=sys_root())
+
+
+class LinuxHost(PsutilHost):
+    """/proc and /sys, read directly: a report costs a tenth of psutil's CPU.
+    psutil only where they do not answer. --host-proc (HOST_PROC) and
+    HOST_SYS point at a host's from inside a container."""
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.files = OpenProcFiles()
+
+    def cpu_times(self):
+        return cpu_busy_total(self.files.first_line(self.proc + "/stat"))
+
+    def memory(self, include_cache):
+        info = parse_meminfo(self.files.read(self.proc + "/meminfo"))
+        if info.get("MemTotal"):
+            return ram_usage(info, include_cache), swap_usage(info)
+        return super().memory(include_cache)
+
+    def load(self):
+        parts = self.files.first_line(self.proc + "/loadavg").split()
+        return float(parts[0]), float(parts[1]), float(parts[2])
+
+    def all_mounts(self):
+        path = self.proc + "/1/mountinfo" if self.proc != "/proc" else "/proc/self/mountinfo"
+        return parse_mountinfo(read_text(path))
+
+    def counted_mounts(self):
+        return countable_mounts(self.all_mounts())
+
+    def disk_usage(self, path):
+        st = os.statvfs(path)
+        return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def nic_counters(self):
+        return parse_net_dev(self.files.read(self.proc + "/net/dev"))
+
+    def connections(self):
+        net = self.proc + "/net/"
+        try:
+            v4 = self.files.read(net + "sockstat")
+        except OSError:
+            v4 = None
+        if v4:
+            try:
+                v6 = self.files.read(net + "sockstat6")
+            except OSError:
+                v6 = ""
+            return connections_from_sockstat(v4, v6)
+        return count_table_rows([net + "tcp", net + "tcp6"]), count_table_rows([net + "udp", net + "udp6"])
+
+    def uptime(self):
+        if hasattr(time, "CLOCK_BOOTTIME"):
+            # rounded up, as sysinfo(2) rounds it for the official agent
+            return math.ceil(time.clock_gettime(time.CLOCK_BOOTTIME))
+        return super().uptime()
+
+    def process_count(self):
+        return sum(map(str.isdigit, os.listdir(self.proc)))
+
+    def boot_identity(self):
+        return boot_identity(self.proc) or super().boot_identity()
+
+    def cpu_facts(self):
+        cpuinfo, stat = (read_or_empty(self.proc + name) for name in ("/cpuinfo", "/stat"))
+        if not cpuinfo:
+            return super().cpu_facts()
+        return cpu_name_from_cpuinfo(cpuinfo), logical_cpus(cpuinfo, stat), physical_cores(sys_root(), cpuinfo)
+
+    def os_name(self):
+        return os_name()
+
+
+def make_host(cfg=None):
+    """The host this agent runs on: the one place that tells systems apart."""
+    return LinuxHost(cfg) if IS_LINUX else PsutilHost(cfg)
+
+
+# SIGHUP first (shells save history, jobs get told); SIGKILL after this
+HANGUP_GRACE = 0.5
+
+
+# -- process sessions ----------------------------------------------------------
+
+def session_members(leader):
+    """Live pids whose session or process group is `leader` (Linux /proc);
+    an interactive shell puts each job in its own group, the session holds them all."""
+    members = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return members
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            state, pgrp, session = fields[0], int(fields[2]), int(fields[3])
+        except (OSError, ValueError, IndexError):
+            continue
+        if state != b"Z" and (pgrp == leader or session == leader):
+            members.append(int(name))
+    return members
+
+
+def signal_session(leader, signum):
+    try:
+        os.killpg(leader, signum)
+    except OSError:
+        pass
+    for pid in session_members(leader):
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+
+def end_session(leader, grace=HANGUP_GRACE):
+    """Hang up every process of the session led by `leader`, then SIGKILL what
+    is left; returns when none is left (or after a bounded number of rounds,
+    for a process that keeps forking)."""
+    if grace > 0:
+        signal_session(leader, signal.SIGHUP)
+        deadline = time.monotonic() + grace
+        while session_members(leader) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for _ in range(20):
+        signal_session(leader, signal.SIGKILL)
+        if not session_members(leader):
+            return
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------
+# Report figures: what each realtime report measures, whatever the system
+# ---------------------------------------------------------------------------
+
+# -- cpu and disk --------------------------------------------------------------
+
+def cpu_percent(previous, current):
+    """Busy share of all CPUs between two (busy, total) samples, 0.001-100.
+    Never 0: the server drops a zero usage (omitempty)."""
+    busy = current[0] - previous[0]
+    total = current[1] - previous[1]
+    if total <= 0:
+        return 100.0 if busy > 0 else 0.001
+    return min(100.0, max(0.001, busy * 100.0 / total))
+
+
+def sum_disk_usage(usages):
+    """(total, used) from [(key, total, used, avail)]. Per device the largest
+    total wins; a ZFS pool is its datasets' used plus the free space they share."""
+    devices, pools = {}, {}
+    for key, total, used, avail in usages:
+        if key.startswith("zfs:"):
+            pool = pools.setdefault(key, [0, 0])
+            pool[0] += used
+            pool[1] = max(pool[1], avail)
+        elif key not in devices or total > devices[key][0]:
+            devices[key] = (total, used)
+    total = sum(t for t, _ in devices.values()) + sum(u + a for u, a in pools.values())
+    used = sum(u for _, u in devices.values()) + sum(u for u, _ in pools.values())
+    return total, used
+
+
+# -- network -----------------------------------------------------------------
+
+# Virtual NICs whose traffic is already counted on a physical NIC: the
+# official agent's list, so that both count the same totals (tun*, wg* and
+# the like carry traffic of their own and count).
+VIRTUAL_NIC_PREFIXES = ("lo", "br", "cni", "docker", "podman", "flannel", "veth", "virbr", "vmbr", "tap",
+                        "fwbr", "fwpr")
+
+
+def nic_counted(name, include=(), exclude=()):
+    """Whether a NIC's bytes count. An explicit include wins over everything;
+    with an include list, nothing else counts."""
+    if include:
+        return any(fnmatchcase(name, p) for p in include)
+    if name.startswith(VIRTUAL_NIC_PREFIXES):
+        return False
+    return not any(fnmatchcase(name, p) for p in exclude)
+
+
+class NetMeter:
+    """Per-NIC byte counters between reports: speeds from per-NIC deltas, so a
+    NIC that vanishes or resets does not zero the others' traffic."""
+
+    def __init__(self):
+        self.previous = None
+        self.at = None
+
+    def sample(self, counters, now):
+        """(up_per_s, down_per_s) since the last sample; (0, 0) the first time."""
+        up = down = 0
+        if self.previous is not None:
+            for nic, (rx, tx) in counters.items():
+                old = self.previous.get(nic)
+                if old is not None:
+                    down += rx - old[0] if rx >= old[0] else 0
+                    up += tx - old[1] if tx >= old[1] else 0
+        elapsed = now - self.at if self.at is not None else 0
+        self.previous, self.at = counters, now
+        if elapsed <= 0:
+            return 0, 0
+        return int(up / elapsed), int(down / elapsed)
+
+
+# -- GPU figures (--gpu) -----------------------------------------------------------
+
+def gpu_tool(name, usual_path):
+    """The path of a GPU tool: its usual place, else PATH; "" when missing."""
+    import shutil
+    return usual_path if os.path.exists(usual_path) else shutil.which(name) or ""
+
+
+def leading_number(text):
+    """25.0 from "25 %", "1024 MiB", "65 C", "45.0"; 0.0 for "[N/A]" and the like."""
+    found = re.match(r"^\s*(\d+(?:\.\d+)?)", str(text))
+    return float(found.group(1)) if found else 0.0
+
+
+# one GPU's figures as its tool gave them (bytes, %, degrees C); report_payload() guards their ranges
+GpuDevice = namedtuple("GpuDevice", "name memory_total memory_used utilization temperature")
+
+
+def nvidia_devices(csv_text):
+    """Devices from nvidia-smi's CSV query (name, MiB total, MiB used, %, C):
+    every field the panel shows, at a fraction of the cost of `-q -x`."""
+    devices = []
+    for line in csv_text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) >= 5:
+            devices.append(GpuDevice(fields[0], leading_number(fields[1]) * (1 << 20),
+                                      leading_number(fields[2]) * (1 << 20), leading_number(fields[3]),
+                                      leading_number(fields[4])))
+    return devices
+
+
+def rocm_devices(json_text):
+    """Devices from `rocm-smi --showallinfo --json` (its card* entries)."""
+    data = json.loads(json_text)
+    if not isinstance(data, dict):
+        raise ValueError("rocm-smi output is not a JSON object")
+    devices = []
+    for key in sorted(k for k in data if k.startswith("card")):
+        card = data[key] if isinstance(data[key], dict) else {}
+        devices.append(GpuDevice(str(card.get("Card series", "")), leading_number(card.get("VRAM Total Memory (B)", "")),
+                                  leading_number(card.get("VRAM Total Used Memory (B)", "")),
+                                  leading_number(card.get("GPU use (%)", "")),
+                                  leading_number(card.get("Temperature (Sensor junction) (C)", ""))))
+    return devices
+
+
+NVIDIA_QUERY = ["--query-gpu=name,memory.total,memory.used,utilization.gpu,temperature.gpu",
+                "--format=csv,noheader,nounits"]
+
+
+def gpu_devices():
+    """The GPUs' figures, NVIDIA's through nvidia-smi, else AMD's through
+    rocm-smi; an error names what failed."""
+    smi = gpu_tool("nvidia-smi", "/usr/bin/nvidia-smi")
+    if smi:
+        status, out = run_output([smi] + NVIDIA_QUERY, timeout=2.0)
+        if status == 0:
+            return nvidia_devices(out)
+    rocm = gpu_tool("rocm-smi", "/opt/rocm/bin/rocm-smi")
+    if not rocm:
+        raise OSError("rocm-smi tool not found")
+    status, out = run_output([rocm, "--showallinfo", "--json"], timeout=5.0)
+    if status != 0:
+        raise OSError("no data available")
+    return rocm_devices(out)
+
+
+def gpu_details():
+    """(GpuDevices, or only the model names, or None; a problem or ""), as
+    the official agent: nothing without GPUs; on failure the message line
+    and, when the names can still be read, those."""
+    try:
+        devices = gpu_devices()
+    except (OSError, ValueError) as e:
+        problem = str(e) if not isinstance(e, OSError) or not e.strerror else e.strerror
+        try:
+            models = [d.name for d in gpu_devices() if d.name]
+        except (OSError, ValueError):
+            models = []
+        return (models or None), problem
+    return (devices or None), ""
+
+
+# -- the report ----------------------------------------------------------------
+
+# One report's figures, as measured; report_payload() (Wire protocol) turns
+# them into the message the panel decodes.
+Figures = namedtuple("Figures", "cpu ram_total ram_used swap_total swap_used load1 load5 load15 disk_total disk_used "
+                                "up down total_up total_down tcp udp uptime processes gpu message")
+
+
+class Collector:
+    """Everything that changes between reports: CPU and NIC baselines, the
+    mount table cache. One instance lives for the whole run so speeds and CPU
+    usage stay continuous across reconnects."""
+
+    MOUNTS_TTL = 30.0
+
+    def __init__(self, cfg, host=None):
+        self.cfg = cfg
+        self.host = host or make_host(cfg)
+        self.net = NetMeter()
+        self.cpu_previous = None
+        self.mounts = None
+        self.mounts_at = 0.0
+        self.processes = None
+        self.processes_at = 0.0
+        self.nic_decisions = {}
+        self.traffic = None   # a TrafficLedger when --month-rotate is set
+        self.mount_problems = {}  # --include-mountpoint entries that cannot be counted -> why
+        self.lock = threading.Lock()
+        self.cpu_sample()  # baseline, so the first report has a real CPU figure
+
+    # each collector returns its figure or raises; figures() turns failures into message lines
+    def cpu_sample(self):
+        return self.host.cpu_times()
+
+    def cpu_usage(self):
+        current = self.cpu_sample()
+        previous, self.cpu_previous = self.cpu_previous, current
+        return cpu_percent(previous, current) if previous else 0.001
+
+    def memory(self):
+        return self.host.memory(self.cfg.memory_include_cache)
+
+    def load(self):
+        return self.host.load()
+
+    def mount_table(self):
+        now = time.monotonic()
+        if self.mounts is None or now - self.mounts_at > self.MOUNTS_TTL:
+            self.mounts = self.host.counted_mounts()
+            self.mounts_at = now
+        return self.mounts
+
+    def disk(self):
+        usages = []
+        if self.cfg.mountpoints:
+            for i, path in enumerate(dict.fromkeys(self.cfg.mountpoints)):
+                try:
+                    usages.append(("path:%d" % i,) + self.host.disk_usage(path))
+                    self.mount_problems.pop(path, None)
+                except OSError as e:
+                    if path not in self.mount_problems:
+                        log.warning("--include-mountpoint %s is not counted: %s", path, describe_error(e))
+                    self.mount_problems[path] = describe_error(e)
+        else:
+            for key, mount in self.mount_table():
+                try:
+                    usages.append((key,) + self.host.disk_usage(mount.mountpoint))
+                except OSError:
+                    continue
+        return sum_disk_usage(usages)
+
+    def nic_counters(self):
+        """{nic: (rx, tx)} over the counted NICs."""
+        return {n: c for n, c in self.host.nic_counters().items() if self.nic_counted(n)}
+
+    def nic_counted(self, name):
+        # decided once per NIC name: the wildcard matching is not free
+        counted = self.nic_decisions.get(name)
+        if counted is None:
+            if len(self.nic_decisions) > 4096:
+                self.nic_decisions.clear()
+            counted = self.nic_decisions[name] = nic_counted(name, self.cfg.nics_include, self.cfg.nics_exclude)
+        return counted
+
+    def network(self):
+        counters = self.nic_counters()
+        up, down = self.net.sample(counters, time.monotonic())
+        if self.traffic is not None:
+            total_up, total_down = self.traffic.update(counters)
+        else:
+            total_up = sum(tx for _, tx in counters.values())
+            total_down = sum(rx for rx, _ in counters.values())
+        return up, down, total_up, total_down
+
+    def connections(self):
+        return self.host.connections()
+
+    def uptime(self):
+        return self.host.uptime()
+
+    PROCESSES_TTL = 4.5
+
+    def process_count(self):
+        """Processes, recounted every few seconds: listing /proc makes the
+        kernel walk every task, the dearest read of a report on Linux."""
+        now = time.monotonic()
+        if self.processes is None or now - self.processes_at >= self.PROCESSES_TTL:
+            self.processes = self.host.process_count()
+            self.processes_at = now
+        return self.processes
+
+    def ram_swap_disk_totals(self):
+        try:
+            (ram, _), (swap, _) = self.memory()
+        except Exception:
+            ram = swap = 0
+        try:
+            disk = self.disk()[0]
+        except Exception:
+            disk = 0
+        return ram, swap, disk
+
+    def figures(self):
+        """The figures of one realtime report (report_payload() names their
+        keys). A collector that fails gives zeros and a line in `message`; it
+        never stops the report."""
+        with self.lock:
+            failures = []
+
+            def attempt(name, function, fallback):
+                try:
+                    return function()
+                except Exception as e:
+                    failures.append("failed to get %s: %s" % (name, describe_error(e)))
+                    return fallback
+
+            usage = attempt("cpu", self.cpu_usage, 0.001)
+            (ram_total, ram_used), (swap_total, swap_used) = attempt("memory", self.memory, ((0, 0), (0, 0)))
+            load1, load5, load15 = attempt("load", self.load, (0.0, 0.0, 0.0))
+            disk_total, disk_used = attempt("disk", self.disk, (0, 0))
+            up, down, total_up, total_down = attempt("network", self.network, (0, 0, 0, 0))
+            tcp, udp = attempt("connections", self.connections, (0, 0))
+            uptime = attempt("uptime", self.uptime, 0)
+            processes = attempt("processes", self.process_count, 0)
+            if self.traffic is not None and self.traffic.problem:
+                failures.append(self.traffic.problem)
+            failures += ["disk: mount point %s not counted (%s)" % item for item in sorted(self.mount_problems.items())]
+            gpu = None
+            if self.cfg.gpu:
+                gpu, problem = gpu_details()
+                if problem:
+                    failures.append("failed to get detailed GPU info: " + problem)
+            return Figures(usage, ram_total, ram_used, swap_total, swap_used, load1, load5, load15, disk_total,
+                           disk_used, up, down, total_up, total_down, tcp, udp, uptime, processes, gpu,
+                           "\n".join(failures))
+
+
+# ---------------------------------------------------------------------------
+# Basic info: the static facts together, and the public addresses
+# ---------------------------------------------------------------------------
+
+# The readers below take the roots they read under (proc, sys and the
+# filesystem root, like gopsutil's HOST_PROC/HOST_SYS) so that they run
+# unchanged on fixture trees; helper programs are looked up on PATH.
+
+GO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "i386": "386",
+           "i486": "386", "i586": "386", "i686": "386", "x86": "386", "loongarch64": "loong64",
+           "riscv64": "riscv64", "s390x": "s390x", "ppc64le": "ppc64le", "ppc64": "ppc64",
+           "mips": "mips", "mipsel": "mipsle", "mips64": "mips64", "mips64el": "mips64le"}
+
+
+def go_arch(machine):
+    machine = machine.lower()
+    if machine in GO_ARCH:
+        return GO_ARCH[machine]
+    if machine.startswith("arm"):
+        return "arm"
+    return machine or "unknown"
+
+
 # -- public addresses ----------------------------------------------------------
 
 # The official agent's services, in its order: the first ones answer from
@@ -2451,11 +2639,10 @@ class PublicAddresses:
 
 # -- the whole of it ---------------------------------------------------------------
 
-def slow_facts(cfg):
+def slow_facts(host):
     """The facts that need helper programs (lspci, systemd-detect-virt):
     looked up once per run."""
-    return {"gpu_name": gpu_name(sys_root()), "os": os_name(),
-            "virtualization": virtualization(proc=cfg.host_proc, sys_root=sys_root())}
+    return {"gpu_name": host.gpu_name(), "os": host.os_name(), "virtualization": host.virtualization()}
 
 
 # basic_info_payload() (Wire protocol) names these for the panel
@@ -2466,14 +2653,13 @@ BasicFacts = namedtuple("BasicFacts", "cpu_name cpu_cores cpu_physical_cores arc
 def basic_facts(cfg, collector, addresses, slow, wait=IP_LOOKUP_WAIT):
     """Everything basic info says, now: `slow` from slow_facts(), totals
     from the collector, public addresses waited for up to `wait` seconds."""
-    cpuinfo, stat = (read_or_empty(cfg.host_proc + name) for name in ("/cpuinfo", "/stat"))
+    cpu_name, cpu_cores, cpu_physical_cores = collector.host.cpu_facts()
     ipv4, ipv6 = addresses.current(wait)
     ram, swap, disk = collector.ram_swap_disk_totals()
     return BasicFacts(
-        cpu_name=cpu_name_from_cpuinfo(cpuinfo) if cpuinfo else (platform.processor() or "Unknown"),
-        cpu_cores=logical_cpus(cpuinfo, stat), cpu_physical_cores=physical_cores(sys_root(), cpuinfo),
-        arch=go_arch(platform.machine()), os=slow.get("os") or os_name(),
-        kernel_version=platform.release() or "Unknown", gpu_name=slow.get("gpu_name", ""),
+        cpu_name=cpu_name, cpu_cores=cpu_cores, cpu_physical_cores=cpu_physical_cores,
+        arch=go_arch(platform.machine()), os=slow.get("os") or collector.host.os_name(),
+        kernel_version=collector.host.kernel_version(), gpu_name=slow.get("gpu_name", ""),
         virtualization=slow.get("virtualization", ""), ipv4=ipv4, ipv6=ipv6,
         mem_total=ram, swap_total=swap, disk_total=disk)
 
@@ -2547,27 +2733,6 @@ def human_size(n):
         if n >= 1024 ** power:
             return "%.2f %siB" % (n / 1024.0 ** power, SIZE_UNITS[power - 1])
     return "%d B" % n
-
-
-def boot_identity(proc="/proc"):
-    """(boot id, boot time in epoch seconds): a different id means the counters restarted."""
-    try:
-        boot_id = read_text(proc + "/sys/kernel/random/boot_id").strip()
-    except OSError:
-        boot_id = ""
-    boot_time = None
-    try:
-        for line in read_text(proc + "/stat").splitlines():
-            if line.startswith("btime "):
-                boot_time = float(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    if boot_time is None:
-        try:
-            boot_time = float(psutil_module().boot_time())
-        except Exception:
-            boot_time = time.time() - time.monotonic()
-    return boot_id or "btime:%d" % round(boot_time, -1), boot_time
 
 
 def net_static_totals(data, start, end):
@@ -2648,7 +2813,7 @@ class TrafficLedger:
         self.reset_day = reset_day
         self.counted = counted or (lambda nic: True)
         self.counted_cache = {}
-        self.boot_id, self.boot_time = boot or boot_identity()
+        self.boot_id, self.boot_time = boot or make_host().boot_identity()
         self.lock = threading.Lock()
         self.problem = ""
         self.sampled = False      # whether this process has sampled the counters yet
@@ -2901,7 +3066,7 @@ def traffic_ledger(cfg):
     include, exclude = cfg.nics_include, cfg.nics_exclude
     ledger = TrafficLedger(state_dir(cfg), cfg.month_rotate, lambda nic: nic_counted(nic, include, exclude),
                            import_path=cfg.import_net_static, import_candidates=net_static_candidates(),
-                           boot=boot_identity(cfg.host_proc))
+                           boot=make_host(cfg).boot_identity())
     log.info("traffic: counting from %s (reset day %d), state in %s",
              local_time(ledger.start), cfg.month_rotate, ledger.path)
     return ledger
@@ -4462,8 +4627,6 @@ MAX_PROBES_WAITING = 64
 EXEC_LINGER = 2.0
 # at shutdown, how long the threads of killed commands get to spool their results
 EXEC_SPOOL_WAIT = 0.5
-# SIGHUP first (shells save history, jobs get told); SIGKILL after this
-HANGUP_GRACE = 0.5
 TERMINAL_IDLE_PING = 30.0
 # keystrokes held for a shell that is not reading them (a big paste into `sleep`)
 TERMINAL_INPUT_BUFFER = 1 << 20
@@ -4485,59 +4648,6 @@ def child_env(extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
     env.update(extra or {})
     return env
-
-
-# -- process sessions ----------------------------------------------------------
-
-def session_members(leader):
-    """Live pids whose session or process group is `leader` (Linux /proc);
-    an interactive shell puts each job in its own group, the session holds them all."""
-    members = []
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return members
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name, "rb") as f:
-                stat = f.read()
-            fields = stat[stat.rindex(b")") + 2:].split()
-            state, pgrp, session = fields[0], int(fields[2]), int(fields[3])
-        except (OSError, ValueError, IndexError):
-            continue
-        if state != b"Z" and (pgrp == leader or session == leader):
-            members.append(int(name))
-    return members
-
-
-def signal_session(leader, signum):
-    try:
-        os.killpg(leader, signum)
-    except OSError:
-        pass
-    for pid in session_members(leader):
-        try:
-            os.kill(pid, signum)
-        except OSError:
-            pass
-
-
-def end_session(leader, grace=HANGUP_GRACE):
-    """Hang up every process of the session led by `leader`, then SIGKILL what
-    is left; returns when none is left (or after a bounded number of rounds,
-    for a process that keeps forking)."""
-    if grace > 0:
-        signal_session(leader, signal.SIGHUP)
-        deadline = time.monotonic() + grace
-        while session_members(leader) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    for _ in range(20):
-        signal_session(leader, signal.SIGKILL)
-        if not session_members(leader):
-            return
-        time.sleep(0.02)
 
 
 # -- exec ------------------------------------------------------------------------
@@ -5091,7 +5201,6 @@ def write_some(fd, pending):
     return True
 
 
-
 def drop_socket(ws, goodbye=True):
     """Close a terminal socket at once, from any thread. The panel never
     answers a close frame on this socket, so none is waited for, and the
@@ -5633,7 +5742,7 @@ class Agent:
     def info_loop(self):
         """Uploads basic info when asked (a new link, lookups changed) and every --info-report-interval minutes: once per
         link, on the link itself where it can carry it."""
-        self.slow_facts = slow_facts(self.cfg)
+        self.slow_facts = slow_facts(self.collector.host)
         next_due = time.monotonic() + self.cfg.info_report_interval * 60
         while not self.stop.is_set():
             timeout = max(0.0, next_due - time.monotonic())
@@ -5908,7 +6017,7 @@ def dry_run(cfg):
     would go on the wire."""
     collector = Collector(cfg)
     addresses = PublicAddresses(cfg)
-    info = basic_info_payload(basic_facts(cfg, collector, addresses, slow_facts(cfg)))
+    info = basic_info_payload(basic_facts(cfg, collector, addresses, slow_facts(collector.host)))
     collector.figures()  # baseline for speeds
     time.sleep(min(cfg.interval, 1.0))
     sys.stdout.write(encode(info) + "\n")
@@ -5962,7 +6071,7 @@ def list_disk_command(argv, environ):
     if cfg is None:
         return 2
     try:
-        mounts = read_mounts(cfg.host_proc)
+        mounts = make_host(cfg).all_mounts()
     except OSError as e:
         go_log("Failed to get disk partitions: %s" % describe_error(e))
         return 0
