@@ -7,8 +7,13 @@ report), closes a report socket that sends no data for 11 s, and answers 401
 to a wrong token. It speaks protocol v2 as well (server.md 10-11): JSON-RPC
 over a permessage-deflate WebSocket or gzip POST, the event queue with acks,
 the legacy-frame quirk. End-to-end tests run komari_agent.py as a subprocess.
-Sections mirror the agent: configuration, collectors, transport, tasks, the
-agent loop, main().
+
+After the test infrastructure, one banner per section of komari_agent.py, in
+its order, each holding the tests of that section's code: Logging, Used
+everywhere, Network plumbing, Configuration, Platform, Report figures, Basic
+info, Monthly traffic, Wire protocol, Transport, Links, Tasks, the agent loop,
+Subcommands, main(). Then the end-to-end groups (Reliability, install.sh,
+Benchmarks) and the checks of the README against the code.
 """
 
 import base64
@@ -51,7 +56,7 @@ DISCOVERY_KEY = "discovery-key-0123456789"
 
 
 # ---------------------------------------------------------------------------
-# The panel: a loopback Komari server that records what it gets
+# Test infrastructure: the loopback panel, the agent as a process, waiting
 # ---------------------------------------------------------------------------
 
 class GoFloat(float):
@@ -61,6 +66,8 @@ class GoFloat(float):
 BASIC_INFO_KEYS = {"cpu_name": str, "cpu_cores": int, "cpu_physical_cores": int, "arch": str, "os": str,
                    "kernel_version": str, "gpu_name": str, "virtualization": str, "ipv4": str, "ipv6": str,
                    "mem_total": int, "swap_total": int, "disk_total": int, "version": str}
+
+
 REPORT_INTS = {"ram": ("total", "used"), "swap": ("total", "used"), "disk": ("total", "used"),
                "network": ("up", "down", "totalUp", "totalDown"), "connections": ("tcp", "udp")}
 
@@ -542,9 +549,12 @@ class PanelHandler(BaseHTTPRequestHandler):
 
 
 # protocol v2 on the panel: JSON-RPC 2.0 over a WebSocket with permessage-deflate, or over POST
-
 V2_PATH = "/api/clients/v2/rpc"
+
+
 GO_RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
 INFLATE_LIMIT = 16 << 20
 
 
@@ -755,6 +765,8 @@ def request_head(client):
     return head
 
 
+# -- the agent as a process, and waiting on it ---------------------------------
+
 class AgentProcess:
     """komari_agent.py as a subprocess; stderr is collected line by line."""
 
@@ -798,6 +810,71 @@ class AgentProcess:
         self.proc.wait(5)
 
 
+def wait_on(cond, predicate, timeout, what):
+    """predicate()'s first true value, re-checked whenever `cond` is notified
+    (and at least every 0.1 s); the test fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    with cond:
+        while True:
+            result = predicate()
+            if result:
+                return result
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail("timed out after %gs waiting for %s" % (timeout, what))
+            cond.wait(min(remaining, 0.1))
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            pytest.fail("timed out after %gs waiting for %s" % (timeout, what))
+        time.sleep(0.05)
+
+
+def kill_leftovers(*markers):
+    for marker in markers:
+        for proc in live_processes(marker):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+
+def live_processes(marker):
+    """Processes (zombies excepted) whose command line contains `marker`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(proc.info["cmdline"] or ()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def process_alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def session_processes(sid):
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) == sid:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
 @pytest.fixture
 def start_agent(panel):
     """start_agent(*flags, env=None): the agent pointed at `panel`."""
@@ -827,8 +904,470 @@ def run_agent(*args, env=None, timeout=30):
                           stderr=subprocess.PIPE, env=full_env, timeout=timeout)
 
 
+def closed_port():
+    """A loopback port that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RFC3339 = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?[+-]\d\d:\d\d$"
+
+
+def result_for(panel, task_id, timeout=10.0):
+    return panel.wait_for(lambda: next((r for r in panel.task_results if r["task_id"] == task_id), None),
+                          timeout, "the result of task %s" % task_id)
+
+
+def ping_value(panel, task_id, timeout=15.0):
+    return panel.wait_for(lambda: next((r for r in panel.ping_results if r["task_id"] == task_id), None),
+                          timeout, "the ping result of task %d" % task_id)["value"]
+
+
+class TerminalClient:
+    """The browser's end of one terminal session, seen through the panel."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.output = b""
+        self.released = threading.Event()
+
+    def send_keys(self, text):
+        self.conn.send(text.encode(), 2)
+
+    def send_control(self, obj):
+        self.conn.send(json.dumps(obj), 1)
+
+    def read_until(self, pattern, timeout=10.0):
+        """The first match of the regex `pattern` (bytes) in the output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.output)
+            if found:
+                return found
+            try:
+                opcode, payload = self.conn.read_frame(deadline)
+            except socket.timeout:
+                pytest.fail("no %r in the terminal within %gs; got %r" % (pattern, timeout, self.output[-500:]))
+            if opcode == 8:
+                pytest.fail("the terminal closed before %r; got %r" % (pattern, self.output[-500:]))
+            if opcode == 2:
+                self.output += payload
+
+    def wait_closed(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                opcode, _ = self.conn.read_frame(deadline)
+            except (EOFError, OSError):
+                return
+            if opcode == 8:
+                return
+
+    def hang_up(self):
+        """What the panel does: drop TCP without a close frame."""
+        self.conn.close()
+        self.released.set()
+
+
+class TerminalPeer:
+    def __init__(self, panel):
+        self.panel = panel
+        self.clients = []
+        panel.on_terminal = self.attach
+
+    def attach(self, conn):
+        client = TerminalClient(conn)
+        self.panel.record(self.clients, client)
+        client.released.wait(120)  # the panel's handler thread holds the socket until the test lets go
+
+    def next_session(self, index=None, timeout=15.0):
+        index = len(self.clients) if index is None else index
+        return self.panel.wait_for(lambda: len(self.clients) > index and self.clients[index], timeout,
+                                   "terminal connection #%d" % (index + 1))
+
+
+@pytest.fixture
+def terminal_peer(panel):
+    peer = TerminalPeer(panel)
+    yield peer
+    for client in peer.clients:
+        client.released.set()
+
+
+def open_terminal(panel, peer, request_id):
+    index = len(peer.clients)
+    panel.send_event({"message": "terminal", "request_id": request_id})
+    term = peer.next_session(index)
+    term.send_keys("echo ready-$((20+1))\r")
+    term.read_until(rb"ready-21")
+    return term
+
+
+# Each case is a small tree standing in for /, /proc or /sys, and helper
+# programs (lspci, getprop, pveversion, systemd-detect-virt, nvidia-smi,
+# rocm-smi) as shell scripts in a directory that is the whole PATH.
+
+def make_tree(root, spec):
+    """Files from {relative path: text | bytes | ("->", link target) | None (a directory)}."""
+    for rel, content in spec.items():
+        path = Path(root) / rel
+        if content is None:
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, tuple):
+            path.symlink_to(content[1])
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return str(root)
+
+
+def stub_commands(tmp_path, monkeypatch, scripts):
+    """PATH becomes a directory holding only these commands ({name: sh body})."""
+    bin_dir = tmp_path / "stub-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    return bin_dir
+
+
+# -- the panel itself, checked with plain clients ------------------------------
+
+V2_REPORT = {"cpu": {"usage": 1.5}, "ram": {"total": 10, "used": 5}, "uptime": 7, "process": 3}
+
+
+def rpc(method, params, rid=None):
+    message = {"jsonrpc": "2.0", "method": method, "params": params}
+    if rid is not None:
+        message["id"] = rid
+    return json.dumps(message)
+
+
+def post_rpc(panel, body, gzipped=True):
+    """(status, reply) of one POST to the panel's /v2/rpc."""
+    import urllib.error
+    import urllib.request
+    data = gzip.compress(body.encode()) if gzipped else body.encode()
+    headers = {"Content-Type": "application/json"}
+    if gzipped:
+        headers["Content-Encoding"] = "gzip"
+    request = urllib.request.Request(panel.endpoint + V2_PATH + "?token=" + panel.token, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def v2_reports(panel, via):
+    return [r for r in panel.reports if r.get("_via") == via]
+
+
+def test_panel_decodes_like_the_go_server():
+    good = {"cpu": {"usage": 12.5}, "ram": {"total": 10, "used": 5}, "load": {"load1": 0.5},
+            "network": {"up": 1, "down": 2, "totalUp": 3, "totalDown": 4}, "uptime": 5, "process": 6}
+    assert report_problem(go_json(json.dumps(good))) is None
+    assert report_problem(go_json('{"ram": {"total": 1000.0}}')) == "Invalid report format"
+    assert report_problem(go_json('{"connections": {"tcp": -1}}')) is not None
+    assert report_problem(go_json('{"cpu": {"usage": 150}}')) == "CPU.Usage must be between 0 and 100"
+    assert basic_info_problem({"name": "x"}) is not None and basic_info_problem({"mem_total": 1.5}) is not None
+
+
+def test_panel_drops_a_silent_socket_and_refuses_a_wrong_token(panel):
+    import websocket
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(panel.endpoint.replace("http", "ws") + "/api/clients/report?token=bad",
+                                    suppress_origin=True, timeout=5)
+    assert refused.value.status_code == 401
+    panel.READ_WAIT = 1.0
+    ws = websocket.create_connection(panel.endpoint.replace("http", "ws") + "/api/clients/report?token=" + TOKEN,
+                                     suppress_origin=True, timeout=5)
+    try:
+        ws.send("{}")
+        panel.wait_for(lambda: panel.reports, 5, "the first report")
+        started = time.monotonic()
+        try:
+            closed = ws.recv() == ""  # closed by the panel after READ_WAIT of silence
+        except websocket.WebSocketConnectionClosedException:
+            closed = True
+        assert closed and 0.8 <= time.monotonic() - started <= 4
+    finally:
+        ws.close()
+
+
+def test_v2_panel_answers_like_the_server(panel):
+    # the fake is checked here with a plain client, so the agent's tests below rest on it
+    ws = websocket.create_connection(panel.endpoint.replace("http", "ws") + V2_PATH + "?token=" + TOKEN,
+                                     suppress_origin=True, timeout=5)
+    try:
+        ws.send(rpc("agent.report", {"report": V2_REPORT}, 1))
+        assert json.loads(ws.recv()) == {"jsonrpc": "2.0", "id": 1, "result": {"status": "success", "events": []}}
+        assert panel.exec_task("t1", "true") == "socket"
+        assert json.loads(ws.recv())["message"] == "exec"  # between the first and second report: legacy
+        ws.send(rpc("agent.report", {"report": V2_REPORT}, 2))
+        ws.recv()
+        panel.exec_task("t2", "true")
+        assert json.loads(ws.recv())["method"] == "agent.exec"
+        ws.send("nonsense")
+        assert json.loads(ws.recv())["error"]["code"] == -32700
+        ws.send(rpc("agent.report", {"report": {"ram": {"total": 1.5}}}))  # a bad notification: dropped
+        ws.send(rpc("agent.pingResult", {"task_id": 3, "ping_type": "tcp", "value": 4,
+                                          "finished_at": "2026-01-01T00:00:00+08:00"}))
+        panel.wait_for(lambda: panel.ping_results, 5, "the ping result")
+        assert panel.reports[-1]["_via"] == "v2-ws" and len(panel.reports) == 2
+        assert panel.report_conns[-1].deflate is None  # websocket-client offers no compression
+    finally:
+        ws.close()
+    panel.wait_for(lambda: not panel.live_report_conn(), 5, "the socket closed")
+    panel.PULL_WAIT = 0.5
+    pull = rpc("agent.pull", {"ack_event_ids": []}, "p")
+    assert post_rpc(panel, pull)[1]["result"] == {"events": []}
+    event = panel.exec_task("t3", "true")  # POST presence alive, flag v2: queued
+    assert len(event) == 16
+    status, reply = post_rpc(panel, rpc("agent.report", {"report": V2_REPORT, "ack_event_ids": []}, "r"))
+    assert status == 200 and [e["id"] for e in reply["result"]["events"]] == [event]
+    assert post_rpc(panel, rpc("agent.pull", {"ack_event_ids": [event]}, "p"))[1]["result"] == {"events": []}
+    assert panel.acked == [event] and panel.post_sizes[0][0] == "gzip"
+    assert post_rpc(panel, rpc("agent.taskResult", {}, 5), gzipped=False)[1]["error"]["code"] == -32601
+    assert post_rpc(panel, "[1]")[0] == 400
+
+
 # ---------------------------------------------------------------------------
-# Configuration
+# Logging: the token redacted in every encoding, floods turned into a count
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def redaction(monkeypatch):
+    """ka.hide_secret with a clean slate, and a function formatting a line the agent's way."""
+    monkeypatch.setattr(ka.RedactingFormatter, "patterns", [], raising=False)
+    monkeypatch.setattr(ka.RedactingFormatter, "secrets", [], raising=False)
+    formatter = ka.RedactingFormatter("%(message)s")
+    return lambda text: formatter.format(logging.makeLogRecord({"msg": text, "args": None}))
+
+
+def test_every_encoding_of_the_token_is_redacted(redaction):
+    from urllib.parse import quote, quote_plus, urlencode
+    token = "tok en/Secret+1234=ab\"é"
+    ka.hide_secret(token)
+    forms = [token, quote(token), quote(token, safe=""), quote_plus(token), urlencode({"token": token}),
+             json.dumps(token), json.dumps(token, ensure_ascii=False), repr(token), repr(token.encode()),
+             re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), quote_plus(token))]
+    for form in forms:
+        line = redaction("GET /api/clients/report?x=1&%s HTTP/1.1 failed" % form)
+        assert "Secret" not in line and "***" in line, (form, line)
+
+
+def test_a_short_token_is_redacted_only_as_a_value(redaction):
+    ka.hide_secret("o")
+    assert redaction("Komari agent (Python) 0.1.0, report to http://host/ok") == \
+        "Komari agent (Python) 0.1.0, report to http://host/ok"
+    assert redaction("GET /api/clients/report?token=o&x=1 refused") == "GET /api/clients/report?token=***&x=1 refused"
+    assert redaction('{"token": "o"} Authorization: Bearer o') == '{"token": "***"} Authorization: Bearer ***'
+    assert redaction("token=ox stays") == "token=ox stays"
+
+
+def test_a_short_token_does_not_garble_the_log(panel, start_agent):
+    agent = start_agent("-i", "0.5", token="o")
+    agent.wait_log("refused the token", 15)
+    assert "Komari agent (Python) %s" % ka.__version__ in agent.log, agent.log
+    assert "token=o" not in agent.log
+
+
+def test_flood_limited_log_says_one_line_then_a_count():
+    stream = io.StringIO()
+    handler = ka.FloodLimitedHandler(stream, period=0.2)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.Logger("flood-test")
+    logger.addHandler(handler)
+    for n in range(1000):
+        logger.warning("bad frame %d", n)
+    logger.warning("another kind of problem")
+    for n in range(20):
+        logger.info("routine event %d", n)
+    assert stream.getvalue().splitlines() == ["WARNING bad frame 0", "WARNING another kind of problem"] + \
+        ["INFO routine event %d" % n for n in range(ka.LOG_BURST[logging.INFO])]
+    # after the period the next line of any kind brings the count of those held back
+    wait_until(lambda: logger.info("tick") or "999 more like this" in stream.getvalue(), 5, "the count")
+    assert "WARNING bad frame 999 [999 more like this in the last" in stream.getvalue()
+
+
+def test_ten_thousand_bad_frames_give_a_few_log_lines(panel, start_agent):
+    agent = start_agent("-i", "0.5")
+    conn = panel.wait_for(panel.live_report_conn, 15, "a live report socket")
+    for n in range(10000):
+        conn.send("{not json %d" % n if n % 2 else json.dumps({"message": "bogus-%d" % n}))
+    panel.send_event({"message": "exec", "task_id": "after-flood", "command": " "})
+    result_for(panel, "after-flood", 60)
+    assert len(agent.lines) < 50, "\n".join(agent.lines[:60])
+    assert agent.proc.poll() is None and len(panel.report_conns) == 1
+
+
+# ---------------------------------------------------------------------------
+# Used everywhere: files, errors, JSON
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Network plumbing: addresses, DNS, proxies from the environment, dialling
+# ---------------------------------------------------------------------------
+
+def test_probe_target_parsing():
+    assert ka.split_host_port("example.com:443") == ("example.com", 443)
+    assert ka.split_host_port("[2001:db8::1]:22") == ("2001:db8::1", 22)
+    assert ka.split_host_port("[2001:db8::1]") == ("2001:db8::1", 80)
+    assert ka.split_host_port("2001:db8::1") == ("2001:db8::1", 80)
+    assert ka.split_host_port("example.com") == ("example.com", 80)
+    assert ka.split_host_port("example.com:http") is None and ka.split_host_port("h:70000") is None
+    assert ka.http_probe_url("2001:db8::1") == "http://[2001:db8::1]"
+    assert ka.http_probe_url("example.com/a?b") == "http://example.com/a?b"
+    assert ka.http_probe_url("https://example.com") == "https://example.com"
+    assert ka.dns_server_address("1.1.1.1") == ("1.1.1.1", 53)
+    assert ka.dns_server_address("[2606:4700::1111]:5353") == ("2606:4700::1111", 5353)
+    assert ka.dns_server_address("2606:4700::1111") == ("2606:4700::1111", 53)
+
+
+class TinyDns:
+    """A UDP DNS server on 127.0.0.1 that knows one name (via a CNAME)."""
+
+    def __init__(self, names):
+        self.names = names
+        self.queries = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except OSError:
+                return
+            ident = query[:2]
+            end = query.index(b"\0", 12) + 1
+            labels, i = [], 12
+            while query[i]:
+                labels.append(query[i + 1:i + 1 + query[i]].decode())
+                i += 1 + query[i]
+            name, qtype = ".".join(labels), struct.unpack("!H", query[end:end + 2])[0]
+            self.queries.append((name, qtype))
+            question = query[12:end + 4]
+            if name not in self.names:
+                self.sock.sendto(ident + b"\x81\x83\x00\x01\x00\x00\x00\x00\x00\x00" + question, peer)
+                continue
+            answers = []
+            # CNAME to alias.test, then the A record for the alias (compressed names)
+            alias = b"\x05alias\x04test\x00"
+            answers.append(b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, len(alias)) + alias)
+            alias_at = 12 + len(question) + 12
+            if qtype == 1:
+                answers.append(struct.pack("!HHHIH", 0xC000 | alias_at, 1, 1, 60, 4)
+                               + socket.inet_aton(self.names[name]))
+            header = ident + b"\x81\x80" + struct.pack("!HHHH", 1, len(answers), 0, 0)
+            self.sock.sendto(header + question + b"".join(answers), peer)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_dns_reply_parser_rejects_garbage():
+    query = ka.dns_query("a.example", 1, 0x1234)
+    reply = bytearray(query)
+    reply[2:4] = b"\x81\x80"
+    reply[6:8] = b"\x00\x01"
+    reply += b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 5, 4) + bytes([10, 0, 0, 7])
+    assert ka.dns_answers(bytes(reply), 0x1234, 1) == ["10.0.0.7"]
+    with pytest.raises(ValueError):
+        ka.dns_answers(bytes(reply), 0x4321, 1)
+    with pytest.raises(ValueError):
+        ka.dns_answers(bytes(reply[:-2]), 0x1234, 1)
+    with pytest.raises(ValueError):
+        ka.dns_query("x" * 64 + ".example", 1, 1)
+
+
+def test_custom_dns_resolves_probe_targets(panel, start_agent):
+    dns = TinyDns({"probe.komari.test": "127.0.0.1"})
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        assert ka.dns_lookup(("127.0.0.1", dns.port), "probe.komari.test", 1) == ["127.0.0.1"]
+        assert ka.dns_lookup(("127.0.0.1", dns.port), "probe.komari.test", 28) == []
+        asked_before = len(dns.queries)
+        start_agent("--custom-dns", "127.0.0.1:%d" % dns.port, "--prefer-ip-version", "6")
+        port = listener.getsockname()[1]
+        panel.send_event({"message": "ping", "ping_task_id": 31, "ping_type": "tcp",
+                          "ping_target": "probe.komari.test:%d" % port})
+        panel.send_event({"message": "ping", "ping_task_id": 32, "ping_type": "tcp",
+                          "ping_target": "unknown.komari.test:%d" % port})
+        assert ping_value(panel, 31) >= 0
+        assert ping_value(panel, 32) == -1
+        # IPv6 preferred: AAAA asked first; there is none, so A next
+        asked = [q for q in dns.queries[asked_before:] if q[0] == "probe.komari.test"]
+        assert asked == [("probe.komari.test", 28), ("probe.komari.test", 1)]
+    finally:
+        listener.close()
+        dns.close()
+
+
+def test_custom_dns_resolves_the_panel_for_uploads_and_the_report_socket(panel, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    dns = TinyDns({"panel.komari.test": "127.0.0.1"})
+    try:
+        cfg, _ = ka.load_config(["-e", "http://panel.komari.test:%d" % panel.port, "-t", TOKEN,
+                                 "--custom-dns", "127.0.0.1:%d" % dns.port], {})
+        ka.upload_basic_info(ka.Panel(cfg), {"os": "x"})
+        panel.wait_for(lambda: panel.basic_infos, 10, "the upload")
+        ws = ka.open_websocket(cfg, ka.Panel(cfg).ws_url("/api/clients/report"))
+        ws.close()
+        assert [q for q in dns.queries if q[0] == "panel.komari.test"].count(("panel.komari.test", 1)) >= 2
+        assert ka.resolve_host(cfg, "panel.komari.test", 80) == [(socket.AF_INET, ("127.0.0.1", 80))]
+    finally:
+        dns.close()
+
+
+class ConnectProxy:
+    """An HTTP CONNECT proxy on 127.0.0.1 that records each target and
+    connects every tunnel to `target_port` (a test name needs no DNS)."""
+
+    def __init__(self, target_port):
+        self.targets = []
+        self.relay = load_footprint().CountingProxy(target_port, opening=self._opening)
+        self.port, self.close = self.relay.listener.getsockname()[1], self.relay.close
+
+    def _opening(self, client):
+        head = request_head(client)
+        if head is None:
+            return None
+        self.targets.append(head.split()[1].decode())
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        return head.partition(b"\r\n\r\n")[2]
+
+
+def test_prefer_ip_version_keeps_the_environments_proxy_for_the_sockets(panel, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = ConnectProxy(panel.port)
+    try:
+        monkeypatch.setenv("http_proxy", "http://127.0.0.1:%d" % proxy.port)
+        cfg, _ = ka.load_config(["-e", "http://panel.komari.test:%d" % panel.port, "-t", panel.token,
+                                 "--prefer-ip-version", "4"], {})
+        ka.open_websocket(cfg, ka.Panel(cfg).ws_url("/api/clients/report")).close()
+        assert proxy.targets == ["panel.komari.test:%d" % panel.port]
+    finally:
+        proxy.close()
+
+
+# ---------------------------------------------------------------------------
+# Configuration: defaults < --config JSON < AGENT_* environment < command line
 # ---------------------------------------------------------------------------
 
 def test_defaults_match_the_official_agent():
@@ -875,6 +1414,22 @@ def test_unknown_and_deprecated_flags_warn_but_run():
     assert "--cf-access-client-id" in text and "--memory-mode-available" in text and "--autoUpdate" in text
 
 
+def test_unknown_flag_exits_2_with_a_suggestion_but_official_only_flags_warn():
+    done = run_agent("-e", "http://h", "-t", "T", "--disable-webssh")
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, lines
+    assert "unknown option --disable-webssh (did you mean --disable-web-ssh?)" in lines[0]
+    cfg, warnings = ka.load_config(["-e", "http://h", "-t", "T", "--cf-access-client-secret=s", "--show-warning",
+                                    "--cf-access-client-id", "x", "-i", "2"], {})
+    assert cfg.interval == 2.0 and cfg.show_warning and len(warnings) == 2 and all("does not implement" in w for w in warnings)
+
+
+def test_agent_variables_that_match_no_setting_are_warned_with_a_suggestion():
+    _, warnings = ka.load_config(["-e", "http://h", "-t", "T"], {"AGENT_DISABLE_WEBSSH": "1", "AGENT_TOKEN": "T",
+                                                                "AGENT_CF_ACCESS_CLIENT_ID": "x"})
+    assert warnings == ["ignoring AGENT_DISABLE_WEBSSH: no such setting (did you mean AGENT_DISABLE_WEB_SSH?)"]
+
+
 def test_idn_endpoint_is_punycoded():
     cfg, _ = ka.load_config(["-e", "https://bücher.example:8443/komari/", "-t", "T"], {})
     assert cfg.endpoint == "https://xn--bcher-kva.example:8443/komari"
@@ -897,32 +1452,6 @@ def test_bad_settings_exit_2_with_one_line(args, env, needle):
     assert len(lines) == 1 and needle in lines[0], lines
 
 
-def test_invalid_config_json_exits_2(tmp_path):
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"endpoint": "http://h", "token": ')
-    done = run_agent("--config", str(bad))
-    assert done.returncode == 2 and b"not valid JSON" in done.stderr
-    wrong_type = tmp_path / "type.json"
-    wrong_type.write_text('{"endpoint": "http://h", "token": "T", "interval": "often"}')
-    done = run_agent("--config", str(wrong_type))
-    assert done.returncode == 2 and b"interval" in done.stderr
-
-
-def test_help_lists_the_official_flags():
-    done = run_agent("--help")
-    assert done.returncode == 0  # argparse's exit passes through the agent's own thread
-    text = done.stdout.decode()
-    for flag in ("--endpoint", "--token", "--interval", "--info-report-interval", "--reconnect-interval",
-                 "--max-retries", "--ignore-unsafe-cert", "--disable-web-ssh", "--disable-auto-update",
-                 "--memory-include-cache", "--memory-exclude-bcf", "--include-nics", "--exclude-nics",
-                 "--include-mountpoint", "--month-rotate", "--gpu", "--custom-dns", "--custom-ipv4",
-                 "--custom-ipv6", "--get-ip-addr-from-nic", "--config", "--prefer-ip-version", "--dry-run"):
-        assert flag in text
-
-
-# -- hardening (issue 12): nonsense values, missing packages, the state
-# directory, redaction of every encoding of the token ------------------------
-
 @pytest.mark.parametrize("args, needle", [
     (["--custom-ipv4", "notanip"], "--custom-ipv4 must be an IPv4 address"),
     (["--custom-ipv4", "::1"], "--custom-ipv4 must be an IPv4 address"),
@@ -941,6 +1470,17 @@ def test_nonsense_values_exit_2_with_one_line(args, needle):
     assert (cfg.custom_ipv4, cfg.custom_ipv6, cfg.interval) == ("192.0.2.1", "2001:db8::1", ka.MIN_INTERVAL)
 
 
+def test_invalid_config_json_exits_2(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"endpoint": "http://h", "token": ')
+    done = run_agent("--config", str(bad))
+    assert done.returncode == 2 and b"not valid JSON" in done.stderr
+    wrong_type = tmp_path / "type.json"
+    wrong_type.write_text('{"endpoint": "http://h", "token": "T", "interval": "often"}')
+    done = run_agent("--config", str(wrong_type))
+    assert done.returncode == 2 and b"interval" in done.stderr
+
+
 def test_config_file_that_is_no_regular_file_is_refused_at_once(tmp_path):
     fifo = tmp_path / "config.json"
     os.mkfifo(str(fifo))
@@ -949,134 +1489,16 @@ def test_config_file_that_is_no_regular_file_is_refused_at_once(tmp_path):
             ka.load_config(["--config", path], {})
 
 
-def test_missing_package_stops_the_agent_at_start_with_one_line():
-    # -S: no site-packages, so neither psutil nor websocket-client can be found
-    if subprocess.run([sys.executable, "-S", "-c", "import websocket"], stderr=subprocess.DEVNULL).returncode == 0:
-        pytest.skip("websocket-client is importable without site-packages here")
-    for extra in ([], ["--dry-run"]):
-        done = subprocess.run([sys.executable, "-S", str(AGENT), "-e", "http://127.0.0.1:1", "-t", "T"] + extra,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
-        lines = done.stderr.decode().strip().splitlines()
-        assert done.returncode != 0 and len(lines) == 1, (done.returncode, lines)
-        assert "websocket-client" in lines[0] and "pip install" in lines[0] and done.stdout == b""
-    # --check judges the settings only: install.sh runs it before it installs the packages
-    done = subprocess.run([sys.executable, "-S", str(AGENT), "-e", "http://127.0.0.1:1", "-t", "T", "--check"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
-    assert done.returncode == 0 and b"settings are valid" in done.stdout, done.stderr
-
-
-def test_missing_mountpoint_is_warned_once_and_said_in_the_report(tmp_path, caplog):
-    cfg, _ = ka.load_config(["--dry-run", "--include-mountpoint", "%s;/" % (tmp_path / "nonexist")], {})
-    collector = ka.Collector(cfg)
-    with caplog.at_level("WARNING", logger="komari"):
-        reports = [ka.report_payload(collector.figures()) for _ in range(3)]
-    assert all("nonexist not counted" in r["message"] for r in reports)
-    assert reports[-1]["disk"]["total"] == os.statvfs("/").f_blocks * os.statvfs("/").f_frsize
-    assert sum("nonexist" in r.getMessage() for r in caplog.records) == 1
-
-
-def test_unwritable_state_dir_is_reported_at_start(panel, start_agent, tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    agent = start_agent("-i", "0.5", "--state-dir", str(blocker / "state"))
-    agent.wait_log("state directory problem", 10)
-    assert agent.proc.poll() is None
-    panel.wait_for(lambda: panel.reports, 15, "reports all the same")
-
-
-@pytest.fixture
-def redaction(monkeypatch):
-    """ka.hide_secret with a clean slate, and a function formatting a line the agent's way."""
-    monkeypatch.setattr(ka.RedactingFormatter, "patterns", [], raising=False)
-    monkeypatch.setattr(ka.RedactingFormatter, "secrets", [], raising=False)
-    formatter = ka.RedactingFormatter("%(message)s")
-    return lambda text: formatter.format(logging.makeLogRecord({"msg": text, "args": None}))
-
-
-def test_every_encoding_of_the_token_is_redacted(redaction):
-    from urllib.parse import quote, quote_plus, urlencode
-    token = "tok en/Secret+1234=ab\"é"
-    ka.hide_secret(token)
-    forms = [token, quote(token), quote(token, safe=""), quote_plus(token), urlencode({"token": token}),
-             json.dumps(token), json.dumps(token, ensure_ascii=False), repr(token), repr(token.encode()),
-             re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), quote_plus(token))]
-    for form in forms:
-        line = redaction("GET /api/clients/report?x=1&%s HTTP/1.1 failed" % form)
-        assert "Secret" not in line and "***" in line, (form, line)
-
-
-def test_a_short_token_is_redacted_only_as_a_value(redaction):
-    ka.hide_secret("o")
-    assert redaction("Komari agent (Python) 0.1.0, report to http://host/ok") == \
-        "Komari agent (Python) 0.1.0, report to http://host/ok"
-    assert redaction("GET /api/clients/report?token=o&x=1 refused") == "GET /api/clients/report?token=***&x=1 refused"
-    assert redaction('{"token": "o"} Authorization: Bearer o') == '{"token": "***"} Authorization: Bearer ***'
-    assert redaction("token=ox stays") == "token=ox stays"
-
-
-def test_a_short_token_does_not_garble_the_log(panel, start_agent):
-    agent = start_agent("-i", "0.5", token="o")
-    agent.wait_log("refused the token", 15)
-    assert "Komari agent (Python) %s" % ka.__version__ in agent.log, agent.log
-    assert "token=o" not in agent.log
-
-
-# -- issue 13: unknown flags, AGENT_* typos, --check, --help -------------------
-
-def test_unknown_flag_exits_2_with_a_suggestion_but_official_only_flags_warn():
-    done = run_agent("-e", "http://h", "-t", "T", "--disable-webssh")
-    lines = done.stderr.decode().strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1, lines
-    assert "unknown option --disable-webssh (did you mean --disable-web-ssh?)" in lines[0]
-    cfg, warnings = ka.load_config(["-e", "http://h", "-t", "T", "--cf-access-client-secret=s", "--show-warning",
-                                    "--cf-access-client-id", "x", "-i", "2"], {})
-    assert cfg.interval == 2.0 and cfg.show_warning and len(warnings) == 2 and all("does not implement" in w for w in warnings)
-
-
-def test_agent_variables_that_match_no_setting_are_warned_with_a_suggestion():
-    _, warnings = ka.load_config(["-e", "http://h", "-t", "T"], {"AGENT_DISABLE_WEBSSH": "1", "AGENT_TOKEN": "T",
-                                                                "AGENT_CF_ACCESS_CLIENT_ID": "x"})
-    assert warnings == ["ignoring AGENT_DISABLE_WEBSSH: no such setting (did you mean AGENT_DISABLE_WEB_SSH?)"]
-
-
-def test_check_validates_everything_prints_the_settings_and_contacts_nothing(panel, tmp_path):
-    config = tmp_path / "agent.json"
-    config.write_text(json.dumps({"endpoint": panel.endpoint, "token": TOKEN, "month_rotate": 3}))
-    done = run_agent("--config", str(config), "--disable-web-ssh", "--check", env={"AGENT_INTERVAL": "2"})
-    out = done.stdout.decode()
-    assert done.returncode == 0, done.stderr
-    assert TOKEN not in out + done.stderr.decode() and "tok... (23 characters)" in out
-    assert re.search(r"--month-rotate +3 +\(config file", out) and re.search(r"--interval +2.0 +\(environment", out)
-    assert re.search(r"--disable-web-ssh +True +\(command line", out)
-    assert not panel.basic_infos and not panel.reports
-    done = run_agent("--config", str(config), "--interval", "abc", "--check")
-    assert done.returncode == 2 and len(done.stderr.decode().strip().splitlines()) == 1
-    assert not done.stdout
-
-
-def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ():
-    text = run_agent("--help").stdout.decode()
-    assert "traffic [--set-up SIZE]" in text and "[--export [PATH]]" in text
-    assert "list-disk" in text and "check-mem" in text
-    for flag, env in (("--gpu", "AGENT_ENABLE_GPU"), ("--auto-discovery", "AGENT_AUTO_DISCOVERY_KEY"),
-                      ("--include-mountpoint", "AGENT_INCLUDE_MOUNTPOINTS"), ("--config", "AGENT_CONFIG_FILE"),
-                      ("--memory-exclude-bcf", "AGENT_MEMORY_REPORT_RAW_USED")):
-        assert re.search(r"\n  %s +%s " % (flag, env), text), flag
-    assert "--interval" not in text.split("These names differ")[1]
-
-
-def test_status_file_is_written_on_change_only_and_never_holds_the_token(tmp_path):
-    ka.hide_secret("status-secret-token")
-    status = ka.LinkStatus(str(tmp_path))
-    status.set("connecting", "HTTP 401 for /api/clients/report?token=status-secret-token")
-    first = (tmp_path / "status.json").stat().st_mtime_ns
-    status.set("connecting", "HTTP 401 for /api/clients/report?token=status-secret-token")
-    assert (tmp_path / "status.json").stat().st_mtime_ns == first
-    data = json.loads((tmp_path / "status.json").read_text())
-    assert data["state"] == "connecting" and "status-secret-token" not in json.dumps(data) and "***" in data["error"]
-    assert data["pid"] == os.getpid() and data["started"] <= time.time()
-    status.set("connected")
-    assert json.loads((tmp_path / "status.json").read_text())["state"] == "connected"
+def test_help_lists_the_official_flags():
+    done = run_agent("--help")
+    assert done.returncode == 0  # argparse's exit passes through the agent's own thread
+    text = done.stdout.decode()
+    for flag in ("--endpoint", "--token", "--interval", "--info-report-interval", "--reconnect-interval",
+                 "--max-retries", "--ignore-unsafe-cert", "--disable-web-ssh", "--disable-auto-update",
+                 "--memory-include-cache", "--memory-exclude-bcf", "--include-nics", "--exclude-nics",
+                 "--include-mountpoint", "--month-rotate", "--gpu", "--custom-dns", "--custom-ipv4",
+                 "--custom-ipv6", "--get-ip-addr-from-nic", "--config", "--prefer-ip-version", "--dry-run"):
+        assert flag in text
 
 
 def test_help_is_grouped_everyday_first_within_100_columns_with_telling_metavars():
@@ -1102,8 +1524,24 @@ def test_help_is_grouped_everyday_first_within_100_columns_with_telling_metavars
         assert lines and [line for line in lines if len(line) > 100] == [], args
 
 
+def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ():
+    text = run_agent("--help").stdout.decode()
+    assert "traffic [--set-up SIZE]" in text and "[--export [PATH]]" in text
+    assert "list-disk" in text and "check-mem" in text
+    for flag, env in (("--gpu", "AGENT_ENABLE_GPU"), ("--auto-discovery", "AGENT_AUTO_DISCOVERY_KEY"),
+                      ("--include-mountpoint", "AGENT_INCLUDE_MOUNTPOINTS"), ("--config", "AGENT_CONFIG_FILE"),
+                      ("--memory-exclude-bcf", "AGENT_MEMORY_REPORT_RAW_USED")):
+        assert re.search(r"\n  %s +%s " % (flag, env), text), flag
+    assert "--interval" not in text.split("These names differ")[1]
+
+
 # ---------------------------------------------------------------------------
-# Collectors: arithmetic on fixed /proc inputs
+# Platform: what differs between operating systems
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Report figures: /proc arithmetic on fixed inputs, the Collector against psutil
 # ---------------------------------------------------------------------------
 
 MEMINFO = """MemTotal:        8000000 kB
@@ -1177,6 +1615,17 @@ def test_nic_include_wins_over_deny_list_and_wildcards():
     assert ka.nic_counted("lo", include=["lo"]) is True
 
 
+@pytest.mark.parametrize("nic, counted", [
+    ("eth0", True), ("ens18", True), ("wlan0", True), ("wg0", True), ("tailscale0", True), ("bond0", True),
+    ("ppp0", True), ("tun0", True), ("kube-ipvs0", True), ("vnet3", True),      # counted, as officially
+    ("lo", False), ("lowpan0", False), ("br0", False), ("br-3f2a", False), ("bridge0", False), ("tap0", False),
+    ("vmbr0", False), ("veth12ab", False), ("docker0", False), ("podman0", False), ("cni0", False),
+    ("flannel.1", False), ("virbr0", False), ("fwbr100i0", False), ("fwpr100p0", False),
+])
+def test_default_nic_deny_list_is_the_official_one(nic, counted):
+    assert ka.nic_counted(nic) is counted
+
+
 def test_net_meter_speeds_per_nic_with_a_reset():
     meter = ka.NetMeter()
     assert meter.sample({"eth0": (1000, 500), "eth1": (0, 0)}, 10.0) == (0, 0)
@@ -1225,6 +1674,16 @@ def test_disk_sum_counts_each_device_and_each_pool_once():
     assert ka.sum_disk_usage(usages) == (100 + (100 + 50 + 400) + 30, 40 + 150 + 10)
 
 
+def test_missing_mountpoint_is_warned_once_and_said_in_the_report(tmp_path, caplog):
+    cfg, _ = ka.load_config(["--dry-run", "--include-mountpoint", "%s;/" % (tmp_path / "nonexist")], {})
+    collector = ka.Collector(cfg)
+    with caplog.at_level("WARNING", logger="komari"):
+        reports = [ka.report_payload(collector.figures()) for _ in range(3)]
+    assert all("nonexist not counted" in r["message"] for r in reports)
+    assert reports[-1]["disk"]["total"] == os.statvfs("/").f_blocks * os.statvfs("/").f_frsize
+    assert sum("nonexist" in r.getMessage() for r in caplog.records) == 1
+
+
 SOCKSTAT = """sockets: used 290
 TCP: inuse 5 orphan 0 tw 3 alloc 8 mem 1
 UDP: inuse 2 mem 1
@@ -1232,6 +1691,8 @@ UDPLITE: inuse 0
 RAW: inuse 0
 FRAG: inuse 0 memory 0
 """
+
+
 SOCKSTAT6 = "TCP6: inuse 4\nUDP6: inuse 1\nUDPLITE6: inuse 0\nRAW6: inuse 0\nFRAG6: inuse 0 memory 0\n"
 
 
@@ -1263,44 +1724,6 @@ def test_open_proc_files_are_regenerated_at_every_read(tmp_path):
     assert str(tmp_path / "missing") not in files.fds
 
 
-def test_static_facts_parsing():
-    assert ka.cpu_name_from_cpuinfo("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
-    arm = "processor\t: 0\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
-    assert ka.cpu_name_from_cpuinfo(arm) == "Neoverse-N1"
-    assert ka.cpu_name_from_cpuinfo("") == "Unknown"
-    assert ka.go_arch("x86_64") == "amd64" and ka.go_arch("aarch64") == "arm64" and ka.go_arch("armv7l") == "arm"
-    assert ka.os_name_from_release('NAME="Debian"\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n') \
-        == "Debian GNU/Linux 12 (bookworm)"
-    assert ka.group_names(["RTX 4090", "RTX 4090", "RX 7900"]) == "RTX 4090 \u00d7 2, RX 7900"
-    assert ka.virtualization_from_cgroup("0::/system.slice/docker-" + "a" * 64 + ".scope") == "docker"
-    assert ka.virtualization_from_cgroup("0::/init.scope") == ""
-
-
-def test_public_address_is_found_in_lookup_answers():
-    assert ka.address_in_text("fl=1\nip=203.0.113.9\nts=1", socket.AF_INET) == ""       # not global
-    assert ka.address_in_text('{"ip":"8.8.4.4"}', socket.AF_INET) == "8.8.4.4"
-    assert ka.address_in_text("ip=2606:4700:4700::1111\n", socket.AF_INET6) == "2606:4700:4700::1111"
-    assert ka.address_in_text("<html>10.0.0.1</html>", socket.AF_INET) == ""
-
-
-def test_report_figures_agree_with_psutil():
-    cfg, _ = ka.load_config(["--dry-run"], {})
-    collector = ka.Collector(cfg)
-    report = ka.report_payload(collector.figures())
-    assert report_problem(report) is None and report["message"] == ""
-    vm = psutil.virtual_memory()
-    assert report["ram"]["total"] == vm.total
-    assert 0 < report["ram"]["used"] <= vm.total
-    assert report["swap"]["total"] == psutil.swap_memory().total
-    assert abs(report["process"] - len(psutil.pids())) <= 10
-    assert abs(report["uptime"] - (time.time() - psutil.boot_time())) <= 5
-    root = psutil.disk_usage("/")
-    assert report["disk"]["total"] >= root.total
-    nics = {n: c for n, c in psutil.net_io_counters(pernic=True).items() if ka.nic_counted(n)}
-    assert report["network"]["totalDown"] >= sum(c.bytes_recv for c in nics.values())
-    assert report["load"]["load1"] == pytest.approx(os.getloadavg()[0], abs=0.5)
-
-
 def test_connection_counts_follow_sockets_we_hold():
     cfg, _ = ka.load_config(["--dry-run"], {})
     collector = ka.Collector(cfg)
@@ -1324,6 +1747,65 @@ def test_connection_counts_follow_sockets_we_hold():
             s.close()
 
 
+NVIDIA_CSV = ("NVIDIA H200, 143771, 1024, 25, 41\nNVIDIA H200, 143771, 0, [N/A], 39\n")
+
+
+ROCM_JSON = json.dumps({"card1": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "50",
+                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "1048576",
+                                  "Temperature (Sensor junction) (C)": "45.0"},
+                        "card0": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "10",
+                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "0",
+                                  "Temperature (Sensor junction) (C)": "40"},
+                        "system": {"Driver version": "6.8"}})
+
+
+@pytest.mark.skipif(os.path.exists("/usr/bin/nvidia-smi") or os.path.exists("/opt/rocm/bin/rocm-smi"),
+                    reason="a real GPU tool in its fixed place would answer instead of the stubs")
+@pytest.mark.parametrize("commands, gpu, problem", [
+    ({"nvidia-smi": "/bin/cat <<'E'\n%sE" % NVIDIA_CSV},
+     {"count": 2, "average_usage": 12.5, "detailed_info": [
+         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 1024 << 20, "utilization": 25.0,
+          "temperature": 41},
+         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 0, "utilization": 0.0,
+          "temperature": 39}]}, ""),
+    ({"rocm-smi": "/bin/cat <<'E'\n%s\nE" % ROCM_JSON},
+     {"count": 2, "average_usage": 30.0, "detailed_info": [
+         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 0, "utilization": 10.0,
+          "temperature": 40},
+         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 1048576, "utilization": 50.0,
+          "temperature": 45}]}, ""),
+    ({"nvidia-smi": "exit 9", "rocm-smi": "echo '{}'"}, None, ""),               # no GPU: no block, no message
+    ({}, None, "rocm-smi tool not found"),
+    ({"rocm-smi": "exit 1"}, None, "no data available"),
+])
+def test_gpu_details_like_the_official_agent(tmp_path, monkeypatch, commands, gpu, problem):
+    stub_commands(tmp_path, monkeypatch, commands)
+    assert ka.gpu_details()[1] == problem
+    cfg, _ = ka.load_config(["--dry-run", "--gpu"], {})
+    report = ka.report_payload(ka.Collector(cfg).figures())
+    assert report.get("gpu") == gpu and report_problem(report) is None
+    assert ("failed to get detailed GPU info: " + problem in report["message"]) if problem else \
+        "GPU" not in report["message"]
+
+
+def test_report_figures_agree_with_psutil():
+    cfg, _ = ka.load_config(["--dry-run"], {})
+    collector = ka.Collector(cfg)
+    report = ka.report_payload(collector.figures())
+    assert report_problem(report) is None and report["message"] == ""
+    vm = psutil.virtual_memory()
+    assert report["ram"]["total"] == vm.total
+    assert 0 < report["ram"]["used"] <= vm.total
+    assert report["swap"]["total"] == psutil.swap_memory().total
+    assert abs(report["process"] - len(psutil.pids())) <= 10
+    assert abs(report["uptime"] - (time.time() - psutil.boot_time())) <= 5
+    root = psutil.disk_usage("/")
+    assert report["disk"]["total"] >= root.total
+    nics = {n: c for n, c in psutil.net_io_counters(pernic=True).items() if ka.nic_counted(n)}
+    assert report["network"]["totalDown"] >= sum(c.bytes_recv for c in nics.values())
+    assert report["load"]["load1"] == pytest.approx(os.getloadavg()[0], abs=0.5)
+
+
 def test_failing_collector_becomes_a_message_line(tmp_path):
     cfg, _ = ka.load_config(["--dry-run"], {"HOST_PROC": str(tmp_path)})
     (tmp_path / "stat").write_text("cpu  1 0 1 10 0 0 0 0 0 0\n")
@@ -1335,49 +1817,47 @@ def test_failing_collector_becomes_a_message_line(tmp_path):
     assert str(tmp_path) not in report["message"]
 
 
-def test_report_numbers_are_clean_for_go():
-    assert ka.count(12.9) == 12 and ka.count(-5) == 0 and ka.count(float("nan")) == 0
-    assert ka.finite(float("nan"), 0.0, 100.0) == 0.0 and ka.finite(250, 0.001, 100.0) == 100.0
-    with pytest.raises(ValueError):
-        ka.encode({"x": float("nan")})
+def sysinfo_uptime():
+    import ctypes
+    buf = ctypes.create_string_buffer(256)
+    assert ctypes.CDLL(None, use_errno=True).sysinfo(buf) == 0
+    return ctypes.c_long.from_buffer(buf).value
 
 
-# -- parity with the official agent: static facts from fixture trees -----------------
-# Each case is a small tree standing in for /, /proc or /sys, and helper
-# programs (lspci, getprop, pveversion, systemd-detect-virt, nvidia-smi,
-# rocm-smi) as shell scripts in a directory that is the whole PATH.
-
-def make_tree(root, spec):
-    """Files from {relative path: text | bytes | ("->", link target) | None (a directory)}."""
-    for rel, content in spec.items():
-        path = Path(root) / rel
-        if content is None:
-            path.mkdir(parents=True, exist_ok=True)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, tuple):
-            path.symlink_to(content[1])
-        elif isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-    return str(root)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sysinfo(2) is Linux's")
+def test_uptime_is_the_kernels_sysinfo_figure():
+    cfg, _ = ka.load_config(["--dry-run"], {})
+    collector = ka.Collector(cfg)
+    for _ in range(20):  # int(CLOCK_BOOTTIME) is one lower nearly every time
+        before = sysinfo_uptime()
+        ours = collector.uptime()
+        after = sysinfo_uptime()
+        assert before <= ours <= after
 
 
-def stub_commands(tmp_path, monkeypatch, scripts):
-    """PATH becomes a directory holding only these commands ({name: sh body})."""
-    bin_dir = tmp_path / "stub-bin"
-    bin_dir.mkdir(exist_ok=True)
-    for name, body in scripts.items():
-        path = bin_dir / name
-        path.write_text("#!/bin/sh\n" + body + "\n")
-        path.chmod(0o755)
-    monkeypatch.setenv("PATH", str(bin_dir))
-    return bin_dir
+# ---------------------------------------------------------------------------
+# Basic info: static facts from fixture trees, like the official agent; public addresses
+# ---------------------------------------------------------------------------
+
+def test_static_facts_parsing():
+    assert ka.cpu_name_from_cpuinfo("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
+    arm = "processor\t: 0\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+    assert ka.cpu_name_from_cpuinfo(arm) == "Neoverse-N1"
+    assert ka.cpu_name_from_cpuinfo("") == "Unknown"
+    assert ka.go_arch("x86_64") == "amd64" and ka.go_arch("aarch64") == "arm64" and ka.go_arch("armv7l") == "arm"
+    assert ka.os_name_from_release('NAME="Debian"\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n') \
+        == "Debian GNU/Linux 12 (bookworm)"
+    assert ka.group_names(["RTX 4090", "RTX 4090", "RX 7900"]) == "RTX 4090 \u00d7 2, RX 7900"
+    assert ka.virtualization_from_cgroup("0::/system.slice/docker-" + "a" * 64 + ".scope") == "docker"
+    assert ka.virtualization_from_cgroup("0::/init.scope") == ""
 
 
 PVE_OUTPUT = "echo 'pve-manager/8.2.4/faa83925c9641325 (running kernel: 6.8.12-1-pve)'"
+
+
 DEBIAN_RELEASE = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nVERSION_CODENAME=bookworm\n'
+
+
 GETPROP = ('case "$1" in ro.build.version.release) echo 14;; ro.product.brand) echo google;; '
            'ro.product.model) echo "Pixel 8";; esac')
 
@@ -1414,13 +1894,19 @@ LSPCI_DESKTOP = """00:02.0 VGA compatible controller: Intel Corporation CoffeeLa
 01:00.0 VGA compatible controller: NVIDIA Corporation GA102 [GeForce RTX 3090] (rev a1)
 02:00.0 VGA compatible controller: NVIDIA Corporation GA102 [GeForce RTX 3090] (rev a1)
 """
+
+
 LSPCI_SERVER = """02:00.0 VGA compatible controller: Matrox Electronics Systems Ltd. Integrated Matrox G200eW3 (rev 04)
 3b:00.0 3D controller: NVIDIA Corporation GH100 [H200 SXM 141GB] (rev a1)
 """
+
+
 LSPCI_VM = """00:01.0 VGA compatible controller: Device 1234:1111 (rev 02)
 00:02.0 VGA compatible controller: Cirrus Logic GD 5446
 00:03.0 Display controller: Red Hat, Inc. Virtio 1.0 GPU (rev 01)
 """
+
+
 PI4_DRM = {"class/drm/card0/device/driver": ("->", "../../../bus/platform/drivers/vc4-drm"),
            "class/drm/card0/device/of_node/compatible": b"brcm,bcm2711-vc5\0",
            "class/drm/card0-HDMI-A-1/status": "connected\n",
@@ -1465,12 +1951,20 @@ PI4_64 = cpuinfo_blocks(4, "BogoMIPS\t: 108.00", "Features\t: fp asimd evtstrm c
                         "CPU implementer\t: 0x41", "CPU architecture: 8", "CPU variant\t: 0x0",
                         "CPU part\t: 0xd08", "CPU revision\t: 3") + \
     "Hardware\t: BCM2835\nRevision\t: c03114\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
+
+
 PI4_32 = cpuinfo_blocks(4, "model name\t: ARMv7 Processor rev 3 (v7l)", "BogoMIPS\t: 108.00",
                         "CPU implementer\t: 0x41", "CPU part\t: 0xd08")
+
+
 XEON = "".join("processor\t: %d\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 79\n"
                "model name\t: Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz\nphysical id\t: %d\ncpu cores\t: 2\n\n"
                % (i, i // 2) for i in range(4))
+
+
 TOPOLOGY_4 = {"devices/system/cpu/cpu%d/topology/core_cpus_list" % i: "%d\n" % i for i in range(4)}
+
+
 SIBLINGS_2 = {"devices/system/cpu/cpu%d/topology/thread_siblings_list" % i: ("0-1\n" if i < 2 else "2-3\n")
               for i in range(4)}
 
@@ -1493,6 +1987,8 @@ def test_cpu_facts_like_gopsutil(tmp_path, cpuinfo, stat, sys_files, name, logic
 
 
 HEX64 = "0123456789abcdef" * 4
+
+
 POD = "0f3a5f7e-1b2c-4d5e-8f90-123456789abc"
 
 
@@ -1520,61 +2016,11 @@ def test_virtualization_like_the_official_agent(tmp_path, monkeypatch, detect_vi
     assert ka.virtualization(str(root), str(root / "proc"), str(root / "sys")) == expected
 
 
-NVIDIA_CSV = ("NVIDIA H200, 143771, 1024, 25, 41\nNVIDIA H200, 143771, 0, [N/A], 39\n")
-ROCM_JSON = json.dumps({"card1": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "50",
-                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "1048576",
-                                  "Temperature (Sensor junction) (C)": "45.0"},
-                        "card0": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "10",
-                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "0",
-                                  "Temperature (Sensor junction) (C)": "40"},
-                        "system": {"Driver version": "6.8"}})
-
-
-@pytest.mark.skipif(os.path.exists("/usr/bin/nvidia-smi") or os.path.exists("/opt/rocm/bin/rocm-smi"),
-                    reason="a real GPU tool in its fixed place would answer instead of the stubs")
-@pytest.mark.parametrize("commands, gpu, problem", [
-    ({"nvidia-smi": "/bin/cat <<'E'\n%sE" % NVIDIA_CSV},
-     {"count": 2, "average_usage": 12.5, "detailed_info": [
-         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 1024 << 20, "utilization": 25.0,
-          "temperature": 41},
-         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 0, "utilization": 0.0,
-          "temperature": 39}]}, ""),
-    ({"rocm-smi": "/bin/cat <<'E'\n%s\nE" % ROCM_JSON},
-     {"count": 2, "average_usage": 30.0, "detailed_info": [
-         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 0, "utilization": 10.0,
-          "temperature": 40},
-         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 1048576, "utilization": 50.0,
-          "temperature": 45}]}, ""),
-    ({"nvidia-smi": "exit 9", "rocm-smi": "echo '{}'"}, None, ""),               # no GPU: no block, no message
-    ({}, None, "rocm-smi tool not found"),
-    ({"rocm-smi": "exit 1"}, None, "no data available"),
-])
-def test_gpu_details_like_the_official_agent(tmp_path, monkeypatch, commands, gpu, problem):
-    stub_commands(tmp_path, monkeypatch, commands)
-    assert ka.gpu_details()[1] == problem
-    cfg, _ = ka.load_config(["--dry-run", "--gpu"], {})
-    report = ka.report_payload(ka.Collector(cfg).figures())
-    assert report.get("gpu") == gpu and report_problem(report) is None
-    assert ("failed to get detailed GPU info: " + problem in report["message"]) if problem else \
-        "GPU" not in report["message"]
-
-
-def sysinfo_uptime():
-    import ctypes
-    buf = ctypes.create_string_buffer(256)
-    assert ctypes.CDLL(None, use_errno=True).sysinfo(buf) == 0
-    return ctypes.c_long.from_buffer(buf).value
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sysinfo(2) is Linux's")
-def test_uptime_is_the_kernels_sysinfo_figure():
-    cfg, _ = ka.load_config(["--dry-run"], {})
-    collector = ka.Collector(cfg)
-    for _ in range(20):  # int(CLOCK_BOOTTIME) is one lower nearly every time
-        before = sysinfo_uptime()
-        ours = collector.uptime()
-        after = sysinfo_uptime()
-        assert before <= ours <= after
+def test_public_address_is_found_in_lookup_answers():
+    assert ka.address_in_text("fl=1\nip=203.0.113.9\nts=1", socket.AF_INET) == ""       # not global
+    assert ka.address_in_text('{"ip":"8.8.4.4"}', socket.AF_INET) == "8.8.4.4"
+    assert ka.address_in_text("ip=2606:4700:4700::1111\n", socket.AF_INET6) == "2606:4700:4700::1111"
+    assert ka.address_in_text("<html>10.0.0.1</html>", socket.AF_INET) == ""
 
 
 def test_public_address_services_are_the_official_ones():
@@ -1639,57 +2085,13 @@ def test_lookups_use_custom_dns_and_the_environments_proxy(monkeypatch):
         proxy.close()
 
 
-def closed_port():
-    """A loopback port that nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_startup_names_the_monitored_mounts_and_interfaces(tmp_path, caplog):
-    (tmp_path / "net").mkdir()
-    (tmp_path / "net" / "dev").write_text(NET_DEV)
-    (tmp_path / "stat").write_text("cpu  1 2 3 4 5 6 7 8\n")
-    cfg, _ = ka.load_config(["--dry-run", "--include-mountpoint", "/;/srv"], {"HOST_PROC": str(tmp_path)})
-    with caplog.at_level("INFO", logger="komari"):
-        ka.log_monitored(ka.Collector(cfg))
-    assert "Monitoring Mountpoints: [/ /srv]" in caplog.text
-    assert "Monitoring Interfaces: [eth0 wg0]" in caplog.text
-
-
-def test_list_disk_check_mem_and_show_warning_like_the_official_agent(tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, str(AGENT)] + list(args), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, timeout=60, cwd=str(tmp_path), env=dict(os.environ))
-    listed = run("list-disk")
-    assert listed.returncode == 0
-    rows = listed.stdout.decode().splitlines()
-    width = max(len(r.split()[0]) for r in rows) + 2
-    assert rows[0] == "Mountpoint".ljust(width) + "Fstype"
-    assert any(r.startswith("/".ljust(width)) for r in rows[1:])            # every mount, / among them
-    log = listed.stderr.decode()
-    assert re.search(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d All Disk Partitions:$", log, re.M)
-    assert re.search(r"Monitoring Mountpoints: \[/ \(\S+\)", log)
-    memory = run("check-mem")
-    assert memory.returncode == 0 and memory.stdout == b""
-    lines = [l.split(" ", 2)[2] for l in memory.stderr.decode().splitlines()]
-    assert lines[:2] == ["--- Memory Check ---", "--- /proc/meminfo ---"]
-    assert [l.split(":")[0] for l in lines[2:14]] == ["MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached",
-                                                      "SwapTotal", "SwapFree", "SwapCached", "Shmem", "SReclaimable",
-                                                      "Zswap", "Zswapped"]
-    modes = [re.match(r"\[(\w+)\] Total: \d+ bytes \(\d+ MiB\), Used: \d+ bytes \(\d+ MiB\)$", l) for l in lines[15:]
-             if l.startswith("[")]
-    assert [m.group(1) for m in modes] == ["htoplike", "gopsutil", "callFree", "htoplike"]
-    assert lines[-2] == "--- Current Configured ---"
-    warned = run("--show-warning")  # the Windows toast helper: nothing to do, even without a panel
-    assert (warned.returncode, warned.stdout, warned.stderr) == (0, b"", b"")
-    assert run("list-disk", "--interval", "soon").returncode == 2
-
-
 # ---------------------------------------------------------------------------
-# Traffic: --month-rotate totals (fake clock, synthetic counters, real files)
+# Monthly traffic: --month-rotate totals (fake clock, synthetic counters, real files)
 # ---------------------------------------------------------------------------
 
 GiB, TiB = 1024 ** 3, 1024 ** 4
+
+
 LONG_AGO = ("boot-old", 946684800.0)  # booted in 2000: every counter predates the period
 
 
@@ -1858,6 +2260,36 @@ def test_official_net_static_json_is_imported_once_for_this_period(tmp_path):
     assert again.update({"eth0": (50010, 40001), "wg0": (10, 10)}, t + 2) == (306, 3017)
 
 
+def test_net_static_json_in_the_official_format_is_written_beside_ours(tmp_path):
+    ledger = ka.TrafficLedger(str(tmp_path), 31, boot=LONG_AGO, now=local(2024, 4, 10),
+                              counted=lambda nic: nic != "docker0")
+    ledger.update({"eth0": (1000, 100), "wg0": (10, 1), "docker0": (5, 5)}, local(2024, 4, 10))
+    ledger.update({"eth0": (1000 + 7 * GiB, 100 + GiB), "wg0": (30, 4), "docker0": (9, 9)}, local(2024, 4, 10, 0, 5))
+    written = (tmp_path / ka.NET_STATIC).read_text()
+    assert " " not in written  # compact, like Go's json.Marshal
+    store = json.loads(written)
+    assert store["config"] == {"data_preserve_day": 31, "detect_interval": 2, "save_interval": 600,
+                               "nics": ["eth0", "wg0"]}
+    stamp = int(local(2024, 4, 10, 0, 5))  # the last save
+    assert store["interfaces"] == {"eth0": [{"timestamp": stamp, "tx": GiB, "rx": 7 * GiB}],
+                                   "wg0": [{"timestamp": stamp, "tx": 3, "rx": 20}]}
+    # the official agent's own sum over [last reset, now] gives our totals
+    sums = ka.net_static_totals(store, *ka.period_bounds(31, local(2024, 4, 20)))
+    assert (sum(u for u, _ in sums.values()), sum(d for _, d in sums.values())) == ledger.totals()
+    # and `traffic --export` writes the same from the saved state, wherever asked
+    ledger.flush(local(2024, 4, 10, 0, 6))
+    export = tmp_path / "elsewhere" / "net_static.json"
+    done = subprocess.run([sys.executable, str(AGENT), "traffic", "--state-dir", str(tmp_path), "--export",
+                           str(export)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert done.returncode == 0, done.stderr
+    exported = json.loads(export.read_text())
+    assert exported["interfaces"]["eth0"][0]["rx"] == 7 * GiB and exported["config"]["nics"] == ["eth0", "wg0"]
+    # a calibration offset lands on the busiest NIC, so the official totals match the calibrated ones
+    state = dict(ledger.snapshot(local(2024, 4, 10, 0, 7)), offset={"up": -GiB // 2, "down": GiB})
+    calibrated = ka.net_static_from_snapshot(state, local(2024, 4, 10, 0, 7))["interfaces"]
+    assert calibrated["eth0"][0]["tx"] == GiB // 2 and calibrated["eth0"][0]["rx"] == 8 * GiB
+
+
 def test_sizes_are_1024_based_with_decimals():
     assert ka.parse_size("120G") == 120 * GiB and ka.parse_size("1.5T") == int(1.5 * TiB)
     assert ka.parse_size("512MiB") == 512 * 1024 ** 2 and ka.parse_size("2k") == 2048
@@ -1867,22 +2299,35 @@ def test_sizes_are_1024_based_with_decimals():
             ka.parse_size(bad)
 
 
-def test_traffic_command_calibrates_and_shows_the_totals(tmp_path):
-    now = time.time()
-    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=LONG_AGO, now=now)
-    ledger.update({"eth0": (1000, 1000)}, now)
-    ledger.update({"eth0": (2000, 1500)}, now + 1)
-    done = run_agent("traffic", "--state-dir", str(tmp_path), "--set-up", "120G", "--set-down", "1.5T")
-    assert done.returncode == 0, done.stderr
-    assert ledger.update({"eth0": (2000, 1500)}, now + 5) == (120 * GiB, int(1.5 * TiB))
-    assert ledger.update({"eth0": (2100, 1600)}, now + 6) == (120 * GiB + 100, int(1.5 * TiB) + 100)
-    assert not (tmp_path / ka.CALIBRATION_FILE).exists()
-    shown = run_agent("traffic", env={"AGENT_STATE_DIR": str(tmp_path)})  # --show is the default
-    assert shown.returncode == 0, shown.stderr
-    text = shown.stdout.decode()
-    assert "(%d bytes)" % (120 * GiB) in text and "1.50 TiB" in text and "period start: " in text
-    bad = run_agent("traffic", "--state-dir", str(tmp_path), "--set-up", "12X")
-    assert bad.returncode == 2 and len(bad.stderr.decode().strip().splitlines()) == 1
+@pytest.mark.parametrize("content", [
+    '{"reset_day":1,"period_start":1e300}',
+    '{"reset_day":1,"period_start":-1e300}',
+    '{"reset_day":1,"period_start":1e300,"period_end":2e300}',
+    '{"reset_day":1,"offset":{"up":Infinity,"down":0}}',
+    '{"reset_day":1,"offset":{"up":NaN}}',
+    '{"reset_day":1,"sampled_at":1e300,"calibrated_at":-Infinity}',
+    '{"reset_day":1,"nics":[1]}',
+    '{"reset_day":1,"nics":{"eth0":{"up":"x"}},"imported":7}',
+])
+def test_state_that_cannot_be_loaded_is_set_aside_and_counting_starts_afresh(tmp_path, content):
+    (tmp_path / ka.TRAFFIC_FILE).write_text(content)
+    now = local(2024, 5, 10, 12)
+    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=("b1", now - 3600), now=now)
+    assert (ledger.start, ledger.end) == (local(2024, 5, 1), local(2024, 6, 1))
+    assert ledger.update({"eth0": (1000, 500)}, now=now + 1) == (500, 1000)
+    assert ledger.update({"eth0": (1500, 700)}, now=now + 2) == (700, 1500)
+    assert (tmp_path / (ka.TRAFFIC_FILE + ".bad")).read_text() == content
+
+
+def test_a_calibration_stamped_infinity_cannot_poison_the_saved_state(tmp_path):
+    (tmp_path / ka.CALIBRATION_FILE).write_text('{"up": 5, "at": Infinity}')
+    now = local(2024, 5, 10, 12)
+    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=("b1", now - 3600), now=now)
+    assert ledger.update({"eth0": (1000, 500)}, now=now + 1) == (500, 1000)
+    ledger.flush(now + 2)
+    again = ka.TrafficLedger(str(tmp_path), 1, boot=("b1", now - 3600), now=now + 3)
+    assert again.update({"eth0": (1000, 500)}, now=now + 4) == (500, 1000)
+    assert not (tmp_path / (ka.TRAFFIC_FILE + ".bad")).exists()
 
 
 def push_over_loopback(nbytes):
@@ -1964,96 +2409,6 @@ def test_totals_continue_after_sigkill_and_restart_mid_period(panel, start_agent
     assert "unreadable" not in second.log
 
 
-@pytest.mark.parametrize("nic, counted", [
-    ("eth0", True), ("ens18", True), ("wlan0", True), ("wg0", True), ("tailscale0", True), ("bond0", True),
-    ("ppp0", True), ("tun0", True), ("kube-ipvs0", True), ("vnet3", True),      # counted, as officially
-    ("lo", False), ("lowpan0", False), ("br0", False), ("br-3f2a", False), ("bridge0", False), ("tap0", False),
-    ("vmbr0", False), ("veth12ab", False), ("docker0", False), ("podman0", False), ("cni0", False),
-    ("flannel.1", False), ("virbr0", False), ("fwbr100i0", False), ("fwpr100p0", False),
-])
-def test_default_nic_deny_list_is_the_official_one(nic, counted):
-    assert ka.nic_counted(nic) is counted
-
-
-def test_net_static_json_in_the_official_format_is_written_beside_ours(tmp_path):
-    ledger = ka.TrafficLedger(str(tmp_path), 31, boot=LONG_AGO, now=local(2024, 4, 10),
-                              counted=lambda nic: nic != "docker0")
-    ledger.update({"eth0": (1000, 100), "wg0": (10, 1), "docker0": (5, 5)}, local(2024, 4, 10))
-    ledger.update({"eth0": (1000 + 7 * GiB, 100 + GiB), "wg0": (30, 4), "docker0": (9, 9)}, local(2024, 4, 10, 0, 5))
-    written = (tmp_path / ka.NET_STATIC).read_text()
-    assert " " not in written  # compact, like Go's json.Marshal
-    store = json.loads(written)
-    assert store["config"] == {"data_preserve_day": 31, "detect_interval": 2, "save_interval": 600,
-                               "nics": ["eth0", "wg0"]}
-    stamp = int(local(2024, 4, 10, 0, 5))  # the last save
-    assert store["interfaces"] == {"eth0": [{"timestamp": stamp, "tx": GiB, "rx": 7 * GiB}],
-                                   "wg0": [{"timestamp": stamp, "tx": 3, "rx": 20}]}
-    # the official agent's own sum over [last reset, now] gives our totals
-    sums = ka.net_static_totals(store, *ka.period_bounds(31, local(2024, 4, 20)))
-    assert (sum(u for u, _ in sums.values()), sum(d for _, d in sums.values())) == ledger.totals()
-    # and `traffic --export` writes the same from the saved state, wherever asked
-    ledger.flush(local(2024, 4, 10, 0, 6))
-    export = tmp_path / "elsewhere" / "net_static.json"
-    done = subprocess.run([sys.executable, str(AGENT), "traffic", "--state-dir", str(tmp_path), "--export",
-                           str(export)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-    assert done.returncode == 0, done.stderr
-    exported = json.loads(export.read_text())
-    assert exported["interfaces"]["eth0"][0]["rx"] == 7 * GiB and exported["config"]["nics"] == ["eth0", "wg0"]
-    # a calibration offset lands on the busiest NIC, so the official totals match the calibrated ones
-    state = dict(ledger.snapshot(local(2024, 4, 10, 0, 7)), offset={"up": -GiB // 2, "down": GiB})
-    calibrated = ka.net_static_from_snapshot(state, local(2024, 4, 10, 0, 7))["interfaces"]
-    assert calibrated["eth0"][0]["tx"] == GiB // 2 and calibrated["eth0"][0]["rx"] == 8 * GiB
-
-
-# -- hardening (issue 12): state that cannot be loaded never stops the agent --
-
-@pytest.mark.parametrize("content", [
-    '{"reset_day":1,"period_start":1e300}',
-    '{"reset_day":1,"period_start":-1e300}',
-    '{"reset_day":1,"period_start":1e300,"period_end":2e300}',
-    '{"reset_day":1,"offset":{"up":Infinity,"down":0}}',
-    '{"reset_day":1,"offset":{"up":NaN}}',
-    '{"reset_day":1,"sampled_at":1e300,"calibrated_at":-Infinity}',
-    '{"reset_day":1,"nics":[1]}',
-    '{"reset_day":1,"nics":{"eth0":{"up":"x"}},"imported":7}',
-])
-def test_state_that_cannot_be_loaded_is_set_aside_and_counting_starts_afresh(tmp_path, content):
-    (tmp_path / ka.TRAFFIC_FILE).write_text(content)
-    now = local(2024, 5, 10, 12)
-    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=("b1", now - 3600), now=now)
-    assert (ledger.start, ledger.end) == (local(2024, 5, 1), local(2024, 6, 1))
-    assert ledger.update({"eth0": (1000, 500)}, now=now + 1) == (500, 1000)
-    assert ledger.update({"eth0": (1500, 700)}, now=now + 2) == (700, 1500)
-    assert (tmp_path / (ka.TRAFFIC_FILE + ".bad")).read_text() == content
-
-
-def test_a_calibration_stamped_infinity_cannot_poison_the_saved_state(tmp_path):
-    (tmp_path / ka.CALIBRATION_FILE).write_text('{"up": 5, "at": Infinity}')
-    now = local(2024, 5, 10, 12)
-    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=("b1", now - 3600), now=now)
-    assert ledger.update({"eth0": (1000, 500)}, now=now + 1) == (500, 1000)
-    ledger.flush(now + 2)
-    again = ka.TrafficLedger(str(tmp_path), 1, boot=("b1", now - 3600), now=now + 3)
-    assert again.update({"eth0": (1000, 500)}, now=now + 4) == (500, 1000)
-    assert not (tmp_path / (ka.TRAFFIC_FILE + ".bad")).exists()
-
-
-def test_absurd_calibration_size_exits_2_with_one_line(tmp_path):
-    done = run_agent("traffic", "--state-dir", str(tmp_path), "--set-up", "9" * 400, timeout=20)
-    lines = done.stderr.decode().strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and "set-up" not in done.stdout.decode(), (done.returncode, lines)
-    assert "more than the panel can count" in lines[0]
-    assert not (tmp_path / ka.CALIBRATION_FILE).exists()
-
-
-@pytest.mark.parametrize("content", ['{"total":[1]}', '{"offset":{"up":Infinity}}', '{"saved_at":1e300}'])
-def test_traffic_show_of_a_damaged_state_is_one_line(tmp_path, content):
-    (tmp_path / ka.TRAFFIC_FILE).write_text(content)
-    done = run_agent("traffic", "--state-dir", str(tmp_path), "--show", timeout=20)
-    lines = done.stderr.decode().strip().splitlines()
-    assert done.returncode == 1 and len(lines) == 1 and "is damaged" in lines[0], (done.returncode, lines)
-
-
 def test_agent_with_a_corrupt_traffic_state_reports_instead_of_crashing(panel, start_agent):
     state = fresh_traffic_state(panel)
     (state / ka.TRAFFIC_FILE).write_text('{"reset_day":1,"period_start":1e300,"offset":{"up":Infinity}}')
@@ -2064,64 +2419,69 @@ def test_agent_with_a_corrupt_traffic_state_reports_instead_of_crashing(panel, s
 
 
 # ---------------------------------------------------------------------------
-# Transport
+# Wire protocol: every message we send, every message we read
 # ---------------------------------------------------------------------------
 
-def test_panel_decodes_like_the_go_server():
-    good = {"cpu": {"usage": 12.5}, "ram": {"total": 10, "used": 5}, "load": {"load1": 0.5},
-            "network": {"up": 1, "down": 2, "totalUp": 3, "totalDown": 4}, "uptime": 5, "process": 6}
-    assert report_problem(go_json(json.dumps(good))) is None
-    assert report_problem(go_json('{"ram": {"total": 1000.0}}')) == "Invalid report format"
-    assert report_problem(go_json('{"connections": {"tcp": -1}}')) is not None
-    assert report_problem(go_json('{"cpu": {"usage": 150}}')) == "CPU.Usage must be between 0 and 100"
-    assert basic_info_problem({"name": "x"}) is not None and basic_info_problem({"mem_total": 1.5}) is not None
+def test_report_numbers_are_clean_for_go():
+    assert ka.count(12.9) == 12 and ka.count(-5) == 0 and ka.count(float("nan")) == 0
+    assert ka.finite(float("nan"), 0.0, 100.0) == 0.0 and ka.finite(250, 0.001, 100.0) == 100.0
+    with pytest.raises(ValueError):
+        ka.encode({"x": float("nan")})
 
 
-def test_panel_drops_a_silent_socket_and_refuses_a_wrong_token(panel):
-    import websocket
-    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-        websocket.create_connection(panel.endpoint.replace("http", "ws") + "/api/clients/report?token=bad",
-                                    suppress_origin=True, timeout=5)
-    assert refused.value.status_code == 401
-    panel.READ_WAIT = 1.0
-    ws = websocket.create_connection(panel.endpoint.replace("http", "ws") + "/api/clients/report?token=" + TOKEN,
-                                     suppress_origin=True, timeout=5)
-    try:
-        ws.send("{}")
-        panel.wait_for(lambda: panel.reports, 5, "the first report")
-        started = time.monotonic()
-        try:
-            closed = ws.recv() == ""  # closed by the panel after READ_WAIT of silence
-        except websocket.WebSocketConnectionClosedException:
-            closed = True
-        assert closed and 0.8 <= time.monotonic() - started <= 4
-    finally:
-        ws.close()
+def test_each_wire_builder_emits_exactly_the_keys_the_panel_checks(panel):
+    report = ka.encode({"cpu": {"usage": 1.5}, "ram": {"total": 10, "used": 5}, "uptime": 7})
+    task = ka.task_result("t-1", "out", 0)
+    ping_v1 = ka.ping_result_v1(7, "tcp", 12)
+    ping_v2 = ka.ping_result_params(7, "tcp", -1)
+    table = [  # (what, the message as sent, its keys (params for v2))
+        ("task result", task, {"task_id", "result", "exit_code", "finished_at"}),
+        ("v1 ping result", ping_v1, {"type", "task_id", "ping_type", "value", "finished_at"}),
+        ("agent.pingResult", go_json(ka.rpc_notification("agent.pingResult", ping_v2))["params"],
+         {"task_id", "ping_type", "value", "finished_at"}),
+        ("agent.report", go_json(ka.rpc_report(report, ["e1"], 3))["params"], {"report", "ack_event_ids"}),
+        ("agent.report without acks", go_json(ka.rpc_report(report, [], 4))["params"], {"report"}),
+        ("agent.pull", go_json(ka.rpc_pull([], "pull-1"))["params"], {"capabilities", "ack_event_ids"}),
+    ]
+    for what, message, keys in table:
+        assert set(message) == keys, what
+    assert is_go_int(task["exit_code"]) and re.match(RFC3339, task["finished_at"])
+    assert is_go_int(ping_v1["task_id"]) and is_go_int(ping_v1["value"])
+    # and the panel, which decodes as the server does, takes every v2 message whole
+    for message in (ka.rpc_report(report, ["e1"], 3), ka.rpc_pull([], "pull-1"),
+                    ka.rpc_request("agent.pingResult", ping_v2, 5)):
+        panel.PULL_WAIT = 0
+        status, reply = rpc_answer(panel, message.encode(), "post")
+        assert status == 200 and "result" in reply, (message, reply)
+    assert panel.acked == ["e1"] and panel.rejected == []
 
 
-def test_report_frames_match_websocket_client_byte_for_byte():
-    import websocket
-    for size in (0, 1, 125, 126, 65535, 65536, 70001):
-        payload = bytes(range(256)) * (size // 256 + 1)
-        frame = websocket.ABNF.create_frame(payload[:size], websocket.ABNF.OPCODE_TEXT)
-        frame.get_mask_key = lambda n: b"\x01\x80\xfe\x7f"
-        assert ka.client_frame(0x1, payload[:size], b"\x01\x80\xfe\x7f") == frame.format(), size
-    assert ka.client_frame(0x1, b"x")[2:6] != ka.client_frame(0x1, b"x")[2:6]  # a fresh mask each time
+def test_malformed_frames_are_skipped_by_the_parser(caplog):
+    assert ka.parse_event(b"\xff\xfe") is None
+    assert ka.parse_event(b"[1,2]") is None
+    assert ka.parse_event(b"[" * 100000) is None
+    assert ka.parse_event(b'{"message":"exec"}') == {"message": "exec"}
 
 
-def test_long_interval_still_reports_within_the_panel_deadline():
-    cfg, warnings = ka.load_config(["-e", "http://127.0.0.1:1", "-t", "T", "-i", "30"], {})
-    assert ka.Agent(cfg).period == ka.MAX_REPORT_GAP < 11
-    assert any("every 10 s" in w for w in warnings)
+def test_lone_surrogates_from_the_panel_are_replaced_and_nothing_is_lost(panel, start_agent, terminal_peer):
+    agent = start_agent()
+    panel.send_event('{"message":"exec","task_id":"sur\\ud800","command":"echo ok-$((1+1))"}')
+    panel.send_event('{"message":"ping","ping_task_id":5,"ping_type":"tcp\\udfff","ping_target":"x\\udc00"}')
+    panel.send_event('{"message":"terminal","request_id":"%s\\ud800"}' % ("r" * 31))
+    assert result_for(panel, "sur\ufffd")["result"] == "ok-2\n"
+    result = panel.wait_for(lambda: next((r for r in panel.ping_results if r["task_id"] == 5), None), 10, "ping 5")
+    assert result["ping_type"] == "tcp\ufffd" and result["value"] == -1
+    term = terminal_peer.next_session(0)
+    assert term.conn.query["id"] == ["r" * 31 + "\ufffd"]
+    term.send_control({"type": "input", "input": "echo in-\ud800-$((3+4))\r"})
+    term.read_until(b"in-\xef\xbf\xbd-7")
+    assert len(panel.report_conns) == 1 and panel.rejected == []
+    assert "Traceback" not in agent.log
 
 
-def test_backoff_grows_to_the_cap_with_jitter():
-    assert ka.backoff_delay(5, 0, rng=lambda: 0.5) == 5
-    assert ka.backoff_delay(5, 2, rng=lambda: 0.5) == 20
-    assert ka.backoff_delay(5, 10, rng=lambda: 0.5) == 60
-    assert ka.backoff_delay(5, 10, rng=lambda: 0.0) == 48 and ka.backoff_delay(5, 10, rng=lambda: 1.0) == 60
-    assert ka.backoff_delay(5, 1, rng=lambda: 0.0) == 8
-
+# ---------------------------------------------------------------------------
+# Transport: HTTP uploads, refusals, undelivered results, auto-discovery
+# ---------------------------------------------------------------------------
 
 def test_basic_info_upload_retries_without_newer_keys(panel):
     cfg, _ = ka.load_config(["-e", panel.endpoint, "-t", panel.token], {})
@@ -2156,6 +2516,298 @@ def test_http_refusals_are_explained(panel):
     assert refused.value.status == 502 and "502 Bad Gateway" in str(refused.value)
 
 
+@pytest.fixture
+def trickler():
+    """An HTTP server on 127.0.0.1 that answers every request with a status
+    line and then endless headers, one byte every 0.1 s: each read is quick,
+    the answer never ends."""
+    done = threading.Event()
+
+    class Trickle(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.recv(65536)
+            answer = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: 1\r\n" * 10000
+            for i in range(len(answer)):
+                if done.wait(0.1):
+                    return
+                try:
+                    self.request.sendall(answer[i:i + 1])
+                except OSError:
+                    return
+
+    class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = 64
+    server = Server(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield server.server_address[1]
+    done.set()
+    server.shutdown()
+    server.server_close()
+
+
+def outcome_within(call, seconds):
+    """What call() returns or the OSError it raises; the test fails when it
+    has done neither after `seconds`."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(call())
+        except OSError as e:
+            outcome.append(e)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if not outcome:
+        pytest.fail("still running after %gs" % seconds)
+    return outcome[0]
+
+
+def test_a_trickling_panel_request_ends_at_its_overall_deadline(trickler, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % trickler, "-t", "T"], {})
+    panel = ka.Panel(cfg)
+    outcome = outcome_within(lambda: panel.exchange(panel.url("/api/clients/task/result"), {"task_id": "t"},
+                                                    timeout=1.0), 15)   # the trickle itself would take 1000 s
+    assert isinstance(outcome, OSError) and "within 1s" in str(outcome)
+
+
+# -- undelivered results -------------------------------------------------------
+
+def test_result_spool_orders_bounds_and_survives_bad_files(tmp_path, caplog):
+    spool = ka.ResultSpool(str(tmp_path / "results"), max_files=3, max_bytes=1 << 20)
+    for n in range(5):
+        spool.put({"task_id": "t%d" % n, "result": "x", "exit_code": 0})
+    names = spool.pending()
+    assert [spool.load(name)["task_id"] for name in names] == ["t2", "t3", "t4"]
+    assert all(stat.S_IMODE((tmp_path / "results" / name).stat().st_mode) == 0o600 for name in names)
+    assert caplog.text.count("dropping the oldest undelivered result") == 2
+    spool.remove(names[0])
+    (tmp_path / "results" / names[1]).write_text("{torn")
+    assert spool.load(names[1]) is None and spool.pending() == [names[2]]
+    (tmp_path / "results" / "notes.txt").write_text("not ours")
+    assert spool.pending() == [names[2]]
+    by_size = ka.ResultSpool(str(tmp_path / "sized"), max_files=100, max_bytes=350)
+    for n in range(3):
+        by_size.put({"task_id": "s%d" % n, "result": "y" * 100, "exit_code": 0})
+    assert [by_size.load(name)["task_id"] for name in by_size.pending()] == ["s1", "s2"]
+
+
+def test_result_spool_keeps_results_in_memory_when_the_directory_is_unwritable(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    spool = ka.ResultSpool(str(blocker / "results"))
+    first = spool.put({"task_id": "m1", "result": "", "exit_code": 0})
+    spool.put({"task_id": "m2", "result": "", "exit_code": 0})
+    assert [spool.load(name)["task_id"] for name in spool.pending()] == ["m1", "m2"]
+    assert caplog.text.count("keeping them in memory only") == 1
+    spool.remove(first)
+    assert len(spool.pending()) == 1
+
+
+def plant_spool_entries(directory, secret):
+    """Entries named like spooled results that no agent wrote: a link to a
+    readable JSON file, a FIFO, a 200 MB sparse file and a directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    secret.write_text(json.dumps({"task_id": "leaked", "result": "the target's content", "exit_code": 0}))
+    names = ["%020d-1-%d.json" % (n, n) for n in range(1, 5)]
+    os.mkfifo(str(directory / names[0]))
+    (directory / names[1]).symlink_to(secret)
+    with open(str(directory / names[2]), "wb") as f:
+        f.truncate(200 << 20)
+    (directory / names[3]).mkdir()
+    return names
+
+
+def test_spool_reads_only_regular_files_of_a_sane_size(tmp_path, caplog):
+    directory = tmp_path / "results"
+    planted = plant_spool_entries(directory, tmp_path / "secret.json")
+    spool = ka.ResultSpool(str(directory), max_bytes=1 << 20)
+    assert spool.pending() == planted
+    loaded = {}
+    reader = threading.Thread(target=lambda: loaded.update((n, spool.load(n)) for n in planted), daemon=True)
+    reader.start()
+    reader.join(10)   # a FIFO would block it for good
+    assert loaded == dict.fromkeys(planted), loaded
+    assert "larger than" in caplog.text and spool.pending() == []
+    assert (tmp_path / "secret.json").exists() and not os.path.lexists(str(directory / planted[1]))
+    name = spool.put({"task_id": "real", "result": "ok", "exit_code": 0})
+    assert spool.load(name)["task_id"] == "real"
+
+
+def test_state_directory_others_can_write_is_made_private_or_refused(tmp_path, caplog):
+    fresh = tmp_path / "new" / "results"
+    ka.ResultSpool(str(fresh)).put({"task_id": "a", "result": "", "exit_code": 0})
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700 and len(list(fresh.iterdir())) == 1
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    ours.chmod(0o777)
+    with caplog.at_level("WARNING", logger="komari"):
+        ka.ResultSpool(str(ours)).put({"task_id": "b", "result": "", "exit_code": 0})
+    assert stat.S_IMODE(ours.stat().st_mode) == 0o700 and len(list(ours.iterdir())) == 1
+    assert caplog.text.count("made it private") == 1
+    shared = tmp_path / "shared"   # sticky and open to all, like /tmp: not ours to change
+    shared.mkdir()
+    shared.chmod(0o1777)
+    spool = ka.ResultSpool(str(shared))
+    name = spool.put({"task_id": "c", "result": "", "exit_code": 0})
+    assert list(shared.iterdir()) == [] and spool.load(name)["task_id"] == "c"
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777 and "other users" in caplog.text
+
+
+def test_refusals_are_evicted_first_and_a_write_never_lists_the_directory(tmp_path, monkeypatch):
+    spool = ka.ResultSpool(str(tmp_path / "results"), max_files=10)
+    spool.put({"task_id": "real-0", "result": "kept", "exit_code": 0})
+    for n in range(30):
+        spool.put({"task_id": "cheap-%d" % n, "result": "No command provided", "exit_code": 0}, refusal=True)
+    for n in range(1, 6):
+        spool.put({"task_id": "real-%d" % n, "result": "kept", "exit_code": 0})
+    kept = [spool.load(name)["task_id"] for name in spool.pending()]
+    assert kept == ["real-0", "cheap-26", "cheap-27", "cheap-28", "cheap-29"] + ["real-%d" % n for n in range(1, 6)]
+    assert len(list((tmp_path / "results").iterdir())) == 10
+    calls = []
+    for name in ("listdir", "scandir", "stat", "lstat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    for n in range(100):
+        spool.put({"task_id": "more-%d" % n, "result": "", "exit_code": 0}, refusal=n % 2 == 0)
+    monkeypatch.undo()
+    # a few stats per write (makedirs), never one per waiting result
+    assert "listdir" not in calls and "scandir" not in calls and len(calls) <= 3 * 100, len(calls)
+    assert len(spool.pending()) == 10
+
+
+def spool_files(panel):
+    return sorted((panel_state_dir(panel) / ka.SPOOL_DIR).glob("*.json"))
+
+
+def test_spooled_result_survives_sigkill_and_arrives_after_restart(panel, start_agent):
+    panel.fail_http["/api/clients/task/result"] = 502
+    agent = start_agent("-i", "0.3")
+    panel.wait_for(lambda: panel.reports, 15, "first report")
+    panel.send_event({"message": "exec", "task_id": "spooled-1", "command": "echo kept through a kill"})
+    agent.wait_log("task result upload failed", 15)
+    line = next(line for line in agent.lines if "task result upload failed" in line)
+    assert "HTTP 502" in line and "502 Bad Gateway" in line and "<html" not in line
+    files = spool_files(panel)
+    assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    assert json.loads(files[0].read_text())["task_id"] == "spooled-1"
+    os.killpg(agent.proc.pid, signal.SIGKILL)
+    agent.proc.wait(5)
+    del panel.fail_http["/api/clients/task/result"]
+    start_agent("-i", "0.3")
+    result = result_for(panel, "spooled-1", 20)
+    assert "kept through a kill" in result["result"] and result["exit_code"] == 0
+    wait_until(lambda: not spool_files(panel), 10, "the spool to be emptied")
+
+
+def test_planted_spool_entries_are_never_sent_and_never_block_results(panel, start_agent, tmp_path):
+    state = tmp_path / "state"
+    plant_spool_entries(state / ka.SPOOL_DIR, tmp_path / "secret.json")
+    (state / ka.SPOOL_DIR).chmod(0o700)
+    start_agent("-i", "0.5", "--state-dir", str(state))
+    panel.send_event({"message": "exec", "task_id": "real-1", "command": "echo real"})
+    assert result_for(panel, "real-1", 20)["result"].strip() == "real"
+    assert [r["task_id"] for r in panel.task_results] == ["real-1"]
+    # a refusal is spooled as one, so that it goes first when the spool is full
+    panel.fail_http["/api/clients/task/result"] = 502
+    panel.send_event({"message": "exec", "task_id": "cheap-1", "command": " "})
+    wait_until(lambda: list((state / ka.SPOOL_DIR).glob("*-r.json")), 10, "the spooled refusal")
+
+
+# -- auto-discovery ------------------------------------------------------------
+
+def test_auto_discovery_takes_over_the_official_agents_registration(tmp_path):
+    cfg, _ = ka.load_config(["-e", "http://h", "--auto-discovery", DISCOVERY_KEY, "--state-dir",
+                             str(tmp_path / "state")], {})
+    official = tmp_path / "opt-komari" / "auto-discovery.json"
+    official.parent.mkdir()
+    official.write_text(json.dumps({"uuid": "c0ffee", "token": "official-token"}, indent=2))
+    missing = tmp_path / "nowhere" / "auto-discovery.json"
+    assert ka.saved_discovery_token(cfg, official=[str(missing)]) == ""
+    assert ka.saved_discovery_token(cfg, official=[str(missing), str(official)]) == "official-token"
+    # a registration of our own wins
+    (tmp_path / "state").mkdir()
+    Path(ka.discovery_file(cfg)).write_text(json.dumps({"uuid": "u2", "token": "our-token"}))
+    assert ka.saved_discovery_token(cfg, official=[str(official)]) == "our-token"
+    assert str(Path(ka.OFFICIAL_INSTALL_DIR) / "auto-discovery.json") in ka.official_discovery_files()
+    # a FIFO, a link or a huge file where a registration should be is passed over, never waited on
+    os.unlink(ka.discovery_file(cfg))
+    os.mkfifo(ka.discovery_file(cfg))
+    linked, huge = tmp_path / "linked.json", tmp_path / "huge.json"
+    linked.symlink_to(official)
+    huge.write_text(json.dumps({"token": "huge-token", "pad": "x" * (1 << 17)}))
+    assert ka.saved_discovery_token(cfg, official=[str(linked), str(huge)]) == ""
+
+
+def test_auto_discovery_registers_once_and_keeps_the_token(panel, tmp_path):
+    args = ["-e", panel.endpoint, "--auto-discovery", DISCOVERY_KEY, "--state-dir", str(tmp_path),
+            "--custom-ipv4", "192.0.2.7", "-i", "0.5"]
+    agent = AgentProcess(args)
+    try:
+        panel.wait_for(lambda: panel.reports, 15, "a report with the discovered token")
+    finally:
+        agent.stop()
+    saved = tmp_path / "auto-discovery.json"
+    assert json.loads(saved.read_text())["token"] == TOKEN and saved.stat().st_mode & 0o777 == 0o600
+    assert len(panel.registrations) == 1 and panel.registrations[0] == socket.gethostname()
+    assert DISCOVERY_KEY not in agent.log and TOKEN not in agent.log
+    count = len(panel.reports)
+    agent = AgentProcess(args)
+    try:
+        panel.wait_for(lambda: len(panel.reports) > count, 15, "reports after a restart")
+    finally:
+        agent.stop()
+    assert len(panel.registrations) == 1
+
+
+def test_an_odd_registration_answer_is_saved_cleanly_or_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    answers = [b'{"status":"success","data":{"uuid":NaN,"token":"tok\\ud800en"}}', b'{"data":["tok"]}']
+
+    class Register(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = answers.pop(0)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Register)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % server.server_address[1], "--auto-discovery",
+                                 DISCOVERY_KEY, "--state-dir", str(tmp_path)], {})
+        assert ka.register_with_key(ka.Panel(cfg)) == "tok\ufffden"  # saved, never a UnicodeEncodeError
+        assert json.loads((tmp_path / "auto-discovery.json").read_text()) == {"uuid": "", "token": "tok\ufffden"}
+        with pytest.raises(ka.PanelRefused):
+            ka.register_with_key(ka.Panel(cfg))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ---------------------------------------------------------------------------
+# Links: WebSocket framing, the v1 and v2 sockets, v2 POST mode, falling back to v1
+# ---------------------------------------------------------------------------
+
+def test_report_frames_match_websocket_client_byte_for_byte():
+    import websocket
+    for size in (0, 1, 125, 126, 65535, 65536, 70001):
+        payload = bytes(range(256)) * (size // 256 + 1)
+        frame = websocket.ABNF.create_frame(payload[:size], websocket.ABNF.OPCODE_TEXT)
+        frame.get_mask_key = lambda n: b"\x01\x80\xfe\x7f"
+        assert ka.client_frame(0x1, payload[:size], b"\x01\x80\xfe\x7f") == frame.format(), size
+    assert ka.client_frame(0x1, b"x")[2:6] != ka.client_frame(0x1, b"x")[2:6]  # a fresh mask each time
+
+
 def test_websocket_dial_sends_no_origin_and_reads_frames(panel):
     cfg, _ = ka.load_config(["-e", panel.endpoint, "-t", panel.token], {})
     received = []
@@ -2183,147 +2835,44 @@ def test_wrong_path_dial_is_reported_as_a_wrong_endpoint(panel):
     assert "check --endpoint" in ka.handshake_problem(failed.value)
 
 
-def test_malformed_frames_are_skipped_by_the_parser(caplog):
-    assert ka.parse_event(b"\xff\xfe") is None
-    assert ka.parse_event(b"[1,2]") is None
-    assert ka.parse_event(b"[" * 100000) is None
-    assert ka.parse_event(b'{"message":"exec"}') == {"message": "exec"}
+def send_raw(conn, data):
+    with conn.lock:
+        conn.sock.sendall(data)
 
 
-def test_custom_dns_resolves_the_panel_for_uploads_and_the_report_socket(panel, monkeypatch):
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    dns = TinyDns({"panel.komari.test": "127.0.0.1"})
-    try:
-        cfg, _ = ka.load_config(["-e", "http://panel.komari.test:%d" % panel.port, "-t", TOKEN,
-                                 "--custom-dns", "127.0.0.1:%d" % dns.port], {})
-        ka.upload_basic_info(ka.Panel(cfg), {"os": "x"})
-        panel.wait_for(lambda: panel.basic_infos, 10, "the upload")
-        ws = ka.open_websocket(cfg, ka.Panel(cfg).ws_url("/api/clients/report"))
-        ws.close()
-        assert [q for q in dns.queries if q[0] == "panel.komari.test"].count(("panel.komari.test", 1)) >= 2
-        assert ka.resolve_host(cfg, "panel.komari.test", 80) == [(socket.AF_INET, ("127.0.0.1", 80))]
-    finally:
-        dns.close()
-
-
-def test_auto_discovery_takes_over_the_official_agents_registration(tmp_path):
-    cfg, _ = ka.load_config(["-e", "http://h", "--auto-discovery", DISCOVERY_KEY, "--state-dir",
-                             str(tmp_path / "state")], {})
-    official = tmp_path / "opt-komari" / "auto-discovery.json"
-    official.parent.mkdir()
-    official.write_text(json.dumps({"uuid": "c0ffee", "token": "official-token"}, indent=2))
-    missing = tmp_path / "nowhere" / "auto-discovery.json"
-    assert ka.saved_discovery_token(cfg, official=[str(missing)]) == ""
-    assert ka.saved_discovery_token(cfg, official=[str(missing), str(official)]) == "official-token"
-    # a registration of our own wins
-    (tmp_path / "state").mkdir()
-    Path(ka.discovery_file(cfg)).write_text(json.dumps({"uuid": "u2", "token": "our-token"}))
-    assert ka.saved_discovery_token(cfg, official=[str(official)]) == "our-token"
-    assert str(Path(ka.OFFICIAL_INSTALL_DIR) / "auto-discovery.json") in ka.official_discovery_files()
-    # a FIFO, a link or a huge file where a registration should be is passed over, never waited on
-    os.unlink(ka.discovery_file(cfg))
-    os.mkfifo(ka.discovery_file(cfg))
-    linked, huge = tmp_path / "linked.json", tmp_path / "huge.json"
-    linked.symlink_to(official)
-    huge.write_text(json.dumps({"token": "huge-token", "pad": "x" * (1 << 17)}))
-    assert ka.saved_discovery_token(cfg, official=[str(linked), str(huge)]) == ""
-
-
-# Transport: protocol v2 (JSON-RPC 2.0 over a compressed WebSocket, POST mode, fallback to v1)
-
-V2_REPORT = {"cpu": {"usage": 1.5}, "ram": {"total": 10, "used": 5}, "uptime": 7, "process": 3}
-
-
-def rpc(method, params, rid=None):
-    message = {"jsonrpc": "2.0", "method": method, "params": params}
-    if rid is not None:
-        message["id"] = rid
-    return json.dumps(message)
-
-
-def post_rpc(panel, body, gzipped=True):
-    """(status, reply) of one POST to the panel's /v2/rpc."""
-    import urllib.error
-    import urllib.request
-    data = gzip.compress(body.encode()) if gzipped else body.encode()
-    headers = {"Content-Type": "application/json"}
-    if gzipped:
-        headers["Content-Encoding"] = "gzip"
-    request = urllib.request.Request(panel.endpoint + V2_PATH + "?token=" + panel.token, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def v2_reports(panel, via):
-    return [r for r in panel.reports if r.get("_via") == via]
-
-
-def test_v2_panel_answers_like_the_server(panel):
-    # the fake is checked here with a plain client, so the agent's tests below rest on it
-    ws = websocket.create_connection(panel.endpoint.replace("http", "ws") + V2_PATH + "?token=" + TOKEN,
-                                     suppress_origin=True, timeout=5)
-    try:
-        ws.send(rpc("agent.report", {"report": V2_REPORT}, 1))
-        assert json.loads(ws.recv()) == {"jsonrpc": "2.0", "id": 1, "result": {"status": "success", "events": []}}
-        assert panel.exec_task("t1", "true") == "socket"
-        assert json.loads(ws.recv())["message"] == "exec"  # between the first and second report: legacy
-        ws.send(rpc("agent.report", {"report": V2_REPORT}, 2))
-        ws.recv()
-        panel.exec_task("t2", "true")
-        assert json.loads(ws.recv())["method"] == "agent.exec"
-        ws.send("nonsense")
-        assert json.loads(ws.recv())["error"]["code"] == -32700
-        ws.send(rpc("agent.report", {"report": {"ram": {"total": 1.5}}}))  # a bad notification: dropped
-        ws.send(rpc("agent.pingResult", {"task_id": 3, "ping_type": "tcp", "value": 4,
-                                          "finished_at": "2026-01-01T00:00:00+08:00"}))
-        panel.wait_for(lambda: panel.ping_results, 5, "the ping result")
-        assert panel.reports[-1]["_via"] == "v2-ws" and len(panel.reports) == 2
-        assert panel.report_conns[-1].deflate is None  # websocket-client offers no compression
-    finally:
-        ws.close()
-    panel.wait_for(lambda: not panel.live_report_conn(), 5, "the socket closed")
-    panel.PULL_WAIT = 0.5
-    pull = rpc("agent.pull", {"ack_event_ids": []}, "p")
-    assert post_rpc(panel, pull)[1]["result"] == {"events": []}
-    event = panel.exec_task("t3", "true")  # POST presence alive, flag v2: queued
-    assert len(event) == 16
-    status, reply = post_rpc(panel, rpc("agent.report", {"report": V2_REPORT, "ack_event_ids": []}, "r"))
-    assert status == 200 and [e["id"] for e in reply["result"]["events"]] == [event]
-    assert post_rpc(panel, rpc("agent.pull", {"ack_event_ids": [event]}, "p"))[1]["result"] == {"events": []}
-    assert panel.acked == [event] and panel.post_sizes[0][0] == "gzip"
-    assert post_rpc(panel, rpc("agent.taskResult", {}, 5), gzipped=False)[1]["error"]["code"] == -32601
-    assert post_rpc(panel, "[1]")[0] == 400
-
-
-def test_each_wire_builder_emits_exactly_the_keys_the_panel_checks(panel):
-    report = ka.encode({"cpu": {"usage": 1.5}, "ram": {"total": 10, "used": 5}, "uptime": 7})
-    task = ka.task_result("t-1", "out", 0)
-    ping_v1 = ka.ping_result_v1(7, "tcp", 12)
-    ping_v2 = ka.ping_result_params(7, "tcp", -1)
-    table = [  # (what, the message as sent, its keys (params for v2))
-        ("task result", task, {"task_id", "result", "exit_code", "finished_at"}),
-        ("v1 ping result", ping_v1, {"type", "task_id", "ping_type", "value", "finished_at"}),
-        ("agent.pingResult", go_json(ka.rpc_notification("agent.pingResult", ping_v2))["params"],
-         {"task_id", "ping_type", "value", "finished_at"}),
-        ("agent.report", go_json(ka.rpc_report(report, ["e1"], 3))["params"], {"report", "ack_event_ids"}),
-        ("agent.report without acks", go_json(ka.rpc_report(report, [], 4))["params"], {"report"}),
-        ("agent.pull", go_json(ka.rpc_pull([], "pull-1"))["params"], {"capabilities", "ack_event_ids"}),
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
+def test_huge_frames_and_endless_fragments_drop_the_link_without_buffering(panel, start_agent):
+    agent = start_agent("-i", "0.3", "--disable-web-ssh")
+    panel.wait_for(lambda: len(panel.reports) >= 2, 15, "reports")
+    proc = psutil.Process(agent.proc.pid)
+    rss = proc.memory_info().rss
+    attacks = [
+        # a 200 MB text frame, sent for as long as the agent reads it
+        [b"\x81\x7f" + struct.pack("!Q", 200 << 20)] + [b"x" * (1 << 20)] * 200,
+        # 4 KiB fragments that never end (1.5 MiB in all, no FIN)
+        [b"\x01\x7e\x10\x00" + b"y" * 4096 + (b"\x00\x7e\x10\x00" + b"y" * 4096) * 380],
     ]
-    for what, message, keys in table:
-        assert set(message) == keys, what
-    assert is_go_int(task["exit_code"]) and re.match(RFC3339, task["finished_at"])
-    assert is_go_int(ping_v1["task_id"]) and is_go_int(ping_v1["value"])
-    # and the panel, which decodes as the server does, takes every v2 message whole
-    for message in (ka.rpc_report(report, ["e1"], 3), ka.rpc_pull([], "pull-1"),
-                    ka.rpc_request("agent.pingResult", ping_v2, 5)):
-        panel.PULL_WAIT = 0
-        status, reply = rpc_answer(panel, message.encode(), "post")
-        assert status == 200 and "result" in reply, (message, reply)
-    assert panel.acked == ["e1"] and panel.rejected == []
+    if panel.protocol == 2:
+        # 64 MiB of zeros in a 64 KiB compressed message: the inflated size is bounded too
+        bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
+        body = bomb.compress(b"0" * (64 << 20)) + bomb.flush(zlib.Z_SYNC_FLUSH)
+        attacks.append([b"\xc1\x7f" + struct.pack("!Q", len(body) - 4) + body[:-4]])
+    for attack in attacks:
+        conns = len(panel.report_conns)
+        conn = panel.live_report_conn()
+        try:
+            for chunk in attack:
+                send_raw(conn, chunk)
+        except OSError:
+            pass  # the agent hung up while it was still coming
+        panel.wait_for(lambda: len(panel.report_conns) > conns and panel.live_report_conn(), 20,
+                       "a new link after the attack")
+        reports = len(panel.reports)
+        panel.wait_for(lambda: len(panel.reports) >= reports + 2, 10, "reports on the new link")
+        conn.close()
+    assert agent.proc.poll() is None
+    assert proc.memory_info().rss - rss < 32 << 20, (rss, proc.memory_info().rss)
+    assert 1 <= agent.log.count("frame too large:") <= len(attacks), agent.log  # once per kind at most
 
 
 @pytest.mark.parametrize("panel, mode, flags", [(2, "no_context", ()), (2, "context", ()), (2, "off", ()),
@@ -2404,6 +2953,34 @@ def test_v2_socket_takes_legacy_frames_and_notifications_alike(panel, start_agen
     assert panel.rejected == []
 
 
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
+def test_basic_info_is_sent_once_per_link(panel, start_agent):
+    agent = start_agent("-i", "0.3")
+    panel.wait_for(lambda: len(panel.reports) >= 4, 15, "four reports")
+    assert len(panel.basic_infos) == 1, agent.log
+    conns = len(panel.report_conns)
+    panel.live_report_conn().close()
+    panel.wait_for(lambda: len(panel.report_conns) > conns, 15, "a new link")
+    reports = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) >= reports + 4, 15, "four reports on the new link")
+    assert len(panel.basic_infos) == 2, agent.log
+
+
+def test_an_odd_v2_event_is_logged_and_skipped_never_raised(caplog):
+    # in POST mode events are taken on the agent's own thread: an exception there ended the agent
+    seen = []
+    inbox = ka.Inbox(lambda event: seen.append(event) if event["task_id"] != "boom" else 1 / 0)
+    reply = ka.read_rpc(ka.clean_strings(json.loads(
+        '{"jsonrpc":"2.0","id":"r","result":{"events":[{"id":"e1","method":"agent.message","params":{"x":NaN}},'
+        '{"id":"e2","method":"agent.exec","params":{"task_id":"boom","command":"true"}},'
+        '{"id":"e3","method":"agent.exec","params":{"task_id":"t","command":"true"}}]}}')))
+    with caplog.at_level("INFO", logger="komari"):
+        for event_id, method, params in reply.events:
+            inbox.take_rpc(event_id, method, params)
+    assert [e["task_id"] for e in seen] == ["t"]
+    assert "NaN" in caplog.text and "ZeroDivisionError" in caplog.text
+
+
 def test_post_mode_behind_a_proxy_that_refuses_websockets(panel, start_agent):
     panel.protocol, panel.PULL_WAIT = 2, 25.0
     proxy = UpgradeRefusingProxy(panel.port)
@@ -2449,159 +3026,6 @@ def test_a_token_revoked_in_post_mode_is_refused_not_taken_for_an_old_panel(pane
         proxy.close()
 
 
-def test_old_server_gets_v1_after_three_protocol_failures(panel, start_agent):
-    panel.serves_v2 = False  # /v2/rpc: 200 HTML to a GET, 404 to a POST
-    agent = start_agent("-i", "0.3", "--protocol-version", "2")
-    agent.wait_log("falling back to protocol v1", 20)
-    panel.wait_for(lambda: len(panel.reports) >= 3, 15, "v1 reports")
-    assert panel.report_conns[-1].path == "/api/clients/report"
-    assert 3 <= len([a for a in panel.ws_attempts if a[0] == V2_PATH]) + \
-        len([r for r in panel.http_requests if r[0] == V2_PATH]) <= 6
-    assert agent.log.count("falling back to protocol v1") == 1 and panel.basic_infos
-
-
-@pytest.mark.parametrize("panel", [1, 2], indirect=True)
-def test_basic_info_is_sent_once_per_link(panel, start_agent):
-    agent = start_agent("-i", "0.3")
-    panel.wait_for(lambda: len(panel.reports) >= 4, 15, "four reports")
-    assert len(panel.basic_infos) == 1, agent.log
-    conns = len(panel.report_conns)
-    panel.live_report_conn().close()
-    panel.wait_for(lambda: len(panel.report_conns) > conns, 15, "a new link")
-    reports = len(panel.reports)
-    panel.wait_for(lambda: len(panel.reports) >= reports + 4, 15, "four reports on the new link")
-    assert len(panel.basic_infos) == 2, agent.log
-
-
-def send_raw(conn, data):
-    with conn.lock:
-        conn.sock.sendall(data)
-
-
-@pytest.mark.parametrize("panel", [1, 2], indirect=True)
-def test_huge_frames_and_endless_fragments_drop_the_link_without_buffering(panel, start_agent):
-    agent = start_agent("-i", "0.3", "--disable-web-ssh")
-    panel.wait_for(lambda: len(panel.reports) >= 2, 15, "reports")
-    proc = psutil.Process(agent.proc.pid)
-    rss = proc.memory_info().rss
-    attacks = [
-        # a 200 MB text frame, sent for as long as the agent reads it
-        [b"\x81\x7f" + struct.pack("!Q", 200 << 20)] + [b"x" * (1 << 20)] * 200,
-        # 4 KiB fragments that never end (1.5 MiB in all, no FIN)
-        [b"\x01\x7e\x10\x00" + b"y" * 4096 + (b"\x00\x7e\x10\x00" + b"y" * 4096) * 380],
-    ]
-    if panel.protocol == 2:
-        # 64 MiB of zeros in a 64 KiB compressed message: the inflated size is bounded too
-        bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
-        body = bomb.compress(b"0" * (64 << 20)) + bomb.flush(zlib.Z_SYNC_FLUSH)
-        attacks.append([b"\xc1\x7f" + struct.pack("!Q", len(body) - 4) + body[:-4]])
-    for attack in attacks:
-        conns = len(panel.report_conns)
-        conn = panel.live_report_conn()
-        try:
-            for chunk in attack:
-                send_raw(conn, chunk)
-        except OSError:
-            pass  # the agent hung up while it was still coming
-        panel.wait_for(lambda: len(panel.report_conns) > conns and panel.live_report_conn(), 20,
-                       "a new link after the attack")
-        reports = len(panel.reports)
-        panel.wait_for(lambda: len(panel.reports) >= reports + 2, 10, "reports on the new link")
-        conn.close()
-    assert agent.proc.poll() is None
-    assert proc.memory_info().rss - rss < 32 << 20, (rss, proc.memory_info().rss)
-    assert 1 <= agent.log.count("frame too large:") <= len(attacks), agent.log  # once per kind at most
-
-
-@pytest.mark.parametrize("panel", [1, 2], indirect=True)
-def test_sigterm_within_two_seconds_while_the_panel_answers_nothing(panel, start_agent):
-    agent = start_agent("-i", "0.5")
-    panel.wait_for(lambda: len(panel.reports) >= 2, 15, "reports")
-    panel.freeze()
-    reports = len(panel.reports)
-    time.sleep(1.0)  # the agent is now inside a read/report that will never be answered
-    started = time.monotonic()
-    agent.proc.send_signal(signal.SIGTERM)
-    assert agent.proc.wait(5) == 0
-    assert time.monotonic() - started < 2.0
-    assert len(panel.reports) == reports
-    panel.thaw()
-
-
-def test_failed_dials_ask_for_no_basic_info_the_next_link_sends_it(tmp_path):
-    # the official agent uploads basic info after every failed round; with an
-    # upload per new link that made two in the same second when the panel came back
-    cfg, _ = ka.load_config(["-e", "http://127.0.0.1:9", "-t", TOKEN, "-c", "0.01", "-r", "1",
-                             "--state-dir", str(tmp_path)], {})
-    agent = ka.Agent(cfg)
-    for _ in range(5):
-        assert agent.wait_after_failure()
-    assert not agent.info_wanted.is_set()
-
-
-def test_back_online_within_the_reconnect_interval_after_an_outage(panel, proxy, start_agent):
-    panel.protocol = 2
-    start_agent("-i", "0.5", "--reconnect-interval", "0.5", "--max-retries", "1", endpoint=proxy.endpoint)
-    panel.wait_for(lambda: panel.reports, 15, "first report")
-    proxy.set_mode("reset")
-    # 20 reconnect intervals: a back-off doubling after each failed dial is in its 8 s wait by then
-    outage = time.monotonic() + 10
-    proxy.wait_for(lambda: time.monotonic() >= outage, 20, "a 10 s outage")
-    reports = len(panel.reports)
-    proxy.set_mode("pass")
-    back = time.monotonic()
-    panel.wait_for(lambda: len(panel.reports) > reports, 15, "a report after the outage")
-    assert time.monotonic() - back <= 0.5 + 1.5  # the reconnect interval, and slack for a busy machine
-
-
-class ConnectProxy:
-    """An HTTP CONNECT proxy on 127.0.0.1 that records each target and
-    connects every tunnel to `target_port` (a test name needs no DNS)."""
-
-    def __init__(self, target_port):
-        self.targets = []
-        self.relay = load_footprint().CountingProxy(target_port, opening=self._opening)
-        self.port, self.close = self.relay.listener.getsockname()[1], self.relay.close
-
-    def _opening(self, client):
-        head = request_head(client)
-        if head is None:
-            return None
-        self.targets.append(head.split()[1].decode())
-        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        return head.partition(b"\r\n\r\n")[2]
-
-
-def test_prefer_ip_version_keeps_the_environments_proxy_for_the_sockets(panel, monkeypatch):
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
-                 "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    proxy = ConnectProxy(panel.port)
-    try:
-        monkeypatch.setenv("http_proxy", "http://127.0.0.1:%d" % proxy.port)
-        cfg, _ = ka.load_config(["-e", "http://panel.komari.test:%d" % panel.port, "-t", panel.token,
-                                 "--prefer-ip-version", "4"], {})
-        ka.open_websocket(cfg, ka.Panel(cfg).ws_url("/api/clients/report")).close()
-        assert proxy.targets == ["panel.komari.test:%d" % panel.port]
-    finally:
-        proxy.close()
-
-
-def test_an_odd_v2_event_is_logged_and_skipped_never_raised(caplog):
-    # in POST mode events are taken on the agent's own thread: an exception there ended the agent
-    seen = []
-    inbox = ka.Inbox(lambda event: seen.append(event) if event["task_id"] != "boom" else 1 / 0)
-    reply = ka.read_rpc(ka.clean_strings(json.loads(
-        '{"jsonrpc":"2.0","id":"r","result":{"events":[{"id":"e1","method":"agent.message","params":{"x":NaN}},'
-        '{"id":"e2","method":"agent.exec","params":{"task_id":"boom","command":"true"}},'
-        '{"id":"e3","method":"agent.exec","params":{"task_id":"t","command":"true"}}]}}')))
-    with caplog.at_level("INFO", logger="komari"):
-        for event_id, method, params in reply.events:
-            inbox.take_rpc(event_id, method, params)
-    assert [e["task_id"] for e in seen] == ["t"]
-    assert "NaN" in caplog.text and "ZeroDivisionError" in caplog.text
-
-
 def test_post_mode_basic_info_that_did_not_get_through_is_left_to_the_http_upload(tmp_path, monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % closed_port(), "-t", "T", "--state-dir", str(tmp_path),
@@ -2629,87 +3053,23 @@ def test_post_mode_requests_resolve_through_custom_dns_and_end_at_their_deadline
         dns.close()
 
 
+def test_old_server_gets_v1_after_three_protocol_failures(panel, start_agent):
+    panel.serves_v2 = False  # /v2/rpc: 200 HTML to a GET, 404 to a POST
+    agent = start_agent("-i", "0.3", "--protocol-version", "2")
+    agent.wait_log("falling back to protocol v1", 20)
+    panel.wait_for(lambda: len(panel.reports) >= 3, 15, "v1 reports")
+    assert panel.report_conns[-1].path == "/api/clients/report"
+    assert 3 <= len([a for a in panel.ws_attempts if a[0] == V2_PATH]) + \
+        len([r for r in panel.http_requests if r[0] == V2_PATH]) <= 6
+    assert agent.log.count("falling back to protocol v1") == 1 and panel.basic_infos
+
+
 # ---------------------------------------------------------------------------
-# Tasks: exec, ping probes, web terminal
+# Tasks: exec, ping probes, web terminal, dispatch
 # ---------------------------------------------------------------------------
 
-RFC3339 = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?[+-]\d\d:\d\d$"
 
-
-def live_processes(marker):
-    """Processes (zombies excepted) whose command line contains `marker`."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(proc.info["cmdline"] or ()):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
-
-
-def process_alive(pid):
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def session_processes(sid):
-    found = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) == sid:
-                found.append(proc)
-        except (psutil.Error, OSError):
-            pass
-    return found
-
-
-def wait_on(cond, predicate, timeout, what):
-    """predicate()'s first true value, re-checked whenever `cond` is notified
-    (and at least every 0.1 s); the test fails after `timeout`."""
-    deadline = time.monotonic() + timeout
-    with cond:
-        while True:
-            result = predicate()
-            if result:
-                return result
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail("timed out after %gs waiting for %s" % (timeout, what))
-            cond.wait(min(remaining, 0.1))
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            pytest.fail("timed out after %gs waiting for %s" % (timeout, what))
-        time.sleep(0.05)
-
-
-def kill_leftovers(*markers):
-    for marker in markers:
-        for proc in live_processes(marker):
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-
-
-def result_for(panel, task_id, timeout=10.0):
-    return panel.wait_for(lambda: next((r for r in panel.task_results if r["task_id"] == task_id), None),
-                          timeout, "the result of task %s" % task_id)
-
-
-def ping_value(panel, task_id, timeout=15.0):
-    return panel.wait_for(lambda: next((r for r in panel.ping_results if r["task_id"] == task_id), None),
-                          timeout, "the ping result of task %d" % task_id)["value"]
-
+# -- exec ----------------------------------------------------------------------
 
 def test_exec_round_trip_scripts_and_exit_codes(panel, start_agent, tmp_path):
     start_agent("-i", "0.3")
@@ -2790,6 +3150,21 @@ def test_exec_limit_refuses_extra_commands(panel, start_agent, tmp_path):
     assert result_for(panel, "hold")["exit_code"] == 0
 
 
+def test_exec_jobs_that_outlive_their_shell_are_left_alone(panel, start_agent):
+    start_agent("--exec-timeout", "1")
+    try:
+        panel.send_event({"message": "exec", "task_id": "daemon", "command": "sleep 69.1 & echo done"})
+        result = result_for(panel, "daemon", 15)
+        # the shell finished at once: its result is its own, and its job (a daemon, say) lives on
+        assert result["exit_code"] == 0 and result["result"] == "done\n"
+        assert live_processes("sleep 69.1")
+    finally:
+        kill_leftovers("sleep 69.1")
+    text = " ".join(run_agent("--help").stdout.decode().split())
+    assert "While its shell runs, a timeout or the agent stopping kills the shell's whole process group" in text
+    assert "after the shell has exited (daemons started with &) are left alone" in text
+
+
 def test_disabled_remote_control_runs_nothing(panel, start_agent, terminal_peer, tmp_path):
     agent = start_agent("--disable-web-ssh")
     panel.send_event({"message": "exec", "task_id": "no", "command": "touch %s" % (tmp_path / "ran")})
@@ -2807,7 +3182,7 @@ def test_disabled_remote_control_runs_nothing(panel, start_agent, terminal_peer,
     assert shells == []
 
 
-# -- ping probes -----------------------------------------------------------------
+# -- ping probes ---------------------------------------------------------------
 
 class ProbeTarget(BaseHTTPRequestHandler):
     seen = []
@@ -2875,6 +3250,25 @@ def test_tcp_and_http_probes(panel, start_agent, http_target, tmp_path):
     result = next(r for r in panel.ping_results if r["task_id"] == 1)
     assert result["type"] == "ping_result" and result["ping_type"] == "tcp" and is_go_int(result["value"])
     assert re.match(RFC3339, result["finished_at"])
+    assert panel.rejected == []
+
+
+def test_trickling_http_targets_neither_outlast_the_deadline_nor_starve_other_probes(panel, start_agent, trickler):
+    start_agent()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        for n in range(1, 41):
+            panel.send_event({"message": "ping", "ping_task_id": n, "ping_type": "http",
+                              "ping_target": "127.0.0.1:%d/slow" % trickler})
+        panel.send_event({"message": "ping", "ping_task_id": 100, "ping_type": "tcp",
+                          "ping_target": "127.0.0.1:%d" % listener.getsockname()[1]})
+        assert ping_value(panel, 100, 10) >= 0
+        # one 3 s deadline per probe (8 at a time to one target, the rest wait up to 3 s for a slot)
+        assert [ping_value(panel, n, 20) for n in range(1, 41)] == [-1] * 40
+    finally:
+        listener.close()
     assert panel.rejected == []
 
 
@@ -2963,186 +3357,7 @@ def test_high_latency_is_measured_again():
     assert ka.settle_latency(measures(1500.0, None), "http") == -1
 
 
-def test_probe_target_parsing():
-    assert ka.split_host_port("example.com:443") == ("example.com", 443)
-    assert ka.split_host_port("[2001:db8::1]:22") == ("2001:db8::1", 22)
-    assert ka.split_host_port("[2001:db8::1]") == ("2001:db8::1", 80)
-    assert ka.split_host_port("2001:db8::1") == ("2001:db8::1", 80)
-    assert ka.split_host_port("example.com") == ("example.com", 80)
-    assert ka.split_host_port("example.com:http") is None and ka.split_host_port("h:70000") is None
-    assert ka.http_probe_url("2001:db8::1") == "http://[2001:db8::1]"
-    assert ka.http_probe_url("example.com/a?b") == "http://example.com/a?b"
-    assert ka.http_probe_url("https://example.com") == "https://example.com"
-    assert ka.dns_server_address("1.1.1.1") == ("1.1.1.1", 53)
-    assert ka.dns_server_address("[2606:4700::1111]:5353") == ("2606:4700::1111", 5353)
-    assert ka.dns_server_address("2606:4700::1111") == ("2606:4700::1111", 53)
-
-
-class TinyDns:
-    """A UDP DNS server on 127.0.0.1 that knows one name (via a CNAME)."""
-
-    def __init__(self, names):
-        self.names = names
-        self.queries = []
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        while True:
-            try:
-                query, peer = self.sock.recvfrom(512)
-            except OSError:
-                return
-            ident = query[:2]
-            end = query.index(b"\0", 12) + 1
-            labels, i = [], 12
-            while query[i]:
-                labels.append(query[i + 1:i + 1 + query[i]].decode())
-                i += 1 + query[i]
-            name, qtype = ".".join(labels), struct.unpack("!H", query[end:end + 2])[0]
-            self.queries.append((name, qtype))
-            question = query[12:end + 4]
-            if name not in self.names:
-                self.sock.sendto(ident + b"\x81\x83\x00\x01\x00\x00\x00\x00\x00\x00" + question, peer)
-                continue
-            answers = []
-            # CNAME to alias.test, then the A record for the alias (compressed names)
-            alias = b"\x05alias\x04test\x00"
-            answers.append(b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 60, len(alias)) + alias)
-            alias_at = 12 + len(question) + 12
-            if qtype == 1:
-                answers.append(struct.pack("!HHHIH", 0xC000 | alias_at, 1, 1, 60, 4)
-                               + socket.inet_aton(self.names[name]))
-            header = ident + b"\x81\x80" + struct.pack("!HHHH", 1, len(answers), 0, 0)
-            self.sock.sendto(header + question + b"".join(answers), peer)
-
-    def close(self):
-        self.sock.close()
-
-
-def test_custom_dns_resolves_probe_targets(panel, start_agent):
-    dns = TinyDns({"probe.komari.test": "127.0.0.1"})
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    try:
-        assert ka.dns_lookup(("127.0.0.1", dns.port), "probe.komari.test", 1) == ["127.0.0.1"]
-        assert ka.dns_lookup(("127.0.0.1", dns.port), "probe.komari.test", 28) == []
-        asked_before = len(dns.queries)
-        start_agent("--custom-dns", "127.0.0.1:%d" % dns.port, "--prefer-ip-version", "6")
-        port = listener.getsockname()[1]
-        panel.send_event({"message": "ping", "ping_task_id": 31, "ping_type": "tcp",
-                          "ping_target": "probe.komari.test:%d" % port})
-        panel.send_event({"message": "ping", "ping_task_id": 32, "ping_type": "tcp",
-                          "ping_target": "unknown.komari.test:%d" % port})
-        assert ping_value(panel, 31) >= 0
-        assert ping_value(panel, 32) == -1
-        # IPv6 preferred: AAAA asked first; there is none, so A next
-        asked = [q for q in dns.queries[asked_before:] if q[0] == "probe.komari.test"]
-        assert asked == [("probe.komari.test", 28), ("probe.komari.test", 1)]
-    finally:
-        listener.close()
-        dns.close()
-
-
-def test_dns_reply_parser_rejects_garbage():
-    query = ka.dns_query("a.example", 1, 0x1234)
-    reply = bytearray(query)
-    reply[2:4] = b"\x81\x80"
-    reply[6:8] = b"\x00\x01"
-    reply += b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 5, 4) + bytes([10, 0, 0, 7])
-    assert ka.dns_answers(bytes(reply), 0x1234, 1) == ["10.0.0.7"]
-    with pytest.raises(ValueError):
-        ka.dns_answers(bytes(reply), 0x4321, 1)
-    with pytest.raises(ValueError):
-        ka.dns_answers(bytes(reply[:-2]), 0x1234, 1)
-    with pytest.raises(ValueError):
-        ka.dns_query("x" * 64 + ".example", 1, 1)
-
-
-# -- web terminal ------------------------------------------------------------------
-
-class TerminalClient:
-    """The browser's end of one terminal session, seen through the panel."""
-
-    def __init__(self, conn):
-        self.conn = conn
-        self.output = b""
-        self.released = threading.Event()
-
-    def send_keys(self, text):
-        self.conn.send(text.encode(), 2)
-
-    def send_control(self, obj):
-        self.conn.send(json.dumps(obj), 1)
-
-    def read_until(self, pattern, timeout=10.0):
-        """The first match of the regex `pattern` (bytes) in the output."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = re.search(pattern, self.output)
-            if found:
-                return found
-            try:
-                opcode, payload = self.conn.read_frame(deadline)
-            except socket.timeout:
-                pytest.fail("no %r in the terminal within %gs; got %r" % (pattern, timeout, self.output[-500:]))
-            if opcode == 8:
-                pytest.fail("the terminal closed before %r; got %r" % (pattern, self.output[-500:]))
-            if opcode == 2:
-                self.output += payload
-
-    def wait_closed(self, timeout=10.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                opcode, _ = self.conn.read_frame(deadline)
-            except (EOFError, OSError):
-                return
-            if opcode == 8:
-                return
-
-    def hang_up(self):
-        """What the panel does: drop TCP without a close frame."""
-        self.conn.close()
-        self.released.set()
-
-
-class TerminalPeer:
-    def __init__(self, panel):
-        self.panel = panel
-        self.clients = []
-        panel.on_terminal = self.attach
-
-    def attach(self, conn):
-        client = TerminalClient(conn)
-        self.panel.record(self.clients, client)
-        client.released.wait(120)  # the panel's handler thread holds the socket until the test lets go
-
-    def next_session(self, index=None, timeout=15.0):
-        index = len(self.clients) if index is None else index
-        return self.panel.wait_for(lambda: len(self.clients) > index and self.clients[index], timeout,
-                                   "terminal connection #%d" % (index + 1))
-
-
-@pytest.fixture
-def terminal_peer(panel):
-    peer = TerminalPeer(panel)
-    yield peer
-    for client in peer.clients:
-        client.released.set()
-
-
-def open_terminal(panel, peer, request_id):
-    index = len(peer.clients)
-    panel.send_event({"message": "terminal", "request_id": request_id})
-    term = peer.next_session(index)
-    term.send_keys("echo ready-$((20+1))\r")
-    term.read_until(rb"ready-21")
-    return term
-
+# -- web terminal --------------------------------------------------------------
 
 def test_terminal_bridges_keys_resize_and_control_messages(panel, start_agent, terminal_peer):
     agent = start_agent()
@@ -3206,20 +3421,22 @@ def test_terminal_limit_and_one_socket_per_request(panel, start_agent, terminal_
     first.read_until(rb"still-2")
 
 
-def test_sigterm_ends_terminal_and_exec_groups(panel, start_agent, terminal_peer):
-    agent = start_agent()
-    term = open_terminal(panel, terminal_peer, "f" * 32)
+def test_big_paste_into_a_busy_shell_then_a_dropped_link_ends_the_session(panel, start_agent, terminal_peer):
+    agent = start_agent("--max-terminals", "1")
+    term = open_terminal(panel, terminal_peer, "g" * 32)
     try:
-        term.send_keys("(trap '' HUP TERM; exec sleep 63.1) & echo pid-$$\r")
+        # no echo: nothing comes out of the pty that could reveal the lost socket
+        term.send_keys("stty -echo; echo pid-$$; sleep 67.1\r")
         shell = int(term.read_until(rb"pid-(\d+)").group(1))
-        panel.send_event({"message": "exec", "task_id": "long", "command": "sleep 63.2 & sleep 63.3"})
-        wait_until(lambda: all(live_processes("sleep 63.%d" % i) for i in (1, 2, 3)), 10, "the commands")
-        agent.proc.send_signal(signal.SIGTERM)
-        assert agent.proc.wait(10) == 0
-        wait_until(lambda: not session_processes(shell), 2.0, "the terminal session to go")
-        assert not any(live_processes("sleep 63.%d" % i) for i in (1, 2, 3))
+        wait_until(lambda: live_processes("sleep 67.1"), 10, "the sleep in the foreground")
+        term.conn.send(b"echo pasted\r" * 20000, 2)   # 240 KB of lines: more than the pty holds unread
+        term.hang_up()
+        wait_until(lambda: not session_processes(shell), 5.0, "every process of the terminal session to go")
+        agent.wait_log("terminal session gggggggg ended")
+        # its slot is free again: --max-terminals 1 lets the next session in
+        open_terminal(panel, terminal_peer, "h" * 32)
     finally:
-        kill_leftovers("sleep 63.1", "sleep 63.2", "sleep 63.3")
+        kill_leftovers("sleep 67.1")
 
 
 @pytest.mark.parametrize("passwd_shell, on_path, expected", [
@@ -3261,153 +3478,79 @@ def test_terminal_command_and_environment_like_the_official_agent(monkeypatch):
     assert "AGENT_TOKEN" not in env
 
 
-# -- hardening (issue 12): paste, deadlines, SIGHUP, surrogates, exec jobs ----------
-
-def test_big_paste_into_a_busy_shell_then_a_dropped_link_ends_the_session(panel, start_agent, terminal_peer):
-    agent = start_agent("--max-terminals", "1")
-    term = open_terminal(panel, terminal_peer, "g" * 32)
-    try:
-        # no echo: nothing comes out of the pty that could reveal the lost socket
-        term.send_keys("stty -echo; echo pid-$$; sleep 67.1\r")
-        shell = int(term.read_until(rb"pid-(\d+)").group(1))
-        wait_until(lambda: live_processes("sleep 67.1"), 10, "the sleep in the foreground")
-        term.conn.send(b"echo pasted\r" * 20000, 2)   # 240 KB of lines: more than the pty holds unread
-        term.hang_up()
-        wait_until(lambda: not session_processes(shell), 5.0, "every process of the terminal session to go")
-        agent.wait_log("terminal session gggggggg ended")
-        # its slot is free again: --max-terminals 1 lets the next session in
-        open_terminal(panel, terminal_peer, "h" * 32)
-    finally:
-        kill_leftovers("sleep 67.1")
-
-
-@pytest.fixture
-def trickler():
-    """An HTTP server on 127.0.0.1 that answers every request with a status
-    line and then endless headers, one byte every 0.1 s: each read is quick,
-    the answer never ends."""
-    done = threading.Event()
-
-    class Trickle(socketserver.BaseRequestHandler):
-        def handle(self):
-            self.request.recv(65536)
-            answer = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: 1\r\n" * 10000
-            for i in range(len(answer)):
-                if done.wait(0.1):
-                    return
-                try:
-                    self.request.sendall(answer[i:i + 1])
-                except OSError:
-                    return
-
-    class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-        request_queue_size = 64
-    server = Server(("127.0.0.1", 0), Trickle)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield server.server_address[1]
-    done.set()
-    server.shutdown()
-    server.server_close()
-
-
-def outcome_within(call, seconds):
-    """What call() returns or the OSError it raises; the test fails when it
-    has done neither after `seconds`."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(call())
-        except OSError as e:
-            outcome.append(e)
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if not outcome:
-        pytest.fail("still running after %gs" % seconds)
-    return outcome[0]
-
-
-def test_trickling_http_targets_neither_outlast_the_deadline_nor_starve_other_probes(panel, start_agent, trickler):
-    start_agent()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    try:
-        for n in range(1, 41):
-            panel.send_event({"message": "ping", "ping_task_id": n, "ping_type": "http",
-                              "ping_target": "127.0.0.1:%d/slow" % trickler})
-        panel.send_event({"message": "ping", "ping_task_id": 100, "ping_type": "tcp",
-                          "ping_target": "127.0.0.1:%d" % listener.getsockname()[1]})
-        assert ping_value(panel, 100, 10) >= 0
-        # one 3 s deadline per probe (8 at a time to one target, the rest wait up to 3 s for a slot)
-        assert [ping_value(panel, n, 20) for n in range(1, 41)] == [-1] * 40
-    finally:
-        listener.close()
-    assert panel.rejected == []
-
-
-def test_a_trickling_panel_request_ends_at_its_overall_deadline(trickler, monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % trickler, "-t", "T"], {})
-    panel = ka.Panel(cfg)
-    outcome = outcome_within(lambda: panel.exchange(panel.url("/api/clients/task/result"), {"task_id": "t"},
-                                                    timeout=1.0), 15)   # the trickle itself would take 1000 s
-    assert isinstance(outcome, OSError) and "within 1s" in str(outcome)
-
-
-def test_sighup_stops_like_sigterm_and_keeps_the_killed_commands_result(panel, start_agent):
-    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)   # a test run under nohup must not pass that on
-    try:
-        agent = start_agent()
-    finally:
-        signal.signal(signal.SIGHUP, previous)
-    try:
-        panel.send_event({"message": "exec", "task_id": "hup", "command": "echo before; sleep 68.1"})
-        wait_until(lambda: live_processes("sleep 68.1"), 10, "the command")
-        agent.proc.send_signal(signal.SIGHUP)
-        assert agent.proc.wait(10) == 0
-        assert live_processes("sleep 68.1") == []
-        spooled = [json.loads(path.read_text()) for path in spool_files(panel)]
-        result = next(r for r in panel.task_results + spooled if r["task_id"] == "hup")
-        assert result["result"].startswith("before\n") and "agent was stopped" in result["result"]
-        assert result["exit_code"] == -1
-    finally:
-        kill_leftovers("sleep 68.1")
-
-
-def test_lone_surrogates_from_the_panel_are_replaced_and_nothing_is_lost(panel, start_agent, terminal_peer):
+def test_sigterm_ends_terminal_and_exec_groups(panel, start_agent, terminal_peer):
     agent = start_agent()
-    panel.send_event('{"message":"exec","task_id":"sur\\ud800","command":"echo ok-$((1+1))"}')
-    panel.send_event('{"message":"ping","ping_task_id":5,"ping_type":"tcp\\udfff","ping_target":"x\\udc00"}')
-    panel.send_event('{"message":"terminal","request_id":"%s\\ud800"}' % ("r" * 31))
-    assert result_for(panel, "sur\ufffd")["result"] == "ok-2\n"
-    result = panel.wait_for(lambda: next((r for r in panel.ping_results if r["task_id"] == 5), None), 10, "ping 5")
-    assert result["ping_type"] == "tcp\ufffd" and result["value"] == -1
-    term = terminal_peer.next_session(0)
-    assert term.conn.query["id"] == ["r" * 31 + "\ufffd"]
-    term.send_control({"type": "input", "input": "echo in-\ud800-$((3+4))\r"})
-    term.read_until(b"in-\xef\xbf\xbd-7")
-    assert len(panel.report_conns) == 1 and panel.rejected == []
-    assert "Traceback" not in agent.log
-
-
-def test_exec_jobs_that_outlive_their_shell_are_left_alone(panel, start_agent):
-    start_agent("--exec-timeout", "1")
+    term = open_terminal(panel, terminal_peer, "f" * 32)
     try:
-        panel.send_event({"message": "exec", "task_id": "daemon", "command": "sleep 69.1 & echo done"})
-        result = result_for(panel, "daemon", 15)
-        # the shell finished at once: its result is its own, and its job (a daemon, say) lives on
-        assert result["exit_code"] == 0 and result["result"] == "done\n"
-        assert live_processes("sleep 69.1")
+        term.send_keys("(trap '' HUP TERM; exec sleep 63.1) & echo pid-$$\r")
+        shell = int(term.read_until(rb"pid-(\d+)").group(1))
+        panel.send_event({"message": "exec", "task_id": "long", "command": "sleep 63.2 & sleep 63.3"})
+        wait_until(lambda: all(live_processes("sleep 63.%d" % i) for i in (1, 2, 3)), 10, "the commands")
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(10) == 0
+        wait_until(lambda: not session_processes(shell), 2.0, "the terminal session to go")
+        assert not any(live_processes("sleep 63.%d" % i) for i in (1, 2, 3))
     finally:
-        kill_leftovers("sleep 69.1")
-    text = " ".join(run_agent("--help").stdout.decode().split())
-    assert "While its shell runs, a timeout or the agent stopping kills the shell's whole process group" in text
-    assert "after the shell has exited (daemons started with &) are left alone" in text
+        kill_leftovers("sleep 63.1", "sleep 63.2", "sleep 63.3")
+
+
+# -- dispatch ------------------------------------------------------------------
+
+def test_bad_frames_are_logged_and_reports_continue(panel, start_agent):
+    agent = start_agent("-i", "0.3")
+    panel.wait_for(lambda: panel.reports, 15, "first report")
+    for frame in (b"\x00\xffnot json", "[1,2,3]", "null", '{"message": 12}', '{"message":"exec","task_id":5}',
+                  '{"status":"error","error":"Invalid report format"}',
+                  '{"status":"error","error":"Invalid report format"}', "{" * 5000):
+        panel.send_event(frame)
+    count = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) >= count + 5, 10, "reports after the bad frames")
+    assert agent.log.count("Invalid report format") == 1
+    assert "not JSON" in agent.log
+    assert len(panel.report_conns) == 1
+
+
+def fuzz_frames():
+    from hypothesis import strategies as st
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
+                          st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=12)
+    targets = st.sampled_from(["127.0.0.1:1", "[::1]:1", "", "[", "]:", "http://127.0.0.1:1/x", "https://[::1",
+                               "a" * 300, "127.0.0.1; touch /tmp/komari-fuzz", "$(id)"]) | st.text(max_size=30)
+    event = st.fixed_dictionaries(
+        {"message": st.sampled_from(["exec", "ping", "terminal", "", "report"]) | values},
+        optional={"task_id": st.text(max_size=10) | values, "command": st.text(max_size=20) | values,
+                  "ping_task_id": st.integers() | values, "ping_type": st.sampled_from(["icmp", "tcp", "http", "x"]) | values,
+                  "ping_target": targets | values, "request_id": st.text(max_size=300) | values,
+                  "status": st.just("error") | values, "error": values})
+    return st.one_of(event.map(json.dumps), values.map(json.dumps), st.binary(max_size=100), st.text(max_size=100),
+                     st.integers(1, 50000).map(lambda n: "[" * n + "]" * n),
+                     st.integers(1, 3000).map(lambda n: '{"a":' * n + "1" + "}" * n))
+
+
+def test_fuzzed_frames_never_break_the_event_handler(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    cfg, _ = ka.load_config(["-e", "http://127.0.0.1:1", "-t", "fuzz-token", "--disable-web-ssh",
+                             "--state-dir", str(tmp_path), "--custom-dns", "127.0.0.1:1"], {})
+    agent = ka.Agent(cfg)
+    failures = []
+    hook, threading.excepthook = threading.excepthook, failures.append
+    baseline = threading.active_count()
+
+    @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(frame=fuzz_frames())
+    def handle(frame):
+        agent.tasks.handle(frame)
+
+    try:
+        handle()
+        wait_until(lambda: threading.active_count() <= baseline, 30, "the probe and terminal threads to end")
+    finally:
+        threading.excepthook = hook
+    assert failures == []
+    assert not os.path.exists("/tmp/komari-fuzz")
+    for name in agent.spool.pending():
+        assert agent.spool.load(name)["result"] in ("Remote control is disabled.", "No command provided")
 
 
 # ---------------------------------------------------------------------------
@@ -3431,6 +3574,12 @@ def test_agent_uploads_basic_info_and_reports_at_pace(panel, start_agent):
     assert TOKEN not in agent.log
 
 
+def test_long_interval_still_reports_within_the_panel_deadline():
+    cfg, warnings = ka.load_config(["-e", "http://127.0.0.1:1", "-t", "T", "-i", "30"], {})
+    assert ka.Agent(cfg).period == ka.MAX_REPORT_GAP < 11
+    assert any("every 10 s" in w for w in warnings)
+
+
 @pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_agent_reconnects_after_a_panel_restart_and_resends_info(panel, start_agent):
     start_agent("-i", "0.5")
@@ -3442,70 +3591,190 @@ def test_agent_reconnects_after_a_panel_restart_and_resends_info(panel, start_ag
     panel.wait_for(lambda: len(panel.report_conns) >= 2 and len(panel.reports) > reports_before + 1, 20,
                    "reports on a second connection")
     panel.wait_for(lambda: len(panel.basic_infos) > infos_before, 10, "basic info after the reconnect")
-def test_bad_frames_are_logged_and_reports_continue(panel, start_agent):
-    agent = start_agent("-i", "0.3")
-    panel.wait_for(lambda: panel.reports, 15, "first report")
-    for frame in (b"\x00\xffnot json", "[1,2,3]", "null", '{"message": 12}', '{"message":"exec","task_id":5}',
-                  '{"status":"error","error":"Invalid report format"}',
-                  '{"status":"error","error":"Invalid report format"}', "{" * 5000):
-        panel.send_event(frame)
-    count = len(panel.reports)
-    panel.wait_for(lambda: len(panel.reports) >= count + 5, 10, "reports after the bad frames")
-    assert agent.log.count("Invalid report format") == 1
-    assert "not JSON" in agent.log
-    assert len(panel.report_conns) == 1
 
 
-def test_auto_discovery_registers_once_and_keeps_the_token(panel, tmp_path):
-    args = ["-e", panel.endpoint, "--auto-discovery", DISCOVERY_KEY, "--state-dir", str(tmp_path),
-            "--custom-ipv4", "192.0.2.7", "-i", "0.5"]
-    agent = AgentProcess(args)
-    try:
-        panel.wait_for(lambda: panel.reports, 15, "a report with the discovered token")
-    finally:
-        agent.stop()
-    saved = tmp_path / "auto-discovery.json"
-    assert json.loads(saved.read_text())["token"] == TOKEN and saved.stat().st_mode & 0o777 == 0o600
-    assert len(panel.registrations) == 1 and panel.registrations[0] == socket.gethostname()
-    assert DISCOVERY_KEY not in agent.log and TOKEN not in agent.log
-    count = len(panel.reports)
-    agent = AgentProcess(args)
-    try:
-        panel.wait_for(lambda: len(panel.reports) > count, 15, "reports after a restart")
-    finally:
-        agent.stop()
-    assert len(panel.registrations) == 1
+def test_backoff_grows_to_the_cap_with_jitter():
+    assert ka.backoff_delay(5, 0, rng=lambda: 0.5) == 5
+    assert ka.backoff_delay(5, 2, rng=lambda: 0.5) == 20
+    assert ka.backoff_delay(5, 10, rng=lambda: 0.5) == 60
+    assert ka.backoff_delay(5, 10, rng=lambda: 0.0) == 48 and ka.backoff_delay(5, 10, rng=lambda: 1.0) == 60
+    assert ka.backoff_delay(5, 1, rng=lambda: 0.0) == 8
 
 
-def test_an_odd_registration_answer_is_saved_cleanly_or_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    answers = [b'{"status":"success","data":{"uuid":NaN,"token":"tok\\ud800en"}}', b'{"data":["tok"]}']
+def test_reconnect_wait_stays_at_the_interval_for_ten_minutes_then_grows():
+    assert ka.reconnect_delay(5, 0, rng=lambda: 1.0) == 5 and ka.reconnect_delay(5, 599, rng=lambda: 0.0) == 4
+    waits = [ka.reconnect_delay(5, minutes * 60, rng=lambda: 0.5) for minutes in (10, 11, 12, 13, 30)]
+    assert waits == sorted(waits) and waits[0] > 5 and waits[-1] == ka.BACKOFF_CAP
 
-    class Register(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = answers.pop(0)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, *args):
-            pass
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Register)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % server.server_address[1], "--auto-discovery",
-                                 DISCOVERY_KEY, "--state-dir", str(tmp_path)], {})
-        assert ka.register_with_key(ka.Panel(cfg)) == "tok\ufffden"  # saved, never a UnicodeEncodeError
-        assert json.loads((tmp_path / "auto-discovery.json").read_text()) == {"uuid": "", "token": "tok\ufffden"}
-        with pytest.raises(ka.PanelRefused):
-            ka.register_with_key(ka.Panel(cfg))
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_failed_dials_ask_for_no_basic_info_the_next_link_sends_it(tmp_path):
+    # the official agent uploads basic info after every failed round; with an
+    # upload per new link that made two in the same second when the panel came back
+    cfg, _ = ka.load_config(["-e", "http://127.0.0.1:9", "-t", TOKEN, "-c", "0.01", "-r", "1",
+                             "--state-dir", str(tmp_path)], {})
+    agent = ka.Agent(cfg)
+    for _ in range(5):
+        assert agent.wait_after_failure()
+    assert not agent.info_wanted.is_set()
 
+
+def test_wrong_token_is_logged_once_a_minute_at_most(panel, start_agent):
+    agent = start_agent("-i", "0.5", token="not-the-token")
+    agent.wait_log("refused the token", 15)
+    attempts = len(panel.ws_attempts)
+    time.sleep(3)  # a window to count in: nothing is awaited here
+    assert len(panel.ws_attempts) - attempts <= 3
+    assert agent.log.count("cannot connect the report link") == 1
+    assert "not-the-token" not in agent.log and agent.proc.poll() is None
+
+
+def test_status_file_is_written_on_change_only_and_never_holds_the_token(tmp_path):
+    ka.hide_secret("status-secret-token")
+    status = ka.LinkStatus(str(tmp_path))
+    status.set("connecting", "HTTP 401 for /api/clients/report?token=status-secret-token")
+    first = (tmp_path / "status.json").stat().st_mtime_ns
+    status.set("connecting", "HTTP 401 for /api/clients/report?token=status-secret-token")
+    assert (tmp_path / "status.json").stat().st_mtime_ns == first
+    data = json.loads((tmp_path / "status.json").read_text())
+    assert data["state"] == "connecting" and "status-secret-token" not in json.dumps(data) and "***" in data["error"]
+    assert data["pid"] == os.getpid() and data["started"] <= time.time()
+    status.set("connected")
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "connected"
+
+
+# ---------------------------------------------------------------------------
+# Subcommands: --check, --dry-run, list-disk, check-mem, traffic; the checks at start
+# ---------------------------------------------------------------------------
+
+def test_missing_package_stops_the_agent_at_start_with_one_line():
+    # -S: no site-packages, so neither psutil nor websocket-client can be found
+    if subprocess.run([sys.executable, "-S", "-c", "import websocket"], stderr=subprocess.DEVNULL).returncode == 0:
+        pytest.skip("websocket-client is importable without site-packages here")
+    for extra in ([], ["--dry-run"]):
+        done = subprocess.run([sys.executable, "-S", str(AGENT), "-e", "http://127.0.0.1:1", "-t", "T"] + extra,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+        lines = done.stderr.decode().strip().splitlines()
+        assert done.returncode != 0 and len(lines) == 1, (done.returncode, lines)
+        assert "websocket-client" in lines[0] and "pip install" in lines[0] and done.stdout == b""
+    # --check judges the settings only: install.sh runs it before it installs the packages
+    done = subprocess.run([sys.executable, "-S", str(AGENT), "-e", "http://127.0.0.1:1", "-t", "T", "--check"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+    assert done.returncode == 0 and b"settings are valid" in done.stdout, done.stderr
+
+
+def test_unwritable_state_dir_is_reported_at_start(panel, start_agent, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    agent = start_agent("-i", "0.5", "--state-dir", str(blocker / "state"))
+    agent.wait_log("state directory problem", 10)
+    assert agent.proc.poll() is None
+    panel.wait_for(lambda: panel.reports, 15, "reports all the same")
+
+
+def test_check_validates_everything_prints_the_settings_and_contacts_nothing(panel, tmp_path):
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"endpoint": panel.endpoint, "token": TOKEN, "month_rotate": 3}))
+    done = run_agent("--config", str(config), "--disable-web-ssh", "--check", env={"AGENT_INTERVAL": "2"})
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr
+    assert TOKEN not in out + done.stderr.decode() and "tok... (23 characters)" in out
+    assert re.search(r"--month-rotate +3 +\(config file", out) and re.search(r"--interval +2.0 +\(environment", out)
+    assert re.search(r"--disable-web-ssh +True +\(command line", out)
+    assert not panel.basic_infos and not panel.reports
+    done = run_agent("--config", str(config), "--interval", "abc", "--check")
+    assert done.returncode == 2 and len(done.stderr.decode().strip().splitlines()) == 1
+    assert not done.stdout
+
+
+def test_dry_run_prints_exactly_what_would_be_sent():
+    done = run_agent("--dry-run", "--custom-ipv4", "198.51.100.1", "--custom-ipv6", "2001:db8::1")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.decode().splitlines()
+    assert len(lines) == 2
+    info, report = go_json(lines[0]), go_json(lines[1])
+    assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
+    assert info["ipv4"] == "198.51.100.1"
+    assert report_problem(report) is None
+    for group, keys in REPORT_INTS.items():
+        assert all(is_go_int(report[group][k]) for k in keys)
+
+
+def test_startup_names_the_monitored_mounts_and_interfaces(tmp_path, caplog):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "dev").write_text(NET_DEV)
+    (tmp_path / "stat").write_text("cpu  1 2 3 4 5 6 7 8\n")
+    cfg, _ = ka.load_config(["--dry-run", "--include-mountpoint", "/;/srv"], {"HOST_PROC": str(tmp_path)})
+    with caplog.at_level("INFO", logger="komari"):
+        ka.log_monitored(ka.Collector(cfg))
+    assert "Monitoring Mountpoints: [/ /srv]" in caplog.text
+    assert "Monitoring Interfaces: [eth0 wg0]" in caplog.text
+
+
+def test_list_disk_check_mem_and_show_warning_like_the_official_agent(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, str(AGENT)] + list(args), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, timeout=60, cwd=str(tmp_path), env=dict(os.environ))
+    listed = run("list-disk")
+    assert listed.returncode == 0
+    rows = listed.stdout.decode().splitlines()
+    width = max(len(r.split()[0]) for r in rows) + 2
+    assert rows[0] == "Mountpoint".ljust(width) + "Fstype"
+    assert any(r.startswith("/".ljust(width)) for r in rows[1:])            # every mount, / among them
+    log = listed.stderr.decode()
+    assert re.search(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d All Disk Partitions:$", log, re.M)
+    assert re.search(r"Monitoring Mountpoints: \[/ \(\S+\)", log)
+    memory = run("check-mem")
+    assert memory.returncode == 0 and memory.stdout == b""
+    lines = [l.split(" ", 2)[2] for l in memory.stderr.decode().splitlines()]
+    assert lines[:2] == ["--- Memory Check ---", "--- /proc/meminfo ---"]
+    assert [l.split(":")[0] for l in lines[2:14]] == ["MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached",
+                                                      "SwapTotal", "SwapFree", "SwapCached", "Shmem", "SReclaimable",
+                                                      "Zswap", "Zswapped"]
+    modes = [re.match(r"\[(\w+)\] Total: \d+ bytes \(\d+ MiB\), Used: \d+ bytes \(\d+ MiB\)$", l) for l in lines[15:]
+             if l.startswith("[")]
+    assert [m.group(1) for m in modes] == ["htoplike", "gopsutil", "callFree", "htoplike"]
+    assert lines[-2] == "--- Current Configured ---"
+    warned = run("--show-warning")  # the Windows toast helper: nothing to do, even without a panel
+    assert (warned.returncode, warned.stdout, warned.stderr) == (0, b"", b"")
+    assert run("list-disk", "--interval", "soon").returncode == 2
+
+
+def test_traffic_command_calibrates_and_shows_the_totals(tmp_path):
+    now = time.time()
+    ledger = ka.TrafficLedger(str(tmp_path), 1, boot=LONG_AGO, now=now)
+    ledger.update({"eth0": (1000, 1000)}, now)
+    ledger.update({"eth0": (2000, 1500)}, now + 1)
+    done = run_agent("traffic", "--state-dir", str(tmp_path), "--set-up", "120G", "--set-down", "1.5T")
+    assert done.returncode == 0, done.stderr
+    assert ledger.update({"eth0": (2000, 1500)}, now + 5) == (120 * GiB, int(1.5 * TiB))
+    assert ledger.update({"eth0": (2100, 1600)}, now + 6) == (120 * GiB + 100, int(1.5 * TiB) + 100)
+    assert not (tmp_path / ka.CALIBRATION_FILE).exists()
+    shown = run_agent("traffic", env={"AGENT_STATE_DIR": str(tmp_path)})  # --show is the default
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.decode()
+    assert "(%d bytes)" % (120 * GiB) in text and "1.50 TiB" in text and "period start: " in text
+    bad = run_agent("traffic", "--state-dir", str(tmp_path), "--set-up", "12X")
+    assert bad.returncode == 2 and len(bad.stderr.decode().strip().splitlines()) == 1
+
+
+def test_absurd_calibration_size_exits_2_with_one_line(tmp_path):
+    done = run_agent("traffic", "--state-dir", str(tmp_path), "--set-up", "9" * 400, timeout=20)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "set-up" not in done.stdout.decode(), (done.returncode, lines)
+    assert "more than the panel can count" in lines[0]
+    assert not (tmp_path / ka.CALIBRATION_FILE).exists()
+
+
+@pytest.mark.parametrize("content", ['{"total":[1]}', '{"offset":{"up":Infinity}}', '{"saved_at":1e300}'])
+def test_traffic_show_of_a_damaged_state_is_one_line(tmp_path, content):
+    (tmp_path / ka.TRAFFIC_FILE).write_text(content)
+    done = run_agent("traffic", "--state-dir", str(tmp_path), "--show", timeout=20)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "is damaged" in lines[0], (done.returncode, lines)
+
+
+# ---------------------------------------------------------------------------
+# main(): SIGTERM, SIGINT and SIGHUP end the agent cleanly within 2 s
+# ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_sigterm_exits_cleanly_within_two_seconds(panel, start_agent):
@@ -3517,9 +3786,43 @@ def test_sigterm_exits_cleanly_within_two_seconds(panel, start_agent):
     assert time.monotonic() - started < 2.0
 
 
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
+def test_sigterm_within_two_seconds_while_the_panel_answers_nothing(panel, start_agent):
+    agent = start_agent("-i", "0.5")
+    panel.wait_for(lambda: len(panel.reports) >= 2, 15, "reports")
+    panel.freeze()
+    reports = len(panel.reports)
+    time.sleep(1.0)  # the agent is now inside a read/report that will never be answered
+    started = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(5) == 0
+    assert time.monotonic() - started < 2.0
+    assert len(panel.reports) == reports
+    panel.thaw()
+
+
+def test_sighup_stops_like_sigterm_and_keeps_the_killed_commands_result(panel, start_agent):
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)   # a test run under nohup must not pass that on
+    try:
+        agent = start_agent()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    try:
+        panel.send_event({"message": "exec", "task_id": "hup", "command": "echo before; sleep 68.1"})
+        wait_until(lambda: live_processes("sleep 68.1"), 10, "the command")
+        agent.proc.send_signal(signal.SIGHUP)
+        assert agent.proc.wait(10) == 0
+        assert live_processes("sleep 68.1") == []
+        spooled = [json.loads(path.read_text()) for path in spool_files(panel)]
+        result = next(r for r in panel.task_results + spooled if r["task_id"] == "hup")
+        assert result["result"].startswith("before\n") and "agent was stopped" in result["result"]
+        assert result["exit_code"] == -1
+    finally:
+        kill_leftovers("sleep 68.1")
+
+
 # ---------------------------------------------------------------------------
-# Reliability: faults injected between agent and panel, spooled results,
-# hostile input
+# Reliability, end to end: faults injected between agent and panel, a flood of events
 # ---------------------------------------------------------------------------
 
 class FaultProxy:
@@ -3646,10 +3949,6 @@ def proxy(panel):
     fault.close()
 
 
-def spool_files(panel):
-    return sorted((panel_state_dir(panel) / ka.SPOOL_DIR).glob("*.json"))
-
-
 @pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_blackholed_link_is_replaced_within_45_seconds(panel, proxy, start_agent):
     start_agent("-i", "1", endpoint=proxy.endpoint)
@@ -3691,7 +3990,7 @@ def test_slow_link_stays_up_and_keeps_reporting(panel, proxy, start_agent):
 
 def test_short_outage_is_redialled_at_the_reconnect_interval(panel, proxy, start_agent):
     # within the first minutes of an outage the wait does not grow: back within
-    # --reconnect-interval of the panel's return (issue 12 item 15)
+    # --reconnect-interval of the panel's return
     start_agent("-i", "0.5", "--max-retries", "1", "--reconnect-interval", "0.3", endpoint=proxy.endpoint)
     panel.wait_for(lambda: panel.reports, 15, "first report")
     before = len(proxy.dials())
@@ -3705,10 +4004,19 @@ def test_short_outage_is_redialled_at_the_reconnect_interval(panel, proxy, start
     panel.wait_for(lambda: len(panel.reports) > reports, 10, "reports once the route is back")
 
 
-def test_reconnect_wait_stays_at_the_interval_for_ten_minutes_then_grows():
-    assert ka.reconnect_delay(5, 0, rng=lambda: 1.0) == 5 and ka.reconnect_delay(5, 599, rng=lambda: 0.0) == 4
-    waits = [ka.reconnect_delay(5, minutes * 60, rng=lambda: 0.5) for minutes in (10, 11, 12, 13, 30)]
-    assert waits == sorted(waits) and waits[0] > 5 and waits[-1] == ka.BACKOFF_CAP
+def test_back_online_within_the_reconnect_interval_after_an_outage(panel, proxy, start_agent):
+    panel.protocol = 2
+    start_agent("-i", "0.5", "--reconnect-interval", "0.5", "--max-retries", "1", endpoint=proxy.endpoint)
+    panel.wait_for(lambda: panel.reports, 15, "first report")
+    proxy.set_mode("reset")
+    # 20 reconnect intervals: a back-off doubling after each failed dial is in its 8 s wait by then
+    outage = time.monotonic() + 10
+    proxy.wait_for(lambda: time.monotonic() >= outage, 20, "a 10 s outage")
+    reports = len(panel.reports)
+    proxy.set_mode("pass")
+    back = time.monotonic()
+    panel.wait_for(lambda: len(panel.reports) > reports, 15, "a report after the outage")
+    assert time.monotonic() - back <= 0.5 + 1.5  # the reconnect interval, and slack for a busy machine
 
 
 def test_panel_that_moves_to_a_new_address_is_found_at_the_next_attempt(panel, start_agent):
@@ -3726,67 +4034,6 @@ def test_panel_that_moves_to_a_new_address_is_found_at_the_next_attempt(panel, s
     conns, reports = len(panel.report_conns), len(panel.reports)
     panel.wait_for(lambda: len(panel.report_conns) > conns and len(panel.reports) > reports, 20,
                    "reports to the panel's new address")
-
-
-def test_wrong_token_is_logged_once_a_minute_at_most(panel, start_agent):
-    agent = start_agent("-i", "0.5", token="not-the-token")
-    agent.wait_log("refused the token", 15)
-    attempts = len(panel.ws_attempts)
-    time.sleep(3)  # a window to count in: nothing is awaited here
-    assert len(panel.ws_attempts) - attempts <= 3
-    assert agent.log.count("cannot connect the report link") == 1
-    assert "not-the-token" not in agent.log and agent.proc.poll() is None
-
-
-def test_result_spool_orders_bounds_and_survives_bad_files(tmp_path, caplog):
-    spool = ka.ResultSpool(str(tmp_path / "results"), max_files=3, max_bytes=1 << 20)
-    for n in range(5):
-        spool.put({"task_id": "t%d" % n, "result": "x", "exit_code": 0})
-    names = spool.pending()
-    assert [spool.load(name)["task_id"] for name in names] == ["t2", "t3", "t4"]
-    assert all(stat.S_IMODE((tmp_path / "results" / name).stat().st_mode) == 0o600 for name in names)
-    assert caplog.text.count("dropping the oldest undelivered result") == 2
-    spool.remove(names[0])
-    (tmp_path / "results" / names[1]).write_text("{torn")
-    assert spool.load(names[1]) is None and spool.pending() == [names[2]]
-    (tmp_path / "results" / "notes.txt").write_text("not ours")
-    assert spool.pending() == [names[2]]
-    by_size = ka.ResultSpool(str(tmp_path / "sized"), max_files=100, max_bytes=350)
-    for n in range(3):
-        by_size.put({"task_id": "s%d" % n, "result": "y" * 100, "exit_code": 0})
-    assert [by_size.load(name)["task_id"] for name in by_size.pending()] == ["s1", "s2"]
-
-
-def test_result_spool_keeps_results_in_memory_when_the_directory_is_unwritable(tmp_path, caplog):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    spool = ka.ResultSpool(str(blocker / "results"))
-    first = spool.put({"task_id": "m1", "result": "", "exit_code": 0})
-    spool.put({"task_id": "m2", "result": "", "exit_code": 0})
-    assert [spool.load(name)["task_id"] for name in spool.pending()] == ["m1", "m2"]
-    assert caplog.text.count("keeping them in memory only") == 1
-    spool.remove(first)
-    assert len(spool.pending()) == 1
-
-
-def test_spooled_result_survives_sigkill_and_arrives_after_restart(panel, start_agent):
-    panel.fail_http["/api/clients/task/result"] = 502
-    agent = start_agent("-i", "0.3")
-    panel.wait_for(lambda: panel.reports, 15, "first report")
-    panel.send_event({"message": "exec", "task_id": "spooled-1", "command": "echo kept through a kill"})
-    agent.wait_log("task result upload failed", 15)
-    line = next(line for line in agent.lines if "task result upload failed" in line)
-    assert "HTTP 502" in line and "502 Bad Gateway" in line and "<html" not in line
-    files = spool_files(panel)
-    assert len(files) == 1 and stat.S_IMODE(files[0].stat().st_mode) == 0o600
-    assert json.loads(files[0].read_text())["task_id"] == "spooled-1"
-    os.killpg(agent.proc.pid, signal.SIGKILL)
-    agent.proc.wait(5)
-    del panel.fail_http["/api/clients/task/result"]
-    start_agent("-i", "0.3")
-    result = result_for(panel, "spooled-1", 20)
-    assert "kept through a kill" in result["result"] and result["exit_code"] == 0
-    wait_until(lambda: not spool_files(panel), 10, "the spool to be emptied")
 
 
 def test_a_thousand_events_at_once_leave_the_agent_reporting(panel, start_agent):
@@ -3826,167 +4073,6 @@ def test_a_thousand_events_at_once_leave_the_agent_reporting(panel, start_agent)
     reports = len(panel.reports)
     panel.wait_for(lambda: len(panel.reports) >= reports + 3, 10, "reports after the burst")
     assert len(panel.report_conns) == 1 and agent.proc.poll() is None and panel.rejected == []
-
-
-def fuzz_frames():
-    from hypothesis import strategies as st
-    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
-    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
-                          st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=12)
-    targets = st.sampled_from(["127.0.0.1:1", "[::1]:1", "", "[", "]:", "http://127.0.0.1:1/x", "https://[::1",
-                               "a" * 300, "127.0.0.1; touch /tmp/komari-fuzz", "$(id)"]) | st.text(max_size=30)
-    event = st.fixed_dictionaries(
-        {"message": st.sampled_from(["exec", "ping", "terminal", "", "report"]) | values},
-        optional={"task_id": st.text(max_size=10) | values, "command": st.text(max_size=20) | values,
-                  "ping_task_id": st.integers() | values, "ping_type": st.sampled_from(["icmp", "tcp", "http", "x"]) | values,
-                  "ping_target": targets | values, "request_id": st.text(max_size=300) | values,
-                  "status": st.just("error") | values, "error": values})
-    return st.one_of(event.map(json.dumps), values.map(json.dumps), st.binary(max_size=100), st.text(max_size=100),
-                     st.integers(1, 50000).map(lambda n: "[" * n + "]" * n),
-                     st.integers(1, 3000).map(lambda n: '{"a":' * n + "1" + "}" * n))
-
-
-def test_fuzzed_frames_never_break_the_event_handler(tmp_path):
-    from hypothesis import HealthCheck, given, settings
-    cfg, _ = ka.load_config(["-e", "http://127.0.0.1:1", "-t", "fuzz-token", "--disable-web-ssh",
-                             "--state-dir", str(tmp_path), "--custom-dns", "127.0.0.1:1"], {})
-    agent = ka.Agent(cfg)
-    failures = []
-    hook, threading.excepthook = threading.excepthook, failures.append
-    baseline = threading.active_count()
-
-    @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(frame=fuzz_frames())
-    def handle(frame):
-        agent.tasks.handle(frame)
-
-    try:
-        handle()
-        wait_until(lambda: threading.active_count() <= baseline, 30, "the probe and terminal threads to end")
-    finally:
-        threading.excepthook = hook
-    assert failures == []
-    assert not os.path.exists("/tmp/komari-fuzz")
-    for name in agent.spool.pending():
-        assert agent.spool.load(name)["result"] in ("Remote control is disabled.", "No command provided")
-
-
-# -- hardening (issue 12): a spool that trusts nothing in its directory, cheap
-# refusals that cannot push real results out, log floods ---------------------
-
-def plant_spool_entries(directory, secret):
-    """Entries named like spooled results that no agent wrote: a link to a
-    readable JSON file, a FIFO, a 200 MB sparse file and a directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    secret.write_text(json.dumps({"task_id": "leaked", "result": "the target's content", "exit_code": 0}))
-    names = ["%020d-1-%d.json" % (n, n) for n in range(1, 5)]
-    os.mkfifo(str(directory / names[0]))
-    (directory / names[1]).symlink_to(secret)
-    with open(str(directory / names[2]), "wb") as f:
-        f.truncate(200 << 20)
-    (directory / names[3]).mkdir()
-    return names
-
-
-def test_spool_reads_only_regular_files_of_a_sane_size(tmp_path, caplog):
-    directory = tmp_path / "results"
-    planted = plant_spool_entries(directory, tmp_path / "secret.json")
-    spool = ka.ResultSpool(str(directory), max_bytes=1 << 20)
-    assert spool.pending() == planted
-    loaded = {}
-    reader = threading.Thread(target=lambda: loaded.update((n, spool.load(n)) for n in planted), daemon=True)
-    reader.start()
-    reader.join(10)   # a FIFO would block it for good
-    assert loaded == dict.fromkeys(planted), loaded
-    assert "larger than" in caplog.text and spool.pending() == []
-    assert (tmp_path / "secret.json").exists() and not os.path.lexists(str(directory / planted[1]))
-    name = spool.put({"task_id": "real", "result": "ok", "exit_code": 0})
-    assert spool.load(name)["task_id"] == "real"
-
-
-def test_state_directory_others_can_write_is_made_private_or_refused(tmp_path, caplog):
-    fresh = tmp_path / "new" / "results"
-    ka.ResultSpool(str(fresh)).put({"task_id": "a", "result": "", "exit_code": 0})
-    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700 and len(list(fresh.iterdir())) == 1
-    ours = tmp_path / "ours"
-    ours.mkdir()
-    ours.chmod(0o777)
-    with caplog.at_level("WARNING", logger="komari"):
-        ka.ResultSpool(str(ours)).put({"task_id": "b", "result": "", "exit_code": 0})
-    assert stat.S_IMODE(ours.stat().st_mode) == 0o700 and len(list(ours.iterdir())) == 1
-    assert caplog.text.count("made it private") == 1
-    shared = tmp_path / "shared"   # sticky and open to all, like /tmp: not ours to change
-    shared.mkdir()
-    shared.chmod(0o1777)
-    spool = ka.ResultSpool(str(shared))
-    name = spool.put({"task_id": "c", "result": "", "exit_code": 0})
-    assert list(shared.iterdir()) == [] and spool.load(name)["task_id"] == "c"
-    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777 and "other users" in caplog.text
-
-
-def test_refusals_are_evicted_first_and_a_write_never_lists_the_directory(tmp_path, monkeypatch):
-    spool = ka.ResultSpool(str(tmp_path / "results"), max_files=10)
-    spool.put({"task_id": "real-0", "result": "kept", "exit_code": 0})
-    for n in range(30):
-        spool.put({"task_id": "cheap-%d" % n, "result": "No command provided", "exit_code": 0}, refusal=True)
-    for n in range(1, 6):
-        spool.put({"task_id": "real-%d" % n, "result": "kept", "exit_code": 0})
-    kept = [spool.load(name)["task_id"] for name in spool.pending()]
-    assert kept == ["real-0", "cheap-26", "cheap-27", "cheap-28", "cheap-29"] + ["real-%d" % n for n in range(1, 6)]
-    assert len(list((tmp_path / "results").iterdir())) == 10
-    calls = []
-    for name in ("listdir", "scandir", "stat", "lstat"):
-        real = getattr(os, name)
-        monkeypatch.setattr(os, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    for n in range(100):
-        spool.put({"task_id": "more-%d" % n, "result": "", "exit_code": 0}, refusal=n % 2 == 0)
-    monkeypatch.undo()
-    # a few stats per write (makedirs), never one per waiting result
-    assert "listdir" not in calls and "scandir" not in calls and len(calls) <= 3 * 100, len(calls)
-    assert len(spool.pending()) == 10
-
-
-def test_planted_spool_entries_are_never_sent_and_never_block_results(panel, start_agent, tmp_path):
-    state = tmp_path / "state"
-    plant_spool_entries(state / ka.SPOOL_DIR, tmp_path / "secret.json")
-    (state / ka.SPOOL_DIR).chmod(0o700)
-    start_agent("-i", "0.5", "--state-dir", str(state))
-    panel.send_event({"message": "exec", "task_id": "real-1", "command": "echo real"})
-    assert result_for(panel, "real-1", 20)["result"].strip() == "real"
-    assert [r["task_id"] for r in panel.task_results] == ["real-1"]
-    # a refusal is spooled as one, so that it goes first when the spool is full
-    panel.fail_http["/api/clients/task/result"] = 502
-    panel.send_event({"message": "exec", "task_id": "cheap-1", "command": " "})
-    wait_until(lambda: list((state / ka.SPOOL_DIR).glob("*-r.json")), 10, "the spooled refusal")
-
-
-def test_flood_limited_log_says_one_line_then_a_count():
-    stream = io.StringIO()
-    handler = ka.FloodLimitedHandler(stream, period=0.2)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger = logging.Logger("flood-test")
-    logger.addHandler(handler)
-    for n in range(1000):
-        logger.warning("bad frame %d", n)
-    logger.warning("another kind of problem")
-    for n in range(20):
-        logger.info("routine event %d", n)
-    assert stream.getvalue().splitlines() == ["WARNING bad frame 0", "WARNING another kind of problem"] + \
-        ["INFO routine event %d" % n for n in range(ka.LOG_BURST[logging.INFO])]
-    # after the period the next line of any kind brings the count of those held back
-    wait_until(lambda: logger.info("tick") or "999 more like this" in stream.getvalue(), 5, "the count")
-    assert "WARNING bad frame 999 [999 more like this in the last" in stream.getvalue()
-
-
-def test_ten_thousand_bad_frames_give_a_few_log_lines(panel, start_agent):
-    agent = start_agent("-i", "0.5")
-    conn = panel.wait_for(panel.live_report_conn, 15, "a live report socket")
-    for n in range(10000):
-        conn.send("{not json %d" % n if n % 2 else json.dumps({"message": "bogus-%d" % n}))
-    panel.send_event({"message": "exec", "task_id": "after-flood", "command": " "})
-    result_for(panel, "after-flood", 60)
-    assert len(agent.lines) < 50, "\n".join(agent.lines[:60])
-    assert agent.proc.poll() is None and len(panel.report_conns) == 1
 
 
 # ---------------------------------------------------------------------------
@@ -4507,7 +4593,10 @@ def test_install_that_never_hears_from_its_agent_says_so_and_exits_1(tmp_path):
 # ---------------------------------------------------------------------------
 
 FOOTPRINT = ROOT / "bench" / "footprint.py"
+
+
 SOAK = ROOT / "bench" / "soak.py"
+
 
 # A tiny agent: one basic info POST, then a report per --interval whose tcp
 # count is the kernel's own, so the test can see the idle sockets held.
@@ -4655,21 +4744,8 @@ def test_footprint_sink_speaks_rfc6455():
 
 
 # ---------------------------------------------------------------------------
-# main()
+# The project's documents: the README's commands, flags and sources
 # ---------------------------------------------------------------------------
-
-def test_dry_run_prints_exactly_what_would_be_sent():
-    done = run_agent("--dry-run", "--custom-ipv4", "198.51.100.1", "--custom-ipv6", "2001:db8::1")
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.decode().splitlines()
-    assert len(lines) == 2
-    info, report = go_json(lines[0]), go_json(lines[1])
-    assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
-    assert info["ipv4"] == "198.51.100.1"
-    assert report_problem(report) is None
-    for group, keys in REPORT_INTS.items():
-        assert all(is_go_int(report[group][k]) for k in keys)
-
 
 def test_readme_commands_match_ci():
     readme = (ROOT / "README.md").read_text()
