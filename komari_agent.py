@@ -94,10 +94,23 @@ class RedactingFormatter(logging.Formatter):
 
 
 def redacted(text):
-    """`text` with every secret given to hide_secret() blanked out."""
+    """`text` with every secret given to hide_secret() blanked out, and the
+    start of one (SECRET_PIECE characters or more) that ends a line."""
     for pattern in RedactingFormatter.patterns:
         text = pattern.sub(r"\1***", text)
     return text
+
+
+def clipped(text, limit):
+    """At most `limit` characters of `text` for a log line, redacted before
+    it is cut: cut first, a secret across the cut would no longer be one."""
+    text = redacted(str(text))
+    return text if len(text) <= limit else text[:limit]
+
+
+# A secret cut short (a panel that echoes the token back in a long line) is
+# still hidden when at least this much of its start is left.
+SECRET_PIECE = 6
 
 
 # A secret shorter than this is hidden only where it stands as a value
@@ -132,7 +145,10 @@ def secret_pattern(secret):
     not to occur by chance, otherwise only as the value of a token or key."""
     body = "".join(encoded_char(c) for c in secret)
     if len(secret) >= SHORT_SECRET:
-        return re.compile("()" + body)
+        # the whole secret anywhere; else its longest start at a line's end,
+        # where a text cut short by whoever sent it ends
+        pieces = "|".join(re.escape(secret[:n]) for n in range(len(secret) - 1, SECRET_PIECE - 1, -1))
+        return re.compile(r"""()(?:%s|(?:%s)(?=["')\]}>.]*(?:\n|$)))""" % (body, pieces))
     value_of = r"""((?i:\b(?:token|key|secret|password)["']?\s*[=:]\s*["']?|\bbearer\s+))"""
     return re.compile(value_of + body + r"""(?![^\s&#;,"')\]}>])""")
 
@@ -184,7 +200,8 @@ class FloodLimitedHandler(logging.StreamHandler):
     """A stderr handler that a flood of one kind of line (10 000 bad frames
     from a hostile panel, say) cannot fill: each kind gets its burst per
     period, the rest are counted, and the count is logged once the period is
-    over, with the last of them."""
+    over, with the last of them: by the next line logged, or by the
+    "log-flood" thread (started at the first flood) when the log stays quiet."""
 
     def __init__(self, stream=None, period=LOG_FLOOD_PERIOD):
         super().__init__(stream)
@@ -192,14 +209,30 @@ class FloodLimitedHandler(logging.StreamHandler):
         self.window = OncePer(period)   # a new window for a kind when its period is over
         self.shown = {}                  # kind -> lines shown in its current window
         self.held = {}                   # kind -> [lines counted, the last of them, window start]
-        self.gate = threading.Lock()
+        self.gate = threading.Condition(threading.Lock())
+        self.flusher = None
+
+    def due_summaries(self, now):
+        """Summaries of the kinds whose period is over (the gate held)."""
+        due = [k for k, (_, _, start) in self.held.items() if now - start >= self.period]
+        return [self.summary(*self.held.pop(k), now=now) for k in due]
+
+    def flush_quiet_floods(self):
+        while True:
+            with self.gate:
+                while not self.held:
+                    self.gate.wait()
+                first_end = min(start for _, _, start in self.held.values()) + self.period
+                self.gate.wait(max(0.0, first_end - time.monotonic()))
+                summaries = self.due_summaries(time.monotonic())
+            for summary in summaries:
+                super().handle(summary)
 
     def handle(self, record):
         kind = (record.name, record.pathname, record.lineno, str(record.msg)[:200])
         now = time.monotonic()
         with self.gate:
-            due = [k for k, (_, _, start) in self.held.items() if now - start >= self.period]
-            summaries = [self.summary(*self.held.pop(k), now=now) for k in due]
+            summaries = self.due_summaries(now)
             if self.window(kind):
                 self.shown[kind] = 0
                 self.held.pop(kind, None)
@@ -213,6 +246,10 @@ class FloodLimitedHandler(logging.StreamHandler):
                 held = self.held.setdefault(kind, [0, None, self.window.seen.get(kind, now)])
                 held[0] += 1
                 held[1] = record
+                if self.flusher is None:
+                    self.flusher = threading.Thread(target=self.flush_quiet_floods, name="log-flood", daemon=True)
+                    self.flusher.start()
+                self.gate.notify()
         for summary in summaries:
             super().handle(summary)
         return super().handle(record) if passed else False
@@ -3692,12 +3729,14 @@ class Inbox:
     panel got the acknowledgement."""
 
     KEEP = 4096  # ids remembered; the panel queues at most 128 per client
+    MAX_ID = 128  # the server's event ids are UUIDs: a longer one is refused
 
     def __init__(self, dispatch):
         self.dispatch = dispatch
         self.lock = threading.Lock()
-        self.seen = {}   # event ids and ("exec", task id), oldest first
+        self.seen = {}   # event ids and ("exec", task_key(task id)), oldest first
         self.acks = {}   # event ids to acknowledge, oldest first
+        self.refusal_log = OncePer(3600.0)
 
     def _remember(self, key):
         """False when key was seen before."""
@@ -3715,7 +3754,7 @@ class Inbox:
             fresh = event_id is None or self._remember(event_id)
             if fresh and event is not None and event.get("message") == "exec":
                 task_id = event.get("task_id")
-                fresh = not isinstance(task_id, str) or not task_id or self._remember(("exec", task_id))
+                fresh = not isinstance(task_id, str) or not task_id or self._remember(("exec", task_key(task_id)))
                 if not fresh:
                     log.info("remote command %s already run; not again", task_id[:40])
         if fresh and event is not None:
@@ -3729,6 +3768,12 @@ class Inbox:
     def take_rpc(self, event_id, method, params):
         """Never raises: in POST mode this runs on the agent's and the pull's
         threads, and one odd event must not end them nor the events after it."""
+        if event_id is not None and len(event_id) > self.MAX_ID:
+            # kept and echoed back, ids of any size would cost megabytes each
+            if self.refusal_log("long id"):
+                log.warning("refusing events from the panel whose ids are longer than %d characters "
+                            "(one of %d)", self.MAX_ID, len(event_id))
+            return
         try:
             event = event_from_rpc(method, params)
         except KeyError:
@@ -3748,6 +3793,14 @@ class Inbox:
         with self.lock:
             for event_id in ids:
                 self.acks.pop(event_id, None)
+
+
+def task_key(task_id):
+    """What a task id is remembered by: itself, or a digest of a long one."""
+    if len(task_id) <= 64:
+        return task_id
+    import hashlib
+    return "sha256:" + hashlib.sha256(task_id.encode("utf-8", "replace")).hexdigest()
 
 
 def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT, header=None):
@@ -3872,7 +3925,14 @@ class Deflate:
 # frames the panel should never send (too large, fragments that never end):
 # one line per kind an hour, whatever a hostile panel keeps doing
 FRAME_TROUBLE_LOG = OncePer(3600.0)
+# A v2 socket whose first call is not answered within this is not working
+# (a proxy that upgrades and then passes nothing): POST mode is tried next.
+FIRST_ANSWER_DEADLINE = 5.0
 
+
+# The close code of every socket we leave: the server logs an error for a
+# 1000 (normal closure) and nothing for 1001 (going away).
+GOING_AWAY = 1001
 
 # The kinds of report link, in fallback order (LinkChooser).
 V2_SOCKET, V2_POST, V1_SOCKET = LINK_KINDS = ("v2 WebSocket", "v2 POST", "v1 WebSocket")
@@ -3899,6 +3959,7 @@ class Link:
         self.why = ""
         self.rejected = None
         self.successor = None
+        self.silent = False   # the panel took the link but never answered on it
 
     def fail(self, why):
         if not self.dead.is_set():
@@ -3994,7 +4055,7 @@ class SocketLink(Link):
             raise LinkClosed(self.why)
         return min(self.next_ping, (self.ping_sent or now) + PONG_DEADLINE + 0.05)
 
-    def close(self, status=1000):
+    def close(self, status=GOING_AWAY):
         """Never waits on the reader, nor long on a writer stuck on a dead peer:
         the close frame gets one short chance, then TCP goes."""
         self.fail(self.why or "closed")
@@ -4095,12 +4156,22 @@ class SocketLink(Link):
 
     def on_control(self, opcode, payload):
         if opcode == 0x8:
-            self.fail("the panel closed the connection")
+            self.fail("the panel closed the connection%s" % close_reason(payload))
             drop_tcp(self.sock)
             raise LinkClosed(self.why)
         if opcode == 0x9:
             frame = client_frame(0xA, payload)
             self._write(lambda: self.sock.sendall(frame))
+
+
+def close_reason(payload):
+    """ " (1008 policy violation: ...)" for a close frame's payload: its code
+    and reason, as far as they are printable; "" when it has none."""
+    if len(payload) < 2:
+        return ""
+    code = struct.unpack("!H", payload[:2])[0]
+    reason = "".join(c if c.isprintable() else "?" for c in payload[2:125].decode("utf-8", "replace")).strip()
+    return " (%d%s)" % (code, ": " + clipped(reason, 123) if reason else "")
 
 
 class ReportLink(SocketLink):
@@ -4137,38 +4208,64 @@ class RpcLink(SocketLink):
 
     ASK_EVERY = 10
     kind = V2_SOCKET
+    FIRST_ID = 1
 
     def __init__(self, ws, inbox, deflate=None):
         super().__init__(ws, deflate)
         self.inbox = inbox
         self.label = "%s (%s)" % (self.kind, "permessage-deflate" if deflate else "no compression")
-        self.ids = itertools.count(1)
-        self.sent_acks = {}  # request id -> the event ids it acknowledged
+        self.ids = itertools.count(self.FIRST_ID)
+        # request id -> what it carried: ("report", acks) or ("info", info);
+        # an answer to any other id answers nothing we asked
+        self.asked = OrderedDict()
         self.acks_lock = threading.Lock()
         self.strikes = 0
         self.reports = 0
+        self.first_sent = None   # when the link's first request went out
+        self.first_answered = False
         self.error_log = OncePer(60.0)
+
+    def request(self, text_for, what):
+        """Send a request (text_for(request id)), remembered until answered."""
+        with self.acks_lock:
+            request_id = next(self.ids)
+            self.asked[request_id] = what
+            while len(self.asked) > 64:  # requests the panel never answered
+                del self.asked[next(iter(self.asked))]
+            if self.first_sent is None:
+                self.first_sent = time.monotonic()
+        self.send_text(text_for(request_id))
 
     def send_report(self, report):
         acks = self.inbox.pending_acks()
         self.reports += 1
-        if not acks and not self.strikes and self.reports % self.ASK_EVERY != 1:
+        if self.first_sent is not None and not acks and not self.strikes and self.reports % self.ASK_EVERY != 1:
             self.send_text(rpc_report(encode(report), acks))
             return
-        request_id = next(self.ids)
-        if acks:
-            with self.acks_lock:
-                self.sent_acks[request_id] = acks
-                while len(self.sent_acks) > 64:  # requests the panel never answered
-                    del self.sent_acks[next(iter(self.sent_acks))]
-        self.send_text(rpc_report(encode(report), acks, request_id))
+        report_json = encode(report)
+        self.request(lambda request_id: rpc_report(report_json, acks, request_id), ("report", acks))
 
     def send_ping_result(self, task_id, kind, value):
         self.send_text(rpc_ping_result(task_id, kind, value))
 
     def send_basic_info(self, info):
-        self.send_text(rpc_basic_info(info, next(self.ids)))
+        self.request(lambda request_id: rpc_basic_info(info, request_id), ("info", info))
         return True
+
+    def proven(self):
+        """The panel answered the link's first call (a pong alone is a proxy's)."""
+        return self.first_answered
+
+    def keepalive(self, now):
+        wake = super().keepalive(now)
+        if self.first_sent is not None and not self.first_answered:
+            if now - self.first_sent > FIRST_ANSWER_DEADLINE:
+                self.silent = True
+                self.fail("the panel accepted the socket but did not answer its first call within %g s"
+                          % FIRST_ANSWER_DEADLINE)
+                raise LinkClosed(self.why)
+            wake = min(wake, self.first_sent + FIRST_ANSWER_DEADLINE + 0.05)
+        return wake
 
     def on_message(self, payload):
         message = parse_event(payload)
@@ -4189,20 +4286,34 @@ class RpcLink(SocketLink):
 
     def answered(self, reply):
         with self.acks_lock:
-            acks = self.sent_acks.pop(reply.answers, None)
+            what = self.asked.pop(reply.answers, None)
+        if what is None:
+            # a proxy's or a confused panel's answer to nothing of ours: it
+            # refuses nothing (and must not make us give v2 up)
+            if reply.error is not None and self.error_log(("unasked", reply.error[0])):
+                log.warning("ignoring an error from the panel that answers no request of ours (id %s): %s "
+                            "(JSON-RPC error %s)", clipped(repr(reply.answers), 40), reply.error[1], reply.error[0])
+            return
+        first = reply.answers == self.FIRST_ID
+        self.first_answered = True
+        kind, carried = what
         if reply.error is None:
             self.strikes = 0
-            if acks:
-                self.inbox.acknowledged(acks)
+            if kind == "report" and carried:
+                self.inbox.acknowledged(carried)
             return
         code, text = reply.error
+        if kind == "info" and "kernel_version" in carried:
+            # an older panel without the two newest columns, as by HTTP (upload_basic_info)
+            older = {k: v for k, v in carried.items() if k not in ("kernel_version", "cpu_physical_cores")}
+            log.info("the panel refused basic info (%s); sending it again without the newest keys", text)
+            return self.send_basic_info(older)
         if self.error_log(text):
             log.warning("the panel refused a message: %s (JSON-RPC error %s)", text, code)
-        if reply.refuses_protocol:
-            self.strikes += 1
-            if self.strikes >= PROTOCOL_STRIKES:
-                self.rejected = ProtocolRejected(None, "JSON-RPC error %s: %s" % (code, text))
-                self.fail("the panel refused protocol v2 (%s)" % self.rejected.detail)
+        self.strikes += 1  # reports are asked about until the panel takes one again
+        if first and reply.refuses_protocol:
+            self.rejected = ProtocolRejected(None, "JSON-RPC error %s: %s" % (code, text))
+            self.fail("the panel refused protocol v2 (%s)" % self.rejected.detail)
 
 
 def gzip_bytes(data):
