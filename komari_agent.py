@@ -771,10 +771,10 @@ def describe_body(body):
     text = body[:2000].decode("utf-8", "replace")
     title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
     if title:
-        return "an HTML page %r" % title.group(1).strip()[:80]
+        return "an HTML page %r" % clipped(title.group(1).strip(), 80)
     if "<html" in text.lower():
         return "an HTML page"
-    return repr(" ".join(text.split())[:160])
+    return repr(clipped(" ".join(text.split()), 160))
 
 
 # ---------------------------------------------------------------------------
@@ -3295,7 +3295,7 @@ def event_from_rpc(method, params):
     is only logged; KeyError for a method we do not know."""
     kind = RPC_EVENTS[method]
     if kind is None:
-        log.info("the panel says (%s): %s", method, json.dumps(params, ensure_ascii=False)[:200])  # NaN too
+        log.info("the panel says (%s): %s", method, clipped(json.dumps(params, ensure_ascii=False), 200))  # NaN too
         return None
     event = dict(params) if isinstance(params, dict) else {}
     event["message"] = kind
@@ -3331,7 +3331,7 @@ def read_rpc(message):
         error = message["error"] if isinstance(message["error"], dict) else {}
         code = error.get("code")
         text = "%s %s" % (error.get("message", ""), error.get("data", "") or "")
-        return RpcReply(request_id(message), error=(code if isinstance(code, int) else 0, text.strip()[:200]))
+        return RpcReply(request_id(message), error=(code if isinstance(code, int) else 0, clipped(text.strip(), 200)))
     if "result" not in message:
         raise ValueError("neither a result nor an error")
     result = message["result"]
@@ -3651,6 +3651,113 @@ class ResultSpool:
             self._forget(name)
 
 
+# -- tasks already run ---------------------------------------------------------------
+
+def task_key(task_id):
+    """What a task id is remembered by: itself, or a digest of a long one."""
+    if len(task_id) <= 64:
+        return task_id
+    import hashlib
+    return "sha256:" + hashlib.sha256(task_id.encode("utf-8", "replace")).hexdigest()
+
+
+RAN_DIR = "ran"
+RAN_KEEP = 512
+RAN_MAX_BYTES = 20 << 20
+RAN_NAME = re.compile(r"^[0-9a-f]{40}\.json$")
+
+
+class RunLedger:
+    """The exec tasks already run, each with its result once there is one:
+    one file per task (mode 0600) in the state directory, named by a digest
+    of its id, the newest RAN_KEEP (RAN_MAX_BYTES in all) kept. The panel hands an exec over again
+    when our acknowledgement got lost, after a restart of ours too; the
+    ledger makes that a second sending of the kept result, never a second
+    run. A task is written down before it starts, so one that a SIGKILL
+    interrupted is not run again either. Like the spool, it falls back to
+    memory when the directory cannot be written."""
+
+    def __init__(self, directory, keep=RAN_KEEP, max_bytes=RAN_MAX_BYTES):
+        self.directory = directory
+        self.keep, self.max_bytes = keep, max_bytes
+        self.lock = threading.Lock()
+        self.names = OrderedDict()   # name -> size, oldest first
+        self.total = 0
+        self.memory = {}             # name -> bytes, when the directory would not take them
+        self.mine = set()            # names claimed by this process
+        self.problem = private_directory(directory)
+        if not self.problem:
+            self.index_directory()
+
+    def index_directory(self):
+        try:
+            found = [(entry.stat(follow_symlinks=False), entry.name) for entry in os.scandir(self.directory)
+                     if RAN_NAME.match(entry.name)]
+        except OSError:
+            return
+        for st, name in sorted(found, key=lambda item: item[0].st_mtime_ns):
+            self.names[name] = st.st_size
+            self.total += st.st_size
+
+    @staticmethod
+    def name(task_id):
+        import hashlib
+        return hashlib.sha256(task_id.encode("utf-8", "replace")).hexdigest()[:40] + ".json"
+
+    def claim(self, task_id, record=True):
+        """("new", None) for a task not run before, then written down as
+        started unless not `record`; ("running", None) for one this process
+        runs now; ("done", result) with its kept result; ("lost", None) for
+        one an earlier process started and never finished."""
+        name = self.name(task_id)
+        with self.lock:
+            if name not in self.names:
+                if record:
+                    self.mine.add(name)
+                    self._store(name, {"task_id": task_id})
+                return "new", None
+            kept = self._load(name)
+            if isinstance(kept, dict) and kept.get("task_id") == task_id and "result" in kept:
+                return "done", kept
+            return ("running" if name in self.mine else "lost"), None
+
+    def finished(self, result):
+        """Keep the result of a task claimed by this process."""
+        name = self.name(str(result.get("task_id")))
+        with self.lock:
+            if name in self.mine:
+                self.mine.discard(name)
+                self._store(name, result)
+
+    def _store(self, name, obj):
+        data = encode(obj).encode("utf-8")
+        try:
+            if self.problem:
+                raise OSError(self.problem)
+            write_atomic(os.path.join(self.directory, name), data)
+        except OSError:
+            self.memory[name] = data   # the spool says once that the state directory fails
+        self.total += len(data) - self.names.pop(name, 0)
+        self.names[name] = len(data)
+        while len(self.names) > self.keep or self.total > self.max_bytes and len(self.names) > 1:
+            old = next(iter(self.names))
+            self.total -= self.names.pop(old)
+            self.memory.pop(old, None)
+            try:
+                os.unlink(os.path.join(self.directory, old))
+            except OSError:
+                pass
+
+    def _load(self, name):
+        data = self.memory.get(name)
+        try:
+            if data is None:
+                data = read_regular_file(os.path.join(self.directory, name), 64 << 20, follow=False)
+            return json.loads(data.decode("utf-8"))
+        except (OSError, ValueError):
+            return None
+
+
 # -- auto-discovery ----------------------------------------------------------------
 
 def discovery_file(cfg):
@@ -3793,14 +3900,6 @@ class Inbox:
         with self.lock:
             for event_id in ids:
                 self.acks.pop(event_id, None)
-
-
-def task_key(task_id):
-    """What a task id is remembered by: itself, or a digest of a long one."""
-    if len(task_id) <= 64:
-        return task_id
-    import hashlib
-    return "sha256:" + hashlib.sha256(task_id.encode("utf-8", "replace")).hexdigest()
 
 
 def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT, header=None):
@@ -5497,17 +5596,70 @@ class TerminalSession:
 
 # -- dispatch ----------------------------------------------------------------------
 
+# terminal refusals waiting for the one thread that dials to say so; beyond
+# this a refusal is only logged
+TERMINAL_REFUSALS_WAITING = 8
+
+
+class WorkerPool:
+    """Up to `size` long-lived daemon threads (named `name`) taking jobs in
+    order, and at most `backlog` jobs waiting beyond them: a burst of events
+    costs no thread each, and no thread is started and ended per task (glibc
+    keeps the stacks of ended threads, memory that does not come back)."""
+
+    def __init__(self, name, size, backlog=0):
+        self.name, self.size, self.backlog = name, size, backlog
+        self.cond = threading.Condition()
+        self.jobs = []
+        self.threads = self.idle = 0
+
+    def submit(self, job, *args):
+        """False, and nothing queued, when every thread is busy and the
+        backlog is full."""
+        with self.cond:
+            unserved = len(self.jobs) - self.idle  # queued jobs no idle thread is left for
+            if unserved >= 0 and self.threads >= self.size and unserved >= self.backlog:
+                return False
+            self.jobs.append((job, args))
+            if unserved >= 0 and self.threads < self.size:
+                self.threads += 1
+                threading.Thread(target=self._work, name=self.name, daemon=True).start()
+            else:
+                self.cond.notify()
+            return True
+
+    def _work(self):
+        while True:
+            with self.cond:
+                self.idle += 1
+                while not self.jobs:
+                    self.cond.wait()
+                self.idle -= 1
+                job, args = self.jobs.pop(0)
+            try:
+                job(*args)
+            except Exception:
+                log.exception("a %s task failed", self.name)
+
 
 class Tasks:
-    """Runs the panel's events, each on its own daemon thread, so the report
-    socket's reader and the report schedule are never held up."""
+    """Runs the panel's events on worker pools (WorkerPool), one per kind of
+    task and each as large as that kind's limit, so the report socket's
+    reader and the report schedule are never held up, and a burst of events
+    is refused beyond the limits rather than given a thread each."""
 
-    def __init__(self, cfg, panel, deliver_result, send_ping_result):
+    def __init__(self, cfg, panel, deliver_result, send_ping_result, ledger=None):
         """`deliver_result(result, refusal)` keeps an exec result until the
         panel has it; `send_ping_result(task_id, kind, value)` is False when
-        no link could carry it."""
-        self.cfg, self.panel = cfg, panel
+        no link could carry it; `ledger` (a RunLedger) knows the execs
+        already run."""
+        self.cfg, self.panel, self.ledger = cfg, panel, ledger
         self.deliver_result, self.link_ping_result = deliver_result, send_ping_result
+        # an exec's slot is freed before its result is spooled: room for as many more
+        self.exec_pool = WorkerPool("exec", cfg.max_execs, cfg.max_execs)
+        self.probe_pool = WorkerPool("ping", MAX_PROBES, MAX_PROBES_WAITING)
+        self.terminal_pool = WorkerPool("terminal", cfg.max_terminals, cfg.max_terminals)  # as for exec
+        self.refusal_pool = WorkerPool("terminal-refusal", 1, TERMINAL_REFUSALS_WAITING)
         self.error_once = OncePer()
         self.refusal_log = OncePer(60.0)
         self.lock = threading.Lock()
@@ -5531,7 +5683,7 @@ class Tasks:
         """Run one event in the v1 shape (v2 events arrive converted)."""
         kind = event.get("message")
         if event.get("status") == "error" and not kind:
-            text = str(event.get("error") or event.get("message") or "")[:200]
+            text = clipped(event.get("error") or event.get("message") or "", 200)
             if self.error_once(text):
                 log.warning("the panel reported an error: %s", text)
             return
@@ -5542,14 +5694,13 @@ class Tasks:
             return
         handler(event)
 
-    def spawn(self, name, target, *args):
-        threading.Thread(target=target, args=args, name=name, daemon=True).start()
-
     # -- exec --------------------------------------------------------------
     def on_exec(self, event):
         task_id, command = exec_request(event)
         if task_id is None:
             log.warning("ignoring an exec event without a task id")
+            return
+        if self.ledger is not None and self.run_before(task_id, *self.ledger.claim(task_id, record=False)):
             return
         if not command.strip():
             return self.finish_exec(task_id, "No command provided", 0, refusal=True)
@@ -5562,9 +5713,28 @@ class Tasks:
             log.warning("refused remote command %s: %d already running (--max-execs)", task_id[:40], self.cfg.max_execs)
             return self.finish_exec(task_id, "Refused: %d commands are already running on this server (--max-execs %d)."
                                     % (self.cfg.max_execs, self.cfg.max_execs), -1, refusal=True)
+        if self.ledger is not None and self.run_before(task_id, *self.ledger.claim(task_id)):
+            self.exec_slots.release()
+            return
         with self.lock:
             self.exec_threads += 1
-        self.spawn("exec", self.run_exec, task_id, command)
+        self.exec_pool.submit(self.run_exec, task_id, command)
+
+    def run_before(self, task_id, state, kept):
+        """Deal with an exec the ledger knows; False for a new one."""
+        if state == "new":
+            return False
+        if state == "done":
+            log.info("remote command %s already run; sending its kept result again", clipped(task_id, 40))
+            self.deliver_result(kept, False)
+        elif state == "running":
+            log.info("remote command %s is running already; not again", clipped(task_id, 40))
+        else:
+            log.warning("remote command %s was started before the agent restarted and its result was lost; "
+                        "not running it again", clipped(task_id, 40))
+            self.deliver_result(task_result(task_id, "komari-agent: the agent stopped while this command ran; "
+                                            "its output was lost and it was not run again.", -1), False)
+        return True
 
     def run_exec(self, task_id, command):
         try:
@@ -5615,7 +5785,9 @@ class Tasks:
             if self.refusal_log("ping-busy"):
                 log.warning("too many ping probes at once (%d); reporting loss", MAX_PROBES + MAX_PROBES_WAITING)
             return self.send_ping_result(task_id, kind, -1)
-        self.spawn("ping", self.run_probe, task_id, kind, target)
+        if not self.probe_pool.submit(self.run_probe, task_id, kind, target):
+            self.probe_slots.finish(None, False)
+            return self.send_ping_result(task_id, kind, -1)
 
     def run_probe(self, task_id, kind, target):
         slot = (kind.lower(), target.strip().lower())
@@ -5668,18 +5840,26 @@ class Tasks:
                 del self.request_ids[next(iter(self.request_ids))]
         if self.closing:
             return
-        self.spawn("terminal", self.run_terminal, request_id)
-
-    def run_terminal(self, request_id):
         url = self.panel.ws_url(TERMINAL_PATH, id=request_id)
         if self.cfg.disable_web_ssh:
             log.warning("refused a terminal session: remote control is disabled (--disable-web-ssh)")
-            return self.refuse_terminal(url, DISABLED_TERMINAL)
+            return self.queue_refusal(url, DISABLED_TERMINAL)
         if not self.terminal_slots.acquire(blocking=False):
-            log.warning("refused a terminal session: %d already open (--max-terminals)", self.cfg.max_terminals)
-            return self.refuse_terminal(url, "\r\nRefused: %d terminal sessions are already open on this server "
-                                        "(--max-terminals %d). Close one and try again.\r\n"
-                                        % (self.cfg.max_terminals, self.cfg.max_terminals))
+            if self.refusal_log("terminals-busy"):
+                log.warning("refused a terminal session: %d already open (--max-terminals)", self.cfg.max_terminals)
+            return self.queue_refusal(url, "\r\nRefused: %d terminal sessions are already open on this server "
+                                      "(--max-terminals %d). Close one and try again.\r\n"
+                                      % (self.cfg.max_terminals, self.cfg.max_terminals))
+        if not self.terminal_pool.submit(self.run_terminal, request_id, url):
+            self.terminal_slots.release()
+
+    def queue_refusal(self, url, text):
+        """The refusal is said on the terminal's socket, dialled by one thread;
+        a burst past TERMINAL_REFUSALS_WAITING is only logged."""
+        if not self.refusal_pool.submit(self.refuse_terminal, url, text) and self.refusal_log("refusals-busy"):
+            log.warning("too many terminal requests at once; refusing the rest without an answer")
+
+    def run_terminal(self, request_id, url):
         freed = []
 
         def free_slot(session=None):
@@ -5819,7 +5999,8 @@ class Agent:
         self.collector = Collector(cfg)
         self.collector.traffic = traffic_ledger(cfg)
         self.addresses = PublicAddresses(cfg, on_change=self.want_basic_info)
-        self.tasks = Tasks(cfg, self.panel, self.deliver_result, self.send_ping_result)
+        self.ran = RunLedger(os.path.join(state_dir(cfg), RAN_DIR))
+        self.tasks = Tasks(cfg, self.panel, self.deliver_result, self.send_ping_result, self.ran)
         self.inbox = Inbox(self.tasks.dispatch)
         self.chooser = LinkChooser(cfg, self.panel, self.inbox, self.tasks.handle,
                                    lambda: report_payload(self.collector.figures()))
@@ -5890,6 +6071,8 @@ class Agent:
     # -- results ------------------------------------------------------------
     def deliver_result(self, result, refusal=False):
         """Spool an exec result, then let the courier POST it."""
+        if not refusal:
+            self.ran.finished(result)
         self.spool.put(result, refusal)
         self.results_due.set()
 
