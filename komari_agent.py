@@ -3467,11 +3467,12 @@ class Panel:
         through --custom-dns."""
         return dial_tcp(self.cfg, address[0], address[1], timeout)
 
-    def exchange(self, url, obj, headers=(), limit=1 << 20, timeout=HTTP_TIMEOUT):
+    def exchange(self, url, obj, headers=(), limit=1 << 20, timeout=HTTP_TIMEOUT, answer_headers=None):
         """POST obj as JSON to url; (status, body) whatever the status, or
         OSError when the panel could not be reached. `timeout` bounds the
         whole exchange, not each read: a panel or proxy that trickles its
-        answer is cut off."""
+        answer is cut off. The answer's headers go into the dict
+        `answer_headers` (names in lower case) when one is given."""
         import urllib.error
         import urllib.request
         data = obj if isinstance(obj, bytes) else encode(obj).encode("utf-8")
@@ -3480,8 +3481,10 @@ class Panel:
         try:
             try:
                 with self.opener(cutter).open(request, timeout=timeout) as reply:
+                    keep_headers(reply.headers, answer_headers)
                     return reply.status, reply.read(limit)
             except urllib.error.HTTPError as e:
+                keep_headers(e.headers, answer_headers)
                 return e.code, e.read(4096) if e.fp else b""
         except (OSError, ValueError, http_exceptions()) as e:
             raise http_failure(e, cutter)
@@ -3496,6 +3499,11 @@ class Panel:
         if status != 200 or parsed is None:
             raise PanelRefused(status, describe_body(body))
         return parsed
+
+
+def keep_headers(headers, into):
+    if into is not None and headers is not None:
+        into.update((name.lower(), value) for name, value in headers.items())
 
 
 def explain_refusal(error, what):
@@ -3828,6 +3836,49 @@ class ProtocolRejected(AgentError):
         self.detail = detail
 
 
+class SocketSilent(AgentError):
+    """A v2 socket that the panel (or a proxy) took, on which the first call
+    went unanswered for FIRST_ANSWER_DEADLINE: not a working link."""
+
+
+# Retry-After is honoured up to this; a proxy cannot park the agent for longer
+RETRY_AFTER_CAP = 300.0
+
+
+class PanelBusy(AgentError):
+    """The panel, or a proxy in front of it, answered 429 or 5xx: a passing
+    problem, never a refusal of protocol v2. `wait`: the seconds its
+    Retry-After asked for (capped), or None."""
+
+    def __init__(self, status, detail, wait):
+        super().__init__("HTTP %s with %s%s" % (status, detail, "" if wait is None else
+                                                 ", asking to wait %d s (Retry-After)" % round(wait)))
+        self.status, self.detail, self.wait = status, str(self), wait
+
+
+def busy_status(status):
+    return status == 429 or 500 <= (status or 0) < 600
+
+
+def retry_after_seconds(value, now=None):
+    """The seconds a Retry-After header asks for (a number, or an HTTP date),
+    within [0, RETRY_AFTER_CAP]; None when there is none that can be read."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return min(RETRY_AFTER_CAP, float(value))
+    from email.utils import parsedate_to_datetime
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:   # "-0000": UTC, as HTTP dates always are
+        from datetime import timezone
+        when = when.replace(tzinfo=timezone.utc)
+    return min(RETRY_AFTER_CAP, max(0.0, when.timestamp() - (time.time() if now is None else now)))
+
+
 class Inbox:
     """Events from every link on their way to Tasks. It outlives the links, so
     an event delivered twice (by a pull result, again by a report result, once
@@ -4025,8 +4076,10 @@ class Deflate:
 # one line per kind an hour, whatever a hostile panel keeps doing
 FRAME_TROUBLE_LOG = OncePer(3600.0)
 # A v2 socket whose first call is not answered within this is not working
-# (a proxy that upgrades and then passes nothing): POST mode is tried next.
+# (a proxy that upgrades and then passes nothing): POST mode is tried next,
+# and the socket again after SILENT_SOCKET_RETRY.
 FIRST_ANSWER_DEADLINE = 5.0
+SILENT_SOCKET_RETRY = 60.0
 
 
 # The close code of every socket we leave: the server logs an error for a
@@ -4058,7 +4111,6 @@ class Link:
         self.why = ""
         self.rejected = None
         self.successor = None
-        self.silent = False   # the panel took the link but never answered on it
 
     def fail(self, why):
         if not self.dead.is_set():
@@ -4096,6 +4148,8 @@ class SocketLink(Link):
         self.reader = threading.Thread(target=self._read_loop, name="ws-reader", daemon=True)
 
     def start(self):
+        if self.reader.ident is not None:
+            return  # started already, to be verified (verified())
         # a short socket timeout bounds every blocked send; the reader treats
         # timeouts as "nothing yet" and keeps going
         self.sock.settimeout(5.0)
@@ -4321,7 +4375,7 @@ class RpcLink(SocketLink):
         self.strikes = 0
         self.reports = 0
         self.first_sent = None   # when the link's first request went out
-        self.first_answered = False
+        self.first_answer = threading.Event()
         self.error_log = OncePer(60.0)
 
     def request(self, text_for, what):
@@ -4352,19 +4406,8 @@ class RpcLink(SocketLink):
         return True
 
     def proven(self):
-        """The panel answered the link's first call (a pong alone is a proxy's)."""
-        return self.first_answered
-
-    def keepalive(self, now):
-        wake = super().keepalive(now)
-        if self.first_sent is not None and not self.first_answered:
-            if now - self.first_sent > FIRST_ANSWER_DEADLINE:
-                self.silent = True
-                self.fail("the panel accepted the socket but did not answer its first call within %g s"
-                          % FIRST_ANSWER_DEADLINE)
-                raise LinkClosed(self.why)
-            wake = min(wake, self.first_sent + FIRST_ANSWER_DEADLINE + 0.05)
-        return wake
+        """The panel answered a call on the link (a pong alone may be a proxy's)."""
+        return self.first_answer.is_set()
 
     def on_message(self, payload):
         message = parse_event(payload)
@@ -4394,7 +4437,7 @@ class RpcLink(SocketLink):
                             "(JSON-RPC error %s)", clipped(repr(reply.answers), 40), reply.error[1], reply.error[0])
             return
         first = reply.answers == self.FIRST_ID
-        self.first_answered = True
+        self.first_answer.set()
         kind, carried = what
         if reply.error is None:
             self.strikes = 0
@@ -4460,11 +4503,12 @@ class KeptAlive:
             conn._create_connection = self.panel.dial_through_custom_dns
         return conn
 
-    def post(self, body, headers, timeout, limit=MAX_MESSAGE_BYTES):
+    def post(self, body, headers, timeout, limit=MAX_MESSAGE_BYTES, answer_headers=None):
         """(status, body) as Panel.exchange gives them, within `timeout` overall
         (a ConnectionCutter, as there: a trickled answer is cut off)."""
         if not self.direct:
-            return self.panel.exchange(self.url, body, headers=headers, limit=limit, timeout=timeout)
+            return self.panel.exchange(self.url, body, headers=headers, limit=limit, timeout=timeout,
+                                       answer_headers=answer_headers)
         headers = post_headers(headers)
         cutter = ConnectionCutter(timeout)
         try:
@@ -4480,6 +4524,7 @@ class KeptAlive:
                     self.conn.timeout = timeout
                     self.conn.request("POST", self.target, body, headers)
                     reply = self.conn.getresponse()
+                    keep_headers(reply.headers, answer_headers)
                     data = reply.read(limit)
                     if reply.will_close or not reply.isclosed():
                         self.close()  # the panel closes it, or we left part of the body unread
@@ -4501,14 +4546,28 @@ class KeptAlive:
             except Exception:
                 pass
 
+    def abort(self):
+        """End a request under way on another thread (shutdown() wakes it)."""
+        conn = self.conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
 
 class PostLink(Link):
     """Protocol v2 by HTTP POST, for a panel behind a proxy that refuses
     WebSocket upgrades: a report POSTed every interval (gzip), one agent.pull
     long poll always waiting for events, and a dial of the WebSocket
-    (`redial`) every --reconnect-interval; the first that works becomes this
-    link's successor. A terminal can never reach this link: the panel needs
-    a socket for it."""
+    (`redial`, which gives a link the panel answered on) every
+    `socket_wait` seconds (--reconnect-interval; SILENT_SOCKET_RETRY after
+    a silent socket), and at once when a POST gets through after failing;
+    the first that works becomes this link's successor. A 429 or 5xx from
+    the panel or a proxy is a pause, as long as its Retry-After asks, not a
+    failure. A terminal can never reach this link: the panel needs a socket
+    for it."""
 
     kind = V2_POST
 
@@ -4526,6 +4585,10 @@ class PostLink(Link):
         self.last_success = time.monotonic()
         self.heard = False
         self.trouble_log = OncePer(60.0)
+        self.quiet_until = 0.0   # a busy panel or proxy asked for quiet until then
+        self.busy_streak = 0
+        self.socket_wait = cfg.reconnect_interval
+        self.redial_now = threading.Event()
 
     @classmethod
     def open(cls, cfg, panel, inbox, redial, first_report):
@@ -4552,13 +4615,19 @@ class PostLink(Link):
         body, headers = text.encode("utf-8"), {}
         if not self.cfg.disable_compression:
             body, headers = gzip_bytes(body), {"Content-Encoding": "gzip"}
+        answer = {}
         if via is not None:
-            status, data = via.post(body, headers, timeout)
+            status, data = via.post(body, headers, timeout, answer_headers=answer)
         else:
-            status, data = self.panel.exchange(self.url, body, headers=headers, timeout=timeout)
+            status, data = self.panel.exchange(self.url, body, headers=headers, timeout=timeout, answer_headers=answer)
         try:
             if data[:2] == b"\x1f\x8b":
                 data = gunzip_bytes(data)
+        except (ValueError, zlib.error):
+            pass
+        if busy_status(status):
+            raise PanelBusy(status, describe_body(data), retry_after_seconds(answer.get("retry-after")))
+        try:
             message = clean_strings(json.loads(data.decode("utf-8")))
             reply = read_rpc(message) if isinstance(message, dict) else None
         except (ValueError, UnicodeDecodeError, RecursionError, zlib.error):
@@ -4589,6 +4658,8 @@ class PostLink(Link):
         link dies after PROTOCOL_STRIKES of them in a row. OSError passes."""
         try:
             reply = self.post(text, timeout, via)
+        except PanelBusy as e:
+            return self.pause(e)
         except ProtocolRejected as e:
             if e.status == 401:  # a revoked token, not a panel without v2: no strike, no fallback
                 self.fail(e.detail)
@@ -4604,9 +4675,28 @@ class PostLink(Link):
             return
         with self.lock:
             self.strikes = 0
+            self.busy_streak = 0
         self.settle(reply, acks)
 
+    def pause(self, busy):
+        """Keep quiet as long as a busy panel or proxy asks (Retry-After), else
+        for a wait that doubles while it stays busy; one line per episode."""
+        with self.lock:
+            wait = max(self.cfg.reconnect_interval, busy.wait) if busy.wait is not None else \
+                min(RETRY_AFTER_CAP, max(1.0, self.cfg.reconnect_interval) * 2 ** min(self.busy_streak, 8))
+            self.quiet_until = max(self.quiet_until, time.monotonic() + wait)
+            self.busy_streak += 1
+            first = self.busy_streak == 1
+        if first:
+            log.warning("v2 POST: the panel or a proxy in front of it is busy (%s); quiet for %d s, staying on "
+                        "protocol v2", busy.detail, round(wait))
+
+    def quiet(self):
+        return time.monotonic() < self.quiet_until
+
     def send_report(self, report):
+        if self.quiet():
+            return  # skipped, as a busy panel or proxy asked
         acks = self.inbox.pending_acks()
         try:
             self.exchange(self.report_request(report, acks), acks, timeout=PONG_DEADLINE, via=self.reporting)
@@ -4616,6 +4706,8 @@ class PostLink(Link):
             if self.failures >= 3 or time.monotonic() - self.last_success > PONG_DEADLINE:
                 self.fail("%d reports by POST failed in a row (%s)" % (self.failures, describe_error(e)))
         else:
+            if self.failures:
+                self.redial_now.set()  # the panel is back: the socket may be too
             self.failures = 0
             self.last_success = time.monotonic()
         if self.dead.is_set():
@@ -4644,20 +4736,26 @@ class PostLink(Link):
     def proven(self):
         return self.heard
 
-    def close(self):
+    def close(self, status=GOING_AWAY):
+        """Ends the waiting agent.pull too: none is left open on the panel."""
         self.fail(self.why or "closed")
+        self.redial_now.set()
+        self.pulling.abort()
         self.reporting.close()
 
     def _pull_loop(self):
         """One agent.pull always waiting: the panel answers when it has events
         for us, or after 25 s."""
         while not self.dead.is_set():
+            if self.quiet():
+                self.dead.wait(self.quiet_until - time.monotonic())
+                continue
             acks = self.inbox.pending_acks()
             started = time.monotonic()
             try:
                 self.exchange(rpc_pull(acks, "pull-%d" % next(self.ids)), acks, timeout=PULL_TIMEOUT, via=self.pulling)
             except OSError as e:
-                if self.trouble_log(("pull", type(e).__name__)):
+                if not self.dead.is_set() and self.trouble_log(("pull", type(e).__name__)):
                     log.warning("agent.pull failed: %s", describe_error(e))
                 self.dead.wait(self.cfg.reconnect_interval)
                 continue
@@ -4666,11 +4764,19 @@ class PostLink(Link):
         self.pulling.close()
 
     def _retry_websocket(self):
-        while not self.dead.wait(self.cfg.reconnect_interval):
+        while True:
+            self.redial_now.wait(self.socket_wait)
+            self.redial_now.clear()
+            if self.dead.is_set():
+                return
+            if self.quiet():
+                continue
             try:
                 link = self.redial()
             except Exception as e:
-                log.debug("the v2 WebSocket still fails: %s", handshake_problem(e))
+                silent = isinstance(e, SocketSilent)
+                self.socket_wait = SILENT_SOCKET_RETRY if silent else self.cfg.reconnect_interval
+                log.debug("the v2 WebSocket still fails: %s", str(e) if silent else handshake_problem(e))
                 continue
             if self.dead.is_set():
                 link.close()
@@ -4678,6 +4784,7 @@ class PostLink(Link):
             self.successor = link
             log.info("leaving POST mode: the WebSocket works again")
             self.fail("the WebSocket works again")
+            self.pulling.abort()
             return
 
 
@@ -4688,11 +4795,16 @@ PULL_TIMEOUT = 35.0
 
 
 def dial_websocket(cfg, url, header=None):
-    """open_websocket(), with a refused upgrade as ProtocolRejected."""
+    """open_websocket(), with a refused upgrade as ProtocolRejected, and a
+    429 or 5xx (a busy panel or proxy) as PanelBusy."""
     try:
         return open_websocket(cfg, url, header=header)
     except Exception as e:
         status = getattr(e, "status_code", None)
+        if busy_status(status):
+            headers = getattr(e, "resp_headers", None) or {}
+            raise PanelBusy(status, describe_body(getattr(e, "resp_body", None) or b""),
+                            retry_after_seconds(headers.get("retry-after")))
         if status is not None:
             raise ProtocolRejected(status, handshake_problem(e))
         raise
@@ -4711,6 +4823,30 @@ def dial_rpc_socket(cfg, panel, inbox):
     offered = headers.get("sec-websocket-extensions") or headers.get("Sec-WebSocket-Extensions")
     params = None if cfg.disable_compression else deflate_params(offered)
     return RpcLink(ws, inbox, Deflate(params) if params is not None else None)
+
+
+def verified(link, first_report):
+    """`link`, a new RpcLink, started, once the panel answered its first call
+    (`first_report`); SocketSilent (the link closed) when no answer came
+    within FIRST_ANSWER_DEADLINE, or what ended the link meanwhile."""
+    link.start()
+    deadline = time.monotonic() + FIRST_ANSWER_DEADLINE
+    try:
+        link.send_report(first_report)
+        while not link.first_answer.wait(0.05):
+            if link.dead.is_set():
+                raise link.rejected or LinkClosed(link.why)
+            if time.monotonic() >= deadline:
+                raise SocketSilent("the panel took the v2 WebSocket but did not answer its first call within "
+                                   "%g s" % FIRST_ANSWER_DEADLINE)
+    except BaseException:
+        link.close()
+        raise
+    if link.rejected is not None:
+        link.close()
+        raise link.rejected
+    link.reported_at_open = True
+    return link
 
 
 def dial_report_socket(cfg, panel, handle):
@@ -4741,6 +4877,7 @@ class LinkChooser:
         self.v1_dials = 0
         self.last_problem = ""
         self.v1_reason = "--protocol-version 1"
+        self.silent_at = None   # when a v2 socket last went unanswered
 
     def next(self):
         if self.on_v1:
@@ -4749,15 +4886,36 @@ class LinkChooser:
 
     def dial(self, kind):
         """A live link of `kind`; ProtocolRejected or another error when it
-        could not be had."""
+        could not be had. The panel's answer to POST mode's first report is
+        the sign to try the socket at once: a panel back from an outage is
+        back on the socket, not in POST mode until the next retry."""
         if kind == V2_SOCKET:
             return self.dial_v2_socket()
         if kind == V2_POST:
-            return PostLink.open(self.cfg, self.panel, self.inbox, self.dial_v2_socket, self.report())
+            post = PostLink.open(self.cfg, self.panel, self.inbox, self.dial_v2_socket, self.report())
+            if self.silent_recently():
+                post.socket_wait = SILENT_SOCKET_RETRY
+                return post
+            try:
+                link = self.dial_v2_socket()
+            except Exception as e:
+                if isinstance(e, SocketSilent):
+                    post.socket_wait = SILENT_SOCKET_RETRY
+                return post
+            post.close()  # never started: no pull waits on it
+            return link
         return dial_report_socket(self.cfg, self.panel, self.handle)
 
     def dial_v2_socket(self):
-        return dial_rpc_socket(self.cfg, self.panel, self.inbox)
+        """A v2 socket the panel answered on (verified())."""
+        try:
+            return verified(dial_rpc_socket(self.cfg, self.panel, self.inbox), self.report())
+        except SocketSilent:
+            self.silent_at = time.monotonic()
+            raise
+
+    def silent_recently(self):
+        return self.silent_at is not None and time.monotonic() - self.silent_at < SILENT_SOCKET_RETRY
 
     def why(self, kind):
         """Why `kind` is in use, for the one line naming the mode."""
@@ -4765,7 +4923,7 @@ class LinkChooser:
             return self.v1_reason
         if kind == V2_POST:
             return "the v2 WebSocket failed %d times in a row (last: %s); retrying it every %gs" % (
-                self.dials, self.last_problem, self.interval)
+                self.dials, self.last_problem, SILENT_SOCKET_RETRY if self.silent_recently() else self.interval)
         return "--protocol-version 2"
 
     def failed(self, kind, error, problem):
@@ -4774,6 +4932,9 @@ class LinkChooser:
         self.last_problem = problem
         # a refused token says nothing about the protocol: it is no strike
         protocol = isinstance(error, ProtocolRejected) and error.status != 401
+        if kind == V2_SOCKET and isinstance(error, SocketSilent):
+            self.dials = self.retries  # one is enough: POST mode now
+            return True
         if kind == V2_SOCKET:
             self.dials += 1
         elif kind == V2_POST and not protocol:
@@ -6009,6 +6170,7 @@ class Agent:
         self.link = None
         self.failures = 0  # connect attempts failed since the last good link
         self.outage_since = None  # when the first of them failed
+        self.busy_episode = False  # a busy panel's refusal of a dial was logged
         self.info_wanted = threading.Event()
         self.slow_facts = {}  # slow_facts(), looked up by the basic-info thread
         self.refused_log = OncePer(60.0)
@@ -6136,9 +6298,17 @@ class Agent:
             try:
                 return self.chooser.dial(kind)
             except Exception as e:
-                problem = e.detail if isinstance(e, ProtocolRejected) else handshake_problem(e)
+                problem = e.detail if isinstance(e, ProtocolRejected) else \
+                    str(e) if isinstance(e, AgentError) else handshake_problem(e)
                 at_once = self.chooser.failed(kind, e, problem)
-                if self.refused_log(("link", problem)):
+                busy = e if isinstance(e, PanelBusy) else None
+                if busy is not None:
+                    # one line an episode: its Retry-After may change at every answer
+                    if not self.busy_episode:
+                        log.warning("cannot connect the report link (%s): the panel or a proxy in front of it is "
+                                    "busy (%s); trying again as it asks, staying on protocol v2", kind, problem)
+                    self.busy_episode = True
+                elif self.refused_log(("link", problem)):
                     log.warning("cannot connect the report link (%s): %s", kind, problem)
                 # a wrong token will not fix itself in seconds
                 refused_token = getattr(e, "status", None) == 401
@@ -6146,13 +6316,13 @@ class Agent:
                                 "cannot connect the report link (%s): %s" % (kind, problem))
                 if at_once:
                     continue  # refused, not unreachable: the next kind of link is dialled at once
-                if not self.wait_after_failure(refused_token=refused_token):
+                if not self.wait_after_failure(refused_token=refused_token, at_least=busy and busy.wait or 0.0):
                     return None
         return None
 
-    def wait_after_failure(self, refused_token=False):
-        """Count a failed attempt and wait before the next (reconnect_delay).
-        False once stopping. No basic info here (the official agent uploads
+    def wait_after_failure(self, refused_token=False, at_least=0.0):
+        """Count a failed attempt and wait before the next (reconnect_delay,
+        or `at_least` as a busy panel's Retry-After asks). False once stopping. No basic info here (the official agent uploads
         it after each failed round): the next link sends it, and two uploads
         in the same second when the panel returns are one too many."""
         self.failures += 1
@@ -6164,18 +6334,21 @@ class Agent:
             delay = backoff_delay(self.cfg.reconnect_interval, 3 + (self.failures - 1) // retries)
         else:
             delay = reconnect_delay(self.cfg.reconnect_interval, now - self.outage_since)
-        return not self.stop.wait(delay)
+        return not self.stop.wait(max(delay, at_least))
 
-    def serve(self, link):
+    def serve(self, link, handover=False):
         """Report every period until the link dies or the agent stops. True
-        when the panel answered on it (a link that proved itself)."""
+        when the panel answered on it (a link that proved itself). Basic info
+        goes once per link, but not again on a `handover` (POST mode's
+        socket, a moment later: the panel has it)."""
         proven = False
         self.chooser.connected(link)
         self.link = link
         link.start()
         log.info("report link up: %s; %s", link.label, self.chooser.why(link.kind))
         self.status.set("connected")
-        self.want_basic_info()
+        if not handover:
+            self.want_basic_info()
         self.results_due.set()
         next_report = first_report = time.monotonic() + (self.period if link.reported_at_open else 0.0)
         try:
@@ -6183,7 +6356,7 @@ class Agent:
                 now = time.monotonic()
                 if not proven and link.proven():
                     # the next outage starts from short delays again
-                    proven, self.failures, self.outage_since = True, 0, None
+                    proven, self.failures, self.outage_since, self.busy_episode = True, 0, None, False
                 if now >= next_report:
                     link.send_report(report_payload(self.collector.figures()))
                     if next_report == first_report:
@@ -6243,12 +6416,14 @@ class Agent:
         self.results_due.set()
         link = None
         while not self.stop.is_set():
-            link = (link and link.successor) or self.connect()
+            successor = link and link.successor
+            link = successor or self.connect()
             if link is None:
                 break
             # a link that never answered counts as a failed attempt, so a panel
             # that accepts and drops at once is not dialled in a tight loop
-            if not self.serve(link) and not self.stop.is_set() and not self.wait_after_failure():
+            if not self.serve(link, handover=bool(successor)) and not self.stop.is_set() \
+                    and not self.wait_after_failure():
                 break
 
     def shutdown(self):
@@ -6259,7 +6434,7 @@ class Agent:
         self.tasks.shutdown()
         link = self.link
         if link is not None:
-            link.close()
+            link.close(GOING_AWAY)
 
 
 # ---------------------------------------------------------------------------
