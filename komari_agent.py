@@ -3856,6 +3856,14 @@ class PanelBusy(AgentError):
         self.status, self.detail, self.wait = status, str(self), wait
 
 
+def busy_wait(busy, interval, streak):
+    """Seconds to keep quiet after the `streak`-th busy answer in a row (from
+    0): what Retry-After asks, but never less than `interval` doubling with
+    each answer (a date already past, or none, must not make a loop)."""
+    backoff = min(RETRY_AFTER_CAP, max(0.1, interval) * 2 ** min(streak, 12))
+    return max(backoff, busy.wait or 0.0)
+
+
 def busy_status(status):
     return status == 429 or 500 <= (status or 0) < 600
 
@@ -4077,9 +4085,10 @@ class Deflate:
 FRAME_TROUBLE_LOG = OncePer(3600.0)
 # A v2 socket whose first call is not answered within this is not working
 # (a proxy that upgrades and then passes nothing): POST mode is tried next,
-# and the socket again after SILENT_SOCKET_RETRY.
+# and the socket again only after SILENT_RETRY_INTERVALS --reconnect-interval's
+# (a minute by default), each try costing the deadline.
 FIRST_ANSWER_DEADLINE = 5.0
-SILENT_SOCKET_RETRY = 60.0
+SILENT_RETRY_INTERVALS = 12
 
 
 # The close code of every socket we leave: the server logs an error for a
@@ -4562,8 +4571,8 @@ class PostLink(Link):
     WebSocket upgrades: a report POSTed every interval (gzip), one agent.pull
     long poll always waiting for events, and a dial of the WebSocket
     (`redial`, which gives a link the panel answered on) every
-    `socket_wait` seconds (--reconnect-interval; SILENT_SOCKET_RETRY after
-    a silent socket), and at once when a POST gets through after failing;
+    `socket_wait` seconds (--reconnect-interval; SILENT_RETRY_INTERVALS of
+    them after a silent socket), and at once when a POST gets through after failing;
     the first that works becomes this link's successor. A 429 or 5xx from
     the panel or a proxy is a pause, as long as its Retry-After asks, not a
     failure. A terminal can never reach this link: the panel needs a socket
@@ -4682,8 +4691,7 @@ class PostLink(Link):
         """Keep quiet as long as a busy panel or proxy asks (Retry-After), else
         for a wait that doubles while it stays busy; one line per episode."""
         with self.lock:
-            wait = max(self.cfg.reconnect_interval, busy.wait) if busy.wait is not None else \
-                min(RETRY_AFTER_CAP, max(1.0, self.cfg.reconnect_interval) * 2 ** min(self.busy_streak, 8))
+            wait = busy_wait(busy, self.cfg.reconnect_interval, self.busy_streak)
             self.quiet_until = max(self.quiet_until, time.monotonic() + wait)
             self.busy_streak += 1
             first = self.busy_streak == 1
@@ -4775,7 +4783,7 @@ class PostLink(Link):
                 link = self.redial()
             except Exception as e:
                 silent = isinstance(e, SocketSilent)
-                self.socket_wait = SILENT_SOCKET_RETRY if silent else self.cfg.reconnect_interval
+                self.socket_wait = self.cfg.reconnect_interval * (SILENT_RETRY_INTERVALS if silent else 1)
                 log.debug("the v2 WebSocket still fails: %s", str(e) if silent else handshake_problem(e))
                 continue
             if self.dead.is_set():
@@ -4894,13 +4902,13 @@ class LinkChooser:
         if kind == V2_POST:
             post = PostLink.open(self.cfg, self.panel, self.inbox, self.dial_v2_socket, self.report())
             if self.silent_recently():
-                post.socket_wait = SILENT_SOCKET_RETRY
+                post.socket_wait = self.silent_wait()
                 return post
             try:
                 link = self.dial_v2_socket()
             except Exception as e:
                 if isinstance(e, SocketSilent):
-                    post.socket_wait = SILENT_SOCKET_RETRY
+                    post.socket_wait = self.silent_wait()
                 return post
             post.close()  # never started: no pull waits on it
             return link
@@ -4914,8 +4922,11 @@ class LinkChooser:
             self.silent_at = time.monotonic()
             raise
 
+    def silent_wait(self):
+        return self.interval * SILENT_RETRY_INTERVALS
+
     def silent_recently(self):
-        return self.silent_at is not None and time.monotonic() - self.silent_at < SILENT_SOCKET_RETRY
+        return self.silent_at is not None and time.monotonic() - self.silent_at < self.silent_wait()
 
     def why(self, kind):
         """Why `kind` is in use, for the one line naming the mode."""
@@ -4923,7 +4934,7 @@ class LinkChooser:
             return self.v1_reason
         if kind == V2_POST:
             return "the v2 WebSocket failed %d times in a row (last: %s); retrying it every %gs" % (
-                self.dials, self.last_problem, SILENT_SOCKET_RETRY if self.silent_recently() else self.interval)
+                self.dials, self.last_problem, self.silent_wait() if self.silent_recently() else self.interval)
         return "--protocol-version 2"
 
     def failed(self, kind, error, problem):
@@ -5784,6 +5795,7 @@ class WorkerPool:
             self.jobs.append((job, args))
             if unserved >= 0 and self.threads < self.size:
                 self.threads += 1
+                self.idle += 1   # counted idle from now: the job is its
                 threading.Thread(target=self._work, name=self.name, daemon=True).start()
             else:
                 self.cond.notify()
@@ -5792,7 +5804,6 @@ class WorkerPool:
     def _work(self):
         while True:
             with self.cond:
-                self.idle += 1
                 while not self.jobs:
                     self.cond.wait()
                 self.idle -= 1
@@ -5801,6 +5812,8 @@ class WorkerPool:
                 job(*args)
             except Exception:
                 log.exception("a %s task failed", self.name)
+            with self.cond:
+                self.idle += 1
 
 
 class Tasks:
@@ -6170,7 +6183,7 @@ class Agent:
         self.link = None
         self.failures = 0  # connect attempts failed since the last good link
         self.outage_since = None  # when the first of them failed
-        self.busy_episode = False  # a busy panel's refusal of a dial was logged
+        self.busy_streak = 0  # busy answers to dials in a row (PanelBusy)
         self.info_wanted = threading.Event()
         self.slow_facts = {}  # slow_facts(), looked up by the basic-info thread
         self.refused_log = OncePer(60.0)
@@ -6304,10 +6317,10 @@ class Agent:
                 busy = e if isinstance(e, PanelBusy) else None
                 if busy is not None:
                     # one line an episode: its Retry-After may change at every answer
-                    if not self.busy_episode:
+                    if not self.busy_streak:
                         log.warning("cannot connect the report link (%s): the panel or a proxy in front of it is "
                                     "busy (%s); trying again as it asks, staying on protocol v2", kind, problem)
-                    self.busy_episode = True
+                    self.busy_streak += 1
                 elif self.refused_log(("link", problem)):
                     log.warning("cannot connect the report link (%s): %s", kind, problem)
                 # a wrong token will not fix itself in seconds
@@ -6316,7 +6329,8 @@ class Agent:
                                 "cannot connect the report link (%s): %s" % (kind, problem))
                 if at_once:
                     continue  # refused, not unreachable: the next kind of link is dialled at once
-                if not self.wait_after_failure(refused_token=refused_token, at_least=busy and busy.wait or 0.0):
+                wait = busy_wait(busy, self.cfg.reconnect_interval, self.busy_streak - 1) if busy else 0.0
+                if not self.wait_after_failure(refused_token=refused_token, at_least=wait):
                     return None
         return None
 
@@ -6356,7 +6370,7 @@ class Agent:
                 now = time.monotonic()
                 if not proven and link.proven():
                     # the next outage starts from short delays again
-                    proven, self.failures, self.outage_since, self.busy_episode = True, 0, None, False
+                    proven, self.failures, self.outage_since, self.busy_streak = True, 0, None, 0
                 if now >= next_report:
                     link.send_report(report_payload(self.collector.figures()))
                     if next_report == first_report:
