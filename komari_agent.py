@@ -650,6 +650,53 @@ def drop_tcp(sock):
         pass
 
 
+class Deadlines:
+    """Calls each function given to at() when its time comes, all on one
+    daemon thread ("deadlines", started at the first): a deadline per HTTP
+    exchange (a report a second in POST mode) then costs no thread of its
+    own, and threads started and ended by the thousand leave native memory
+    behind that never comes back."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.due = {}   # key -> (monotonic time, function)
+        self.keys = itertools.count()
+        self.thread = None
+
+    def at(self, when, function):
+        """A key for cancel()."""
+        with self.cond:
+            key = next(self.keys)
+            self.due[key] = (when, function)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+        return key
+
+    def cancel(self, key):
+        with self.cond:
+            self.due.pop(key, None)
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while True:
+                    now = time.monotonic()
+                    key = min(self.due, key=lambda k: self.due[k][0], default=None)
+                    if key is not None and self.due[key][0] <= now:
+                        function = self.due.pop(key)[1]
+                        break
+                    self.cond.wait(None if key is None else self.due[key][0] - now)
+            try:
+                function()
+            except Exception:
+                log.exception("a deadline's action failed")
+
+
+DEADLINES = Deadlines()
+
+
 class ConnectionCutter:
     """One overall deadline for an HTTP exchange: when it passes, the
     connections opened for the exchange are shut down, which ends any read
@@ -660,9 +707,7 @@ class ConnectionCutter:
         self.lock = threading.Lock()
         self.sockets = []  # duplicates: shutting one down ends the connection, never a reused fd
         self.fired = self.done = False
-        self.timer = threading.Timer(seconds, self.fire)
-        self.timer.daemon = True
-        self.timer.start()
+        self.deadline = DEADLINES.at(time.monotonic() + seconds, self.fire)
 
     def watch(self, create_connection):
         def create(*args, **kwargs):
@@ -704,7 +749,7 @@ class ConnectionCutter:
         return socket.timeout(errno.ETIMEDOUT, "no complete answer within %gs" % self.seconds)
 
     def cancel(self):
-        self.timer.cancel()
+        DEADLINES.cancel(self.deadline)
         with self.lock:
             self.done = True
             for sock in self.sockets:

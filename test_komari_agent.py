@@ -5133,6 +5133,32 @@ def test_footprint_sink_speaks_rfc6455():
         sink.server_close()
 
 
+def test_started_as_a_module_from_cached_bytecode_it_reports_and_stops_with_1001(panel, tmp_path):
+    # how installed agents start: the interpreter compiles nothing (no syntax tree, no peak)
+    install = tmp_path / "install"
+    install.mkdir()
+    shutil.copy(AGENT, install / "komari_agent.py")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(install)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(AGENT_TOKEN=panel.token, NO_PROXY="127.0.0.1,localhost")
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-v", "-m", "komari_agent", "-e", panel.endpoint, "-i", "0.5",
+                                 "--custom-ipv4", "192.0.2.7", "--state-dir", str(tmp_path / "state")],
+                                cwd=str(install), env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            panel.wait_for(lambda: len(panel.reports) >= 2 and panel.basic_infos, 15, "reports from the module")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(5) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+    log = (tmp_path / "stderr").read_text(errors="replace")
+    assert "code object from '%s" % (install / "__pycache__" / "komari_agent.") in log
+    assert panel.close_codes == [(1001, "")] and panel.token not in log
+
+
+
 # ---------------------------------------------------------------------------
 # The project's documents: the README's commands, flags and sources
 # ---------------------------------------------------------------------------
