@@ -18,6 +18,7 @@ Benchmarks) and the checks of the README against the code.
 
 import base64
 import configparser
+import contextlib
 import gzip
 import importlib.util
 import io
@@ -1245,12 +1246,18 @@ def test_a_short_token_does_not_garble_the_log(panel, start_agent):
     assert "token=o" not in agent.log
 
 
-def test_flood_limited_log_says_one_line_then_a_count():
+def flood_limited_logger(period):
+    """A logger writing through ka.FloodLimitedHandler into a StringIO; (logger, stream)."""
     stream = io.StringIO()
-    handler = ka.FloodLimitedHandler(stream, period=0.2)
+    handler = ka.FloodLimitedHandler(stream, period=period)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logger = logging.Logger("flood-test")
     logger.addHandler(handler)
+    return logger, stream
+
+
+def test_flood_limited_log_says_one_line_then_a_count():
+    logger, stream = flood_limited_logger(0.2)
     for n in range(1000):
         logger.warning("bad frame %d", n)
     logger.warning("another kind of problem")
@@ -1289,11 +1296,7 @@ def test_a_token_echoed_back_and_cut_short_never_reaches_the_log(redaction):
 
 
 def test_a_flood_summary_is_written_when_the_flood_ends_without_a_later_line():
-    stream = io.StringIO()
-    handler = ka.FloodLimitedHandler(stream, period=0.3)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger = logging.Logger("quiet-flood-test")
-    logger.addHandler(handler)
+    logger, stream = flood_limited_logger(0.3)
     for n in range(50):
         logger.warning("bad frame %d", n)
     # nothing else is logged: the count must come by itself once the period is over
@@ -3138,12 +3141,23 @@ def test_post_mode_behind_a_proxy_that_refuses_websockets(panel, start_agent):
         proxy.close()
 
 
-def test_a_token_revoked_in_post_mode_is_refused_not_taken_for_an_old_panel(panel, start_agent):
-    panel.protocol, panel.PULL_WAIT = 2, 1.0
+@contextlib.contextmanager
+def agent_in_post_mode(panel, start_agent, *flags, pull_wait=1.0):
+    """(agent, proxy): an agent started with `flags` behind an
+    UpgradeRefusingProxy, once it is in POST mode."""
+    panel.protocol, panel.PULL_WAIT = 2, pull_wait
     proxy = UpgradeRefusingProxy(panel.port)
     try:
-        agent = start_agent("-i", "0.3", "--max-retries", "2", "--reconnect-interval", "0.3", endpoint=proxy.endpoint)
+        agent = start_agent(*flags, endpoint=proxy.endpoint)
         agent.wait_log("report link up: v2 POST; ", 20)
+        yield agent, proxy
+    finally:
+        proxy.close()
+
+
+def test_a_token_revoked_in_post_mode_is_refused_not_taken_for_an_old_panel(panel, start_agent):
+    with agent_in_post_mode(panel, start_agent, "-i", "0.3", "--max-retries", "2", "--reconnect-interval", "0.3") \
+            as (agent, _):
         panel.token = "revoked-" + TOKEN
         status = panel_state_dir(panel) / "status.json"
         wait_until(lambda: status.exists() and json.loads(status.read_text())["state"] == "refused", 20,
@@ -3152,8 +3166,6 @@ def test_a_token_revoked_in_post_mode_is_refused_not_taken_for_an_old_panel(pane
         wait_until(lambda: len(panel.http_requests) + len(panel.ws_attempts) >= attempts + 3, 20, "more attempts")
         assert "falling back to protocol v1" not in agent.log
         assert "refused the token" in agent.log and TOKEN not in agent.log
-    finally:
-        proxy.close()
 
 
 def test_post_mode_basic_info_that_did_not_get_through_is_left_to_the_http_upload(tmp_path, monkeypatch):
@@ -3227,11 +3239,7 @@ def test_a_busy_proxy_is_waited_out_as_it_asks_and_v2_kept(panel, start_agent, f
 
 def test_post_mode_waits_out_a_429_and_stays_on_v2(panel, start_agent):
     from email.utils import formatdate
-    panel.protocol, panel.PULL_WAIT = 2, 1.0
-    proxy = UpgradeRefusingProxy(panel.port)
-    try:
-        agent = start_agent("-i", "0.3", "--max-retries", "1", endpoint=proxy.endpoint)
-        agent.wait_log("report link up: v2 POST; ", 20)
+    with agent_in_post_mode(panel, start_agent, "-i", "0.3", "--max-retries", "1") as (agent, _):
         panel.wait_for(lambda: len(v2_reports(panel, "v2-post")) >= 2, 15, "reports by POST")
         panel.busy = (time.monotonic() + 3, 429, formatdate(time.time() + 3, usegmt=True))
         panel.wait_for(lambda: panel.busy_answers, 10, "the proxy's 429")
@@ -3240,8 +3248,6 @@ def test_post_mode_waits_out_a_429_and_stays_on_v2(panel, start_agent):
         assert len(panel.busy_answers) <= 4, panel.busy_answers   # a report every 0.3 s and a pull would be 20
         assert "falling back to protocol v1" not in agent.log and "report link lost" not in agent.log
         assert len([line for line in agent.lines if "is busy" in line]) == 1, agent.log
-    finally:
-        proxy.close()
 
 
 def test_retry_after_in_seconds_or_as_an_http_date_is_capped():
@@ -3358,11 +3364,8 @@ def test_a_panel_echoing_the_token_back_never_gets_it_into_the_log(panel, start_
 
 
 def test_leaving_post_mode_leaves_no_pull_open_and_sends_no_second_basic_info(panel, start_agent):
-    panel.protocol, panel.PULL_WAIT = 2, 25.0
-    proxy = UpgradeRefusingProxy(panel.port)
-    try:
-        agent = start_agent("-i", "0.5", "--max-retries", "1", "--reconnect-interval", "0.5", endpoint=proxy.endpoint)
-        agent.wait_log("report link up: v2 POST; ", 20)
+    with agent_in_post_mode(panel, start_agent, "-i", "0.5", "--max-retries", "1", "--reconnect-interval", "0.5",
+                            pull_wait=25.0) as (agent, proxy):
         panel.wait_for(lambda: panel.calls("agent.pull") and panel.basic_infos, 10, "a pull waiting, and basic info")
         proxy.refusing = False
         agent.wait_log("leaving POST mode", 15)
@@ -3375,8 +3378,6 @@ def test_leaving_post_mode_leaves_no_pull_open_and_sends_no_second_basic_info(pa
         wait_until(lambda: len(open_to_the_panel()) == 1, 3, "the socket alone left open (no agent.pull)")
         panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 3, 10, "reports on the socket")
         assert len(panel.basic_infos) == 1, panel.basic_infos   # one per link: the socket took over
-    finally:
-        proxy.close()
 
 
 def test_post_modes_first_answer_brings_the_socket_at_once(panel, tmp_path):
