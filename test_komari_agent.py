@@ -4568,7 +4568,7 @@ def test_install_explains_a_404_and_removes_a_half_made_directory(tmp_path):
     assert not install_dir.exists()
     # a failure after the directory was made: an agent that checks the settings but will not start
     broken = tmp_path / "komari_agent.py"
-    broken.write_text(re.sub(r'\n    parser.add_argument\("--version".*', "", AGENT.read_text()))
+    broken.write_text(re.sub(r'\n    everyday.add_argument\("--version".*\n.*', "", AGENT.read_text()))
     _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
                          "--no-service", "--source", str(broken), "--venv-system-site-packages", expect_rc=1)
     assert "the installed agent does not start" in err and "removed the half-made %s" % install_dir in err
