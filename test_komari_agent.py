@@ -1879,6 +1879,18 @@ def test_connections_without_netstat_are_psutils_said_once(tmp_path, monkeypatch
             s.close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil reads its proc root on Linux only")
+def test_connections_neither_tool_can_count_are_0_said_once(tmp_path, monkeypatch, caplog):
+    stub_commands(tmp_path, monkeypatch, {"netstat": "exit 1"})
+    monkeypatch.setattr(psutil, "PROCFS_PATH", str(tmp_path / "empty"))  # psutil's real code, an empty root
+    box = ka.MacHost()
+    box.SOCKETS_TTL = 0
+    with caplog.at_level("INFO", logger="komari"):
+        # an answer, not an exception: the Collector would make that a message line in every report
+        assert [box.connections() for _ in range(3)] == [(0, 0)] * 3
+    assert sum("connections are reported as 0" in r.getMessage() for r in caplog.records) == 1
+
+
 @pytest.mark.parametrize("host", [ka.MacHost, ka.FreeBSDHost])
 def test_mac_and_freebsd_hosts_give_every_report_figure_here(tmp_path, monkeypatch, host):
     """Every figure through psutil, as on those systems: a whole report, no message line."""
