@@ -1539,7 +1539,7 @@ def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ
 # Platform: what differs between operating systems
 # ---------------------------------------------------------------------------
 
-# -- macOS and FreeBSD: captured outputs of their programs -----------------------
+# -- macOS and FreeBSD: their programs' output, in those systems' formats -------------
 
 SW_VERS_SONOMA = "ProductName:\t\tmacOS\nProductVersion:\t\t14.4.1\nBuildVersion:\t\t23E224\n"
 SW_VERS_CATALINA = "ProductName:\tMac OS X\nProductVersion:\t10.15.7\nBuildVersion:\t19H2026\n"
@@ -2466,7 +2466,7 @@ def test_lookups_use_custom_dns_and_the_environments_proxy(monkeypatch):
         proxy.close()
 
 
-# -- macOS and FreeBSD (captured outputs under the Platform banner) ------------------
+# -- macOS and FreeBSD (their programs' output is under the Platform banner) -----------
 
 @pytest.mark.parametrize("text, expected", [
     (SW_VERS_SONOMA, "macOS 14.4.1"),
