@@ -16,6 +16,7 @@ The file reads top to bottom; nothing refers to a definition further down:
     Network plumbing  addresses, DNS, proxies, TLS, dialling, one HTTP exchange
     Configuration     OPTIONS: flags, AGENT_* variables, --config keys
     Linux             /proc and /sys, read and parsed
+    macOS and FreeBSD sw_vers, system_profiler, pciconf, sysctl, netstat: parsed
     Platform          every difference between systems, behind one host (make_host)
     Report figures    what each realtime report measures (the Collector)
     Basic info        the static facts together, public addresses
@@ -1691,16 +1692,18 @@ def lspci_device_name(line):
     return name
 
 
+def real_gpu_names(names):
+    """The display adapters worth naming: virtual ones dropped, and those of
+    a GPU vendor alone where there are any (a server's BMC chip is no GPU)."""
+    names = [n for n in names if n and not any(p.search(n) for p in LSPCI_NOT_A_GPU)]
+    return [n for n in names if any(v in n.lower() for v in GPU_VENDOR_WORDS)] or names
+
+
 def gpu_names_from_lspci(text):
     """Display controllers of the lspci listing: those of a GPU vendor, else any."""
     shown = [line for line in text.splitlines()
              if any(word in line.lower() for word in ("vga", "3d", "display"))]
-    for lines in ([l for l in shown if any(v in l.lower() for v in GPU_VENDOR_WORDS)], shown):
-        names = [lspci_device_name(l) for l in lines]
-        names = [n for n in names if n and not any(p.search(n) for p in LSPCI_NOT_A_GPU)]
-        if names:
-            return names
-    return []
+    return real_gpu_names([lspci_device_name(line) for line in shown])
 
 
 VIRTUAL_DRM_DRIVERS = {"virtio-pci", "virtio_gpu", "bochs-drm", "qxl", "vmwgfx", "cirrus", "vboxvideo",
@@ -1888,6 +1891,158 @@ def boot_identity(proc="/proc"):
     if boot_time is None:
         return None
     return boot_id or "btime:%d" % round(boot_time, -1), boot_time
+
+
+# ---------------------------------------------------------------------------
+# macOS and FreeBSD: helper programs' answers, parsed
+# ---------------------------------------------------------------------------
+
+# Neither system has /proc: psutil gives the figures, and a few facts come
+# from the programs the official agent runs there (sw_vers, system_profiler,
+# pciconf) or from sysctl. The parsers below take those programs' output as
+# text, so that captured outputs test them anywhere.
+
+# -- OS, CPU and virtualization --------------------------------------------------
+
+def macos_name(sw_vers_text):
+    """"macOS 14.4.1" from `sw_vers`; "" when it names no product. 10.12 to
+    10.15 still call themselves "Mac OS X" there; the panel's OS logo is
+    found by the word "macOS"."""
+    fields = {}
+    for line in sw_vers_text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    product = fields.get("ProductName", "")
+    if not product:
+        return ""
+    if product.startswith("Mac OS X"):
+        product = "macOS"
+    # ProductVersionExtra is a Rapid Security Response's "(a)"
+    return " ".join(filter(None, (product, fields.get("ProductVersion"), fields.get("ProductVersionExtra"))))
+
+
+# hw.model of a Mac guest names its hypervisor; systemd-detect-virt's names
+MAC_GUEST_MODELS = (("vmware", "vmware"), ("parallels", "parallels"), ("virtualbox", "oracle"),
+                    ("virtualmac", "apple"))
+
+
+def macos_virtualization(vmm_present, cpu_features, model):
+    """virtualization from sysctl kern.hv_vmm_present (macOS 11 on), else
+    machdep.cpu.features' VMM flag (Intel), and hw.model for the name."""
+    if vmm_present.strip() != "1" and "VMM" not in cpu_features.split():
+        return "none"
+    low = model.lower()
+    return next((name for needle, name in MAC_GUEST_MODELS if needle in low), "virtualized")
+
+
+# kern.vm_guest's words where systemd-detect-virt (and so the panel) says another
+FREEBSD_GUESTS = {"generic": "virtualized", "hv": "microsoft", "vbox": "oracle"}
+
+
+def freebsd_virtualization(jailed, vm_guest):
+    """virtualization from sysctl security.jail.jailed (a jail is FreeBSD's
+    container) and kern.vm_guest (none, kvm, bhyve, xen, vmware, hv, …)."""
+    if jailed.strip() == "1":
+        return "jail"
+    guest = vm_guest.strip().lower()
+    if not guest or guest == "none":
+        return "none"
+    return FREEBSD_GUESTS.get(guest, guest)
+
+
+# -- GPU names ---------------------------------------------------------------------
+
+def gpu_names_from_system_profiler(text):
+    """The `Chipset Model:` of each GPU in `system_profiler SPDisplaysDataType`."""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines()
+             if line.strip().startswith("Chipset Model:")]
+    return real_gpu_names(names)
+
+
+# PCI vendors of emulated display adapters: QEMU/Bochs, VMware, virtio, QXL,
+# VirtualBox, Hyper-V, bhyve
+VIRTUAL_PCI_VENDORS = {0x1234, 0x15ad, 0x1af4, 0x1b36, 0x80ee, 0x1414, 0xfb5d}
+
+
+def pciconf_displays(text):
+    """[(vendor id, device id, vendor name, device name)] of the display
+    controllers (PCI class 0x03) in `pciconf -lv`. Its header line gives the
+    ids as vendor= and device= (FreeBSD 13 on) or as chip=0xDDDDVVVV."""
+    displays, current = [], None
+    for line in text.splitlines():
+        if not line[:1].isspace() and "@pci" in line:
+            ids = {k: int(v, 16) for k, v in re.findall(r"\b(\w+)=0x([0-9a-fA-F]+)", line)}
+            chip = ids.get("chip", 0)
+            current = None
+            if ids.get("class", 0) >> 16 == 0x03:
+                current = [ids.get("vendor", chip & 0xFFFF), ids.get("device", chip >> 16), "", ""]
+                displays.append(current)
+        elif current is not None:
+            key, sep, value = line.partition("=")
+            if sep and key.strip() in ("vendor", "device"):
+                current[2 if key.strip() == "vendor" else 3] = value.strip().strip("'")
+    return [tuple(d) for d in displays]
+
+
+def gpu_names_from_pciconf(text):
+    """GPU names as lspci gives them on Linux ("NVIDIA Corporation GA102
+    [GeForce RTX 3090]"); ids where the PCI database names neither."""
+    names = [" ".join(filter(None, (vendor, device))) or "PCI %04x:%04x" % (vendor_id, device_id)
+             for vendor_id, device_id, vendor, device in pciconf_displays(text)
+             if vendor_id not in VIRTUAL_PCI_VENDORS]
+    return real_gpu_names(names)
+
+
+# -- connections and disks -----------------------------------------------------------
+
+def sockets_from_netstat(text):
+    """(tcp, udp) rows of `netstat -an`, every state (TIME_WAIT too) and
+    both families (tcp4, tcp6, tcp46, …); None when it listed nothing at all."""
+    if "Proto" not in text:
+        return None
+    tcp = udp = 0
+    for line in text.splitlines():
+        proto = line[:5].lower()
+        if proto.startswith("tcp"):
+            tcp += 1
+        elif proto.startswith("udp"):
+            udp += 1
+    return tcp, udp
+
+
+# Mounts that hold no space of their own, or someone else's: devfs, fdescfs,
+# procfs, Linux emulation, nullfs and unionfs (another tree again), automount
+# triggers, network and optical filesystems. tmpfs, nfs, smbfs and the like are
+# in SKIP_FSTYPES already.
+BSD_SKIP_FSTYPES = {"devfs", "fdescfs", "procfs", "linprocfs", "linsysfs", "nullfs", "unionfs", "mqueuefs",
+                    "afpfs", "webdav", "cd9660", "udf", "mtmfs", "ptyfs"}
+BSD_FUSE_FSTYPES = ("fusefs", "macfuse", "osxfuse")
+
+
+def bsd_storage(device, fstype):
+    """What holds a mount's space: an APFS volume's container (its volumes
+    share one space: /dev/disk3s1s1 and /dev/disk3s5 are both disk3), else
+    the device."""
+    if fstype == "apfs":
+        found = re.match(r"^(/dev/disk\d+)s\d", device)
+        if found:
+            return found.group(1)
+    return device
+
+
+def bsd_countable_mounts(partitions):
+    """[(key, Mount)] whose space counts, from getfsstat(2)'s (device, mount
+    point, fstype, options) as psutil lists them: the Linux rules, and on top
+    the systems' own pseudo filesystems and macOS's hidden (dontbrowse)
+    volumes: VM, Preboot, Update, snapshots; `/` always."""
+    mounts = []
+    for device, mountpoint, fstype, opts in partitions:
+        if mountpoint != "/" and (fstype in BSD_SKIP_FSTYPES or fstype.startswith(BSD_FUSE_FSTYPES)
+                                  or "dontbrowse" in opts.split(",")):
+            continue
+        mounts.append(Mount(bsd_storage(device, fstype), "/", mountpoint, fstype, device, opts))
+    return countable_mounts(mounts)
 
 
 # ---------------------------------------------------------------------------
@@ -2094,9 +2249,113 @@ class LinuxHost(PsutilHost):
         return os_name()
 
 
+# -- macOS and FreeBSD ---------------------------------------------------------------
+
+class BsdHost(PsutilHost):
+    """What macOS and FreeBSD share: psutil for the figures; sysctl, netstat
+    and getfsstat's mount list where psutil's own answer would be wrong or
+    need root."""
+
+    SOCKETS_TTL = 4.5  # seconds between two counts: netstat is a program run
+    CPU_NAME_SYSCTL = ""
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.said = OncePer()
+        self.sysctls = {}
+        self.sockets = None
+        self.sockets_at = 0.0
+
+    def sysctl(self, name):
+        """A sysctl's value, "" where the system has none; asked once a run."""
+        if name not in self.sysctls:
+            self.sysctls[name] = run_quiet(["sysctl", "-n", name]).strip()
+        return self.sysctls[name]
+
+    def counted_mounts(self):
+        return bsd_countable_mounts(psutil_module().disk_partitions(all=True))
+
+    def connections(self):
+        now = time.monotonic()
+        if self.sockets is None or now - self.sockets_at >= self.SOCKETS_TTL:
+            self.sockets, self.sockets_at = self.count_sockets(), now
+        return self.sockets
+
+    def count_sockets(self):
+        """netstat lists every socket without root, TIME_WAIT included;
+        psutil sees only sockets some process holds, and on macOS only as
+        root. A count neither can give is 0, said once in the log."""
+        counts = sockets_from_netstat(run_quiet(["netstat", "-an"], timeout=5.0))
+        if counts is not None:
+            return counts
+        try:
+            counts = super().connections()
+        except Exception as e:
+            if self.said("connections"):
+                log.warning("connections are reported as 0: netstat -an gave nothing and psutil cannot list "
+                            "sockets (%s)", describe_error(e))
+            return 0, 0
+        if self.said("netstat"):
+            log.info("connections: netstat -an gave nothing; counting the sockets psutil sees instead")
+        return counts
+
+    def cpu_facts(self):
+        ps = psutil_module()
+        return self.sysctl(self.CPU_NAME_SYSCTL) or "Unknown", ps.cpu_count() or os.cpu_count() or 1, \
+            ps.cpu_count(logical=False) or 0
+
+
+class MacHost(BsdHost):
+    """macOS: the facts from sw_vers, system_profiler and sysctl, as the
+    official agent gets them."""
+
+    CPU_NAME_SYSCTL = "machdep.cpu.brand_string"
+
+    def os_name(self):
+        return macos_name(run_quiet(["sw_vers"])) or "macOS"
+
+    def gpu_name(self):
+        # a few seconds on a cold start; asked once a run
+        return group_names(gpu_names_from_system_profiler(run_quiet(["system_profiler", "SPDisplaysDataType"],
+                                                                    timeout=20.0)))
+
+    def virtualization(self):
+        return macos_virtualization(self.sysctl("kern.hv_vmm_present"), self.sysctl("machdep.cpu.features"),
+                                    self.sysctl("hw.model"))
+
+    def disk_usage(self, path):
+        """Used is total - available: on APFS every volume of a container
+        reports the container's size and free space, so this is the
+        container's use, counted once for all its volumes."""
+        st = os.statvfs(path)
+        total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        return total, max(0, total - avail), avail
+
+
+class FreeBSDHost(BsdHost):
+    """FreeBSD: the facts from uname, pciconf and sysctl."""
+
+    CPU_NAME_SYSCTL = "hw.model"
+
+    def os_name(self):
+        return run_quiet(["uname", "-sr"]).strip() or "FreeBSD"
+
+    def gpu_name(self):
+        return group_names(gpu_names_from_pciconf(run_quiet(["pciconf", "-lv"])))
+
+    def virtualization(self):
+        return freebsd_virtualization(self.sysctl("security.jail.jailed"), self.sysctl("kern.vm_guest"))
+
+
 def make_host(cfg=None):
     """The host this agent runs on: the one place that tells systems apart."""
-    return LinuxHost(cfg) if IS_LINUX else PsutilHost(cfg)
+    if IS_LINUX:
+        return LinuxHost(cfg)
+    if sys.platform == "darwin":
+        return MacHost(cfg)
+    if sys.platform.startswith("freebsd"):
+        return FreeBSDHost(cfg)
+    return PsutilHost(cfg)
 
 
 # SIGHUP first (shells save history, jobs get told); SIGKILL after this

@@ -1539,6 +1539,387 @@ def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ
 # Platform: what differs between operating systems
 # ---------------------------------------------------------------------------
 
+# -- macOS and FreeBSD: their programs' output, in those systems' formats -------------
+
+SW_VERS_SONOMA = "ProductName:\t\tmacOS\nProductVersion:\t\t14.4.1\nBuildVersion:\t\t23E224\n"
+SW_VERS_CATALINA = "ProductName:\tMac OS X\nProductVersion:\t10.15.7\nBuildVersion:\t19H2026\n"
+SW_VERS_RSR = ("ProductName:\t\tmacOS\nProductVersion:\t\t13.4.1\nProductVersionExtra:\t(c)\n"
+               "BuildVersion:\t\t22F770820d\n")
+
+PROFILER_M1 = """Graphics/Displays:
+
+    Apple M1:
+
+      Chipset Model: Apple M1
+      Type: GPU
+      Bus: Built-In
+      Total Number of Cores: 8
+      Vendor: Apple (0x106b)
+      Metal Support: Metal 3
+      Displays:
+        Color LCD:
+          Display Type: Built-In Retina LCD
+          Resolution: 2560 x 1600 Retina
+          Main Display: Yes
+          Mirror: Off
+          Online: Yes
+          Automatically Adjust Brightness: Yes
+          Connection Type: Internal
+
+"""
+
+PROFILER_MBP16 = """Graphics/Displays:
+
+    Intel UHD Graphics 630:
+
+      Chipset Model: Intel UHD Graphics 630
+      Type: GPU
+      Bus: Built-In
+      VRAM (Dynamic, Max): 1536 MB
+      Vendor: Intel
+      Device ID: 0x3e9b
+      Revision ID: 0x0002
+      Automatic Graphics Switching: Supported
+      gMux Version: 5.0.0
+      Metal Family: Supported, Metal GPUFamily macOS 2
+
+    AMD Radeon Pro 5500M:
+
+      Chipset Model: AMD Radeon Pro 5500M
+      Type: GPU
+      Bus: PCIe
+      PCIe Lane Width: x16
+      VRAM (Total): 4 GB
+      Vendor: AMD (0x1002)
+      Device ID: 0x7340
+      Revision ID: 0x0040
+      ROM Revision: 113-D3220E-190
+      Automatic Graphics Switching: Supported
+      gMux Version: 5.0.0
+      Metal Family: Supported, Metal GPUFamily macOS 2
+      Displays:
+        Color LCD:
+          Display Type: Built-In Retina LCD
+          Resolution: 3072 x 1920 Retina
+          Main Display: Yes
+          Connection Type: Internal
+
+"""
+
+PROFILER_MAC_PRO = """Graphics/Displays:
+
+    Radeon Pro W5700X:
+
+      Chipset Model: Radeon Pro W5700X
+      Type: GPU
+      Bus: PCIe
+      Slot: Slot-1
+      PCIe Lane Width: x16
+      VRAM (Total): 16 GB
+      Vendor: AMD (0x1002)
+      Device ID: 0x7310
+
+    Radeon Pro W5700X:
+
+      Chipset Model: Radeon Pro W5700X
+      Type: GPU
+      Bus: PCIe
+      Slot: Slot-3
+      PCIe Lane Width: x16
+      VRAM (Total): 16 GB
+      Vendor: AMD (0x1002)
+      Device ID: 0x7310
+
+"""
+
+# FreeBSD 14: ids as vendor= and device=; an iGPU, two NVIDIA cards, no-GPU devices around them
+PCICONF_DESKTOP = """hostb0@pci0:0:0:0:\tclass=0x060000 rev=0x0d hdr=0x00 vendor=0x8086 device=0x3e30 subvendor=0x1458 subdevice=0x5000
+    vendor     = 'Intel Corporation'
+    device     = '8th/9th Gen Core 8-core Desktop Processor Host Bridge/DRAM Registers [Coffee Lake S]'
+    class      = bridge
+    subclass   = HOST-PCI
+vgapci0@pci0:0:2:0:\tclass=0x030000 rev=0x02 hdr=0x00 vendor=0x8086 device=0x3e92 subvendor=0x1458 subdevice=0xd000
+    vendor     = 'Intel Corporation'
+    device     = 'CoffeeLake-S GT2 [UHD Graphics 630]'
+    class      = display
+    subclass   = VGA
+xhci0@pci0:0:20:0:\tclass=0x0c0330 rev=0x10 hdr=0x00 vendor=0x8086 device=0xa36d subvendor=0x1458 subdevice=0x5007
+    vendor     = 'Intel Corporation'
+    device     = 'Cannon Lake PCH USB 3.1 xHCI Host Controller'
+    class      = serial bus
+    subclass   = USB
+vgapci1@pci0:1:0:0:\tclass=0x030000 rev=0xa1 hdr=0x00 vendor=0x10de device=0x2204 subvendor=0x10de subdevice=0x1454
+    vendor     = 'NVIDIA Corporation'
+    device     = 'GA102 [GeForce RTX 3090]'
+    class      = display
+    subclass   = VGA
+hdac0@pci0:1:0:1:\tclass=0x040300 rev=0xa1 hdr=0x00 vendor=0x10de device=0x1aef subvendor=0x10de subdevice=0x1454
+    vendor     = 'NVIDIA Corporation'
+    device     = 'GA102 High Definition Audio Controller'
+    class      = multimedia
+    subclass   = HDA
+vgapci2@pci0:2:0:0:\tclass=0x030000 rev=0xa1 hdr=0x00 vendor=0x10de device=0x2204 subvendor=0x10de subdevice=0x1454
+    vendor     = 'NVIDIA Corporation'
+    device     = 'GA102 [GeForce RTX 3090]'
+    class      = display
+    subclass   = VGA
+"""
+
+# FreeBSD 12: ids as chip=0xDDDDVVVV; the BMC's VGA chip beside a 3D controller without a driver
+PCICONF_SERVER = """vgapci0@pci0:3:0:0:\tclass=0x030000 card=0x1b9515d9 chip=0x20001a03 rev=0x41 hdr=0x00
+    vendor     = 'ASPEED Technology, Inc.'
+    device     = 'ASPEED Graphics Family'
+    class      = display
+    subclass   = VGA
+none2@pci0:59:0:0:\tclass=0x030200 card=0x153310de chip=0x20b510de rev=0xa1 hdr=0x00
+    vendor     = 'NVIDIA Corporation'
+    device     = 'GA100 [A100 PCIe 80GB]'
+    class      = display
+    subclass   = 3D
+"""
+
+# a QEMU guest (the std VGA, which the PCI database does not name) and a VMware guest
+PCICONF_GUESTS = """vgapci0@pci0:0:2:0:\tclass=0x030000 rev=0x02 hdr=0x00 vendor=0x1234 device=0x1111 subvendor=0x1af4 subdevice=0x1100
+    class      = display
+    subclass   = VGA
+vgapci1@pci0:0:15:0:\tclass=0x030000 rev=0x00 hdr=0x00 vendor=0x15ad device=0x0405 subvendor=0x15ad subdevice=0x0405
+    vendor     = 'VMware'
+    device     = 'SVGA II Adapter'
+    class      = display
+    subclass   = VGA
+"""
+
+NETSTAT_MACOS = """Active Internet connections (including servers)
+Proto Recv-Q Send-Q  Local Address          Foreign Address        (state)    
+tcp4       0      0  192.168.1.23.50512     140.82.113.26.443      ESTABLISHED
+tcp6       0      0  fe80::1c2f:8d3b:.49160 fe80::8ff:1e6b:8.49156 ESTABLISHED
+tcp46      0      0  *.5000                 *.*                    LISTEN     
+tcp4       0      0  127.0.0.1.631          *.*                    LISTEN     
+tcp4       0      0  192.168.1.23.50400     17.57.146.52.5223      TIME_WAIT  
+udp4       0      0  *.*                    *.*                               
+udp46      0      0  *.5353                 *.*                               
+udp6       0      0  *.5353                 *.*                               
+icm6       0      0  *.*                    *.*                               
+Active Multipath Internet connections
+Proto/ID  Flags      Local Address          Foreign Address        (state)    
+Active LOCAL (UNIX) domain sockets
+Address          Type   Recv-Q Send-Q            Inode             Conn             Refs          Nextref Addr
+9d62a5b7b21d3bd3 stream      0      0                0 9d62a5b7b21d3c9b                0                0 /var/run/mDNSResponder
+9d62a5b7b21d3c9b stream      0      0                0 9d62a5b7b21d3bd3                0                0
+Registered kernel control modules
+id       flags    pcbcount rcvbuf   sndbuf   name 
+       1        9        0   131072   131072 com.apple.flow-divert 
+Active kernel event sockets
+Proto Recv-Q Send-Q vendor  class  subcl
+kevt       0      0      1      1      0
+Active kernel control sockets
+Proto Recv-Q Send-Q   unit     id   name
+kctl       0      0      1      1   com.apple.flow-divert
+"""
+
+NETSTAT_FREEBSD = """Active Internet connections (including servers)
+Proto Recv-Q Send-Q Local Address          Foreign Address        (state)    
+tcp4       0     44 10.0.2.15.22           10.0.2.2.51234         ESTABLISHED
+tcp4       0      0 10.0.2.15.22           10.0.2.2.51100         TIME_WAIT  
+tcp4       0      0 *.22                   *.*                    LISTEN     
+tcp6       0      0 *.22                   *.*                    LISTEN     
+udp4       0      0 *.514                  *.*                    
+udp6       0      0 *.514                  *.*                    
+Active UNIX domain sockets
+Address          Type   Recv-Q Send-Q            Inode             Conn             Refs          Nextref Addr
+fffff80003a1e000 stream      0      0                0 fffff80003a1e100                0                0
+fffff80003a1e100 stream      0      0                0 fffff80003a1e000                0                0
+fffff80003a1e300 dgram       0      0                0 fffff80003a1e400                0                0 /var/run/logpriv
+"""
+
+# getfsstat(2) as psutil.disk_partitions(all=True) lists it: (device, mount point, fstype, options)
+MOUNTS_MACOS = [
+    ("/dev/disk3s1s1", "/", "apfs", "ro,local,rootfs,dovolfs,journaled,multilabel"),
+    ("devfs", "/dev", "devfs", "rw,local,dontbrowse,multilabel"),
+    ("/dev/disk3s6", "/System/Volumes/VM", "apfs", "rw,noexec,local,dovolfs,dontbrowse,journaled,noatime"),
+    ("/dev/disk3s2", "/System/Volumes/Preboot", "apfs", "rw,local,dovolfs,dontbrowse,journaled,multilabel"),
+    ("/dev/disk3s4", "/System/Volumes/Update", "apfs", "rw,local,dovolfs,dontbrowse,journaled,multilabel"),
+    ("/dev/disk1s2", "/System/Volumes/xarts", "apfs", "rw,noexec,local,dovolfs,dontbrowse,journaled,noatime"),
+    ("/dev/disk1s1", "/System/Volumes/iSCPreboot", "apfs", "rw,local,dovolfs,dontbrowse,journaled"),
+    ("/dev/disk1s3", "/System/Volumes/Hardware", "apfs", "rw,local,dovolfs,dontbrowse,journaled"),
+    ("/dev/disk3s5", "/System/Volumes/Data", "apfs", "rw,local,dovolfs,dontbrowse,journaled,multilabel"),
+    ("map auto_home", "/System/Volumes/Data/home", "autofs", "rw,dontbrowse,automounted,multilabel"),
+    ("/dev/disk5s1", "/Volumes/Backup", "apfs", "rw,nosuid,local,ignore-ownership,journaled"),
+    ("/dev/disk5s2", "/Volumes/Backup Two", "apfs", "rw,nosuid,local,ignore-ownership,journaled"),
+    ("/dev/disk4s1", "/Volumes/USB", "msdos", "rw,nosuid,local,ignore-ownership"),
+    ("//alice@nas._smb._tcp.local/share", "/Volumes/share", "smbfs", "rw,nodev,nosuid"),
+    ("sshfs@host:", "/Users/alice/remote", "macfuse", "rw,nosuid,synchronous"),
+]
+
+MOUNTS_FREEBSD = [
+    ("zroot/ROOT/default", "/", "zfs", "rw,noatime,local,nfsv4acls"),
+    ("devfs", "/dev", "devfs", "rw,multilabel"),
+    ("/dev/gpt/efiboot0", "/boot/efi", "msdosfs", "rw,local"),
+    ("fdescfs", "/dev/fd", "fdescfs", "rw"),
+    ("procfs", "/proc", "procfs", "rw,local"),
+    ("zroot/tmp", "/tmp", "zfs", "rw,nosuid,noatime,local,nfsv4acls"),
+    ("zroot", "/zroot", "zfs", "rw,noatime,local,nfsv4acls"),
+    ("zroot/usr/home", "/usr/home", "zfs", "rw,noatime,local,nfsv4acls"),
+    ("zroot/var/log", "/var/log", "zfs", "rw,noexec,nosuid,noatime,local,nfsv4acls"),
+    ("/dev/ada1p1", "/data", "ufs", "rw,local,soft-updates"),
+    ("/data/www", "/usr/jails/web/data/www", "nullfs", "rw,local"),
+    ("devfs", "/usr/jails/web/dev", "devfs", "rw,multilabel"),
+    ("linprocfs", "/compat/linux/proc", "linprocfs", "rw,local"),
+    ("tmpfs", "/compat/linux/dev/shm", "tmpfs", "rw,local"),
+    ("nas:/export", "/mnt/nas", "nfs", "rw"),
+    ("/dev/fuse", "/mnt/sshfs", "fusefs.sshfs", "rw,nosuid,synchronous"),
+]
+
+
+def test_netstat_rows_count_every_socket_of_both_families():
+    assert ka.sockets_from_netstat(NETSTAT_MACOS) == (5, 3)  # icm6, unix and kernel sockets left out
+    assert ka.sockets_from_netstat(NETSTAT_FREEBSD) == (4, 2)
+    assert ka.sockets_from_netstat("Active Internet connections (including servers)\n"
+                                   "Proto Recv-Q Send-Q Local Address Foreign Address (state)\n") == (0, 0)
+    assert ka.sockets_from_netstat("") is None  # netstat missing or failed: not "no sockets"
+
+
+def test_mounts_count_each_apfs_container_and_zfs_pool_once():
+    counted = {(k, m.mountpoint) for k, m in ka.bsd_countable_mounts(MOUNTS_MACOS)}
+    # one container behind / and every system volume; the hidden iSC container and autofs left out
+    assert counted == {("dev:/dev/disk3", "/"), ("dev:/dev/disk5", "/Volumes/Backup"),
+                       ("dev:/dev/disk4s1", "/Volumes/USB")}
+    counted = {(k, m.mountpoint) for k, m in ka.bsd_countable_mounts(MOUNTS_FREEBSD)}
+    # every dataset of the pool, /tmp's too (sum_disk_usage makes them one pool), and the UFS
+    # disk; devfs, fdescfs, procfs, Linux emulation, the jail's nullfs, NFS and FUSE left out
+    assert counted == {("zfs:zroot", "/"), ("zfs:zroot", "/zroot"), ("zfs:zroot", "/usr/home"),
+                       ("zfs:zroot", "/var/log"), ("zfs:zroot", "/tmp"), ("dev:/dev/ada1p1", "/data")}
+    # a Mac whose / is an HFS+ partition, and a / that is hidden still counts
+    assert ka.bsd_countable_mounts([("/dev/disk0s2", "/", "hfs", "rw,local,dontbrowse")])[0][0] == "dev:/dev/disk0s2"
+
+
+def sysctl_stub(values):
+    """A `sysctl -n NAME` answering from {name: value}, unknown names as FreeBSD and macOS do."""
+    cases = "".join("%s) echo '%s';; " % (name, value) for name, value in values.items())
+    return 'case "$2" in %s*) echo "sysctl: unknown oid \'$2\'" >&2; exit 1;; esac' % cases
+
+
+def cat_stub(text):
+    return "/bin/cat <<'E'\n%sE" % text
+
+
+MAC_SYSCTL = {"machdep.cpu.brand_string": "Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz", "kern.hv_vmm_present": "0",
+              "machdep.cpu.features": "FPU VME DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR SSE3 PCLMULQDQ",
+              "hw.model": "MacBookPro16,1"}
+FREEBSD_SYSCTL = {"hw.model": "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz", "kern.vm_guest": "kvm",
+                  "security.jail.jailed": "0"}
+
+
+@pytest.mark.parametrize("host, commands, facts", [
+    (ka.MacHost, {"sw_vers": cat_stub(SW_VERS_SONOMA), "sysctl": sysctl_stub(MAC_SYSCTL),
+                  "system_profiler": '[ "$1" = SPDisplaysDataType ] || exit 1\n' + cat_stub(PROFILER_MBP16)},
+     ("macOS 14.4.1", "Intel UHD Graphics 630, AMD Radeon Pro 5500M", "none",
+      "Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz")),
+    (ka.MacHost, {"sw_vers": cat_stub(SW_VERS_SONOMA), "system_profiler": cat_stub(PROFILER_M1),
+                  "sysctl": sysctl_stub({"machdep.cpu.brand_string": "Apple M1", "kern.hv_vmm_present": "1",
+                                         "hw.model": "VirtualMac2,1"})},
+     ("macOS 14.4.1", "Apple M1", "apple", "Apple M1")),
+    (ka.MacHost, {}, ("macOS", "None", "none", "Unknown")),  # none of its programs answer
+    (ka.FreeBSDHost, {"uname": '[ "$1" = -sr ] && echo "FreeBSD 14.1-RELEASE-p5"',
+                      "pciconf": '[ "$1" = -lv ] || exit 1\n' + cat_stub(PCICONF_DESKTOP),
+                      "sysctl": sysctl_stub(FREEBSD_SYSCTL)},
+     ("FreeBSD 14.1-RELEASE-p5",
+      "Intel Corporation CoffeeLake-S GT2 [UHD Graphics 630], NVIDIA Corporation GA102 [GeForce RTX 3090] \u00d7 2",
+      "kvm", "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz")),
+    (ka.FreeBSDHost, {"pciconf": cat_stub(PCICONF_GUESTS),
+                      "sysctl": sysctl_stub(dict(FREEBSD_SYSCTL, **{"security.jail.jailed": "1"}))},
+     ("FreeBSD", "None", "jail", "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz")),
+])
+def test_mac_and_freebsd_hosts_state_facts_from_their_programs(tmp_path, monkeypatch, host, commands, facts):
+    stub_commands(tmp_path, monkeypatch, commands)
+    box = host()
+    assert (box.os_name(), box.gpu_name(), box.virtualization(), box.cpu_facts()[0]) == facts
+    assert box.cpu_facts()[1:] == (psutil.cpu_count(), psutil.cpu_count(logical=False) or 0)
+    assert box.kernel_version() == os.uname().release  # `uname -r`, without running it
+
+
+def test_sysctl_is_asked_once_per_name_per_run(tmp_path, monkeypatch):
+    asked = tmp_path / "asked"
+    stub_commands(tmp_path, monkeypatch, {"sysctl": 'echo "$2" >> %s\n' % shlex.quote(str(asked))
+                                          + sysctl_stub(FREEBSD_SYSCTL)})
+    box = ka.FreeBSDHost()
+    for _ in range(3):
+        assert box.cpu_facts()[0] == FREEBSD_SYSCTL["hw.model"] and box.virtualization() == "kvm"
+    assert sorted(asked.read_text().split()) == ["hw.model", "kern.vm_guest", "security.jail.jailed"]
+
+
+@pytest.mark.parametrize("host", [ka.MacHost, ka.FreeBSDHost])
+def test_connections_come_from_netstat_counted_every_few_seconds(tmp_path, monkeypatch, host):
+    runs = tmp_path / "runs"
+    stub_commands(tmp_path, monkeypatch, {"netstat": '[ "$*" = "-an" ] || exit 1\necho run >> %s\n%s'
+                                          % (shlex.quote(str(runs)), cat_stub(NETSTAT_MACOS))})
+    box = host()
+    assert [box.connections() for _ in range(3)] == [(5, 3)] * 3
+    assert runs.read_text().count("run") == 1  # within SOCKETS_TTL the count is kept
+    box.SOCKETS_TTL = 0
+    assert box.connections() == (5, 3) and runs.read_text().count("run") == 2
+
+
+def test_connections_without_netstat_are_psutils_said_once(tmp_path, monkeypatch, caplog):
+    stub_commands(tmp_path, monkeypatch, {})
+    box = ka.MacHost()
+    box.SOCKETS_TTL = 0
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server = listener.accept()[0]
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    try:
+        with caplog.at_level("INFO", logger="komari"):
+            counts = [box.connections() for _ in range(3)]
+        assert all(tcp >= 3 and udp_count >= 1 for tcp, udp_count in counts)
+        assert sum("netstat -an gave nothing" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        for s in (client, server, listener, udp):
+            s.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil reads its proc root on Linux only")
+def test_connections_neither_tool_can_count_are_0_said_once(tmp_path, monkeypatch, caplog):
+    stub_commands(tmp_path, monkeypatch, {"netstat": "exit 1"})
+    monkeypatch.setattr(psutil, "PROCFS_PATH", str(tmp_path / "empty"))  # psutil's real code, an empty root
+    box = ka.MacHost()
+    box.SOCKETS_TTL = 0
+    with caplog.at_level("INFO", logger="komari"):
+        # an answer, not an exception: the Collector would make that a message line in every report
+        assert [box.connections() for _ in range(3)] == [(0, 0)] * 3
+    assert sum("connections are reported as 0" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("host", [ka.MacHost, ka.FreeBSDHost])
+def test_mac_and_freebsd_hosts_give_every_report_figure_here(tmp_path, monkeypatch, host):
+    """Every figure through psutil, as on those systems: a whole report, no message line."""
+    stub_commands(tmp_path, monkeypatch, {"netstat": cat_stub(NETSTAT_FREEBSD)})
+    cfg, _ = ka.load_config(["--dry-run"], {})
+    collector = ka.Collector(cfg, host=host(cfg))
+    collector.figures()
+    report = ka.report_payload(collector.figures())
+    assert report_problem(report) is None and report["message"] == ""
+    assert report["ram"]["total"] == psutil.virtual_memory().total and 0 < report["ram"]["used"] <= report["ram"]["total"]
+    assert report["connections"] == {"tcp": 4, "udp": 2}
+    assert report["disk"]["total"] >= psutil.disk_usage("/").total and report["process"] > 0
+    assert abs(report["uptime"] - (time.time() - psutil.boot_time())) <= 5
+    assert report["load"]["load1"] == pytest.approx(os.getloadavg()[0], abs=0.5)
+
+
+def test_mac_disk_use_is_what_the_container_has_given_out(tmp_path):
+    total, used, avail = ka.MacHost().disk_usage(str(tmp_path))
+    st = os.statvfs(str(tmp_path))
+    assert (total, avail) == (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize) and used == total - avail
+
+
+@pytest.mark.parametrize("platform, host", [("darwin", ka.MacHost), ("freebsd14", ka.FreeBSDHost),
+                                            ("openbsd7", ka.PsutilHost)])
+def test_make_host_picks_the_host_of_the_system(monkeypatch, platform, host):
+    monkeypatch.setattr(ka, "IS_LINUX", False)
+    monkeypatch.setattr(ka.sys, "platform", platform)
+    assert type(ka.make_host()) is host
+
 
 # ---------------------------------------------------------------------------
 # Report figures: /proc arithmetic on fixed inputs, the Collector against psutil
@@ -2083,6 +2464,71 @@ def test_lookups_use_custom_dns_and_the_environments_proxy(monkeypatch):
         dns.close()
         service.close()
         proxy.close()
+
+
+# -- macOS and FreeBSD (their programs' output is under the Platform banner) -----------
+
+@pytest.mark.parametrize("text, expected", [
+    (SW_VERS_SONOMA, "macOS 14.4.1"),
+    (SW_VERS_CATALINA, "macOS 10.15.7"),   # the panel finds its logo by "macOS"
+    (SW_VERS_RSR, "macOS 13.4.1 (c)"),
+    ("", ""),
+])
+def test_macos_name_from_sw_vers(text, expected):
+    assert ka.macos_name(text) == expected
+
+
+@pytest.mark.parametrize("text, names", [
+    (PROFILER_M1, "Apple M1"),
+    (PROFILER_MBP16, "Intel UHD Graphics 630, AMD Radeon Pro 5500M"),
+    (PROFILER_MAC_PRO, "Radeon Pro W5700X \u00d7 2"),
+    ("Graphics/Displays:\n\n", "None"),
+])
+def test_gpu_names_from_system_profiler(text, names):
+    assert ka.group_names(ka.gpu_names_from_system_profiler(text)) == names
+
+
+@pytest.mark.parametrize("text, names", [
+    (PCICONF_DESKTOP, "Intel Corporation CoffeeLake-S GT2 [UHD Graphics 630], "
+                      "NVIDIA Corporation GA102 [GeForce RTX 3090] \u00d7 2"),
+    # a GPU vendor's card hides the BMC's VGA chip, as lspci's listing does on Linux
+    (PCICONF_SERVER, "NVIDIA Corporation GA100 [A100 PCIe 80GB]"),
+    (PCICONF_SERVER.split("none2@")[0], "ASPEED Technology, Inc. ASPEED Graphics Family"),
+    (PCICONF_GUESTS, "None"),
+    ("vgapci0@pci0:0:2:0:\tclass=0x030000 rev=0xc1 hdr=0x00 vendor=0x1002 device=0x73ff\n    class      = display\n",
+     "PCI 1002:73ff"),   # a card newer than the PCI database
+])
+def test_gpu_names_from_pciconf(text, names):
+    assert ka.group_names(ka.gpu_names_from_pciconf(text)) == names
+
+
+def test_pciconf_ids_in_both_header_formats():
+    assert ka.pciconf_displays(PCICONF_SERVER) == [
+        (0x1a03, 0x2000, "ASPEED Technology, Inc.", "ASPEED Graphics Family"),
+        (0x10de, 0x20b5, "NVIDIA Corporation", "GA100 [A100 PCIe 80GB]")]
+    assert [d[:2] for d in ka.pciconf_displays(PCICONF_DESKTOP)] == [(0x8086, 0x3e92), (0x10de, 0x2204),
+                                                                     (0x10de, 0x2204)]
+
+
+@pytest.mark.parametrize("vmm, features, model, expected", [
+    ("0", "FPU VME DE PSE TSC SSE3", "MacBookPro16,1", "none"),
+    ("1", "", "VirtualMac2,1", "apple"),                    # Apple's Virtualization framework
+    ("1", "FPU VMM", "VMware7,1", "vmware"),
+    ("1", "", "Parallels-ARM", "parallels"),
+    ("", "FPU VME SSE3 VMM", "iMacPro1,1", "virtualized"),  # Intel macOS 10.x under KVM
+    ("", "", "", "none"),
+])
+def test_macos_virtualization_from_sysctl(vmm, features, model, expected):
+    assert ka.macos_virtualization(vmm, features, model) == expected
+
+
+@pytest.mark.parametrize("jailed, guest, expected", [
+    ("0", "none", "none"), ("0", "kvm", "kvm"), ("0", "bhyve", "bhyve"), ("0", "hv", "microsoft"),
+    ("0", "vbox", "oracle"), ("0", "generic", "virtualized"), ("0", "xen", "xen"), ("1", "kvm", "jail"),
+    ("", "", "none"),
+])
+def test_freebsd_virtualization_from_sysctl(jailed, guest, expected):
+    assert ka.freebsd_virtualization(jailed, guest) == expected
 
 
 # ---------------------------------------------------------------------------
