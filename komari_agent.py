@@ -2050,6 +2050,8 @@ def bsd_countable_mounts(partitions):
 # ---------------------------------------------------------------------------
 
 IS_LINUX = sys.platform.startswith("linux")
+IS_MACOS = sys.platform == "darwin"
+IS_WINDOWS = sys.platform == "win32"
 
 
 def psutil_module():
@@ -2364,9 +2366,29 @@ HANGUP_GRACE = 0.5
 
 # -- process sessions ----------------------------------------------------------
 
+def ping_command(family, timeout):
+    """The system ping's argument list for one echo, the address to follow;
+    None without one. Linux's -W is seconds, the BSDs' milliseconds, and
+    macOS has ping6 for IPv6."""
+    import shutil
+    name = "ping6" if family == socket.AF_INET6 and IS_MACOS else "ping"
+    path = shutil.which(name)
+    if not path:
+        return None
+    if IS_LINUX:
+        argv = [path, "-n", "-c", "1", "-W", str(max(1, int(timeout + 0.999)))]
+    else:
+        argv = [path, "-n", "-c", "1"] + ([] if name == "ping6" else ["-W", str(max(1, int(timeout * 1000)))])
+    if family == socket.AF_INET6 and name == "ping":
+        argv.append("-6")
+    return argv
+
+
 def session_members(leader):
-    """Live pids whose session or process group is `leader` (Linux /proc);
-    an interactive shell puts each job in its own group, the session holds them all."""
+    """Live pids whose session or process group is `leader`; an interactive
+    shell puts each job in its own group, the session holds them all."""
+    if not IS_LINUX:
+        return psutil_session_members(leader)
     members = []
     try:
         names = os.listdir("/proc")
@@ -2384,6 +2406,23 @@ def session_members(leader):
             continue
         if state != b"Z" and (pgrp == leader or session == leader):
             members.append(int(name))
+    return members
+
+
+def psutil_session_members(leader):
+    """session_members() without Linux's /proc."""
+    members = []
+    try:
+        ps = psutil_module()
+        pids = ps.pids()
+    except Exception:
+        return members
+    for pid in pids:
+        try:
+            if leader in (os.getpgid(pid), os.getsid(pid)) and ps.Process(pid).status() != ps.STATUS_ZOMBIE:
+                members.append(pid)
+        except Exception:  # gone meanwhile, or not ours to look at
+            continue
     return members
 
 
@@ -5119,8 +5158,10 @@ def icmp_echo(family, address, timeout, kind):
             sock.settimeout(remaining)
             packet = sock.recv(2048)
             elapsed = (time.monotonic() - start) * 1000
-            if kind == socket.SOCK_RAW and family == socket.AF_INET:
-                packet = packet[(packet[0] & 0x0F) * 4:]  # a raw IPv4 socket sees the IP header
+            if family == socket.AF_INET and packet and packet[0] >> 4 == 4:
+                # a raw IPv4 socket (and the BSDs' ping socket) sees the IP header;
+                # no ICMP type starts with 0x4_
+                packet = packet[(packet[0] & 0x0F) * 4:]
             if len(packet) < 8:
                 continue
             rtype, _, _, rident, rseq = struct.unpack("!BBHHH", packet[:8])
@@ -5142,12 +5183,9 @@ def system_ping(family, address, timeout):
     address is an IP literal), None on failure."""
     import shutil
     import subprocess
-    path = shutil.which("ping")
-    if not path:
+    argv = ping_command(family, timeout)
+    if argv is None:
         return None
-    argv = [path, "-n", "-c", "1", "-W", str(max(1, int(timeout + 0.999)))]
-    if family == socket.AF_INET6:
-        argv.append("-6")
     try:
         done = subprocess.run(argv + [address], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               stdin=subprocess.DEVNULL, timeout=timeout + 2, env=child_env({"LC_ALL": "C"}))

@@ -1539,6 +1539,34 @@ def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ
 # Platform: what differs between operating systems
 # ---------------------------------------------------------------------------
 
+# -- processes and programs -----------------------------------------------------------
+
+def test_session_members_without_proc_match_the_proc_reading():
+    # the psutil way (macOS, FreeBSD) against the /proc way, on a real session of three processes
+    leader = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
+    try:
+        wait_until(lambda: len(ka.session_members(leader.pid)) == 3, 10, "the session's three processes")
+        assert sorted(ka.psutil_session_members(leader.pid)) == sorted(ka.session_members(leader.pid))
+    finally:
+        ka.signal_session(leader.pid, signal.SIGKILL)
+        leader.wait()
+
+
+@pytest.mark.parametrize("system, family, expected", [
+    ("linux", socket.AF_INET, ["ping", "-n", "-c", "1", "-W", "3"]),
+    ("linux", socket.AF_INET6, ["ping", "-n", "-c", "1", "-W", "3", "-6"]),
+    ("darwin", socket.AF_INET, ["ping", "-n", "-c", "1", "-W", "2500"]),
+    ("darwin", socket.AF_INET6, ["ping6", "-n", "-c", "1"]),
+    ("freebsd14", socket.AF_INET6, ["ping", "-n", "-c", "1", "-W", "2500", "-6"]),
+])
+def test_system_ping_arguments_follow_each_systems_units(tmp_path, monkeypatch, system, family, expected):
+    stub_commands(tmp_path, monkeypatch, {"ping": "exit 0", "ping6": "exit 0"})
+    monkeypatch.setattr(ka, "IS_LINUX", system == "linux")
+    monkeypatch.setattr(ka, "IS_MACOS", system == "darwin")
+    argv = ka.ping_command(family, 2.5)
+    assert [os.path.basename(argv[0])] + argv[1:] == expected
+
+
 # -- macOS and FreeBSD: their programs' output, in those systems' formats -------------
 
 SW_VERS_SONOMA = "ProductName:\t\tmacOS\nProductVersion:\t\t14.4.1\nBuildVersion:\t\t23E224\n"
