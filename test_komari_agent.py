@@ -770,12 +770,14 @@ def request_head(client):
 class AgentProcess:
     """komari_agent.py as a subprocess; stderr is collected line by line."""
 
-    def __init__(self, args, env=None):
+    def __init__(self, args, env=None, command=None):
+        """`command`: what runs the agent (default: this Python and komari_agent.py)."""
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
         full_env.update(env or {})
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.setdefault("NO_PROXY", "127.0.0.1,localhost")
-        self.proc = subprocess.Popen([sys.executable, str(AGENT)] + list(args), stdout=subprocess.PIPE,
+        command = command or [sys.executable, str(AGENT)]
+        self.proc = subprocess.Popen(command + list(args), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=full_env, start_new_session=True)
         self.lines = []
         self.cond = threading.Condition()
@@ -895,6 +897,42 @@ def start_agent(panel):
 
 def panel_state_dir(panel):
     return panel.state_dir
+
+
+# -- Windows, under Wine -----------------------------------------------------------
+
+# A tree that .ci/prepare-wine.sh builds: Wine, a prefix set to Windows 10, and
+# the official embeddable CPython for Windows with psutil and websocket-client.
+WINE_TREE = Path(os.environ.get("KOMARI_WINE_TREE") or Path.home() / ".cache" / "komari-wine")
+
+
+class Windows:
+    """The Windows Python under Wine. Wine shows the Linux root as drive Z:."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        self.winepy = tree / "bin" / "winepy"
+
+    @staticmethod
+    def path(path):
+        return "Z:" + str(path).replace("/", "\\")
+
+    def command(self, script=None):
+        """The argument list that runs `script` (default komari_agent.py) on Windows."""
+        return [str(self.winepy), self.path(script or AGENT)]
+
+    def run(self, *args, timeout=60, script=None, env=None):
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+        full_env.update(env or {})
+        return subprocess.run(self.command(script) + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def windows():
+    if not (WINE_TREE / "bin" / "winepy").exists():
+        pytest.skip("Windows tests need Wine and the Windows Python: bash .ci/prepare-wine.sh %s" % WINE_TREE)
+    return Windows(WINE_TREE)
 
 
 def run_agent(*args, env=None, timeout=30):
@@ -1538,6 +1576,17 @@ def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ
 # ---------------------------------------------------------------------------
 # Platform: what differs between operating systems
 # ---------------------------------------------------------------------------
+
+# -- Windows, under Wine ---------------------------------------------------------------
+
+def test_windows_dry_run_prints_basic_info_and_a_report(windows):
+    done = windows.run("--dry-run", timeout=120)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    lines = done.stdout.decode("utf-8").splitlines()
+    info, report = go_json(lines[0]), go_json(lines[1])
+    assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
+    assert report_problem(report) is None
+
 
 # -- processes and programs -----------------------------------------------------------
 
