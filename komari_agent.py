@@ -751,13 +751,14 @@ class Option:
     [BOOL]); group is the key of its --help group in HELP_GROUPS."""
 
     def __init__(self, dest, flags, kind, default, help, json_keys=(), env=(), check=None, metavar=None,
-                 group="everyday"):
+                 group="everyday", secret=False):
         self.dest, self.flags, self.kind, self.default, self.help = dest, flags, kind, default, help
         self.json_keys = json_keys or (dest,)
         self.env = env or ("AGENT_" + dest.upper(),)
         self.check = check
         self.metavar = metavar
         self.group = group
+        self.secret = secret  # never shown whole: not by --check, not in an error
 
 
 def _positive(v):
@@ -817,10 +818,11 @@ OPTIONS = [
     # everyday
     Option("endpoint", ("-e", "--endpoint"), "str", "", "panel URL, e.g. https://panel.example.com",
            metavar="URL"),
-    Option("token", ("-t", "--token"), "str", "", "client token from the panel", metavar="TOKEN"),
+    Option("token", ("-t", "--token"), "str", "", "client token from the panel", metavar="TOKEN", secret=True),
     Option("auto_discovery", ("--auto-discovery",), "str", "",
            "auto-discovery key: register with the panel when no token is given",
-           json_keys=("auto_discovery_key", "auto_discovery"), env=("AGENT_AUTO_DISCOVERY_KEY",), metavar="KEY"),
+           json_keys=("auto_discovery_key", "auto_discovery"), env=("AGENT_AUTO_DISCOVERY_KEY",), metavar="KEY",
+           secret=True),
     Option("interval", ("-i", "--interval"), "float", 1.0,
            "seconds between reports (default 1.0, at least %g)" % MIN_INTERVAL, check=_interval, metavar="SECONDS"),
     Option("protocol_version", ("--protocol-version",), "int", 2,
@@ -921,15 +923,32 @@ OFFICIAL_ONLY_FLAGS = {
     "--cf-access-client-id": True,      # official 1.2.13 to 1.2.59
     "--cf-access-client-secret": True,  # official 1.2.13 to 1.2.59
 }
-# Environment names of those flags: ignored quietly, like the official agent does.
-OFFICIAL_ONLY_ENV = ("AGENT_CF_ACCESS_CLIENT_ID", "AGENT_CF_ACCESS_CLIENT_SECRET")
+# Their JSON keys and AGENT_* names: accepted with a warning too. Any other
+# unknown key or AGENT_* name is an error, as an unknown flag is.
+OFFICIAL_ONLY_KEYS = ("cf_access_client_id", "cf_access_client_secret")
+OFFICIAL_ONLY_ENV = tuple("AGENT_" + key.upper() for key in OFFICIAL_ONLY_KEYS)
+# Set in the file or as HOST_PROC, never by a flag (the official agent's names)
+HOST_PROC_KEY = "host_proc"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 
 
+def masked(secret):
+    """Enough of a secret to tell two apart, not enough to use it."""
+    return "%s... (%d characters)" % (secret[:3], len(secret)) if len(secret) >= SHORT_SECRET else "*** (set)"
+
+
+def shown(value, secret=False):
+    """A bad value as an error or warning repeats it: whole when it is short,
+    masked when it is a secret or as long as one (a token given to the wrong
+    flag, say), so that no configuration message prints a token."""
+    text = value if isinstance(value, str) else repr(value)
+    return masked(text) if secret or len(text) >= SHORT_SECRET else repr(value)
+
+
 def convert(option, value, origin):
     """The value of `option` from a string (flag, env) or a JSON value, or ConfigError."""
-    name = origin
+    name, got = origin, shown(value, option.secret)
     if option.kind == "bool":
         if isinstance(value, bool):
             return value
@@ -938,27 +957,27 @@ def convert(option, value, origin):
             return True
         if word in FALSE_WORDS:
             return False
-        raise ConfigError("%s: expected true or false, got %r" % (name, value))
+        raise ConfigError("%s: expected true or false, got %s" % (name, got))
     if option.kind in ("int", "float"):
         if isinstance(value, bool) or value is None:
-            raise ConfigError("%s: expected a number, got %r" % (name, value))
+            raise ConfigError("%s: expected a number, got %s" % (name, got))
         try:
             number = float(value) if option.kind == "float" else int(str(value).strip(), 10)
         except (TypeError, ValueError):
             if option.kind == "int" and isinstance(value, float) and value.is_integer():
                 number = int(value)
             else:
-                raise ConfigError("%s: expected %s, got %r" % (
-                    name, "a number" if option.kind == "float" else "a whole number", value))
+                raise ConfigError("%s: expected %s, got %s" % (
+                    name, "a number" if option.kind == "float" else "a whole number", got))
         if option.kind == "float" and number != number or number in (float("inf"), float("-inf")):
-            raise ConfigError("%s: expected a finite number, got %r" % (name, value))
+            raise ConfigError("%s: expected a finite number, got %s" % (name, got))
     else:
         if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError("%s: expected a string, got %r" % (name, value))
+            raise ConfigError("%s: expected a string, got %s" % (name, got))
         number = str(value).strip() if not isinstance(value, bool) else str(value).lower()
     problem = option.check(number) if option.check else None
     if problem:
-        raise ConfigError("%s %s (got %r)" % (name, problem, value))
+        raise ConfigError("%s %s (got %s)" % (name, problem, got))
     return number
 
 
@@ -1088,26 +1107,25 @@ def load_config(argv, environ):
     for arg in unknown:
         if arg.startswith("-") and arg != "-":
             raise ConfigError(unknown_flag_message(arg.split("=", 1)[0]))
-        warnings.append("ignoring stray argument %r" % arg)
-    warnings.extend(unknown_environment_warnings(environ))
+        warnings.append("ignoring stray argument %s" % shown(arg))
+    warnings.extend(unknown_names([n for n in environ if n.startswith("AGENT_")],
+                                  [name for o in OPTIONS for name in o.env], OFFICIAL_ONLY_ENV, "the environment"))
     cli = vars(cli)
     check = cli.pop("check", False)
     values = {o.dest: o.default for o in OPTIONS}
     origin = {}
 
     config_path = cli.get("config") or next((environ[n] for n in OPTION_BY_DEST["config"].env if environ.get(n)), "")
-    if config_path:
-        data = read_config_file(config_path)
-        known = set()
-        for option in OPTIONS:
-            for key in option.json_keys:
-                if key in data:
-                    known.add(key)
-                    if option.dest != "config":
-                        values[option.dest] = convert(option, data[key], "%s in %s" % (key, config_path))
-                        origin[option.dest] = "file"
-        for key in sorted(set(data) - known):
-            warnings.append("ignoring unknown key %r in %s" % (key, config_path))
+    data = read_config_file(config_path) if config_path else {}
+    warnings.extend(unknown_names(data, [k for o in OPTIONS for k in o.json_keys] + [HOST_PROC_KEY],
+                                  OFFICIAL_ONLY_KEYS, config_path))
+    for option in OPTIONS:
+        for key in option.json_keys:
+            if key in data and option.dest != "config":
+                values[option.dest] = convert(option, data[key], "%s in %s" % (key, config_path))
+                origin[option.dest] = "file"
+    if not isinstance(data.get(HOST_PROC_KEY, ""), str):
+        raise ConfigError("%s in %s: expected a string" % (HOST_PROC_KEY, config_path))
     for option in OPTIONS:
         for name in option.env:
             if environ.get(name, "") != "":
@@ -1118,7 +1136,7 @@ def load_config(argv, environ):
         option = OPTION_BY_DEST[dest]
         values[dest] = convert(option, raw, option.flags[-1])
         origin[dest] = "cli"
-    values["host_proc"] = (environ.get("HOST_PROC") or "/proc").rstrip("/") or "/proc"
+    values["host_proc"] = (environ.get("HOST_PROC") or data.get(HOST_PROC_KEY) or "/proc").rstrip("/") or "/proc"
     cfg = argparse.Namespace(**values)
     cfg.check, cfg.origins = check, origin
     return finish_config(cfg, warnings), warnings
@@ -1150,16 +1168,24 @@ def suggestion(word, choices):
 
 def unknown_flag_message(flag):
     known = [f for o in OPTIONS for f in o.flags if f.startswith("--")] + ["--check", "--version", "--help"]
-    return "unknown option %s%s; see --help" % (flag, suggestion(flag, known))
+    # "-t" glued to its value is a known flag; anything else after one dash may be a value
+    name = flag if flag.startswith("--") else shown(flag)
+    return "unknown option %s%s; see --help" % (name, suggestion(flag, known))
 
 
-def unknown_environment_warnings(environ):
-    """A warning for each AGENT_* variable that sets nothing (a typo would
-    otherwise be silently ignored)."""
-    known = [name for o in OPTIONS for name in o.env]
-    return ["ignoring %s: no such setting%s" % (name, suggestion(name, known))
-            for name in sorted(environ)
-            if name.startswith("AGENT_") and name not in known and name not in OFFICIAL_ONLY_ENV]
+def unknown_names(names, known, official_only, where):
+    """Warnings for the settings named in `names` (JSON keys, AGENT_* names)
+    that only some official agent version had; ConfigError, with the closest
+    real name, for any other that sets nothing: a misspelt disable_web_ssh
+    must not leave remote control on."""
+    warnings = []
+    for name in sorted(names):
+        if name in official_only:
+            warnings.append("ignoring %s in %s: an official agent setting this agent does not implement"
+                            % (name, where))
+        elif name not in known:
+            raise ConfigError("unknown setting %s in %s%s; see --help" % (name, where, suggestion(name, known)))
+    return warnings
 
 
 def finish_config(cfg, warnings):
@@ -1195,9 +1221,13 @@ def normalise_endpoint(endpoint):
         parts = urlsplit(url)
         parts.port  # ValueError when out of range
     except ValueError:  # "http://[::1", "http://h:99999"
-        parts = urlsplit("")
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ConfigError("endpoint must look like https://panel.example.com (got %r)" % endpoint)
+        parts, problem = None, "its host or port is not valid"
+    else:
+        problem = "it does not start with http:// or https://" if parts.scheme.lower() not in ("http", "https") \
+            else "" if parts.hostname else "it names no host"
+    if problem:
+        # what is wrong, not the value: a token given to -e by mistake must not be printed
+        raise ConfigError("endpoint must look like https://panel.example.com: %s" % problem)
     host = parts.hostname
     try:
         host.encode("ascii")
@@ -6288,11 +6318,6 @@ def check_state_dir(cfg):
                     "only and lost on restart (see --state-dir)", problem)
 
 
-def masked(secret):
-    """Enough of a secret to tell two apart, not enough to use it."""
-    return "%s... (%d characters)" % (secret[:3], len(secret)) if len(secret) >= 12 else "*** (set)"
-
-
 def check_settings(cfg):
     """--check: the settings in effect that differ from the defaults, one per
     line with where each came from; secrets masked. Nothing is contacted."""
@@ -6302,7 +6327,7 @@ def check_settings(cfg):
         if option.dest not in cfg.origins or option.dest in ("config", "dry_run", "state_dir"):
             continue
         value = getattr(cfg, option.dest)
-        if option.dest in ("token", "auto_discovery") and value:
+        if option.secret and value:
             value = masked(value)
         print("  %-24s %-36s (%s)" % (option.flags[-1], value, where[cfg.origins[option.dest]]))
     print("  %-24s %s" % ("state directory", state_dir(cfg)))

@@ -1462,10 +1462,55 @@ def test_unknown_flag_exits_2_with_a_suggestion_but_official_only_flags_warn():
     assert cfg.interval == 2.0 and cfg.show_warning and len(warnings) == 2 and all("does not implement" in w for w in warnings)
 
 
-def test_agent_variables_that_match_no_setting_are_warned_with_a_suggestion():
-    _, warnings = ka.load_config(["-e", "http://h", "-t", "T"], {"AGENT_DISABLE_WEBSSH": "1", "AGENT_TOKEN": "T",
-                                                                "AGENT_CF_ACCESS_CLIENT_ID": "x"})
-    assert warnings == ["ignoring AGENT_DISABLE_WEBSSH: no such setting (did you mean AGENT_DISABLE_WEB_SSH?)"]
+@pytest.mark.parametrize("key, env, needle", [
+    ("disable_webssh", {}, "unknown setting disable_webssh in {config} (did you mean disable_web_ssh?); see --help"),
+    ("", {"AGENT_DISABLE_WEBSSH": "1"},
+     "unknown setting AGENT_DISABLE_WEBSSH in the environment (did you mean AGENT_DISABLE_WEB_SSH?); see --help"),
+])
+def test_unknown_keys_and_agent_variables_exit_2_with_a_suggestion(tmp_path, key, env, needle):
+    # a misspelt setting must not leave remote control on: it stops the agent, as an unknown flag does
+    config = tmp_path / "agent.json"
+    settings = {"endpoint": "http://127.0.0.1:%d" % closed_port(), "token": TOKEN}
+    config.write_text(json.dumps(dict(settings, **({key: True} if key else {}))))
+    for check in ([], ["--check"]):
+        done = run_agent("--config", str(config), "--state-dir", str(tmp_path), *check, env=env, timeout=20)
+        lines = done.stderr.decode().strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and not done.stdout, (check, done.returncode, lines)
+        assert lines[0].endswith(needle.format(config=config)), lines
+
+
+def test_official_agent_settings_this_one_lacks_are_accepted_with_a_warning(tmp_path):
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"endpoint": "http://h", "token": "T", "cf_access_client_id": "x",
+                                  "host_proc": str(tmp_path)}))
+    env = {"AGENT_CF_ACCESS_CLIENT_SECRET": "s", "AGENT_TOKEN": "T"}
+    cfg, warnings = ka.load_config(["--config", str(config)], env)
+    unimplemented = ": an official agent setting this agent does not implement"
+    assert warnings == ["ignoring AGENT_CF_ACCESS_CLIENT_SECRET in the environment" + unimplemented,
+                        "ignoring cf_access_client_id in %s" % config + unimplemented]
+    assert cfg.host_proc == str(tmp_path)   # the official key for HOST_PROC, which wins over it
+    assert ka.load_config(["--config", str(config)], {"HOST_PROC": "/proc"})[0].host_proc == "/proc"
+
+
+SECRET = "Zq8vRw2mXk4pLs7nYb3dHj"
+
+
+@pytest.mark.parametrize("args, env, config", [
+    (["-e", SECRET, "-t", "http://127.0.0.1:1"], {}, None),           # -e and -t swapped
+    (["-e", "http://h", "-t", "T", "--interval", SECRET], {}, None),   # the token after the wrong flag
+    (["-e", "http://h", "-t", "T", "-x" + SECRET], {}, None),
+    (["-e", "http://h", "-t", "T"], {"AGENT_MAX_RETRIES": SECRET}, None),
+    (["-e", "http://h"], {}, {"token": {"value": SECRET}}),
+    (["-e", "http://h"], {}, {"auto_discovery_key": 1.5, "token": [SECRET]}),
+])
+def test_configuration_errors_never_print_a_secret(tmp_path, args, env, config):
+    if config is not None:
+        (tmp_path / "agent.json").write_text(json.dumps(config))
+        args = args + ["--config", str(tmp_path / "agent.json")]
+    with pytest.raises(ka.ConfigError) as error:
+        ka.load_config(args, env)
+    line = str(error.value)
+    assert not [SECRET[i:i + 4] for i in range(len(SECRET) - 3) if SECRET[i:i + 4] in line], line
 
 
 def test_idn_endpoint_is_punycoded():
