@@ -321,11 +321,28 @@ def read_json_object(path, limit=64 << 20):
     return data
 
 
+def make_private_dirs(path):
+    """os.makedirs(path, exist_ok=True), where every directory made, the
+    missing parents too, is private (0700): makedirs gives the parents the
+    umask's mode (0755), and a state directory made that way lets anyone list
+    it and read what in it is not private itself."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass  # made meanwhile, or a file: the caller's next step says so
+
+
 def write_atomic(path, data, mode=0o600):
     """Replace `path` with `data` so that a crash leaves the old or the new
     file, never a torn one: temp file, fsync, rename, fsync the directory."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    make_private_dirs(directory)
     temp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
     # never through a link or into a file someone else put there
     exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
@@ -362,7 +379,7 @@ def private_directory(path):
     else refused (someone could plant links or FIFOs in it). Returns what is
     wrong with it, or ""."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        make_private_dirs(path)
         st = os.stat(path)
         if not S_ISDIR(st.st_mode):
             return "%s is not a directory" % path
@@ -4857,6 +4874,7 @@ class LinkChooser:
         self.strikes = 0        # protocol failures in a row
         self.post_refused = False
         self.v1_dials = 0
+        self.v1_failed = ""     # why v1 failed, when it never connected since the last fallback
         self.last_problem = ""
         self.v1_reason = "--protocol-version 1"
 
@@ -4901,6 +4919,7 @@ class LinkChooser:
         elif kind == V1_SOCKET and not self.only_v1:
             self.v1_dials += 1
             if self.v1_dials >= self.retries:
+                self.v1_failed = "v1 failed as well (last: %s)" % problem
                 self.start_over()
         if protocol and kind != V1_SOCKET:
             self.strikes += 1
@@ -4910,7 +4929,11 @@ class LinkChooser:
         return protocol and LINK_KINDS.index(self.next()) > LINK_KINDS.index(kind)
 
     def fall_back(self, why):
-        log.warning("falling back to protocol v1: %s; until that link is lost", why)
+        if self.v1_failed:
+            log.warning("the panel answers neither v2 nor v1: %s, and %s; is --endpoint the panel's address? "
+                        "trying v1 again, then v2", why, self.v1_failed)
+        else:
+            log.warning("falling back to protocol v1: %s; until that link is lost", why)
         self.on_v1, self.v1_dials, self.v1_reason = True, 0, why
 
     def start_over(self):
@@ -4920,6 +4943,7 @@ class LinkChooser:
 
     def connected(self, link):
         kind = link.kind
+        self.v1_failed = ""
         if kind == V2_SOCKET:
             self.dials = 0
         if kind != V1_SOCKET:
@@ -5979,7 +6003,9 @@ STATUS_FILE = "status.json"
 class LinkStatus:
     """status.json in the state directory: the link's last state and error, for
     install.sh and for people (`cat state/status.json`). Written only when it
-    changes; a failure to write it never stops the agent."""
+    changes, mode 0600 like everything in the state directory (install.sh
+    reads it as the agent's user or as root); a failure to write it never
+    stops the agent."""
 
     def __init__(self, directory):
         self.path = os.path.join(directory, STATUS_FILE)
@@ -5996,9 +6022,22 @@ class LinkStatus:
         status = {"state": state, "error": error, "since": rfc3339_now(), "pid": os.getpid(),
                   "started": self.started, "version": __version__}
         try:
-            write_atomic(self.path, (json.dumps(status, indent=1) + "\n").encode("utf-8"), mode=0o644)
+            write_atomic(self.path, (json.dumps(status, indent=1) + "\n").encode("utf-8"))
         except OSError:
             pass
+
+
+def certificate_untrusted(error):
+    """Whether `error` (or the error behind it) is a TLS certificate that
+    failed verification: CERTIFICATE_VERIFY_FAILED, a self-signed panel."""
+    for _ in range(5):  # urllib's URLError holds it as its reason
+        if isinstance(error, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(error):
+            return True
+        reason = getattr(error, "reason", None)
+        error = reason if isinstance(reason, BaseException) else error.__cause__ or error.__context__
+        if error is None:
+            break
+    return False
 
 
 # an outage shorter than this is redialled every --reconnect-interval, so the
@@ -6050,6 +6089,7 @@ class Agent:
         self.period = min(cfg.interval, MAX_REPORT_GAP)
         self.failed = False
         self.status = LinkStatus(state_dir(cfg))
+        self.tls_hint_given = False
 
     def complain(self, what, error, hint=""):
         """Log that `what` failed (PanelRefused: what the refusal means; else
@@ -6057,7 +6097,8 @@ class Agent:
         if isinstance(error, PanelRefused):
             key, line = (what, error.status), explain_refusal(error, what + " failed") + hint
         else:
-            key, line = (what, type(error).__name__), "%s failed: %s%s" % (what, describe_error(error), hint)
+            key, line = (what, type(error).__name__), "%s failed: %s%s%s" % (
+                what, describe_error(error), self.tls_hint(error), hint)
         if self.refused_log(key):
             log.warning(line)
         return line
@@ -6170,22 +6211,36 @@ class Agent:
                 return self.chooser.dial(kind)
             except Exception as e:
                 problem = e.detail if isinstance(e, ProtocolRejected) else handshake_problem(e)
+                # refused, not unreachable: the next kind of link is dialled at once
                 at_once = self.chooser.failed(kind, e, problem)
-                if self.refused_log(("link", problem)):
-                    log.warning("cannot connect the report link (%s): %s", kind, problem)
                 # a wrong token will not fix itself in seconds
                 refused_token = getattr(e, "status", None) == 401
+                delay = None if at_once else self.failure_delay(refused_token=refused_token)
+                if self.refused_log(("link", problem)):
+                    log.warning("cannot connect the report link (%s): %s%s; %s", kind, problem, self.tls_hint(e),
+                                "trying %s at once" % self.chooser.next() if delay is None
+                                else "next try in %s s" % round(delay, 1))
                 self.status.set("refused" if refused_token else "connecting",
                                 "cannot connect the report link (%s): %s" % (kind, problem))
-                if at_once:
-                    continue  # refused, not unreachable: the next kind of link is dialled at once
-                if not self.wait_after_failure(refused_token=refused_token):
+                if delay is not None and self.stop.wait(delay):
                     return None
         return None
 
+    def tls_hint(self, error):
+        """The ways out of an untrusted certificate, the first time one is seen."""
+        if self.tls_hint_given or not certificate_untrusted(error):
+            return ""
+        self.tls_hint_given = True
+        return (" (the panel's TLS certificate is not trusted here: if it is self-signed or from a private CA, "
+                "install that CA in this system's trust store, or run with --ignore-unsafe-cert to skip the check)")
+
     def wait_after_failure(self, refused_token=False):
-        """Count a failed attempt and wait before the next (reconnect_delay).
-        False once stopping. No basic info here (the official agent uploads
+        """Count a failed attempt and wait before the next. False once stopping."""
+        return not self.stop.wait(self.failure_delay(refused_token))
+
+    def failure_delay(self, refused_token=False):
+        """Count a failed attempt; the seconds to wait before the next
+        (reconnect_delay). No basic info here (the official agent uploads
         it after each failed round): the next link sends it, and two uploads
         in the same second when the panel returns are one too many."""
         self.failures += 1
@@ -6194,10 +6249,8 @@ class Agent:
             self.outage_since = now
         retries = max(1, self.cfg.max_retries)
         if refused_token:
-            delay = backoff_delay(self.cfg.reconnect_interval, 3 + (self.failures - 1) // retries)
-        else:
-            delay = reconnect_delay(self.cfg.reconnect_interval, now - self.outage_since)
-        return not self.stop.wait(delay)
+            return backoff_delay(self.cfg.reconnect_interval, 3 + (self.failures - 1) // retries)
+        return reconnect_delay(self.cfg.reconnect_interval, now - self.outage_since)
 
     def serve(self, link):
         """Report every period until the link dies or the agent stops. True

@@ -3632,6 +3632,43 @@ def test_old_server_gets_v1_after_three_protocol_failures(panel, start_agent):
     assert agent.log.count("falling back to protocol v1") == 1 and panel.basic_infos
 
 
+class WebPage(BaseHTTPRequestHandler):
+    """Any website where the panel should be: 200 and a page, whatever is asked."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        page = b"<html><body>Welcome to nginx!</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.do_GET()
+
+
+def test_a_panel_that_answers_neither_v2_nor_v1_is_named_so(tmp_path):
+    from http.server import ThreadingHTTPServer
+    site = ThreadingHTTPServer(("127.0.0.1", 0), WebPage)
+    threading.Thread(target=site.serve_forever, args=(0.05,), daemon=True).start()
+    agent = AgentProcess(["-e", "http://127.0.0.1:%d" % site.server_address[1], "-t", TOKEN, "-c", "0.2", "-r", "1",
+                          "--state-dir", str(tmp_path), "--custom-ipv4", "192.0.2.7"])
+    try:
+        agent.wait_log("the panel answers neither v2 nor v1", 20)
+    finally:
+        agent.stop()
+        site.shutdown()
+        site.server_close()
+    line = next(line for line in agent.lines if "answers neither" in line)
+    assert "and v1 failed as well (last: the panel answered with a web page" in line, line
+    assert "--endpoint" in line and agent.log.count("falling back to protocol v1") == 1, agent.log
+
+
 # ---------------------------------------------------------------------------
 # Tasks: exec, ping probes, web terminal, dispatch
 # ---------------------------------------------------------------------------
@@ -4194,6 +4231,86 @@ def test_wrong_token_is_logged_once_a_minute_at_most(panel, start_agent):
     assert len(panel.ws_attempts) - attempts <= 3
     assert agent.log.count("cannot connect the report link") == 1
     assert "not-the-token" not in agent.log and agent.proc.poll() is None
+
+
+def test_state_directory_and_status_file_are_private(tmp_path):
+    # README: the state directory is made 0700 (the parents it needs too), status.json 0600 as all in it
+    state = tmp_path / "new" / "state"
+    agent = AgentProcess(["-e", "http://127.0.0.1:%d" % closed_port(), "-t", TOKEN, "-c", "0.2",
+                          "--state-dir", str(state), "--custom-ipv4", "192.0.2.7"])
+    try:
+        status = state / ka.STATUS_FILE
+        wait_until(lambda: status.exists() and json.loads(status.read_text())["state"] == "connecting", 15,
+                   "status.json saying connecting")
+    finally:
+        agent.stop()
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode))
+             for p in (tmp_path / "new", state, state / ka.SPOOL_DIR, status)}
+    assert modes == {"new": "0o700", "new/state": "0o700", "new/state/results": "0o700",
+                     "new/state/status.json": "0o600"}
+    # a spool made before the state directory (Agent without main()) makes it private too
+    ka.ResultSpool(str(tmp_path / "other" / "results"))
+    assert stat.S_IMODE((tmp_path / "other").stat().st_mode) == 0o700
+
+
+NEXT_TRY = r"; (next try in 0\.[0-3] s|trying v[12] \w+ at once)$"
+
+
+def test_a_cannot_connect_line_says_when_the_next_try_is(tmp_path):
+    # one such line a minute (the log's flood limit), so it must say the agent is not stuck
+    agent = AgentProcess(["-e", "http://127.0.0.1:%d" % closed_port(), "-t", TOKEN, "-c", "0.3", "-r", "1",
+                          "--state-dir", str(tmp_path), "--custom-ipv4", "192.0.2.7"])
+    try:
+        agent.wait_log("cannot connect the report link", 15)
+    finally:
+        agent.stop()
+    lines = [line for line in agent.lines if "cannot connect the report link" in line]
+    assert lines and all(re.search(NEXT_TRY, line) for line in lines), lines
+
+
+def self_signed_certificate(directory):
+    """(certificate, key) files of a fresh self-signed certificate for 127.0.0.1."""
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl command to make a certificate with")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=30)
+    return cert, key
+
+
+def test_a_self_signed_panel_is_named_once_with_the_ways_out(tmp_path):
+    import ssl
+    from urllib.error import URLError
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*map(str, self_signed_certificate(tmp_path)))
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def handshake(client):
+        try:   # the agent gives up on the certificate: its alert ends the handshake here
+            context.wrap_socket(client, server_side=True).close()
+        except (OSError, ssl.SSLError):
+            client.close()
+    threading.Thread(target=accept_each, args=(listener, handshake, held), daemon=True).start()
+    agent = AgentProcess(["-e", "https://127.0.0.1:%d" % listener.getsockname()[1], "-t", TOKEN, "-c", "0.3",
+                          "-r", "1", "--state-dir", str(tmp_path), "--custom-ipv4", "192.0.2.7"])
+    try:
+        agent.wait_log("CERTIFICATE_VERIFY_FAILED", 20)
+    finally:
+        agent.stop()
+        listener.close()
+        for client in held:
+            client.close()
+    line = next(line for line in agent.lines if "CERTIFICATE_VERIFY_FAILED" in line)
+    assert "cannot connect the report link" in line and re.search(NEXT_TRY, line), line
+    assert "--ignore-unsafe-cert" in line and "install that CA" in line and TOKEN not in agent.log, line
+    # the ways out once; each later line only the failure
+    cfg, _ = ka.load_config(["-e", "https://127.0.0.1:1", "-t", "T", "--state-dir", str(tmp_path)], {})
+    looped = ka.Agent(cfg)
+    untrusted = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    assert looped.tls_hint(ConnectionRefusedError()) == "" and ka.certificate_untrusted(URLError(untrusted))
+    assert "--ignore-unsafe-cert" in looped.tls_hint(untrusted) and looped.tls_hint(untrusted) == ""
 
 
 def test_status_file_is_written_on_change_only_and_never_holds_the_token(tmp_path):
