@@ -6401,9 +6401,16 @@ def dry_run(cfg):
     return 0
 
 
-def go_log(message):
-    """A line on stderr the way the official agent's subcommands log it."""
-    sys.stderr.write("%s %s\n" % (time.strftime("%Y/%m/%d %H:%M:%S"), message))
+def go_log(message, stream=None):
+    """A line in Go's log format, as the official agent's subcommands write
+    theirs, on `stream` (stderr unless given)."""
+    (stream or sys.stderr).write("%s %s\n" % (time.strftime("%Y/%m/%d %H:%M:%S"), message))
+
+
+def go_answer(message):
+    """A subcommand's answer in that format, on stdout (the official agent
+    logs it on stderr), so that `check-mem | grep htoplike` works."""
+    go_log(message, sys.stdout)
 
 
 def subcommand_config(name, argv, environ):
@@ -6450,13 +6457,12 @@ def list_disk_command(argv, environ):
     except OSError as e:
         go_log("Failed to get disk partitions: %s" % describe_error(e))
         return 0
-    go_log("All Disk Partitions:")
+    go_answer("All Disk Partitions:")
     rows = [("Mountpoint", "Fstype")] + [(m.mountpoint, m.fstype) for m in mounts]
     width = max(len(r[0]) for r in rows) + 2
     sys.stdout.write("".join("%s%s\n" % (mountpoint.ljust(width), fstype) for mountpoint, fstype in rows))
-    sys.stdout.flush()
     try:
-        go_log("Monitoring Mountpoints: %s" % monitored_mountpoints(Collector(cfg)))
+        go_answer("Monitoring Mountpoints: %s" % monitored_mountpoints(Collector(cfg)))
     except OSError as e:
         go_log("Failed to get disk list: %s" % describe_error(e))
     return 0
@@ -6481,24 +6487,24 @@ def check_mem_command(argv, environ):
     mib = 1 << 20
 
     def line(mode, total, used):
-        go_log("[%s] Total: %d bytes (%d MiB), Used: %d bytes (%d MiB)" % (mode, total, total // mib, used, used // mib))
-    go_log("--- Memory Check ---")
+        go_answer("[%s] Total: %d bytes (%d MiB), Used: %d bytes (%d MiB)" % (mode, total, total // mib, used, used // mib))
+    go_answer("--- Memory Check ---")
     try:
         info = parse_meminfo(read_text("/proc/meminfo"))
     except OSError:
         info = {}
     if info:
-        go_log("--- /proc/meminfo ---")
+        go_answer("--- /proc/meminfo ---")
         for key in ("MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached", "SwapTotal", "SwapFree",
                     "SwapCached", "Shmem", "SReclaimable", "Zswap", "Zswapped"):
-            go_log("%-13s %d MiB" % (key + ":", info.get(key, 0) // mib))
-        go_log("---------------------")
+            go_answer("%-13s %d MiB" % (key + ":", info.get(key, 0) // mib))
+        go_answer("---------------------")
     htop = ram_usage(info) if info.get("MemTotal") else (0, 0)
     line("htoplike", *htop)
     vm = psutil_module().virtual_memory()
     line("gopsutil", vm.total, vm.total - vm.available)
     line("callFree", *free_command_memory())
-    go_log("--- Current Configured ---")
+    go_answer("--- Current Configured ---")
     if cfg.memory_include_cache:
         line("includeCache", vm.total, vm.total - vm.free)
     elif htop[0]:

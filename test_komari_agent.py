@@ -4395,21 +4395,27 @@ def test_startup_names_the_monitored_mounts_and_interfaces(tmp_path, caplog):
     assert "Monitoring Interfaces: [eth0 wg0]" in caplog.text
 
 
+GO_LOG_LINE = r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d "
+
+
 def test_list_disk_check_mem_and_show_warning_like_the_official_agent(tmp_path):
+    # the official agent's lines, answers on stdout (it logs them on stderr): `check-mem 2>/dev/null` shows them
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
     run = lambda *args: subprocess.run([sys.executable, str(AGENT)] + list(args), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, timeout=60, cwd=str(tmp_path), env=dict(os.environ))
+                                       stderr=subprocess.PIPE, timeout=60, cwd=str(tmp_path), env=env)
     listed = run("list-disk")
-    assert listed.returncode == 0
+    assert listed.returncode == 0 and listed.stderr == b"", listed.stderr
     rows = listed.stdout.decode().splitlines()
+    assert re.match(GO_LOG_LINE + "All Disk Partitions:$", rows[0]), rows[0]
+    assert re.match(GO_LOG_LINE + r"Monitoring Mountpoints: \[/ \(\S+\)", rows[-1]), rows[-1]
+    rows = rows[1:-1]
     width = max(len(r.split()[0]) for r in rows) + 2
     assert rows[0] == "Mountpoint".ljust(width) + "Fstype"
     assert any(r.startswith("/".ljust(width)) for r in rows[1:])            # every mount, / among them
-    log = listed.stderr.decode()
-    assert re.search(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d All Disk Partitions:$", log, re.M)
-    assert re.search(r"Monitoring Mountpoints: \[/ \(\S+\)", log)
     memory = run("check-mem")
-    assert memory.returncode == 0 and memory.stdout == b""
-    lines = [l.split(" ", 2)[2] for l in memory.stderr.decode().splitlines()]
+    assert memory.returncode == 0 and memory.stderr == b"", memory.stderr
+    assert all(re.match(GO_LOG_LINE, l) for l in memory.stdout.decode().splitlines())
+    lines = [l.split(" ", 2)[2] for l in memory.stdout.decode().splitlines()]
     assert lines[:2] == ["--- Memory Check ---", "--- /proc/meminfo ---"]
     assert [l.split(":")[0] for l in lines[2:14]] == ["MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached",
                                                       "SwapTotal", "SwapFree", "SwapCached", "Shmem", "SReclaimable",
