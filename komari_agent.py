@@ -2743,6 +2743,12 @@ class Collector:
             counted = self.nic_decisions[name] = nic_counted(name, self.cfg.nics_include, self.cfg.nics_exclude)
         return counted
 
+    def sample_traffic(self):
+        """Count --month-rotate traffic without a report. Under the report's
+        lock: counters read earlier but counted later would look like a reset."""
+        with self.lock:
+            self.traffic.update(self.nic_counters())
+
     def network(self):
         counters = self.nic_counters()
         up, down = self.net.sample(counters, time.monotonic())
@@ -3032,7 +3038,11 @@ def epoch_of(now):
 
 
 def local_time(t):
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if isinstance(t, (int, float)) else "?"
+    """"2024-06-01 00:00", or "?" for what is no moment (stored JSON can hold anything)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if isinstance(t, (int, float)) else "?"
+    except (OverflowError, OSError, ValueError):
+        return "?"
 
 
 def reset_moment(year, month, day):
@@ -3139,6 +3149,28 @@ def stored_time(value):
     value = float(value)
     time.localtime(value)
     return value
+
+
+def saved_traffic(path):
+    """The traffic.json snapshot at `path` for `traffic --show/--export`:
+    FileNotFoundError when there is none, ValueError saying what is wrong
+    when it is damaged (exported, it would give the official agent zeros)."""
+    data = read_json_object(path)
+    for key in ("period_start", "period_end", "saved_at"):
+        value = data.get(key)
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError
+            stored_time(value)
+        except (ValueError, OverflowError, OSError):
+            raise ValueError("%s is not a moment in time" % key)
+    for key, shape, item in (("total", dict, int), ("offset", dict, int), ("nics", dict, dict),
+                             ("counted", list, str), ("previous", dict, object)):
+        value = data.get(key) or shape()
+        items = list(value.values()) if isinstance(value, dict) else value
+        if not isinstance(value, shape) or any(isinstance(v, bool) or not isinstance(v, item) for v in items):
+            raise ValueError("%s is malformed" % key)
+    return data
 
 
 class TrafficLedger:
@@ -3402,6 +3434,24 @@ class TrafficLedger:
             if self.saved_at is None or abs(now - self.saved_at) >= TRAFFIC_SAVE_EVERY:
                 self.save(now)
             return self.totals()
+
+
+def sample_traffic_while_idle(ledger, sample, stop):
+    """Keep `ledger` counting while no report does (before the first link,
+    during an outage): `sample()` (Collector.sample_traffic) at once and
+    whenever the last sample is TRAFFIC_SAVE_EVERY old, so the state is
+    saved, `traffic --show` is right and a reboot before the panel is
+    reached loses at most that much. Returns when `stop` is set."""
+    while True:
+        idle = time.time() - ledger.sampled_at if ledger.sampled else TRAFFIC_SAVE_EVERY
+        if not 0 <= idle < TRAFFIC_SAVE_EVERY:
+            try:
+                sample()
+            except Exception as e:   # a NIC read failing now and then must not end the counting
+                log.debug("traffic sample failed: %s", describe_error(e))
+            idle = 0.0
+        if stop.wait(TRAFFIC_SAVE_EVERY - idle):
+            return
 
 
 def traffic_ledger(cfg):
@@ -6062,6 +6112,8 @@ class Agent:
     - "basic-info" (info_loop): on `info_wanted` (a new link, changed public
       addresses) and every --info-report-interval.
     - "results" (result_loop): POSTs spooled exec results on `results_due`.
+    - "traffic" (sample_traffic_while_idle, with --month-rotate): counts
+      traffic while no report has for a minute (no link yet, an outage).
     - per link: "ws-reader" (a socket link's frames), or "v2-pull" and
       "v2-ws-retry" (POST mode); each ends when the link's `dead` is set.
     - per event: "exec", "ping", "terminal" workers started by Tasks.
@@ -6322,6 +6374,9 @@ class Agent:
 
     def run(self):
         self.status.set("starting")
+        if self.collector.traffic is not None:
+            threading.Thread(target=sample_traffic_while_idle, name="traffic", daemon=True,
+                             args=(self.collector.traffic, self.collector.sample_traffic, self.stop)).start()
         if not self.panel.token:
             self.panel.token = self.cfg.token = self.discover_token()
         threading.Thread(target=self.info_loop, name="basic-info", daemon=True).start()
@@ -6559,39 +6614,43 @@ def traffic_command(argv, environ):
         print("calibration saved in %s: %s; a running agent applies it within %d s, otherwise it is applied "
               "when the agent starts with --month-rotate" % (calibration, ", ".join(
                   "%s %s" % (k, human_size(v)) for k, v in sorted(sizes.items())), CALIBRATION_CHECK_EVERY + 2))
-    if args.export is not None:
-        return export_traffic(directory, args.export or os.path.join(directory, NET_STATIC))
-    if args.show or not sizes:
-        try:
-            shown = show_traffic(directory, calibration)
-        except (TypeError, ValueError, AttributeError, OverflowError) as e:
-            sys.stderr.write("%s traffic: error: %s in %s is damaged (%s); the agent sets it aside when it "
-                             "starts\n" % (PROG, TRAFFIC_FILE, directory, describe_error(e)))
-            shown = 1
-        return 0 if sizes else shown
-    return 0
+    if args.export is None and not args.show and sizes:
+        return 0
+    state = traffic_state_or_say_why(os.path.join(directory, TRAFFIC_FILE))
+    if state is None:
+        status = 1
+    elif args.export is not None:
+        status = export_traffic(state, args.export or os.path.join(directory, NET_STATIC))
+    else:
+        status = show_traffic(state, calibration)
+    return 0 if sizes and args.export is None else status
 
 
-def export_traffic(directory, path):
+def traffic_state_or_say_why(path):
+    """saved_traffic(path), or None after one line on stderr saying why not."""
     try:
-        state = read_json_object(os.path.join(directory, TRAFFIC_FILE))
-        stamp = state.get("saved_at") if isinstance(state.get("saved_at"), (int, float)) else time.time()
-        write_net_static(os.path.abspath(path), state, stamp)
-    except (OSError, ValueError) as e:
-        sys.stderr.write("%s traffic: error: cannot export: %s\n" % (PROG, describe_error(e)))
+        return saved_traffic(path)
+    except FileNotFoundError:
+        why = "no traffic state at %s: is the agent running with --month-rotate and this --state-dir?" % path
+    except OSError as e:
+        why = "cannot read %s: %s" % (path, describe_error(e))
+    except ValueError as e:
+        why = "%s is damaged (%s); the agent sets it aside when it starts" % (path, e)
+    sys.stderr.write("%s traffic: error: %s\n" % (PROG, why))
+    return None
+
+
+def export_traffic(state, path):
+    try:
+        write_net_static(os.path.abspath(path), state, state["saved_at"])
+    except OSError as e:
+        sys.stderr.write("%s traffic: error: cannot write %s: %s\n" % (PROG, path, describe_error(e)))
         return 1
     print("wrote %s; put it in the official agent's working directory (/opt/komari) before starting it" % path)
     return 0
 
 
-def show_traffic(directory, calibration):
-    path = os.path.join(directory, TRAFFIC_FILE)
-    try:
-        data = read_json_object(path)
-    except (OSError, ValueError) as e:
-        print("no traffic state in %s (%s): is the agent running with --month-rotate and this --state-dir?"
-              % (directory, describe_error(e)))
-        return 1
+def show_traffic(data, calibration):
     total = data.get("total") or {}
     print("period start: %s (reset day %s), next: %s" % (local_time(data.get("period_start")), data.get("reset_day"),
                                                          local_time(data.get("period_end"))))

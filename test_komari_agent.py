@@ -4455,6 +4455,40 @@ def test_absurd_calibration_size_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / ka.CALIBRATION_FILE).exists()
 
 
+def test_traffic_is_counted_and_shown_before_the_agent_reaches_a_panel(tmp_path):
+    # v1 only: no link is tried that would make a report (POST mode opens with one) and count by the way
+    state = tmp_path / "state"
+    agent = AgentProcess(["-e", "http://127.0.0.1:%d" % closed_port(), "-t", TOKEN, "--month-rotate", "1",
+                          "--protocol-version", "1", "--state-dir", str(state), "--custom-ipv4", "192.0.2.7"])
+    try:
+        wait_until(lambda: (state / ka.TRAFFIC_FILE).exists(), 15, "traffic.json from an agent with no panel")
+        agent.wait_log("cannot connect the report link", 10)
+    finally:
+        agent.stop()
+    saved = json.loads((state / ka.TRAFFIC_FILE).read_text())
+    counted = sorted(nic for nic in psutil.net_io_counters(pernic=True) if ka.nic_counted(nic, [], []))
+    assert saved["counted"] == counted and saved["sampled_at"]
+    shown = run_agent("traffic", "--show", "--state-dir", str(state))
+    assert shown.returncode == 0 and "period start: " in shown.stdout.decode(), shown.stderr
+    assert all("  %s: up " % nic in shown.stdout.decode() for nic in counted)
+    done = run_agent("traffic", "--export", str(tmp_path / "net_static.json"), "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads((tmp_path / "net_static.json").read_text())["interfaces"]) == counted
+
+
+@pytest.mark.parametrize("content", [None, "{}", '{"total":[1]}', "[]", '{"period_start": 1'])
+def test_traffic_export_of_a_missing_or_damaged_state_says_so_and_writes_nothing(tmp_path, content):
+    if content is not None:
+        (tmp_path / ka.TRAFFIC_FILE).write_text(content)
+    for command in (["--export"], ["--show"]):
+        done = run_agent("traffic", *command, "--state-dir", str(tmp_path), timeout=20)
+        lines = done.stderr.decode().strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and not done.stdout, (command, done.returncode, lines)
+        assert str(tmp_path / ka.TRAFFIC_FILE) in lines[0]
+        assert ("no traffic state at" if content is None else "is damaged") in lines[0], lines
+    assert not (tmp_path / ka.NET_STATIC).exists()
+
+
 @pytest.mark.parametrize("content", ['{"total":[1]}', '{"offset":{"up":Infinity}}', '{"saved_at":1e300}'])
 def test_traffic_show_of_a_damaged_state_is_one_line(tmp_path, content):
     (tmp_path / ka.TRAFFIC_FILE).write_text(content)
