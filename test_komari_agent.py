@@ -942,6 +942,34 @@ def run_agent(*args, env=None, timeout=30):
                           stderr=subprocess.PIPE, env=full_env, timeout=timeout)
 
 
+def tree_stamps(root):
+    """{path under root: (size, mtime)} for root and everything in it; {} when it is missing."""
+    stamps = {}
+    for directory, dirs, files in os.walk(str(root)):
+        for name in [""] + dirs + files:
+            path = os.path.join(directory, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            stamps[os.path.relpath(path, str(root))] = (st.st_size, st.st_mtime_ns)
+    return stamps
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_state_is_left_alone():
+    """The checkout's state/ is where an agent started from the checkout (the
+    README's Quick start) keeps its own: no test may write there. Every agent
+    a test starts gets a state directory of its own, and this compares state/
+    before and after the run (an agent run by hand from this checkout during
+    the run trips it too)."""
+    before = tree_stamps(ROOT / "state")
+    yield
+    after = tree_stamps(ROOT / "state")
+    changed = sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
+    assert not changed, "tests wrote into %s: %s" % (ROOT / "state", changed)
+
+
 def closed_port():
     """A loopback port that nothing listens on."""
     with socket.socket() as s:
@@ -4179,8 +4207,9 @@ def test_agent_uploads_basic_info_and_reports_at_pace(panel, start_agent):
     assert TOKEN not in agent.log
 
 
-def test_long_interval_still_reports_within_the_panel_deadline():
-    cfg, warnings = ka.load_config(["-e", "http://127.0.0.1:1", "-t", "T", "-i", "30"], {})
+def test_long_interval_still_reports_within_the_panel_deadline(tmp_path):
+    cfg, warnings = ka.load_config(["-e", "http://127.0.0.1:1", "-t", "T", "-i", "30", "--state-dir", str(tmp_path)],
+                                   {})
     assert ka.Agent(cfg).period == ka.MAX_REPORT_GAP < 11
     assert any("every 10 s" in w for w in warnings)
 
