@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import plistlib
 import re
 import shlex
 import shutil
@@ -4848,7 +4849,7 @@ OFFICIAL_ONE_CLICK = ["--install-service-name", "komari-x", "--install-ghproxy",
 def install_env(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "KOMARI_", "XDG_"))}
     env.update(KOMARI_PYTHON=sys.executable, KOMARI_INSTALL_ROOT=str(tmp_path / "root"),
-               HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"),
+               HOME=str(tmp_path / "root" / "home"), XDG_CONFIG_HOME=str(tmp_path / "root" / "home" / ".config"),
                NO_PROXY="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
@@ -4918,7 +4919,7 @@ def test_install_sh_fallback_requirements_match_requirements_txt():
 
 
 def test_install_no_service_agent_runs_from_its_venv_and_reaches_panel(panel, tmp_path):
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     out, err = run_install(tmp_path, "-e", panel.endpoint, "-t", panel.token, "--install-dir", str(install_dir),
                            "--no-service", "--venv-system-site-packages",
                            "--reconnect-interval", "0.2", "--custom-ipv4", "192.0.2.7")
@@ -4928,8 +4929,8 @@ def test_install_no_service_agent_runs_from_its_venv_and_reaches_panel(panel, tm
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     assert json.loads(config.read_text()) == {"endpoint": panel.endpoint, "token": panel.token}
     argv = launcher_argv(install_dir)
-    assert argv[:2] == [str(install_dir / "venv" / "bin" / "python"), str(install_dir / "komari_agent.py")]
-    assert argv[2:] == ["--config", str(config), "--state-dir", str(install_dir / "state"),
+    assert argv[:3] == [str(install_dir / "venv" / "bin" / "python"), "-m", "komari_agent"]
+    assert argv[3:] == ["--config", str(config), "--state-dir", str(install_dir / "state"),
                         "--reconnect-interval", "0.2", "--custom-ipv4", "192.0.2.7"]
     for name in ("run-agent.sh", "install.conf", "install.manifest"):
         assert panel.token not in (install_dir / name).read_text(), name
@@ -4957,7 +4958,7 @@ def test_install_no_service_agent_runs_from_its_venv_and_reaches_panel(panel, tm
 
 
 def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tmp_path):
-    shared = tmp_path / "opt-komari"  # a panel lives here too
+    shared = tmp_path / "root" / "opt-komari"  # a panel lives here too
     (shared / "data").mkdir(parents=True)
     (shared / "data" / "komari.db").write_bytes(b"panel data")
     (shared / "komari").write_bytes(b"the panel binary")
@@ -4972,14 +4973,14 @@ def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tm
     run_install(tmp_path, "--install-dir", str(shared))  # the plain upgrade: no flags at all
     assert json.loads((shared / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
                                                                 "token": "first-token"}
-    assert launcher_argv(shared)[6:] == ["--disable-web-ssh", "--month-rotate", "3"]
+    assert launcher_argv(shared)[7:] == ["--disable-web-ssh", "--month-rotate", "3"]
     assert unit.is_file()
 
     _, err = run_install(tmp_path, "-t", "second-token", "--interval", "2", *common)  # new token and flags
     assert "this run drops --disable-web-ssh, which the last install had" in err  # a line of its own
     assert json.loads((shared / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
                                                                 "token": "second-token"}
-    assert launcher_argv(shared)[6:] == ["--interval", "2"]
+    assert launcher_argv(shared)[7:] == ["--interval", "2"]
 
     out, _ = run_install(tmp_path, "--install-dir", str(shared), "--uninstall", "--purge")
     assert "kept %s" % shared in out
@@ -4988,16 +4989,16 @@ def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tm
 
 @pytest.mark.parametrize("kind", ["systemd", "systemd-user", "openrc", "procd"])
 def test_install_service_definition_is_valid(tmp_path, kind):
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     run_install(tmp_path, "-e", "https://panel.example.com", "-t", "tok-in-config", "--install-dir", str(install_dir),
                 "--service", kind, "--venv-system-site-packages", "--disable-web-ssh", "--auto-discovery", "disc-key")
     launcher = str(install_dir / "run-agent.sh")
     assert os.access(launcher, os.X_OK)
     # the auto-discovery key is a secret too: config file, not command line
     assert json.loads((install_dir / "config.json").read_text())["auto_discovery_key"] == "disc-key"
-    assert launcher_argv(install_dir)[6:] == ["--disable-web-ssh"]
+    assert launcher_argv(install_dir)[7:] == ["--disable-web-ssh"]
     paths = {"systemd": tmp_path / "root/etc/systemd/system/komari-agent.service",
-             "systemd-user": tmp_path / "home/.config/systemd/user/komari-agent.service",
+             "systemd-user": tmp_path / "root/home/.config/systemd/user/komari-agent.service",
              "openrc": tmp_path / "root/etc/init.d/komari-agent",
              "procd": tmp_path / "root/etc/init.d/komari-agent"}
     definition = paths[kind]
@@ -5042,7 +5043,7 @@ def test_install_service_definition_is_valid(tmp_path, kind):
 def test_install_cron_fallback_under_a_fake_root_writes_the_crontab_and_starts_nothing(panel, tmp_path):
     """KOMARI_INSTALL_ROOT never starts or stops a process: the crontab entry is
     written, and keepalive.sh, run the way cron runs it at boot, keeps the agent up."""
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     crontab = tmp_path / "root" / "var" / "spool" / "cron" / "crontabs" / psutil.Process().username()
     crontab.parent.mkdir(parents=True)
     crontab.write_text("0 4 * * * /usr/local/bin/backup\n")
@@ -5084,7 +5085,7 @@ def test_install_as_a_user_without_crontab_says_what_to_run_at_boot(panel, tmp_p
     (bin_dir / "id").chmod(0o755)
     env = install_env(tmp_path, PATH=str(bin_dir), KOMARI_INSTALL_WAIT="0")
     del env["KOMARI_INSTALL_ROOT"]
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     try:
         _, err = run_install(tmp_path, "-e", panel.endpoint, "-t", panel.token, "--install-dir", str(install_dir),
                              "--service", "cron", "--venv-system-site-packages", env=env)
@@ -5104,18 +5105,18 @@ def test_install_without_venv_falls_back_and_says_which_way(tmp_path):
     python.write_text('#!/bin/sh\ncase "$*" in *"-m venv"*) echo "No module named venv" >&2; exit 1;; esac\n'
                       'exec %s "$@"\n' % shlex.quote(sys.executable))
     python.chmod(0o755)
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     out, _ = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
                          "--no-service", env=install_env(tmp_path, KOMARI_PYTHON=str(python)))
     assert "dependencies: already installed for %s" % python in out
     assert not (install_dir / "venv").exists()
-    assert launcher_argv(install_dir)[:2] == [str(python), str(install_dir / "komari_agent.py")]
+    assert launcher_argv(install_dir)[:3] == [str(python), "-m", "komari_agent"]
     version = subprocess.run([str(install_dir / "run-agent.sh"), "--version"], stdout=subprocess.PIPE, timeout=30)
     assert version.returncode == 0 and b"komari_agent.py" in version.stdout
 
 
 def test_install_dry_run_changes_nothing(tmp_path):
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     before = tree_snapshot(tmp_path)
     out, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "dry-secret", "--install-dir",
                            str(install_dir), "--service", "cron", "--venv-system-site-packages", "--dry-run")
@@ -5141,7 +5142,7 @@ def test_install_takes_the_official_one_click_flags_from_a_pipe(tmp_path):
     """`curl … | sh -s -- …` with the panel's flags: nothing beside the script,
     so komari_agent.py is downloaded, through the GitHub proxy exactly once."""
     url = "https://raw.githubusercontent.com/o/r/main/komari_agent.py"
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     for source in (url, "https://gh.example.com/" + url):  # a proxied URL is not proxied again
         out, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "one-click-token", "--install-dir",
                                str(install_dir), *OFFICIAL_ONE_CLICK, "--service", "systemd", "--dry-run",
@@ -5175,7 +5176,7 @@ def test_install_without_python_says_what_to_install(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-# -- issue 13: replacing the official agent, checked settings, no silent mistakes --
+# -- replacing the official agent, checked settings, no silent mistakes --
 
 OFFICIAL_NET_STATIC = b'{"interfaces":["eth0"],"data":{"eth0":[{"timestamp":1,"tx":5,"rx":7}]}}\n'
 OFFICIAL_DISCOVERY = b'{\n  "uuid": "u-1",\n  "token": "discovered-token"\n}\n'
@@ -5223,13 +5224,13 @@ def test_install_replaces_the_official_agent_in_place_and_gives_the_box_back(tmp
     root = tmp_path / "root"
     definition, link = fake_official(root, kind, "https://panel.example.com", "official-token-1234")
     original = definition.read_bytes()
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     out, err = run_install(tmp_path, "--install-dir", str(install_dir), "--service", kind, "--venv-system-site-packages")
     assert "found the official agent: %s 'komari-agent' (%s)" % (kind, definition) in out
     assert "official-token-1234" not in out + err and "--token" in out  # the settings in effect, token masked
     assert json.loads((install_dir / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
                                                                    "token": "official-token-1234"}
-    assert launcher_argv(install_dir)[6:] == ["--disable-web-ssh", "--custom-ipv4", "192.0.2.7"]
+    assert launcher_argv(install_dir)[7:] == ["--disable-web-ssh", "--custom-ipv4", "192.0.2.7"]
     assert "written by komari_agent.py install.sh" in definition.read_text()  # ours in its place ...
     assert (install_dir / "official-agent" / definition.name).read_bytes() == original  # ... theirs kept aside
     assert (root / "opt/komari/agent").read_bytes() == b"the official binary"
@@ -5254,7 +5255,7 @@ def test_install_rolls_back_to_the_official_agent_unless_ours_reaches_the_panel(
     definition, link = fake_official(root, "systemd", panel.endpoint, "wrong-token-5678",
                                      flags="--custom-ipv4 192.0.2.7 --reconnect-interval 1")
     original = definition.read_bytes()
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
 
     def install_and_start_agent(*args):
         cmd = INSTALL_SHELL + [str(INSTALL_SH), "--install-dir", str(install_dir), "--service", "systemd",
@@ -5281,6 +5282,7 @@ def test_install_rolls_back_to_the_official_agent_unless_ours_reaches_the_panel(
     assert rc == 1, out + err
     assert err.strip().splitlines() == [err.strip()] and "rolled back to the official agent" in err
     assert "refused the token" in err and "wrong-token-5678" not in out + err
+    assert err.strip().endswith("; its log: journalctl -u komari-agent"), err  # where to read why
     assert definition.read_bytes() == original and os.readlink(str(link)) == "/etc/systemd/system/komari-agent.service"
     assert not install_dir.exists()
 
@@ -5299,7 +5301,7 @@ def test_install_rolls_back_to_the_official_agent_unless_ours_reaches_the_panel(
 def test_install_checks_the_settings_with_the_agent_before_writing_anything(tmp_path, args, message):
     before = tree_snapshot(tmp_path)
     _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir",
-                         str(tmp_path / "agent"), "--service", "systemd", *args, expect_rc=2)
+                         str(tmp_path / "root" / "agent"), "--service", "systemd", *args, expect_rc=2)
     assert len(err.splitlines()) == 1 and message in err, err
     assert tree_snapshot(tmp_path) == before
 
@@ -5310,7 +5312,7 @@ def test_install_explains_a_404_and_removes_a_half_made_directory(tmp_path):
     empty.mkdir()
     server = HTTPServer(("127.0.0.1", 0), lambda *a: SimpleHTTPRequestHandler(*a, directory=str(empty)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     url = "http://127.0.0.1:%d/main/komari_agent.py" % server.server_address[1]
     try:
         _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
@@ -5332,13 +5334,359 @@ def test_install_explains_a_404_and_removes_a_half_made_directory(tmp_path):
 def test_install_that_never_hears_from_its_agent_says_so_and_exits_1(tmp_path):
     """Nothing starts the agent under KOMARI_INSTALL_ROOT, so a wait finds no
     status: that is reported with where to look, never as a plain Done."""
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     out, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
                            "--service", "openrc", "--venv-system-site-packages", expect_rc=1,
                            env=install_env(tmp_path, KOMARI_INSTALL_WAIT="1"))
     assert "has not reached the panel within 1 s: no word from the agent" in err and "Done." not in out
     assert "Logs: tail -f /var/log/komari-agent.log; its last state: %s/state/status.json" % install_dir in out
     assert (install_dir / "run-agent.sh").is_file()  # installed all the same; it keeps trying
+
+
+# -- a fake root holds everything; nothing by accident; the settings as --check shows them --
+
+def box_snapshot():
+    """What a fake-root install must leave alone on the real box: every path
+    under /opt and /etc, the crontab spools and the crontab itself."""
+    found = {}
+    for top in ("/opt", "/etc", "/var/spool/cron", "/var/at/tabs", "/usr/lib/cron/tabs"):
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in [""] + dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                found[path] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    if shutil.which("crontab"):
+        found["crontab -l"] = subprocess.run(["crontab", "-l"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                             timeout=30).stdout
+    return found
+
+
+def test_install_under_a_fake_root_touches_nothing_outside_it(tmp_path):
+    """KOMARI_INSTALL_ROOT moves every path: the default install directory, the
+    service definitions, their links, the crontab. The service manager is the
+    one the root shows (here the official agent's systemd unit)."""
+    root = tmp_path / "root"
+    definition, link = fake_official(root, "systemd", "https://panel.example.com", "official-token-1234")
+    original = definition.read_bytes()
+    name = "komari-fake-root-%d" % os.getpid()  # what a leak would be called on the real box
+    before = box_snapshot()
+    try:
+        out, _ = run_install(tmp_path, "--install-service-name", name, "--venv-system-site-packages")
+        install_dir = root / "opt" / name
+        assert "Installing komari_agent.py into %s as service '%s' (systemd)" % (install_dir, name) in out
+        assert (install_dir / "run-agent.sh").is_file() and (root / "etc/systemd/system" / (name + ".service")).is_file()
+        assert not os.path.lexists(str(link))  # the official unit is disabled in the root, not on the box
+        assert box_snapshot() == before
+        run_install(tmp_path, "--install-service-name", name, "--uninstall", "--restore-official", "--purge")
+        assert box_snapshot() == before
+        assert definition.read_bytes() == original and not (root / "opt" / name).exists()
+    finally:
+        leaked = Path("/opt") / name
+        if leaked.exists() and ("/opt/" + name) not in before:
+            shutil.rmtree(str(leaked))
+
+
+def test_install_without_arguments_prints_the_usage_and_installs_nothing(tmp_path):
+    before = tree_snapshot(tmp_path)
+    out, err = run_install(tmp_path, expect_rc=2)
+    assert out == "" and err.startswith("Usage: install.sh -e ENDPOINT -t TOKEN") and "--take-over-official" in err
+    assert tree_snapshot(tmp_path) == before
+
+
+def stub_commands(tmp_path, **bodies):
+    """A directory of stub commands to put first on PATH; each one appends its
+    name and arguments to calls.log, then runs its body."""
+    stubs, calls = tmp_path / "stubs", tmp_path / "calls.log"
+    stubs.mkdir(exist_ok=True)
+    for name, body in bodies.items():
+        (stubs / name).write_text('#!/bin/sh\necho "%s $*" >>%s\n%s\n' % (name, shlex.quote(str(calls)), body))
+        (stubs / name).chmod(0o755)
+    return "%s%s%s" % (stubs, os.pathsep, os.environ["PATH"]), calls
+
+
+def logged_calls(calls, *names):
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return [line for line in lines if line.split()[0] in names]
+
+
+def fake_official_process(tmp_path, token, *flags):
+    """The official agent run by hand, not by a service: a process whose
+    executable is /opt/komari/agent (a Python under that name, since the test
+    needs something that runs) with -e and -t on its command line."""
+    agent = tmp_path / "opt" / "komari" / "agent"
+    agent.parent.mkdir(parents=True, exist_ok=True)
+    if not agent.exists():
+        agent.symlink_to(sys.executable)
+    proc = subprocess.Popen([str(agent), "-c", "import time; time.sleep(600)", "-e", "https://panel.example.com",
+                             "-t", token] + list(flags), cwd=str(agent.parent), start_new_session=True)
+    threading.Thread(target=proc.wait, daemon=True).start()  # reaped at once when it is stopped
+    return proc
+
+
+def official_processes(tmp_path):
+    return [p for p in live_processes(str(tmp_path / "opt" / "komari" / "agent"))
+            if p.cmdline()[:1] == [str(tmp_path / "opt" / "komari" / "agent")]]
+
+
+def test_install_never_runs_a_second_agent_on_the_official_agents_token(tmp_path):
+    """An official agent run as a bare process (no service to take the settings
+    from): its settings are never taken unasked and no second agent joins it on
+    its token; --take-over-official stops it, and --restore-official starts it
+    again as it ran. A real box (no fake root: processes are only looked for on
+    it) with a stub crontab, everything else in tmp_path."""
+    path, calls = stub_commands(tmp_path, crontab='case $1 in -l) cat "$0.tab";; -) cat >"$0.tab";; -r) rm -f "$0.tab";; esac')
+    env = install_env(tmp_path, PATH=path, KOMARI_INSTALL_WAIT="0")
+    del env["KOMARI_INSTALL_ROOT"]
+    install_dir = tmp_path / "agent"
+    common = ["--install-dir", str(install_dir), "--service", "cron", "--no-start", "--venv-system-site-packages"]
+    official = fake_official_process(tmp_path, "official-token-1234")
+    try:
+        before = tree_snapshot(tmp_path)
+        for args in ([], ["-e", "https://panel.example.com", "-t", "official-token-1234"]):
+            _, err = run_install(tmp_path, *(common + args), expect_rc=1, env=env)
+            assert "the official agent runs here as process %d (%s)" % (official.pid, tmp_path / "opt/komari/agent") in err
+            assert "kill %d" % official.pid in err and "--take-over-official" in err and len(err.splitlines()) == 1
+            assert "official-token-1234" not in err and tree_snapshot(tmp_path) == before
+        # another token: another agent for the panel, left alone
+        out, _ = run_install(tmp_path, *common, "-e", "https://panel.example.com", "-t", "my-own-token", env=env)
+        assert "for another token: left running" in out and process_alive(official.pid)
+        run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge", env=env)
+
+        out, err = run_install(tmp_path, *common, "--take-over-official", "--interval", "2", env=env)
+        assert "stopped the official agent: process %d" % official.pid in out and "official-token-1234" not in out + err
+        wait_until(lambda: official.poll() is not None, 5, "the official agent to be stopped")
+        assert json.loads((install_dir / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
+                                                                       "token": "official-token-1234"}
+        out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--restore-official",
+                             "--purge", env=env)
+        again = wait_until(lambda: official_processes(tmp_path), 10, "the official agent started again")
+        assert again[0].cmdline()[3:] == ["-e", "https://panel.example.com", "-t", "official-token-1234"]
+        assert again[0].cwd() == str(tmp_path / "opt" / "komari") and not install_dir.exists()
+    finally:
+        stop_process_group(official.pid)
+        kill_leftovers(str(tmp_path / "opt" / "komari" / "agent"))
+
+
+def test_install_takes_over_no_process_that_something_else_restarts(tmp_path):
+    """A bare official process that a supervisor install.sh does not know starts
+    again: ours is removed again, so that the two never share the token."""
+    path, _ = stub_commands(tmp_path, crontab='case $1 in -l) cat "$0.tab";; -) cat >"$0.tab";; esac')
+    env = install_env(tmp_path, PATH=path, KOMARI_INSTALL_WAIT="0")
+    del env["KOMARI_INSTALL_ROOT"]
+    agent = tmp_path / "opt" / "komari" / "agent"
+    agent.parent.mkdir(parents=True)
+    agent.symlink_to(sys.executable)
+    supervisor = subprocess.Popen(["sh", "-c", 'while :; do "$0" -c "import time; time.sleep(600)" -e https://p -t tok; '
+                                   'sleep 0.2; done', str(agent)], stderr=subprocess.DEVNULL, start_new_session=True)
+    install_dir = tmp_path / "agent"
+    try:
+        wait_until(lambda: official_processes(tmp_path), 10, "the supervised official agent")
+        _, err = run_install(tmp_path, "--install-dir", str(install_dir), "--service", "cron", "--no-start",
+                             "--venv-system-site-packages", "--take-over-official", "--interval", "2", expect_rc=1,
+                             env=env)
+        assert "the official agent runs again" in err and "something else starts it" in err, err
+        assert not install_dir.exists()
+    finally:
+        stop_process_group(supervisor.pid)
+        supervisor.wait(5)
+        kill_leftovers(str(agent))
+
+
+def settings_lines(out):
+    """The printout of the settings in effect: {flag: (value, where from)}."""
+    lines = out.split("settings are valid; in effect (defaults left out):\n", 1)[1].split("==>", 1)[0]
+    return {m.group(1): (m.group(2).strip(), m.group(3))
+            for m in re.finditer(r"^  (--[a-z-]+) +(.*?) +\(([^()]*)\)$", lines, re.M)}
+
+
+def test_install_prints_the_settings_as_check_does_and_where_each_came_from(tmp_path):
+    token = "a-long-secret-token-5678"
+    check = run_agent("-e", "https://panel.example.com", "-t", token, "--check").stdout.decode()
+    masked = re.search(r"^  --token +(.*?) +\(command line\)$", check, re.M).group(1)
+    assert token[4:] not in masked
+    install_dir = tmp_path / "root" / "agent"
+    common = ["--install-dir", str(install_dir), "--service", "openrc", "--venv-system-site-packages"]
+    out, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", token, "--interval", "2", *common)
+    assert token[4:] not in out + err
+    assert settings_lines(out) == {"--endpoint": ("https://panel.example.com", "command line"),
+                                   "--token": (masked, "command line"), "--interval": ("2.0", "command line")}
+    out, _ = run_install(tmp_path, *common)
+    kept = "kept from the last install"
+    assert settings_lines(out) == {"--endpoint": ("https://panel.example.com", kept), "--token": (masked, kept),
+                                   "--interval": ("2.0", kept)}
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
+    fake_official(tmp_path / "root", "openrc", "https://panel.example.com", token, flags="--interval 3")
+    out, _ = run_install(tmp_path, *common)
+    taken = "taken from the official agent"
+    assert settings_lines(out) == {"--endpoint": ("https://panel.example.com", taken), "--token": (masked, taken),
+                                   "--interval": ("3.0", taken)}
+
+
+def test_install_says_updating_and_uninstalls_to_nothing(tmp_path):
+    """A re-run says Updating; a second uninstall says there is nothing left but
+    what the first one kept; --purge leaves no empty crontab or directory."""
+    before = tree_snapshot(tmp_path, dir_mtimes=False)
+    crontab = tmp_path / "root" / "var" / "spool" / "cron" / "crontabs" / psutil.Process().username()
+    install_dir = tmp_path / "root" / "opt" / "komari-agent"
+    out, _ = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                         "--service", "cron", "--venv-system-site-packages")
+    assert "Installing komari_agent.py into %s" % install_dir in out and crontab.is_file()
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir))
+    assert "Updating komari_agent.py in %s as service 'komari-agent' (cron)" % install_dir in out
+    assert "==> updating komari_agent.py from" in out and "nstalling" not in out
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
+    assert "Uninstalling" in out and "Uninstalled." in out and not crontab.exists()
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
+    assert out.startswith("komari_agent.py is not installed in %s: it was uninstalled before" % install_dir)
+    assert "Uninstall" not in out and "kept %s/state" % install_dir in out
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
+    assert tree_snapshot(tmp_path, dir_mtimes=False) == before
+    _, err = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", expect_rc=1)
+    assert "komari_agent.py is not installed in %s: nothing to uninstall" % install_dir in err
+
+
+def test_install_runs_the_agent_from_its_cached_bytecode(tmp_path):
+    """`-m komari_agent` from the install directory imports the bytecode compiled
+    at install time (a script is compiled again at every start); each update
+    compiles the new file; the agent still knows where it lives."""
+    install_dir = tmp_path / "root" / "agent"
+    run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                "--service", "systemd", "--venv-system-site-packages")
+    launcher = (install_dir / "run-agent.sh").read_text()
+    assert "\nPYTHONPATH='%s'\n" % install_dir in launcher
+    assert launcher_argv(install_dir)[:3] == [str(install_dir / "venv" / "bin" / "python"), "-m", "komari_agent"]
+    python = str(install_dir / "venv" / "bin" / "python")
+    tag = subprocess.run([python, "-c", "import sys; print(sys.implementation.cache_tag)"], stdout=subprocess.PIPE,
+                         timeout=30).stdout.decode().strip()
+    cached = install_dir / "__pycache__" / ("komari_agent.%s.pyc" % tag)
+    stamp = cached.stat().st_mtime_ns
+    version = subprocess.run([str(install_dir / "run-agent.sh"), "--version"], stdout=subprocess.PIPE, timeout=30)
+    assert version.returncode == 0 and cached.stat().st_mtime_ns == stamp  # valid as it is: used, not rewritten
+    # the agent's own path, hence its default state directory, as when run as a script
+    check = subprocess.run([python, "-m", "komari_agent", "-e", "https://p.example", "-t", "x", "--check"],
+                           stdout=subprocess.PIPE, timeout=30, cwd=str(tmp_path),
+                           env=dict(os.environ, PYTHONPATH=str(install_dir)))
+    assert "state directory          %s" % (install_dir / "state") in check.stdout.decode()
+    newer = tmp_path / "komari_agent.py"
+    newer.write_text(AGENT.read_text() + "# a newer version\n")
+    run_install(tmp_path, "--install-dir", str(install_dir), "--source", str(newer))
+    size = int.from_bytes(cached.read_bytes()[12:16], "little")  # the source size the bytecode was made from
+    assert size == newer.stat().st_size
+
+
+@pytest.mark.parametrize("kind", ["systemd", "systemd-user", "openrc", "procd", "launchd", "rc.d", "cron"])
+def test_install_every_service_restarts_the_agent_on_the_update_exit_status(tmp_path, kind):
+    """The agent's self-update exits with 42 for the service to start the new
+    version: every definition install.sh writes starts the agent again
+    whatever its exit status, 42 included."""
+    system = {"launchd": "Darwin", "rc.d": "FreeBSD"}.get(kind, "Linux")
+    path, _ = stub_commands(tmp_path, uname="echo %s" % system)
+    install_dir = tmp_path / "root" / "agent"
+    run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                "--service", kind, "--venv-system-site-packages", env=install_env(tmp_path, PATH=path))
+    launcher = str(install_dir / "run-agent.sh")
+    if kind.startswith("systemd"):
+        unit = configparser.ConfigParser(strict=True, interpolation=None)
+        unit.read_string((tmp_path / "root" / ("etc/systemd/system" if kind == "systemd" else
+                                               "home/.config/systemd/user") / "komari-agent.service").read_text())
+        assert unit["Service"]["Restart"] == "always" and "RestartPreventExitStatus" not in unit["Service"]
+        assert unit["Unit"]["StartLimitIntervalSec"] == "0"  # and never gives up
+    elif kind in ("openrc", "procd", "rc.d"):
+        script = tmp_path / "root" / ("usr/local/etc/rc.d" if kind == "rc.d" else "etc/init.d") / "komari-agent"
+        probe = subprocess.run(
+            ["sh", "-c", 'procd_set_param() { [ "$1" != respawn ] || echo "respawn=$2,$3,$4"; }; '
+             'load_rc_config() { :; }; run_rc_command() { :; }; . "$1"; '
+             'case $supervisor in supervise-daemon) echo "supervise-daemon respawn_max=$respawn_max";; esac; '
+             'command -v start_service >/dev/null && start_service; echo "$command $command_args"', "sh",
+             "/dev/stdin"], input=script.read_bytes().replace(b". /etc/rc.subr", b":"), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=30)
+        out = probe.stdout.decode()
+        if kind == "openrc":  # supervise-daemon respawns for ever (respawn_max=0)
+            assert out.splitlines()[0] == "supervise-daemon respawn_max=0", out + probe.stderr.decode()
+        elif kind == "procd":  # respawn threshold, timeout, retries: 0 retries is for ever
+            assert "respawn=3600,5,0" in out.splitlines(), out + probe.stderr.decode()
+        else:  # daemon(8) supervises and restarts (-r) whatever the exit status
+            words = out.split()
+            assert words[0] == "/usr/sbin/daemon" and "-r" in words and words[-1] == launcher, out
+    elif kind == "launchd":
+        job = plistlib.loads((tmp_path / "root/Library/LaunchDaemons/com.komari.komari-agent.plist").read_bytes())
+        assert job["KeepAlive"] is True and job["ProgramArguments"] == [launcher]
+    else:  # the keep-alive, run for real: 42 brings the agent back at once, other exits after 5 s
+        starts = tmp_path / "starts"
+        Path(launcher).write_text('#!/bin/sh\necho start >>%s\n[ "$(wc -l <%s)" -ge 2 ] && exec sleep 60\nexit 42\n'
+                                  % (starts, starts))
+        keepalive = subprocess.Popen(["/bin/sh", str(install_dir / "keepalive.sh")], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_until(lambda: starts.exists() and len(starts.read_text().split()) == 2, 3,
+                       "the agent started again after exiting with 42, sooner than the 5 s pause")
+        finally:
+            stop_process_group(keepalive.pid)
+            keepalive.wait(5)
+
+
+def test_install_launchd_on_macos_as_root_and_as_a_user(tmp_path):
+    """macOS: a LaunchDaemon as root (in the fake root: written, never loaded),
+    a LaunchAgent in the user's own launchd domain otherwise (a real box with
+    `id -u` saying 501, launchctl a stub, everything in tmp_path)."""
+    path, calls = stub_commands(tmp_path, uname="echo Darwin", launchctl=":")
+    install_dir = tmp_path / "root" / "agent"
+    args = ["-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir), "--venv-system-site-packages"]
+    env = install_env(tmp_path, PATH=path)
+    out, _ = run_install(tmp_path, *args, env=env)
+    assert "as service 'komari-agent' (launchd)" in out
+    daemon = tmp_path / "root/Library/LaunchDaemons/com.komari.komari-agent.plist"
+    job = plistlib.loads(daemon.read_bytes())
+    assert (job["Label"], job["RunAtLoad"], job["WorkingDirectory"]) == ("com.komari.komari-agent", True, str(install_dir))
+    assert job["StandardOutPath"] == job["StandardErrorPath"] == "/var/log/komari-agent.log"
+    assert logged_calls(calls, "launchctl") == []  # nothing is loaded from a fake root
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge", env=env)
+    assert not (tmp_path / "root").exists()
+
+    path, calls = stub_commands(tmp_path, id='[ "$1" = -u ] && exec echo 501\nexec %s "$@"' % shutil.which("id"))
+    env = install_env(tmp_path, PATH=path, KOMARI_INSTALL_WAIT="0")
+    del env["KOMARI_INSTALL_ROOT"]
+    out, _ = run_install(tmp_path, *args, env=env)
+    agent = tmp_path / "root/home/Library/LaunchAgents/com.komari.komari-agent.plist"
+    job = plistlib.loads(agent.read_bytes())
+    assert job["StandardOutPath"] == str(tmp_path / "root/home/Library/Logs/komari-agent.log")
+    label = "gui/501/com.komari.komari-agent"
+    assert logged_calls(calls, "launchctl") == ["launchctl bootout " + label, "launchctl enable " + label,
+                                                "launchctl bootstrap gui/501 %s" % agent]
+    assert "Logs: tail -f %s" % job["StandardOutPath"] in out
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge", env=env)
+    assert logged_calls(calls, "launchctl")[3:] == ["launchctl bootout " + label]
+    assert not agent.exists() and not install_dir.exists()
+
+
+def test_install_rcd_on_freebsd(tmp_path):
+    """FreeBSD: an rc.d script in /usr/local/etc/rc.d run by rc.subr, enabled by
+    a file of its own in /etc/rc.conf.d (rc.conf is left alone)."""
+    path, calls = stub_commands(tmp_path, uname="echo FreeBSD", service=":", sysrc=":")
+    env = install_env(tmp_path, PATH=path)
+    install_dir = tmp_path / "root" / "opt" / "komari-agent"
+    out, _ = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                         "--venv-system-site-packages", env=env)
+    assert "Installing komari_agent.py into %s as service 'komari-agent' (rc.d)" % install_dir in out
+    script = tmp_path / "root/usr/local/etc/rc.d/komari-agent"
+    assert os.access(str(script), os.X_OK) and "\n# PROVIDE: komari_agent\n" in script.read_text()
+    enable = tmp_path / "root/etc/rc.conf.d/komari_agent"
+    assert enable.read_text().splitlines()[-1] == 'komari_agent_enable="YES"'
+    stubs = b'load_rc_config() { echo "load $1"; }\nrun_rc_command() { echo "$1 $name $rcvar $komari_agent_enable"; ' \
+            b'echo "$command $command_args"; }\n'
+    probe = subprocess.run(["sh", "-s", "start"], input=stubs + script.read_bytes().replace(b". /etc/rc.subr", b":"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert probe.stdout.decode().splitlines() == [
+        "load komari_agent", "start komari_agent komari_agent_enable NO",
+        "/usr/sbin/daemon -r -R 5 -f -P /var/run/komari_agent.pid -t komari-agent -o /var/log/komari-agent.log "
+        + str(install_dir / "run-agent.sh")], probe.stderr.decode()
+    assert "Logs: tail -f /var/log/komari-agent.log" in out
+    assert logged_calls(calls, "service", "sysrc") == []  # nothing is started from a fake root
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge", env=env)
+    assert not (tmp_path / "root").exists()
 
 
 # ---------------------------------------------------------------------------
