@@ -39,7 +39,7 @@ import threading
 import time
 import zlib
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -4203,31 +4203,20 @@ def agent_at_version(version, edit=None):
 
 
 class ReleaseFeed:
-    """A GitHub-style release feed on 127.0.0.1: `url` answers the release's
-    JSON, /assets/NAME the files published with it; every path asked is kept."""
+    """A GitHub-style release feed on 127.0.0.1, files in `root` served as
+    they are: `url` answers the release's JSON, assets/NAME the files
+    published with it; every path asked is kept."""
 
-    def __init__(self):
-        self.release, self.files, self.requests = None, {}, []
+    def __init__(self, root):
+        self.root, self.files, self.requests = Path(root), {}, []
         feed = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                feed.requests.append(self.path)
-                name = self.path[len("/assets/"):]
-                if self.path == "/latest" and feed.release is not None:
-                    body = json.dumps(feed.release).encode()
-                elif self.path.startswith("/assets/") and name in feed.files:
-                    body = feed.files[name]
-                else:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(feed.root), **kwargs)
 
-            def log_message(self, *args):
-                pass
+            def log_message(self, *args):   # called once per request
+                feed.requests.append(self.path)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
@@ -4240,18 +4229,32 @@ class ReleaseFeed:
                  "requirements.txt": (ROOT / "requirements.txt").read_bytes() if requirements is None else requirements}
         files["SHA256SUMS"] = b"".join(b"%s  %s\n" % (hashlib.sha256(data).hexdigest().encode(), name.encode())
                                        for name, data in files.items())
+        self.tamper(**files)
         base = self.url.rsplit("/", 1)[0] + "/assets/"
-        self.files = files
-        self.release = {"tag_name": "v" + version, "prerelease": prerelease, "body": "notes",
-                        "assets": [{"name": name, "browser_download_url": base + name} for name in files]}
+        self.release({"tag_name": "v" + version, "prerelease": prerelease, "body": "notes",
+                      "assets": [{"name": name, "browser_download_url": base + name} for name in files]})
+
+    def tamper(self, **files):
+        """Serve these asset files from now on."""
+        self.files.update(files)
+        (self.root / "assets").mkdir(exist_ok=True)
+        for name, data in files.items():
+            (self.root / "assets" / name).write_bytes(data)
+
+    def release(self, answer):
+        """The feed's answer from now on; None: HTTP 404."""
+        if answer is None:
+            (self.root / "latest").unlink()
+        else:
+            (self.root / "latest").write_text(json.dumps(answer))
 
     def downloads(self):
         return [path for path in self.requests if path.startswith("/assets/")]
 
 
 @pytest.fixture
-def release_feed():
-    feed = ReleaseFeed()
+def release_feed(tmp_path_factory):
+    feed = ReleaseFeed(tmp_path_factory.mktemp("feed"))
     yield feed
     feed.server.shutdown()
     feed.server.server_close()
@@ -4331,7 +4334,7 @@ def test_a_newer_release_is_verified_tried_swapped_and_is_what_runs_afterwards(p
 
 REFUSALS = {
     # case: (what the feed publishes, extra flags, a step said, downloads made, skipped)
-    "checksum mismatch": (lambda feed: (feed.publish(NEWER), feed.files.update({"komari_agent.py": agent_at_version(NEWER) + b"#"})),
+    "checksum mismatch": (lambda feed: (feed.publish(NEWER), feed.tamper(**{"komari_agent.py": agent_at_version(NEWER) + b"#"})),
                           (), "the SHA-256 of its komari_agent.py does not match SHA256SUMS", True, False),
     "does not compile": (lambda feed: feed.publish(NEWER, source=agent_at_version(NEWER) + b"\ndef broken(:\n"),
                          (), "it does not compile (SyntaxError", True, True),
@@ -4811,7 +4814,7 @@ def test_update_check_says_whether_a_newer_release_exists(release_feed, installe
     assert done.returncode == 1 and done.stdout.decode().startswith("v%s is available" % NEWER), done
     release_feed.publish(NEWER, prerelease=True)
     assert check("--update-url", release_feed.url).returncode == 0
-    release_feed.release = None   # the feed answers 404
+    release_feed.release(None)   # the feed answers 404
     for flags, needle in ((["--update-url", release_feed.url], "HTTP 404"), ([], "placeholder OWNER/REPO"),
                           (["--update-url", "http://mirror.example/latest"], "must be an https:// URL")):
         done = check(*flags)
