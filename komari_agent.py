@@ -293,7 +293,7 @@ def read_regular_file(path, limit, follow=True):
     for anything else (a FIFO or a device would block or never end), and,
     unless `follow`, for a symbolic link."""
     no_follow = 0 if follow else getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | no_follow)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | no_follow)
     try:
         st = os.fstat(fd)
         if not S_ISREG(st.st_mode):
@@ -2536,6 +2536,16 @@ def end_session(leader, grace=HANGUP_GRACE):
         if not session_members(leader):
             return
         time.sleep(0.02)
+
+
+# -- restarting this agent (self-update) ----------------------------------------------
+
+# Asks a running agent for an update check (`update` run by hand); none on Windows.
+UPDATE_SIGNAL = getattr(signal, "SIGUSR1", None)
+# os.execv replaces this process (same pid) on Unix; on Windows it starts a
+# new one and ends this one, which a service wrapper takes for an exit and
+# answers with a second agent: there the agent exits for a restart instead.
+EXEC_IN_PLACE = not IS_WINDOWS
 
 
 # ---------------------------------------------------------------------------
@@ -6089,7 +6099,7 @@ class Tasks:
 #   stopped, this file replaced atomically (the old one kept as .previous)
 #   and the new version started: exit 42 where a service manager restarts us
 #   (SUPERVISED_ENV, set by install.sh's services), else exec in place (by
-#   hand, cron). A child that exits or is not connected in time is stopped,
+#   hand, cron; EXEC_IN_PLACE). A child that exits or is not connected in time is stopped,
 #   the release is skipped until a newer one (update.json), and this process
 #   runs on as the old version: the installed file was never touched, so a
 #   crash or a kill during the trial cannot leave an untried version behind.
@@ -6125,7 +6135,6 @@ STATUS_FILE = "status.json"
 STAGED_SUFFIX, PREVIOUS_SUFFIX = ".update", ".previous"
 # Set by SIGUSR1 (main() installs the handler): `update` run by hand asks a running agent.
 UPDATE_WANTED = threading.Event()
-UPDATE_SIGNAL = getattr(signal, "SIGUSR1", None)   # none on Windows
 COMPILE_ONLY = "import sys; compile(open(sys.argv[1], 'rb').read(), sys.argv[1], 'exec')"
 
 Release = namedtuple("Release", "tag version prerelease assets")
@@ -6319,11 +6328,13 @@ class UpdateLog:
 
     def step(self, line, final=False, ok=True):
         """Say `line`; `final`: the last step of a check, `ok` whether it went well."""
+        line = redacted(line)
         self.say(logging.INFO if ok else logging.WARNING, line)
         data = self.load()
         steps = self.steps()
         seq = steps[-1]["seq"] + 1 if steps else 1
-        data["steps"] = (steps + [{"seq": seq, "at": rfc3339_now(), "line": line, "final": final, "ok": ok}])[-self.KEEP:]
+        steps.append({"seq": seq, "at": rfc3339_now(), "line": line, "final": final, "ok": ok})
+        data["steps"] = steps[-self.KEEP:]
         self.save(data)
 
     def skipped(self):
@@ -6371,7 +6382,8 @@ def fetch_update(cfg, steps, retry_skipped=False):
     sums = fetch_limited(cfg, release.assets[SUMS_ASSET], SMALL_LIMIT, DOWNLOAD_TIMEOUT)
     data = checked_asset(cfg, release, sums, AGENT_ASSET, AGENT_LIMIT)
     if REQUIREMENTS_ASSET in release.assets:
-        needs = requirement_lines(checked_asset(cfg, release, sums, REQUIREMENTS_ASSET, SMALL_LIMIT).decode("utf-8", "replace"))
+        needs = checked_asset(cfg, release, sums, REQUIREMENTS_ASSET, SMALL_LIMIT)
+        needs = requirement_lines(needs.decode("utf-8", "replace"))
         if needs != requirement_lines("\n".join(REQUIREMENTS)):
             raise UpdateProblem("%s not taken: it needs %s (this one: %s); re-run install.sh to install it"
                                 % (release.tag, ", ".join(needs)[:200], ", ".join(REQUIREMENTS)))
@@ -6481,7 +6493,8 @@ def trial_run(path, argv, directory, stop, seconds):
                 return "failed", "exited with status %d before reaching the panel (%s)" % (code, redacted(said)[:200])
             if took >= seconds:
                 seen = "%s: %s" % (status["state"], status.get("error") or "no error") if status else "no status.json"
-                return "failed", "did not reach the panel within %g s (its last state: %s)" % (seconds, redacted(seen)[:200])
+                return "failed", "did not reach the panel within %g s (its last state: %s)" % (
+                    seconds, redacted(seen)[:200])
             stop.wait(0.1)
     finally:
         if child.poll() is None:
@@ -6583,9 +6596,13 @@ def try_update(cfg, argv, stop, steps, retry_skipped=False):
     except UpdateProblem as e:
         if e.skip and release is not None:
             steps.skip(release, str(e))
-        steps.step("update: %s; %s" % (e, "skipped until a newer release" if e.skip else "trying again at the next check"),
+        then = "skipped until a newer release" if e.skip else "trying again at the next check"
+        steps.step("update: %s; %s" % (e, then), final=True, ok=False)
+    except Exception as e:  # a fault here must never keep the agent from running
+        log.debug("update failed", exc_info=True)
+        steps.step("update: failed (%s: %s); trying again at the next check" % (type(e).__name__, e),
                    final=True, ok=False)
-        return "failed"
+    return "failed"
 
 
 def restart_self(argv, why):
@@ -6593,7 +6610,7 @@ def restart_self(argv, why):
     status for main() (RESTART_STATUS) where a service manager restarts the
     agent, else execute it in place (same pid, terminal and arguments); None
     when that failed."""
-    if os.environ.get(SUPERVISED_ENV, "") not in ("", "0"):
+    if os.environ.get(SUPERVISED_ENV, "") not in ("", "0") or not EXEC_IN_PLACE:
         log.info("update: %s: exiting with status %d for the service manager to start %s again", why,
                  RESTART_STATUS, SCRIPT_PATH)
         return RESTART_STATUS
@@ -6652,8 +6669,11 @@ class Updater:
                 continue
             try:
                 found = fetch_update(self.cfg, self.steps)
-            except UpdateProblem as e:
-                self.steps.step("update: %s; trying again at the next check" % e, final=True, ok=False)
+            except Exception as e:  # UpdateProblem, or a fault that must not end the checks
+                log.debug("update check failed", exc_info=True)
+                self.steps.step("update: %s; trying again at the next check" % (
+                    e if isinstance(e, UpdateProblem) else "failed (%s: %s)" % (type(e).__name__, e)),
+                    final=True, ok=False)
                 found = None
             return_free_memory()
             if found:
@@ -7364,9 +7384,9 @@ def check_for_update(cfg):
         sys.stderr.write("%s update: error: %s\n" % (PROG, e))
         return 2
     current = version_key(__version__)
-    if release.version is None or release.prerelease or current is None or release.version <= current:
-        print("up to date: %s (latest release: %s%s)" % (__version__, release.tag,
-                                                        ", a pre-release" if release.version is None or release.prerelease else ""))
+    stable = release.version is not None and not release.prerelease
+    if not stable or current is None or release.version <= current:
+        print("up to date: %s (latest release: %s%s)" % (__version__, release.tag, "" if stable else ", a pre-release"))
         return 0
     skip = UpdateLog(state_dir(cfg), None).skipped()
     skipped = skip and release.version <= version_key(skip["tag"])

@@ -4287,9 +4287,10 @@ def test_versions_checksums_requirements_and_urls_are_read_as_published():
     assert ka.version_key("v1.2") == ka.version_key("1.2.0") < ka.version_key("1.10.0")
     assert [ka.version_key(t) for t in ("1.3.0-rc1", "dev", "", "v")] == [None] * 4
     sums = b"%s  ./komari_agent.py\n%s *requirements.txt\n" % (b"a" * 64, b"B" * 64)
-    assert ka.listed_sha256(sums, "komari_agent.py") == "a" * 64 and ka.listed_sha256(sums, "requirements.txt") == "b" * 64
-    assert ka.listed_sha256(sums, "SHA256SUMS") is None
-    assert ka.requirement_lines((ROOT / "requirements.txt").read_text()) == ka.requirement_lines("\n".join(ka.REQUIREMENTS))
+    assert [ka.listed_sha256(sums, name) for name in ("komari_agent.py", "requirements.txt", "SHA256SUMS")] == \
+        ["a" * 64, "b" * 64, None]
+    ours = ka.requirement_lines((ROOT / "requirements.txt").read_text())
+    assert ours == ka.requirement_lines("\n".join(ka.REQUIREMENTS)) == ["psutil>=5.6", "websocket-client>=1.0"]
     for url, ok in (("https://api.github.com/x", True), ("http://127.0.0.1:8/x", True), ("http://[::1]/x", True),
                     ("http://localhost/x", True), ("http://mirror.example/x", False), ("ftp://h/x", False)):
         assert (ka.code_url_problem(url) == "") is ok, url
@@ -4328,20 +4329,22 @@ def test_a_newer_release_is_verified_tried_swapped_and_is_what_runs_afterwards(p
         assert step in steps, step
     assert installed.read_bytes() == release_feed.files["komari_agent.py"]
     assert (installed.parent / "komari_agent.py.previous").read_bytes() == old
-    assert sorted(p.name for p in installed.parent.iterdir()) == ["__pycache__", "komari_agent.py", "komari_agent.py.previous"]
+    assert sorted(p.name for p in installed.parent.iterdir()) == \
+        ["__pycache__", "komari_agent.py", "komari_agent.py.previous"]
     assert struct.unpack("<I", cached.read_bytes()[12:16])[0] == len(installed.read_bytes())  # the cache's source size
 
 
 REFUSALS = {
     # case: (what the feed publishes, extra flags, a step said, downloads made, skipped)
-    "checksum mismatch": (lambda feed: (feed.publish(NEWER), feed.tamper(**{"komari_agent.py": agent_at_version(NEWER) + b"#"})),
+    "checksum mismatch": (lambda feed: (feed.publish(NEWER),
+                                        feed.tamper(**{"komari_agent.py": agent_at_version(NEWER) + b"#"})),
                           (), "the SHA-256 of its komari_agent.py does not match SHA256SUMS", True, False),
     "does not compile": (lambda feed: feed.publish(NEWER, source=agent_at_version(NEWER) + b"\ndef broken(:\n"),
                          (), "it does not compile (SyntaxError", True, True),
     "--check fails": (lambda feed: feed.publish(NEWER, source=agent_at_version(
         NEWER, ("def check_settings(cfg):\n", "def check_settings(cfg):\n    raise ConfigError('no, never')\n"))),
         (), "its --check refuses these settings (ConfigError: no, never)", True, True),
-    "other requirements": (lambda feed: feed.publish(NEWER, requirements=b"psutil>=5.6\nwebsocket-client>=1.0\nrequests\n"),
+    "other requirements": (lambda feed: feed.publish(NEWER, requirements=b"psutil>=5.6\nwebsocket-client>=1.0\nrequests"),
                            (), "re-run install.sh", True, False),
     "older": (lambda feed: feed.publish("0.0.1"), (), "is up to date (latest release: v0.0.1)", False, False),
     "pre-release": (lambda feed: feed.publish(NEWER, prerelease=True), (), "is a pre-release", False, False),
