@@ -6614,16 +6614,26 @@ def restart_self(argv, why):
         log.info("update: %s: exiting with status %d for the service manager to start %s again", why,
                  RESTART_STATUS, SCRIPT_PATH)
         return RESTART_STATUS
-    log.info("update: %s: executing %s afresh, same arguments", why, SCRIPT_PATH)
+    command = own_command()
+    log.info("update: %s: executing %s afresh, same arguments", why, " ".join(command[1:]))
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execv(sys.executable, [sys.executable, SCRIPT_PATH] + list(argv))
+        os.execv(command[0], command + list(argv))
     except OSError as e:
         log.error("update: cannot execute %s: %s", SCRIPT_PATH, describe_error(e))
     return None
+
+
+def own_command():
+    """How this agent was started, without its arguments: `python -m
+    komari_agent` (install.sh's services, which start from the compiled
+    bytecode) or `python path/komari_agent.py`."""
+    if __name__ == "__main__" and __spec__ is not None and __spec__.name:
+        return [sys.executable, "-m", __spec__.name]
+    return [sys.executable, SCRIPT_PATH]
 
 
 def update_at_start(cfg, argv, stop):

@@ -882,12 +882,12 @@ def start_agent(panel):
     """start_agent(*flags, env=None): the agent pointed at `panel`."""
     started = []
 
-    def start(*args, env=None, endpoint=None, token=None, script=AGENT):
+    def start(*args, env=None, endpoint=None, token=None, script=AGENT, command=None):
         base = ["-e", endpoint or panel.endpoint, "-t", token or panel.token, "--reconnect-interval", "0.2",
                 "--custom-ipv4", "192.0.2.7", "--state-dir", str(panel_state_dir(panel))]
         if "--protocol-version" not in args:
             base += ["--protocol-version", str(panel.protocol)]
-        agent = AgentProcess(base + list(args), env=env, command=[sys.executable, str(script)])
+        agent = AgentProcess(base + list(args), env=env, command=command or [sys.executable, str(script)])
         started.append(agent)
         return agent
     yield start
@@ -4308,15 +4308,21 @@ def test_the_default_feed_is_the_release_location_install_sh_names():
     assert ka.DEFAULT_UPDATE_URL == "https://api.github.com/repos/%s/releases/latest" % repository
 
 
-@pytest.mark.parametrize("supervised", [False, True], ids=["by-hand-exec-in-place", "service-exit-42"])
+@pytest.mark.parametrize("how", ["by hand", "python -m, by hand", "service"])
 def test_a_newer_release_is_verified_tried_swapped_and_is_what_runs_afterwards(panel, start_agent, release_feed,
-                                                                              installed, supervised):
+                                                                              installed, how):
     import py_compile
     old = installed.read_bytes()
-    cached = Path(py_compile.compile(str(installed), doraise=True))   # as an import leaves it
+    # install.sh's services run `python -m komari_agent` from the bytecode it compiled
+    cached = Path(py_compile.compile(str(installed), doraise=True))
     release_feed.publish(NEWER)
-    env = {"KOMARI_AGENT_SUPERVISED": "1"} if supervised else None
-    agent = start_agent("--update-url", release_feed.url, script=installed, env=env)
+    supervised = how == "service"
+    env = {"KOMARI_AGENT_SUPERVISED": "1"} if supervised else {}
+    command = None
+    if how.startswith("python -m"):   # in the install directory, as run-agent.sh runs it
+        command = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", str(installed.parent),
+                   sys.executable, "-m", "komari_agent"]
+    agent = start_agent("--update-url", release_feed.url, script=installed, env=env, command=command)
     if supervised:
         assert agent.proc.wait(60) == 42, agent.log
         first = agent.log
@@ -4324,6 +4330,7 @@ def test_a_newer_release_is_verified_tried_swapped_and_is_what_runs_afterwards(p
     wait_running(panel, agent, NEWER)
     agent.wait_log("%s is up to date (latest release: v%s)" % (NEWER, NEWER))
     steps = first if supervised else agent.log
+    assert ("executing -m komari_agent afresh" in steps) is bool(command)
     for step in ("found v%s (running %s)" % (NEWER, ka.__version__), "its SHA-256 matches SHA256SUMS",
                  "verified", "reached the panel", "swapped: %s is now v%s" % (installed, NEWER)):
         assert step in steps, step
