@@ -11,9 +11,10 @@ the legacy-frame quirk. End-to-end tests run komari_agent.py as a subprocess.
 After the test infrastructure, one banner per section of komari_agent.py, in
 its order, each holding the tests of that section's code: Logging, Used
 everywhere, Network plumbing, Configuration, Platform, Report figures, Basic
-info, Monthly traffic, Wire protocol, Transport, Links, Tasks, the agent loop,
-Subcommands, main(). Then the end-to-end groups (Reliability, install.sh,
-Benchmarks) and the checks of the README against the code.
+info, Monthly traffic, Wire protocol, Transport, Links, Tasks, Self-update (with
+a loopback release feed), the agent loop, Subcommands, main(). Then the
+end-to-end groups (Reliability, install.sh, Benchmarks) and the checks of the
+README against the code.
 """
 
 import base64
