@@ -6122,6 +6122,7 @@ RESTART_STATUS = 42             # the official agent's; install.sh's services re
 SUPERVISED_ENV = "KOMARI_AGENT_SUPERVISED"
 TRIAL_ENV = "KOMARI_UPDATE_TRIAL"    # set for the trial child: its parent does the updating
 TRIAL_SECONDS = 60.0
+TRIAL_HOLD = 2.0      # and still connected this long after: its first reports went out
 TRIAL_SECONDS_ENV = "KOMARI_UPDATE_TRIAL_SECONDS"   # shorter trials, for tests (docs/UPDATING.md)
 FEED_TIMEOUT = 10.0             # a start waits at most this for a feed that does not answer
 DOWNLOAD_TIMEOUT = 60.0
@@ -6463,24 +6464,26 @@ def trial_status(path, pid):
 
 def trial_run(path, argv, directory, stop, seconds):
     """Run the file at `path` as the agent, a child of this process, until
-    its status.json says connected, it exits, `seconds` pass or `stop` is
-    set; then stop it (SIGTERM: it saves its state). Returns (outcome,
-    detail): ("connected", seconds taken), ("refused", the panel's words),
-    ("stopped", None) when stopped from outside, or ("failed", why)."""
+    its status.json has said connected for TRIAL_HOLD seconds, it exits,
+    `seconds` pass or `stop` is set; then stop it (SIGTERM: it saves its
+    state). Returns (outcome, detail): ("connected", seconds it took),
+    ("refused", the panel's words), ("stopped", None) when stopped from
+    outside, or ("failed", why)."""
     import subprocess
     status_path = os.path.join(directory, STATUS_FILE)
     started = time.monotonic()
     child = subprocess.Popen([sys.executable, path] + list(argv), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              env=trial_environment())
-    last = []
+    last, connected = [], None
     relay = threading.Thread(target=relay_lines, args=(child.stderr, last), name="trial-log", daemon=True)
     relay.start()
     try:
         while True:
             status = trial_status(status_path, child.pid)
             took = time.monotonic() - started
-            if status.get("state") == "connected":
-                return "connected", took
+            connected = (took if connected is None else connected) if status.get("state") == "connected" else None
+            if connected is not None and took - connected >= TRIAL_HOLD and child.poll() is None:
+                return "connected", connected
             if status.get("state") == "refused":
                 return "refused", redacted(str(status.get("error")))[:200]
             code = child.poll()
@@ -6490,7 +6493,8 @@ def trial_run(path, argv, directory, stop, seconds):
                 return "stopped", None
             if code is not None:
                 said = re.sub(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\w+ )?", "", last[0]) if last else "no message"
-                return "failed", "exited with status %d before reaching the panel (%s)" % (code, redacted(said)[:200])
+                return "failed", "exited with status %d %s reaching the panel (%s)" % (
+                    code, "before" if connected is None else "just after", redacted(said)[:200])
             if took >= seconds:
                 seen = "%s: %s" % (status["state"], status.get("error") or "no error") if status else "no status.json"
                 return "failed", "did not reach the panel within %g s (its last state: %s)" % (

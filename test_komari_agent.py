@@ -4383,27 +4383,30 @@ def test_a_release_that_is_not_taken_leaves_the_file_byte_for_byte(panel, start_
     assert sum("update:" in line for line in agent.log.splitlines()) <= 4
 
 
-@pytest.mark.parametrize("fault", ["never links", "crashes"])
+@pytest.mark.parametrize("fault", ["never links", "crashes", "crashes once linked"])
 def test_a_new_version_that_does_not_reach_the_panel_is_rolled_back_and_skipped(panel, start_agent, release_feed,
                                                                                 installed, fault):
     old = installed.read_bytes()
-    start = '    def run(self):\n        self.status.set("starting")\n'
-    broken = {"never links": start.replace("\n", "\n        self.stop.wait()\n", 1),   # alive, never dials
-              "crashes": start + '        raise RuntimeError("broken release")\n'}[fault]
-    release_feed.publish(NEWER, source=agent_at_version(NEWER, (start, broken)))
+    start, linked = '    def run(self):\n        self.status.set("starting")\n', '        self.status.set("connected")\n'
+    spot, broken = {"never links": (start, start.replace("\n", "\n        self.stop.wait()\n", 1)),  # never dials
+                    "crashes": (start, start + '        raise RuntimeError("broken release")\n'),
+                    "crashes once linked": (linked, linked + '        raise RuntimeError("broken release")\n')}[fault]
+    release_feed.publish(NEWER, source=agent_at_version(NEWER, (spot, broken)))
     # a trial of 3 s, not 60 (docs/UPDATING.md); a crash is seen at once anyway
     env = {"KOMARI_UPDATE_TRIAL_SECONDS": "3"} if fault == "never links" else None
     began = time.monotonic()
     agent = start_agent("--update-url", release_feed.url, script=installed, env=env)
     agent.wait_log("rolled back to %s: v%s" % (ka.__version__, NEWER), timeout=40)
     why = {"never links": "did not reach the panel within 3 s (its last state: no status.json)",
-           "crashes": "exited with status 1 before reaching the panel (RuntimeError: broken release)"}[fault]
+           "crashes": "exited with status 1 before reaching the panel (RuntimeError: broken release)",
+           "crashes once linked": "exited with status 1 just after reaching the panel (RuntimeError: broken release)"
+           }[fault]
     assert why in agent.log and "skipped until a newer release" in agent.log
     wait_running(panel, agent, ka.__version__)
     assert time.monotonic() - began < 60
     assert installed.read_bytes() == old and not (installed.parent / "komari_agent.py.previous").exists()
     assert json.loads((panel_state_dir(panel) / "update.json").read_text())["skip"]["tag"] == "v" + NEWER
-    if fault == "crashes":
+    if fault != "never links":
         return
     agent.stop()
     asked = len(release_feed.downloads())
