@@ -4216,7 +4216,7 @@ class ReleaseFeed:
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, directory=str(feed.root), **kwargs)
 
-            def log_message(self, *args):   # called once per request
+            def log_message(self, *args):   # called for every request (twice for an error)
                 feed.requests.append(self.path)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
