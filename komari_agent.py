@@ -25,8 +25,9 @@ The file reads top to bottom; nothing refers to a definition further down:
     Transport         HTTP uploads, undelivered results, auto-discovery
     Links             the three report links (Link) and LinkChooser
     Tasks             exec, ping probes, the web terminal
+    Self-update       a release is checked and tried before it replaces this file
     The agent loop    Agent: its threads, reconnecting, basic info, results
-    Subcommands       --check, --dry-run, list-disk, check-mem, traffic
+    Subcommands       --check, --dry-run, list-disk, check-mem, traffic, update
     main()
 
 Imports: the standard library at the top. psutil and websocket-client, and
@@ -292,7 +293,7 @@ def read_regular_file(path, limit, follow=True):
     for anything else (a FIFO or a device would block or never end), and,
     unless `follow`, for a symbolic link."""
     no_follow = 0 if follow else getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | no_follow)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | no_follow)
     try:
         st = os.fstat(fd)
         if not S_ISREG(st.st_mode):
@@ -569,6 +570,34 @@ def resolve_host(cfg, host, port, family=0):
     return found
 
 
+def loopback_host(host):
+    """Is `host` this machine's loopback: localhost, 127.0.0.0/8 or ::1?"""
+    import ipaddress
+    host = (host or "").strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def code_url_problem(url):
+    """What makes `url` unfit to fetch code from, or "": it must be https://,
+    or plain http:// to a loopback address (a local mirror, a test)."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        parts.port  # ValueError when out of range
+    except ValueError:
+        return "is not a URL"
+    if not parts.hostname or parts.scheme not in ("http", "https"):
+        return "is not an http(s) URL"
+    if parts.scheme == "http" and not loopback_host(parts.hostname):
+        return "is plain http:// (https:// is required, except to a loopback address)"
+    return ""
+
+
 def environment_proxy(url):
     """The proxy that HTTP(S)_PROXY/NO_PROXY name for `url`, or ""."""
     import urllib.request
@@ -799,6 +828,10 @@ def _ip_version(v):
     return None if v in ("", "4", "6") else "must be 4 or 6"
 
 
+def _update_url(v):
+    return "must be an https:// URL (http:// only to a loopback address)" if v and code_url_problem(v) else None
+
+
 # The official agent clamps the interval to >= 1 s; this one allows sub-second
 # reports but refuses rates that only burn CPU (0.0001 s gave 90 reports a second).
 MIN_INTERVAL = 0.25
@@ -863,6 +896,11 @@ OPTIONS = [
            json_keys=("config_file",), env=("AGENT_CONFIG_FILE", "AGENT_CONFIG"), metavar="FILE"),
     Option("dry_run", ("--dry-run",), "bool", False,
            "print the basic info and one report as JSON and exit; needs no panel"),
+    Option("disable_auto_update", ("--disable-auto-update",), "bool", False,
+           "no update checks of its own (at start and every 6 hours); `update` run by hand still works"),
+    Option("update_url", ("--update-url",), "str", "",
+           "where updates come from: a GitHub-style JSON of the latest release (default: this project's "
+           "releases)", check=_update_url, metavar="URL"),
     # monitoring
     Option("info_report_interval", ("--info-report-interval",), "float", 5.0,
            "minutes between basic-info uploads (default 5)", check=_minutes, group="monitoring", metavar="MINUTES"),
@@ -915,8 +953,6 @@ OPTIONS = [
     Option("max_terminals", ("--max-terminals",), "int", 4, "terminal sessions at once (default 4)", check=_positive,
            group="remote", metavar="N"),
     # official agent compatibility
-    Option("disable_auto_update", ("--disable-auto-update",), "bool", False,
-           "accepted for compatibility; this agent never updates itself", group="official"),
     Option("memory_exclude_bcf", ("--memory-exclude-bcf",), "bool", False,
            "htop formula for used memory (the default on Linux)",
            json_keys=("memory_report_raw_used", "memory_exclude_bcf"),
@@ -1057,6 +1093,7 @@ def help_epilog():
         "      shows, corrects or exports this period's traffic totals (--month-rotate); see its --help",
         "  %s list-disk   the mounts counted as disk, as in the official agent" % PROG,
         "  %s check-mem   each used-memory formula, as in the official agent" % PROG,
+        "  %s update [--check]   look for a newer release and install it now (--check: only say)" % PROG,
     ])
 
 
@@ -1064,7 +1101,7 @@ def build_arg_parser():
     parser = ArgParser(prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS, add_help=False,
                        usage="%(prog)s -e URL (-t TOKEN | --auto-discovery KEY) [--check] [options]\n"
                              "       %(prog)s --dry-run [options]\n"
-                             "       %(prog)s traffic | list-disk | check-mem [options]",
+                             "       %(prog)s traffic | list-disk | check-mem | update [options]",
                        description="Komari monitoring agent (protocol v2, v1 for older panels), version %s.\n"
                                    "A [BOOL] flag alone turns its setting on; =false turns it off (--gpu=false)."
                                    % __version__,
@@ -2499,6 +2536,16 @@ def end_session(leader, grace=HANGUP_GRACE):
         if not session_members(leader):
             return
         time.sleep(0.02)
+
+
+# -- restarting this agent (self-update) ----------------------------------------------
+
+# Asks a running agent for an update check (`update` run by hand); none on Windows.
+UPDATE_SIGNAL = getattr(signal, "SIGUSR1", None)
+# os.execv replaces this process (same pid) on Unix; on Windows it starts a
+# new one and ends this one, which a service wrapper takes for an exit and
+# answers with a second agent: there the agent exits for a restart instead.
+EXEC_IN_PLACE = not IS_WINDOWS
 
 
 # ---------------------------------------------------------------------------
@@ -6036,6 +6083,628 @@ class Tasks:
 
 
 # ---------------------------------------------------------------------------
+# Self-update: a release replaces this file only once verified and seen reaching the panel
+# ---------------------------------------------------------------------------
+#
+# Who does what. The way back cannot be left to the new code, which may be
+# the broken part, so the old version stays the parent until the new one has
+# reached the panel:
+# - At start, before the first link (update_at_start), and for `update` run
+#   by hand with no agent running: the feed is asked, the new komari_agent.py
+#   downloaded and checked against SHA256SUMS and requirements.txt, staged
+#   beside this file, compiled, run with --version and with --check and the
+#   same settings, and then run for real as a CHILD of this process (same
+#   arguments, same environment, same state directory) for up to
+#   TRIAL_SECONDS. Only when the child's status.json says "connected" is it
+#   stopped, this file replaced atomically (the old one kept as .previous)
+#   and the new version started: exit 42 where a service manager restarts us
+#   (SUPERVISED_ENV, set by install.sh's services), else exec in place (by
+#   hand, cron; EXEC_IN_PLACE). A child that exits or is not connected in time is stopped,
+#   the release is skipped until a newer one (update.json), and this process
+#   runs on as the old version: the installed file was never touched, so a
+#   crash or a kill during the trial cannot leave an untried version behind.
+# - A running agent (Updater, the "update" thread) only asks the feed, every
+#   UPDATE_EVERY and on SIGUSR1 (`update` run by hand); a newer release that
+#   downloads with the right checksum makes it stop and start again, since a
+#   trial needs the panel link free: the fresh start does the above.
+
+# The project's release location. install.sh's DEFAULT_AGENT_URL names the
+# same repository (a test holds them equal); OWNER/REPO is the placeholder
+# until the project publishes releases, and no feed is asked meanwhile.
+RELEASE_REPOSITORY = "OWNER/REPO"
+PLACEHOLDER_REPOSITORY = "OWNER/REPO"
+DEFAULT_UPDATE_URL = "https://api.github.com/repos/%s/releases/latest" % RELEASE_REPOSITORY
+UPDATE_EVERY = 6 * 3600.0       # as the official agent
+RESTART_STATUS = 42             # the official agent's; install.sh's services restart on it
+# Set (to anything but "" or "0") by the services install.sh writes: they
+# restart the agent when it exits with RESTART_STATUS. Without it the agent
+# executes the new version in place, which works under anything.
+SUPERVISED_ENV = "KOMARI_AGENT_SUPERVISED"
+TRIAL_ENV = "KOMARI_UPDATE_TRIAL"    # set for the trial child: its parent does the updating
+TRIAL_SECONDS = 60.0
+TRIAL_HOLD = 2.0      # and still connected this long after: its first reports went out
+TRIAL_SECONDS_ENV = "KOMARI_UPDATE_TRIAL_SECONDS"   # shorter trials, for tests (docs/UPDATING.md)
+FEED_TIMEOUT = 10.0             # a start waits at most this for a feed that does not answer
+DOWNLOAD_TIMEOUT = 60.0
+FEED_LIMIT, AGENT_LIMIT, SMALL_LIMIT = 1 << 20, 8 << 20, 64 << 10
+AGENT_ASSET, SUMS_ASSET, REQUIREMENTS_ASSET = "komari_agent.py", "SHA256SUMS", "requirements.txt"
+# requirements.txt (a test holds them equal): a release needing others waits for install.sh
+REQUIREMENTS = ("psutil>=5.6", "websocket-client>=1.0")
+UPDATE_FILE = "update.json"
+# Written by the agent loop's LinkStatus; a trial run is judged by it.
+STATUS_FILE = "status.json"
+STAGED_SUFFIX, PREVIOUS_SUFFIX = ".update", ".previous"
+# Set by SIGUSR1 (main() installs the handler): `update` run by hand asks a running agent.
+UPDATE_WANTED = threading.Event()
+COMPILE_ONLY = "import sys; compile(open(sys.argv[1], 'rb').read(), sys.argv[1], 'exec')"
+
+Release = namedtuple("Release", "tag version prerelease assets")
+
+
+class UpdateProblem(AgentError):
+    """Why a release was not taken, in one line. `skip`: the release itself
+    is at fault (it does not compile, refuses the settings, never linked), so
+    asking again will not help until a newer one appears."""
+
+    def __init__(self, message, skip=False):
+        super().__init__(message)
+        self.skip = skip
+
+
+def update_feed(cfg):
+    return cfg.update_url or DEFAULT_UPDATE_URL
+
+
+def version_key(text):
+    """(0, 2, 0, 0) for "0.2.0" or "v0.2.0", padded so that 0.2 == 0.2.0;
+    None for anything else ("0.3.0-rc1", "dev"), which is never installed."""
+    match = re.match(r"[vV]?(\d{1,9}(?:\.\d{1,9}){0,3})$", (text or "").strip())
+    if not match:
+        return None
+    numbers = [int(n) for n in match.group(1).split(".")]
+    return tuple(numbers + [0] * (4 - len(numbers)))
+
+
+def update_impossible(cfg):
+    """Why this agent cannot update itself here, as one line, or ""."""
+    if PLACEHOLDER_REPOSITORY in update_feed(cfg):
+        return ("no release feed yet: the project's address is still the placeholder %s; "
+                "--update-url URL names one" % PLACEHOLDER_REPOSITORY)
+    problem = not_replaceable(SCRIPT_PATH)
+    if problem:
+        return "not updating: %s" % problem
+    problem = private_directory(state_dir(cfg))
+    if problem:
+        return "not updating: %s, where a new version's first link would be watched" % problem
+    return ""
+
+
+def not_replaceable(path):
+    """Why `path` is not ours to replace, or "": a link, a package manager's
+    or a git checkout's file, or one this user cannot write."""
+    if os.path.islink(path):
+        return "%s is a symbolic link" % path
+    if re.match(r"/usr/(?!local/)", path) or re.search(r"[/\\](site|dist)-packages[/\\]", path):
+        return "%s belongs to a package manager; update it with that" % path
+    directory = os.path.dirname(path)
+    parent = directory
+    while True:
+        if os.path.exists(os.path.join(parent, ".git")):
+            return "%s is in a git checkout; update it with git" % path
+        if os.path.dirname(parent) == parent:
+            break
+        parent = os.path.dirname(parent)
+    if not (os.access(path, os.W_OK) and os.access(directory, os.W_OK | os.X_OK)):
+        return "%s cannot be written by this user (a read-only install)" % path
+    return ""
+
+
+def trial_seconds():
+    try:
+        return min(TRIAL_SECONDS, max(1.0, float(os.environ.get(TRIAL_SECONDS_ENV, TRIAL_SECONDS))))
+    except ValueError:
+        return TRIAL_SECONDS
+
+
+# -- the release feed ----------------------------------------------------------------
+
+def fetch_limited(cfg, url, limit, timeout, accept="*/*"):
+    """The body of a GET to `url`, at most `limit` bytes, redirects followed
+    only to https:// (or to loopback); UpdateProblem otherwise. Certificates
+    are verified even with --ignore-unsafe-cert, which is for the panel: what
+    comes from here is run. A private CA goes in SSL_CERT_FILE."""
+    import urllib.error
+    import urllib.request
+    problem = code_url_problem(url)
+    if problem:
+        raise UpdateProblem("%s %s" % (url, problem))
+
+    class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            if code_url_problem(newurl):
+                raise urllib.error.URLError("redirected to %s, which %s" % (newurl, code_url_problem(newurl)))
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+    cutter = ConnectionCutter(timeout)
+    dial = (lambda address, timeout=None, source_address=None: dial_tcp(cfg, address[0], address[1], timeout)) \
+        if cfg.custom_dns else None
+    opener = urllib.request.build_opener(*cuttable_handlers(cutter, ssl.create_default_context(), dial),
+                                         CheckedRedirects())
+    request = urllib.request.Request(url, headers={"User-Agent": "komari-agent-py/" + __version__, "Accept": accept})
+    try:
+        with opener.open(request, timeout=timeout) as reply:
+            body = reply.read(limit + 1)
+    except urllib.error.HTTPError as e:
+        raise UpdateProblem("%s answered HTTP %d" % (url, e.code))
+    except (OSError, ValueError, http_exceptions()) as e:
+        error = http_failure(e, cutter)
+        raise UpdateProblem("%s: %s" % (url, getattr(error, "strerror", None) or str(error) or type(error).__name__))
+    finally:
+        cutter.cancel()
+    if len(body) > limit:
+        raise UpdateProblem("%s is larger than %d bytes" % (url, limit))
+    return body
+
+
+def parse_release(body):
+    """A GitHub-style release (tag_name, prerelease, assets[].name and
+    .browser_download_url) from the feed's answer; UpdateProblem if it is none."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("tag_name"), str):
+        raise UpdateProblem("the release feed answered %s, not a release with a tag_name" % describe_body(body))
+    assets = {}
+    for asset in data.get("assets") if isinstance(data.get("assets"), list) else ():
+        if isinstance(asset, dict) and isinstance(asset.get("name"), str) \
+                and isinstance(asset.get("browser_download_url"), str):
+            assets[asset["name"]] = asset["browser_download_url"]
+    tag = data["tag_name"].strip()[:80]
+    return Release(tag, version_key(tag), data.get("prerelease") is True, assets)
+
+
+def latest_release(cfg):
+    return parse_release(fetch_limited(cfg, update_feed(cfg), FEED_LIMIT, FEED_TIMEOUT,
+                                       accept="application/vnd.github+json"))
+
+
+def listed_sha256(sums, name):
+    """The SHA-256 that a SHA256SUMS file (sha256sum's output) gives for `name`, or None."""
+    for line in sums.decode("utf-8", "replace").splitlines():
+        match = re.match(r"\s*([0-9a-fA-F]{64})\s+\*?(.+?)\s*$", line)
+        if match and os.path.basename(match.group(2)) == name:
+            return match.group(1).lower()
+    return None
+
+
+def requirement_lines(text):
+    """The requirements in a requirements.txt, as compared: no comments,
+    blanks, spaces or case."""
+    lines = (line.split("#", 1)[0].replace(" ", "").lower() for line in text.splitlines())
+    return sorted(line for line in lines if line)
+
+
+def checked_asset(cfg, release, sums, name, limit):
+    """An asset of `release`, downloaded, with the SHA-256 that `sums` lists for it."""
+    import hashlib
+    data = fetch_limited(cfg, release.assets[name], limit, DOWNLOAD_TIMEOUT)
+    want = listed_sha256(sums, name)
+    if want is None:
+        raise UpdateProblem("%s not taken: its %s does not list %s" % (release.tag, SUMS_ASSET, name))
+    if hashlib.sha256(data).hexdigest() != want:
+        raise UpdateProblem("%s not taken: the SHA-256 of its %s does not match %s" % (release.tag, name, SUMS_ASSET))
+    return data
+
+
+# -- the state: the skipped release, the steps ------------------------------------------
+
+class UpdateLog:
+    """update.json in the state directory: the release a failed trial ruled
+    out (skipped until a newer one) and the last steps, each also said as one
+    line (logged by the agent, printed by `update`). `update` run by hand
+    follows a running agent's steps here."""
+
+    KEEP = 40
+
+    def __init__(self, directory, say):
+        self.path = os.path.join(directory, UPDATE_FILE)
+        self.say = say      # say(level, line)
+
+    def load(self):
+        try:
+            return read_json_object(self.path, 1 << 20)
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, data):
+        try:
+            write_atomic(self.path, (json.dumps(data, indent=1) + "\n").encode("utf-8"), mode=0o644)
+        except OSError as e:
+            log.debug("cannot write %s: %s", self.path, describe_error(e))
+
+    def steps(self):
+        steps = self.load().get("steps")
+        return [s for s in steps if isinstance(s, dict) and isinstance(s.get("seq"), int)] \
+            if isinstance(steps, list) else []
+
+    def step(self, line, final=False, ok=True):
+        """Say `line`; `final`: the last step of a check, `ok` whether it went well."""
+        line = redacted(line)
+        self.say(logging.INFO if ok else logging.WARNING, line)
+        data = self.load()
+        steps = self.steps()
+        seq = steps[-1]["seq"] + 1 if steps else 1
+        steps.append({"seq": seq, "at": rfc3339_now(), "line": line, "final": final, "ok": ok})
+        data["steps"] = steps[-self.KEEP:]
+        self.save(data)
+
+    def skipped(self):
+        skip = self.load().get("skip")
+        return skip if isinstance(skip, dict) and version_key(str(skip.get("tag"))) else None
+
+    def skip(self, release, why):
+        data = self.load()
+        data["skip"] = {"tag": release.tag, "why": why, "at": rfc3339_now()}
+        self.save(data)
+
+    def forget_skip(self):
+        data = self.load()
+        if data.pop("skip", None) is not None:
+            self.save(data)
+
+
+# -- finding, checking, trying, installing --------------------------------------------
+
+def fetch_update(cfg, steps, retry_skipped=False):
+    """(release, its komari_agent.py) when the feed has a newer stable
+    release, not skipped, whose file matches SHA256SUMS and whose
+    requirements.txt is ours; None (said) when there is nothing to take."""
+    release = latest_release(cfg)
+    current = version_key(__version__)
+    if current is None:
+        steps.step("update: %s is not a release version; not updating" % __version__, final=True)
+        return None
+    if release.version is None or release.prerelease:
+        steps.step("update: the latest release, %s, is a pre-release; staying at %s" % (release.tag, __version__),
+                   final=True)
+        return None
+    if release.version <= current:
+        steps.step("update: %s is up to date (latest release: %s)" % (__version__, release.tag), final=True)
+        return None
+    skip = steps.skipped()
+    if skip and not retry_skipped and release.version <= version_key(skip["tag"]):
+        steps.step("update: %s is skipped (%s); waiting for a newer release, or `%s update` to try it again"
+                   % (release.tag, skip.get("why"), PROG), final=True)
+        return None
+    steps.step("update: found %s (running %s)" % (release.tag, __version__))
+    missing = [name for name in (AGENT_ASSET, SUMS_ASSET) if name not in release.assets]
+    if missing:
+        raise UpdateProblem("%s not taken: it has no %s" % (release.tag, " or ".join(missing)))
+    sums = fetch_limited(cfg, release.assets[SUMS_ASSET], SMALL_LIMIT, DOWNLOAD_TIMEOUT)
+    data = checked_asset(cfg, release, sums, AGENT_ASSET, AGENT_LIMIT)
+    if REQUIREMENTS_ASSET in release.assets:
+        needs = checked_asset(cfg, release, sums, REQUIREMENTS_ASSET, SMALL_LIMIT)
+        needs = requirement_lines(needs.decode("utf-8", "replace"))
+        if needs != requirement_lines("\n".join(REQUIREMENTS)):
+            raise UpdateProblem("%s not taken: it needs %s (this one: %s); re-run install.sh to install it"
+                                % (release.tag, ", ".join(needs)[:200], ", ".join(REQUIREMENTS)))
+    steps.step("update: %s downloaded; its SHA-256 matches %s" % (release.tag, SUMS_ASSET))
+    return release, data
+
+
+def run_python(args, timeout=30.0):
+    """(exit status or None, stdout, last line of stderr) of this Python with `args`."""
+    import subprocess
+    try:
+        done = subprocess.run([sys.executable] + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=timeout, env=trial_environment())
+    except subprocess.TimeoutExpired:
+        return None, "", "no answer within %g s" % timeout
+    except OSError as e:
+        return None, "", describe_error(e)
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    return done.returncode, done.stdout.decode("utf-8", "replace"), redacted(lines[-1].strip()) if lines else ""
+
+
+def trial_environment():
+    return dict(os.environ, **{TRIAL_ENV: "1"})
+
+
+def verify_staged(path, release, argv):
+    """UpdateProblem unless the file at `path` compiles, says it is `release`
+    and accepts these settings (`argv`, the environment, the config file)."""
+    status, _, last = run_python(["-c", COMPILE_ONLY, path])
+    if status != 0:
+        raise UpdateProblem("%s not taken: it does not compile (%s)" % (release.tag, last), skip=True)
+    status, out, last = run_python([path, "--version"])
+    said = out.split()[-1] if status == 0 and out.split() else last
+    if version_key(said) != release.version:
+        raise UpdateProblem("%s not taken: its --version says %r" % (release.tag, said[:80]), skip=True)
+    status, _, last = run_python([path] + list(argv) + ["--check"])
+    if status != 0:
+        raise UpdateProblem("%s not taken: its --check refuses these settings (%s)" % (release.tag, last), skip=True)
+
+
+def panel_reachable(cfg):
+    """Can a TCP connection to the panel be opened now (True where a proxy
+    opens it for us)? A trial while the panel is down would blame the release."""
+    from urllib.parse import urlsplit
+    if environment_proxy(cfg.endpoint):
+        return True
+    parts = urlsplit(cfg.endpoint)
+    try:
+        drop_tcp(dial_tcp(cfg, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+                          WS_CONNECT_TIMEOUT))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def relay_lines(pipe, last):
+    """Copy a child's stderr to ours line by line, keeping its last line in `last`."""
+    for raw in pipe:
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        if line.strip():
+            last[:] = [line]
+        try:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def trial_status(path, pid):
+    """The trial child's status.json (state, error), or {} before it writes one."""
+    try:
+        status = read_json_object(path, 1 << 16)
+    except (OSError, ValueError):
+        return {}
+    return status if status.get("pid") == pid else {}
+
+
+def trial_run(path, argv, directory, stop, seconds):
+    """Run the file at `path` as the agent, a child of this process, until
+    its status.json has said connected for TRIAL_HOLD seconds, it exits,
+    `seconds` pass or `stop` is set; then stop it (SIGTERM: it saves its
+    state). Returns (outcome, detail): ("connected", seconds it took),
+    ("refused", the panel's words), ("stopped", None) when stopped from
+    outside, or ("failed", why)."""
+    import subprocess
+    status_path = os.path.join(directory, STATUS_FILE)
+    started = time.monotonic()
+    child = subprocess.Popen([sys.executable, path] + list(argv), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=trial_environment())
+    last, connected = [], None
+    relay = threading.Thread(target=relay_lines, args=(child.stderr, last), name="trial-log", daemon=True)
+    relay.start()
+    try:
+        while True:
+            status = trial_status(status_path, child.pid)
+            took = time.monotonic() - started
+            connected = (took if connected is None else connected) if status.get("state") == "connected" else None
+            if connected is not None and took - connected >= TRIAL_HOLD and child.poll() is None:
+                return "connected", connected
+            if status.get("state") == "refused":
+                return "refused", redacted(str(status.get("error")))[:200]
+            code = child.poll()
+            if code == 0 or stop.is_set():
+                # the agent exits 0 only when told to stop (SIGTERM, Ctrl-C
+                # to the terminal's group): not the release's fault
+                return "stopped", None
+            if code is not None:
+                said = re.sub(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\w+ )?", "", last[0]) if last else "no message"
+                return "failed", "exited with status %d %s reaching the panel (%s)" % (
+                    code, "before" if connected is None else "just after", redacted(said)[:200])
+            if took >= seconds:
+                seen = "%s: %s" % (status["state"], status.get("error") or "no error") if status else "no status.json"
+                return "failed", "did not reach the panel within %g s (its last state: %s)" % (
+                    seconds, redacted(seen)[:200])
+            stop.wait(0.1)
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(10.0)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        relay.join(1.0)
+
+
+def install_file(data, path=SCRIPT_PATH):
+    """Replace `path` with `data` atomically, its bytes so far kept as
+    path.previous, with the same mode and owner, and refresh its cached
+    bytecode."""
+    old = read_regular_file(path, AGENT_LIMIT, follow=False)
+    st = os.stat(path)
+    for target, content in ((path + PREVIOUS_SUFFIX, old), (path, data)):
+        write_atomic(target, content, mode=st.st_mode & 0o7777)
+        try:   # root updating a file that belongs to the agent's user
+            if os.stat(target).st_uid != st.st_uid:
+                os.chown(target, st.st_uid, st.st_gid)
+        except (AttributeError, OSError):
+            pass
+    refresh_bytecode(path)
+
+
+def refresh_bytecode(path):
+    """Rewrite this Python's cached bytecode of `path` where there is one,
+    and drop other versions' (an import would otherwise trust a cache whose
+    source stamp, mtime and size, matches by chance)."""
+    import importlib.util
+    import py_compile
+    cache = os.path.join(os.path.dirname(path), "__pycache__")
+    stem = os.path.splitext(os.path.basename(path))[0] + "."
+    mine = importlib.util.cache_from_source(path)
+    try:
+        names = [n for n in os.listdir(cache) if n.startswith(stem) and n.endswith(".pyc")]
+        for name in names:
+            if os.path.join(cache, name) != mine:
+                os.unlink(os.path.join(cache, name))
+        if os.path.exists(mine):
+            py_compile.compile(path, cfile=mine, doraise=True)
+    except (OSError, py_compile.PyCompileError) as e:
+        log.debug("cannot refresh the bytecode in %s: %s", cache, describe_error(e))
+
+
+def install_update(cfg, argv, stop, steps, release, data):
+    """Stage `data` (the release's komari_agent.py) beside this file, verify
+    it, try it as the agent, and install it if it reached the panel. True
+    when installed; UpdateProblem when not taken."""
+    staged = SCRIPT_PATH + STAGED_SUFFIX
+    try:
+        try:
+            write_atomic(staged, data, mode=0o644)
+        except OSError as e:
+            raise UpdateProblem("cannot write %s: %s" % (staged, describe_error(e)))
+        verify_staged(staged, release, argv)
+        steps.step("update: %s verified: it compiles, its --version agrees, its --check accepts these settings"
+                   % release.tag)
+        if not panel_reachable(cfg):
+            raise UpdateProblem("%s not tried: the panel cannot be reached now" % release.tag)
+        outcome, detail = trial_run(staged, argv, state_dir(cfg), stop, trial_seconds())
+        if outcome == "stopped":
+            steps.step("update: stopped while trying %s; nothing changed" % release.tag, final=True, ok=False)
+            return False
+        if outcome == "refused":
+            raise UpdateProblem("%s not tried: the panel refuses the token (%s)" % (release.tag, detail))
+        if outcome != "connected":
+            raise UpdateProblem("rolled back to %s: %s %s" % (__version__, release.tag, detail), skip=True)
+        steps.step("update: %s reached the panel %.1f s after starting" % (release.tag, detail))
+        try:
+            install_file(data)
+        except OSError as e:
+            raise UpdateProblem("cannot replace %s: %s" % (SCRIPT_PATH, describe_error(e)))
+        steps.step("update: swapped: %s is now %s; %s kept as %s" % (SCRIPT_PATH, release.tag, __version__,
+                                                                    os.path.basename(SCRIPT_PATH) + PREVIOUS_SUFFIX),
+                   final=True)
+        return True
+    finally:
+        try:
+            os.unlink(staged)
+        except OSError:
+            pass
+
+
+def try_update(cfg, argv, stop, steps, retry_skipped=False):
+    """Find, check, try and install a newer release: "swapped" when this
+    file now holds it, "current" when there is none to take, "failed" (said,
+    and the release skipped when it is at fault)."""
+    release = None
+    try:
+        found = fetch_update(cfg, steps, retry_skipped)
+        if found is None:
+            return "current"
+        release = found[0]
+        return "swapped" if install_update(cfg, argv, stop, steps, *found) else "failed"
+    except UpdateProblem as e:
+        if e.skip and release is not None:
+            steps.skip(release, str(e))
+        then = "skipped until a newer release" if e.skip else "trying again at the next check"
+        steps.step("update: %s; %s" % (e, then), final=True, ok=False)
+    except Exception as e:  # a fault here must never keep the agent from running
+        log.debug("update failed", exc_info=True)
+        steps.step("update: failed (%s: %s); trying again at the next check" % (type(e).__name__, e),
+                   final=True, ok=False)
+    return "failed"
+
+
+def restart_self(argv, why):
+    """Start this file afresh with the same arguments, saying `why`: the exit
+    status for main() (RESTART_STATUS) where a service manager restarts the
+    agent, else execute it in place (same pid, terminal and arguments); None
+    when that failed."""
+    if os.environ.get(SUPERVISED_ENV, "") not in ("", "0") or not EXEC_IN_PLACE:
+        log.info("update: %s: exiting with status %d for the service manager to start %s again", why,
+                 RESTART_STATUS, SCRIPT_PATH)
+        return RESTART_STATUS
+    command = own_command()
+    log.info("update: %s: executing %s afresh, same arguments", why, " ".join(command[1:]))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(command[0], command + list(argv))
+    except OSError as e:
+        log.error("update: cannot execute %s: %s", SCRIPT_PATH, describe_error(e))
+    return None
+
+
+def own_command():
+    """How this agent was started, without its arguments: `python -m
+    komari_agent` (install.sh's services, which start from the compiled
+    bytecode) or `python path/komari_agent.py`."""
+    if __name__ == "__main__" and __spec__ is not None and __spec__.name:
+        return [sys.executable, "-m", __spec__.name]
+    return [sys.executable, SCRIPT_PATH]
+
+
+def update_at_start(cfg, argv, stop):
+    """The check at start, before the first link: the exit status for main()
+    to return when a new version takes over, else None (run on)."""
+    if cfg.disable_auto_update or os.environ.get(TRIAL_ENV):
+        return None   # a trial run's parent does the updating
+    problem = update_impossible(cfg)
+    if problem:
+        log.info("update: %s", problem)
+        return None
+    if try_update(cfg, argv, stop, UpdateLog(state_dir(cfg), log.log)) != "swapped" or stop.is_set():
+        return None
+    return restart_self(argv, "taking over")
+
+
+class Updater:
+    """The "update" thread of a running agent: every UPDATE_EVERY (never with
+    --disable-auto-update) and whenever UPDATE_WANTED is set, it asks the
+    feed. A newer release that downloads with the right checksum sets
+    `restart_wanted` and stops the agent; main() then restarts this file,
+    whose start (update_at_start) tries and installs the release."""
+
+    def __init__(self, cfg, agent):
+        self.cfg, self.agent = cfg, agent
+        self.restart_wanted = False
+        self.steps = UpdateLog(state_dir(cfg), log.log)
+
+    def start(self):
+        threading.Thread(target=self.run, name="update", daemon=True).start()
+        return self
+
+    def run(self):
+        every = None if self.cfg.disable_auto_update else UPDATE_EVERY
+        while not self.agent.stop.is_set():
+            UPDATE_WANTED.wait(every)
+            UPDATE_WANTED.clear()
+            if self.agent.stop.is_set():
+                return
+            if self.agent.link is None:
+                self.steps.step("update: not checking while the panel is out of reach; trying again at the next "
+                                "check", final=True, ok=False)
+                continue
+            try:
+                found = fetch_update(self.cfg, self.steps)
+            except Exception as e:  # UpdateProblem, or a fault that must not end the checks
+                log.debug("update check failed", exc_info=True)
+                self.steps.step("update: %s; trying again at the next check" % (
+                    e if isinstance(e, UpdateProblem) else "failed (%s: %s)" % (type(e).__name__, e)),
+                    final=True, ok=False)
+                found = None
+            return_free_memory()
+            if found:
+                self.steps.step("update: restarting, to try %s before the first link" % found[0].tag)
+                self.restart_wanted = True
+                self.agent.stop.set()
+                return
+
+
+def start_updater(cfg, agent):
+    """The Updater of a running agent, or None where there is nothing to update (said at start)."""
+    if os.environ.get(TRIAL_ENV) or update_impossible(cfg):
+        return None
+    return Updater(cfg, agent).start()
+
+
+# ---------------------------------------------------------------------------
 # The agent loop
 # ---------------------------------------------------------------------------
 
@@ -6045,9 +6714,6 @@ def backoff_delay(base, round_number, cap=BACKOFF_CAP, rng=UNGUESSABLE.random):
     agents does not reconnect in lockstep."""
     delay = min(cap, base * (2 ** min(round_number, 16)))
     return max(0.1, min(cap, delay * (0.8 + 0.4 * rng())))
-
-
-STATUS_FILE = "status.json"
 
 
 class LinkStatus:
@@ -6404,7 +7070,7 @@ class Agent:
 
 
 # ---------------------------------------------------------------------------
-# Subcommands: --check, --dry-run, list-disk, check-mem, traffic
+# Subcommands: --check, --dry-run, list-disk, check-mem, traffic, update
 # ---------------------------------------------------------------------------
 
 # module -> the package that provides it (requirements.txt)
@@ -6675,6 +7341,115 @@ def show_traffic(data, calibration):
     return 0
 
 
+# -- update ------------------------------------------------------------------------
+
+# How long `update` follows a running agent's steps: two downloads, the
+# checks, a restart and a trial.
+FOLLOW_UPDATE_FOR = 2 * DOWNLOAD_TIMEOUT + TRIAL_SECONDS + 60
+
+
+def update_command(argv, environ):
+    """`update [--check] [agent flags]`: look for a newer release with the
+    agent's settings and install it now (asking a running agent to do it),
+    printing each step. Exit 0 when up to date or updated, 1 when not
+    updated, 2 on a bad flag; with --check: 0 up to date, 1 newer release
+    available, 2 when the feed cannot be asked."""
+    parser = ArgParser(prog=PROG + " update", allow_abbrev=False,
+                       description="Look for a newer release and install it now: checked against its SHA256SUMS, "
+                                   "tried against the panel, and only then put in place of this file. Give the "
+                                   "agent's flags, --config or AGENT_* environment, so the same settings are used; "
+                                   "a running agent of the same state directory is asked to do it.")
+    parser.add_argument("--check", action="store_true",
+                        help="only say whether a newer release exists: exit 0 when up to date, 1 when there is one, "
+                             "2 when the feed cannot be asked")
+    try:
+        args, rest = parser.parse_known_args(argv)
+        cfg = load_config(rest + ["--dry-run"] * args.check, environ)[0]
+    except ConfigError as e:
+        sys.stderr.write("%s update: error: %s\n" % (PROG, e))
+        return 2
+    hide_secret(cfg.token)
+    hide_secret(cfg.auto_discovery)
+    if args.check:
+        return check_for_update(cfg)
+    problem = update_impossible(cfg)
+    if problem:
+        print("update: %s" % problem)
+        return 1
+    steps = UpdateLog(state_dir(cfg), lambda level, line: print(line, flush=True))
+    steps.forget_skip()   # by hand, a skipped release is tried again
+    pid = running_agent(state_dir(cfg))
+    if pid:
+        return ask_running_agent(pid, steps)
+    outcome = try_update(cfg, rest, threading.Event(), steps, retry_skipped=True)
+    if outcome == "swapped":
+        print("update: start the agent (or its service) to run it")
+    return 1 if outcome == "failed" else 0
+
+
+def check_for_update(cfg):
+    """`update --check`: 0 up to date, 1 a newer release exists, 2 the feed cannot be asked."""
+    if PLACEHOLDER_REPOSITORY in update_feed(cfg):
+        sys.stderr.write("%s update: error: %s\n" % (PROG, update_impossible(cfg)))
+        return 2
+    try:
+        release = latest_release(cfg)
+    except UpdateProblem as e:
+        sys.stderr.write("%s update: error: %s\n" % (PROG, e))
+        return 2
+    current = version_key(__version__)
+    stable = release.version is not None and not release.prerelease
+    if not stable or current is None or release.version <= current:
+        print("up to date: %s (latest release: %s%s)" % (__version__, release.tag, "" if stable else ", a pre-release"))
+        return 0
+    skip = UpdateLog(state_dir(cfg), None).skipped()
+    skipped = skip and release.version <= version_key(skip["tag"])
+    print("%s is available (running %s)%s" % (release.tag, __version__,
+                                             "; the agent skips it: %s" % skip.get("why") if skipped else ""))
+    return 1
+
+
+def running_agent(directory):
+    """The pid of an agent running with this state directory (its status.json
+    names it), or None: a pid reused by another program is not one."""
+    try:
+        status = read_json_object(os.path.join(directory, STATUS_FILE), 1 << 16)
+        pid, started = status.get("pid"), status.get("started")
+        process = psutil_module().Process(pid)
+        command, born = " ".join(process.cmdline()), process.create_time()
+    except Exception:  # no file, no such process, no psutil: none running that we could ask
+        return None
+    if pid == os.getpid() or "komari_agent" not in command or not isinstance(started, (int, float)) \
+            or born > started + 5:
+        return None
+    return pid
+
+
+def ask_running_agent(pid, steps):
+    """Have the agent `pid` check now (UPDATE_SIGNAL) and print its steps until its last."""
+    if UPDATE_SIGNAL is None:
+        print("update: an agent runs (pid %d) and cannot be signalled here; stop it, then run this again" % pid)
+        return 1
+    seen = max([s["seq"] for s in steps.steps()] or [0])
+    try:
+        os.kill(pid, UPDATE_SIGNAL)
+    except OSError as e:
+        print("update: cannot ask the running agent (pid %d): %s; run this as its user" % (pid, describe_error(e)))
+        return 1
+    print("update: asked the running agent (pid %d) to update now" % pid, flush=True)
+    deadline = time.monotonic() + FOLLOW_UPDATE_FOR
+    while time.monotonic() < deadline:
+        for step in steps.steps():
+            if step["seq"] > seen:
+                seen = step["seq"]
+                print(step.get("line"), flush=True)
+                if step.get("final"):
+                    return 0 if step.get("ok") else 1
+        time.sleep(0.2)
+    print("update: the agent said nothing more within %d s; see its log" % FOLLOW_UPDATE_FOR)
+    return 1
+
+
 # ---------------------------------------------------------------------------
 # main()
 # ---------------------------------------------------------------------------
@@ -6683,18 +7458,22 @@ def stop_on_signals():
     """An Event that SIGTERM, SIGINT and SIGHUP set: a hangup (the terminal
     that started the agent closed) is a clean stop like SIGTERM, never a
     death that orphans commands and loses unsaved totals. A SIGHUP that was
-    ignored when the agent started (nohup) stays ignored. Only the main
-    thread may install signal handlers."""
+    ignored when the agent started (nohup) stays ignored. SIGUSR1 asks for
+    an update check now (`update` run by hand). Only the main thread may
+    install signal handlers."""
     stop = threading.Event()
     hangup = getattr(signal, "SIGHUP", None)  # none on Windows
     for signum in (signal.SIGTERM, signal.SIGINT, hangup):
         if signum is None or signum == hangup and signal.getsignal(signum) == signal.SIG_IGN:
             continue
         signal.signal(signum, lambda signum, frame: stop.set())
+    if UPDATE_SIGNAL is not None:
+        signal.signal(UPDATE_SIGNAL, lambda signum, frame: UPDATE_WANTED.set())
     return stop
 
 
-SUBCOMMANDS = {"traffic": traffic_command, "list-disk": list_disk_command, "check-mem": check_mem_command}
+SUBCOMMANDS = {"traffic": traffic_command, "list-disk": list_disk_command, "check-mem": check_mem_command,
+               "update": update_command}
 
 
 def main(argv=None, stop=None):
@@ -6725,8 +7504,13 @@ def main(argv=None, stop=None):
         return dry_run(cfg)
     log.info("Komari agent (Python) %s, panel %s, report every %gs", __version__, cfg.endpoint, cfg.interval)
     check_state_dir(cfg)
-    agent = Agent(cfg, stop or stop_on_signals())
+    stop = stop or stop_on_signals()
+    taking_over = update_at_start(cfg, argv, stop)
+    if taking_over is not None:
+        return taking_over
+    agent = Agent(cfg, stop)
     log_monitored(agent.collector)
+    updater = start_updater(cfg, agent)
     worker = threading.Thread(target=agent.run_until_stopped, name="agent", daemon=True)
     worker.start()
     # no timeout: a main thread waking up every second costs more CPU than a report
@@ -6738,6 +7522,8 @@ def main(argv=None, stop=None):
     # shutdown() closed and saved everything; the worker may be asleep until
     # its next report, and need not be waited for beyond a moment
     worker.join(0.2)
+    if updater is not None and updater.restart_wanted:
+        return restart_self(argv, "restarting") or 1
     return 0
 
 

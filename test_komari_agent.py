@@ -11,9 +11,10 @@ the legacy-frame quirk. End-to-end tests run komari_agent.py as a subprocess.
 After the test infrastructure, one banner per section of komari_agent.py, in
 its order, each holding the tests of that section's code: Logging, Used
 everywhere, Network plumbing, Configuration, Platform, Report figures, Basic
-info, Monthly traffic, Wire protocol, Transport, Links, Tasks, the agent loop,
-Subcommands, main(). Then the end-to-end groups (Reliability, install.sh,
-Benchmarks) and the checks of the README against the code.
+info, Monthly traffic, Wire protocol, Transport, Links, Tasks, Self-update (with
+a loopback release feed), the agent loop, Subcommands, main(). Then the
+end-to-end groups (Reliability, install.sh, Benchmarks) and the checks of the
+README against the code.
 """
 
 import base64
@@ -40,7 +41,7 @@ import threading
 import time
 import zlib
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -883,12 +884,12 @@ def start_agent(panel):
     """start_agent(*flags, env=None): the agent pointed at `panel`."""
     started = []
 
-    def start(*args, env=None, endpoint=None, token=None):
+    def start(*args, env=None, endpoint=None, token=None, script=AGENT, command=None):
         base = ["-e", endpoint or panel.endpoint, "-t", token or panel.token, "--reconnect-interval", "0.2",
                 "--custom-ipv4", "192.0.2.7", "--state-dir", str(panel_state_dir(panel))]
         if "--protocol-version" not in args:
             base += ["--protocol-version", str(panel.protocol)]
-        agent = AgentProcess(base + list(args), env=env)
+        agent = AgentProcess(base + list(args), env=env, command=command or [sys.executable, str(script)])
         started.append(agent)
         return agent
     yield start
@@ -936,10 +937,10 @@ def windows():
     return Windows(WINE_TREE)
 
 
-def run_agent(*args, env=None, timeout=30):
+def run_agent(*args, env=None, timeout=30, script=AGENT):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, str(AGENT)] + list(args), stdout=subprocess.PIPE,
+    return subprocess.run([sys.executable, str(script)] + list(args), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, env=full_env, timeout=timeout)
 
 
@@ -1625,8 +1626,8 @@ def test_help_is_grouped_everyday_first_within_100_columns_with_telling_metavars
                  "--log-level LEVEL", "--dry-run", "--check", "--config"):
         assert flag in everyday, flag
     official = text[starts[titles.index("Official agent compatibility")]:]
-    assert "--disable-auto-update" in official and "--show-warning" in official
-    assert "--disable-auto-update" not in text[:starts[-1]]
+    assert "--show-warning" in official and "--disable-auto-update" not in official
+    assert "--disable-auto-update" in everyday and "--update-url URL" in everyday
     for shown in ("--info-report-interval MINUTES", "--import-net-static PATH", "--month-rotate DAY",
                   "--include-nics NAMES", "--custom-ipv4 ADDRESS", "--exec-timeout SECONDS"):
         assert shown in text, shown
@@ -4188,6 +4189,246 @@ def test_fuzzed_frames_never_break_the_event_handler(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# Self-update: a loopback release feed; a release verified, tried and swapped, or the file left byte for byte
+# ---------------------------------------------------------------------------
+
+NEWER, NEWEST = "99.0.0", "99.0.1"
+
+
+def agent_at_version(version, edit=None):
+    """komari_agent.py's bytes with __version__ = `version` and the text edit (old, new) made."""
+    source = re.sub(r'(?m)^__version__ = "[^"]*"$', '__version__ = "%s"' % version, AGENT.read_text(), count=1)
+    if edit:
+        assert edit[0] in source
+        source = source.replace(edit[0], edit[1], 1)
+    return source.encode()
+
+
+class ReleaseFeed:
+    """A GitHub-style release feed on 127.0.0.1, files in `root` served as
+    they are: `url` answers the release's JSON, assets/NAME the files
+    published with it; every path asked is kept."""
+
+    def __init__(self, root):
+        self.root, self.files, self.requests = Path(root), {}, []
+        feed = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(feed.root), **kwargs)
+
+            def log_message(self, *args):   # called for every request (twice for an error)
+                feed.requests.append(self.path)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = "http://127.0.0.1:%d/latest" % self.server.server_address[1]
+
+    def publish(self, version, source=None, prerelease=False, requirements=None):
+        """Release `version`: komari_agent.py at that version (or `source`),
+        our requirements.txt (or `requirements`), and SHA256SUMS of both."""
+        files = {"komari_agent.py": agent_at_version(version) if source is None else source,
+                 "requirements.txt": (ROOT / "requirements.txt").read_bytes() if requirements is None else requirements}
+        files["SHA256SUMS"] = b"".join(b"%s  %s\n" % (hashlib.sha256(data).hexdigest().encode(), name.encode())
+                                       for name, data in files.items())
+        self.tamper(**files)
+        base = self.url.rsplit("/", 1)[0] + "/assets/"
+        self.release({"tag_name": "v" + version, "prerelease": prerelease, "body": "notes",
+                      "assets": [{"name": name, "browser_download_url": base + name} for name in files]})
+
+    def tamper(self, **files):
+        """Serve these asset files from now on."""
+        self.files.update(files)
+        (self.root / "assets").mkdir(exist_ok=True)
+        for name, data in files.items():
+            (self.root / "assets" / name).write_bytes(data)
+
+    def release(self, answer):
+        """The feed's answer from now on; None: HTTP 404."""
+        if answer is None:
+            (self.root / "latest").unlink()
+        else:
+            (self.root / "latest").write_text(json.dumps(answer))
+
+    def downloads(self):
+        return [path for path in self.requests if path.startswith("/assets/")]
+
+
+@pytest.fixture
+def release_feed(tmp_path_factory):
+    feed = ReleaseFeed(tmp_path_factory.mktemp("feed"))
+    yield feed
+    feed.server.shutdown()
+    feed.server.server_close()
+
+
+@pytest.fixture
+def installed(tmp_path):
+    """A copy of komari_agent.py to update, alone in its directory."""
+    path = tmp_path / "install" / "komari_agent.py"
+    path.parent.mkdir()
+    shutil.copy(AGENT, path)
+    return path
+
+
+def running_version(state_dir, pid):
+    """The version status.json says process `pid` runs connected, or None."""
+    try:
+        status = json.loads((Path(state_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return status.get("version") if status.get("pid") == pid and status.get("state") == "connected" else None
+
+
+def wait_running(panel, agent, version, timeout=30):
+    wait_until(lambda: running_version(panel_state_dir(panel), agent.proc.pid) == version, timeout,
+               "pid %d connected as %s; log:\n%s" % (agent.proc.pid, version, agent.log))
+
+
+def test_versions_checksums_requirements_and_urls_are_read_as_published():
+    assert ka.version_key("v1.2") == ka.version_key("1.2.0") < ka.version_key("1.10.0")
+    assert [ka.version_key(t) for t in ("1.3.0-rc1", "dev", "", "v")] == [None] * 4
+    sums = b"%s  ./komari_agent.py\n%s *requirements.txt\n" % (b"a" * 64, b"B" * 64)
+    assert [ka.listed_sha256(sums, name) for name in ("komari_agent.py", "requirements.txt", "SHA256SUMS")] == \
+        ["a" * 64, "b" * 64, None]
+    ours = ka.requirement_lines((ROOT / "requirements.txt").read_text())
+    assert ours == ka.requirement_lines("\n".join(ka.REQUIREMENTS)) == ["psutil>=5.6", "websocket-client>=1.0"]
+    for url, ok in (("https://api.github.com/x", True), ("http://127.0.0.1:8/x", True), ("http://[::1]/x", True),
+                    ("http://localhost/x", True), ("http://mirror.example/x", False), ("ftp://h/x", False)):
+        assert (ka.code_url_problem(url) == "") is ok, url
+    release = ka.parse_release(json.dumps({"tag_name": "v2.0.0", "assets": [{"name": "a", "browser_download_url": "u"},
+                                                                           {"name": 1}, "junk"]}).encode())
+    assert release == ka.Release("v2.0.0", (2, 0, 0, 0), False, {"a": "u"})
+    with pytest.raises(ka.UpdateProblem, match="not a release"):
+        ka.parse_release(b"<html><title>rate limited</title></html>")
+
+
+def test_the_default_feed_is_the_release_location_install_sh_names():
+    url = re.search(r"(?m)^DEFAULT_AGENT_URL='([^']+)'", (ROOT / "install.sh").read_text()).group(1)
+    repository = re.match(r"https://(?:raw\.githubusercontent\.com|github\.com)/([^/]+/[^/]+)/", url).group(1)
+    assert ka.RELEASE_REPOSITORY == repository
+    assert ka.DEFAULT_UPDATE_URL == "https://api.github.com/repos/%s/releases/latest" % repository
+
+
+@pytest.mark.parametrize("how", ["by hand", "python -m, by hand", "service"])
+def test_a_newer_release_is_verified_tried_swapped_and_is_what_runs_afterwards(panel, start_agent, release_feed,
+                                                                              installed, how):
+    import py_compile
+    old = installed.read_bytes()
+    # install.sh's services run `python -m komari_agent` from the bytecode it compiled
+    cached = Path(py_compile.compile(str(installed), doraise=True))
+    release_feed.publish(NEWER)
+    supervised = how == "service"
+    env = {"KOMARI_AGENT_SUPERVISED": "1"} if supervised else {}
+    command = None
+    if how.startswith("python -m"):   # in the install directory, as run-agent.sh runs it
+        command = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", str(installed.parent),
+                   sys.executable, "-m", "komari_agent"]
+    agent = start_agent("--update-url", release_feed.url, script=installed, env=env, command=command)
+    if supervised:
+        assert agent.proc.wait(60) == 42, agent.log
+        first = agent.log
+        agent = start_agent("--update-url", release_feed.url, script=installed, env=env)  # as the service does
+    wait_running(panel, agent, NEWER)
+    agent.wait_log("%s is up to date (latest release: v%s)" % (NEWER, NEWER))
+    steps = first if supervised else agent.log
+    assert ("executing -m komari_agent afresh" in steps) is bool(command)
+    for step in ("found v%s (running %s)" % (NEWER, ka.__version__), "its SHA-256 matches SHA256SUMS",
+                 "verified", "reached the panel", "swapped: %s is now v%s" % (installed, NEWER)):
+        assert step in steps, step
+    assert installed.read_bytes() == release_feed.files["komari_agent.py"]
+    assert (installed.parent / "komari_agent.py.previous").read_bytes() == old
+    assert sorted(p.name for p in installed.parent.iterdir()) == \
+        ["__pycache__", "komari_agent.py", "komari_agent.py.previous"]
+    assert struct.unpack("<I", cached.read_bytes()[12:16])[0] == len(installed.read_bytes())  # the cache's source size
+
+
+REFUSALS = {
+    # case: (what the feed publishes, extra flags, a step said, downloads made, skipped)
+    "checksum mismatch": (lambda feed: (feed.publish(NEWER),
+                                        feed.tamper(**{"komari_agent.py": agent_at_version(NEWER) + b"#"})),
+                          (), "the SHA-256 of its komari_agent.py does not match SHA256SUMS", True, False),
+    "does not compile": (lambda feed: feed.publish(NEWER, source=agent_at_version(NEWER) + b"\ndef broken(:\n"),
+                         (), "it does not compile (SyntaxError", True, True),
+    "--check fails": (lambda feed: feed.publish(NEWER, source=agent_at_version(
+        NEWER, ("def check_settings(cfg):\n", "def check_settings(cfg):\n    raise ConfigError('no, never')\n"))),
+        (), "its --check refuses these settings (ConfigError: no, never)", True, True),
+    "other requirements": (lambda feed: feed.publish(NEWER, requirements=b"psutil>=5.6\nwebsocket-client>=1.0\nrequests"),
+                           (), "re-run install.sh", True, False),
+    "older": (lambda feed: feed.publish("0.0.1"), (), "is up to date (latest release: v0.0.1)", False, False),
+    "pre-release": (lambda feed: feed.publish(NEWER, prerelease=True), (), "is a pre-release", False, False),
+    "git checkout": (lambda feed: feed.publish(NEWER), (), "is in a git checkout; update it with git", None, False),
+    "--disable-auto-update": (lambda feed: feed.publish(NEWER), ("--disable-auto-update",), None, None, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_a_release_that_is_not_taken_leaves_the_file_byte_for_byte(panel, start_agent, release_feed, installed, case):
+    publish, flags, said, downloads, skipped = REFUSALS[case]
+    publish(release_feed)
+    if case == "git checkout":
+        (installed.parent / ".git").mkdir()
+    old = installed.read_bytes()
+    agent = start_agent("--update-url", release_feed.url, *flags, script=installed)
+    if said:
+        agent.wait_log(said, timeout=30)
+    wait_running(panel, agent, ka.__version__)
+    assert installed.read_bytes() == old
+    assert sorted(p.name for p in installed.parent.iterdir() if p.name != ".git") == ["komari_agent.py"]
+    if downloads is None:   # not even the feed was asked
+        assert release_feed.requests == []
+    else:
+        assert bool(release_feed.downloads()) is downloads
+    update = panel_state_dir(panel) / "update.json"
+    assert (update.exists() and "skip" in json.loads(update.read_text())) is skipped
+    assert sum("update:" in line for line in agent.log.splitlines()) <= 4
+
+
+@pytest.mark.parametrize("fault", ["never links", "crashes", "crashes once linked"])
+def test_a_new_version_that_does_not_reach_the_panel_is_rolled_back_and_skipped(panel, start_agent, release_feed,
+                                                                                installed, fault):
+    old = installed.read_bytes()
+    start, linked = '    def run(self):\n        self.status.set("starting")\n', '        self.status.set("connected")\n'
+    spot, broken = {"never links": (start, start.replace("\n", "\n        self.stop.wait()\n", 1)),  # never dials
+                    "crashes": (start, start + '        raise RuntimeError("broken release")\n'),
+                    "crashes once linked": (linked, linked + '        raise RuntimeError("broken release")\n')}[fault]
+    release_feed.publish(NEWER, source=agent_at_version(NEWER, (spot, broken)))
+    # a trial of 3 s, not 60 (docs/UPDATING.md); a crash is seen at once anyway
+    env = {"KOMARI_UPDATE_TRIAL_SECONDS": "3"} if fault == "never links" else None
+    began = time.monotonic()
+    agent = start_agent("--update-url", release_feed.url, script=installed, env=env)
+    agent.wait_log("rolled back to %s: v%s" % (ka.__version__, NEWER), timeout=40)
+    why = {"never links": "did not reach the panel within 3 s (its last state: no status.json)",
+           "crashes": "exited with status 1 before reaching the panel (RuntimeError: broken release)",
+           "crashes once linked": "exited with status 1 just after reaching the panel (RuntimeError: broken release)"
+           }[fault]
+    assert why in agent.log and "skipped until a newer release" in agent.log
+    wait_running(panel, agent, ka.__version__)
+    assert time.monotonic() - began < 60
+    assert installed.read_bytes() == old and not (installed.parent / "komari_agent.py.previous").exists()
+    assert json.loads((panel_state_dir(panel) / "update.json").read_text())["skip"]["tag"] == "v" + NEWER
+    if fault != "never links":
+        return
+    agent.stop()
+    asked = len(release_feed.downloads())
+    agent = start_agent("--update-url", release_feed.url, script=installed)
+    agent.wait_log("v%s is skipped (rolled back" % NEWER)
+    wait_running(panel, agent, ka.__version__)
+    assert len(release_feed.downloads()) == asked
+    agent.stop()
+    release_feed.publish(NEWEST)   # a newer release is taken again
+    agent = start_agent("--update-url", release_feed.url, script=installed)
+    wait_running(panel, agent, NEWEST)
+
+
+def test_placeholder_feed_is_said_in_one_line_and_the_agent_runs_on(panel, start_agent, installed):
+    agent = start_agent(script=installed)
+    wait_running(panel, agent, ka.__version__)
+    lines = [line for line in agent.log.splitlines() if "update:" in line]
+    assert len(lines) == 1 and "placeholder OWNER/REPO" in lines[0] and "--update-url" in lines[0]
+
+
+# ---------------------------------------------------------------------------
 # The agent loop, end to end
 # ---------------------------------------------------------------------------
 
@@ -4574,6 +4815,52 @@ def test_sighup_stops_like_sigterm_and_keeps_the_killed_commands_result(panel, s
         assert result["exit_code"] == -1
     finally:
         kill_leftovers("sleep 68.1")
+
+
+def test_update_check_says_whether_a_newer_release_exists(release_feed, installed, tmp_path):
+    def check(*flags):
+        return run_agent("update", "--check", "--state-dir", str(tmp_path / "state"), *flags,
+                         env={"NO_PROXY": "127.0.0.1"}, script=installed)
+    release_feed.publish(ka.__version__)
+    done = check("--update-url", release_feed.url)
+    assert done.returncode == 0 and b"up to date" in done.stdout, done
+    release_feed.publish(NEWER)
+    done = check("--update-url", release_feed.url)
+    assert done.returncode == 1 and done.stdout.decode().startswith("v%s is available" % NEWER), done
+    release_feed.publish(NEWER, prerelease=True)
+    assert check("--update-url", release_feed.url).returncode == 0
+    release_feed.release(None)   # the feed answers 404
+    for flags, needle in ((["--update-url", release_feed.url], "HTTP 404"), ([], "placeholder OWNER/REPO"),
+                          (["--update-url", "http://mirror.example/latest"], "must be an https:// URL")):
+        done = check(*flags)
+        lines = done.stderr.decode().strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], (flags, done)
+    assert installed.read_bytes() == AGENT.read_bytes() and release_feed.downloads() == []
+
+
+def test_update_by_hand_asks_the_running_agent_and_prints_its_steps(panel, start_agent, release_feed, installed):
+    release_feed.publish(ka.__version__)
+    agent = start_agent("--update-url", release_feed.url, script=installed)
+    wait_running(panel, agent, ka.__version__)
+    release_feed.publish(NEWER)
+    done = run_agent("update", "-e", panel.endpoint, "-t", panel.token, "--state-dir", str(panel_state_dir(panel)),
+                     "--update-url", release_feed.url, env={"NO_PROXY": "127.0.0.1"}, script=installed, timeout=120)
+    out = done.stdout.decode()
+    assert done.returncode == 0, (done, agent.log)
+    assert "asked the running agent (pid %d)" % agent.proc.pid in out
+    assert "restarting, to try v%s" % NEWER in out and "swapped" in out and TOKEN not in out
+    wait_running(panel, agent, NEWER)   # the same process, executed afresh
+    assert installed.read_bytes() == release_feed.files["komari_agent.py"]
+
+
+def test_update_by_hand_with_no_agent_running_tries_and_installs_the_release(panel, release_feed, installed, tmp_path):
+    release_feed.publish(NEWER)
+    done = run_agent("update", "-e", panel.endpoint, "-t", panel.token, "--state-dir", str(tmp_path / "state"),
+                     "--update-url", release_feed.url, env={"NO_PROXY": "127.0.0.1"}, script=installed, timeout=90)
+    out = done.stdout.decode()
+    assert done.returncode == 0 and "reached the panel" in out and "swapped" in out, done
+    assert installed.read_bytes() == release_feed.files["komari_agent.py"]
+    panel.wait_for(lambda: any(i["version"] == NEWER for i in panel.basic_infos), 5, "the trial's basic info")
 
 
 # ---------------------------------------------------------------------------
