@@ -5683,7 +5683,7 @@ def test_install_without_arguments_prints_the_usage_and_installs_nothing(tmp_pat
     assert tree_snapshot(tmp_path) == before
 
 
-def stub_commands(tmp_path, **bodies):
+def install_stubs(tmp_path, **bodies):
     """A directory of stub commands to put first on PATH; each one appends its
     name and arguments to calls.log, then runs its body."""
     stubs, calls = tmp_path / "stubs", tmp_path / "calls.log"
@@ -5724,7 +5724,7 @@ def test_install_never_runs_a_second_agent_on_the_official_agents_token(tmp_path
     its token; --take-over-official stops it, and --restore-official starts it
     again as it ran. A real box (no fake root: processes are only looked for on
     it) with a stub crontab, everything else in tmp_path."""
-    path, calls = stub_commands(tmp_path, crontab='case $1 in -l) cat "$0.tab";; -) cat >"$0.tab";; -r) rm -f "$0.tab";; esac')
+    path, calls = install_stubs(tmp_path, crontab='case $1 in -l) cat "$0.tab";; -) cat >"$0.tab";; -r) rm -f "$0.tab";; esac')
     env = install_env(tmp_path, PATH=path, KOMARI_INSTALL_WAIT="0")
     del env["KOMARI_INSTALL_ROOT"]
     install_dir = tmp_path / "agent"
@@ -5760,7 +5760,7 @@ def test_install_never_runs_a_second_agent_on_the_official_agents_token(tmp_path
 def test_install_takes_over_no_process_that_something_else_restarts(tmp_path):
     """A bare official process that a supervisor install.sh does not know starts
     again: ours is removed again, so that the two never share the token."""
-    path, _ = stub_commands(tmp_path, crontab='case $1 in -l) cat "$0.tab";; -) cat >"$0.tab";; esac')
+    path, _ = install_stubs(tmp_path, crontab='case $1 in -l) cat "$0.tab";; -) cat >"$0.tab";; esac')
     env = install_env(tmp_path, PATH=path, KOMARI_INSTALL_WAIT="0")
     del env["KOMARI_INSTALL_ROOT"]
     agent = tmp_path / "opt" / "komari" / "agent"
@@ -5870,7 +5870,7 @@ def test_install_every_service_restarts_the_agent_on_the_update_exit_status(tmp_
     version: every definition install.sh writes starts the agent again
     whatever its exit status, 42 included."""
     system = {"launchd": "Darwin", "rc.d": "FreeBSD"}.get(kind, "Linux")
-    path, _ = stub_commands(tmp_path, uname="echo %s" % system)
+    path, _ = install_stubs(tmp_path, uname="echo %s" % system)
     install_dir = tmp_path / "root" / "agent"
     run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
                 "--service", kind, "--venv-system-site-packages", env=install_env(tmp_path, PATH=path))
@@ -5919,7 +5919,7 @@ def test_install_launchd_on_macos_as_root_and_as_a_user(tmp_path):
     """macOS: a LaunchDaemon as root (in the fake root: written, never loaded),
     a LaunchAgent in the user's own launchd domain otherwise (a real box with
     `id -u` saying 501, launchctl a stub, everything in tmp_path)."""
-    path, calls = stub_commands(tmp_path, uname="echo Darwin", launchctl=":")
+    path, calls = install_stubs(tmp_path, uname="echo Darwin", launchctl=":")
     install_dir = tmp_path / "root" / "agent"
     args = ["-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir), "--venv-system-site-packages"]
     env = install_env(tmp_path, PATH=path)
@@ -5933,7 +5933,7 @@ def test_install_launchd_on_macos_as_root_and_as_a_user(tmp_path):
     run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge", env=env)
     assert not (tmp_path / "root").exists()
 
-    path, calls = stub_commands(tmp_path, id='[ "$1" = -u ] && exec echo 501\nexec %s "$@"' % shutil.which("id"))
+    path, calls = install_stubs(tmp_path, id='[ "$1" = -u ] && exec echo 501\nexec %s "$@"' % shutil.which("id"))
     env = install_env(tmp_path, PATH=path, KOMARI_INSTALL_WAIT="0")
     del env["KOMARI_INSTALL_ROOT"]
     out, _ = run_install(tmp_path, *args, env=env)
@@ -5952,7 +5952,7 @@ def test_install_launchd_on_macos_as_root_and_as_a_user(tmp_path):
 def test_install_rcd_on_freebsd(tmp_path):
     """FreeBSD: an rc.d script in /usr/local/etc/rc.d run by rc.subr, enabled by
     a file of its own in /etc/rc.conf.d (rc.conf is left alone)."""
-    path, calls = stub_commands(tmp_path, uname="echo FreeBSD", service=":", sysrc=":")
+    path, calls = install_stubs(tmp_path, uname="echo FreeBSD", service=":", sysrc=":")
     env = install_env(tmp_path, PATH=path)
     install_dir = tmp_path / "root" / "opt" / "komari-agent"
     out, _ = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
