@@ -10,9 +10,10 @@
 # keeps the settings; --uninstall removes only what this script created. Where the official Go
 # agent's service is installed, it is replaced in place: its settings are taken over, it is stopped
 # and disabled (its files are kept), and it is started again if ours does not reach the panel.
-# Every service restarts the agent whatever its exit status, 42 (the update's) included, and runs
-# it as `python3 -m komari_agent` from the install directory: it starts from the bytecode compiled
-# at install time instead of compiling the file at every start.
+# Every service restarts the agent whatever its exit status, 42 (the update's) included, sets
+# KOMARI_AGENT_SUPERVISED=1 (SUPERVISED) so that an updated agent exits with 42 for it instead of
+# executing itself in place, and runs it as `python3 -m komari_agent` from the install directory:
+# it starts from the bytecode compiled at install time instead of compiling the file at every start.
 #
 # Everything lives inside main(), called on the last line, so a download cut short runs nothing,
 # and every command gets </dev/null so that nothing eats the rest of a script read from a pipe.
@@ -32,6 +33,10 @@ RESPAWN_WATCH=5
 # Same as requirements.txt (a test keeps them equal); used when no requirements.txt is at hand.
 REQUIREMENTS='psutil>=5.6
 websocket-client>=1.0'
+# Set by every service definition, never by run-agent.sh: an agent that has updated itself exits
+# with status 42 for the service manager to start the new version, where one started by hand
+# (--no-service) executes it in place, since nothing would restart it.
+SUPERVISED='KOMARI_AGENT_SUPERVISED=1'
 
 # ---- output -------------------------------------------------------------------------------
 
@@ -429,6 +434,13 @@ install_agent_file() {
 	cp "$AGENT_FILE" "$DIR/komari_agent.py.new" || die "cannot copy $AGENT_FILE"
 	claim "$DIR/komari_agent.py"
 	chmod 0644 "$DIR/komari_agent.py.new" && mv -f "$DIR/komari_agent.py.new" "$DIR/komari_agent.py"
+	# what the agent's self-update leaves beside it: the version before (.previous), and the
+	# download a killed update did not clear (.update). Ours whenever the agent file is, even
+	# when they are already there (written before the manifest listed them).
+	if in_manifest "$DIR/komari_agent.py"; then
+		own "$DIR/komari_agent.py.previous"
+		own "$DIR/komari_agent.py.update"
+	fi
 }
 
 # check_settings: the agent itself checks the settings the service will run with (the flags,
@@ -599,7 +611,7 @@ StartLimitIntervalSec=0
 Type=simple
 WorkingDirectory=$DIR
 ExecStart=$DIR/run-agent.sh
-Environment=PYTHONUNBUFFERED=1
+Environment=PYTHONUNBUFFERED=1 $SUPERVISED
 Restart=always
 RestartSec=5
 
@@ -622,6 +634,7 @@ respawn_max=0
 pidfile="/run/$NAME.pid"
 output_log="/var/log/$NAME.log"
 error_log="/var/log/$NAME.log"
+export $SUPERVISED
 
 depend() {
 	need net
@@ -650,6 +663,8 @@ launchd_plist() {
 	<dict>
 		<key>PYTHONUNBUFFERED</key>
 		<string>1</string>
+		<key>${SUPERVISED%%=*}</key>
+		<string>${SUPERVISED#*=}</string>
 	</dict>
 	<key>RunAtLoad</key>
 	<true/>
@@ -686,6 +701,7 @@ load_rc_config "\$name"
 
 pidfile="/var/run/\${name}.pid"
 command="/usr/sbin/daemon"
+export $SUPERVISED
 command_args="-r -R 5 -f -P \${pidfile} -t $NAME -o /var/log/$NAME.log $DIR/run-agent.sh"
 
 run_rc_command "\$1"
@@ -708,6 +724,7 @@ STOP=10
 start_service() {
 	procd_open_instance
 	procd_set_param command "$DIR/run-agent.sh"
+	procd_set_param env $SUPERVISED
 	procd_set_param respawn 3600 5 0
 	procd_set_param stdout 1
 	procd_set_param stderr 1
@@ -721,6 +738,7 @@ keepalive_script() {
 #!/bin/sh
 # $MARK: keeps the agent running where no service manager does (started by cron @reboot)
 dir=$(q "$DIR")
+export $SUPERVISED
 EOF
 	cat <<'EOF'
 log="$dir/agent.log"

@@ -5321,8 +5321,8 @@ def test_install_service_definition_is_valid(tmp_path, kind):
         probe = subprocess.run(["sh", "-c", stubs, "sh", str(definition)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, timeout=30)
         assert probe.stdout.decode().splitlines() == [
-            "START=99 USE_PROCD=1", "open", "command " + launcher, "respawn 3600 5 0", "stdout 1", "stderr 1",
-            "close"], probe.stderr.decode()
+            "START=99 USE_PROCD=1", "open", "command " + launcher, "env KOMARI_AGENT_SUPERVISED=1",
+            "respawn 3600 5 0", "stdout 1", "stderr 1", "close"], probe.stderr.decode()
     out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
     assert not definition.exists() and not install_dir.exists(), out
 
@@ -5835,6 +5835,33 @@ def test_install_says_updating_and_uninstalls_to_nothing(tmp_path):
     assert "komari_agent.py is not installed in %s: nothing to uninstall" % install_dir in err
 
 
+def test_install_uninstall_removes_what_the_self_update_left(tmp_path):
+    """The self-update leaves komari_agent.py.previous beside the agent (and
+    komari_agent.py.update when it was killed mid-way), and update.json in
+    state/: --uninstall removes the two files, --purge state/ as well. A re-run
+    over an install whose manifest did not list them takes them on too."""
+    before = tree_snapshot(tmp_path, dir_mtimes=False)
+    install_dir = tmp_path / "root" / "opt" / "komari-agent"
+    common = ["--install-dir", str(install_dir)]
+    left = [install_dir / "komari_agent.py.previous", install_dir / "komari_agent.py.update"]
+    manifest = install_dir / "install.manifest"
+    for older_install in (False, True):
+        run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", *common, "--service", "systemd",
+                    "--venv-system-site-packages")
+        for path in left:
+            path.write_bytes(AGENT.read_bytes())
+        (install_dir / "state" / "update.json").write_text('{"skipped": {}}\n')
+        if older_install:
+            listed = manifest.read_text().splitlines()
+            manifest.write_text("".join(line + "\n" for line in listed if not line.endswith((".previous", ".update"))))
+            run_install(tmp_path, *common)  # the plain re-run
+        run_install(tmp_path, *common, "--uninstall")
+        assert sorted(p.name for p in install_dir.iterdir()) == ["install.manifest", "state"]
+        assert (install_dir / "state" / "update.json").is_file()
+        run_install(tmp_path, *common, "--uninstall", "--purge")
+        assert tree_snapshot(tmp_path, dir_mtimes=False) == before, "older install: %s" % older_install
+
+
 def test_install_runs_the_agent_from_its_cached_bytecode(tmp_path):
     """`-m komari_agent` from the install directory imports the bytecode compiled
     at install time (a script is compiled again at every start); each update
@@ -5867,52 +5894,67 @@ def test_install_runs_the_agent_from_its_cached_bytecode(tmp_path):
 @pytest.mark.parametrize("kind", ["systemd", "systemd-user", "openrc", "procd", "launchd", "rc.d", "cron"])
 def test_install_every_service_restarts_the_agent_on_the_update_exit_status(tmp_path, kind):
     """The agent's self-update exits with 42 for the service to start the new
-    version: every definition install.sh writes starts the agent again
-    whatever its exit status, 42 included."""
+    version: every definition install.sh writes sets KOMARI_AGENT_SUPERVISED=1
+    for the agent and starts it again whatever its exit status, 42 included.
+    run-agent.sh, which --no-service leaves to be run by hand, does not set it:
+    there the agent executes the new version in place."""
     system = {"launchd": "Darwin", "rc.d": "FreeBSD"}.get(kind, "Linux")
     path, _ = install_stubs(tmp_path, uname="echo %s" % system)
     install_dir = tmp_path / "root" / "agent"
     run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
                 "--service", kind, "--venv-system-site-packages", env=install_env(tmp_path, PATH=path))
     launcher = str(install_dir / "run-agent.sh")
+    assert "KOMARI_AGENT_SUPERVISED" not in Path(launcher).read_text()
+    clean_env = {k: v for k, v in os.environ.items() if k != "KOMARI_AGENT_SUPERVISED"}
     if kind.startswith("systemd"):
         unit = configparser.ConfigParser(strict=True, interpolation=None)
         unit.read_string((tmp_path / "root" / ("etc/systemd/system" if kind == "systemd" else
                                                "home/.config/systemd/user") / "komari-agent.service").read_text())
         assert unit["Service"]["Restart"] == "always" and "RestartPreventExitStatus" not in unit["Service"]
         assert unit["Unit"]["StartLimitIntervalSec"] == "0"  # and never gives up
+        assert "KOMARI_AGENT_SUPERVISED=1" in unit["Service"]["Environment"].split()
     elif kind in ("openrc", "procd", "rc.d"):
         script = tmp_path / "root" / ("usr/local/etc/rc.d" if kind == "rc.d" else "etc/init.d") / "komari-agent"
+        # what the supervisor, a child of the sourced script, gets: exported variables and procd's env
         probe = subprocess.run(
-            ["sh", "-c", 'procd_set_param() { [ "$1" != respawn ] || echo "respawn=$2,$3,$4"; }; '
+            ["sh", "-c", 'procd_set_param() { case $1 in respawn) echo "respawn=$2,$3,$4";; '
+             'env) shift; echo "procd env $*";; esac; }; '
              'load_rc_config() { :; }; run_rc_command() { :; }; . "$1"; '
              'case $supervisor in supervise-daemon) echo "supervise-daemon respawn_max=$respawn_max";; esac; '
-             'command -v start_service >/dev/null && start_service; echo "$command $command_args"', "sh",
+             'command -v start_service >/dev/null && start_service; echo "$command $command_args"; '
+             'sh -c \'echo "child env ${KOMARI_AGENT_SUPERVISED-unset}"\'', "sh",
              "/dev/stdin"], input=script.read_bytes().replace(b". /etc/rc.subr", b":"), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, timeout=30)
+            stderr=subprocess.PIPE, timeout=30, env=clean_env)
         out = probe.stdout.decode()
+        lines = out.splitlines()
         if kind == "openrc":  # supervise-daemon respawns for ever (respawn_max=0)
-            assert out.splitlines()[0] == "supervise-daemon respawn_max=0", out + probe.stderr.decode()
+            assert lines[0] == "supervise-daemon respawn_max=0", out + probe.stderr.decode()
+            assert "child env 1" in lines, out
         elif kind == "procd":  # respawn threshold, timeout, retries: 0 retries is for ever
-            assert "respawn=3600,5,0" in out.splitlines(), out + probe.stderr.decode()
+            assert "respawn=3600,5,0" in lines, out + probe.stderr.decode()
+            assert "procd env KOMARI_AGENT_SUPERVISED=1" in lines, out
         else:  # daemon(8) supervises and restarts (-r) whatever the exit status
-            words = out.split()
+            words = lines[0].split()
             assert words[0] == "/usr/sbin/daemon" and "-r" in words and words[-1] == launcher, out
+            assert "child env 1" in lines, out
     elif kind == "launchd":
         job = plistlib.loads((tmp_path / "root/Library/LaunchDaemons/com.komari.komari-agent.plist").read_bytes())
         assert job["KeepAlive"] is True and job["ProgramArguments"] == [launcher]
+        assert job["EnvironmentVariables"]["KOMARI_AGENT_SUPERVISED"] == "1"
     else:  # the keep-alive, run for real: 42 brings the agent back at once, other exits after 5 s
         starts = tmp_path / "starts"
-        Path(launcher).write_text('#!/bin/sh\necho start >>%s\n[ "$(wc -l <%s)" -ge 2 ] && exec sleep 60\nexit 42\n'
-                                  % (starts, starts))
+        Path(launcher).write_text('#!/bin/sh\necho "start ${KOMARI_AGENT_SUPERVISED-unset}" >>%s\n'
+                                  '[ "$(wc -l <%s)" -ge 2 ] && exec sleep 60\nexit 42\n' % (starts, starts))
         keepalive = subprocess.Popen(["/bin/sh", str(install_dir / "keepalive.sh")], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                     env=clean_env)
         try:
-            wait_until(lambda: starts.exists() and len(starts.read_text().split()) == 2, 3,
+            wait_until(lambda: starts.exists() and len(starts.read_text().splitlines()) == 2, 3,
                        "the agent started again after exiting with 42, sooner than the 5 s pause")
         finally:
             stop_process_group(keepalive.pid)
             keepalive.wait(5)
+        assert starts.read_text().splitlines() == ["start 1", "start 1"]
 
 
 def test_install_launchd_on_macos_as_root_and_as_a_user(tmp_path):
