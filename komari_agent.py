@@ -7463,13 +7463,40 @@ def stop_on_signals():
     install signal handlers."""
     stop = threading.Event()
     hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+    stopping = set()
     for signum in (signal.SIGTERM, signal.SIGINT, hangup):
         if signum is None or signum == hangup and signal.getsignal(signum) == signal.SIG_IGN:
             continue
         signal.signal(signum, lambda signum, frame: stop.set())
+        stopping.add(int(signum))
     if UPDATE_SIGNAL is not None:
         signal.signal(UPDATE_SIGNAL, lambda signum, frame: UPDATE_WANTED.set())
+    watch_signals(stop, stopping)
     return stop
+
+
+def watch_signals(stop, stopping):
+    """Act on signals from a thread of our own, through the wakeup pipe.
+    Python runs a signal's handler only in the main thread, which sits in
+    the interpreter's final join (see the end of this file): when the kernel
+    hands the signal to another thread, that join is never interrupted and
+    the handler never runs. The C-level handler writes every signal's number
+    to the wakeup pipe, whichever thread it lands on."""
+    try:
+        reader, writer = os.pipe()
+        os.set_blocking(writer, False)
+        signal.set_wakeup_fd(writer)
+    except (OSError, ValueError, AttributeError):  # Windows takes only a socket here
+        return
+
+    def watch():
+        while True:
+            for signum in os.read(reader, 64):
+                if signum in stopping:
+                    stop.set()
+                elif signum == UPDATE_SIGNAL:
+                    UPDATE_WANTED.set()
+    threading.Thread(target=watch, name="signals", daemon=True).start()
 
 
 SUBCOMMANDS = {"traffic": traffic_command, "list-disk": list_disk_command, "check-mem": check_mem_command,
