@@ -293,7 +293,9 @@ def read_regular_file(path, limit, follow=True):
     for anything else (a FIFO or a device would block or never end), and,
     unless `follow`, for a symbolic link."""
     no_follow = 0 if follow else getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | no_follow)
+    # Windows has neither FIFOs to block on nor O_NONBLOCK, and reads in text mode without O_BINARY
+    flags = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, os.O_RDONLY | flags | no_follow)
     try:
         st = os.fstat(fd)
         if not S_ISREG(st.st_mode):
@@ -346,7 +348,7 @@ def write_atomic(path, data, mode=0o600):
     make_private_dirs(directory)
     temp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
     # never through a link or into a file someone else put there
-    exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(temp, exclusive, mode)
     except FileExistsError:  # left by a crash of a process with this pid
