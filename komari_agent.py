@@ -2421,6 +2421,25 @@ def process_user_sid():
         kernel32.CloseHandle(token)
 
 
+def folder_accepts_files(path):
+    """Whether this process may create files in the folder `path`, asked of
+    the ACL by opening the folder for adding files, which leaves no trace
+    (os.access reads the read-only flag alone)."""
+    import ctypes
+    from ctypes import wintypes
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.CreateFileW.restype = wintypes.HANDLE
+    kernel32.CreateFileW.argtypes = [wintypes.LPCWSTR, wintypes.DWORD, wintypes.DWORD, ctypes.c_void_p,
+                                     wintypes.DWORD, wintypes.DWORD, wintypes.HANDLE]
+    kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
+    # FILE_ADD_FILE; every share mode; OPEN_EXISTING; FILE_FLAG_BACKUP_SEMANTICS, which opens folders
+    handle = kernel32.CreateFileW(path, 0x0002, 0x0007, None, 3, 0x02000000, None)
+    if handle is None or handle == wintypes.HANDLE(-1).value:
+        return False
+    kernel32.CloseHandle(handle)
+    return True
+
+
 def set_folder_dacl(path, sddl=PRIVATE_DACL):
     """Give the folder `path` the DACL `sddl`; its files get the inheritable
     part (SetNamedSecurityInfoW carries it down). OSError on failure."""
@@ -2881,17 +2900,11 @@ def make_host(cfg=None):
 # -- state, output and stopping --------------------------------------------------------
 
 def can_create_files_in(directory):
-    """Whether this process may create files in `directory`. On Windows only
-    trying tells: os.access() reads the read-only flag alone, not the ACL."""
-    if not IS_WINDOWS:
-        return os.access(directory, os.W_OK | os.X_OK)
-    probe = os.path.join(directory, ".komari-write-test-%d-%d" % (os.getpid(), threading.get_ident()))
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-        os.unlink(probe)
-        return True
-    except OSError:
-        return False
+    """Whether this process may create files in `directory`: on Windows the
+    ACL says, which os.access() does not read."""
+    if IS_WINDOWS:
+        return folder_accepts_files(directory)
+    return os.access(directory, os.W_OK | os.X_OK)
 
 
 def default_state_dir():

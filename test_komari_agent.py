@@ -1924,7 +1924,7 @@ def test_windows_output_is_utf8_and_check_mem_shows_windows_ways(windows):
     assert "\u4ee5\u592a\u7f51*" in checked.stdout.decode("utf-8")   # not cp1252's "?" or a traceback
     memory = windows.run("check-mem")
     assert memory.returncode == 0, memory.stderr.decode("utf-8", "replace")
-    modes = re.findall(r"\[(\w+)\] Total: (\d+) bytes", memory.stderr.decode())
+    modes = re.findall(r"\[(\w+)\] Total: (\d+) bytes", memory.stdout.decode())
     # no `free` on Windows: no line of zeros for it (Wine shows the host's /proc/meminfo, hence htoplike)
     assert "callFree" not in dict(modes) and int(dict(modes)["gopsutil"]) > 0
 
