@@ -17,6 +17,7 @@ The file reads top to bottom; nothing refers to a definition further down:
     Configuration     OPTIONS: flags, AGENT_* variables, --config keys
     Linux             /proc and /sys, read and parsed
     macOS and FreeBSD sw_vers, system_profiler, pciconf, sysctl, netstat: parsed
+    Windows           the registry; kernel32, psapi, iphlpapi, advapi32 through ctypes
     Platform          every difference between systems, behind one host (make_host)
     Report figures    what each realtime report measures (the Collector)
     Basic info        the static facts together, public addresses
