@@ -2951,8 +2951,7 @@ def private_directory(path):
             return "%s is not a directory" % path
         if IS_WINDOWS:
             set_folder_dacl(path)
-            return ""
-        if st.st_mode & 0o022:
+        elif st.st_mode & 0o022:
             mine = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
             if not mine or st.st_mode & 0o1000:   # sticky: a shared one like /tmp, never ours to change
                 return "%s can be written by other users" % path

@@ -1838,7 +1838,9 @@ def test_windows_basic_info_has_the_edition_and_real_totals(windows_minute):
 
 def test_windows_reports_for_a_minute_have_every_figure_and_no_failure(windows_minute):
     reports, info = windows_minute.reports, windows_minute.info
-    assert reports[-1]["_at"] - reports[0]["_at"] >= WINDOWS_MINUTE and len(reports) >= 50
+    assert reports[-1]["_at"] - reports[0]["_at"] >= WINDOWS_MINUTE
+    # none late enough for the panel to drop the socket (a report takes ~0.1 s of Wine's time here)
+    assert max(b["_at"] - a["_at"] for a, b in zip(reports, reports[1:])) < PanelServer.READ_WAIT
     assert {r["_via"] for r in reports} == {"v2-ws"}   # websocket-client's keep-alive options are not in the way
     for report in reports:
         assert report_problem(report) is None and report["message"] == "", report
