@@ -1784,6 +1784,9 @@ def spooled_result(state, task_id, text):
 
 
 class WindowsRun:
+    """The agent on Windows against `panel`, with its state in `state`; every
+    agent started is stopped when the module's tests are done."""
+
     def __init__(self, windows, panel, state):
         self.windows, self.panel, self.state = windows, panel, state
         self.args = ["-e", panel.endpoint, "-t", panel.token, "--state-dir", windows.path(state), "-i", "1",
