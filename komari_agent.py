@@ -4950,7 +4950,9 @@ class Inbox:
     id, execs by task id. Handled ids wait here until a reply confirms the
     panel got the acknowledgement."""
 
-    KEEP = 4096  # ids remembered; the panel queues at most 128 per client
+    # ids remembered: the panel queues at most 128 per client, and execs from
+    # longer ago are known to the RunLedger; every one kept is memory for good
+    KEEP = 1024
     MAX_ID = 128  # the server's event ids are UUIDs: a longer one is refused
 
     def __init__(self, dispatch):
