@@ -4734,12 +4734,12 @@ RAN_NAME = re.compile(r"^[0-9a-f]{40}\.json$")
 class RunLedger:
     """The exec tasks already run, each with its result once there is one:
     one file per task (mode 0600) in the state directory, named by a digest
-    of its id, the newest RAN_KEEP (RAN_MAX_BYTES in all) kept. The panel hands an exec over again
-    when our acknowledgement got lost, after a restart of ours too; the
-    ledger makes that a second sending of the kept result, never a second
-    run. A task is written down before it starts, so one that a SIGKILL
-    interrupted is not run again either. Like the spool, it falls back to
-    memory when the directory cannot be written."""
+    of its id, the newest RAN_KEEP (RAN_MAX_BYTES in all) kept. The panel
+    hands an exec over again when our acknowledgement got lost, after a
+    restart of ours too; the ledger makes that a second sending of the kept
+    result, never a second run. A task is written down before it starts, so
+    one that a SIGKILL interrupted is not run again either. Like the spool,
+    it falls back to memory when the directory cannot be written."""
 
     def __init__(self, directory, keep=RAN_KEEP, max_bytes=RAN_MAX_BYTES):
         self.directory = directory
@@ -5631,8 +5631,8 @@ class PostLink(Link):
     long poll always waiting for events, and a dial of the WebSocket
     (`redial`, which gives a link the panel answered on) every
     `socket_wait` seconds (--reconnect-interval; SILENT_RETRY_INTERVALS of
-    them after a silent socket), and at once when a POST gets through after failing;
-    the first that works becomes this link's successor. A 429 or 5xx from
+    them after a silent socket), and at once when a POST gets through after
+    failing; the first that works becomes this link's successor. A 429 or 5xx from
     the panel or a proxy is a pause, as long as its Retry-After asks, not a
     failure. A terminal can never reach this link: the panel needs a socket
     for it."""
