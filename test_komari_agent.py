@@ -1,12 +1,15 @@
 """Tests for komari_agent.py.
 
-The panel side is real: PanelServer below is an HTTP + WebSocket server on
-127.0.0.1 that speaks the panel protocol (README.md, "What is sent"), decodes reports the way the Go server does
-(a float where it wants an integer, or a cpu usage outside 0-100, rejects the
-report), closes a report socket that sends no data for 11 s, and answers 401
-to a wrong token. It speaks protocol v2 as well (server.md 10-11): JSON-RPC
-over a permessage-deflate WebSocket or gzip POST, the event queue with acks,
-the legacy-frame quirk. End-to-end tests run komari_agent.py as a subprocess.
+The panel side is real: PanelServer (bench/loopback.py, the one the benchmarks
+run against too) is an HTTP + WebSocket server on 127.0.0.1 that speaks the
+panel protocol (README.md, "What is sent"), decodes reports the way the Go
+server does (a float where it wants an integer, or a cpu usage outside 0-100,
+rejects the report), closes a report socket that sends no data for 11 s, and
+answers 401 to a wrong token. It speaks protocol v2 as well (server.md 10-11):
+JSON-RPC over a permessage-deflate WebSocket or gzip POST, the event queue
+with acks, the legacy-frame quirk. The other servers and proxies here (a fault
+injector, a CONNECT proxy, small HTTP stubs) share its accept loop; only the
+DNS server is UDP. End-to-end tests run komari_agent.py as a subprocess.
 
 After the test infrastructure, one banner per section of komari_agent.py, in
 its order, each holding the tests of that section's code: Logging, Used
@@ -16,12 +19,9 @@ Subcommands, main(). Then the end-to-end groups (Reliability, install.sh,
 Benchmarks) and the checks of the README against the code.
 """
 
-import base64
 import configparser
 import gzip
-import importlib.util
 import io
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +30,6 @@ import shlex
 import shutil
 import signal
 import socket
-import socketserver
 import stat
 import struct
 import subprocess
@@ -38,16 +37,19 @@ import sys
 import threading
 import time
 import zlib
-from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import psutil
 import pytest
 import websocket
 
 import komari_agent as ka
+
+sys.path.insert(0, str(Path(__file__).parent / "bench"))
+import loopback  # noqa: E402  (bench/loopback.py: the panel the benchmarks use too)
+from loopback import (BASIC_INFO_KEYS, REPORT_INTS, V2_PATH, basic_info_problem, go_json, is_go_int,  # noqa: E402
+                      report_problem, request_head, rpc_answer)
 
 ROOT = Path(__file__).parent
 AGENT = ROOT / "komari_agent.py"
@@ -59,643 +61,23 @@ DISCOVERY_KEY = "discovery-key-0123456789"
 # Test infrastructure: the loopback panel, the agent as a process, waiting
 # ---------------------------------------------------------------------------
 
-class GoFloat(float):
-    """A JSON number written with a fraction or exponent."""
+class PanelServer(loopback.PanelServer):
+    """The loopback panel of bench/loopback.py with this file's token and
+    auto-discovery key, waits that fail the test, and a state directory for
+    the agents started against it."""
 
-
-BASIC_INFO_KEYS = {"cpu_name": str, "cpu_cores": int, "cpu_physical_cores": int, "arch": str, "os": str,
-                   "kernel_version": str, "gpu_name": str, "virtualization": str, "ipv4": str, "ipv6": str,
-                   "mem_total": int, "swap_total": int, "disk_total": int, "version": str}
-
-
-REPORT_INTS = {"ram": ("total", "used"), "swap": ("total", "used"), "disk": ("total", "used"),
-               "network": ("up", "down", "totalUp", "totalDown"), "connections": ("tcp", "udp")}
-
-
-def go_json(text):
-    return json.loads(text, parse_float=GoFloat)
-
-
-def is_go_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def report_problem(report):
-    """What the Go server would say about a report, or None if it accepts it."""
-    if not isinstance(report, dict):
-        return "Invalid JSON"
-    for group, keys in REPORT_INTS.items():
-        for key in keys:
-            value = report.get(group, {}).get(key, 0)
-            if not is_go_int(value):
-                return "Invalid report format"
-            if value < 0:
-                return "%s.%s must be non-negative" % (group, key)
-    for key in ("uptime", "process"):
-        if not is_go_int(report.get(key, 0)) or report.get(key, 0) < 0:
-            return "Invalid report format"
-    usage = report.get("cpu", {}).get("usage", 0)
-    if isinstance(usage, bool) or not isinstance(usage, (int, float)):
-        return "Invalid report format"
-    if not 0 <= usage <= 100:
-        return "CPU.Usage must be between 0 and 100"
-    for key in ("load1", "load5", "load15"):
-        if not isinstance(report.get("load", {}).get(key, 0), (int, float)):
-            return "Invalid report format"
-    if not 0 <= report.get("load", {}).get("load1", 0) <= 1000:
-        return "Load.Load1 must be non-negative"
-    if not isinstance(report.get("message", ""), str):
-        return "Invalid report format"
-    return None
-
-
-def basic_info_problem(info):
-    if not isinstance(info, dict):
-        return "Invalid or missing data"
-    unknown = set(info) - set(BASIC_INFO_KEYS)
-    if unknown:
-        return "no such column: %s" % sorted(unknown)
-    for key, value in info.items():
-        if BASIC_INFO_KEYS[key] is int and (not is_go_int(value) or value < 0):
-            return "%s must be a valid number" % key
-    return None
-
-
-class WsConn:
-    """The server end of one WebSocket (RFC 6455, unmasked server frames)."""
-
-    def __init__(self, sock, path, query):
-        self.sock, self.path, self.query = sock, path, query
-        self.lock = threading.Lock()
-        self.closed = False
-        self.protocol = 1
-        self.deflate = None    # a PerMessageDeflate once negotiated (v2 only)
-        self.last_flags = 0    # the first header byte of the last frame read
-        self.wire_sizes = []   # (compressed?, payload bytes on the wire) per data message read
-
-    def send(self, payload, opcode=None):
-        if isinstance(payload, str):
-            payload, opcode = payload.encode(), opcode or 1
-        opcode = opcode or 2
-        with self.lock:  # compressed with context takeover: compress in the order sent
-            rsv1 = 0
-            if self.deflate and opcode in (1, 2):
-                payload, rsv1 = self.deflate.compress(payload), 0x40
-            n = len(payload)
-            header = bytes([0x80 | rsv1 | opcode])
-            if n < 126:
-                header += bytes([n])
-            elif n < 65536:
-                header += bytes([126]) + struct.pack("!H", n)
-            else:
-                header += bytes([127]) + struct.pack("!Q", n)
-            self.sock.sendall(header + payload)
-
-    def _read_exact(self, n, deadline):
-        data = b""
-        while len(data) < n:
-            remaining = deadline - time.monotonic() if deadline else None
-            if remaining is not None and remaining <= 0:
-                raise socket.timeout("read deadline")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
-
-    def read_frame(self, deadline=None):
-        """(opcode, payload) of the next frame."""
-        b0, b1 = self._read_exact(2, deadline)
-        self.last_flags = b0
-        n = b1 & 0x7F
-        if n == 126:
-            n = struct.unpack("!H", self._read_exact(2, deadline))[0]
-        elif n == 127:
-            n = struct.unpack("!Q", self._read_exact(8, deadline))[0]
-        mask = self._read_exact(4, deadline) if b1 & 0x80 else b"\0\0\0\0"
-        data = bytearray(self._read_exact(n, deadline))
-        for i in range(n):
-            data[i] ^= mask[i % 4]
-        return b0 & 0x0F, bytes(data)
-
-    def read_message(self, deadline=None):
-        """(opcode, payload) of the next control frame or whole data message:
-        fragments joined, permessage-deflate undone. A compressed frame on a
-        socket that did not negotiate it is a protocol error, as in gorilla."""
-        opcode, payload = self.read_frame(deadline)
-        compressed = bool(self.last_flags & 0x40)
-        if opcode >= 8:
-            return opcode, payload
-        parts, wire = [payload], len(payload)
-        while not self.last_flags & 0x80:  # FIN not set: continuation frames follow
-            _, more = self.read_frame(time.monotonic() + 10)
-            parts.append(more)
-            wire += len(more)
-        payload = b"".join(parts)
-        if compressed and not self.deflate:
-            raise EOFError("RSV1 set on a socket without permessage-deflate")
-        self.wire_sizes.append((compressed, wire))
-        if compressed:
-            payload = self.deflate.decompress(payload)
-        return opcode, payload
-
-    def close(self):
-        self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-
-class PanelServer:
-    """HTTP + WebSocket panel on 127.0.0.1. Everything it receives is kept in
-    lists; wait_for() blocks until a condition on them holds."""
-
-    READ_WAIT = 11.0  # the real server's read deadline on the report socket
-
-    def __init__(self, token=TOKEN, protocol=1, serves_v2=True):
-        self.token = token
-        self.protocol = protocol      # what start_agent asks the agent to speak
-        self.serves_v2 = serves_v2    # False: an old server, /v2/rpc is the frontend's 200 HTML
-        # v2 socket compression: "no_context" is what the real server (gorilla) answers to any offer,
-        # "context" keeps the LZ77 window both ways (RFC 7692's default), "off" answers no extension
-        self.compression = "no_context"
-        self.rpc_calls, self.events = [], []  # JSON-RPC calls received; the v2 event queue
-        self.acked, self.v2_flag, self.presence_until = [], False, 0.0
-        self.PULL_WAIT = 25.0
-        self.host = "127.0.0.1"
-        self.port = None
-        self.cond = threading.Condition()
-        self.basic_infos, self.reports, self.rejected = [], [], []
-        self.task_results, self.ping_results, self.other_frames = [], [], []
-        self.report_conns, self.ws_attempts, self.http_requests = [], [], []
-        self.terminal_conns, self.registrations, self.pings = [], [], []
-        self.post_sizes = []      # (Content-Encoding, body bytes) of each v2 POST
-        self.frozen = threading.Event()
-        self.fail_http = {}       # path -> status to answer instead
-        self.on_terminal = None   # callback(WsConn) run for terminal sockets
-        self.server = None
-        self.start()
-
-    # lifecycle
-    def start(self):
-        panel = self
-
-        class Handler(PanelHandler):
-            pass
-        Handler.panel = panel
-
-        class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-            allow_reuse_address = True
-            daemon_threads = True
-            address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-            def handle_error(self, request, client_address):
-                # a peer the fault proxy cut off is expected; anything else is a bug here
-                if not isinstance(sys.exc_info()[1], OSError):
-                    super().handle_error(request, client_address)
-        self.server = Server((self.host, self.port or 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        for conn in list(self.report_conns) + list(self.terminal_conns):
-            conn.close()
-
-    @property
-    def endpoint(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def freeze(self):
-        """Stop answering anything (pings included) without closing: a blackhole."""
-        self.frozen.set()
-
-    def thaw(self):
-        self.frozen.clear()
-
-    # recording
-    def record(self, bucket, item):
-        with self.cond:
-            bucket.append(item)
-            self.cond.notify_all()
+    def __init__(self, protocol=1, **kwargs):
+        super().__init__(token=TOKEN, protocol=protocol, **kwargs)
+        self.discovery_key = DISCOVERY_KEY
 
     def wait_for(self, predicate, timeout=10.0, what="condition"):
+        """predicate()'s first true value, re-checked at every message the panel records."""
         return wait_on(self.cond, predicate, timeout, what)
-
-    def live_report_conn(self):
-        return next((c for c in reversed(self.report_conns) if not c.closed), None)
 
     def send_event(self, event):
         conn = self.wait_for(self.live_report_conn, 10, "a live report socket")
         conn.send(event if isinstance(event, (str, bytes)) else json.dumps(event))
         return conn
-
-    # protocol v2: the client's v1/v2 flag, its POST presence, its event queue (server.md §10-11)
-    def socket_opened(self, conn):
-        """A new v2 socket: the flag says v2 and every queued event is pushed
-        as a notification without its id, and counts as acknowledged."""
-        with self.cond:
-            self.v2_flag = True
-            queued, self.events[:] = self.live_events(), []
-        for event in queued:
-            conn.send(json.dumps({"jsonrpc": "2.0", "method": event["method"], "params": event["params"]}))
-
-    def live_events(self):
-        now = time.monotonic()
-        self.events[:] = [e for e in self.events if e["_expires"] > now]
-        return [{k: v for k, v in e.items() if not k.startswith("_")} for e in self.events]
-
-    def queue_event(self, method, params, ttl=300.0, event_id=None):
-        """Queue an event as the server does for a v2 client without a socket:
-        at most 128, a newer ping for the same task replaces the queued one."""
-        with self.cond:
-            if method == "agent.ping":
-                self.events[:] = [e for e in self.events if not (
-                    e["method"] == "agent.ping" and e["params"]["ping_task_id"] == params["ping_task_id"])]
-            now = datetime.now(timezone.utc)
-            event = {"id": event_id or os.urandom(8).hex(), "method": method, "params": params,
-                     "created_at": now.isoformat(), "expires_at": (now + timedelta(seconds=ttl)).isoformat(),
-                     "_expires": time.monotonic() + ttl}
-            self.events.append(event)
-            del self.events[:-128]
-            self.cond.notify_all()
-            return event["id"]
-
-    def acknowledge(self, ids):
-        with self.cond:
-            self.acked.extend(ids)
-            self.events[:] = [e for e in self.events if e["id"] not in ids]
-
-    def issue(self, method, params, legacy):
-        """An admin's exec or ping as the server routes it: on the live socket
-        (JSON-RPC if the flag says v2, else the legacy frame), queued for a v2
-        client in POST mode, else refused ("No clients connected"): None."""
-        with self.cond:
-            conn = self.live_report_conn()
-            if conn:
-                conn.send(json.dumps({"jsonrpc": "2.0", "method": method, "params": params})
-                          if conn.protocol == 2 and self.v2_flag else json.dumps(legacy) + "\n")
-                return "socket"
-            if self.v2_flag and time.monotonic() < self.presence_until:
-                return self.queue_event(method, params, 300.0 if method == "agent.exec" else 3.0)
-            return None
-
-    def exec_task(self, task_id, command):
-        return self.issue("agent.exec", {"task_id": task_id, "command": command},
-                          {"message": "exec", "task_id": task_id, "command": command})
-
-    def ping_task(self, task_id, kind, target):
-        return self.issue("agent.ping", {"ping_task_id": task_id, "ping_type": kind, "ping_target": target},
-                          {"message": "ping", "ping_task_id": task_id, "ping_type": kind, "ping_target": target})
-
-    def calls(self, method):
-        return [c for c in self.rpc_calls if c["method"] == method]
-
-
-class PanelHandler(BaseHTTPRequestHandler):
-    panel = None
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def reply(self, status, obj):
-        body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json" if not isinstance(obj, bytes) else "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def authorised(self, query):
-        if query.get("token", [""])[0] != self.panel.token:
-            self.reply(401, {"status": "error", "message": "Unauthorized."})
-            return False
-        return True
-
-    def do_POST(self):
-        panel = self.panel
-        parts = urlsplit(self.path)
-        query = parse_qs(parts.query)
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        panel.record(panel.http_requests, (parts.path, dict(self.headers)))
-        if panel.frozen.is_set():
-            while panel.frozen.is_set():
-                time.sleep(0.05)
-        if parts.path == "/api/clients/register":
-            if self.headers.get("Authorization") != "Bearer " + DISCOVERY_KEY:
-                return self.reply(403, {"status": "error", "message": "Invalid AutoDiscovery Key"})
-            panel.record(panel.registrations, query.get("name", [""])[0])
-            return self.reply(200, {"status": "success", "message": "",
-                                    "data": {"uuid": "uuid-%d" % len(panel.registrations), "token": panel.token}})
-        if not self.authorised(query):
-            return
-        if parts.path == V2_PATH and panel.serves_v2:
-            return self.serve_rpc_post(body)
-        if parts.path in panel.fail_http:
-            status = panel.fail_http[parts.path]
-            return self.reply(status, b"<html><title>502 Bad Gateway</title></html>" if status >= 500
-                              else {"status": "error", "error": {}})
-        try:
-            data = go_json(body.decode())
-        except ValueError:
-            return self.reply(400, {"status": "error", "error": "Invalid or missing data"})
-        if parts.path == "/api/clients/uploadBasicInfo":
-            problem = basic_info_problem(data)
-            if problem:
-                panel.record(panel.rejected, ("basic_info", problem, data))
-                return self.reply(500, {"status": "error", "error": {}})
-            panel.record(panel.basic_infos, data)
-            return self.reply(200, {"status": "success"})
-        if parts.path == "/api/clients/task/result":
-            if not isinstance(data, dict) or not isinstance(data.get("task_id"), str) \
-                    or not is_go_int(data.get("exit_code", 0)) or not isinstance(data.get("result", ""), str):
-                return self.reply(400, {"status": "error", "message": "Invalid request"})
-            panel.record(panel.task_results, data)
-            return self.reply(200, {"status": "success", "message": "Task result updated successfully"})
-        self.send_response(404)
-        self.send_header("Content-Length", "18")
-        self.end_headers()
-        self.wfile.write(b"404 page not found")
-
-    def do_GET(self):
-        panel = self.panel
-        parts = urlsplit(self.path)
-        query = parse_qs(parts.query)
-        panel.record(panel.ws_attempts, (parts.path, dict(self.headers)))
-        if not self.authorised(query):
-            return
-        upgrade = self.headers.get("Upgrade", "").lower() == "websocket"
-        if parts.path == V2_PATH and panel.serves_v2 and not upgrade:
-            return self.reply(400, {"error": "Require WebSocket upgrade", "status": "error"})
-        served = ("/api/clients/report", "/api/clients/terminal") + ((V2_PATH,) if panel.serves_v2 else ())
-        if parts.path not in served or not upgrade:
-            return self.reply(200, b"<!doctype html><html><title>Komari</title></html>")
-        if "Origin" in self.headers:
-            return self.reply(403, {"status": "error", "error": "origin not allowed"})
-        key = self.headers["Sec-WebSocket-Key"]
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-        deflate = negotiate_deflate(self.headers.get("Sec-WebSocket-Extensions", ""), panel.compression) \
-            if parts.path == V2_PATH else None
-        extension = b"Sec-WebSocket-Extensions: " + deflate.answer.encode() + b"\r\n" if deflate else b""
-        self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + accept + b"\r\n" + extension + b"\r\n")
-        self.wfile.flush()
-        conn = WsConn(self.connection, parts.path, query)
-        if parts.path == V2_PATH:
-            conn.protocol, conn.deflate = 2, deflate
-            conn.offered = self.headers.get("Sec-WebSocket-Extensions", "")
-        if parts.path == "/api/clients/terminal":
-            panel.record(panel.terminal_conns, conn)
-            if panel.on_terminal:
-                panel.on_terminal(conn)
-            return
-        panel.record(panel.report_conns, conn)
-        if conn.protocol == 2:
-            panel.socket_opened(conn)
-        self.serve_report_socket(conn)
-        self.close_connection = True
-
-    def serve_report_socket(self, conn):
-        panel = self.panel
-        first = True
-        deadline = None  # the first message has no deadline
-        try:
-            while not conn.closed:
-                if panel.frozen.is_set():
-                    time.sleep(0.05)
-                    deadline = None
-                    continue
-                try:
-                    opcode, payload = conn.read_message(deadline if deadline else time.monotonic() + 0.2)
-                except socket.timeout:
-                    if deadline and time.monotonic() >= deadline:
-                        break  # silent for 11 s: the real server drops the socket
-                    continue
-                if panel.frozen.is_set():
-                    continue
-                if opcode == 9:
-                    conn.send(payload, 10)
-                    panel.record(panel.pings, time.monotonic())
-                    continue
-                if opcode == 8:
-                    conn.send(payload[:2], 8)
-                    break
-                if opcode not in (1, 2):
-                    continue
-                deadline = time.monotonic() + panel.READ_WAIT
-                if conn.protocol == 2:
-                    self.serve_rpc_frame(conn, payload)
-                    continue
-                try:
-                    message = go_json(payload.decode())
-                except ValueError:
-                    message = None
-                if not isinstance(message, dict):
-                    conn.send(json.dumps({"error": "Invalid JSON", "status": "error"}) + "\n")
-                    if first:
-                        break
-                    continue
-                first = False
-                kind = message.get("type", "")
-                if kind in ("", "report"):
-                    problem = report_problem(message)
-                    if problem:
-                        panel.record(panel.rejected, ("report", problem, message))
-                        conn.send(json.dumps({"error": problem, "status": "error"}) + "\n")
-                    else:
-                        message["_at"] = time.monotonic()
-                        panel.record(panel.reports, message)
-                elif kind == "ping_result":
-                    ok = is_go_int(message.get("task_id")) and message["task_id"] >= 0 \
-                        and is_go_int(message.get("value", 0))
-                    if ok:
-                        panel.record(panel.ping_results, message)
-                    else:
-                        panel.record(panel.rejected, ("ping_result", "Invalid ping result format", message))
-                        conn.send(json.dumps({"error": "Invalid ping result format", "status": "error"}) + "\n")
-                else:
-                    panel.record(panel.other_frames, message)
-                    conn.send(json.dumps({"error": "Unknown message type", "status": "error"}) + "\n")
-        except (EOFError, OSError) as e:
-            if str(e):
-                panel.record(panel.rejected, ("frame", str(e), None))
-        finally:
-            conn.close()
-            with panel.cond:
-                panel.cond.notify_all()
-
-    def serve_rpc_frame(self, conn, payload):
-        status, response = rpc_answer(self.panel, payload, "ws")
-        # the server answers requests (non-null id) and parse errors only
-        if response is not None and (response.get("id") is not None or status == 400 and
-                                     response["error"]["code"] == -32700):
-            conn.send(json.dumps(response))
-
-    def serve_rpc_post(self, body):
-        panel = self.panel
-        panel.record(panel.post_sizes, (self.headers.get("Content-Encoding", ""), len(body)))
-        if self.headers.get("Content-Encoding", "").lower() == "gzip":
-            try:
-                body = gzip.decompress(body)
-            except (OSError, EOFError, zlib.error):
-                return self.reply(400, rpc_error(None, -32700, "invalid compressed body"))
-        status, response = rpc_answer(panel, body, "post")
-        return self.reply(status, response)
-
-
-# protocol v2 on the panel: JSON-RPC 2.0 over a WebSocket with permessage-deflate, or over POST
-V2_PATH = "/api/clients/v2/rpc"
-
-
-GO_RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
-
-
-INFLATE_LIMIT = 16 << 20
-
-
-class PerMessageDeflate:
-    """RFC 7692 on the server end: raw deflate, 00 00 ff ff stripped and put
-    back, the LZ77 window kept across messages unless "no context takeover"."""
-
-    def __init__(self, answer, server_context, client_context, server_bits=15):
-        self.answer, self.server_context, self.client_context = answer, server_context, client_context
-        self.server_bits = server_bits
-        self.compressor = self.decompressor = None
-
-    def compress(self, data):
-        if self.compressor is None or not self.server_context:
-            self.compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -self.server_bits)
-        out = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
-        return out[:-4] if out.endswith(b"\x00\x00\xff\xff") else out
-
-    def decompress(self, data):
-        if self.decompressor is None or not self.client_context:
-            self.decompressor = zlib.decompressobj(-15)
-        try:
-            out = self.decompressor.decompress(data + b"\x00\x00\xff\xff", INFLATE_LIMIT)
-        except zlib.error as e:
-            # e.g. the agent kept its context after agreeing not to
-            raise EOFError("bad deflate data: %s" % e)
-        if self.decompressor.unconsumed_tail:
-            raise EOFError("inflated message over %d bytes" % INFLATE_LIMIT)
-        return out
-
-
-def negotiate_deflate(offer_header, mode):
-    """The PerMessageDeflate to use for a client's Sec-WebSocket-Extensions
-    offer, or None (offer absent or compression "off")."""
-    if mode == "off":
-        return None
-    for offer in offer_header.split(","):
-        name, *params = [p.strip() for p in offer.split(";")]
-        if name.lower() != "permessage-deflate":
-            continue
-        params = dict((p.split("=", 1) + [""])[:2] for p in params if p)
-        params = {k.strip().lower(): v.strip().strip('"') for k, v in params.items()}
-        server_context = mode == "context" and "server_no_context_takeover" not in params
-        client_context = mode == "context"
-        answer = ["permessage-deflate"]
-        if not server_context:
-            answer.append("server_no_context_takeover")
-        if not client_context:
-            answer.append("client_no_context_takeover")
-        bits = 15
-        if params.get("server_max_window_bits"):
-            bits = max(9, int(params["server_max_window_bits"]))
-            answer.append("server_max_window_bits=%d" % bits)
-        return PerMessageDeflate("; ".join(answer), server_context, client_context, bits)
-    return None
-
-
-def rpc_error(rid, code, message, data=None):
-    error = {"code": code, "message": message}
-    if data is not None:
-        error["data"] = data
-    response = {"jsonrpc": "2.0", "error": error}
-    if rid is not None:
-        response["id"] = rid
-    return response
-
-
-def rpc_answer(panel, raw, transport):
-    """(HTTP status, response) for one JSON-RPC message, as the server's
-    report_v2.go answers it; everything valid is recorded on the panel."""
-    try:
-        message = go_json(raw.decode().strip())
-    except (ValueError, UnicodeDecodeError):
-        message = None
-    if not isinstance(message, dict) or not isinstance(message.get("method"), str):
-        panel.record(panel.rejected, ("rpc", "parse error", raw[:200]))
-        return 400, rpc_error(None, -32700, "parse error")
-    rid = message.get("id")
-    if message.get("jsonrpc") != "2.0":
-        return 400, rpc_error(rid, -32600, "invalid jsonrpc version")
-    method, params = message["method"], message.get("params")
-    panel.record(panel.rpc_calls, {"via": transport, "method": method, "params": params, "id": rid,
-                                   "_at": time.monotonic()})
-    result = rpc_result(panel, method, params if isinstance(params, dict) else {}, transport)
-    if isinstance(result, tuple):
-        panel.record(panel.rejected, ("rpc " + method, result[1], params))
-        return 400, rpc_error(rid, *result)
-    return 200, {"jsonrpc": "2.0", "id": rid, "result": result}
-
-
-def string_list(value):
-    return value is None or isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def rpc_result(panel, method, params, transport):
-    """The result of one method, or (code, message[, data]) for an error."""
-    if method == "agent.report":
-        report = params.get("report")
-        if not isinstance(report, dict) or not string_list(params.get("ack_event_ids")):
-            return (-32602, "invalid report params")
-        problem = report_problem(report)
-        if problem:
-            return (-32000, "failed to save report", problem)
-        panel.acknowledge(params.get("ack_event_ids") or [])
-        with panel.cond:
-            # the quirk of §11: a report sets the flag to v2, but opening a new
-            # presence session (none alive) sets it back to v1 right after
-            panel.v2_flag = time.monotonic() < panel.presence_until
-            panel.presence_until = time.monotonic() + 35
-        report["_at"], report["_via"] = time.monotonic(), "v2-" + transport
-        panel.record(panel.reports, report)
-        with panel.cond:
-            return {"status": "success", "events": panel.live_events()[:8]}
-    if method == "agent.basicInfo":
-        info = params.get("info")
-        problem = basic_info_problem(info) if isinstance(info, dict) else "invalid basic info params"
-        if problem:
-            return (-32000, "failed to save basic info", problem)
-        panel.record(panel.basic_infos, info)
-        return {"status": "success"}
-    if method == "agent.pingResult":
-        ok = is_go_int(params.get("task_id")) and params["task_id"] >= 0 and is_go_int(params.get("value", 0)) \
-            and isinstance(params.get("ping_type", ""), str) and GO_RFC3339.match(str(params.get("finished_at")))
-        if not ok:
-            return (-32602, "invalid ping result params")
-        panel.record(panel.ping_results, dict(params, _via="v2-" + transport))
-        return {"status": "success"}
-    if method == "agent.pull":
-        if not string_list(params.get("ack_event_ids")):
-            return (-32602, "invalid pull params")
-        panel.acknowledge(params.get("ack_event_ids") or [])
-        with panel.cond:
-            panel.v2_flag, panel.presence_until = True, time.monotonic() + 35
-        if transport == "post":
-            wait_ends = time.monotonic() + panel.PULL_WAIT
-            with panel.cond:
-                while not panel.live_events() and time.monotonic() < wait_ends:
-                    panel.cond.wait(min(0.1, max(0.0, wait_ends - time.monotonic())))
-        with panel.cond:
-            return {"events": panel.live_events()}
-    return (-32601, "method not found", method)
 
 
 @pytest.fixture
@@ -709,60 +91,35 @@ def panel(request, tmp_path_factory):
     server.stop()
 
 
-def accept_each(listener, handle, keep=None):
-    """Accept on `listener` until it is closed, each connection handled on a
-    thread of its own (and remembered in `keep`, to be closed at the end)."""
-    while True:
-        try:
-            client, _ = listener.accept()
-        except OSError:
-            return
-        if keep is not None:
-            keep.append(client)
-        threading.Thread(target=handle, args=(client,), daemon=True).start()
+class HttpStub(loopback.LoopbackServer):
+    """A plain HTTP server on 127.0.0.1 (a public-address service, a proxy, a
+    probe target): every request is noted in `seen` as (path, User-Agent) (a
+    proxy sees absolute URLs) and answered with answer(method, path) ->
+    (status, headers, body)."""
+
+    def __init__(self, answer):
+        self.answer, self.seen = answer, []
+        super().__init__()
+
+    def serve(self, conn):
+        StubHandler(conn, conn.getpeername()[:2], self)
 
 
-class UpgradeRefusingProxy:
-    """A TCP proxy in front of the panel that answers every WebSocket upgrade
-    with a 403 HTML page (a CDN that breaks WebSockets) while plain requests
-    pass; `refusing = False` lets upgrades through again. The relay is
-    bench/footprint.py's CountingProxy."""
+class StubHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
 
-    def __init__(self, target_port):
-        self.refusing, self.refused, self.passed = True, [], []
-        self.cond = threading.Condition()
-        self.relay = load_footprint().CountingProxy(target_port, opening=self._opening)
-        self.endpoint, self.close = self.relay.endpoint, self.relay.close
+    def do_GET(self):
+        self.server.seen.append((self.path, self.headers.get("User-Agent")))
+        status, headers, body = self.server.answer(self.command, self.path)
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-    def wait_for(self, predicate, timeout, what):
-        return wait_on(self.cond, predicate, timeout, what)
-
-    def _opening(self, client):
-        head = request_head(client)
-        if head is None:
-            return None
-        upgrade = re.search(rb"(?im)^upgrade:\s*websocket", head.split(b"\r\n\r\n")[0]) is not None
-        with self.cond:
-            (self.refused if upgrade and self.refusing else self.passed).append(time.monotonic())
-            self.cond.notify_all()
-        if upgrade and self.refusing:
-            page = b"<html><body><h1>403 Forbidden</h1>WebSockets are not allowed</body></html>"
-            client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
-                           b"Connection: close\r\n\r\n%s" % (len(page), page))
-            return None
-        return head
-
-
-def request_head(client):
-    """What a client sent up to the end of its request's headers (and any
-    bytes after them), or None when it closed first."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = client.recv(65536)
-        if not chunk:
-            return None
-        head += chunk
-    return head
+    do_POST = do_GET
 
 
 # -- the agent as a process, and waiting on it ---------------------------------
@@ -1101,6 +458,37 @@ def test_panel_drops_a_silent_socket_and_refuses_a_wrong_token(panel):
         ws.close()
 
 
+def test_panel_speaks_rfc6455(panel):
+    # every frame size, fragments, a ping and the close handshake: what the
+    # tests and the benchmarks count rests on it
+    url = panel.endpoint.replace("http", "ws", 1) + "/api/clients/report?token="
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(url + "wrong", suppress_origin=True, timeout=5)
+    assert refused.value.status_code == 401
+    ws = websocket.create_connection(url + TOKEN, suppress_origin=True, timeout=5)
+    small = {"cpu": {"usage": 1.0}}
+    medium = {"cpu": {"usage": 2.0}, "message": "m" * 300}        # 16-bit length
+    large = {"cpu": {"usage": 3.0}, "message": "l" * 70000}       # 64-bit length
+    for report in (small, medium, large):
+        ws.send(json.dumps(report))
+    text = json.dumps({"cpu": {"usage": 4.0}}).encode()
+    ws.send_frame(websocket.ABNF.create_frame(text[:5], websocket.ABNF.OPCODE_TEXT, fin=0))
+    ws.send_frame(websocket.ABNF.create_frame(text[5:], websocket.ABNF.OPCODE_CONT, fin=1))
+    ws.send("not json")
+    assert json.loads(ws.recv()) == {"error": "Invalid JSON", "status": "error"}
+    # Frames are handled in order, so the pong means everything before it was counted.
+    ws.ping(b"are you there")
+    opcode, frame = ws.recv_data_frame(control_frame=True)
+    assert (opcode, frame.data) == (websocket.ABNF.OPCODE_PONG, b"are you there")
+    assert [{k: v for k, v in r.items() if k != "_at"} for r in panel.reports] == \
+        [small, medium, large, {"cpu": {"usage": 4.0}}]
+    assert [problem for _, problem, _ in panel.rejected] == ["Invalid JSON"]
+    ws.send_close(status=1000)
+    opcode, frame = ws.recv_data_frame(control_frame=True)
+    assert opcode == websocket.ABNF.OPCODE_CLOSE and frame.data[:2] == b"\x03\xe8"
+    ws.shutdown()
+
+
 def test_v2_panel_answers_like_the_server(panel):
     # the fake is checked here with a plain client, so the agent's tests below rest on it
     ws = websocket.create_connection(panel.endpoint.replace("http", "ws") + V2_PATH + "?token=" + TOKEN,
@@ -1333,14 +721,13 @@ def test_custom_dns_resolves_the_panel_for_uploads_and_the_report_socket(panel, 
         dns.close()
 
 
-class ConnectProxy:
+class ConnectProxy(loopback.CountingProxy):
     """An HTTP CONNECT proxy on 127.0.0.1 that records each target and
     connects every tunnel to `target_port` (a test name needs no DNS)."""
 
     def __init__(self, target_port):
         self.targets = []
-        self.relay = load_footprint().CountingProxy(target_port, opening=self._opening)
-        self.port, self.close = self.relay.listener.getsockname()[1], self.relay.close
+        super().__init__(target_port, opening=self._opening)
 
     def _opening(self, client):
         head = request_head(client)
@@ -2010,32 +1397,9 @@ def test_public_address_services_are_the_official_ones():
     assert ka.IP_LOOKUP_TIMEOUT == 15.0
 
 
-class LookupServer:
-    """An HTTP server on 127.0.0.1 that answers every GET with a trace body and
-    records the request line (a proxy sees absolute URLs)."""
-
-    def __init__(self, body):
-        seen = self.seen = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                seen.append((self.path, self.headers.get("User-Agent")))
-                data = body.encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def lookup_service(body):
+    """A public-address lookup service (or a proxy in front of one) that answers every request with `body`."""
+    return HttpStub(lambda method, path: (200, (), body.encode()))
 
 
 def test_lookups_use_custom_dns_and_the_environments_proxy(monkeypatch):
@@ -2043,7 +1407,7 @@ def test_lookups_use_custom_dns_and_the_environments_proxy(monkeypatch):
                  "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     dns = TinyDns({"lookup.komari.test": "127.0.0.1"})
-    service, proxy = LookupServer("fl=1\nip=1.0.0.7\nts=1\n"), LookupServer("ip=9.9.9.9")
+    service, proxy = lookup_service("fl=1\nip=1.0.0.7\nts=1\n"), lookup_service("ip=9.9.9.9")
     try:
         cfg, _ = ka.load_config(["--dry-run", "--custom-dns", "127.0.0.1:%d" % dns.port], {})
         url = "http://lookup.komari.test:%d/cdn-cgi/trace" % service.port
@@ -2462,22 +1826,10 @@ def test_lone_surrogates_from_the_panel_are_replaced_and_nothing_is_lost(panel, 
 
 def test_basic_info_upload_retries_without_newer_keys(panel):
     cfg, _ = ka.load_config(["-e", panel.endpoint, "-t", panel.token], {})
-    original = PanelHandler.do_POST
-
-    def old_server(handler):
-        # a panel from before kernel_version existed answers 500 to it
-        length = int(handler.headers.get("Content-Length") or 0)
-        body = handler.rfile.read(length)
-        handler.rfile = __import__("io").BytesIO(body)
-        if b"kernel_version" in body:
-            return handler.reply(500, {"status": "error", "error": {}})
-        return original(handler)
-    PanelHandler.do_POST = old_server
-    try:
-        ka.upload_basic_info(ka.Panel(cfg), {"os": "x", "kernel_version": "6", "cpu_physical_cores": 2,
-                                             "cpu_cores": 4})
-    finally:
-        PanelHandler.do_POST = original
+    # a panel from before kernel_version existed answers 500 to it
+    panel.columns.discard("kernel_version")
+    ka.upload_basic_info(ka.Panel(cfg), {"os": "x", "kernel_version": "6", "cpu_physical_cores": 2,
+                                         "cpu_cores": 4})
     assert panel.basic_infos == [{"os": "x", "cpu_cores": 4}]
 
 
@@ -2493,35 +1845,34 @@ def test_http_refusals_are_explained(panel):
     assert refused.value.status == 502 and "502 Bad Gateway" in str(refused.value)
 
 
-@pytest.fixture
-def trickler():
+class Trickler(loopback.LoopbackServer):
     """An HTTP server on 127.0.0.1 that answers every request with a status
     line and then endless headers, one byte every 0.1 s: each read is quick,
     the answer never ends."""
-    done = threading.Event()
 
-    class Trickle(socketserver.BaseRequestHandler):
-        def handle(self):
-            self.request.recv(65536)
-            answer = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: 1\r\n" * 10000
-            for i in range(len(answer)):
-                if done.wait(0.1):
-                    return
-                try:
-                    self.request.sendall(answer[i:i + 1])
-                except OSError:
-                    return
+    def __init__(self):
+        self.done = threading.Event()
+        super().__init__()
 
-    class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-        request_queue_size = 64
-    server = Server(("127.0.0.1", 0), Trickle)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield server.server_address[1]
-    done.set()
-    server.shutdown()
-    server.server_close()
+    def serve(self, conn):
+        conn.recv(65536)
+        answer = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: 1\r\n" * 10000
+        for i in range(len(answer)):
+            if self.done.wait(0.1):
+                return
+            conn.sendall(answer[i:i + 1])
+
+    def close(self):
+        self.done.set()
+        super().close()
+
+
+@pytest.fixture
+def trickler():
+    """The port of a Trickler."""
+    server = Trickler()
+    yield server.port
+    server.close()
 
 
 def outcome_within(call, seconds):
@@ -2741,34 +2092,14 @@ def test_auto_discovery_registers_once_and_keeps_the_token(panel, tmp_path):
     assert len(panel.registrations) == 1
 
 
-def test_an_odd_registration_answer_is_saved_cleanly_or_refused(tmp_path, monkeypatch):
+def test_an_odd_registration_answer_is_saved_cleanly_or_refused(panel, tmp_path, monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1")
-    answers = [b'{"status":"success","data":{"uuid":NaN,"token":"tok\\ud800en"}}', b'{"data":["tok"]}']
-
-    class Register(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = answers.pop(0)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Register)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        cfg, _ = ka.load_config(["-e", "http://127.0.0.1:%d" % server.server_address[1], "--auto-discovery",
-                                 DISCOVERY_KEY, "--state-dir", str(tmp_path)], {})
-        assert ka.register_with_key(ka.Panel(cfg)) == "tok\ufffden"  # saved, never a UnicodeEncodeError
-        assert json.loads((tmp_path / "auto-discovery.json").read_text()) == {"uuid": "", "token": "tok\ufffden"}
-        with pytest.raises(ka.PanelRefused):
-            ka.register_with_key(ka.Panel(cfg))
-    finally:
-        server.shutdown()
-        server.server_close()
+    panel.register_answers = [b'{"status":"success","data":{"uuid":NaN,"token":"tok\\ud800en"}}', b'{"data":["tok"]}']
+    cfg, _ = ka.load_config(["-e", panel.endpoint, "--auto-discovery", DISCOVERY_KEY, "--state-dir", str(tmp_path)], {})
+    assert ka.register_with_key(ka.Panel(cfg)) == "tok\ufffden"  # saved, never a UnicodeEncodeError
+    assert json.loads((tmp_path / "auto-discovery.json").read_text()) == {"uuid": "", "token": "tok\ufffden"}
+    with pytest.raises(ka.PanelRefused):
+        ka.register_with_key(ka.Panel(cfg))
 
 
 # ---------------------------------------------------------------------------
@@ -2960,47 +2291,41 @@ def test_an_odd_v2_event_is_logged_and_skipped_never_raised(caplog):
 
 def test_post_mode_behind_a_proxy_that_refuses_websockets(panel, start_agent):
     panel.protocol, panel.PULL_WAIT = 2, 25.0
-    proxy = UpgradeRefusingProxy(panel.port)
-    try:
-        agent = start_agent("-i", "0.5", "--max-retries", "2", "--reconnect-interval", "0.5", endpoint=proxy.endpoint)
-        agent.wait_log("report link up: v2 POST; ", 20)  # and why, on the same line
-        panel.wait_for(lambda: len(v2_reports(panel, "v2-post")) >= 2, 15, "reports by POST")
-        assert {enc for enc, _ in panel.post_sizes} == {"gzip"} and panel.basic_infos
-        # execs and pings reach a POST-mode agent through the queue (agent.pull)
-        panel.wait_for(lambda: panel.exec_task("post-exec", "echo via-pull"), 10, "the exec queued")
-        assert result_for(panel, "post-exec", 15)["result"].strip() == "via-pull"
-        panel.wait_for(lambda: panel.ping_task(51, "tcp", "127.0.0.1:%d" % panel.port), 10, "the ping queued")
-        assert ping_value(panel, 51) >= 0
-        assert panel.calls("agent.pull") and {c["via"] for c in panel.calls("agent.pingResult")} == {"post"}
-        refused = len(proxy.refused)
-        proxy.wait_for(lambda: len(proxy.refused) >= refused + 2, 10, "the WebSocket retried in POST mode")
-        proxy.refusing = False
-        agent.wait_log("leaving POST mode", 15)
-        panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 15, "reports on the WebSocket again")
-        assert "falling back to protocol v1" not in agent.log
-        assert not any("_via" not in r for r in panel.reports)  # never v1: its upgrade is refused as well
-        assert agent.log.count("report link up: v2 POST") == 1 and panel.rejected == []
-        assert [r["task_id"] for r in panel.task_results].count("post-exec") == 1  # acked, never run again
-    finally:
-        proxy.close()
+    panel.refuse_upgrades = True  # a CDN in front that answers every upgrade with a 403 page
+    agent = start_agent("-i", "0.5", "--max-retries", "2", "--reconnect-interval", "0.5")
+    agent.wait_log("report link up: v2 POST; ", 20)  # and why, on the same line
+    panel.wait_for(lambda: len(v2_reports(panel, "v2-post")) >= 2, 15, "reports by POST")
+    assert {enc for enc, _ in panel.post_sizes} == {"gzip"} and panel.basic_infos
+    # execs and pings reach a POST-mode agent through the queue (agent.pull)
+    panel.wait_for(lambda: panel.exec_task("post-exec", "echo via-pull"), 10, "the exec queued")
+    assert result_for(panel, "post-exec", 15)["result"].strip() == "via-pull"
+    panel.wait_for(lambda: panel.ping_task(51, "tcp", "127.0.0.1:%d" % panel.port), 10, "the ping queued")
+    assert ping_value(panel, 51) >= 0
+    assert panel.calls("agent.pull") and {c["via"] for c in panel.calls("agent.pingResult")} == {"post"}
+    refused = len(panel.refused_upgrades)
+    panel.wait_for(lambda: len(panel.refused_upgrades) >= refused + 2, 10, "the WebSocket retried in POST mode")
+    panel.refuse_upgrades = False
+    agent.wait_log("leaving POST mode", 15)
+    panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 15, "reports on the WebSocket again")
+    assert "falling back to protocol v1" not in agent.log
+    assert not any("_via" not in r for r in panel.reports)  # never v1: its upgrade is refused as well
+    assert agent.log.count("report link up: v2 POST") == 1 and panel.rejected == []
+    assert [r["task_id"] for r in panel.task_results].count("post-exec") == 1  # acked, never run again
 
 
 def test_a_token_revoked_in_post_mode_is_refused_not_taken_for_an_old_panel(panel, start_agent):
     panel.protocol, panel.PULL_WAIT = 2, 1.0
-    proxy = UpgradeRefusingProxy(panel.port)
-    try:
-        agent = start_agent("-i", "0.3", "--max-retries", "2", "--reconnect-interval", "0.3", endpoint=proxy.endpoint)
-        agent.wait_log("report link up: v2 POST; ", 20)
-        panel.token = "revoked-" + TOKEN
-        status = panel_state_dir(panel) / "status.json"
-        wait_until(lambda: status.exists() and json.loads(status.read_text())["state"] == "refused", 20,
-                   "status.json to say refused")
-        attempts = len(panel.http_requests) + len(panel.ws_attempts)
-        wait_until(lambda: len(panel.http_requests) + len(panel.ws_attempts) >= attempts + 3, 20, "more attempts")
-        assert "falling back to protocol v1" not in agent.log
-        assert "refused the token" in agent.log and TOKEN not in agent.log
-    finally:
-        proxy.close()
+    panel.refuse_upgrades = True
+    agent = start_agent("-i", "0.3", "--max-retries", "2", "--reconnect-interval", "0.3")
+    agent.wait_log("report link up: v2 POST; ", 20)
+    panel.token = "revoked-" + TOKEN
+    status = panel_state_dir(panel) / "status.json"
+    wait_until(lambda: status.exists() and json.loads(status.read_text())["state"] == "refused", 20,
+               "status.json to say refused")
+    attempts = len(panel.http_requests) + len(panel.ws_attempts)
+    wait_until(lambda: len(panel.http_requests) + len(panel.ws_attempts) >= attempts + 3, 20, "more attempts")
+    assert "falling back to protocol v1" not in agent.log
+    assert "refused the token" in agent.log and TOKEN not in agent.log
 
 
 def test_post_mode_basic_info_that_did_not_get_through_is_left_to_the_http_upload(tmp_path, monkeypatch):
@@ -3160,33 +2485,15 @@ def test_disabled_remote_control_runs_nothing(panel, start_agent, terminal_peer,
 
 # -- ping probes ---------------------------------------------------------------
 
-class ProbeTarget(BaseHTTPRequestHandler):
-    seen = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        ProbeTarget.seen.append(self.path)
-        status = {"/ok": 200, "/moved": 302, "/broken": 500}.get(self.path.split("?")[0], 404)
-        self.send_response(status)
-        if status == 302:
-            self.send_header("Location", "/followed")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-
 @pytest.fixture
 def http_target():
-    class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-    server = Server(("127.0.0.1", 0), ProbeTarget)
-    ProbeTarget.seen = []
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    """An HTTP probe target: /ok 200, /moved a 302 to /followed, /broken 500, anything else 404."""
+    def answer(method, path):
+        status = {"/ok": 200, "/moved": 302, "/broken": 500}.get(path.split("?")[0], 404)
+        return status, [("Location", "/followed")] if status == 302 else [], b""
+    target = HttpStub(answer)
+    yield target
+    target.close()
 
 
 def test_tcp_and_http_probes(panel, start_agent, http_target, tmp_path):
@@ -3196,9 +2503,10 @@ def test_tcp_and_http_probes(panel, start_agent, http_target, tmp_path):
     listener.listen(8)
     port = listener.getsockname()[1]
     bad = str(tmp_path / "x")
+    web = http_target.port
     probes = {1: ("tcp", "127.0.0.1:%d" % port), 2: ("tcp", "127.0.0.1:%d" % closed_port()),
-              3: ("http", "127.0.0.1:%d/ok" % http_target), 4: ("http", "http://127.0.0.1:%d/moved" % http_target),
-              5: ("http", "http://127.0.0.1:%d/broken" % http_target), 6: ("udp", "127.0.0.1"),
+              3: ("http", "127.0.0.1:%d/ok" % web), 4: ("http", "http://127.0.0.1:%d/moved" % web),
+              5: ("http", "http://127.0.0.1:%d/broken" % web), 6: ("udp", "127.0.0.1"),
               7: ("tcp", "127.0.0.1; touch %s" % bad), 8: ("icmp", "127.0.0.1; touch %s" % bad),
               9: ("http", "127.0.0.1/$(touch %s)" % bad), 10: ("icmp", "`touch %s`" % bad),
               11: ("tcp", "[127.0.0.1]:%d" % port)}
@@ -3221,7 +2529,8 @@ def test_tcp_and_http_probes(panel, start_agent, http_target, tmp_path):
         listener6 and listener6.close()
     assert values[1] >= 0 and values[11] >= 0 and values[3] >= 0 and values[4] >= 0 and values.get(12, 0) >= 0
     assert values[2] == values[5] == values[6] == values[7] == values[8] == values[9] == values[10] == -1
-    assert "/followed" not in ProbeTarget.seen and "/ok" in ProbeTarget.seen
+    asked = [path for path, _ in http_target.seen]
+    assert "/followed" not in asked and "/ok" in asked
     assert not os.path.exists(bad)
     result = next(r for r in panel.ping_results if r["task_id"] == 1)
     assert result["type"] == "ping_result" and result["ping_type"] == "tcp" and is_go_int(result["value"])
@@ -3801,7 +3110,7 @@ def test_sighup_stops_like_sigterm_and_keeps_the_killed_commands_result(panel, s
 # Reliability, end to end: faults injected between agent and panel, a flood of events
 # ---------------------------------------------------------------------------
 
-class FaultProxy:
+class FaultProxy(loopback.LoopbackServer):
     """A TCP proxy on 127.0.0.1 in front of the panel that injects faults:
     pass; drop (every connection closed, new ones closed at once); reset (the
     same with RST); blackhole (connections stay open and nothing moves, as
@@ -3817,16 +3126,7 @@ class FaultProxy:
         self.cond = threading.Condition()
         self.arrivals = []   # (monotonic time, "GET" / "POST" / "")
         self.pairs = []
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(128)
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    @property
-    def endpoint(self):
-        return "http://127.0.0.1:%d" % self.port
+        super().__init__()
 
     def dials(self):
         """Times of the WebSocket dials so far."""
@@ -3849,9 +3149,9 @@ class FaultProxy:
             self.closed = True
             doomed, self.pairs = self.pairs, []
             self.cond.notify_all()
-        self.listener.close()
         for pair in doomed:
             self._kill(pair, True)
+        super().close()
 
     @staticmethod
     def _kill(socks, reset):
@@ -3868,10 +3168,7 @@ class FaultProxy:
                 pass
             sock.close()
 
-    def _accept_loop(self):
-        accept_each(self.listener, self._take)
-
-    def _take(self, client):
+    def serve(self, client):
         client.settimeout(2.0)
         try:
             method = client.recv(8, socket.MSG_PEEK).split(b" ")[0].decode("ascii", "replace")
@@ -3892,8 +3189,8 @@ class FaultProxy:
         pair = [client, upstream]
         with self.cond:
             self.pairs.append(pair)
-        threading.Thread(target=self._pump, args=(client, upstream, pair), daemon=True).start()
         threading.Thread(target=self._pump, args=(upstream, client, pair), daemon=True).start()
+        self._pump(client, upstream, pair)
 
     def _pump(self, source, sink, pair):
         try:
@@ -4564,8 +3861,7 @@ def test_install_that_never_hears_from_its_agent_says_so_and_exits_1(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Benchmarks: bench/footprint.py and bench/soak.py run, their sink speaks the
-# protocol, and each can tell a bad agent from a good one
+# Benchmarks: bench/footprint.py and bench/soak.py run, and each tells a bad agent from a good one
 # ---------------------------------------------------------------------------
 
 FOOTPRINT = ROOT / "bench" / "footprint.py"
@@ -4598,13 +3894,6 @@ while True:
     ws.send(json.dumps({"cpu": {"usage": 1.0}, "connections": {"tcp": tcp(), "udp": 0}, "message": ""}))
     time.sleep(a.interval)
 '''
-
-
-def load_footprint():
-    spec = importlib.util.spec_from_file_location("footprint", str(FOOTPRINT))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_footprint_json_compares_two_agents_with_idle_sockets(tmp_path):
@@ -4680,43 +3969,6 @@ def test_soak_fails_an_agent_that_never_answers_execs(tmp_path):
     lost = re.search(r"^results lost +(\d+) soak-1 soak-2", out, re.M)
     assert lost and int(lost.group(1)) >= 3, out
     assert re.search(r"^verdict +FAIL$", out, re.M), out
-
-
-def test_footprint_sink_speaks_rfc6455():
-    footprint = load_footprint()
-    sink = footprint.Sink()
-    thread = footprint.threading.Thread(target=sink.serve_forever, daemon=True)
-    thread.start()
-    try:
-        token = sink.new_token()
-        url = sink.endpoint.replace("http", "ws", 1) + "/api/clients/report?token="
-        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-            websocket.create_connection(url + "wrong", suppress_origin=True, timeout=5)
-        assert refused.value.status_code == 401
-        ws = websocket.create_connection(url + token, suppress_origin=True, timeout=5)
-        small = {"cpu": {"usage": 1.0}}
-        medium = {"cpu": {"usage": 2.0}, "message": "m" * 300}        # 16-bit length
-        large = {"cpu": {"usage": 3.0}, "message": "l" * 70000}       # 64-bit length
-        for report in (small, medium, large):
-            ws.send(json.dumps(report))
-        text = json.dumps({"cpu": {"usage": 4.0}}).encode()
-        ws.send_frame(websocket.ABNF.create_frame(text[:5], websocket.ABNF.OPCODE_TEXT, fin=0))
-        ws.send_frame(websocket.ABNF.create_frame(text[5:], websocket.ABNF.OPCODE_CONT, fin=1))
-        ws.send("not json")
-        # Frames are handled in order, so the pong means everything before it was counted.
-        ws.ping(b"are you there")
-        opcode, frame = ws.recv_data_frame(control_frame=True)
-        assert (opcode, frame.data) == (websocket.ABNF.OPCODE_PONG, b"are you there")
-        tally = sink.tallies[token]
-        assert (tally.reports, tally.bad_frames) == (4, 1)
-        assert tally.last_report == {"cpu": {"usage": 4.0}}
-        ws.send_close(status=1000)
-        opcode, frame = ws.recv_data_frame(control_frame=True)
-        assert opcode == websocket.ABNF.OPCODE_CLOSE and frame.data[:2] == b"\x03\xe8"
-        ws.shutdown()
-    finally:
-        sink.shutdown()
-        sink.server_close()
 
 
 # ---------------------------------------------------------------------------
