@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -600,6 +601,30 @@ def test_ten_thousand_bad_frames_give_a_few_log_lines(panel, start_agent):
 # Used everywhere: files, errors, JSON
 # ---------------------------------------------------------------------------
 
+def test_the_wire_encoder_refuses_what_go_cannot_decode():
+    with pytest.raises(ValueError):
+        ka.encode({"x": float("nan")})
+    assert ka.encode({"a": [1, "é"]}) == '{"a":[1,"é"]}'
+
+
+def test_files_are_read_only_when_regular_and_replaced_whole(tmp_path):
+    target = tmp_path / "state" / "file.json"
+    ka.write_atomic(str(target), b"first")
+    ka.write_atomic(str(target), b"second")
+    assert target.read_bytes() == b"second" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in target.parent.iterdir()] == ["file.json"]  # no temp file left behind
+    fifo, link = tmp_path / "fifo", tmp_path / "link"
+    os.mkfifo(str(fifo))
+    link.symlink_to(target)
+    assert ka.read_regular_file(str(target), 6) == b"second" and ka.read_regular_file(str(link), 6) == b"second"
+    for path, limit, follow, why in ((target, 5, True, "larger than 5 bytes"), (fifo, 9, True, "not a regular file"),
+                                     ("/dev/zero", 9, True, "not a regular file"), (link, 9, False, "symbolic links")):
+        with pytest.raises(OSError, match=why):   # a FIFO or a device is never waited on
+            ka.read_regular_file(str(path), limit, follow)
+    # what a report may say about a failure: never a path
+    assert ka.describe_error(FileNotFoundError(2, "No such file or directory", "/secret")) == "No such file or directory"
+    assert ka.describe_error(ValueError("/secret")) == "ValueError"
+
 
 # ---------------------------------------------------------------------------
 # Network plumbing: addresses, DNS, proxies from the environment, dialling
@@ -902,6 +927,15 @@ def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ
 # ---------------------------------------------------------------------------
 # Platform: what differs between operating systems
 # ---------------------------------------------------------------------------
+
+def test_the_platform_seams_find_the_host_trees_and_glibc_where_they_are(monkeypatch):
+    monkeypatch.setenv("HOST_SYS", "/host/sys/")   # a container watching its host, as gopsutil allows
+    assert ka.sys_root() == "/host/sys"
+    monkeypatch.delenv("HOST_SYS")
+    assert ka.sys_root() == "/sys"
+    assert ka.IS_LINUX == sys.platform.startswith("linux") and ka.psutil_module() is psutil
+    assert (ka.glibc() is not None) == (ka.IS_LINUX and platform.libc_ver()[0] == "glibc")
+    ka.return_free_memory()   # malloc_trim where there is glibc, nothing elsewhere
 
 
 # ---------------------------------------------------------------------------
@@ -1766,8 +1800,6 @@ def test_agent_with_a_corrupt_traffic_state_reports_instead_of_crashing(panel, s
 def test_report_numbers_are_clean_for_go():
     assert ka.count(12.9) == 12 and ka.count(-5) == 0 and ka.count(float("nan")) == 0
     assert ka.finite(float("nan"), 0.0, 100.0) == 0.0 and ka.finite(250, 0.001, 100.0) == 100.0
-    with pytest.raises(ValueError):
-        ka.encode({"x": float("nan")})
 
 
 def test_each_wire_builder_emits_exactly_the_keys_the_panel_checks(panel):
