@@ -622,7 +622,8 @@ def test_files_are_read_only_when_regular_and_replaced_whole(tmp_path):
         with pytest.raises(OSError, match=why):   # a FIFO or a device is never waited on
             ka.read_regular_file(str(path), limit, follow)
     # what a report may say about a failure: never a path
-    assert ka.describe_error(FileNotFoundError(2, "No such file or directory", "/secret")) == "No such file or directory"
+    missing = FileNotFoundError(2, "No such file or directory", "/secret")
+    assert ka.describe_error(missing) == "No such file or directory"
     assert ka.describe_error(ValueError("/secret")) == "ValueError"
 
 
