@@ -530,7 +530,7 @@ class PanelServer(LoopbackServer):
         self.terminal_conns, self.registrations, self.pings = [], [], []
         self.refused_upgrades = []  # (path, when) of each upgrade refused with refuse_upgrades
         self.post_sizes = []        # (Content-Encoding, body bytes) of each v2 POST
-        self.unanswered = []        # when a frozen panel first held a message it will not answer
+        self.unanswered = []        # when a frozen panel first held (or dropped) a message it will not answer
         self.frozen = threading.Event()
         self.fail_http = {}         # path -> status to answer instead
         self.on_terminal = None     # callback(WsConn) run for terminal sockets
@@ -769,7 +769,9 @@ class PanelHandler(BaseHTTPRequestHandler):
                     if deadline and time.monotonic() >= deadline:
                         break  # silent for 11 s: the real server drops the socket
                     continue
-                if panel.frozen.is_set():
+                if panel.frozen.is_set():  # read just as it froze: dropped, never answered
+                    held = True
+                    panel.record(panel.unanswered, time.monotonic())
                     continue
                 if opcode == 9:
                     conn.send(payload, 10)
