@@ -3961,8 +3961,8 @@ def test_footprint_json_compares_two_agents_with_idle_sockets(tmp_path):
     stand_in.write_text(STAND_IN_AGENT)
     theirs = "%s %s" % (shlex.quote(sys.executable), shlex.quote(str(stand_in)))
     # ours is the default: this checkout's komari_agent.py
-    done = subprocess.run([sys.executable, str(FOOTPRINT), "--seconds", "3", "--warmup", "1", "--json",
-                           "--vs", theirs, "--sockets", "50"],
+    done = subprocess.run([sys.executable, str(FOOTPRINT), "--seconds", "1", "--warmup", "0.5", "--interval", "0.25",
+                           "--json", "--vs", theirs, "--sockets", "50"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
     assert done.returncode == 0, done.stderr.decode()
     result = json.loads(done.stdout.decode())
@@ -3981,8 +3981,9 @@ def test_footprint_json_compares_two_agents_with_idle_sockets(tmp_path):
 
 
 def test_footprint_counts_bytes_on_the_wire_per_link():
-    done = subprocess.run([sys.executable, str(FOOTPRINT), "--wire", "--links", "v1,v2-ws-takeover", "--seconds", "3",
-                           "--warmup", "0.5", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    done = subprocess.run([sys.executable, str(FOOTPRINT), "--wire", "--links", "v1,v2-ws-takeover", "--seconds", "1.5",
+                           "--warmup", "0.5", "--interval", "0.25", "--json"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
     links = json.loads(done.stdout.decode())["links"]
     assert set(links) == {"v1", "v2-ws-takeover"}
@@ -4004,9 +4005,11 @@ def test_footprint_explains_an_agent_that_dies():
 
 
 def test_soak_passes_our_agent_through_panel_restarts():
-    # A 12-second miniature of the 10-minute soak: three panel restarts.
-    done = subprocess.run([sys.executable, str(SOAK), "--minutes", "0.2", "--restart-every", "3.5", "--down", "1",
-                           "--exec-every", "0.4", "--exec-length", "2", "--grace", "30", "--json"],
+    # A 9-second miniature of the 10-minute soak: two panel restarts, each life
+    # long enough for the agent to come back (about 1.7 s) and take execs, some
+    # of which finish while the panel is down.
+    done = subprocess.run([sys.executable, str(SOAK), "--minutes", "0.15", "--restart-every", "3", "--down", "0.2",
+                           "--exec-every", "0.2", "--exec-length", "2", "--grace", "30", "--json"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=90)
     assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
     result = json.loads(done.stdout.decode())
@@ -4021,8 +4024,8 @@ def test_soak_fails_an_agent_that_never_answers_execs(tmp_path):
     stand_in = tmp_path / "stand_in_agent.py"
     stand_in.write_text(STAND_IN_AGENT)
     agent = "%s %s" % (shlex.quote(sys.executable), shlex.quote(str(stand_in)))
-    done = subprocess.run([sys.executable, str(SOAK), "--agent", agent, "--minutes", "0.05", "--restart-every", "60",
-                           "--exec-every", "0.5", "--grace", "1"],
+    done = subprocess.run([sys.executable, str(SOAK), "--agent", agent, "--minutes", "0.03", "--restart-every", "60",
+                           "--exec-every", "0.25", "--grace", "0.5"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     out = done.stdout.decode()
     assert done.returncode == 1, out + done.stderr.decode()

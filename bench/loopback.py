@@ -540,9 +540,13 @@ class PanelServer(LoopbackServer):
         PanelHandler(conn, conn.getpeername()[:2], self)
 
     def stop(self):
+        """Down the hard way; like a restarted server it then knows no v2
+        client's flag or POST presence (its lists and event queue stay)."""
         for conn in list(self.report_conns) + list(self.terminal_conns):
             conn.close()
         self.close()
+        with self.cond:
+            self.v2_flag, self.presence_until = False, 0.0
 
     def freeze(self):
         """Stop answering anything (pings included) without closing: a blackhole."""
