@@ -2247,7 +2247,7 @@ def test_v2_socket_reports_and_round_trips_with_and_without_compression(panel, s
 def test_v2_events_with_ids_are_acked_and_run_once_even_across_a_reconnect(panel, start_agent, tmp_path):
     panel.protocol = 2
     marker = tmp_path / "runs"
-    start_agent("-i", "0.3")
+    start_agent("-i", str(ka.MIN_INTERVAL))  # every 10th report is answered: at 0.25 s, one every 2.5 s
     panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 15, "two reports on the v2 socket")
     params = {"task_id": "dup-task", "command": "echo run >> %s" % shlex.quote(str(marker))}
     # on a socket, events with ids come in the answers to reports, and only
