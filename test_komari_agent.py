@@ -150,13 +150,15 @@ class AgentProcess:
         with self.cond:
             return "\n".join(self.lines)
 
-    def wait_log(self, needle, timeout=10.0):
+    def wait_log(self, needle, timeout=10.0, count=1):
+        """Until `count` log lines contain `needle`."""
         deadline = time.monotonic() + timeout
         with self.cond:
-            while not any(needle in line for line in self.lines):
+            while sum(needle in line for line in self.lines) < count:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    pytest.fail("no log line containing %r within %gs; log:\n%s" % (needle, timeout, "\n".join(self.lines)))
+                    pytest.fail("not %d log lines containing %r within %gs; log:\n%s"
+                                % (count, needle, timeout, "\n".join(self.lines)))
                 self.cond.wait(min(remaining, 0.2))
 
     def stop(self):
@@ -2902,8 +2904,9 @@ def test_long_interval_still_reports_within_the_panel_deadline():
 
 @pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_agent_reconnects_after_a_panel_restart_and_resends_info(panel, start_agent):
-    start_agent("-i", "0.5")
+    agent = start_agent("-i", "0.5")
     panel.wait_for(lambda: panel.reports and panel.basic_infos, 15, "first report and info")
+    agent.wait_log("basic info uploaded")  # the reply is in, or the restart would only time a retry
     infos_before = len(panel.basic_infos)
     panel.stop()
     reports_before = len(panel.reports)
@@ -3293,7 +3296,9 @@ def test_blackholed_link_is_replaced_within_15_seconds(panel, proxy, start_agent
 def test_dropped_and_reset_links_are_redialled_and_info_resent(panel, proxy, start_agent):
     agent = start_agent("-i", "0.5", endpoint=proxy.endpoint)
     panel.wait_for(lambda: panel.reports and panel.basic_infos, 15, "first report and info")
-    for mode in ("drop", "reset"):
+    for uploads, mode in enumerate(("drop", "reset"), 1):
+        # the agent has its answer: a fault cutting the upload's reply would only time a retry
+        agent.wait_log("basic info uploaded", 10, count=uploads)
         conns, infos, dials = len(panel.report_conns), len(panel.basic_infos), len(proxy.dials())
         proxy.set_mode(mode)
         proxy.wait_for(lambda: len(proxy.dials()) >= dials + 2, 15, "dials refused in %s mode" % mode)
@@ -3309,7 +3314,8 @@ def test_slow_link_stays_up_and_keeps_reporting(panel, proxy, start_agent):
     proxy.set_mode("slow")
     reports, dials = len(panel.reports), len(proxy.dials())
     # past one ping round (every 5 s): 0.6 s of round trip is slow, not dead
-    panel.wait_for(lambda: len(panel.reports) >= reports + 14, 20, "reports through the slow link")
+    panel.wait_for(lambda: panel.pings and len(panel.reports) >= reports + 14, 20,
+                   "a ping and reports through the slow link")
     assert len(proxy.dials()) == dials and "report socket lost" not in agent.log
 
 
