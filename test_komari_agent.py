@@ -3309,7 +3309,8 @@ def test_dropped_and_reset_links_are_redialled_and_info_resent(panel, proxy, sta
 
 
 def test_slow_link_stays_up_and_keeps_reporting(panel, proxy, start_agent):
-    agent = start_agent("-i", "0.5", endpoint=proxy.endpoint)
+    # a report every 0.4 s: the proxy, holding each chunk 0.3 s in turn, keeps up
+    agent = start_agent("-i", "0.4", endpoint=proxy.endpoint)
     panel.wait_for(lambda: panel.reports, 15, "first report")
     proxy.set_mode("slow")
     reports, dials = len(panel.reports), len(proxy.dials())
