@@ -3,12 +3,37 @@
 
 Speaks the Komari agent protocol v2 (JSON-RPC 2.0 over a compressed WebSocket,
 or over HTTP POST where WebSockets are blocked) and falls back to v1 for
-older panels (summarised in README.md, "What is sent"): basic info, a realtime report every interval,
+older panels (docs/WIRE.md): basic info, a realtime report every interval,
 and the server's events (exec, ping, terminal).  Needs Python 3.8+, psutil and
 websocket-client.
 
     python3 komari_agent.py --endpoint https://panel.example --token TOKEN
     python3 komari_agent.py --dry-run        # print what would be sent
+
+The file reads top to bottom; nothing refers to a definition further down:
+    Logging           the token never reaches a log line
+    Used everywhere   errors, files, JSON, helper programs
+    Network plumbing  addresses, DNS, proxies, TLS, dialling, one HTTP exchange
+    Configuration     OPTIONS: flags, AGENT_* variables, --config keys
+    Linux             /proc and /sys, read and parsed
+    macOS and FreeBSD sw_vers, system_profiler, pciconf, sysctl, netstat: parsed
+    Platform          every difference between systems, behind one host (make_host)
+    Report figures    what each realtime report measures (the Collector)
+    Basic info        the static facts together, public addresses
+    Monthly traffic   the ledger behind --month-rotate
+    Wire protocol     every message's shape, both ways, v1 beside v2
+    Transport         HTTP uploads, undelivered results, auto-discovery
+    Links             the three report links (Link) and LinkChooser
+    Tasks             exec, ping probes, the web terminal
+    Self-update       a release is checked and tried before it replaces this file
+    The agent loop    Agent: its threads, reconnecting, basic info, results
+    Subcommands       --check, --dry-run, list-disk, check-mem, traffic, update
+    main()
+
+Imports: the standard library at the top. psutil and websocket-client, and
+stdlib modules that only some runs need, are imported inside the function
+that uses them: a report on Linux needs neither package, and every module
+loaded costs memory for the whole run.
 """
 
 import argparse
@@ -203,7 +228,7 @@ class FloodLimitedHandler(logging.StreamHandler):
 
 
 # ---------------------------------------------------------------------------
-# Configuration: defaults < --config JSON < AGENT_* environment < command line
+# Used everywhere: errors, files, JSON
 # ---------------------------------------------------------------------------
 
 class AgentError(Exception):
@@ -214,13 +239,572 @@ class ConfigError(AgentError):
     """A bad setting: reported as one line on stderr, exit code 2."""
 
 
+def describe_error(error):
+    """A short, public-safe text for a failed collector (no paths, no secrets)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return type(error).__name__
+
+
+def run_output(argv, timeout=3.0):
+    """(exit status, stdout) of a helper program; (None, "") when it cannot run."""
+    import subprocess
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None, ""
+    return done.returncode, done.stdout.decode("utf-8", "replace")
+
+
+def run_quiet(argv, timeout=3.0):
+    """stdout of a helper program, or "" when it is missing, fails or hangs."""
+    status, out = run_output(argv, timeout)
+    return out if status == 0 else ""
+
+
+def read_text(path):
+    """A whole (proc) file as text. Plain os.read is about twice as fast as
+    open().read() here, and this runs several times per report."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            chunks.append(chunk)
+            # proc files hand over everything that fits: a short read is the end
+            if len(chunk) < 65536:
+                break
+    finally:
+        os.close(fd)
+    # surrogateescape keeps odd bytes in mount paths usable for statvfs
+    return b"".join(chunks).decode("utf-8", "surrogateescape")
+
+
+def read_or_empty(path):
+    try:
+        return read_text(path)
+    except OSError:
+        return ""
+
+
+def read_regular_file(path, limit, follow=True):
+    """The bytes of the regular file `path`, at most `limit` of them; OSError
+    for anything else (a FIFO or a device would block or never end), and,
+    unless `follow`, for a symbolic link."""
+    no_follow = 0 if follow else getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | no_follow)
+    try:
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_json_object(path, limit=64 << 20):
+    """A JSON object from the regular file `path`; OSError or ValueError otherwise."""
+    data = json.loads(read_regular_file(path, limit).decode("utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def make_private_dirs(path):
+    """os.makedirs(path, exist_ok=True), where every directory made, the
+    missing parents too, is private (0700): makedirs gives the parents the
+    umask's mode (0755), and a state directory made that way lets anyone list
+    it and read what in it is not private itself."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass  # made meanwhile, or a file: the caller's next step says so
+
+
+def write_atomic(path, data, mode=0o600):
+    """Replace `path` with `data` so that a crash leaves the old or the new
+    file, never a torn one: temp file, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(path) or "."
+    make_private_dirs(directory)
+    temp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
+    # never through a link or into a file someone else put there
+    exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(temp, exclusive, mode)
+    except FileExistsError:  # left by a crash of a process with this pid
+        os.unlink(temp)
+        fd = os.open(temp, exclusive, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def private_directory(path):
+    """Create `path` (mode 0700) if missing and make sure only this user can
+    write in it: one that others can write is made private when it is ours,
+    else refused (someone could plant links or FIFOs in it). Returns what is
+    wrong with it, or ""."""
+    try:
+        make_private_dirs(path)
+        st = os.stat(path)
+        if not S_ISDIR(st.st_mode):
+            return "%s is not a directory" % path
+        if st.st_mode & 0o022:
+            mine = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
+            if not mine or st.st_mode & 0o1000:   # sticky: a shared one like /tmp, never ours to change
+                return "%s can be written by other users" % path
+            os.chmod(path, 0o700)
+            log.warning("%s could be written by other users; made it private (mode 0700)", path)
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "%s is not writable" % path
+    except OSError as e:
+        return "%s: %s" % (path, describe_error(e))
+    return ""
+
+# One encoder for the run: json.dumps with options builds a new one per call.
+WIRE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def encode(obj):
+    """Compact JSON exactly as it goes on the wire; NaN is an error, not a token."""
+    return WIRE_JSON.encode(obj)
+
+
+def rfc3339_now():
+    """Local time with its offset, e.g. 2026-11-24T16:00:00.123+08:00."""
+    from datetime import datetime
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+# ---------------------------------------------------------------------------
+# Network plumbing: addresses, DNS, proxies, TLS, dialling, one HTTP exchange
+# ---------------------------------------------------------------------------
+
+# -- addresses and DNS -------------------------------------------------------------
+
+def ip_family(text):
+    """socket.AF_INET/AF_INET6 for an IP literal, else None."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text)
+            return family
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def split_host_port(target, default_port=80):
+    """(host, port) from `host:port`, `[v6]:port`, a bare host or IPv6 (port
+    80); None when the port is not a port."""
+    text = target.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        host, rest = text[1:end], text[end + 1:]
+        if not rest:
+            port = str(default_port)
+        elif rest.startswith(":"):
+            port = rest[1:]
+        else:
+            return None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def dns_server_address(spec):
+    """(host, port) of a --custom-dns value: 1.2.3.4, 1.2.3.4:5353, [v6]:53, bare v6."""
+    spec = spec.strip()
+    if ip_family(spec) == socket.AF_INET6:
+        return spec, 53
+    parsed = split_host_port(spec, 53)
+    if parsed is None:
+        raise ValueError("bad --custom-dns %r" % spec)
+    return parsed
+
+
+def dns_query(name, qtype, ident):
+    labels = name.rstrip(".").encode("idna").split(b".")
+    if not all(0 < len(label) < 64 for label in labels):
+        raise ValueError("bad host name")
+    qname = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, 1)
+
+
+def skip_dns_name(reply, offset):
+    while True:
+        length = reply[offset]
+        if length & 0xC0 == 0xC0:
+            return offset + 2
+        if length == 0:
+            return offset + 1
+        offset += 1 + length
+
+
+def dns_answers(reply, ident, qtype):
+    """The addresses of type `qtype` (1 = A, 28 = AAAA) in a DNS reply to
+    query `ident`; CNAMEs in the chain are skipped. ValueError for a reply
+    that is not one (wrong id, an error code, truncated data)."""
+    try:
+        rid, flags, qdcount, ancount = struct.unpack("!HHHH", reply[:8])
+        if rid != ident or not flags & 0x8000:
+            raise ValueError("not our reply")
+        if flags & 0x000F not in (0, 3):  # 3 = no such name: an empty answer
+            raise ValueError("DNS error code %d" % (flags & 0x000F))
+        offset = 12
+        for _ in range(qdcount):
+            offset = skip_dns_name(reply, offset) + 4
+        family, size = (socket.AF_INET, 4) if qtype == 1 else (socket.AF_INET6, 16)
+        addresses = []
+        for _ in range(ancount):
+            offset = skip_dns_name(reply, offset)
+            rtype, _, _, rdlength = struct.unpack("!HHIH", reply[offset:offset + 10])
+            offset += 10
+            rdata = reply[offset:offset + rdlength]
+            if len(rdata) != rdlength:
+                raise ValueError("truncated reply")
+            offset += rdlength
+            if rtype == qtype and rdlength == size:
+                addresses.append(socket.inet_ntop(family, rdata))
+        return addresses
+    except (struct.error, IndexError) as e:
+        raise ValueError("malformed DNS reply") from e
+
+
+def dns_lookup(server, name, qtype, timeout=2.0):
+    """Addresses for `name` from one UDP query to `server` (host, port)."""
+    host, port = server
+    family = ip_family(host)
+    if family is None:
+        family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+    else:
+        address = (host, port)
+    ident = UNGUESSABLE.getrandbits(16)
+    query = dns_query(name, qtype, ident)
+    deadline = time.monotonic() + timeout
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.send(query)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("no DNS answer")
+            sock.settimeout(remaining)
+            reply = sock.recv(4096)
+            try:
+                return dns_answers(reply, ident, qtype)
+            except ValueError as e:
+                if str(e) != "not our reply":
+                    raise
+
+
+def resolve_host(cfg, host, port, family=0):
+    """[(family, sockaddr)] to dial host:port: the --custom-dns server when one
+    is set (the system resolver if it does not answer), else the system
+    resolver; --prefer-ip-version's family first. The one place where the
+    panel dials and the address lookups resolve names."""
+    host = (host or "").strip("[]")
+    literal = ip_family(host)
+    if literal is not None:
+        found = [(literal, (host, port))]
+    else:
+        found = []
+        server = getattr(cfg, "custom_dns", "")
+        if server:
+            for qtype, kind in ((1, socket.AF_INET), (28, socket.AF_INET6)):
+                if family not in (0, kind):
+                    continue
+                try:
+                    found += [(kind, (address, port)) for address in dns_lookup(dns_server_address(server), host, qtype)]
+                except (OSError, ValueError, UnicodeError) as e:
+                    log.debug("custom DNS query for %s failed: %s", host, e)
+        if not found:
+            found = [(info[0], info[4][:2]) for info in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+                     if info[0] in (socket.AF_INET, socket.AF_INET6)]
+    found = [f for f in found if family in (0, f[0])]
+    if getattr(cfg, "prefer_ip_version", ""):
+        want = socket.AF_INET6 if cfg.prefer_ip_version == "6" else socket.AF_INET
+        found.sort(key=lambda item: item[0] != want)
+    if not found:
+        raise OSError("no address for %s" % host)
+    return found
+
+
+def loopback_host(host):
+    """Is `host` this machine's loopback: localhost, 127.0.0.0/8 or ::1?"""
+    import ipaddress
+    host = (host or "").strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def code_url_problem(url):
+    """What makes `url` unfit to fetch code from, or "": it must be https://,
+    or plain http:// to a loopback address (a local mirror, a test)."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        parts.port  # ValueError when out of range
+    except ValueError:
+        return "is not a URL"
+    if not parts.hostname or parts.scheme not in ("http", "https"):
+        return "is not an http(s) URL"
+    if parts.scheme == "http" and not loopback_host(parts.hostname):
+        return "is plain http:// (https:// is required, except to a loopback address)"
+    return ""
+
+
+def environment_proxy(url):
+    """The proxy that HTTP(S)_PROXY/NO_PROXY name for `url`, or ""."""
+    import urllib.request
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme, "")
+    if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
+        return ""
+    return proxy
+
+
+def tls_context(cfg):
+    if cfg.ignore_unsafe_cert:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context()
+
+
+def dial_tcp(cfg, host, port, timeout):
+    """A connected TCP socket to host:port, through resolve_host (--custom-dns,
+    --prefer-ip-version): each address in turn."""
+    error = OSError("no address for %s" % host)
+    for family, address in resolve_host(cfg, host, port):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout if isinstance(timeout, (int, float)) else None)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error
+
+
+def preferred_socket(cfg, url, timeout):
+    """A TCP (and TLS) socket to the URL's host, trying the preferred address
+    family first."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    sock = dial_tcp(cfg, parts.hostname, port, timeout)
+    if secure:
+        sock = tls_context(cfg).wrap_socket(sock, server_hostname=parts.hostname)
+    return sock
+
+
+def drop_tcp(sock):
+    """Drop a connection at once, from any thread: shutdown() wakes a thread
+    blocked reading or writing on it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except Exception:
+        pass
+    try:
+        sock.close()
+    except Exception:
+        pass
+
+
+class ConnectionCutter:
+    """One overall deadline for an HTTP exchange: when it passes, the
+    connections opened for the exchange are shut down, which ends any read
+    however slowly the peer trickles (a socket timeout counts per read)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.sockets = []  # duplicates: shutting one down ends the connection, never a reused fd
+        self.fired = self.done = False
+        self.timer = threading.Timer(seconds, self.fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def watch(self, create_connection):
+        def create(*args, **kwargs):
+            sock = create_connection(*args, **kwargs)
+            with self.lock:
+                if not self.done:
+                    self.sockets.append(sock.dup())
+                fired = self.fired
+            if fired:
+                sock.shutdown(socket.SHUT_RDWR)
+            return sock
+        return create
+
+    def follow(self, sock):
+        """Cut `sock` too: a kept-alive connection (TLS or not) opened before."""
+        copy = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a plain socket even for TLS
+        with self.lock:
+            kept, fired = not self.done, self.fired
+            if kept:
+                self.sockets.append(copy)
+        if fired:
+            try:
+                copy.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if not kept:
+            copy.close()
+
+    def fire(self):
+        with self.lock:
+            self.fired = True
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def timeout(self):
+        return socket.timeout(errno.ETIMEDOUT, "no complete answer within %gs" % self.seconds)
+
+    def cancel(self):
+        self.timer.cancel()
+        with self.lock:
+            self.done = True
+            for sock in self.sockets:
+                sock.close()
+            self.sockets = []
+
+
+def cuttable_handlers(cutter, context, dial=None):
+    """urllib handlers for http (and https with `context`) whose connections
+    `cutter` watches, dialled by `dial` (socket.create_connection's
+    signature) when one is given. A proxy (CONNECT tunnel) is dialled the
+    same way."""
+    import http.client
+    import urllib.request
+
+    def watched(connection_class):
+        def make(host, **kwargs):
+            connection = connection_class(host, **kwargs)
+            if dial is not None:
+                connection._create_connection = dial
+            if cutter is not None:
+                connection._create_connection = cutter.watch(connection._create_connection)
+            return connection
+        return make
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(watched(http.client.HTTPConnection), req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(watched(http.client.HTTPSConnection), req, context=context)
+    return [HTTPHandler(), HTTPSHandler(context=context)]
+
+
+def http_exceptions():
+    import http.client
+    return http.client.HTTPException
+
+
+def post_headers(headers=()):
+    """`headers` and the two every POST to the panel carries."""
+    return dict(headers, **{"Content-Type": "application/json", "User-Agent": "komari-agent-py/" + __version__})
+
+
+def http_failure(error, cutter):
+    """The OSError a failed HTTP exchange raises: a timeout when `cutter` (its
+    ConnectionCutter) ended it, the network error itself, or one line for an
+    answer that broke HTTP."""
+    import urllib.error
+    if cutter.fired:
+        return cutter.timeout()
+    if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
+        reason = error.reason
+        return reason if isinstance(reason, OSError) else OSError(str(reason))
+    if isinstance(error, OSError):
+        return error
+    return OSError("bad HTTP exchange: %s" % type(error).__name__)
+
+
+def describe_body(body):
+    """One line for a reply we did not expect (an HTML error page from a proxy,
+    a JSON error from the panel)."""
+    text = body[:2000].decode("utf-8", "replace")
+    title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
+    if title:
+        return "an HTML page %r" % title.group(1).strip()[:80]
+    if "<html" in text.lower():
+        return "an HTML page"
+    return repr(" ".join(text.split())[:160])
+
+
+# ---------------------------------------------------------------------------
+# Configuration: defaults < --config JSON < AGENT_* environment < command line
+# ---------------------------------------------------------------------------
+
 class Option:
-    def __init__(self, dest, flags, kind, default, help, json_keys=(), env=(), check=None, metavar=None):
+    """One setting: its flags, its AGENT_* names, its JSON keys and its --help
+    line. metavar says what the flag takes (URL, SECONDS...; booleans show
+    [BOOL]); group is the key of its --help group in HELP_GROUPS."""
+
+    def __init__(self, dest, flags, kind, default, help, json_keys=(), env=(), check=None, metavar=None,
+                 group="everyday", secret=False):
         self.dest, self.flags, self.kind, self.default, self.help = dest, flags, kind, default, help
         self.json_keys = json_keys or (dest,)
         self.env = env or ("AGENT_" + dest.upper(),)
         self.check = check
         self.metavar = metavar
+        self.group = group
+        self.secret = secret  # never shown whole: not by --check, not in an error
 
 
 def _positive(v):
@@ -244,6 +828,10 @@ def _ip_version(v):
     return None if v in ("", "4", "6") else "must be 4 or 6"
 
 
+def _update_url(v):
+    return "must be an https:// URL (http:// only to a loopback address)" if v and code_url_problem(v) else None
+
+
 # The official agent clamps the interval to >= 1 s; this one allows sub-second
 # reports but refuses rates that only burn CPU (0.0001 s gave 90 reports a second).
 MIN_INTERVAL = 0.25
@@ -265,79 +853,114 @@ def _address(family, name):
     return check
 
 
+# --help shows the options in these groups, in this order (Option.group names
+# one); OPTIONS lists them group by group, in the order --help shows them.
+HELP_GROUPS = [
+    ("everyday", "Everyday options", None),
+    ("monitoring", "Monitoring", "what the reports count"),
+    ("network", "Network", "TLS, DNS and address families for the panel; the addresses reported"),
+    ("remote", "Remote control", "limits on remote commands and terminals (--disable-web-ssh turns both off)"),
+    ("official", "Official agent compatibility",
+     "accepted so that the official agent's one-click install command works; little or no effect here"),
+]
+
 OPTIONS = [
-    Option("endpoint", ("-e", "--endpoint"), "str", "", "panel URL, e.g. https://panel.example.com"),
-    Option("token", ("-t", "--token"), "str", "", "client token from the panel"),
-    Option("interval", ("-i", "--interval"), "float", 1.0,
-           "seconds between reports (default 1.0, at least %g)" % MIN_INTERVAL, check=_interval),
-    Option("info_report_interval", ("--info-report-interval",), "float", 5.0,
-           "minutes between basic-info uploads (default 5)", check=_minutes),
-    Option("reconnect_interval", ("-c", "--reconnect-interval"), "float", 5.0,
-           "seconds between reconnect attempts; after 10 minutes of outage grows to 60 (default 5)", check=_positive),
-    Option("max_retries", ("-r", "--max-retries"), "int", 3,
-           "failed v2 WebSocket dials in a row before POST mode, and retries per upload (default 3)", check=_not_negative),
-    Option("ignore_unsafe_cert", ("-u", "--ignore-unsafe-cert"), "bool", False, "do not verify TLS certificates"),
-    Option("disable_web_ssh", ("--disable-web-ssh",), "bool", False,
-           "turn off all remote control: exec, terminal"),
-    Option("disable_auto_update", ("--disable-auto-update",), "bool", False,
-           "accepted for compatibility; this agent never updates itself"),
-    Option("memory_include_cache", ("--memory-include-cache",), "bool", False,
-           "count buffers and cache as used memory (used = MemTotal - MemFree)"),
-    Option("memory_exclude_bcf", ("--memory-exclude-bcf",), "bool", False,
-           "htop formula for used memory (the default on Linux)",
-           json_keys=("memory_report_raw_used", "memory_exclude_bcf"),
-           env=("AGENT_MEMORY_REPORT_RAW_USED", "AGENT_MEMORY_EXCLUDE_BCF")),
-    Option("memory_mode_available", ("--memory-mode-available",), "bool", False,
-           "deprecated, no effect (use --memory-include-cache)"),
-    Option("include_nics", ("--include-nics",), "str", "", "comma list of NICs to count (* wildcards); wins over every exclusion"),
-    Option("exclude_nics", ("--exclude-nics",), "str", "", "comma list of NICs not to count (* wildcards)"),
-    Option("include_mountpoint", ("--include-mountpoint",), "str", "",
-           "semicolon list of mount points to count as disk, replacing the automatic choice",
-           json_keys=("include_mountpoints", "include_mountpoint"),
-           env=("AGENT_INCLUDE_MOUNTPOINTS", "AGENT_INCLUDE_MOUNTPOINT")),
-    Option("month_rotate", ("--month-rotate",), "int", 0,
-           "count totalUp/totalDown from this day of the month (1-31; 0 = since boot)", check=_day_of_month),
-    Option("import_net_static", ("--import-net-static",), "str", "",
-           "the official agent's net_static.json to carry this period's totals over from, once (with "
-           "--month-rotate; looked for beside this script, in the working directory and in /opt/komari)",
-           metavar="PATH"),
-    Option("gpu", ("--gpu",), "bool", False, "add detailed GPU usage (nvidia-smi) to reports",
-           json_keys=("enable_gpu", "gpu"), env=("AGENT_ENABLE_GPU", "AGENT_GPU")),
-    Option("custom_dns", ("--custom-dns",), "str", "", "DNS server (host or host:port) for the panel, the public-address lookups and probe targets"),
-    Option("custom_ipv4", ("--custom-ipv4",), "str", "", "report this IPv4 address instead of looking it up",
-           check=_address(socket.AF_INET, "IPv4")),
-    Option("custom_ipv6", ("--custom-ipv6",), "str", "", "report this IPv6 address instead of looking it up",
-           check=_address(socket.AF_INET6, "IPv6")),
-    Option("get_ip_addr_from_nic", ("--get-ip-addr-from-nic",), "bool", False,
-           "report the addresses of the local NICs instead of looking them up"),
+    # everyday
+    Option("endpoint", ("-e", "--endpoint"), "str", "", "panel URL, e.g. https://panel.example.com",
+           metavar="URL"),
+    Option("token", ("-t", "--token"), "str", "", "client token from the panel", metavar="TOKEN", secret=True),
     Option("auto_discovery", ("--auto-discovery",), "str", "",
            "auto-discovery key: register with the panel when no token is given",
-           json_keys=("auto_discovery_key", "auto_discovery"), env=("AGENT_AUTO_DISCOVERY_KEY",)),
+           json_keys=("auto_discovery_key", "auto_discovery"), env=("AGENT_AUTO_DISCOVERY_KEY",), metavar="KEY",
+           secret=True),
+    Option("interval", ("-i", "--interval"), "float", 1.0,
+           "seconds between reports (default 1.0, at least %g)" % MIN_INTERVAL, check=_interval, metavar="SECONDS"),
     Option("protocol_version", ("--protocol-version",), "int", 2,
            "2 (default): JSON-RPC over a compressed WebSocket, HTTP POST when WebSockets are blocked, "
            "v1 when the panel is too old; 1: only the v1 WebSocket",
-           check=lambda v: None if v in (1, 2) else "must be 1 or 2"),
+           check=lambda v: None if v in (1, 2) else "must be 1 or 2", metavar="{1,2}"),
+    Option("reconnect_interval", ("-c", "--reconnect-interval"), "float", 5.0,
+           "seconds between reconnect attempts; after 10 minutes of outage grows to 60 (default 5)", check=_positive,
+           metavar="SECONDS"),
+    Option("max_retries", ("-r", "--max-retries"), "int", 3,
+           "failed v2 WebSocket dials in a row before POST mode, and retries per upload (default 3)", check=_not_negative,
+           metavar="N"),
+    Option("state_dir", ("--state-dir",), "str", "", "where traffic totals and unsent results are kept",
+           metavar="DIR"),
+    Option("disable_web_ssh", ("--disable-web-ssh",), "bool", False,
+           "turn off all remote control: exec, terminal"),
+    Option("log_level", ("--log-level",), "str", "info", "debug, info, warning or error (default info)",
+           check=lambda v: None if v.lower() in ("debug", "info", "warning", "error") else "must be debug, info, warning or error",
+           metavar="LEVEL"),
+    Option("config", ("--config",), "str", "", "JSON config file (snake_case keys)",
+           json_keys=("config_file",), env=("AGENT_CONFIG_FILE", "AGENT_CONFIG"), metavar="FILE"),
+    Option("dry_run", ("--dry-run",), "bool", False,
+           "print the basic info and one report as JSON and exit; needs no panel"),
+    Option("disable_auto_update", ("--disable-auto-update",), "bool", False,
+           "no update checks of its own (at start and every 6 hours); `update` run by hand still works"),
+    Option("update_url", ("--update-url",), "str", "",
+           "where updates come from: a GitHub-style JSON of the latest release (default: this project's "
+           "releases)", check=_update_url, metavar="URL"),
+    # monitoring
+    Option("info_report_interval", ("--info-report-interval",), "float", 5.0,
+           "minutes between basic-info uploads (default 5)", check=_minutes, group="monitoring", metavar="MINUTES"),
+    Option("memory_include_cache", ("--memory-include-cache",), "bool", False,
+           "count buffers and cache as used memory (used = MemTotal - MemFree)", group="monitoring"),
+    Option("include_nics", ("--include-nics",), "str", "", "comma list of NICs to count (* wildcards); wins over every exclusion",
+           group="monitoring", metavar="NAMES"),
+    Option("exclude_nics", ("--exclude-nics",), "str", "", "comma list of NICs not to count (* wildcards)",
+           group="monitoring", metavar="NAMES"),
+    Option("include_mountpoint", ("--include-mountpoint",), "str", "",
+           "semicolon list of mount points to count as disk, replacing the automatic choice",
+           json_keys=("include_mountpoints", "include_mountpoint"),
+           env=("AGENT_INCLUDE_MOUNTPOINTS", "AGENT_INCLUDE_MOUNTPOINT"), group="monitoring", metavar="PATHS"),
+    Option("month_rotate", ("--month-rotate",), "int", 0,
+           "count totalUp/totalDown from this day of the month (1-31; 0 = since boot)", check=_day_of_month,
+           group="monitoring", metavar="DAY"),
+    Option("import_net_static", ("--import-net-static",), "str", "",
+           "the official agent's net_static.json to carry this period's totals over from, once (with "
+           "--month-rotate; looked for beside this script, in the working directory and in /opt/komari)",
+           group="monitoring", metavar="PATH"),
+    Option("gpu", ("--gpu",), "bool", False, "add detailed GPU usage (nvidia-smi) to reports",
+           json_keys=("enable_gpu", "gpu"), env=("AGENT_ENABLE_GPU", "AGENT_GPU"), group="monitoring"),
+    # network
+    Option("ignore_unsafe_cert", ("-u", "--ignore-unsafe-cert"), "bool", False, "do not verify TLS certificates",
+           group="network"),
+    Option("custom_dns", ("--custom-dns",), "str", "", "DNS server (host or host:port) for the panel, the public-address lookups and probe targets",
+           group="network", metavar="ADDRESS"),
     Option("prefer_ip_version", ("--prefer-ip-version",), "str", "",
-           "address family tried first (4 or 6) for the WebSockets and probe targets", check=_ip_version),
+           "address family tried first (4 or 6) for the WebSockets and probe targets", check=_ip_version,
+           group="network", metavar="{4,6}"),
     Option("disable_compression", ("--disable-compression",), "bool", False,
-           "protocol v2: no permessage-deflate on the WebSocket, no gzip on POST bodies"),
-    Option("show_warning", ("--show-warning",), "bool", False,
-           "the official agent's Windows warning helper: exits at once (status 0) elsewhere"),
-    Option("state_dir", ("--state-dir",), "str", "", "where traffic totals and unsent results are kept"),
+           "protocol v2: no permessage-deflate on the WebSocket, no gzip on POST bodies", group="network"),
+    Option("custom_ipv4", ("--custom-ipv4",), "str", "", "report this IPv4 address instead of looking it up",
+           check=_address(socket.AF_INET, "IPv4"), group="network", metavar="ADDRESS"),
+    Option("custom_ipv6", ("--custom-ipv6",), "str", "", "report this IPv6 address instead of looking it up",
+           check=_address(socket.AF_INET6, "IPv6"), group="network", metavar="ADDRESS"),
+    Option("get_ip_addr_from_nic", ("--get-ip-addr-from-nic",), "bool", False,
+           "report the addresses of the local NICs instead of looking them up", group="network"),
+    # remote control
     Option("exec_timeout", ("--exec-timeout",), "float", 3600.0,
            "seconds before a remote command is killed (default 3600; 0 = never). While its shell runs, a "
            "timeout or the agent stopping kills the shell's whole process group; background jobs still "
-           "running after the shell has exited (daemons started with &) are left alone", check=_not_negative),
+           "running after the shell has exited (daemons started with &) are left alone", check=_not_negative,
+           group="remote", metavar="SECONDS"),
     Option("exec_max_output", ("--exec-max-output",), "int", 1048576,
-           "bytes of command output kept (head and tail; default 1 MiB)", check=_positive),
-    Option("max_execs", ("--max-execs",), "int", 8, "remote commands running at once (default 8)", check=_positive),
-    Option("max_terminals", ("--max-terminals",), "int", 4, "terminal sessions at once (default 4)", check=_positive),
-    Option("config", ("--config",), "str", "", "JSON config file (snake_case keys)",
-           json_keys=("config_file",), env=("AGENT_CONFIG_FILE", "AGENT_CONFIG")),
-    Option("dry_run", ("--dry-run",), "bool", False,
-           "print the basic info and one report as JSON and exit; needs no panel"),
-    Option("log_level", ("--log-level",), "str", "info", "debug, info, warning or error (default info)",
-           check=lambda v: None if v.lower() in ("debug", "info", "warning", "error") else "must be debug, info, warning or error"),
+           "bytes of command output kept (head and tail; default 1 MiB)", check=_positive,
+           group="remote", metavar="BYTES"),
+    Option("max_execs", ("--max-execs",), "int", 8, "remote commands running at once (default 8)", check=_positive,
+           group="remote", metavar="N"),
+    Option("max_terminals", ("--max-terminals",), "int", 4, "terminal sessions at once (default 4)", check=_positive,
+           group="remote", metavar="N"),
+    # official agent compatibility
+    Option("memory_exclude_bcf", ("--memory-exclude-bcf",), "bool", False,
+           "htop formula for used memory (the default on Linux)",
+           json_keys=("memory_report_raw_used", "memory_exclude_bcf"),
+           env=("AGENT_MEMORY_REPORT_RAW_USED", "AGENT_MEMORY_EXCLUDE_BCF"), group="official"),
+    Option("memory_mode_available", ("--memory-mode-available",), "bool", False,
+           "deprecated, no effect (use --memory-include-cache)", group="official"),
+    Option("show_warning", ("--show-warning",), "bool", False,
+           "the official agent's Windows warning helper: exits at once (status 0) elsewhere", group="official"),
 ]
 OPTION_BY_DEST = {o.dest: o for o in OPTIONS}
 # Flags the official agent dropped or renamed over the years: removed, with a warning.
@@ -353,15 +976,32 @@ OFFICIAL_ONLY_FLAGS = {
     "--cf-access-client-id": True,      # official 1.2.13 to 1.2.59
     "--cf-access-client-secret": True,  # official 1.2.13 to 1.2.59
 }
-# Environment names of those flags: ignored quietly, like the official agent does.
-OFFICIAL_ONLY_ENV = ("AGENT_CF_ACCESS_CLIENT_ID", "AGENT_CF_ACCESS_CLIENT_SECRET")
+# Their JSON keys and AGENT_* names: accepted with a warning too. Any other
+# unknown key or AGENT_* name is an error, as an unknown flag is.
+OFFICIAL_ONLY_KEYS = ("cf_access_client_id", "cf_access_client_secret")
+OFFICIAL_ONLY_ENV = tuple("AGENT_" + key.upper() for key in OFFICIAL_ONLY_KEYS)
+# Set in the file or as HOST_PROC, never by a flag (the official agent's names)
+HOST_PROC_KEY = "host_proc"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 
 
+def masked(secret):
+    """Enough of a secret to tell two apart, not enough to use it."""
+    return "%s... (%d characters)" % (secret[:3], len(secret)) if len(secret) >= SHORT_SECRET else "*** (set)"
+
+
+def shown(value, secret=False):
+    """A bad value as an error or warning repeats it: whole when it is short,
+    masked when it is a secret or as long as one (a token given to the wrong
+    flag, say), so that no configuration message prints a token."""
+    text = value if isinstance(value, str) else repr(value)
+    return masked(text) if secret or len(text) >= SHORT_SECRET else repr(value)
+
+
 def convert(option, value, origin):
     """The value of `option` from a string (flag, env) or a JSON value, or ConfigError."""
-    name = origin
+    name, got = origin, shown(value, option.secret)
     if option.kind == "bool":
         if isinstance(value, bool):
             return value
@@ -370,38 +1010,71 @@ def convert(option, value, origin):
             return True
         if word in FALSE_WORDS:
             return False
-        raise ConfigError("%s: expected true or false, got %r" % (name, value))
+        raise ConfigError("%s: expected true or false, got %s" % (name, got))
     if option.kind in ("int", "float"):
         if isinstance(value, bool) or value is None:
-            raise ConfigError("%s: expected a number, got %r" % (name, value))
+            raise ConfigError("%s: expected a number, got %s" % (name, got))
         try:
             number = float(value) if option.kind == "float" else int(str(value).strip(), 10)
         except (TypeError, ValueError):
             if option.kind == "int" and isinstance(value, float) and value.is_integer():
                 number = int(value)
             else:
-                raise ConfigError("%s: expected %s, got %r" % (
-                    name, "a number" if option.kind == "float" else "a whole number", value))
+                raise ConfigError("%s: expected %s, got %s" % (
+                    name, "a number" if option.kind == "float" else "a whole number", got))
         if option.kind == "float" and number != number or number in (float("inf"), float("-inf")):
-            raise ConfigError("%s: expected a finite number, got %r" % (name, value))
+            raise ConfigError("%s: expected a finite number, got %s" % (name, got))
     else:
         if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError("%s: expected a string, got %r" % (name, value))
+            raise ConfigError("%s: expected a string, got %s" % (name, got))
         number = str(value).strip() if not isinstance(value, bool) else str(value).lower()
     problem = option.check(number) if option.check else None
     if problem:
-        raise ConfigError("%s %s (got %r)" % (name, problem, value))
+        raise ConfigError("%s %s (got %s)" % (name, problem, got))
     return number
 
 
+HELP_WIDTH = 100
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help at HELP_WIDTH columns whatever the terminal, the help column far
+    enough right for most flags to share its line, "-c, --reconnect-interval
+    SECONDS" rather than argparse's "-c SECONDS, --reconnect-interval SECONDS",
+    and descriptions and epilogs line by line as written, a line wrapped only
+    when it is too long."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=36, width=HELP_WIDTH)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+        lines = []
+        for line in text.splitlines():
+            lead = indent + line[:len(line) - len(line.lstrip())]
+            lines.extend([indent + line] if len(indent + line) <= width else
+                         textwrap.wrap(line.strip(), width, initial_indent=lead, subsequent_indent=lead))
+        return "\n".join(lines)
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        args = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return "%s %s" % (", ".join(action.option_strings), args)
+
+
 class ArgParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         raise ConfigError(message)
 
 
 def help_epilog():
     """The end of --help: where else settings come from, the names that do not
-    follow the rule, and the subcommand."""
+    follow the rule, and the subcommands."""
     differ = []
     for option in OPTIONS:
         flag = option.flags[-1]
@@ -415,29 +1088,40 @@ def help_epilog():
         "  %-24s %-30s %s" % ("flag", "environment", "JSON key"),
     ] + differ + [
         "",
-        "Subcommand: %s traffic [--set-up SIZE] [--set-down SIZE] [--show] [--export [PATH]] [agent flags]" % PROG,
-        "  shows, corrects or exports this period's traffic totals (--month-rotate); see its --help.",
-        "Subcommands as in the official agent: %s list-disk (the mounts counted as disk)," % PROG,
-        "  %s check-mem (each used-memory formula)." % PROG,
+        "Subcommands (each also takes the agent flags, to use the same settings and state):",
+        "  %s traffic [--set-up SIZE] [--set-down SIZE] [--show] [--export [PATH]]" % PROG,
+        "      shows, corrects or exports this period's traffic totals (--month-rotate); see its --help",
+        "  %s list-disk   the mounts counted as disk, as in the official agent" % PROG,
+        "  %s check-mem   each used-memory formula, as in the official agent" % PROG,
+        "  %s update [--check]   look for a newer release and install it now (--check: only say)" % PROG,
     ])
 
 
 def build_arg_parser():
-    parser = ArgParser(prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-                       description="Komari monitoring agent (protocol v2, v1 for older panels), version %s." % __version__,
-                       epilog=help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgParser(prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS, add_help=False,
+                       usage="%(prog)s -e URL (-t TOKEN | --auto-discovery KEY) [--check] [options]\n"
+                             "       %(prog)s --dry-run [options]\n"
+                             "       %(prog)s traffic | list-disk | check-mem | update [options]",
+                       description="Komari monitoring agent (protocol v2, v1 for older panels), version %s.\n"
+                                   "A [BOOL] flag alone turns its setting on; =false turns it off (--gpu=false)."
+                                   % __version__,
+                       epilog=help_epilog())
+    groups = {key: parser.add_argument_group(title, description) for key, title, description in HELP_GROUPS}
+    everyday = groups["everyday"]
+    everyday.add_argument("-h", "--help", action="help", help="show this help and exit")
     for option in OPTIONS:
         kwargs = {"dest": option.dest, "help": option.help}
         if option.kind == "bool":
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         else:
             kwargs["metavar"] = option.metavar or option.kind.upper().replace("STR", "VALUE")
-        parser.add_argument(*option.flags, **kwargs)
-    parser.add_argument("--check", action="store_true",
-                        help="check the flags, environment and config file, print the settings in effect "
-                             "(secrets masked) and exit: 0 when they are good, 2 with one line when not; "
-                             "no network")
-    parser.add_argument("--version", action="version", version="komari_agent.py " + __version__)
+        groups[option.group].add_argument(*option.flags, **kwargs)
+    everyday.add_argument("--check", action="store_true",
+                          help="check the flags, environment and config file, print the settings in effect "
+                               "(secrets masked) and exit: 0 when they are good, 2 with one line when not; "
+                               "no network")
+    everyday.add_argument("--version", action="version", version="komari_agent.py " + __version__,
+                          help="print the version and exit")
     return parser
 
 
@@ -477,26 +1161,25 @@ def load_config(argv, environ):
     for arg in unknown:
         if arg.startswith("-") and arg != "-":
             raise ConfigError(unknown_flag_message(arg.split("=", 1)[0]))
-        warnings.append("ignoring stray argument %r" % arg)
-    warnings.extend(unknown_environment_warnings(environ))
+        warnings.append("ignoring stray argument %s" % shown(arg))
+    warnings.extend(unknown_names([n for n in environ if n.startswith("AGENT_")],
+                                  [name for o in OPTIONS for name in o.env], OFFICIAL_ONLY_ENV, "the environment"))
     cli = vars(cli)
     check = cli.pop("check", False)
     values = {o.dest: o.default for o in OPTIONS}
     origin = {}
 
     config_path = cli.get("config") or next((environ[n] for n in OPTION_BY_DEST["config"].env if environ.get(n)), "")
-    if config_path:
-        data = read_config_file(config_path)
-        known = set()
-        for option in OPTIONS:
-            for key in option.json_keys:
-                if key in data:
-                    known.add(key)
-                    if option.dest != "config":
-                        values[option.dest] = convert(option, data[key], "%s in %s" % (key, config_path))
-                        origin[option.dest] = "file"
-        for key in sorted(set(data) - known):
-            warnings.append("ignoring unknown key %r in %s" % (key, config_path))
+    data = read_config_file(config_path) if config_path else {}
+    warnings.extend(unknown_names(data, [k for o in OPTIONS for k in o.json_keys] + [HOST_PROC_KEY],
+                                  OFFICIAL_ONLY_KEYS, config_path))
+    for option in OPTIONS:
+        for key in option.json_keys:
+            if key in data and option.dest != "config":
+                values[option.dest] = convert(option, data[key], "%s in %s" % (key, config_path))
+                origin[option.dest] = "file"
+    if not isinstance(data.get(HOST_PROC_KEY, ""), str):
+        raise ConfigError("%s in %s: expected a string" % (HOST_PROC_KEY, config_path))
     for option in OPTIONS:
         for name in option.env:
             if environ.get(name, "") != "":
@@ -507,7 +1190,7 @@ def load_config(argv, environ):
         option = OPTION_BY_DEST[dest]
         values[dest] = convert(option, raw, option.flags[-1])
         origin[dest] = "cli"
-    values["host_proc"] = (environ.get("HOST_PROC") or "/proc").rstrip("/") or "/proc"
+    values["host_proc"] = (environ.get("HOST_PROC") or data.get(HOST_PROC_KEY) or "/proc").rstrip("/") or "/proc"
     cfg = argparse.Namespace(**values)
     cfg.check, cfg.origins = check, origin
     return finish_config(cfg, warnings), warnings
@@ -539,24 +1222,30 @@ def suggestion(word, choices):
 
 def unknown_flag_message(flag):
     known = [f for o in OPTIONS for f in o.flags if f.startswith("--")] + ["--check", "--version", "--help"]
-    return "unknown option %s%s; see --help" % (flag, suggestion(flag, known))
+    # "-t" glued to its value is a known flag; anything else after one dash may be a value
+    name = flag if flag.startswith("--") else shown(flag)
+    return "unknown option %s%s; see --help" % (name, suggestion(flag, known))
 
 
-def unknown_environment_warnings(environ):
-    """A warning for each AGENT_* variable that sets nothing (a typo would
-    otherwise be silently ignored)."""
-    known = [name for o in OPTIONS for name in o.env]
-    return ["ignoring %s: no such setting%s" % (name, suggestion(name, known))
-            for name in sorted(environ)
-            if name.startswith("AGENT_") and name not in known and name not in OFFICIAL_ONLY_ENV]
+def unknown_names(names, known, official_only, where):
+    """Warnings for the settings named in `names` (JSON keys, AGENT_* names)
+    that only some official agent version had; ConfigError, with the closest
+    real name, for any other that sets nothing: a misspelt disable_web_ssh
+    must not leave remote control on."""
+    warnings = []
+    for name in sorted(names):
+        if name in official_only:
+            warnings.append("ignoring %s in %s: an official agent setting this agent does not implement"
+                            % (name, where))
+        elif name not in known:
+            raise ConfigError("unknown setting %s in %s%s; see --help" % (name, where, suggestion(name, known)))
+    return warnings
 
 
 def finish_config(cfg, warnings):
     """Cross-field checks and derived values."""
     if cfg.memory_mode_available:
         warnings.append("memory_mode_available is deprecated and has no effect; use --memory-include-cache")
-    if cfg.disable_auto_update is False:
-        pass  # nothing to update: the script is updated by re-running install.sh
     if not cfg.dry_run and not cfg.show_warning:
         if not cfg.endpoint:
             raise ConfigError("no panel endpoint: pass --endpoint https://your-panel (or AGENT_ENDPOINT)")
@@ -586,9 +1275,13 @@ def normalise_endpoint(endpoint):
         parts = urlsplit(url)
         parts.port  # ValueError when out of range
     except ValueError:  # "http://[::1", "http://h:99999"
-        parts = urlsplit("")
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ConfigError("endpoint must look like https://panel.example.com (got %r)" % endpoint)
+        parts, problem = None, "its host or port is not valid"
+    else:
+        problem = "it does not start with http:// or https://" if parts.scheme.lower() not in ("http", "https") \
+            else "" if parts.hostname else "it names no host"
+    if problem:
+        # what is wrong, not the value: a token given to -e by mistake must not be printed
+        raise ConfigError("endpoint must look like https://panel.example.com: %s" % problem)
     host = parts.hostname
     try:
         host.encode("ascii")
@@ -618,114 +1311,9 @@ def state_dir(cfg):
     return os.path.join(base, "komari-agent")
 
 
-def private_directory(path):
-    """Create `path` (mode 0700) if missing and make sure only this user can
-    write in it: one that others can write is made private when it is ours,
-    else refused (someone could plant links or FIFOs in it). Returns what is
-    wrong with it, or ""."""
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.stat(path)
-        if not S_ISDIR(st.st_mode):
-            return "%s is not a directory" % path
-        if st.st_mode & 0o022:
-            mine = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
-            if not mine or st.st_mode & 0o1000:   # sticky: a shared one like /tmp, never ours to change
-                return "%s can be written by other users" % path
-            os.chmod(path, 0o700)
-            log.warning("%s could be written by other users; made it private (mode 0700)", path)
-        if not os.access(path, os.W_OK | os.X_OK):
-            return "%s is not writable" % path
-    except OSError as e:
-        return "%s: %s" % (path, describe_error(e))
-    return ""
-
-
-def read_regular_file(path, limit, follow=True):
-    """The bytes of the regular file `path`, at most `limit` of them; OSError
-    for anything else (a FIFO or a device would block or never end), and,
-    unless `follow`, for a symbolic link."""
-    no_follow = 0 if follow else getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | no_follow)
-    try:
-        st = os.fstat(fd)
-        if not S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        if st.st_size > limit:
-            raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
-        chunks, left = [], limit + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        if left <= 0:
-            raise OSError(errno.EFBIG, "larger than %d bytes" % limit)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path, data, mode=0o600):
-    """Replace `path` with `data` so that a crash leaves the old or the new
-    file, never a torn one: temp file, fsync, rename, fsync the directory."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    temp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
-    # never through a link or into a file someone else put there
-    exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(temp, exclusive, mode)
-    except FileExistsError:  # left by a crash of a process with this pid
-        os.unlink(temp)
-        fd = os.open(temp, exclusive, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 # ---------------------------------------------------------------------------
-# Collectors: /proc readers and the pure arithmetic behind each figure
+# Linux: /proc and /sys, read and parsed
 # ---------------------------------------------------------------------------
-
-IS_LINUX = sys.platform.startswith("linux")
-
-
-def read_text(path):
-    """A whole (proc) file as text. Plain os.read is about twice as fast as
-    open().read() here, and this runs several times per report."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, 65536)
-            chunks.append(chunk)
-            # proc files hand over everything that fits: a short read is the end
-            if len(chunk) < 65536:
-                break
-    finally:
-        os.close(fd)
-    # surrogateescape keeps odd bytes in mount paths usable for statvfs
-    return b"".join(chunks).decode("utf-8", "surrogateescape")
-
 
 class OpenProcFiles:
     """The proc files a report reads, each opened once and re-read with pread
@@ -767,18 +1355,6 @@ class OpenProcFiles:
             os.close(fd)
 
 
-def describe_error(error):
-    """A short, public-safe text for a failed collector (no paths, no secrets)."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return type(error).__name__
-
-
-def psutil_module():
-    import psutil  # imported only where /proc is not enough
-    return psutil
-
-
 # -- cpu ---------------------------------------------------------------------
 
 def cpu_busy_total(stat_line):
@@ -790,16 +1366,6 @@ def cpu_busy_total(stat_line):
     user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
     total = user + nice + system + idle + iowait + irq + softirq + steal
     return total - idle - iowait, total
-
-
-def cpu_percent(previous, current):
-    """Busy share of all CPUs between two (busy, total) samples, 0.001-100.
-    Never 0: the server drops a zero usage (omitempty)."""
-    busy = current[0] - previous[0]
-    total = current[1] - previous[1]
-    if total <= 0:
-        return 100.0 if busy > 0 else 0.001
-    return min(100.0, max(0.001, busy * 100.0 / total))
 
 
 # -- memory ------------------------------------------------------------------
@@ -919,46 +1485,7 @@ def countable_mounts(mounts):
     return result
 
 
-def statvfs_usage(path):
-    st = os.statvfs(path)
-    total = st.f_blocks * st.f_frsize
-    return total, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize
-
-
-def sum_disk_usage(usages):
-    """(total, used) from [(key, total, used, avail)]. Per device the largest
-    total wins; a ZFS pool is its datasets' used plus the free space they share."""
-    devices, pools = {}, {}
-    for key, total, used, avail in usages:
-        if key.startswith("zfs:"):
-            pool = pools.setdefault(key, [0, 0])
-            pool[0] += used
-            pool[1] = max(pool[1], avail)
-        elif key not in devices or total > devices[key][0]:
-            devices[key] = (total, used)
-    total = sum(t for t, _ in devices.values()) + sum(u + a for u, a in pools.values())
-    used = sum(u for _, u in devices.values()) + sum(u for u, _ in pools.values())
-    return total, used
-
-
-# -- network -----------------------------------------------------------------
-
-# Virtual NICs whose traffic is already counted on a physical NIC: the
-# official agent's list, so that both count the same totals (tun*, wg* and
-# the like carry traffic of their own and count).
-VIRTUAL_NIC_PREFIXES = ("lo", "br", "cni", "docker", "podman", "flannel", "veth", "virbr", "vmbr", "tap",
-                        "fwbr", "fwpr")
-
-
-def nic_counted(name, include=(), exclude=()):
-    """Whether a NIC's bytes count. An explicit include wins over everything;
-    with an include list, nothing else counts."""
-    if include:
-        return any(fnmatchcase(name, p) for p in include)
-    if name.startswith(VIRTUAL_NIC_PREFIXES):
-        return False
-    return not any(fnmatchcase(name, p) for p in exclude)
-
+# -- network -------------------------------------------------------------------
 
 NET_DEV_LINE = re.compile(r"^\s*([^\s:]+):\s*(\d+)(?:\s+\d+){7}\s+(\d+)", re.M)
 
@@ -966,30 +1493,6 @@ NET_DEV_LINE = re.compile(r"^\s*([^\s:]+):\s*(\d+)(?:\s+\d+){7}\s+(\d+)", re.M)
 def parse_net_dev(text):
     """/proc/net/dev as {nic: (rx_bytes, tx_bytes)}."""
     return {name: (int(rx), int(tx)) for name, rx, tx in NET_DEV_LINE.findall(text)}
-
-
-class NetMeter:
-    """Per-NIC byte counters between reports: speeds from per-NIC deltas, so a
-    NIC that vanishes or resets does not zero the others' traffic."""
-
-    def __init__(self):
-        self.previous = None
-        self.at = None
-
-    def sample(self, counters, now):
-        """(up_per_s, down_per_s) since the last sample; (0, 0) the first time."""
-        up = down = 0
-        if self.previous is not None:
-            for nic, (rx, tx) in counters.items():
-                old = self.previous.get(nic)
-                if old is not None:
-                    down += rx - old[0] if rx >= old[0] else 0
-                    up += tx - old[1] if tx >= old[1] else 0
-        elapsed = now - self.at if self.at is not None else 0
-        self.previous, self.at = counters, now
-        if elapsed <= 0:
-            return 0, 0
-        return int(up / elapsed), int(down / elapsed)
 
 
 # -- connections -------------------------------------------------------------
@@ -1029,25 +1532,7 @@ def count_table_rows(paths):
     return rows
 
 
-# -- static facts for basic info -----------------------------------------------
-# The readers below take the roots they read under (proc, sys and the
-# filesystem root, like gopsutil's HOST_PROC/HOST_SYS) so that they run
-# unchanged on fixture trees; helper programs are looked up on PATH.
-
-GO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "i386": "386",
-           "i486": "386", "i586": "386", "i686": "386", "x86": "386", "loongarch64": "loong64",
-           "riscv64": "riscv64", "s390x": "s390x", "ppc64le": "ppc64le", "ppc64": "ppc64",
-           "mips": "mips", "mipsel": "mipsle", "mips64": "mips64", "mips64el": "mips64le"}
-
-
-def go_arch(machine):
-    machine = machine.lower()
-    if machine in GO_ARCH:
-        return GO_ARCH[machine]
-    if machine.startswith("arm"):
-        return "arm"
-    return machine or "unknown"
-
+# -- static facts: CPU, OS, GPU, virtualization --------------------------------
 
 def under(root, path):
     """`path` (absolute) inside the tree at `root`."""
@@ -1189,23 +1674,6 @@ def release_value(root, key):
     return next((line[len(key) + 1:].strip('"') for line in text.splitlines() if line.startswith(key + "=")), "")
 
 
-def run_output(argv, timeout=3.0):
-    """(exit status, stdout) of a helper program; (None, "") when it cannot run."""
-    import subprocess
-    try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              stdin=subprocess.DEVNULL, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return None, ""
-    return done.returncode, done.stdout.decode("utf-8", "replace")
-
-
-def run_quiet(argv, timeout=3.0):
-    """stdout of a helper program, or "" when it is missing, fails or hangs."""
-    status, out = run_output(argv, timeout)
-    return out if status == 0 else ""
-
-
 def device_label(version, brand, model):
     label = "Android " + version
     if model:
@@ -1284,8 +1752,6 @@ def fnos_name(root):
 def os_name(root="/"):
     """The official agent's OS label: Android, Proxmox VE, Synology DSM and
     fnOS by their own markers, else PRETTY_NAME of /etc/os-release."""
-    if not IS_LINUX and root == "/":
-        return platform.system() or "Unknown"
     for detect in (android_name, proxmox_name, synology_name, fnos_name):
         name = detect(root)
         if name:
@@ -1310,16 +1776,18 @@ def lspci_device_name(line):
     return name
 
 
+def real_gpu_names(names):
+    """The display adapters worth naming: virtual ones dropped, and those of
+    a GPU vendor alone where there are any (a server's BMC chip is no GPU)."""
+    names = [n for n in names if n and not any(p.search(n) for p in LSPCI_NOT_A_GPU)]
+    return [n for n in names if any(v in n.lower() for v in GPU_VENDOR_WORDS)] or names
+
+
 def gpu_names_from_lspci(text):
     """Display controllers of the lspci listing: those of a GPU vendor, else any."""
     shown = [line for line in text.splitlines()
              if any(word in line.lower() for word in ("vga", "3d", "display"))]
-    for lines in ([l for l in shown if any(v in l.lower() for v in GPU_VENDOR_WORDS)], shown):
-        names = [lspci_device_name(l) for l in lines]
-        names = [n for n in names if n and not any(p.search(n) for p in LSPCI_NOT_A_GPU)]
-        if names:
-            return names
-    return []
+    return real_gpu_names([lspci_device_name(line) for line in shown])
 
 
 VIRTUAL_DRM_DRIVERS = {"virtio-pci", "virtio_gpu", "bochs-drm", "qxl", "vmwgfx", "cirrus", "vboxvideo",
@@ -1454,7 +1922,7 @@ DMI_VENDORS = (("kvm", "kvm"), ("qemu", "qemu"), ("vmware", "vmware"), ("virtual
                ("bhyve", "bhyve"))
 
 
-def hypervisor_verdict(root="/", proc="/proc", sys_root="/sys"):
+def hypervisor_verdict(proc="/proc", sys_root="/sys"):
     """What stands in for the official agent's CPUID probe, which Python
     cannot make: OpenVZ and WSL markers, the DMI vendor, the cpuinfo
     `hypervisor` flag (the CPUID bit itself)."""
@@ -1486,7 +1954,942 @@ def virtualization(root="/", proc="/proc", sys_root="/sys"):
     """systemd-detect-virt when it exits 0, else container markers, else the
     hypervisor; "none" on bare metal."""
     answer = run_quiet(["systemd-detect-virt"]).strip()
-    return answer or container_marker(root, proc) or hypervisor_verdict(root, proc, sys_root)
+    return answer or container_marker(root, proc) or hypervisor_verdict(proc, sys_root)
+
+
+# -- boot ----------------------------------------------------------------------
+
+def boot_identity(proc="/proc"):
+    """(boot id, boot time) from /proc; None where it does not tell."""
+    try:
+        boot_id = read_text(proc + "/sys/kernel/random/boot_id").strip()
+    except OSError:
+        boot_id = ""
+    boot_time = None
+    try:
+        for line in read_text(proc + "/stat").splitlines():
+            if line.startswith("btime "):
+                boot_time = float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    if boot_time is None:
+        return None
+    return boot_id or "btime:%d" % round(boot_time, -1), boot_time
+
+
+# ---------------------------------------------------------------------------
+# macOS and FreeBSD: helper programs' answers, parsed
+# ---------------------------------------------------------------------------
+
+# Neither system has /proc: psutil gives the figures, and a few facts come
+# from the programs the official agent runs there (sw_vers, system_profiler,
+# pciconf) or from sysctl. The parsers below take those programs' output as
+# text, so that captured outputs test them anywhere.
+
+# -- OS, CPU and virtualization --------------------------------------------------
+
+def macos_name(sw_vers_text):
+    """"macOS 14.4.1" from `sw_vers`; "" when it names no product. 10.12 to
+    10.15 still call themselves "Mac OS X" there; the panel's OS logo is
+    found by the word "macOS"."""
+    fields = {}
+    for line in sw_vers_text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    product = fields.get("ProductName", "")
+    if not product:
+        return ""
+    if product.startswith("Mac OS X"):
+        product = "macOS"
+    # ProductVersionExtra is a Rapid Security Response's "(a)"
+    return " ".join(filter(None, (product, fields.get("ProductVersion"), fields.get("ProductVersionExtra"))))
+
+
+# hw.model of a Mac guest names its hypervisor; systemd-detect-virt's names
+MAC_GUEST_MODELS = (("vmware", "vmware"), ("parallels", "parallels"), ("virtualbox", "oracle"),
+                    ("virtualmac", "apple"))
+
+
+def macos_virtualization(vmm_present, cpu_features, model):
+    """virtualization from sysctl kern.hv_vmm_present (macOS 11 on), else
+    machdep.cpu.features' VMM flag (Intel), and hw.model for the name."""
+    if vmm_present.strip() != "1" and "VMM" not in cpu_features.split():
+        return "none"
+    low = model.lower()
+    return next((name for needle, name in MAC_GUEST_MODELS if needle in low), "virtualized")
+
+
+# kern.vm_guest's words where systemd-detect-virt (and so the panel) says another
+FREEBSD_GUESTS = {"generic": "virtualized", "hv": "microsoft", "vbox": "oracle"}
+
+
+def freebsd_virtualization(jailed, vm_guest):
+    """virtualization from sysctl security.jail.jailed (a jail is FreeBSD's
+    container) and kern.vm_guest (none, kvm, bhyve, xen, vmware, hv, …)."""
+    if jailed.strip() == "1":
+        return "jail"
+    guest = vm_guest.strip().lower()
+    if not guest or guest == "none":
+        return "none"
+    return FREEBSD_GUESTS.get(guest, guest)
+
+
+# -- GPU names ---------------------------------------------------------------------
+
+def gpu_names_from_system_profiler(text):
+    """The `Chipset Model:` of each GPU in `system_profiler SPDisplaysDataType`."""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines()
+             if line.strip().startswith("Chipset Model:")]
+    return real_gpu_names(names)
+
+
+# PCI vendors of emulated display adapters: QEMU/Bochs, VMware, virtio, QXL,
+# VirtualBox, Hyper-V, bhyve
+VIRTUAL_PCI_VENDORS = {0x1234, 0x15ad, 0x1af4, 0x1b36, 0x80ee, 0x1414, 0xfb5d}
+
+
+def pciconf_displays(text):
+    """[(vendor id, device id, vendor name, device name)] of the display
+    controllers (PCI class 0x03) in `pciconf -lv`. Its header line gives the
+    ids as vendor= and device= (FreeBSD 13 on) or as chip=0xDDDDVVVV."""
+    displays, current = [], None
+    for line in text.splitlines():
+        if not line[:1].isspace() and "@pci" in line:
+            ids = {k: int(v, 16) for k, v in re.findall(r"\b(\w+)=0x([0-9a-fA-F]+)", line)}
+            chip = ids.get("chip", 0)
+            current = None
+            if ids.get("class", 0) >> 16 == 0x03:
+                current = [ids.get("vendor", chip & 0xFFFF), ids.get("device", chip >> 16), "", ""]
+                displays.append(current)
+        elif current is not None:
+            key, sep, value = line.partition("=")
+            if sep and key.strip() in ("vendor", "device"):
+                current[2 if key.strip() == "vendor" else 3] = value.strip().strip("'")
+    return [tuple(d) for d in displays]
+
+
+def gpu_names_from_pciconf(text):
+    """GPU names as lspci gives them on Linux ("NVIDIA Corporation GA102
+    [GeForce RTX 3090]"); ids where the PCI database names neither."""
+    names = [" ".join(filter(None, (vendor, device))) or "PCI %04x:%04x" % (vendor_id, device_id)
+             for vendor_id, device_id, vendor, device in pciconf_displays(text)
+             if vendor_id not in VIRTUAL_PCI_VENDORS]
+    return real_gpu_names(names)
+
+
+# -- connections and disks -----------------------------------------------------------
+
+def sockets_from_netstat(text):
+    """(tcp, udp) rows of `netstat -an`, every state (TIME_WAIT too) and
+    both families (tcp4, tcp6, tcp46, …); None when it listed nothing at all."""
+    if "Proto" not in text:
+        return None
+    tcp = udp = 0
+    for line in text.splitlines():
+        proto = line[:5].lower()
+        if proto.startswith("tcp"):
+            tcp += 1
+        elif proto.startswith("udp"):
+            udp += 1
+    return tcp, udp
+
+
+# Mounts that hold no space of their own, or someone else's: devfs, fdescfs,
+# procfs, Linux emulation, nullfs and unionfs (another tree again), automount
+# triggers, network and optical filesystems. tmpfs, nfs, smbfs and the like are
+# in SKIP_FSTYPES already.
+BSD_SKIP_FSTYPES = {"devfs", "fdescfs", "procfs", "linprocfs", "linsysfs", "nullfs", "unionfs", "mqueuefs",
+                    "afpfs", "webdav", "cd9660", "udf", "mtmfs", "ptyfs"}
+BSD_FUSE_FSTYPES = ("fusefs", "macfuse", "osxfuse")
+
+
+def bsd_storage(device, fstype):
+    """What holds a mount's space: an APFS volume's container (its volumes
+    share one space: /dev/disk3s1s1 and /dev/disk3s5 are both disk3), else
+    the device."""
+    if fstype == "apfs":
+        found = re.match(r"^(/dev/disk\d+)s\d", device)
+        if found:
+            return found.group(1)
+    return device
+
+
+def bsd_countable_mounts(partitions):
+    """[(key, Mount)] whose space counts, from getfsstat(2)'s (device, mount
+    point, fstype, options) as psutil lists them: the Linux rules, and on top
+    the systems' own pseudo filesystems and macOS's hidden (dontbrowse)
+    volumes: VM, Preboot, Update, snapshots; `/` always."""
+    mounts = []
+    for device, mountpoint, fstype, opts in partitions:
+        if mountpoint != "/" and (fstype in BSD_SKIP_FSTYPES or fstype.startswith(BSD_FUSE_FSTYPES)
+                                  or "dontbrowse" in opts.split(",")):
+            continue
+        mounts.append(Mount(bsd_storage(device, fstype), "/", mountpoint, fstype, device, opts))
+    return countable_mounts(mounts)
+
+
+# ---------------------------------------------------------------------------
+# Platform: every difference between operating systems, behind one host
+# ---------------------------------------------------------------------------
+
+IS_LINUX = sys.platform.startswith("linux")
+IS_MACOS = sys.platform == "darwin"
+IS_WINDOWS = sys.platform == "win32"
+
+
+def psutil_module():
+    import psutil  # imported only where /proc is not enough
+    return psutil
+
+
+def glibc():
+    """The C library through ctypes, or None where it is not glibc-like."""
+    if not IS_LINUX:
+        return None
+    try:
+        import ctypes
+        lib = ctypes.CDLL("libc.so.6")
+        lib.mallopt  # noqa: B018 - it must exist
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+def limit_malloc_arenas():
+    """glibc gives each thread its own malloc arena; for a few mostly idle
+    threads that is megabytes of RSS for nothing."""
+    lib = glibc()
+    if lib is not None:
+        lib.mallopt(-8, 1)  # M_ARENA_MAX
+
+
+def return_free_memory():
+    """Hand freed heap pages back to the kernel. Start-up (the script's syntax
+    tree, a TLS handshake) leaves megabytes free inside glibc's heap that it
+    would otherwise keep for good; called once per new report link."""
+    lib = glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
+def sys_root():
+    """/sys, or HOST_SYS as gopsutil honours it (a container watching its host)."""
+    return (os.environ.get("HOST_SYS") or "/sys").rstrip("/") or "/sys"
+
+# -- the host: where each figure and fact is read ------------------------------------
+
+class PsutilHost:
+    """Figures and facts through psutil, on every system it knows; the
+    fallback where a faster source does not answer. Every method returns its
+    value or raises (the Collector turns a failure into a message line)."""
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+        self.proc = getattr(cfg, "host_proc", "/proc")
+
+    def cpu_times(self):
+        """(busy, total) CPU time since boot."""
+        t = psutil_module().cpu_times()
+        total = sum(t)
+        return total - t.idle - getattr(t, "iowait", 0), total
+
+    def memory(self, include_cache):
+        """((total, used), (swap total, swap used)) in bytes."""
+        ps = psutil_module()
+        vm, sw = ps.virtual_memory(), ps.swap_memory()
+        used = vm.total - vm.free if include_cache else vm.total - vm.available
+        return (vm.total, max(0, used)), (sw.total, sw.used)
+
+    def load(self):
+        return os.getloadavg()
+
+    def all_mounts(self):
+        """Every mount as a Mount, pseudo file systems too (list-disk)."""
+        return [Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts)
+                for p in psutil_module().disk_partitions(all=True)]
+
+    def counted_mounts(self):
+        """[(key, Mount)] whose space counts as disk; a key stands for one device."""
+        return [("dev:" + p.device, Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts))
+                for p in psutil_module().disk_partitions(all=False)]
+
+    def disk_usage(self, path):
+        """(total, used, available) bytes of the file system holding `path`."""
+        usage = psutil_module().disk_usage(path)
+        return usage.total, usage.used, usage.free
+
+    def nic_counters(self):
+        """{nic: (received, sent)} bytes, every NIC."""
+        return {n: (c.bytes_recv, c.bytes_sent) for n, c in psutil_module().net_io_counters(pernic=True).items()}
+
+    def connections(self):
+        """(tcp, udp) sockets."""
+        conns = psutil_module().net_connections("inet")
+        tcp = sum(1 for c in conns if c.type == socket.SOCK_STREAM)
+        return tcp, len(conns) - tcp
+
+    def uptime(self):
+        return int(time.time() - psutil_module().boot_time())
+
+    def process_count(self):
+        return len(psutil_module().pids())
+
+    def boot_identity(self):
+        """(boot id, boot time in epoch seconds): a new id means the NIC
+        counters started again from zero."""
+        try:
+            boot_time = float(psutil_module().boot_time())
+        except Exception:
+            boot_time = time.time() - time.monotonic()
+        return "btime:%d" % round(boot_time, -1), boot_time
+
+    def cpu_facts(self):
+        """(CPU name, logical CPUs, physical cores; 0 when unknown)."""
+        ps = psutil_module()
+        return platform.processor() or "Unknown", ps.cpu_count() or os.cpu_count() or 1, \
+            ps.cpu_count(logical=False) or 0
+
+    def os_name(self):
+        return platform.system() or "Unknown"
+
+    def kernel_version(self):
+        return platform.release() or "Unknown"
+
+    def gpu_name(self):
+        return gpu_name(sys_root())
+
+    def virtualization(self):
+        return virtualization(proc=self.proc, sys_root=sys_root())
+
+
+class LinuxHost(PsutilHost):
+    """/proc and /sys, read directly: a report costs a tenth of psutil's CPU.
+    psutil only where they do not answer. --host-proc (HOST_PROC) and
+    HOST_SYS point at a host's from inside a container."""
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.files = OpenProcFiles()
+
+    def cpu_times(self):
+        return cpu_busy_total(self.files.first_line(self.proc + "/stat"))
+
+    def memory(self, include_cache):
+        info = parse_meminfo(self.files.read(self.proc + "/meminfo"))
+        if info.get("MemTotal"):
+            return ram_usage(info, include_cache), swap_usage(info)
+        return super().memory(include_cache)
+
+    def load(self):
+        parts = self.files.first_line(self.proc + "/loadavg").split()
+        return float(parts[0]), float(parts[1]), float(parts[2])
+
+    def all_mounts(self):
+        path = self.proc + "/1/mountinfo" if self.proc != "/proc" else "/proc/self/mountinfo"
+        return parse_mountinfo(read_text(path))
+
+    def counted_mounts(self):
+        return countable_mounts(self.all_mounts())
+
+    def disk_usage(self, path):
+        st = os.statvfs(path)
+        return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def nic_counters(self):
+        return parse_net_dev(self.files.read(self.proc + "/net/dev"))
+
+    def connections(self):
+        net = self.proc + "/net/"
+        try:
+            v4 = self.files.read(net + "sockstat")
+        except OSError:
+            v4 = None
+        if v4:
+            try:
+                v6 = self.files.read(net + "sockstat6")
+            except OSError:
+                v6 = ""
+            return connections_from_sockstat(v4, v6)
+        return count_table_rows([net + "tcp", net + "tcp6"]), count_table_rows([net + "udp", net + "udp6"])
+
+    def uptime(self):
+        if hasattr(time, "CLOCK_BOOTTIME"):
+            # rounded up, as sysinfo(2) rounds it for the official agent
+            return math.ceil(time.clock_gettime(time.CLOCK_BOOTTIME))
+        return super().uptime()
+
+    def process_count(self):
+        return sum(map(str.isdigit, os.listdir(self.proc)))
+
+    def boot_identity(self):
+        return boot_identity(self.proc) or super().boot_identity()
+
+    def cpu_facts(self):
+        cpuinfo, stat = (read_or_empty(self.proc + name) for name in ("/cpuinfo", "/stat"))
+        if not cpuinfo:
+            return super().cpu_facts()
+        return cpu_name_from_cpuinfo(cpuinfo), logical_cpus(cpuinfo, stat), physical_cores(sys_root(), cpuinfo)
+
+    def os_name(self):
+        return os_name()
+
+
+# -- macOS and FreeBSD ---------------------------------------------------------------
+
+class BsdHost(PsutilHost):
+    """What macOS and FreeBSD share: psutil for the figures; sysctl, netstat
+    and getfsstat's mount list where psutil's own answer would be wrong or
+    need root."""
+
+    SOCKETS_TTL = 4.5  # seconds between two counts: netstat is a program run
+    CPU_NAME_SYSCTL = ""
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.said = OncePer()
+        self.sysctls = {}
+        self.sockets = None
+        self.sockets_at = 0.0
+
+    def sysctl(self, name):
+        """A sysctl's value, "" where the system has none; asked once a run."""
+        if name not in self.sysctls:
+            self.sysctls[name] = run_quiet(["sysctl", "-n", name]).strip()
+        return self.sysctls[name]
+
+    def counted_mounts(self):
+        return bsd_countable_mounts(psutil_module().disk_partitions(all=True))
+
+    def connections(self):
+        now = time.monotonic()
+        if self.sockets is None or now - self.sockets_at >= self.SOCKETS_TTL:
+            self.sockets, self.sockets_at = self.count_sockets(), now
+        return self.sockets
+
+    def count_sockets(self):
+        """netstat lists every socket without root, TIME_WAIT included;
+        psutil sees only sockets some process holds, and on macOS only as
+        root. A count neither can give is 0, said once in the log."""
+        counts = sockets_from_netstat(run_quiet(["netstat", "-an"], timeout=5.0))
+        if counts is not None:
+            return counts
+        try:
+            counts = super().connections()
+        except Exception as e:
+            if self.said("connections"):
+                log.warning("connections are reported as 0: netstat -an gave nothing and psutil cannot list "
+                            "sockets (%s)", describe_error(e))
+            return 0, 0
+        if self.said("netstat"):
+            log.info("connections: netstat -an gave nothing; counting the sockets psutil sees instead")
+        return counts
+
+    def cpu_facts(self):
+        ps = psutil_module()
+        return self.sysctl(self.CPU_NAME_SYSCTL) or "Unknown", ps.cpu_count() or os.cpu_count() or 1, \
+            ps.cpu_count(logical=False) or 0
+
+
+class MacHost(BsdHost):
+    """macOS: the facts from sw_vers, system_profiler and sysctl, as the
+    official agent gets them."""
+
+    CPU_NAME_SYSCTL = "machdep.cpu.brand_string"
+
+    def os_name(self):
+        return macos_name(run_quiet(["sw_vers"])) or "macOS"
+
+    def gpu_name(self):
+        # a few seconds on a cold start; asked once a run
+        return group_names(gpu_names_from_system_profiler(run_quiet(["system_profiler", "SPDisplaysDataType"],
+                                                                    timeout=20.0)))
+
+    def virtualization(self):
+        return macos_virtualization(self.sysctl("kern.hv_vmm_present"), self.sysctl("machdep.cpu.features"),
+                                    self.sysctl("hw.model"))
+
+    def disk_usage(self, path):
+        """Used is total - available: on APFS every volume of a container
+        reports the container's size and free space, so this is the
+        container's use, counted once for all its volumes."""
+        st = os.statvfs(path)
+        total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        return total, max(0, total - avail), avail
+
+
+class FreeBSDHost(BsdHost):
+    """FreeBSD: the facts from uname, pciconf and sysctl."""
+
+    CPU_NAME_SYSCTL = "hw.model"
+
+    def os_name(self):
+        return run_quiet(["uname", "-sr"]).strip() or "FreeBSD"
+
+    def gpu_name(self):
+        return group_names(gpu_names_from_pciconf(run_quiet(["pciconf", "-lv"])))
+
+    def virtualization(self):
+        return freebsd_virtualization(self.sysctl("security.jail.jailed"), self.sysctl("kern.vm_guest"))
+
+
+def make_host(cfg=None):
+    """The host this agent runs on: the one place that tells systems apart."""
+    if IS_LINUX:
+        return LinuxHost(cfg)
+    if sys.platform == "darwin":
+        return MacHost(cfg)
+    if sys.platform.startswith("freebsd"):
+        return FreeBSDHost(cfg)
+    return PsutilHost(cfg)
+
+
+# SIGHUP first (shells save history, jobs get told); SIGKILL after this
+HANGUP_GRACE = 0.5
+
+
+# -- process sessions ----------------------------------------------------------
+
+def ping_command(family, timeout):
+    """The system ping's argument list for one echo, the address to follow;
+    None without one. Linux's -W is seconds, the BSDs' milliseconds, and
+    macOS has ping6 for IPv6."""
+    import shutil
+    name = "ping6" if family == socket.AF_INET6 and IS_MACOS else "ping"
+    path = shutil.which(name)
+    if not path:
+        return None
+    if IS_LINUX:
+        argv = [path, "-n", "-c", "1", "-W", str(max(1, int(timeout + 0.999)))]
+    else:
+        argv = [path, "-n", "-c", "1"] + ([] if name == "ping6" else ["-W", str(max(1, int(timeout * 1000)))])
+    if family == socket.AF_INET6 and name == "ping":
+        argv.append("-6")
+    return argv
+
+
+def session_members(leader):
+    """Live pids whose session or process group is `leader`; an interactive
+    shell puts each job in its own group, the session holds them all."""
+    if not IS_LINUX:
+        return psutil_session_members(leader)
+    members = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return members
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            state, pgrp, session = fields[0], int(fields[2]), int(fields[3])
+        except (OSError, ValueError, IndexError):
+            continue
+        if state != b"Z" and (pgrp == leader or session == leader):
+            members.append(int(name))
+    return members
+
+
+def psutil_session_members(leader):
+    """session_members() without Linux's /proc."""
+    members = []
+    try:
+        ps = psutil_module()
+        pids = ps.pids()
+    except Exception:
+        return members
+    for pid in pids:
+        try:
+            if leader in (os.getpgid(pid), os.getsid(pid)) and ps.Process(pid).status() != ps.STATUS_ZOMBIE:
+                members.append(pid)
+        except Exception:  # gone meanwhile, or not ours to look at
+            continue
+    return members
+
+
+def signal_session(leader, signum):
+    try:
+        os.killpg(leader, signum)
+    except OSError:
+        pass
+    for pid in session_members(leader):
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+
+def end_session(leader, grace=HANGUP_GRACE):
+    """Hang up every process of the session led by `leader`, then SIGKILL what
+    is left; returns when none is left (or after a bounded number of rounds,
+    for a process that keeps forking)."""
+    if grace > 0:
+        signal_session(leader, signal.SIGHUP)
+        deadline = time.monotonic() + grace
+        while session_members(leader) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for _ in range(20):
+        signal_session(leader, signal.SIGKILL)
+        if not session_members(leader):
+            return
+        time.sleep(0.02)
+
+
+# -- restarting this agent (self-update) ----------------------------------------------
+
+# Asks a running agent for an update check (`update` run by hand); none on Windows.
+UPDATE_SIGNAL = getattr(signal, "SIGUSR1", None)
+# os.execv replaces this process (same pid) on Unix; on Windows it starts a
+# new one and ends this one, which a service wrapper takes for an exit and
+# answers with a second agent: there the agent exits for a restart instead.
+EXEC_IN_PLACE = not IS_WINDOWS
+
+
+# ---------------------------------------------------------------------------
+# Report figures: what each realtime report measures, whatever the system
+# ---------------------------------------------------------------------------
+
+# -- cpu and disk --------------------------------------------------------------
+
+def cpu_percent(previous, current):
+    """Busy share of all CPUs between two (busy, total) samples, 0.001-100.
+    Never 0: the server drops a zero usage (omitempty)."""
+    busy = current[0] - previous[0]
+    total = current[1] - previous[1]
+    if total <= 0:
+        return 100.0 if busy > 0 else 0.001
+    return min(100.0, max(0.001, busy * 100.0 / total))
+
+
+def sum_disk_usage(usages):
+    """(total, used) from [(key, total, used, avail)]. Per device the largest
+    total wins; a ZFS pool is its datasets' used plus the free space they share."""
+    devices, pools = {}, {}
+    for key, total, used, avail in usages:
+        if key.startswith("zfs:"):
+            pool = pools.setdefault(key, [0, 0])
+            pool[0] += used
+            pool[1] = max(pool[1], avail)
+        elif key not in devices or total > devices[key][0]:
+            devices[key] = (total, used)
+    total = sum(t for t, _ in devices.values()) + sum(u + a for u, a in pools.values())
+    used = sum(u for _, u in devices.values()) + sum(u for u, _ in pools.values())
+    return total, used
+
+
+# -- network -----------------------------------------------------------------
+
+# Virtual NICs whose traffic is already counted on a physical NIC: the
+# official agent's list, so that both count the same totals (tun*, wg* and
+# the like carry traffic of their own and count).
+VIRTUAL_NIC_PREFIXES = ("lo", "br", "cni", "docker", "podman", "flannel", "veth", "virbr", "vmbr", "tap",
+                        "fwbr", "fwpr")
+
+
+def nic_counted(name, include=(), exclude=()):
+    """Whether a NIC's bytes count. An explicit include wins over everything;
+    with an include list, nothing else counts."""
+    if include:
+        return any(fnmatchcase(name, p) for p in include)
+    if name.startswith(VIRTUAL_NIC_PREFIXES):
+        return False
+    return not any(fnmatchcase(name, p) for p in exclude)
+
+
+class NetMeter:
+    """Per-NIC byte counters between reports: speeds from per-NIC deltas, so a
+    NIC that vanishes or resets does not zero the others' traffic."""
+
+    def __init__(self):
+        self.previous = None
+        self.at = None
+
+    def sample(self, counters, now):
+        """(up_per_s, down_per_s) since the last sample; (0, 0) the first time."""
+        up = down = 0
+        if self.previous is not None:
+            for nic, (rx, tx) in counters.items():
+                old = self.previous.get(nic)
+                if old is not None:
+                    down += rx - old[0] if rx >= old[0] else 0
+                    up += tx - old[1] if tx >= old[1] else 0
+        elapsed = now - self.at if self.at is not None else 0
+        self.previous, self.at = counters, now
+        if elapsed <= 0:
+            return 0, 0
+        return int(up / elapsed), int(down / elapsed)
+
+
+# -- GPU figures (--gpu) -----------------------------------------------------------
+
+def gpu_tool(name, usual_path):
+    """The path of a GPU tool: its usual place, else PATH; "" when missing."""
+    import shutil
+    return usual_path if os.path.exists(usual_path) else shutil.which(name) or ""
+
+
+def leading_number(text):
+    """25.0 from "25 %", "1024 MiB", "65 C", "45.0"; 0.0 for "[N/A]" and the like."""
+    found = re.match(r"^\s*(\d+(?:\.\d+)?)", str(text))
+    return float(found.group(1)) if found else 0.0
+
+
+# one GPU's figures as its tool gave them (bytes, %, degrees C); report_payload() guards their ranges
+GpuDevice = namedtuple("GpuDevice", "name memory_total memory_used utilization temperature")
+
+
+def nvidia_devices(csv_text):
+    """Devices from nvidia-smi's CSV query (name, MiB total, MiB used, %, C):
+    every field the panel shows, at a fraction of the cost of `-q -x`."""
+    devices = []
+    for line in csv_text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) >= 5:
+            devices.append(GpuDevice(fields[0], leading_number(fields[1]) * (1 << 20),
+                                      leading_number(fields[2]) * (1 << 20), leading_number(fields[3]),
+                                      leading_number(fields[4])))
+    return devices
+
+
+def rocm_devices(json_text):
+    """Devices from `rocm-smi --showallinfo --json` (its card* entries)."""
+    data = json.loads(json_text)
+    if not isinstance(data, dict):
+        raise ValueError("rocm-smi output is not a JSON object")
+    devices = []
+    for key in sorted(k for k in data if k.startswith("card")):
+        card = data[key] if isinstance(data[key], dict) else {}
+        devices.append(GpuDevice(str(card.get("Card series", "")), leading_number(card.get("VRAM Total Memory (B)", "")),
+                                  leading_number(card.get("VRAM Total Used Memory (B)", "")),
+                                  leading_number(card.get("GPU use (%)", "")),
+                                  leading_number(card.get("Temperature (Sensor junction) (C)", ""))))
+    return devices
+
+
+NVIDIA_QUERY = ["--query-gpu=name,memory.total,memory.used,utilization.gpu,temperature.gpu",
+                "--format=csv,noheader,nounits"]
+
+
+def gpu_devices():
+    """The GPUs' figures, NVIDIA's through nvidia-smi, else AMD's through
+    rocm-smi; an error names what failed."""
+    smi = gpu_tool("nvidia-smi", "/usr/bin/nvidia-smi")
+    if smi:
+        status, out = run_output([smi] + NVIDIA_QUERY, timeout=2.0)
+        if status == 0:
+            return nvidia_devices(out)
+    rocm = gpu_tool("rocm-smi", "/opt/rocm/bin/rocm-smi")
+    if not rocm:
+        raise OSError("rocm-smi tool not found")
+    status, out = run_output([rocm, "--showallinfo", "--json"], timeout=5.0)
+    if status != 0:
+        raise OSError("no data available")
+    return rocm_devices(out)
+
+
+def gpu_details():
+    """(GpuDevices, or only the model names, or None; a problem or ""), as
+    the official agent: nothing without GPUs; on failure the message line
+    and, when the names can still be read, those."""
+    try:
+        devices = gpu_devices()
+    except (OSError, ValueError) as e:
+        problem = str(e) if not isinstance(e, OSError) or not e.strerror else e.strerror
+        try:
+            models = [d.name for d in gpu_devices() if d.name]
+        except (OSError, ValueError):
+            models = []
+        return (models or None), problem
+    return (devices or None), ""
+
+
+# -- the report ----------------------------------------------------------------
+
+# One report's figures, as measured; report_payload() (Wire protocol) turns
+# them into the message the panel decodes.
+Figures = namedtuple("Figures", "cpu ram_total ram_used swap_total swap_used load1 load5 load15 disk_total disk_used "
+                                "up down total_up total_down tcp udp uptime processes gpu message")
+
+
+class Collector:
+    """Everything that changes between reports: CPU and NIC baselines, the
+    mount table cache. One instance lives for the whole run so speeds and CPU
+    usage stay continuous across reconnects."""
+
+    MOUNTS_TTL = 30.0
+
+    def __init__(self, cfg, host=None):
+        self.cfg = cfg
+        self.host = host or make_host(cfg)
+        self.net = NetMeter()
+        self.cpu_previous = None
+        self.mounts = None
+        self.mounts_at = 0.0
+        self.processes = None
+        self.processes_at = 0.0
+        self.nic_decisions = {}
+        self.traffic = None   # a TrafficLedger when --month-rotate is set
+        self.mount_problems = {}  # --include-mountpoint entries that cannot be counted -> why
+        self.lock = threading.Lock()
+        self.cpu_sample()  # baseline, so the first report has a real CPU figure
+
+    # each collector returns its figure or raises; figures() turns failures into message lines
+    def cpu_sample(self):
+        return self.host.cpu_times()
+
+    def cpu_usage(self):
+        current = self.cpu_sample()
+        previous, self.cpu_previous = self.cpu_previous, current
+        return cpu_percent(previous, current) if previous else 0.001
+
+    def memory(self):
+        return self.host.memory(self.cfg.memory_include_cache)
+
+    def load(self):
+        return self.host.load()
+
+    def mount_table(self):
+        now = time.monotonic()
+        if self.mounts is None or now - self.mounts_at > self.MOUNTS_TTL:
+            self.mounts = self.host.counted_mounts()
+            self.mounts_at = now
+        return self.mounts
+
+    def disk(self):
+        usages = []
+        if self.cfg.mountpoints:
+            for i, path in enumerate(dict.fromkeys(self.cfg.mountpoints)):
+                try:
+                    usages.append(("path:%d" % i,) + self.host.disk_usage(path))
+                    self.mount_problems.pop(path, None)
+                except OSError as e:
+                    if path not in self.mount_problems:
+                        log.warning("--include-mountpoint %s is not counted: %s", path, describe_error(e))
+                    self.mount_problems[path] = describe_error(e)
+        else:
+            for key, mount in self.mount_table():
+                try:
+                    usages.append((key,) + self.host.disk_usage(mount.mountpoint))
+                except OSError:
+                    continue
+        return sum_disk_usage(usages)
+
+    def nic_counters(self):
+        """{nic: (rx, tx)} over the counted NICs."""
+        return {n: c for n, c in self.host.nic_counters().items() if self.nic_counted(n)}
+
+    def nic_counted(self, name):
+        # decided once per NIC name: the wildcard matching is not free
+        counted = self.nic_decisions.get(name)
+        if counted is None:
+            if len(self.nic_decisions) > 4096:
+                self.nic_decisions.clear()
+            counted = self.nic_decisions[name] = nic_counted(name, self.cfg.nics_include, self.cfg.nics_exclude)
+        return counted
+
+    def sample_traffic(self):
+        """Count --month-rotate traffic without a report. Under the report's
+        lock: counters read earlier but counted later would look like a reset."""
+        with self.lock:
+            self.traffic.update(self.nic_counters())
+
+    def network(self):
+        counters = self.nic_counters()
+        up, down = self.net.sample(counters, time.monotonic())
+        if self.traffic is not None:
+            total_up, total_down = self.traffic.update(counters)
+        else:
+            total_up = sum(tx for _, tx in counters.values())
+            total_down = sum(rx for rx, _ in counters.values())
+        return up, down, total_up, total_down
+
+    def connections(self):
+        return self.host.connections()
+
+    def uptime(self):
+        return self.host.uptime()
+
+    PROCESSES_TTL = 4.5
+
+    def process_count(self):
+        """Processes, recounted every few seconds: listing /proc makes the
+        kernel walk every task, the dearest read of a report on Linux."""
+        now = time.monotonic()
+        if self.processes is None or now - self.processes_at >= self.PROCESSES_TTL:
+            self.processes = self.host.process_count()
+            self.processes_at = now
+        return self.processes
+
+    def ram_swap_disk_totals(self):
+        try:
+            (ram, _), (swap, _) = self.memory()
+        except Exception:
+            ram = swap = 0
+        try:
+            disk = self.disk()[0]
+        except Exception:
+            disk = 0
+        return ram, swap, disk
+
+    def figures(self):
+        """The figures of one realtime report (report_payload() names their
+        keys). A collector that fails gives zeros and a line in `message`; it
+        never stops the report."""
+        with self.lock:
+            failures = []
+
+            def attempt(name, function, fallback):
+                try:
+                    return function()
+                except Exception as e:
+                    failures.append("failed to get %s: %s" % (name, describe_error(e)))
+                    return fallback
+
+            usage = attempt("cpu", self.cpu_usage, 0.001)
+            (ram_total, ram_used), (swap_total, swap_used) = attempt("memory", self.memory, ((0, 0), (0, 0)))
+            load1, load5, load15 = attempt("load", self.load, (0.0, 0.0, 0.0))
+            disk_total, disk_used = attempt("disk", self.disk, (0, 0))
+            up, down, total_up, total_down = attempt("network", self.network, (0, 0, 0, 0))
+            tcp, udp = attempt("connections", self.connections, (0, 0))
+            uptime = attempt("uptime", self.uptime, 0)
+            processes = attempt("processes", self.process_count, 0)
+            if self.traffic is not None and self.traffic.problem:
+                failures.append(self.traffic.problem)
+            failures += ["disk: mount point %s not counted (%s)" % item for item in sorted(self.mount_problems.items())]
+            gpu = None
+            if self.cfg.gpu:
+                gpu, problem = gpu_details()
+                if problem:
+                    failures.append("failed to get detailed GPU info: " + problem)
+            return Figures(usage, ram_total, ram_used, swap_total, swap_used, load1, load5, load15, disk_total,
+                           disk_used, up, down, total_up, total_down, tcp, udp, uptime, processes, gpu,
+                           "\n".join(failures))
+
+
+# ---------------------------------------------------------------------------
+# Basic info: the static facts together, and the public addresses
+# ---------------------------------------------------------------------------
+
+# The readers below take the roots they read under (proc, sys and the
+# filesystem root, like gopsutil's HOST_PROC/HOST_SYS) so that they run
+# unchanged on fixture trees; helper programs are looked up on PATH.
+
+GO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "i386": "386",
+           "i486": "386", "i586": "386", "i686": "386", "x86": "386", "loongarch64": "loong64",
+           "riscv64": "riscv64", "s390x": "s390x", "ppc64le": "ppc64le", "ppc64": "ppc64",
+           "mips": "mips", "mipsel": "mipsle", "mips64": "mips64", "mips64el": "mips64le"}
+
+
+def go_arch(machine):
+    machine = machine.lower()
+    if machine in GO_ARCH:
+        return GO_ARCH[machine]
+    if machine.startswith("arm"):
+        return "arm"
+    return machine or "unknown"
 
 
 # -- public addresses ----------------------------------------------------------
@@ -1512,49 +2915,6 @@ def address_in_text(text, family):
         if address.version == (4 if family == socket.AF_INET else 6) and address.is_global:
             return str(address)
     return ""
-
-
-def resolve_host(cfg, host, port, family=0):
-    """[(family, sockaddr)] to dial host:port: the --custom-dns server when one
-    is set (the system resolver if it does not answer), else the system
-    resolver; --prefer-ip-version's family first. The one place where the
-    panel dials and the address lookups resolve names."""
-    host = (host or "").strip("[]")
-    literal = ip_family(host)
-    if literal is not None:
-        found = [(literal, (host, port))]
-    else:
-        found = []
-        server = getattr(cfg, "custom_dns", "")
-        if server:
-            for qtype, kind in ((1, socket.AF_INET), (28, socket.AF_INET6)):
-                if family not in (0, kind):
-                    continue
-                try:
-                    found += [(kind, (address, port)) for address in dns_lookup(dns_server_address(server), host, qtype)]
-                except (OSError, ValueError, UnicodeError) as e:
-                    log.debug("custom DNS query for %s failed: %s", host, e)
-        if not found:
-            found = [(info[0], info[4][:2]) for info in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
-                     if info[0] in (socket.AF_INET, socket.AF_INET6)]
-    found = [f for f in found if family in (0, f[0])]
-    if getattr(cfg, "prefer_ip_version", ""):
-        want = socket.AF_INET6 if cfg.prefer_ip_version == "6" else socket.AF_INET
-        found.sort(key=lambda item: item[0] != want)
-    if not found:
-        raise OSError("no address for %s" % host)
-    return found
-
-
-def environment_proxy(url):
-    """The proxy that HTTP(S)_PROXY/NO_PROXY name for `url`, or ""."""
-    import urllib.request
-    from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    proxy = urllib.request.getproxies().get(parts.scheme, "")
-    if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
-        return ""
-    return proxy
 
 
 def fetch_over_family(url, family, timeout, cfg=None):
@@ -1675,353 +3035,36 @@ class PublicAddresses:
         return self.v4, self.v6
 
 
-def read_or_empty(path):
-    try:
-        return read_text(path)
-    except OSError:
-        return ""
+# -- the whole of it ---------------------------------------------------------------
+
+def slow_facts(host):
+    """The facts that need helper programs (lspci, systemd-detect-virt):
+    looked up once per run."""
+    return {"gpu_name": host.gpu_name(), "os": host.os_name(), "virtualization": host.virtualization()}
 
 
-def sys_root():
-    """/sys, or HOST_SYS as gopsutil honours it (a container watching its host)."""
-    return (os.environ.get("HOST_SYS") or "/sys").rstrip("/") or "/sys"
+# basic_info_payload() (Wire protocol) names these for the panel
+BasicFacts = namedtuple("BasicFacts", "cpu_name cpu_cores cpu_physical_cores arch os kernel_version gpu_name "
+                                      "virtualization ipv4 ipv6 mem_total swap_total disk_total")
 
 
-def basic_info(cfg, collector, addresses, wait=IP_LOOKUP_WAIT):
-    """The basic-info object: exactly the keys the server has columns for."""
-    cpuinfo, stat = (read_or_empty(cfg.host_proc + name) for name in ("/cpuinfo", "/stat"))
+def basic_facts(cfg, collector, addresses, slow, wait=IP_LOOKUP_WAIT):
+    """Everything basic info says, now: `slow` from slow_facts(), totals
+    from the collector, public addresses waited for up to `wait` seconds."""
+    cpu_name, cpu_cores, cpu_physical_cores = collector.host.cpu_facts()
     ipv4, ipv6 = addresses.current(wait)
     ram, swap, disk = collector.ram_swap_disk_totals()
-    info = {
-        "cpu_name": cpu_name_from_cpuinfo(cpuinfo) if cpuinfo else (platform.processor() or "Unknown"),
-        "cpu_cores": logical_cpus(cpuinfo, stat),
-        "cpu_physical_cores": physical_cores(sys_root(), cpuinfo),
-        "arch": go_arch(platform.machine()),
-        "os": collector.static.get("os") or os_name(),
-        "kernel_version": platform.release() or "Unknown",
-        "gpu_name": collector.static.get("gpu_name", ""),
-        "virtualization": collector.static.get("virtualization", ""),
-        "ipv4": ipv4,
-        "ipv6": ipv6,
-        "mem_total": int(ram),
-        "swap_total": int(swap),
-        "disk_total": int(disk),
-        "version": __version__,
-    }
-    return info
+    return BasicFacts(
+        cpu_name=cpu_name, cpu_cores=cpu_cores, cpu_physical_cores=cpu_physical_cores,
+        arch=go_arch(platform.machine()), os=slow.get("os") or collector.host.os_name(),
+        kernel_version=collector.host.kernel_version(), gpu_name=slow.get("gpu_name", ""),
+        virtualization=slow.get("virtualization", ""), ipv4=ipv4, ipv6=ipv6,
+        mem_total=ram, swap_total=swap, disk_total=disk)
 
 
-# -- the report ----------------------------------------------------------------
-
-# One report's figures, as measured; report_payload() (Wire protocol) turns
-# them into the message the panel decodes.
-Figures = namedtuple("Figures", "cpu ram_total ram_used swap_total swap_used load1 load5 load15 disk_total disk_used "
-                                "up down total_up total_down tcp udp uptime processes gpu message")
-
-
-class Collector:
-    """Everything that changes between reports: CPU and NIC baselines, the
-    mount table cache. One instance lives for the whole run so speeds and CPU
-    usage stay continuous across reconnects."""
-
-    MOUNTS_TTL = 30.0
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.proc = cfg.host_proc
-        self.files = OpenProcFiles()
-        self.net = NetMeter()
-        self.cpu_previous = None
-        self.mounts = None
-        self.mounts_at = 0.0
-        self.processes = None
-        self.processes_at = 0.0
-        self.nic_decisions = {}
-        self.static = {}
-        self.traffic = None   # a TrafficLedger when --month-rotate is set
-        self.mount_problems = {}  # --include-mountpoint entries that cannot be counted -> why
-        self.lock = threading.Lock()
-        self.cpu_sample()  # baseline, so the first report has a real CPU figure
-
-    def load_static(self):
-        """Slow facts that need helper programs; looked up once."""
-        if not self.static:
-            self.static = {"gpu_name": gpu_name(sys_root()), "os": os_name(),
-                           "virtualization": virtualization(proc=self.proc, sys_root=sys_root())}
-
-    # each collector returns its figure or raises; report() turns failures into message lines
-    def cpu_sample(self):
-        if IS_LINUX:
-            return cpu_busy_total(self.files.first_line(self.proc + "/stat"))
-        t = psutil_module().cpu_times()
-        total = sum(t)
-        return total - t.idle - getattr(t, "iowait", 0), total
-
-    def cpu_usage(self):
-        current = self.cpu_sample()
-        previous, self.cpu_previous = self.cpu_previous, current
-        return cpu_percent(previous, current) if previous else 0.001
-
-    def memory(self):
-        if IS_LINUX:
-            info = parse_meminfo(self.files.read(self.proc + "/meminfo"))
-            if info.get("MemTotal"):
-                return ram_usage(info, self.cfg.memory_include_cache), swap_usage(info)
-        ps = psutil_module()
-        vm, sw = ps.virtual_memory(), ps.swap_memory()
-        used = vm.total - vm.free if self.cfg.memory_include_cache else vm.total - vm.available
-        return (vm.total, max(0, used)), (sw.total, sw.used)
-
-    def load(self):
-        if IS_LINUX:
-            parts = self.files.first_line(self.proc + "/loadavg").split()
-            return float(parts[0]), float(parts[1]), float(parts[2])
-        return os.getloadavg()
-
-    def mount_table(self):
-        now = time.monotonic()
-        if self.mounts is None or now - self.mounts_at > self.MOUNTS_TTL:
-            if IS_LINUX:
-                path = self.proc + "/1/mountinfo" if self.proc != "/proc" else "/proc/self/mountinfo"
-                self.mounts = countable_mounts(parse_mountinfo(read_text(path)))
-            else:
-                self.mounts = [("dev:" + p.device, Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts))
-                               for p in psutil_module().disk_partitions(all=False)]
-            self.mounts_at = now
-        return self.mounts
-
-    def disk(self):
-        usages = []
-        if self.cfg.mountpoints:
-            for i, path in enumerate(dict.fromkeys(self.cfg.mountpoints)):
-                try:
-                    usages.append(("path:%d" % i,) + statvfs_usage(path))
-                    self.mount_problems.pop(path, None)
-                except OSError as e:
-                    if path not in self.mount_problems:
-                        log.warning("--include-mountpoint %s is not counted: %s", path, describe_error(e))
-                    self.mount_problems[path] = describe_error(e)
-        else:
-            for key, mount in self.mount_table():
-                try:
-                    usages.append((key,) + statvfs_usage(mount.mountpoint))
-                except OSError:
-                    continue
-        return sum_disk_usage(usages)
-
-    def nic_counters(self):
-        """{nic: (rx, tx)} over the counted NICs."""
-        if IS_LINUX:
-            raw = parse_net_dev(self.files.read(self.proc + "/net/dev"))
-        else:
-            raw = {n: (c.bytes_recv, c.bytes_sent) for n, c in psutil_module().net_io_counters(pernic=True).items()}
-        return {n: c for n, c in raw.items() if self.nic_counted(n)}
-
-    def nic_counted(self, name):
-        # decided once per NIC name: the wildcard matching is not free
-        counted = self.nic_decisions.get(name)
-        if counted is None:
-            if len(self.nic_decisions) > 4096:
-                self.nic_decisions.clear()
-            counted = self.nic_decisions[name] = nic_counted(name, self.cfg.nics_include, self.cfg.nics_exclude)
-        return counted
-
-    def network(self):
-        counters = self.nic_counters()
-        up, down = self.net.sample(counters, time.monotonic())
-        if self.traffic is not None:
-            total_up, total_down = self.traffic.update(counters)
-        else:
-            total_up = sum(tx for _, tx in counters.values())
-            total_down = sum(rx for rx, _ in counters.values())
-        return up, down, total_up, total_down
-
-    def connections(self):
-        net = self.proc + "/net/"
-        if IS_LINUX:
-            try:
-                v4 = self.files.read(net + "sockstat")
-            except OSError:
-                v4 = None
-            if v4:
-                try:
-                    v6 = self.files.read(net + "sockstat6")
-                except OSError:
-                    v6 = ""
-                return connections_from_sockstat(v4, v6)
-            return (count_table_rows([net + "tcp", net + "tcp6"]), count_table_rows([net + "udp", net + "udp6"]))
-        conns = psutil_module().net_connections("inet")
-        tcp = sum(1 for c in conns if c.type == socket.SOCK_STREAM)
-        return tcp, len(conns) - tcp
-
-    def uptime(self):
-        if hasattr(time, "CLOCK_BOOTTIME"):
-            # rounded up, as sysinfo(2) rounds it for the official agent
-            return math.ceil(time.clock_gettime(time.CLOCK_BOOTTIME))
-        return int(time.time() - psutil_module().boot_time())
-
-    PROCESSES_TTL = 4.5
-
-    def process_count(self):
-        """Processes, recounted every few seconds: listing /proc makes the
-        kernel walk every task, the dearest read of a report."""
-        now = time.monotonic()
-        if self.processes is None or now - self.processes_at >= self.PROCESSES_TTL:
-            if IS_LINUX:
-                self.processes = sum(map(str.isdigit, os.listdir(self.proc)))
-            else:
-                self.processes = len(psutil_module().pids())
-            self.processes_at = now
-        return self.processes
-
-    def ram_swap_disk_totals(self):
-        try:
-            (ram, _), (swap, _) = self.memory()
-        except Exception:
-            ram = swap = 0
-        try:
-            disk = self.disk()[0]
-        except Exception:
-            disk = 0
-        return ram, swap, disk
-
-    def figures(self):
-        """The figures of one realtime report (report_payload() names their
-        keys). A collector that fails gives zeros and a line in `message`; it
-        never stops the report."""
-        with self.lock:
-            failures = []
-
-            def attempt(name, function, fallback):
-                try:
-                    return function()
-                except Exception as e:
-                    failures.append("failed to get %s: %s" % (name, describe_error(e)))
-                    return fallback
-
-            usage = attempt("cpu", self.cpu_usage, 0.001)
-            (ram_total, ram_used), (swap_total, swap_used) = attempt("memory", self.memory, ((0, 0), (0, 0)))
-            load1, load5, load15 = attempt("load", self.load, (0.0, 0.0, 0.0))
-            disk_total, disk_used = attempt("disk", self.disk, (0, 0))
-            up, down, total_up, total_down = attempt("network", self.network, (0, 0, 0, 0))
-            tcp, udp = attempt("connections", self.connections, (0, 0))
-            uptime = attempt("uptime", self.uptime, 0)
-            processes = attempt("processes", self.process_count, 0)
-            if self.traffic is not None and self.traffic.problem:
-                failures.append(self.traffic.problem)
-            failures += ["disk: mount point %s not counted (%s)" % item for item in sorted(self.mount_problems.items())]
-            gpu = None
-            if self.cfg.gpu:
-                gpu, problem = gpu_details()
-                if problem:
-                    failures.append("failed to get detailed GPU info: " + problem)
-            return Figures(usage, ram_total, ram_used, swap_total, swap_used, load1, load5, load15, disk_total,
-                           disk_used, up, down, total_up, total_down, tcp, udp, uptime, processes, gpu,
-                           "\n".join(failures))
-
-
-def finite(value, low, high):
-    """A float the server accepts: no NaN or infinity, within [low, high]."""
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        return low
-    return min(high, max(low, value))
-
-
-def count(value):
-    """A non-negative JSON integer (the server rejects 1.0 where it wants int64)."""
-    try:
-        return max(0, min(int(value), 2 ** 63 - 2))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def gpu_tool(name, usual_path):
-    """The path of a GPU tool: its usual place, else PATH; "" when missing."""
-    import shutil
-    return usual_path if os.path.exists(usual_path) else shutil.which(name) or ""
-
-
-def leading_number(text):
-    """25.0 from "25 %", "1024 MiB", "65 C", "45.0"; 0.0 for "[N/A]" and the like."""
-    found = re.match(r"^\s*(\d+(?:\.\d+)?)", str(text))
-    return float(found.group(1)) if found else 0.0
-
-
-def gpu_device(name, memory_total, memory_used, utilization, temperature):
-    return {"name": name, "memory_total": count(memory_total), "memory_used": count(memory_used),
-            "utilization": finite(utilization, 0.0, 100.0), "temperature": count(temperature)}
-
-
-def nvidia_devices(csv_text):
-    """Devices from nvidia-smi's CSV query (name, MiB total, MiB used, %, C):
-    every field the panel shows, at a fraction of the cost of `-q -x`."""
-    devices = []
-    for line in csv_text.splitlines():
-        fields = [f.strip() for f in line.split(",")]
-        if len(fields) >= 5:
-            devices.append(gpu_device(fields[0], leading_number(fields[1]) * (1 << 20),
-                                      leading_number(fields[2]) * (1 << 20), leading_number(fields[3]),
-                                      leading_number(fields[4])))
-    return devices
-
-
-def rocm_devices(json_text):
-    """Devices from `rocm-smi --showallinfo --json` (its card* entries)."""
-    data = json.loads(json_text)
-    if not isinstance(data, dict):
-        raise ValueError("rocm-smi output is not a JSON object")
-    devices = []
-    for key in sorted(k for k in data if k.startswith("card")):
-        card = data[key] if isinstance(data[key], dict) else {}
-        devices.append(gpu_device(str(card.get("Card series", "")), leading_number(card.get("VRAM Total Memory (B)", "")),
-                                  leading_number(card.get("VRAM Total Used Memory (B)", "")),
-                                  leading_number(card.get("GPU use (%)", "")),
-                                  leading_number(card.get("Temperature (Sensor junction) (C)", ""))))
-    return devices
-
-
-NVIDIA_QUERY = ["--query-gpu=name,memory.total,memory.used,utilization.gpu,temperature.gpu",
-                "--format=csv,noheader,nounits"]
-
-
-def gpu_devices():
-    """The GPUs' figures, NVIDIA's through nvidia-smi, else AMD's through
-    rocm-smi; an error names what failed."""
-    smi = gpu_tool("nvidia-smi", "/usr/bin/nvidia-smi")
-    if smi:
-        status, out = run_output([smi] + NVIDIA_QUERY, timeout=2.0)
-        if status == 0:
-            return nvidia_devices(out)
-    rocm = gpu_tool("rocm-smi", "/opt/rocm/bin/rocm-smi")
-    if not rocm:
-        raise OSError("rocm-smi tool not found")
-    status, out = run_output([rocm, "--showallinfo", "--json"], timeout=5.0)
-    if status != 0:
-        raise OSError("no data available")
-    return rocm_devices(out)
-
-
-def gpu_details():
-    """(the report's gpu block or None, a problem or ""), as the official
-    agent: no block without GPUs; on failure the message line and, when the
-    names can still be read, {"models": [...]}."""
-    try:
-        devices = gpu_devices()
-    except (OSError, ValueError) as e:
-        problem = str(e) if not isinstance(e, OSError) or not e.strerror else e.strerror
-        try:
-            models = [d["name"] for d in gpu_devices() if d["name"]]
-        except (OSError, ValueError):
-            models = []
-        return ({"models": models} if models else None), problem
-    if not devices:
-        return None, ""
-    return {"count": len(devices), "average_usage": sum(d["utilization"] for d in devices) / len(devices),
-            "detailed_info": devices}, ""
-
-
-# -- monthly traffic (--month-rotate) -------------------------------------------
+# ---------------------------------------------------------------------------
+# Monthly traffic: the ledger behind --month-rotate
+# ---------------------------------------------------------------------------
 
 TRAFFIC_FILE = "traffic.json"
 CALIBRATION_FILE = "traffic-calibration.json"
@@ -2042,7 +3085,11 @@ def epoch_of(now):
 
 
 def local_time(t):
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if isinstance(t, (int, float)) else "?"
+    """"2024-06-01 00:00", or "?" for what is no moment (stored JSON can hold anything)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if isinstance(t, (int, float)) else "?"
+    except (OverflowError, OSError, ValueError):
+        return "?"
 
 
 def reset_moment(year, month, day):
@@ -2088,27 +3135,6 @@ def human_size(n):
         if n >= 1024 ** power:
             return "%.2f %siB" % (n / 1024.0 ** power, SIZE_UNITS[power - 1])
     return "%d B" % n
-
-
-def boot_identity(proc="/proc"):
-    """(boot id, boot time in epoch seconds): a different id means the counters restarted."""
-    try:
-        boot_id = read_text(proc + "/sys/kernel/random/boot_id").strip()
-    except OSError:
-        boot_id = ""
-    boot_time = None
-    try:
-        for line in read_text(proc + "/stat").splitlines():
-            if line.startswith("btime "):
-                boot_time = float(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    if boot_time is None:
-        try:
-            boot_time = float(psutil_module().boot_time())
-        except Exception:
-            boot_time = time.time() - time.monotonic()
-    return boot_id or "btime:%d" % round(boot_time, -1), boot_time
 
 
 def net_static_totals(data, start, end):
@@ -2159,14 +3185,6 @@ def net_static_candidates(cwd=None):
     return [os.path.join(d, NET_STATIC) for d in dict.fromkeys(dirs)]
 
 
-def read_json_object(path, limit=64 << 20):
-    """A JSON object from the regular file `path`; OSError or ValueError otherwise."""
-    data = json.loads(read_regular_file(path, limit).decode("utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    return data
-
-
 def whole(value):
     """A non-negative int from stored JSON, 0 for anything else."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
@@ -2178,6 +3196,28 @@ def stored_time(value):
     value = float(value)
     time.localtime(value)
     return value
+
+
+def saved_traffic(path):
+    """The traffic.json snapshot at `path` for `traffic --show/--export`:
+    FileNotFoundError when there is none, ValueError saying what is wrong
+    when it is damaged (exported, it would give the official agent zeros)."""
+    data = read_json_object(path)
+    for key in ("period_start", "period_end", "saved_at"):
+        value = data.get(key)
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError
+            stored_time(value)
+        except (ValueError, OverflowError, OSError):
+            raise ValueError("%s is not a moment in time" % key)
+    for key, shape, item in (("total", dict, int), ("offset", dict, int), ("nics", dict, dict),
+                             ("counted", list, str), ("previous", dict, object)):
+        value = data.get(key) or shape()
+        items = list(value.values()) if isinstance(value, dict) else value
+        if not isinstance(value, shape) or any(isinstance(v, bool) or not isinstance(v, item) for v in items):
+            raise ValueError("%s is malformed" % key)
+    return data
 
 
 class TrafficLedger:
@@ -2197,7 +3237,7 @@ class TrafficLedger:
         self.reset_day = reset_day
         self.counted = counted or (lambda nic: True)
         self.counted_cache = {}
-        self.boot_id, self.boot_time = boot or boot_identity()
+        self.boot_id, self.boot_time = boot or make_host().boot_identity()
         self.lock = threading.Lock()
         self.problem = ""
         self.sampled = False      # whether this process has sampled the counters yet
@@ -2443,6 +3483,24 @@ class TrafficLedger:
             return self.totals()
 
 
+def sample_traffic_while_idle(ledger, sample, stop):
+    """Keep `ledger` counting while no report does (before the first link,
+    during an outage): `sample()` (Collector.sample_traffic) at once and
+    whenever the last sample is TRAFFIC_SAVE_EVERY old, so the state is
+    saved, `traffic --show` is right and a reboot before the panel is
+    reached loses at most that much. Returns when `stop` is set."""
+    while True:
+        idle = time.time() - ledger.sampled_at if ledger.sampled else TRAFFIC_SAVE_EVERY
+        if not 0 <= idle < TRAFFIC_SAVE_EVERY:
+            try:
+                sample()
+            except Exception as e:   # a NIC read failing now and then must not end the counting
+                log.debug("traffic sample failed: %s", describe_error(e))
+            idle = 0.0
+        if stop.wait(TRAFFIC_SAVE_EVERY - idle):
+            return
+
+
 def traffic_ledger(cfg):
     """The TrafficLedger for --month-rotate, or None without it."""
     if not cfg.month_rotate:
@@ -2450,117 +3508,17 @@ def traffic_ledger(cfg):
     include, exclude = cfg.nics_include, cfg.nics_exclude
     ledger = TrafficLedger(state_dir(cfg), cfg.month_rotate, lambda nic: nic_counted(nic, include, exclude),
                            import_path=cfg.import_net_static, import_candidates=net_static_candidates(),
-                           boot=boot_identity(cfg.host_proc))
+                           boot=make_host(cfg).boot_identity())
     log.info("traffic: counting from %s (reset day %d), state in %s",
              local_time(ledger.start), cfg.month_rotate, ledger.path)
     return ledger
 
 
-def traffic_command(argv, environ):
-    """`komari_agent.py traffic [--set-up SIZE] [--set-down SIZE] [--show] [agent flags]`:
-    calibrate or show this period's totals. Returns the exit code."""
-    parser = ArgParser(prog=PROG + " traffic", allow_abbrev=False,
-                       description="Show or correct this period's traffic totals. Give the same --state-dir "
-                                   "and --config (or AGENT_* environment) as the agent so the same state is used.")
-    parser.add_argument("--set-up", metavar="SIZE",
-                        help="set this period's upload total, e.g. 120G (K/M/G/T/P, 1024-based, decimals allowed)")
-    parser.add_argument("--set-down", metavar="SIZE", help="set this period's download total, e.g. 1.5T")
-    parser.add_argument("--show", action="store_true", help="print the period start and totals (the default)")
-    parser.add_argument("--export", metavar="PATH", nargs="?", const="",
-                        help="write this period's totals as the official agent's net_static.json (default: in the "
-                             "state directory), for switching back to it")
-    try:
-        args, rest = parser.parse_known_args(argv)
-        sizes = {k: parse_size(v) for k, v in (("up", args.set_up), ("down", args.set_down)) if v is not None}
-        cfg, _ = load_config(rest + ["--dry-run"], environ)
-    except (ConfigError, ValueError) as e:
-        sys.stderr.write("%s traffic: error: %s\n" % (PROG, e))
-        return 2
-    directory = state_dir(cfg)
-    calibration = os.path.join(directory, CALIBRATION_FILE)
-    if sizes:
-        try:
-            pending = read_json_object(calibration)
-        except (OSError, ValueError):
-            pending = {}
-        pending = {k: v for k, v in pending.items() if k in ("up", "down")}
-        pending.update(sizes)
-        pending["at"] = time.time()
-        try:
-            write_atomic(calibration, encode(pending).encode())
-            if hasattr(os, "geteuid") and os.geteuid() == 0:
-                # root calibrating for an agent that runs as its own user: let it read the file
-                owner = os.stat(directory)
-                os.chown(calibration, owner.st_uid, owner.st_gid)
-        except OSError as e:
-            sys.stderr.write("%s traffic: error: cannot write %s: %s (run it as the agent's user)\n"
-                             % (PROG, calibration, describe_error(e)))
-            return 1
-        print("calibration saved in %s: %s; a running agent applies it within %d s, otherwise it is applied "
-              "when the agent starts with --month-rotate" % (calibration, ", ".join(
-                  "%s %s" % (k, human_size(v)) for k, v in sorted(sizes.items())), CALIBRATION_CHECK_EVERY + 2))
-    if args.export is not None:
-        return export_traffic(directory, args.export or os.path.join(directory, NET_STATIC))
-    if args.show or not sizes:
-        try:
-            shown = show_traffic(directory, calibration)
-        except (TypeError, ValueError, AttributeError, OverflowError) as e:
-            sys.stderr.write("%s traffic: error: %s in %s is damaged (%s); the agent sets it aside when it "
-                             "starts\n" % (PROG, TRAFFIC_FILE, directory, describe_error(e)))
-            shown = 1
-        return 0 if sizes else shown
-    return 0
-
-
-def export_traffic(directory, path):
-    try:
-        state = read_json_object(os.path.join(directory, TRAFFIC_FILE))
-        stamp = state.get("saved_at") if isinstance(state.get("saved_at"), (int, float)) else time.time()
-        write_net_static(os.path.abspath(path), state, stamp)
-    except (OSError, ValueError) as e:
-        sys.stderr.write("%s traffic: error: cannot export: %s\n" % (PROG, describe_error(e)))
-        return 1
-    print("wrote %s; put it in the official agent's working directory (/opt/komari) before starting it" % path)
-    return 0
-
-
-def show_traffic(directory, calibration):
-    path = os.path.join(directory, TRAFFIC_FILE)
-    try:
-        data = read_json_object(path)
-    except (OSError, ValueError) as e:
-        print("no traffic state in %s (%s): is the agent running with --month-rotate and this --state-dir?"
-              % (directory, describe_error(e)))
-        return 1
-    total = data.get("total") or {}
-    print("period start: %s (reset day %s), next: %s" % (local_time(data.get("period_start")), data.get("reset_day"),
-                                                         local_time(data.get("period_end"))))
-    for key in ("up", "down"):
-        value = whole(total.get(key))
-        print("%-5s %s (%d bytes)" % (key + ":", human_size(value), value))
-    counted = set(data.get("counted") or [])
-    for nic, entry in sorted((data.get("nics") or {}).items()):
-        print("  %s%s: up %s, down %s" % (nic, "" if nic in counted else " (not counted)",
-                                          human_size(whole(entry.get("up"))), human_size(whole(entry.get("down")))))
-    offset = data.get("offset") or {}
-    if offset.get("up") or offset.get("down"):
-        print("  calibration offset: up %+d, down %+d bytes" % (offset.get("up", 0), offset.get("down", 0)))
-    previous = data.get("previous")
-    if isinstance(previous, dict):
-        print("previous period from %s: up %s, down %s" % (local_time(previous.get("start")),
-                                                           human_size(whole(previous.get("up"))),
-                                                           human_size(whole(previous.get("down")))))
-    print("as of %s (the agent saves every minute while it runs)" % local_time(data.get("saved_at")))
-    if os.path.exists(calibration):
-        print("a calibration is waiting for the agent to apply it")
-    return 0
-
-
 # ---------------------------------------------------------------------------
-# Wire protocol: the panel's paths, every message we send, every message we
-# read; v1 beside v2 (JSON-RPC 2.0)
+# Wire protocol: the panel's paths, every message we send and read; v1 beside v2 (JSON-RPC 2.0)
 # ---------------------------------------------------------------------------
-# Traps (the server's behaviour, README "What is sent"): exec results go by POST to
+
+# Traps (the server's behaviour, docs/WIRE.md): exec results go by POST to
 # TASK_RESULT_PATH even on v2 (the server ignores agent.taskResult); a terminal
 # request needs a socket, so it never reaches an agent in POST mode; a v2 ping
 # result's finished_at must carry a zone or the whole call fails; a v2 socket
@@ -2582,22 +3540,33 @@ PULL_CAPABILITIES = ("exec", "ping")
 # (-32602 invalid params, -32000 failed to save) are about one message's content
 RPC_PROTOCOL_ERRORS = (-32700, -32600, -32601)
 
-# One encoder for the run: json.dumps with options builds a new one per call.
-WIRE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+def finite(value, low, high):
+    """A float the server accepts: no NaN or infinity, within [low, high]."""
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        return low
+    return min(high, max(low, value))
 
 
-def encode(obj):
-    """Compact JSON exactly as it goes on the wire; NaN is an error, not a token."""
-    return WIRE_JSON.encode(obj)
-
-
-def rfc3339_now():
-    """Local time with its offset, e.g. 2026-11-24T16:00:00.123+08:00."""
-    from datetime import datetime
-    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+def count(value):
+    """A non-negative JSON integer (the server rejects 1.0 where it wants int64)."""
+    try:
+        return max(0, min(int(value), 2 ** 63 - 2))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 # -- what we send ----------------------------------------------------------------
+
+def basic_info_payload(f):
+    """The basic-info object for BasicFacts `f`: exactly the keys the server
+    has columns for (v1's POST body, v2's agent.basicInfo params.info)."""
+    return {"cpu_name": f.cpu_name, "cpu_cores": f.cpu_cores, "cpu_physical_cores": f.cpu_physical_cores,
+            "arch": f.arch, "os": f.os, "kernel_version": f.kernel_version, "gpu_name": f.gpu_name,
+            "virtualization": f.virtualization, "ipv4": f.ipv4, "ipv6": f.ipv6, "mem_total": int(f.mem_total),
+            "swap_total": int(f.swap_total), "disk_total": int(f.disk_total), "version": __version__}
+
 
 def report_payload(f):
     """The realtime report for Figures `f`, as the panel decodes it (the v1
@@ -2618,8 +3587,20 @@ def report_payload(f):
         "message": f.message,
     }
     if f.gpu:
-        report["gpu"] = f.gpu
+        report["gpu"] = gpu_block(f.gpu)
     return report
+
+
+def gpu_block(gpu):
+    """The report's gpu object: every device's figures, or {"models": [...]}
+    when only the names could be read."""
+    if isinstance(gpu[0], str):
+        return {"models": list(gpu)}
+    devices = [{"name": d.name, "memory_total": count(d.memory_total), "memory_used": count(d.memory_used),
+                "utilization": finite(d.utilization, 0.0, 100.0), "temperature": count(d.temperature)}
+               for d in gpu]
+    return {"count": len(devices), "average_usage": sum(d["utilization"] for d in devices) / len(devices),
+            "detailed_info": devices}
 
 
 def task_result(task_id, text, code):
@@ -2627,13 +3608,14 @@ def task_result(task_id, text, code):
     return {"task_id": task_id, "result": text, "exit_code": code, "finished_at": rfc3339_now()}
 
 
-def ping_result_v1(task_id, kind, value):
-    return {"type": "ping_result", "task_id": task_id, "ping_type": kind, "value": value,
-            "finished_at": rfc3339_now()}
-
-
 def ping_result_params(task_id, kind, value):
+    """agent.pingResult's params; finished_at must carry a zone."""
     return {"task_id": task_id, "ping_type": kind, "value": value, "finished_at": rfc3339_now()}
+
+
+def ping_result_v1(task_id, kind, value):
+    """The v1 socket's ping_result frame: the same fields, typed."""
+    return dict({"type": "ping_result"}, **ping_result_params(task_id, kind, value))
 
 
 def rpc_request(method, params, request_id):
@@ -2773,75 +3755,80 @@ def request_id(message):
     value = message.get("id")
     return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
 
+# -- the panel's events and answers, field by field ---------------------------------
 
-class Inbox:
-    """Events from every link on their way to Tasks. It outlives the links, so
-    an event delivered twice (by a pull result, again by a report result, once
-    more as a notification after a reconnect) runs once: events are known by
-    id, execs by task id. Handled ids wait here until a reply confirms the
-    panel got the acknowledgement."""
+def valid_task_id(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 63
 
-    KEEP = 4096  # ids remembered; the panel queues at most 128 per client
 
-    def __init__(self, dispatch):
-        self.dispatch = dispatch
-        self.lock = threading.Lock()
-        self.seen = {}   # event ids and ("exec", task id), oldest first
-        self.acks = {}   # event ids to acknowledge, oldest first
+def exec_request(event):
+    """(task id or None when it has none usable, command) of an exec event."""
+    task_id, command = event.get("task_id"), event.get("command")
+    return (task_id if isinstance(task_id, str) and task_id else None), \
+        (command if isinstance(command, str) else "")
 
-    def _remember(self, key):
-        """False when key was seen before."""
-        if key in self.seen:
-            return False
-        self.seen[key] = True
-        while len(self.seen) > self.KEEP:
-            del self.seen[next(iter(self.seen))]
-        return True
 
-    def take(self, link, event, event_id=None):
-        """Run one event from a v2 link (event: the v1-shaped dict, or None for
-        one that is only logged)."""
-        with self.lock:
-            fresh = event_id is None or self._remember(event_id)
-            if fresh and event is not None and event.get("message") == "exec":
-                task_id = event.get("task_id")
-                fresh = not isinstance(task_id, str) or not task_id or self._remember(("exec", task_id))
-                if not fresh:
-                    log.info("remote command %s already run; not again", task_id[:40])
-        if fresh and event is not None:
-            self.dispatch(link, event)
-        if event_id is not None:
-            with self.lock:
-                self.acks[event_id] = True
-                while len(self.acks) > self.KEEP:  # a panel that never confirms
-                    del self.acks[next(iter(self.acks))]
+def ping_request(event):
+    """(task id, probe kind, target) of a ping event; None when malformed."""
+    task_id, kind, target = event.get("ping_task_id"), event.get("ping_type"), event.get("ping_target")
+    if valid_task_id(task_id) and isinstance(kind, str) and isinstance(target, str):
+        return task_id, kind, target
+    return None
 
-    def take_rpc(self, link, event_id, method, params):
-        """Never raises: in POST mode this runs on the agent's and the pull's
-        threads, and one odd event must not end them nor the events after it."""
-        try:
-            event = event_from_rpc(method, params)
-        except KeyError:
-            # not acknowledged: the panel offers it again until it expires
-            log.warning("ignoring an unknown event %r from the panel", str(method)[:40])
-            return
-        try:
-            self.take(link, event, event_id)
-        except Exception:
-            log.exception("error while handling the event %r from the panel; skipped", str(method)[:40])
 
-    def pending_acks(self):
-        with self.lock:
-            return list(self.acks)[:128]
+def terminal_request(event):
+    """The request id of a terminal event; None when unusable."""
+    request_id = event.get("request_id")
+    return request_id if isinstance(request_id, str) and 0 < len(request_id) <= 256 else None
 
-    def acknowledged(self, ids):
-        with self.lock:
-            for event_id in ids:
-                self.acks.pop(event_id, None)
+
+def terminal_input(text):
+    """What a text frame means: ("resize", rows, cols), ("keys", bytes) or
+    None to ignore. A text frame that is not a JSON object is typed as it is."""
+    try:
+        message = json.loads(text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return ("keys", text)
+    if message is None:
+        return None
+    if not isinstance(message, dict):
+        return ("keys", text)
+    kind = message.get("type")
+    if kind == "resize":
+        rows, cols = message.get("rows"), message.get("cols")
+        if all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536 for v in (rows, cols)):
+            return ("resize", rows, cols)
+        return None
+    if kind == "input" and isinstance(message.get("input"), str) and message["input"]:
+        return ("keys", clean_strings(message["input"]).encode("utf-8"))
+    return None  # heartbeat, close and kinds we do not know are never typed
+
+
+def registration_answer(body):
+    """(token, uuid) from the panel's answer to an auto-discovery
+    registration; ValueError when it holds none."""
+    try:
+        data = clean_strings(json.loads(body.decode("utf-8")))["data"]
+        token, uuid = data["token"], data.get("uuid", "")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise ValueError("no registration in the answer")
+    if not isinstance(token, str) or not token:
+        raise ValueError("no token in the answer")
+    return token, (uuid if isinstance(uuid, str) else "")  # NaN or an object would not even save
+
+
+def accepted(body):
+    """The panel's JSON answer to a v1 POST when it says success, else None
+    (a proxy or a wrong endpoint can answer 200 with HTML)."""
+    try:
+        parsed = json.loads(body.decode("utf-8"))
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) and parsed.get("status") == "success" else None
 
 
 # ---------------------------------------------------------------------------
-# Transport: HTTP uploads and the report links (v2 WebSocket, v2 POST, v1 WebSocket)
+# Transport: HTTP uploads to the panel, undelivered results, auto-discovery
 # ---------------------------------------------------------------------------
 
 class PanelRefused(AgentError):
@@ -2851,27 +3838,6 @@ class PanelRefused(AgentError):
         super().__init__("HTTP %s %s" % (status, detail))
         self.status = status
         self.detail = detail
-
-
-def tls_context(cfg):
-    if cfg.ignore_unsafe_cert:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    return ssl.create_default_context()
-
-
-def describe_body(body):
-    """One line for a reply we did not expect (an HTML error page from a proxy,
-    a JSON error from the panel)."""
-    text = body[:2000].decode("utf-8", "replace")
-    title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
-    if title:
-        return "an HTML page %r" % title.group(1).strip()[:80]
-    if "<html" in text.lower():
-        return "an HTML page"
-    return repr(" ".join(text.split())[:160])
 
 
 class Panel:
@@ -2914,9 +3880,7 @@ class Panel:
         import urllib.error
         import urllib.request
         data = obj if isinstance(obj, bytes) else encode(obj).encode("utf-8")
-        request = urllib.request.Request(url, data=data, method="POST",
-                                         headers=dict(headers, **{"Content-Type": "application/json",
-                                                                  "User-Agent": "komari-agent-py/" + __version__}))
+        request = urllib.request.Request(url, data=data, method="POST", headers=post_headers(headers))
         cutter = ConnectionCutter(timeout)
         try:
             try:
@@ -2924,17 +3888,8 @@ class Panel:
                     return reply.status, reply.read(limit)
             except urllib.error.HTTPError as e:
                 return e.code, e.read(4096) if e.fp else b""
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if cutter.fired:
-                raise cutter.timeout()
-            raise reason if isinstance(reason, OSError) else OSError(str(reason))
         except (OSError, ValueError, http_exceptions()) as e:
-            if cutter.fired:
-                raise cutter.timeout()
-            if isinstance(e, OSError):
-                raise
-            raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+            raise http_failure(e, cutter)
         finally:
             cutter.cancel()
 
@@ -2942,110 +3897,10 @@ class Panel:
         """POST obj; returns the decoded JSON reply, or raises PanelRefused
         (the panel said no) or OSError (it could not be reached)."""
         status, body = self.exchange(self.url(path), obj, timeout=timeout)
-        try:
-            parsed = json.loads(body.decode("utf-8"))
-        except ValueError:
-            parsed = None
-        # a proxy or a wrong endpoint can answer 200 with HTML: insist on the JSON success
-        if status != 200 or not isinstance(parsed, dict) or parsed.get("status") != "success":
+        parsed = accepted(body)
+        if status != 200 or parsed is None:
             raise PanelRefused(status, describe_body(body))
         return parsed
-
-
-class ConnectionCutter:
-    """One overall deadline for an HTTP exchange: when it passes, the
-    connections opened for the exchange are shut down, which ends any read
-    however slowly the peer trickles (a socket timeout counts per read)."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-        self.lock = threading.Lock()
-        self.sockets = []  # duplicates: shutting one down ends the connection, never a reused fd
-        self.fired = self.done = False
-        self.timer = threading.Timer(seconds, self.fire)
-        self.timer.daemon = True
-        self.timer.start()
-
-    def watch(self, create_connection):
-        def create(*args, **kwargs):
-            sock = create_connection(*args, **kwargs)
-            with self.lock:
-                if not self.done:
-                    self.sockets.append(sock.dup())
-                fired = self.fired
-            if fired:
-                sock.shutdown(socket.SHUT_RDWR)
-            return sock
-        return create
-
-    def follow(self, sock):
-        """Cut `sock` too: a kept-alive connection (TLS or not) opened before."""
-        copy = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a plain socket even for TLS
-        with self.lock:
-            kept, fired = not self.done, self.fired
-            if kept:
-                self.sockets.append(copy)
-        if fired:
-            try:
-                copy.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if not kept:
-            copy.close()
-
-    def fire(self):
-        with self.lock:
-            self.fired = True
-            for sock in self.sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def timeout(self):
-        import errno
-        return socket.timeout(errno.ETIMEDOUT, "no complete answer within %gs" % self.seconds)
-
-    def cancel(self):
-        self.timer.cancel()
-        with self.lock:
-            self.done = True
-            for sock in self.sockets:
-                sock.close()
-            self.sockets = []
-
-
-def cuttable_handlers(cutter, context, dial=None):
-    """urllib handlers for http (and https with `context`) whose connections
-    `cutter` watches, dialled by `dial` (socket.create_connection's
-    signature) when one is given. A proxy (CONNECT tunnel) is dialled the
-    same way."""
-    import http.client
-    import urllib.request
-
-    def watched(connection_class):
-        def make(host, **kwargs):
-            connection = connection_class(host, **kwargs)
-            if dial is not None:
-                connection._create_connection = dial
-            if cutter is not None:
-                connection._create_connection = cutter.watch(connection._create_connection)
-            return connection
-        return make
-
-    class HTTPHandler(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(watched(http.client.HTTPConnection), req)
-
-    class HTTPSHandler(urllib.request.HTTPSHandler):
-        def https_open(self, req):
-            return self.do_open(watched(http.client.HTTPSConnection), req, context=context)
-    return [HTTPHandler(), HTTPSHandler(context=context)]
-
-
-def http_exceptions():
-    import http.client
-    return http.client.HTTPException
 
 
 def explain_refusal(error, what):
@@ -3201,6 +4056,8 @@ class ResultSpool:
             self._forget(name)
 
 
+# -- auto-discovery ----------------------------------------------------------------
+
 def discovery_file(cfg):
     return os.path.join(state_dir(cfg), "auto-discovery.json")
 
@@ -3238,17 +4095,19 @@ def register_with_key(panel):
     status, body = panel.exchange(url, {"key": cfg.auto_discovery}, limit=1 << 16,
                                   headers={"Authorization": "Bearer " + cfg.auto_discovery})
     try:
-        data = clean_strings(json.loads(body.decode("utf-8")))["data"]
-        token, uuid = data["token"], data.get("uuid", "")
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        token, uuid = registration_answer(body)
+    except ValueError:
+        token = None
+    if status != 200 or token is None:
         raise PanelRefused(status, describe_body(body))
-    if status != 200 or not isinstance(token, str) or not token:
-        raise PanelRefused(status, describe_body(body))
-    uuid = uuid if isinstance(uuid, str) else ""  # NaN or an object would not even save
     write_atomic(discovery_file(cfg), encode({"uuid": uuid, "token": token}).encode(), 0o600)
     log.info("registered with the panel by auto-discovery as client %s", uuid)
     return token
 
+
+# ---------------------------------------------------------------------------
+# Links: WebSocket framing, the three report links, choosing one
+# ---------------------------------------------------------------------------
 
 class LinkClosed(AgentError):
     """The report link is gone (the panel closed it, a write failed, a ping
@@ -3267,6 +4126,72 @@ class ProtocolRejected(AgentError):
         self.detail = detail
 
 
+class Inbox:
+    """Events from every link on their way to Tasks. It outlives the links, so
+    an event delivered twice (by a pull result, again by a report result, once
+    more as a notification after a reconnect) runs once: events are known by
+    id, execs by task id. Handled ids wait here until a reply confirms the
+    panel got the acknowledgement."""
+
+    KEEP = 4096  # ids remembered; the panel queues at most 128 per client
+
+    def __init__(self, dispatch):
+        self.dispatch = dispatch
+        self.lock = threading.Lock()
+        self.seen = {}   # event ids and ("exec", task id), oldest first
+        self.acks = {}   # event ids to acknowledge, oldest first
+
+    def _remember(self, key):
+        """False when key was seen before."""
+        if key in self.seen:
+            return False
+        self.seen[key] = True
+        while len(self.seen) > self.KEEP:
+            del self.seen[next(iter(self.seen))]
+        return True
+
+    def take(self, event, event_id=None):
+        """Run one event from a v2 link (event: the v1-shaped dict, or None for
+        one that is only logged)."""
+        with self.lock:
+            fresh = event_id is None or self._remember(event_id)
+            if fresh and event is not None and event.get("message") == "exec":
+                task_id = event.get("task_id")
+                fresh = not isinstance(task_id, str) or not task_id or self._remember(("exec", task_id))
+                if not fresh:
+                    log.info("remote command %s already run; not again", task_id[:40])
+        if fresh and event is not None:
+            self.dispatch(event)
+        if event_id is not None:
+            with self.lock:
+                self.acks[event_id] = True
+                while len(self.acks) > self.KEEP:  # a panel that never confirms
+                    del self.acks[next(iter(self.acks))]
+
+    def take_rpc(self, event_id, method, params):
+        """Never raises: in POST mode this runs on the agent's and the pull's
+        threads, and one odd event must not end them nor the events after it."""
+        try:
+            event = event_from_rpc(method, params)
+        except KeyError:
+            # not acknowledged: the panel offers it again until it expires
+            log.warning("ignoring an unknown event %r from the panel", str(method)[:40])
+            return
+        try:
+            self.take(event, event_id)
+        except Exception:
+            log.exception("error while handling the event %r from the panel; skipped", str(method)[:40])
+
+    def pending_acks(self):
+        with self.lock:
+            return list(self.acks)[:128]
+
+    def acknowledged(self, ids):
+        with self.lock:
+            for event_id in ids:
+                self.acks.pop(event_id, None)
+
+
 def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT, header=None):
     """A connected websocket-client WebSocket: no Origin header (the panel's
     browser origin policy would apply), proxies from the environment, TLS
@@ -3282,35 +4207,6 @@ def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT, header=None):
     ws = websocket.create_connection(url, timeout=timeout, suppress_origin=True, sslopt=sslopt,
                                      enable_multithread=True, skip_utf8_validation=True, **kwargs)
     return ws
-
-
-def preferred_socket(cfg, url, timeout):
-    """A TCP (and TLS) socket to the URL's host, trying the preferred address
-    family first."""
-    from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
-    sock = dial_tcp(cfg, parts.hostname, port, timeout)
-    if secure:
-        sock = tls_context(cfg).wrap_socket(sock, server_hostname=parts.hostname)
-    return sock
-
-
-def dial_tcp(cfg, host, port, timeout):
-    """A connected TCP socket to host:port, through resolve_host (--custom-dns,
-    --prefer-ip-version): each address in turn."""
-    error = OSError("no address for %s" % host)
-    for family, address in resolve_host(cfg, host, port):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(timeout if isinstance(timeout, (int, float)) else None)
-        try:
-            sock.connect(address)
-            return sock
-        except OSError as e:
-            sock.close()
-            error = e
-    raise error
 
 
 def handshake_problem(error):
@@ -3349,19 +4245,6 @@ def unmask(data, key):
     n = len(data)
     mask = int.from_bytes((key * (n // 4 + 1))[:n], "big")
     return (int.from_bytes(data, "big") ^ mask).to_bytes(n, "big")
-
-
-def drop_tcp(sock):
-    """Drop a connection at once, from any thread: shutdown() wakes a thread
-    blocked reading or writing on it."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except Exception:
-        pass
-    try:
-        sock.close()
-    except Exception:
-        pass
 
 
 # -- permessage-deflate (RFC 7692) -------------------------------------------------
@@ -3433,41 +4316,64 @@ class Deflate:
 FRAME_TROUBLE_LOG = OncePer(3600.0)
 
 
-class ReportLink:
-    """The v1 report WebSocket, and the base of the v2 one (RpcLink).
+# The kinds of report link, in fallback order (LinkChooser).
+V2_SOCKET, V2_POST, V1_SOCKET = LINK_KINDS = ("v2 WebSocket", "v2 POST", "v1 WebSocket")
 
-    Every report link (ReportLink, RpcLink, PostLink; LinkChooser picks one)
-    offers the agent loop: start(); send_report(report);
-    send_ping_result(task_id, kind, value); send_basic_info(info) (False: the
-    agent uploads it by HTTP); keepalive(now) (pings, dead-link detection;
-    returns when to call it again); proven() (the panel answered on it);
-    close(); the Event `dead` with `why`; `rejected` (the ProtocolRejected
-    that killed it, if the panel refused the protocol on it) and `successor`
-    (a link to use next instead of dialling).
+
+class Link:
+    """What every report link offers the agent loop, whatever its kind:
+    start(); send_report(report); send_ping_result(task_id, kind, value);
+    send_basic_info(info) (False: the agent uploads it by HTTP instead);
+    keepalive(now) (pings, dead-link detection; returns when to call it
+    again); proven() (the panel answered on it); close().
+    State: `kind` (one of LINK_KINDS) and `label` (the kind with its details,
+    for the log); the Event `dead` with `why`; `rejected` (the
+    ProtocolRejected that killed it, when the panel refused the protocol on
+    it); `successor` (a link to use next instead of dialling);
+    `reported_at_open` (the dial itself carried the first report)."""
+
+    kind = ""
+    reported_at_open = False
+
+    def __init__(self):
+        self.label = self.kind
+        self.dead = threading.Event()
+        self.why = ""
+        self.rejected = None
+        self.successor = None
+
+    def fail(self, why):
+        if not self.dead.is_set():
+            self.why = why
+            self.dead.set()
+
+    def start(self):
+        pass
+
+    def send_basic_info(self, info):
+        return False
+
+
+class SocketLink(Link):
+    """A report WebSocket's frames, for the v1 and the v2 socket alike;
+    subclasses say what a message means (on_message) and how reports go.
 
     Frames are read and written here, not by websocket-client: its reader
     buffers a whole message before any size check, cannot inflate compressed
     frames, and holds a lock through a 5 s read that a close would wait on.
     Every write holds write_lock (reports, ping results and pings come from
-    different threads); a reader thread dispatches the panel's messages and
-    notes when anything was last heard."""
+    different threads); a reader thread hands the panel's messages to
+    on_message and notes when anything was last heard."""
 
-    mode = "v1 WebSocket"
-    first_report_in = 0.0  # seconds from start() to the first report: at once
-
-    def __init__(self, ws, on_message, deflate=None):
+    def __init__(self, ws, deflate=None):
+        super().__init__()
         self.ws = ws
         self.sock = ws.sock
-        self.on_message = on_message
         self.deflate = deflate
         self.write_lock = threading.Lock()
-        self.dead = threading.Event()
         self.last_heard = time.monotonic()
         self.ping_sent = None
         self.next_ping = self.last_heard + PING_EVERY
-        self.why = ""
-        self.rejected = None
-        self.successor = None
         self.buffer = b""
         self.reader = threading.Thread(target=self._read_loop, name="ws-reader", daemon=True)
 
@@ -3478,14 +4384,8 @@ class ReportLink:
         self.next_ping = time.monotonic() + PING_EVERY
         self.reader.start()
 
-    def send_report(self, report):
-        self.send_text(encode(report))
-
-    def send_ping_result(self, task_id, kind, value):
-        self.send_text(encode(ping_result_v1(task_id, kind, value)))
-
-    def send_basic_info(self, info):
-        return False
+    def on_message(self, payload):
+        raise NotImplementedError
 
     def send_text(self, text):
         # Framed here and written straight to the socket: websocket-client's
@@ -3536,11 +4436,6 @@ class ReportLink:
             raise LinkClosed(self.why)
         return min(self.next_ping, (self.ping_sent or now) + PONG_DEADLINE + 0.05)
 
-    def fail(self, why):
-        if not self.dead.is_set():
-            self.why = why
-            self.dead.set()
-
     def close(self, status=1000):
         """Never waits on the reader, nor long on a writer stuck on a dead peer:
         the close frame gets one short chance, then TCP goes."""
@@ -3570,7 +4465,7 @@ class ReportLink:
                 drop_tcp(self.sock)
                 return
             try:
-                self.on_message(self, payload)
+                self.on_message(payload)
             except Exception:
                 log.exception("error while handling a message from the panel; skipped")
 
@@ -3647,13 +4542,30 @@ class ReportLink:
             raise LinkClosed(self.why)
         if opcode == 0x9:
             frame = client_frame(0xA, payload)
-            try:
-                self._write(lambda: self.sock.sendall(frame))
-            except LinkClosed:
-                raise
+            self._write(lambda: self.sock.sendall(frame))
 
 
-class RpcLink(ReportLink):
+class ReportLink(SocketLink):
+    """The v1 report WebSocket: reports and ping results as JSON frames, the
+    panel's events as {"message": ...} frames handed to `handle`."""
+
+    kind = V1_SOCKET
+
+    def __init__(self, ws, handle):
+        super().__init__(ws)
+        self.handle = handle
+
+    def on_message(self, payload):
+        self.handle(payload)
+
+    def send_report(self, report):
+        self.send_text(encode(report))
+
+    def send_ping_result(self, task_id, kind, value):
+        self.send_text(encode(ping_result_v1(task_id, kind, value)))
+
+
+class RpcLink(SocketLink):
     """The v2 report WebSocket: JSON-RPC 2.0, compressed when the panel agreed.
     A report is a request (answered) when it carries acks, when it is the
     first on the link or every ASK_EVERY-th, and while the panel refuses
@@ -3666,11 +4578,12 @@ class RpcLink(ReportLink):
     flag quirk, as legacy frames."""
 
     ASK_EVERY = 10
+    kind = V2_SOCKET
 
     def __init__(self, ws, inbox, deflate=None):
-        super().__init__(ws, self._on_rpc, deflate)
+        super().__init__(ws, deflate)
         self.inbox = inbox
-        self.mode = "v2 WebSocket (%s)" % ("permessage-deflate" if deflate else "no compression")
+        self.label = "%s (%s)" % (self.kind, "permessage-deflate" if deflate else "no compression")
         self.ids = itertools.count(1)
         self.sent_acks = {}  # request id -> the event ids it acknowledged
         self.acks_lock = threading.Lock()
@@ -3699,8 +4612,8 @@ class RpcLink(ReportLink):
         self.send_text(rpc_basic_info(info, next(self.ids)))
         return True
 
-    def _on_rpc(self, link, data):
-        message = parse_event(data)
+    def on_message(self, payload):
+        message = parse_event(payload)
         if message is None:
             return
         try:
@@ -3710,9 +4623,9 @@ class RpcLink(ReportLink):
                 log.warning("skipping a message from the panel: %s", e)
             return
         if reply.legacy is not None:
-            self.inbox.take(self, reply.legacy)
+            self.inbox.take(reply.legacy)
         for event_id, method, params in reply.events:
-            self.inbox.take_rpc(self, event_id, method, params)
+            self.inbox.take_rpc(event_id, method, params)
         if reply.answers is not None or reply.error is not None:
             self.answered(reply)
 
@@ -3784,8 +4697,7 @@ class KeptAlive:
         (a ConnectionCutter, as there: a trickled answer is cut off)."""
         if not self.direct:
             return self.panel.exchange(self.url, body, headers=headers, limit=limit, timeout=timeout)
-        headers = dict(headers, **{"Content-Type": "application/json",
-                                   "User-Agent": "komari-agent-py/" + __version__})
+        headers = post_headers(headers)
         cutter = ConnectionCutter(timeout)
         try:
             for attempt in (1, 2):
@@ -3806,14 +4718,10 @@ class KeptAlive:
                     return reply.status, data
                 except (OSError, ValueError, http_exceptions()) as e:
                     self.close()
-                    if cutter.fired:
-                        raise cutter.timeout()
                     # a kept-alive connection the panel had closed meanwhile: once more on a new one
-                    if reused and attempt == 1 and not isinstance(e, socket.timeout):
+                    if reused and attempt == 1 and not cutter.fired and not isinstance(e, socket.timeout):
                         continue
-                    if isinstance(e, OSError):
-                        raise
-                    raise OSError("bad HTTP exchange: %s" % type(e).__name__)
+                    raise http_failure(e, cutter)
         finally:
             cutter.cancel()
 
@@ -3826,46 +4734,40 @@ class KeptAlive:
                 pass
 
 
-class PostLink:
+class PostLink(Link):
     """Protocol v2 by HTTP POST, for a panel behind a proxy that refuses
     WebSocket upgrades: a report POSTed every interval (gzip), one agent.pull
-    long poll always waiting for events, and a dial of the WebSocket every
-    --reconnect-interval; the first that works becomes this link's successor.
-    A terminal can never reach this link: the panel needs a socket for it.
-    Offers what ReportLink offers."""
+    long poll always waiting for events, and a dial of the WebSocket
+    (`redial`) every --reconnect-interval; the first that works becomes this
+    link's successor. A terminal can never reach this link: the panel needs
+    a socket for it."""
 
-    mode = "v2 POST"
+    kind = V2_POST
 
-    def __init__(self, agent):
-        self.agent = agent
-        self.cfg = agent.cfg
-        self.inbox = agent.inbox
-        self.url = agent.panel.url(RPC_PATH)
-        self.dead = threading.Event()
-        self.why = ""
-        self.rejected = None
-        self.successor = None
+    def __init__(self, cfg, panel, inbox, redial):
+        super().__init__()
+        self.cfg, self.panel, self.inbox, self.redial = cfg, panel, inbox, redial
+        self.url = panel.url(RPC_PATH)
         self.ids = itertools.count(1)
         # one kept-alive connection for the reports (the agent thread), one for the pulls
-        self.reporting = KeptAlive(agent.panel, self.url)
-        self.pulling = KeptAlive(agent.panel, self.url)
+        self.reporting = KeptAlive(panel, self.url)
+        self.pulling = KeptAlive(panel, self.url)
         self.lock = threading.Lock()
         self.strikes = 0
         self.failures = 0
         self.last_success = time.monotonic()
-        self.first_report_in = 0.0
         self.heard = False
         self.trouble_log = OncePer(60.0)
 
     @classmethod
-    def open(cls, agent):
-        """A PostLink once the panel took a first report by POST;
+    def open(cls, cfg, panel, inbox, redial, first_report):
+        """A PostLink once the panel took `first_report` by POST;
         ProtocolRejected or OSError when it did not."""
-        link = cls(agent)
-        acks = link.inbox.pending_acks()
-        link.settle(link.post(link.report_request(report_payload(agent.collector.figures()), acks), via=link.reporting), acks)
+        link = cls(cfg, panel, inbox, redial)
+        acks = inbox.pending_acks()
+        link.settle(link.post(link.report_request(first_report, acks), via=link.reporting), acks)
         link.last_success = time.monotonic()
-        link.first_report_in = agent.period  # that report was the first
+        link.reported_at_open = True
         return link
 
     def start(self):
@@ -3885,7 +4787,7 @@ class PostLink:
         if via is not None:
             status, data = via.post(body, headers, timeout)
         else:
-            status, data = self.agent.panel.exchange(self.url, body, headers=headers, timeout=timeout)
+            status, data = self.panel.exchange(self.url, body, headers=headers, timeout=timeout)
         try:
             if data[:2] == b"\x1f\x8b":
                 data = gunzip_bytes(data)
@@ -3912,7 +4814,7 @@ class PostLink:
         elif acks:
             self.inbox.acknowledged(acks)
         for event_id, method, params in reply.events:
-            self.inbox.take_rpc(self, event_id, method, params)
+            self.inbox.take_rpc(event_id, method, params)
 
     def exchange(self, text, acks=(), timeout=HTTP_TIMEOUT, via=None):
         """post() and settle(); protocol failures are counted here, and the
@@ -3974,11 +4876,6 @@ class PostLink:
     def proven(self):
         return self.heard
 
-    def fail(self, why):
-        if not self.dead.is_set():
-            self.why = why
-            self.dead.set()
-
     def close(self):
         self.fail(self.why or "closed")
         self.reporting.close()
@@ -4003,7 +4900,7 @@ class PostLink:
     def _retry_websocket(self):
         while not self.dead.wait(self.cfg.reconnect_interval):
             try:
-                link = dial_rpc_socket(self.agent)
+                link = self.redial()
             except Exception as e:
                 log.debug("the v2 WebSocket still fails: %s", handshake_problem(e))
                 continue
@@ -4020,7 +4917,6 @@ class PostLink:
 
 PROTOCOL_STRIKES = 3
 PULL_TIMEOUT = 35.0
-V2_SOCKET, V2_POST, V1_SOCKET = LINK_ORDER = ("v2 WebSocket", "v2 POST", "v1 WebSocket")
 
 
 def dial_websocket(cfg, url, header=None):
@@ -4034,11 +4930,10 @@ def dial_websocket(cfg, url, header=None):
         raise
 
 
-def dial_rpc_socket(agent):
-    cfg = agent.cfg
+def dial_rpc_socket(cfg, panel, inbox):
     header = None if cfg.disable_compression else ["Sec-WebSocket-Extensions: " + DEFLATE_OFFER]
     try:
-        ws = dial_websocket(cfg, agent.panel.ws_url(RPC_PATH), header)
+        ws = dial_websocket(cfg, panel.ws_url(RPC_PATH), header)
     except ProtocolRejected as e:
         if e.status == 200:
             e.detail = "the panel answered /v2/rpc with a web page (HTTP 200): a panel without protocol v2, " \
@@ -4047,18 +4942,16 @@ def dial_rpc_socket(agent):
     headers = ws.getheaders() or {}
     offered = headers.get("sec-websocket-extensions") or headers.get("Sec-WebSocket-Extensions")
     params = None if cfg.disable_compression else deflate_params(offered)
-    return RpcLink(ws, agent.inbox, Deflate(params) if params is not None else None)
+    return RpcLink(ws, inbox, Deflate(params) if params is not None else None)
 
 
-def dial_report_socket(agent):
-    return ReportLink(dial_websocket(agent.cfg, agent.panel.ws_url(REPORT_PATH)), agent.tasks.handle)
-
-
-DIALLERS = {V2_SOCKET: dial_rpc_socket, V2_POST: PostLink.open, V1_SOCKET: dial_report_socket}
+def dial_report_socket(cfg, panel, handle):
+    return ReportLink(dial_websocket(cfg, panel.ws_url(REPORT_PATH)), handle)
 
 
 class LinkChooser:
-    """Which link to dial next (LINK_ORDER), from what the last attempts said.
+    """Which link to dial next (LINK_KINDS), from what the last attempts said,
+    and the dialling itself: every decision about protocol versions is here.
     The v2 WebSocket first; v2 POST after --max-retries failed dials of it,
     refused upgrades included (the official agent drops to v1 there, whose
     upgrade a WebSocket-blocking proxy refuses too, and stays offline); v1
@@ -4066,7 +4959,10 @@ class LinkChooser:
     (an old panel answers both with its web page), until that v1 link is
     lost. With --protocol-version 1, always v1."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, panel, inbox, handle, report):
+        """`handle` takes a v1 socket's messages; `report` makes a report now
+        (POST mode opens with one)."""
+        self.cfg, self.panel, self.inbox, self.handle, self.report = cfg, panel, inbox, handle, report
         self.only_v1 = cfg.protocol_version == 1
         self.retries = max(1, cfg.max_retries)
         self.interval = cfg.reconnect_interval
@@ -4075,6 +4971,7 @@ class LinkChooser:
         self.strikes = 0        # protocol failures in a row
         self.post_refused = False
         self.v1_dials = 0
+        self.v1_failed = ""     # why v1 failed, when it never connected since the last fallback
         self.last_problem = ""
         self.v1_reason = "--protocol-version 1"
 
@@ -4082,6 +4979,18 @@ class LinkChooser:
         if self.on_v1:
             return V1_SOCKET
         return V2_POST if self.dials >= self.retries else V2_SOCKET
+
+    def dial(self, kind):
+        """A live link of `kind`; ProtocolRejected or another error when it
+        could not be had."""
+        if kind == V2_SOCKET:
+            return self.dial_v2_socket()
+        if kind == V2_POST:
+            return PostLink.open(self.cfg, self.panel, self.inbox, self.dial_v2_socket, self.report())
+        return dial_report_socket(self.cfg, self.panel, self.handle)
+
+    def dial_v2_socket(self):
+        return dial_rpc_socket(self.cfg, self.panel, self.inbox)
 
     def why(self, kind):
         """Why `kind` is in use, for the one line naming the mode."""
@@ -4093,6 +5002,8 @@ class LinkChooser:
         return "--protocol-version 2"
 
     def failed(self, kind, error, problem):
+        """Count a failed dial. True when the next kind of link is to be
+        dialled at once: this one was refused, not unreachable."""
         self.last_problem = problem
         # a refused token says nothing about the protocol: it is no strike
         protocol = isinstance(error, ProtocolRejected) and error.status != 401
@@ -4105,15 +5016,21 @@ class LinkChooser:
         elif kind == V1_SOCKET and not self.only_v1:
             self.v1_dials += 1
             if self.v1_dials >= self.retries:
+                self.v1_failed = "v1 failed as well (last: %s)" % problem
                 self.start_over()
         if protocol and kind != V1_SOCKET:
             self.strikes += 1
             self.post_refused = self.post_refused or kind == V2_POST
             if self.strikes >= PROTOCOL_STRIKES and self.post_refused:
                 self.fall_back("the panel refused protocol v2 %d times in a row (last: %s)" % (self.strikes, problem))
+        return protocol and LINK_KINDS.index(self.next()) > LINK_KINDS.index(kind)
 
     def fall_back(self, why):
-        log.warning("falling back to protocol v1: %s; until that link is lost", why)
+        if self.v1_failed:
+            log.warning("the panel answers neither v2 nor v1: %s, and %s; is --endpoint the panel's address? "
+                        "trying v1 again, then v2", why, self.v1_failed)
+        else:
+            log.warning("falling back to protocol v1: %s; until that link is lost", why)
         self.on_v1, self.v1_dials, self.v1_reason = True, 0, why
 
     def start_over(self):
@@ -4121,7 +5038,9 @@ class LinkChooser:
         self.dials = self.strikes = self.v1_dials = 0
         self.post_refused = False
 
-    def connected(self, kind):
+    def connected(self, link):
+        kind = link.kind
+        self.v1_failed = ""
         if kind == V2_SOCKET:
             self.dials = 0
         if kind != V1_SOCKET:
@@ -4129,7 +5048,8 @@ class LinkChooser:
         else:
             self.v1_dials = 0
 
-    def lost(self, kind, link):
+    def lost(self, link):
+        kind = link.kind
         if link.rejected is not None and kind != V1_SOCKET:
             self.fall_back("the panel refused protocol v2 (%s)" % link.rejected.detail)
         elif kind == V1_SOCKET and not self.only_v1:
@@ -4156,8 +5076,6 @@ MAX_PROBES_WAITING = 64
 EXEC_LINGER = 2.0
 # at shutdown, how long the threads of killed commands get to spool their results
 EXEC_SPOOL_WAIT = 0.5
-# SIGHUP first (shells save history, jobs get told); SIGKILL after this
-HANGUP_GRACE = 0.5
 TERMINAL_IDLE_PING = 30.0
 # keystrokes held for a shell that is not reading them (a big paste into `sleep`)
 TERMINAL_INPUT_BUFFER = 1 << 20
@@ -4179,59 +5097,6 @@ def child_env(extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
     env.update(extra or {})
     return env
-
-
-# -- process sessions ----------------------------------------------------------
-
-def session_members(leader):
-    """Live pids whose session or process group is `leader` (Linux /proc);
-    an interactive shell puts each job in its own group, the session holds them all."""
-    members = []
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return members
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name, "rb") as f:
-                stat = f.read()
-            fields = stat[stat.rindex(b")") + 2:].split()
-            state, pgrp, session = fields[0], int(fields[2]), int(fields[3])
-        except (OSError, ValueError, IndexError):
-            continue
-        if state != b"Z" and (pgrp == leader or session == leader):
-            members.append(int(name))
-    return members
-
-
-def signal_session(leader, signum):
-    try:
-        os.killpg(leader, signum)
-    except OSError:
-        pass
-    for pid in session_members(leader):
-        try:
-            os.kill(pid, signum)
-        except OSError:
-            pass
-
-
-def end_session(leader, grace=HANGUP_GRACE):
-    """Hang up every process of the session led by `leader`, then SIGKILL what
-    is left; returns when none is left (or after a bounded number of rounds,
-    for a process that keeps forking)."""
-    if grace > 0:
-        signal_session(leader, signal.SIGHUP)
-        deadline = time.monotonic() + grace
-        while session_members(leader) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    for _ in range(20):
-        signal_session(leader, signal.SIGKILL)
-        if not session_members(leader):
-            return
-        time.sleep(0.02)
 
 
 # -- exec ------------------------------------------------------------------------
@@ -4361,127 +5226,6 @@ def run_command(command, timeout, limit, started=None):
 
 # -- ping probes -------------------------------------------------------------------
 
-def ip_family(text):
-    """socket.AF_INET/AF_INET6 for an IP literal, else None."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, text)
-            return family
-        except (OSError, ValueError):
-            pass
-    return None
-
-
-def split_host_port(target, default_port=80):
-    """(host, port) from `host:port`, `[v6]:port`, a bare host or IPv6 (port
-    80); None when the port is not a port."""
-    text = target.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            return None
-        host, rest = text[1:end], text[end + 1:]
-        if not rest:
-            port = str(default_port)
-        elif rest.startswith(":"):
-            port = rest[1:]
-        else:
-            return None
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)
-
-
-def dns_server_address(spec):
-    """(host, port) of a --custom-dns value: 1.2.3.4, 1.2.3.4:5353, [v6]:53, bare v6."""
-    spec = spec.strip()
-    if ip_family(spec) == socket.AF_INET6:
-        return spec, 53
-    parsed = split_host_port(spec, 53)
-    if parsed is None:
-        raise ValueError("bad --custom-dns %r" % spec)
-    return parsed
-
-
-def dns_query(name, qtype, ident):
-    labels = name.rstrip(".").encode("idna").split(b".")
-    if not all(0 < len(label) < 64 for label in labels):
-        raise ValueError("bad host name")
-    qname = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
-    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", qtype, 1)
-
-
-def skip_dns_name(reply, offset):
-    while True:
-        length = reply[offset]
-        if length & 0xC0 == 0xC0:
-            return offset + 2
-        if length == 0:
-            return offset + 1
-        offset += 1 + length
-
-
-def dns_answers(reply, ident, qtype):
-    """The addresses of type `qtype` (1 = A, 28 = AAAA) in a DNS reply to
-    query `ident`; CNAMEs in the chain are skipped. ValueError for a reply
-    that is not one (wrong id, an error code, truncated data)."""
-    try:
-        rid, flags, qdcount, ancount = struct.unpack("!HHHH", reply[:8])
-        if rid != ident or not flags & 0x8000:
-            raise ValueError("not our reply")
-        if flags & 0x000F not in (0, 3):  # 3 = no such name: an empty answer
-            raise ValueError("DNS error code %d" % (flags & 0x000F))
-        offset = 12
-        for _ in range(qdcount):
-            offset = skip_dns_name(reply, offset) + 4
-        family, size = (socket.AF_INET, 4) if qtype == 1 else (socket.AF_INET6, 16)
-        addresses = []
-        for _ in range(ancount):
-            offset = skip_dns_name(reply, offset)
-            rtype, _, _, rdlength = struct.unpack("!HHIH", reply[offset:offset + 10])
-            offset += 10
-            rdata = reply[offset:offset + rdlength]
-            if len(rdata) != rdlength:
-                raise ValueError("truncated reply")
-            offset += rdlength
-            if rtype == qtype and rdlength == size:
-                addresses.append(socket.inet_ntop(family, rdata))
-        return addresses
-    except (struct.error, IndexError) as e:
-        raise ValueError("malformed DNS reply") from e
-
-
-def dns_lookup(server, name, qtype, timeout=2.0):
-    """Addresses for `name` from one UDP query to `server` (host, port)."""
-    host, port = server
-    family = ip_family(host)
-    if family is None:
-        family, _, _, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
-    else:
-        address = (host, port)
-    ident = UNGUESSABLE.getrandbits(16)
-    query = dns_query(name, qtype, ident)
-    deadline = time.monotonic() + timeout
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.send(query)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("no DNS answer")
-            sock.settimeout(remaining)
-            reply = sock.recv(4096)
-            try:
-                return dns_answers(reply, ident, qtype)
-            except ValueError as e:
-                if str(e) != "not our reply":
-                    raise
-
-
 def probe_addresses(cfg, host, deadline=None):
     """[(family, address)] for a probe target, preferred family first:
     --custom-dns when set (UDP A/AAAA queries, within `deadline`), else the
@@ -4565,8 +5309,10 @@ def icmp_echo(family, address, timeout, kind):
             sock.settimeout(remaining)
             packet = sock.recv(2048)
             elapsed = (time.monotonic() - start) * 1000
-            if kind == socket.SOCK_RAW and family == socket.AF_INET:
-                packet = packet[(packet[0] & 0x0F) * 4:]  # a raw IPv4 socket sees the IP header
+            if family == socket.AF_INET and packet and packet[0] >> 4 == 4:
+                # a raw IPv4 socket (and the BSDs' ping socket) sees the IP header;
+                # no ICMP type starts with 0x4_
+                packet = packet[(packet[0] & 0x0F) * 4:]
             if len(packet) < 8:
                 continue
             rtype, _, _, rident, rseq = struct.unpack("!BBHHH", packet[:8])
@@ -4588,12 +5334,9 @@ def system_ping(family, address, timeout):
     address is an IP literal), None on failure."""
     import shutil
     import subprocess
-    path = shutil.which("ping")
-    if not path:
+    argv = ping_command(family, timeout)
+    if argv is None:
         return None
-    argv = [path, "-n", "-c", "1", "-W", str(max(1, int(timeout + 0.999)))]
-    if family == socket.AF_INET6:
-        argv.append("-6")
     try:
         done = subprocess.run(argv + [address], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               stdin=subprocess.DEVNULL, timeout=timeout + 2, env=child_env({"LC_ALL": "C"}))
@@ -4906,28 +5649,6 @@ def write_some(fd, pending):
     return True
 
 
-def terminal_input(text):
-    """What a text frame means: ("resize", rows, cols), ("keys", bytes) or
-    None to ignore. A text frame that is not a JSON object is typed as it is."""
-    try:
-        message = json.loads(text.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return ("keys", text)
-    if message is None:
-        return None
-    if not isinstance(message, dict):
-        return ("keys", text)
-    kind = message.get("type")
-    if kind == "resize":
-        rows, cols = message.get("rows"), message.get("cols")
-        if all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536 for v in (rows, cols)):
-            return ("resize", rows, cols)
-        return None
-    if kind == "input" and isinstance(message.get("input"), str) and message["input"]:
-        return ("keys", clean_strings(message["input"]).encode("utf-8"))
-    return None  # heartbeat, close and kinds we do not know are never typed
-
-
 def drop_socket(ws, goodbye=True):
     """Close a terminal socket at once, from any thread. The panel never
     answers a close frame on this socket, so none is waited for, and the
@@ -5113,17 +5834,17 @@ class TerminalSession:
 
 # -- dispatch ----------------------------------------------------------------------
 
-def valid_task_id(value):
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 63
-
 
 class Tasks:
     """Runs the panel's events, each on its own daemon thread, so the report
     socket's reader and the report schedule are never held up."""
 
-    def __init__(self, agent):
-        self.agent = agent
-        self.cfg = agent.cfg
+    def __init__(self, cfg, panel, deliver_result, send_ping_result):
+        """`deliver_result(result, refusal)` keeps an exec result until the
+        panel has it; `send_ping_result(task_id, kind, value)` is False when
+        no link could carry it."""
+        self.cfg, self.panel = cfg, panel
+        self.deliver_result, self.link_ping_result = deliver_result, send_ping_result
         self.error_once = OncePer()
         self.refusal_log = OncePer(60.0)
         self.lock = threading.Lock()
@@ -5138,12 +5859,12 @@ class Tasks:
         self.icmp = IcmpProber()
         self.closing = False
 
-    def handle(self, link, data):
+    def handle(self, data):
         event = parse_event(data)
         if event is not None:
-            self.dispatch(link, event)
+            self.dispatch(event)
 
-    def dispatch(self, link, event):
+    def dispatch(self, event):
         """Run one event in the v1 shape (v2 events arrive converted)."""
         kind = event.get("message")
         if event.get("status") == "error" and not kind:
@@ -5156,19 +5877,17 @@ class Tasks:
         if handler is None:
             log.info("ignoring an unknown event %r from the panel", str(kind)[:40])
             return
-        handler(link, event)
+        handler(event)
 
     def spawn(self, name, target, *args):
         threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     # -- exec --------------------------------------------------------------
-    def on_exec(self, link, event):
-        task_id, command = event.get("task_id"), event.get("command")
-        if not isinstance(task_id, str) or not task_id:
+    def on_exec(self, event):
+        task_id, command = exec_request(event)
+        if task_id is None:
             log.warning("ignoring an exec event without a task id")
             return
-        if not isinstance(command, str):
-            command = ""
         if not command.strip():
             return self.finish_exec(task_id, "No command provided", 0, refusal=True)
         if self.cfg.disable_web_ssh:
@@ -5219,15 +5938,16 @@ class Tasks:
         with self.lock:
             for pid in [pid for pid, proc in self.execs.items() if proc.returncode is not None]:
                 del self.execs[pid]
-        self.agent.deliver_result(task_result(task_id, text, code), refusal)
+        self.deliver_result(task_result(task_id, text, code), refusal)
 
     # -- ping --------------------------------------------------------------
-    def on_ping(self, link, event):
-        task_id, kind, target = event.get("ping_task_id"), event.get("ping_type"), event.get("ping_target")
-        if not valid_task_id(task_id) or not isinstance(kind, str) or not isinstance(target, str):
+    def on_ping(self, event):
+        request = ping_request(event)
+        if request is None:
             if self.refusal_log("bad-ping"):
-                log.warning("ignoring a malformed ping event (task id %r)", str(task_id)[:20])
+                log.warning("ignoring a malformed ping event (task id %r)", str(event.get("ping_task_id"))[:20])
             return
+        task_id, kind, target = request
         if not self.probe_slots.admit():
             if self.refusal_log("ping-busy"):
                 log.warning("too many ping probes at once (%d); reporting loss", MAX_PROBES + MAX_PROBES_WAITING)
@@ -5267,13 +5987,13 @@ class Tasks:
         return None
 
     def send_ping_result(self, task_id, kind, value):
-        if not self.agent.send_ping_result(task_id, kind, value):
-            log.debug("ping result %d dropped: no report socket", task_id)
+        if not self.link_ping_result(task_id, kind, value):
+            log.debug("ping result %d dropped: no report link", task_id)
 
     # -- terminal ----------------------------------------------------------
-    def on_terminal(self, link, event):
-        request_id = event.get("request_id")
-        if not isinstance(request_id, str) or not request_id or len(request_id) > 256:
+    def on_terminal(self, event):
+        request_id = terminal_request(event)
+        if request_id is None:
             log.warning("ignoring a terminal event without a usable request id")
             return
         with self.lock:
@@ -5288,7 +6008,7 @@ class Tasks:
         self.spawn("terminal", self.run_terminal, request_id)
 
     def run_terminal(self, request_id):
-        url = self.agent.panel.ws_url(TERMINAL_PATH, id=request_id)
+        url = self.panel.ws_url(TERMINAL_PATH, id=request_id)
         if self.cfg.disable_web_ssh:
             log.warning("refused a terminal session: remote control is disabled (--disable-web-ssh)")
             return self.refuse_terminal(url, DISABLED_TERMINAL)
@@ -5363,6 +6083,628 @@ class Tasks:
 
 
 # ---------------------------------------------------------------------------
+# Self-update: a release replaces this file only once verified and seen reaching the panel
+# ---------------------------------------------------------------------------
+#
+# Who does what. The way back cannot be left to the new code, which may be
+# the broken part, so the old version stays the parent until the new one has
+# reached the panel:
+# - At start, before the first link (update_at_start), and for `update` run
+#   by hand with no agent running: the feed is asked, the new komari_agent.py
+#   downloaded and checked against SHA256SUMS and requirements.txt, staged
+#   beside this file, compiled, run with --version and with --check and the
+#   same settings, and then run for real as a CHILD of this process (same
+#   arguments, same environment, same state directory) for up to
+#   TRIAL_SECONDS. Only when the child's status.json says "connected" is it
+#   stopped, this file replaced atomically (the old one kept as .previous)
+#   and the new version started: exit 42 where a service manager restarts us
+#   (SUPERVISED_ENV, set by install.sh's services), else exec in place (by
+#   hand, cron; EXEC_IN_PLACE). A child that exits or is not connected in time is stopped,
+#   the release is skipped until a newer one (update.json), and this process
+#   runs on as the old version: the installed file was never touched, so a
+#   crash or a kill during the trial cannot leave an untried version behind.
+# - A running agent (Updater, the "update" thread) only asks the feed, every
+#   UPDATE_EVERY and on SIGUSR1 (`update` run by hand); a newer release that
+#   downloads with the right checksum makes it stop and start again, since a
+#   trial needs the panel link free: the fresh start does the above.
+
+# The project's release location. install.sh's DEFAULT_AGENT_URL names the
+# same repository (a test holds them equal); OWNER/REPO is the placeholder
+# until the project publishes releases, and no feed is asked meanwhile.
+RELEASE_REPOSITORY = "OWNER/REPO"
+PLACEHOLDER_REPOSITORY = "OWNER/REPO"
+DEFAULT_UPDATE_URL = "https://api.github.com/repos/%s/releases/latest" % RELEASE_REPOSITORY
+UPDATE_EVERY = 6 * 3600.0       # as the official agent
+RESTART_STATUS = 42             # the official agent's; install.sh's services restart on it
+# Set (to anything but "" or "0") by the services install.sh writes: they
+# restart the agent when it exits with RESTART_STATUS. Without it the agent
+# executes the new version in place, which works under anything.
+SUPERVISED_ENV = "KOMARI_AGENT_SUPERVISED"
+TRIAL_ENV = "KOMARI_UPDATE_TRIAL"    # set for the trial child: its parent does the updating
+TRIAL_SECONDS = 60.0
+TRIAL_HOLD = 2.0      # and still connected this long after: its first reports went out
+TRIAL_SECONDS_ENV = "KOMARI_UPDATE_TRIAL_SECONDS"   # shorter trials, for tests (docs/UPDATING.md)
+FEED_TIMEOUT = 10.0             # a start waits at most this for a feed that does not answer
+DOWNLOAD_TIMEOUT = 60.0
+FEED_LIMIT, AGENT_LIMIT, SMALL_LIMIT = 1 << 20, 8 << 20, 64 << 10
+AGENT_ASSET, SUMS_ASSET, REQUIREMENTS_ASSET = "komari_agent.py", "SHA256SUMS", "requirements.txt"
+# requirements.txt (a test holds them equal): a release needing others waits for install.sh
+REQUIREMENTS = ("psutil>=5.6", "websocket-client>=1.0")
+UPDATE_FILE = "update.json"
+# Written by the agent loop's LinkStatus; a trial run is judged by it.
+STATUS_FILE = "status.json"
+STAGED_SUFFIX, PREVIOUS_SUFFIX = ".update", ".previous"
+# Set by SIGUSR1 (main() installs the handler): `update` run by hand asks a running agent.
+UPDATE_WANTED = threading.Event()
+COMPILE_ONLY = "import sys; compile(open(sys.argv[1], 'rb').read(), sys.argv[1], 'exec')"
+
+Release = namedtuple("Release", "tag version prerelease assets")
+
+
+class UpdateProblem(AgentError):
+    """Why a release was not taken, in one line. `skip`: the release itself
+    is at fault (it does not compile, refuses the settings, never linked), so
+    asking again will not help until a newer one appears."""
+
+    def __init__(self, message, skip=False):
+        super().__init__(message)
+        self.skip = skip
+
+
+def update_feed(cfg):
+    return cfg.update_url or DEFAULT_UPDATE_URL
+
+
+def version_key(text):
+    """(0, 2, 0, 0) for "0.2.0" or "v0.2.0", padded so that 0.2 == 0.2.0;
+    None for anything else ("0.3.0-rc1", "dev"), which is never installed."""
+    match = re.match(r"[vV]?(\d{1,9}(?:\.\d{1,9}){0,3})$", (text or "").strip())
+    if not match:
+        return None
+    numbers = [int(n) for n in match.group(1).split(".")]
+    return tuple(numbers + [0] * (4 - len(numbers)))
+
+
+def update_impossible(cfg):
+    """Why this agent cannot update itself here, as one line, or ""."""
+    if PLACEHOLDER_REPOSITORY in update_feed(cfg):
+        return ("no release feed yet: the project's address is still the placeholder %s; "
+                "--update-url URL names one" % PLACEHOLDER_REPOSITORY)
+    problem = not_replaceable(SCRIPT_PATH)
+    if problem:
+        return "not updating: %s" % problem
+    problem = private_directory(state_dir(cfg))
+    if problem:
+        return "not updating: %s, where a new version's first link would be watched" % problem
+    return ""
+
+
+def not_replaceable(path):
+    """Why `path` is not ours to replace, or "": a link, a package manager's
+    or a git checkout's file, or one this user cannot write."""
+    if os.path.islink(path):
+        return "%s is a symbolic link" % path
+    if re.match(r"/usr/(?!local/)", path) or re.search(r"[/\\](site|dist)-packages[/\\]", path):
+        return "%s belongs to a package manager; update it with that" % path
+    directory = os.path.dirname(path)
+    parent = directory
+    while True:
+        if os.path.exists(os.path.join(parent, ".git")):
+            return "%s is in a git checkout; update it with git" % path
+        if os.path.dirname(parent) == parent:
+            break
+        parent = os.path.dirname(parent)
+    if not (os.access(path, os.W_OK) and os.access(directory, os.W_OK | os.X_OK)):
+        return "%s cannot be written by this user (a read-only install)" % path
+    return ""
+
+
+def trial_seconds():
+    try:
+        return min(TRIAL_SECONDS, max(1.0, float(os.environ.get(TRIAL_SECONDS_ENV, TRIAL_SECONDS))))
+    except ValueError:
+        return TRIAL_SECONDS
+
+
+# -- the release feed ----------------------------------------------------------------
+
+def fetch_limited(cfg, url, limit, timeout, accept="*/*"):
+    """The body of a GET to `url`, at most `limit` bytes, redirects followed
+    only to https:// (or to loopback); UpdateProblem otherwise. Certificates
+    are verified even with --ignore-unsafe-cert, which is for the panel: what
+    comes from here is run. A private CA goes in SSL_CERT_FILE."""
+    import urllib.error
+    import urllib.request
+    problem = code_url_problem(url)
+    if problem:
+        raise UpdateProblem("%s %s" % (url, problem))
+
+    class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            if code_url_problem(newurl):
+                raise urllib.error.URLError("redirected to %s, which %s" % (newurl, code_url_problem(newurl)))
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+    cutter = ConnectionCutter(timeout)
+    dial = (lambda address, timeout=None, source_address=None: dial_tcp(cfg, address[0], address[1], timeout)) \
+        if cfg.custom_dns else None
+    opener = urllib.request.build_opener(*cuttable_handlers(cutter, ssl.create_default_context(), dial),
+                                         CheckedRedirects())
+    request = urllib.request.Request(url, headers={"User-Agent": "komari-agent-py/" + __version__, "Accept": accept})
+    try:
+        with opener.open(request, timeout=timeout) as reply:
+            body = reply.read(limit + 1)
+    except urllib.error.HTTPError as e:
+        raise UpdateProblem("%s answered HTTP %d" % (url, e.code))
+    except (OSError, ValueError, http_exceptions()) as e:
+        error = http_failure(e, cutter)
+        raise UpdateProblem("%s: %s" % (url, getattr(error, "strerror", None) or str(error) or type(error).__name__))
+    finally:
+        cutter.cancel()
+    if len(body) > limit:
+        raise UpdateProblem("%s is larger than %d bytes" % (url, limit))
+    return body
+
+
+def parse_release(body):
+    """A GitHub-style release (tag_name, prerelease, assets[].name and
+    .browser_download_url) from the feed's answer; UpdateProblem if it is none."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("tag_name"), str):
+        raise UpdateProblem("the release feed answered %s, not a release with a tag_name" % describe_body(body))
+    assets = {}
+    for asset in data.get("assets") if isinstance(data.get("assets"), list) else ():
+        if isinstance(asset, dict) and isinstance(asset.get("name"), str) \
+                and isinstance(asset.get("browser_download_url"), str):
+            assets[asset["name"]] = asset["browser_download_url"]
+    tag = data["tag_name"].strip()[:80]
+    return Release(tag, version_key(tag), data.get("prerelease") is True, assets)
+
+
+def latest_release(cfg):
+    return parse_release(fetch_limited(cfg, update_feed(cfg), FEED_LIMIT, FEED_TIMEOUT,
+                                       accept="application/vnd.github+json"))
+
+
+def listed_sha256(sums, name):
+    """The SHA-256 that a SHA256SUMS file (sha256sum's output) gives for `name`, or None."""
+    for line in sums.decode("utf-8", "replace").splitlines():
+        match = re.match(r"\s*([0-9a-fA-F]{64})\s+\*?(.+?)\s*$", line)
+        if match and os.path.basename(match.group(2)) == name:
+            return match.group(1).lower()
+    return None
+
+
+def requirement_lines(text):
+    """The requirements in a requirements.txt, as compared: no comments,
+    blanks, spaces or case."""
+    lines = (line.split("#", 1)[0].replace(" ", "").lower() for line in text.splitlines())
+    return sorted(line for line in lines if line)
+
+
+def checked_asset(cfg, release, sums, name, limit):
+    """An asset of `release`, downloaded, with the SHA-256 that `sums` lists for it."""
+    import hashlib
+    data = fetch_limited(cfg, release.assets[name], limit, DOWNLOAD_TIMEOUT)
+    want = listed_sha256(sums, name)
+    if want is None:
+        raise UpdateProblem("%s not taken: its %s does not list %s" % (release.tag, SUMS_ASSET, name))
+    if hashlib.sha256(data).hexdigest() != want:
+        raise UpdateProblem("%s not taken: the SHA-256 of its %s does not match %s" % (release.tag, name, SUMS_ASSET))
+    return data
+
+
+# -- the state: the skipped release, the steps ------------------------------------------
+
+class UpdateLog:
+    """update.json in the state directory: the release a failed trial ruled
+    out (skipped until a newer one) and the last steps, each also said as one
+    line (logged by the agent, printed by `update`). `update` run by hand
+    follows a running agent's steps here."""
+
+    KEEP = 40
+
+    def __init__(self, directory, say):
+        self.path = os.path.join(directory, UPDATE_FILE)
+        self.say = say      # say(level, line)
+
+    def load(self):
+        try:
+            return read_json_object(self.path, 1 << 20)
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, data):
+        try:
+            write_atomic(self.path, (json.dumps(data, indent=1) + "\n").encode("utf-8"), mode=0o644)
+        except OSError as e:
+            log.debug("cannot write %s: %s", self.path, describe_error(e))
+
+    def steps(self):
+        steps = self.load().get("steps")
+        return [s for s in steps if isinstance(s, dict) and isinstance(s.get("seq"), int)] \
+            if isinstance(steps, list) else []
+
+    def step(self, line, final=False, ok=True):
+        """Say `line`; `final`: the last step of a check, `ok` whether it went well."""
+        line = redacted(line)
+        self.say(logging.INFO if ok else logging.WARNING, line)
+        data = self.load()
+        steps = self.steps()
+        seq = steps[-1]["seq"] + 1 if steps else 1
+        steps.append({"seq": seq, "at": rfc3339_now(), "line": line, "final": final, "ok": ok})
+        data["steps"] = steps[-self.KEEP:]
+        self.save(data)
+
+    def skipped(self):
+        skip = self.load().get("skip")
+        return skip if isinstance(skip, dict) and version_key(str(skip.get("tag"))) else None
+
+    def skip(self, release, why):
+        data = self.load()
+        data["skip"] = {"tag": release.tag, "why": why, "at": rfc3339_now()}
+        self.save(data)
+
+    def forget_skip(self):
+        data = self.load()
+        if data.pop("skip", None) is not None:
+            self.save(data)
+
+
+# -- finding, checking, trying, installing --------------------------------------------
+
+def fetch_update(cfg, steps, retry_skipped=False):
+    """(release, its komari_agent.py) when the feed has a newer stable
+    release, not skipped, whose file matches SHA256SUMS and whose
+    requirements.txt is ours; None (said) when there is nothing to take."""
+    release = latest_release(cfg)
+    current = version_key(__version__)
+    if current is None:
+        steps.step("update: %s is not a release version; not updating" % __version__, final=True)
+        return None
+    if release.version is None or release.prerelease:
+        steps.step("update: the latest release, %s, is a pre-release; staying at %s" % (release.tag, __version__),
+                   final=True)
+        return None
+    if release.version <= current:
+        steps.step("update: %s is up to date (latest release: %s)" % (__version__, release.tag), final=True)
+        return None
+    skip = steps.skipped()
+    if skip and not retry_skipped and release.version <= version_key(skip["tag"]):
+        steps.step("update: %s is skipped (%s); waiting for a newer release, or `%s update` to try it again"
+                   % (release.tag, skip.get("why"), PROG), final=True)
+        return None
+    steps.step("update: found %s (running %s)" % (release.tag, __version__))
+    missing = [name for name in (AGENT_ASSET, SUMS_ASSET) if name not in release.assets]
+    if missing:
+        raise UpdateProblem("%s not taken: it has no %s" % (release.tag, " or ".join(missing)))
+    sums = fetch_limited(cfg, release.assets[SUMS_ASSET], SMALL_LIMIT, DOWNLOAD_TIMEOUT)
+    data = checked_asset(cfg, release, sums, AGENT_ASSET, AGENT_LIMIT)
+    if REQUIREMENTS_ASSET in release.assets:
+        needs = checked_asset(cfg, release, sums, REQUIREMENTS_ASSET, SMALL_LIMIT)
+        needs = requirement_lines(needs.decode("utf-8", "replace"))
+        if needs != requirement_lines("\n".join(REQUIREMENTS)):
+            raise UpdateProblem("%s not taken: it needs %s (this one: %s); re-run install.sh to install it"
+                                % (release.tag, ", ".join(needs)[:200], ", ".join(REQUIREMENTS)))
+    steps.step("update: %s downloaded; its SHA-256 matches %s" % (release.tag, SUMS_ASSET))
+    return release, data
+
+
+def run_python(args, timeout=30.0):
+    """(exit status or None, stdout, last line of stderr) of this Python with `args`."""
+    import subprocess
+    try:
+        done = subprocess.run([sys.executable] + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=timeout, env=trial_environment())
+    except subprocess.TimeoutExpired:
+        return None, "", "no answer within %g s" % timeout
+    except OSError as e:
+        return None, "", describe_error(e)
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    return done.returncode, done.stdout.decode("utf-8", "replace"), redacted(lines[-1].strip()) if lines else ""
+
+
+def trial_environment():
+    return dict(os.environ, **{TRIAL_ENV: "1"})
+
+
+def verify_staged(path, release, argv):
+    """UpdateProblem unless the file at `path` compiles, says it is `release`
+    and accepts these settings (`argv`, the environment, the config file)."""
+    status, _, last = run_python(["-c", COMPILE_ONLY, path])
+    if status != 0:
+        raise UpdateProblem("%s not taken: it does not compile (%s)" % (release.tag, last), skip=True)
+    status, out, last = run_python([path, "--version"])
+    said = out.split()[-1] if status == 0 and out.split() else last
+    if version_key(said) != release.version:
+        raise UpdateProblem("%s not taken: its --version says %r" % (release.tag, said[:80]), skip=True)
+    status, _, last = run_python([path] + list(argv) + ["--check"])
+    if status != 0:
+        raise UpdateProblem("%s not taken: its --check refuses these settings (%s)" % (release.tag, last), skip=True)
+
+
+def panel_reachable(cfg):
+    """Can a TCP connection to the panel be opened now (True where a proxy
+    opens it for us)? A trial while the panel is down would blame the release."""
+    from urllib.parse import urlsplit
+    if environment_proxy(cfg.endpoint):
+        return True
+    parts = urlsplit(cfg.endpoint)
+    try:
+        drop_tcp(dial_tcp(cfg, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+                          WS_CONNECT_TIMEOUT))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def relay_lines(pipe, last):
+    """Copy a child's stderr to ours line by line, keeping its last line in `last`."""
+    for raw in pipe:
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        if line.strip():
+            last[:] = [line]
+        try:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def trial_status(path, pid):
+    """The trial child's status.json (state, error), or {} before it writes one."""
+    try:
+        status = read_json_object(path, 1 << 16)
+    except (OSError, ValueError):
+        return {}
+    return status if status.get("pid") == pid else {}
+
+
+def trial_run(path, argv, directory, stop, seconds):
+    """Run the file at `path` as the agent, a child of this process, until
+    its status.json has said connected for TRIAL_HOLD seconds, it exits,
+    `seconds` pass or `stop` is set; then stop it (SIGTERM: it saves its
+    state). Returns (outcome, detail): ("connected", seconds it took),
+    ("refused", the panel's words), ("stopped", None) when stopped from
+    outside, or ("failed", why)."""
+    import subprocess
+    status_path = os.path.join(directory, STATUS_FILE)
+    started = time.monotonic()
+    child = subprocess.Popen([sys.executable, path] + list(argv), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=trial_environment())
+    last, connected = [], None
+    relay = threading.Thread(target=relay_lines, args=(child.stderr, last), name="trial-log", daemon=True)
+    relay.start()
+    try:
+        while True:
+            status = trial_status(status_path, child.pid)
+            took = time.monotonic() - started
+            connected = (took if connected is None else connected) if status.get("state") == "connected" else None
+            if connected is not None and took - connected >= TRIAL_HOLD and child.poll() is None:
+                return "connected", connected
+            if status.get("state") == "refused":
+                return "refused", redacted(str(status.get("error")))[:200]
+            code = child.poll()
+            if code == 0 or stop.is_set():
+                # the agent exits 0 only when told to stop (SIGTERM, Ctrl-C
+                # to the terminal's group): not the release's fault
+                return "stopped", None
+            if code is not None:
+                said = re.sub(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\w+ )?", "", last[0]) if last else "no message"
+                return "failed", "exited with status %d %s reaching the panel (%s)" % (
+                    code, "before" if connected is None else "just after", redacted(said)[:200])
+            if took >= seconds:
+                seen = "%s: %s" % (status["state"], status.get("error") or "no error") if status else "no status.json"
+                return "failed", "did not reach the panel within %g s (its last state: %s)" % (
+                    seconds, redacted(seen)[:200])
+            stop.wait(0.1)
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(10.0)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        relay.join(1.0)
+
+
+def install_file(data, path=SCRIPT_PATH):
+    """Replace `path` with `data` atomically, its bytes so far kept as
+    path.previous, with the same mode and owner, and refresh its cached
+    bytecode."""
+    old = read_regular_file(path, AGENT_LIMIT, follow=False)
+    st = os.stat(path)
+    for target, content in ((path + PREVIOUS_SUFFIX, old), (path, data)):
+        write_atomic(target, content, mode=st.st_mode & 0o7777)
+        try:   # root updating a file that belongs to the agent's user
+            if os.stat(target).st_uid != st.st_uid:
+                os.chown(target, st.st_uid, st.st_gid)
+        except (AttributeError, OSError):
+            pass
+    refresh_bytecode(path)
+
+
+def refresh_bytecode(path):
+    """Rewrite this Python's cached bytecode of `path` where there is one,
+    and drop other versions' (an import would otherwise trust a cache whose
+    source stamp, mtime and size, matches by chance)."""
+    import importlib.util
+    import py_compile
+    cache = os.path.join(os.path.dirname(path), "__pycache__")
+    stem = os.path.splitext(os.path.basename(path))[0] + "."
+    mine = importlib.util.cache_from_source(path)
+    try:
+        names = [n for n in os.listdir(cache) if n.startswith(stem) and n.endswith(".pyc")]
+        for name in names:
+            if os.path.join(cache, name) != mine:
+                os.unlink(os.path.join(cache, name))
+        if os.path.exists(mine):
+            py_compile.compile(path, cfile=mine, doraise=True)
+    except (OSError, py_compile.PyCompileError) as e:
+        log.debug("cannot refresh the bytecode in %s: %s", cache, describe_error(e))
+
+
+def install_update(cfg, argv, stop, steps, release, data):
+    """Stage `data` (the release's komari_agent.py) beside this file, verify
+    it, try it as the agent, and install it if it reached the panel. True
+    when installed; UpdateProblem when not taken."""
+    staged = SCRIPT_PATH + STAGED_SUFFIX
+    try:
+        try:
+            write_atomic(staged, data, mode=0o644)
+        except OSError as e:
+            raise UpdateProblem("cannot write %s: %s" % (staged, describe_error(e)))
+        verify_staged(staged, release, argv)
+        steps.step("update: %s verified: it compiles, its --version agrees, its --check accepts these settings"
+                   % release.tag)
+        if not panel_reachable(cfg):
+            raise UpdateProblem("%s not tried: the panel cannot be reached now" % release.tag)
+        outcome, detail = trial_run(staged, argv, state_dir(cfg), stop, trial_seconds())
+        if outcome == "stopped":
+            steps.step("update: stopped while trying %s; nothing changed" % release.tag, final=True, ok=False)
+            return False
+        if outcome == "refused":
+            raise UpdateProblem("%s not tried: the panel refuses the token (%s)" % (release.tag, detail))
+        if outcome != "connected":
+            raise UpdateProblem("rolled back to %s: %s %s" % (__version__, release.tag, detail), skip=True)
+        steps.step("update: %s reached the panel %.1f s after starting" % (release.tag, detail))
+        try:
+            install_file(data)
+        except OSError as e:
+            raise UpdateProblem("cannot replace %s: %s" % (SCRIPT_PATH, describe_error(e)))
+        steps.step("update: swapped: %s is now %s; %s kept as %s" % (SCRIPT_PATH, release.tag, __version__,
+                                                                    os.path.basename(SCRIPT_PATH) + PREVIOUS_SUFFIX),
+                   final=True)
+        return True
+    finally:
+        try:
+            os.unlink(staged)
+        except OSError:
+            pass
+
+
+def try_update(cfg, argv, stop, steps, retry_skipped=False):
+    """Find, check, try and install a newer release: "swapped" when this
+    file now holds it, "current" when there is none to take, "failed" (said,
+    and the release skipped when it is at fault)."""
+    release = None
+    try:
+        found = fetch_update(cfg, steps, retry_skipped)
+        if found is None:
+            return "current"
+        release = found[0]
+        return "swapped" if install_update(cfg, argv, stop, steps, *found) else "failed"
+    except UpdateProblem as e:
+        if e.skip and release is not None:
+            steps.skip(release, str(e))
+        then = "skipped until a newer release" if e.skip else "trying again at the next check"
+        steps.step("update: %s; %s" % (e, then), final=True, ok=False)
+    except Exception as e:  # a fault here must never keep the agent from running
+        log.debug("update failed", exc_info=True)
+        steps.step("update: failed (%s: %s); trying again at the next check" % (type(e).__name__, e),
+                   final=True, ok=False)
+    return "failed"
+
+
+def restart_self(argv, why):
+    """Start this file afresh with the same arguments, saying `why`: the exit
+    status for main() (RESTART_STATUS) where a service manager restarts the
+    agent, else execute it in place (same pid, terminal and arguments); None
+    when that failed."""
+    if os.environ.get(SUPERVISED_ENV, "") not in ("", "0") or not EXEC_IN_PLACE:
+        log.info("update: %s: exiting with status %d for the service manager to start %s again", why,
+                 RESTART_STATUS, SCRIPT_PATH)
+        return RESTART_STATUS
+    command = own_command()
+    log.info("update: %s: executing %s afresh, same arguments", why, " ".join(command[1:]))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(command[0], command + list(argv))
+    except OSError as e:
+        log.error("update: cannot execute %s: %s", SCRIPT_PATH, describe_error(e))
+    return None
+
+
+def own_command():
+    """How this agent was started, without its arguments: `python -m
+    komari_agent` (install.sh's services, which start from the compiled
+    bytecode) or `python path/komari_agent.py`."""
+    if __name__ == "__main__" and __spec__ is not None and __spec__.name:
+        return [sys.executable, "-m", __spec__.name]
+    return [sys.executable, SCRIPT_PATH]
+
+
+def update_at_start(cfg, argv, stop):
+    """The check at start, before the first link: the exit status for main()
+    to return when a new version takes over, else None (run on)."""
+    if cfg.disable_auto_update or os.environ.get(TRIAL_ENV):
+        return None   # a trial run's parent does the updating
+    problem = update_impossible(cfg)
+    if problem:
+        log.info("update: %s", problem)
+        return None
+    if try_update(cfg, argv, stop, UpdateLog(state_dir(cfg), log.log)) != "swapped" or stop.is_set():
+        return None
+    return restart_self(argv, "taking over")
+
+
+class Updater:
+    """The "update" thread of a running agent: every UPDATE_EVERY (never with
+    --disable-auto-update) and whenever UPDATE_WANTED is set, it asks the
+    feed. A newer release that downloads with the right checksum sets
+    `restart_wanted` and stops the agent; main() then restarts this file,
+    whose start (update_at_start) tries and installs the release."""
+
+    def __init__(self, cfg, agent):
+        self.cfg, self.agent = cfg, agent
+        self.restart_wanted = False
+        self.steps = UpdateLog(state_dir(cfg), log.log)
+
+    def start(self):
+        threading.Thread(target=self.run, name="update", daemon=True).start()
+        return self
+
+    def run(self):
+        every = None if self.cfg.disable_auto_update else UPDATE_EVERY
+        while not self.agent.stop.is_set():
+            UPDATE_WANTED.wait(every)
+            UPDATE_WANTED.clear()
+            if self.agent.stop.is_set():
+                return
+            if self.agent.link is None:
+                self.steps.step("update: not checking while the panel is out of reach; trying again at the next "
+                                "check", final=True, ok=False)
+                continue
+            try:
+                found = fetch_update(self.cfg, self.steps)
+            except Exception as e:  # UpdateProblem, or a fault that must not end the checks
+                log.debug("update check failed", exc_info=True)
+                self.steps.step("update: %s; trying again at the next check" % (
+                    e if isinstance(e, UpdateProblem) else "failed (%s: %s)" % (type(e).__name__, e)),
+                    final=True, ok=False)
+                found = None
+            return_free_memory()
+            if found:
+                self.steps.step("update: restarting, to try %s before the first link" % found[0].tag)
+                self.restart_wanted = True
+                self.agent.stop.set()
+                return
+
+
+def start_updater(cfg, agent):
+    """The Updater of a running agent, or None where there is nothing to update (said at start)."""
+    if os.environ.get(TRIAL_ENV) or update_impossible(cfg):
+        return None
+    return Updater(cfg, agent).start()
+
+
+# ---------------------------------------------------------------------------
 # The agent loop
 # ---------------------------------------------------------------------------
 
@@ -5374,13 +6716,12 @@ def backoff_delay(base, round_number, cap=BACKOFF_CAP, rng=UNGUESSABLE.random):
     return max(0.1, min(cap, delay * (0.8 + 0.4 * rng())))
 
 
-STATUS_FILE = "status.json"
-
-
 class LinkStatus:
     """status.json in the state directory: the link's last state and error, for
     install.sh and for people (`cat state/status.json`). Written only when it
-    changes; a failure to write it never stops the agent."""
+    changes, mode 0600 like everything in the state directory (install.sh
+    reads it as the agent's user or as root); a failure to write it never
+    stops the agent."""
 
     def __init__(self, directory):
         self.path = os.path.join(directory, STATUS_FILE)
@@ -5397,9 +6738,22 @@ class LinkStatus:
         status = {"state": state, "error": error, "since": rfc3339_now(), "pid": os.getpid(),
                   "started": self.started, "version": __version__}
         try:
-            write_atomic(self.path, (json.dumps(status, indent=1) + "\n").encode("utf-8"), mode=0o644)
+            write_atomic(self.path, (json.dumps(status, indent=1) + "\n").encode("utf-8"))
         except OSError:
             pass
+
+
+def certificate_untrusted(error):
+    """Whether `error` (or the error behind it) is a TLS certificate that
+    failed verification: CERTIFICATE_VERIFY_FAILED, a self-signed panel."""
+    for _ in range(5):  # urllib's URLError holds it as its reason
+        if isinstance(error, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(error):
+            return True
+        reason = getattr(error, "reason", None)
+        error = reason if isinstance(reason, BaseException) else error.__cause__ or error.__context__
+        if error is None:
+            break
+    return False
 
 
 # an outage shorter than this is redialled every --reconnect-interval, so the
@@ -5424,6 +6778,8 @@ class Agent:
     - "basic-info" (info_loop): on `info_wanted` (a new link, changed public
       addresses) and every --info-report-interval.
     - "results" (result_loop): POSTs spooled exec results on `results_due`.
+    - "traffic" (sample_traffic_while_idle, with --month-rotate): counts
+      traffic while no report has for a minute (no link yet, an outage).
     - per link: "ws-reader" (a socket link's frames), or "v2-pull" and
       "v2-ws-retry" (POST mode); each ends when the link's `dead` is set.
     - per event: "exec", "ping", "terminal" workers started by Tasks.
@@ -5436,19 +6792,34 @@ class Agent:
         self.collector = Collector(cfg)
         self.collector.traffic = traffic_ledger(cfg)
         self.addresses = PublicAddresses(cfg, on_change=self.want_basic_info)
-        self.tasks = Tasks(self)
+        self.tasks = Tasks(cfg, self.panel, self.deliver_result, self.send_ping_result)
         self.inbox = Inbox(self.tasks.dispatch)
-        self.chooser = LinkChooser(cfg)
+        self.chooser = LinkChooser(cfg, self.panel, self.inbox, self.tasks.handle,
+                                   lambda: report_payload(self.collector.figures()))
         self.spool = ResultSpool(os.path.join(state_dir(cfg), SPOOL_DIR))
         self.results_due = threading.Event()
         self.link = None
         self.failures = 0  # connect attempts failed since the last good link
         self.outage_since = None  # when the first of them failed
         self.info_wanted = threading.Event()
+        self.slow_facts = {}  # slow_facts(), looked up by the basic-info thread
         self.refused_log = OncePer(60.0)
         self.period = min(cfg.interval, MAX_REPORT_GAP)
         self.failed = False
         self.status = LinkStatus(state_dir(cfg))
+        self.tls_hint_given = False
+
+    def complain(self, what, error, hint=""):
+        """Log that `what` failed (PanelRefused: what the refusal means; else
+        the network error), once a minute per kind of failure; the line."""
+        if isinstance(error, PanelRefused):
+            key, line = (what, error.status), explain_refusal(error, what + " failed") + hint
+        else:
+            key, line = (what, type(error).__name__), "%s failed: %s%s%s" % (
+                what, describe_error(error), self.tls_hint(error), hint)
+        if self.refused_log(key):
+            log.warning(line)
+        return line
 
     # -- basic info ---------------------------------------------------------
     def want_basic_info(self):
@@ -5457,7 +6828,7 @@ class Agent:
     def info_loop(self):
         """Uploads basic info when asked (a new link, lookups changed) and every --info-report-interval minutes: once per
         link, on the link itself where it can carry it."""
-        self.collector.load_static()
+        self.slow_facts = slow_facts(self.collector.host)
         next_due = time.monotonic() + self.cfg.info_report_interval * 60
         while not self.stop.is_set():
             timeout = max(0.0, next_due - time.monotonic())
@@ -5469,11 +6840,11 @@ class Agent:
                 next_due = time.monotonic() + self.cfg.info_report_interval * 60
 
     def upload_info_with_retries(self):
-        info = basic_info(self.cfg, self.collector, self.addresses)
+        info = basic_info_payload(basic_facts(self.cfg, self.collector, self.addresses, self.slow_facts))
         link = self.link
         try:
             if link is not None and link.send_basic_info(info):
-                log.info("basic info uploaded (%s)", link.mode)
+                log.info("basic info uploaded (%s)", link.label)
                 return True
         except LinkClosed:
             pass
@@ -5482,15 +6853,11 @@ class Agent:
                 upload_basic_info(self.panel, info)
                 log.info("basic info uploaded")
                 return True
-            except PanelRefused as e:
-                if self.refused_log(("info", e.status)):
-                    log.error(explain_refusal(e, "basic info upload failed"))
-                if e.status == 401:
-                    self.status.set("refused", explain_refusal(e, "basic info upload failed"))
+            except (PanelRefused, OSError) as e:
+                line = self.complain("basic info upload", e)
+                if getattr(e, "status", None) == 401:
+                    self.status.set("refused", line)
                     return False
-            except OSError as e:
-                if self.refused_log(("info-net", type(e).__name__)):
-                    log.warning("basic info upload failed: %s", describe_error(e))
             if self.stop.wait(min(2.0 * (attempt + 1), 10.0)):
                 return False
         return False
@@ -5531,12 +6898,10 @@ class Agent:
                     log.error("the panel rejected the result of task %s as invalid (%s); dropped", task, e.detail)
                     self.spool.remove(name)
                     continue
-                if self.refused_log(("result", e.status)):
-                    log.warning(explain_refusal(e, "task result upload failed") + "; kept for later")
+                self.complain("task result upload", e, "; kept for later")
                 return False
             except OSError as e:
-                if self.refused_log(("result-net", type(e).__name__)):
-                    log.warning("task result upload failed: %s; kept for later", describe_error(e))
+                self.complain("task result upload", e, "; kept for later")
                 return False
             self.spool.remove(name)
             log.info("result of task %s delivered", task)
@@ -5555,32 +6920,45 @@ class Agent:
 
     # -- the report link ----------------------------------------------------
     def connect(self):
-        """(kind, live link), after as many attempts as it takes; None once
+        """A live link, after as many attempts as it takes; None once
         stopping. The address is resolved anew at every attempt, so a panel
         that moved is found at the next one."""
         while not self.stop.is_set():
             kind = self.chooser.next()
             try:
-                return kind, DIALLERS[kind](self)
+                return self.chooser.dial(kind)
             except Exception as e:
                 problem = e.detail if isinstance(e, ProtocolRejected) else handshake_problem(e)
-                self.chooser.failed(kind, e, problem)
-                if self.refused_log(("ws", problem)):
-                    log.warning("cannot connect the report socket: %s", problem)
+                # refused, not unreachable: the next kind of link is dialled at once
+                at_once = self.chooser.failed(kind, e, problem)
                 # a wrong token will not fix itself in seconds
                 refused_token = getattr(e, "status", None) == 401
+                delay = None if at_once else self.failure_delay(refused_token=refused_token)
+                if self.refused_log(("link", problem)):
+                    log.warning("cannot connect the report link (%s): %s%s; %s", kind, problem, self.tls_hint(e),
+                                "trying %s at once" % self.chooser.next() if delay is None
+                                else "next try in %s s" % round(delay, 1))
                 self.status.set("refused" if refused_token else "connecting",
-                                "cannot connect the report socket: %s" % problem)
-                if isinstance(e, ProtocolRejected) and not refused_token and \
-                        LINK_ORDER.index(self.chooser.next()) > LINK_ORDER.index(kind):
-                    continue  # refused, not unreachable: the next kind of link is dialled at once
-                if not self.wait_after_failure(refused_token=refused_token):
+                                "cannot connect the report link (%s): %s" % (kind, problem))
+                if delay is not None and self.stop.wait(delay):
                     return None
         return None
 
+    def tls_hint(self, error):
+        """The ways out of an untrusted certificate, the first time one is seen."""
+        if self.tls_hint_given or not certificate_untrusted(error):
+            return ""
+        self.tls_hint_given = True
+        return (" (the panel's TLS certificate is not trusted here: if it is self-signed or from a private CA, "
+                "install that CA in this system's trust store, or run with --ignore-unsafe-cert to skip the check)")
+
     def wait_after_failure(self, refused_token=False):
-        """Count a failed attempt and wait before the next (reconnect_delay).
-        False once stopping. No basic info here (the official agent uploads
+        """Count a failed attempt and wait before the next. False once stopping."""
+        return not self.stop.wait(self.failure_delay(refused_token))
+
+    def failure_delay(self, refused_token=False):
+        """Count a failed attempt; the seconds to wait before the next
+        (reconnect_delay). No basic info here (the official agent uploads
         it after each failed round): the next link sends it, and two uploads
         in the same second when the panel returns are one too many."""
         self.failures += 1
@@ -5589,23 +6967,21 @@ class Agent:
             self.outage_since = now
         retries = max(1, self.cfg.max_retries)
         if refused_token:
-            delay = backoff_delay(self.cfg.reconnect_interval, 3 + (self.failures - 1) // retries)
-        else:
-            delay = reconnect_delay(self.cfg.reconnect_interval, now - self.outage_since)
-        return not self.stop.wait(delay)
+            return backoff_delay(self.cfg.reconnect_interval, 3 + (self.failures - 1) // retries)
+        return reconnect_delay(self.cfg.reconnect_interval, now - self.outage_since)
 
-    def serve(self, kind, link):
+    def serve(self, link):
         """Report every period until the link dies or the agent stops. True
         when the panel answered on it (a link that proved itself)."""
         proven = False
-        self.chooser.connected(kind)
+        self.chooser.connected(link)
         self.link = link
         link.start()
-        log.info("report link up: %s; %s", link.mode, self.chooser.why(kind))
+        log.info("report link up: %s; %s", link.label, self.chooser.why(link.kind))
         self.status.set("connected")
         self.want_basic_info()
         self.results_due.set()
-        next_report = first_report = time.monotonic() + link.first_report_in
+        next_report = first_report = time.monotonic() + (self.period if link.reported_at_open else 0.0)
         try:
             while not self.stop.is_set() and not link.dead.is_set():
                 now = time.monotonic()
@@ -5626,11 +7002,11 @@ class Agent:
         except LinkClosed:
             pass
         if not self.stop.is_set() and link.successor is None:
-            log.warning("report socket lost: %s; reconnecting", link.why or "closed")
-            self.status.set("disconnected", "report socket lost: %s" % (link.why or "closed"))
+            log.warning("report link lost (%s): %s; reconnecting", link.kind, link.why or "closed")
+            self.status.set("disconnected", "report link lost (%s): %s" % (link.kind, link.why or "closed"))
         link.close()
         self.link = None
-        self.chooser.lost(kind, link)
+        self.chooser.lost(link)
         return proven or link.successor is not None
 
     def discover_token(self):
@@ -5641,15 +7017,11 @@ class Agent:
         while not token and not self.stop.is_set():
             try:
                 token = register_with_key(self.panel)
-            except PanelRefused as e:
-                if self.refused_log(("register", e.status)):
-                    log.error("auto-discovery registration failed: %s%s", e,
-                              " (wrong auto-discovery key?)" if e.status == 403 else "")
-                self.status.set("refused" if e.status in (401, 403) else "connecting",
-                                "auto-discovery registration failed: %s" % e)
-            except OSError as e:
-                if self.refused_log(("register-net", type(e).__name__)):
-                    log.warning("auto-discovery registration failed: %s", describe_error(e))
+            except (PanelRefused, OSError) as e:
+                status = getattr(e, "status", None)
+                line = self.complain("auto-discovery registration", e,
+                                     " (wrong auto-discovery key?)" if status in (401, 403) else "")
+                self.status.set("refused" if status in (401, 403) else "connecting", line)
             if not token:
                 self.stop.wait(backoff_delay(self.cfg.reconnect_interval, round_number))
                 round_number += 1
@@ -5668,21 +7040,23 @@ class Agent:
 
     def run(self):
         self.status.set("starting")
+        if self.collector.traffic is not None:
+            threading.Thread(target=sample_traffic_while_idle, name="traffic", daemon=True,
+                             args=(self.collector.traffic, self.collector.sample_traffic, self.stop)).start()
         if not self.panel.token:
             self.panel.token = self.cfg.token = self.discover_token()
         threading.Thread(target=self.info_loop, name="basic-info", daemon=True).start()
         threading.Thread(target=self.result_loop, name="results", daemon=True).start()
         self.results_due.set()
-        successor = None
+        link = None
         while not self.stop.is_set():
-            picked = (V2_SOCKET, successor) if successor is not None else self.connect()
-            if picked is None:
+            link = (link and link.successor) or self.connect()
+            if link is None:
                 break
             # a link that never answered counts as a failed attempt, so a panel
             # that accepts and drops at once is not dialled in a tight loop
-            if not self.serve(*picked) and not self.stop.is_set() and not self.wait_after_failure():
+            if not self.serve(link) and not self.stop.is_set() and not self.wait_after_failure():
                 break
-            successor = picked[1].successor
 
     def shutdown(self):
         self.stop.set()
@@ -5696,7 +7070,7 @@ class Agent:
 
 
 # ---------------------------------------------------------------------------
-# main()
+# Subcommands: --check, --dry-run, list-disk, check-mem, traffic, update
 # ---------------------------------------------------------------------------
 
 # module -> the package that provides it (requirements.txt)
@@ -5718,11 +7092,6 @@ def check_state_dir(cfg):
                     "only and lost on restart (see --state-dir)", problem)
 
 
-def masked(secret):
-    """Enough of a secret to tell two apart, not enough to use it."""
-    return "%s... (%d characters)" % (secret[:3], len(secret)) if len(secret) >= 12 else "*** (set)"
-
-
 def check_settings(cfg):
     """--check: the settings in effect that differ from the defaults, one per
     line with where each came from; secrets masked. Nothing is contacted."""
@@ -5732,7 +7101,7 @@ def check_settings(cfg):
         if option.dest not in cfg.origins or option.dest in ("config", "dry_run", "state_dir"):
             continue
         value = getattr(cfg, option.dest)
-        if option.dest in ("token", "auto_discovery") and value:
+        if option.secret and value:
             value = masked(value)
         print("  %-24s %-36s (%s)" % (option.flags[-1], value, where[cfg.origins[option.dest]]))
     print("  %-24s %s" % ("state directory", state_dir(cfg)))
@@ -5743,9 +7112,8 @@ def dry_run(cfg):
     """Print the basic info and one report, each as the one line of JSON that
     would go on the wire."""
     collector = Collector(cfg)
-    collector.load_static()
     addresses = PublicAddresses(cfg)
-    info = basic_info(cfg, collector, addresses)
+    info = basic_info_payload(basic_facts(cfg, collector, addresses, slow_facts(collector.host)))
     collector.figures()  # baseline for speeds
     time.sleep(min(cfg.interval, 1.0))
     sys.stdout.write(encode(info) + "\n")
@@ -5754,28 +7122,27 @@ def dry_run(cfg):
     return 0
 
 
-def go_log(message):
-    """A line on stderr the way the official agent's subcommands log it."""
-    sys.stderr.write("%s %s\n" % (time.strftime("%Y/%m/%d %H:%M:%S"), message))
+def go_log(message, stream=None):
+    """A line in Go's log format, as the official agent's subcommands write
+    theirs, on `stream` (stderr unless given)."""
+    (stream or sys.stderr).write("%s %s\n" % (time.strftime("%Y/%m/%d %H:%M:%S"), message))
+
+
+def go_answer(message):
+    """A subcommand's answer in that format, on stdout (the official agent
+    logs it on stderr), so that `check-mem | grep htoplike` works."""
+    go_log(message, sys.stdout)
 
 
 def subcommand_config(name, argv, environ):
-    """The config of `list-disk`/`check-mem`, which take the agent's flags; None after a bad flag."""
+    """The config of a subcommand, which takes the agent's flags to use the
+    same settings and state; None after a bad flag (said on stderr)."""
     try:
         cfg, _ = load_config(list(argv) + ["--dry-run"], environ)
     except ConfigError as e:
         sys.stderr.write("%s %s: error: %s\n" % (PROG, name, e))
         return None
     return cfg
-
-
-def all_mounts(cfg):
-    """Every mount as a Mount, filtered or not."""
-    if IS_LINUX:
-        path = cfg.host_proc + "/1/mountinfo" if cfg.host_proc != "/proc" else "/proc/self/mountinfo"
-        return parse_mountinfo(read_text(path))
-    return [Mount(p.device, "/", p.mountpoint, p.fstype, p.device, p.opts)
-            for p in psutil_module().disk_partitions(all=True)]
 
 
 def monitored_mountpoints(collector):
@@ -5787,6 +7154,11 @@ def monitored_mountpoints(collector):
                              for _, m in sorted(collector.mount_table(), key=lambda km: km[1].mountpoint))
 
 
+def monitored_interfaces(collector):
+    """"[eth0 wg0]": the NICs whose traffic counts."""
+    return "[%s]" % " ".join(sorted(collector.nic_counters()))
+
+
 def log_monitored(collector):
     """The official agent's startup lines, which users grep for."""
     for what, listing in (("Mountpoints", monitored_mountpoints), ("Interfaces", monitored_interfaces)):
@@ -5796,28 +7168,22 @@ def log_monitored(collector):
             log.warning("cannot list the monitored %s: %s", what.lower(), describe_error(e))
 
 
-def monitored_interfaces(collector):
-    """"[eth0 wg0]": the NICs whose traffic counts."""
-    return "[%s]" % " ".join(sorted(collector.nic_counters()))
-
-
 def list_disk_command(argv, environ):
     """`list-disk`: every mount, then the ones whose space counts (official output)."""
     cfg = subcommand_config("list-disk", argv, environ)
     if cfg is None:
         return 2
     try:
-        mounts = all_mounts(cfg)
+        mounts = make_host(cfg).all_mounts()
     except OSError as e:
         go_log("Failed to get disk partitions: %s" % describe_error(e))
         return 0
-    go_log("All Disk Partitions:")
+    go_answer("All Disk Partitions:")
     rows = [("Mountpoint", "Fstype")] + [(m.mountpoint, m.fstype) for m in mounts]
     width = max(len(r[0]) for r in rows) + 2
     sys.stdout.write("".join("%s%s\n" % (mountpoint.ljust(width), fstype) for mountpoint, fstype in rows))
-    sys.stdout.flush()
     try:
-        go_log("Monitoring Mountpoints: %s" % monitored_mountpoints(Collector(cfg)))
+        go_answer("Monitoring Mountpoints: %s" % monitored_mountpoints(Collector(cfg)))
     except OSError as e:
         go_log("Failed to get disk list: %s" % describe_error(e))
     return 0
@@ -5842,24 +7208,24 @@ def check_mem_command(argv, environ):
     mib = 1 << 20
 
     def line(mode, total, used):
-        go_log("[%s] Total: %d bytes (%d MiB), Used: %d bytes (%d MiB)" % (mode, total, total // mib, used, used // mib))
-    go_log("--- Memory Check ---")
+        go_answer("[%s] Total: %d bytes (%d MiB), Used: %d bytes (%d MiB)" % (mode, total, total // mib, used, used // mib))
+    go_answer("--- Memory Check ---")
     try:
         info = parse_meminfo(read_text("/proc/meminfo"))
     except OSError:
         info = {}
     if info:
-        go_log("--- /proc/meminfo ---")
+        go_answer("--- /proc/meminfo ---")
         for key in ("MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached", "SwapTotal", "SwapFree",
                     "SwapCached", "Shmem", "SReclaimable", "Zswap", "Zswapped"):
-            go_log("%-13s %d MiB" % (key + ":", info.get(key, 0) // mib))
-        go_log("---------------------")
+            go_answer("%-13s %d MiB" % (key + ":", info.get(key, 0) // mib))
+        go_answer("---------------------")
     htop = ram_usage(info) if info.get("MemTotal") else (0, 0)
     line("htoplike", *htop)
     vm = psutil_module().virtual_memory()
     line("gopsutil", vm.total, vm.total - vm.available)
     line("callFree", *free_command_memory())
-    go_log("--- Current Configured ---")
+    go_answer("--- Current Configured ---")
     if cfg.memory_include_cache:
         line("includeCache", vm.total, vm.total - vm.free)
     elif htop[0]:
@@ -5869,59 +7235,251 @@ def check_mem_command(argv, environ):
     return 0
 
 
-def glibc():
-    """The C library through ctypes, or None where it is not glibc-like."""
-    if not IS_LINUX:
-        return None
+def traffic_command(argv, environ):
+    """`komari_agent.py traffic [--set-up SIZE] [--set-down SIZE] [--show] [agent flags]`:
+    calibrate or show this period's totals. Returns the exit code."""
+    parser = ArgParser(prog=PROG + " traffic", allow_abbrev=False,
+                       description="Show or correct this period's traffic totals. Give the same --state-dir "
+                                   "and --config (or AGENT_* environment) as the agent so the same state is used.")
+    parser.add_argument("--set-up", metavar="SIZE",
+                        help="set this period's upload total, e.g. 120G (K/M/G/T/P, 1024-based, decimals allowed)")
+    parser.add_argument("--set-down", metavar="SIZE", help="set this period's download total, e.g. 1.5T")
+    parser.add_argument("--show", action="store_true", help="print the period start and totals (the default)")
+    parser.add_argument("--export", metavar="PATH", nargs="?", const="",
+                        help="write this period's totals as the official agent's net_static.json (default: in the "
+                             "state directory), for switching back to it")
     try:
-        import ctypes
-        lib = ctypes.CDLL("libc.so.6")
-        lib.mallopt  # noqa: B018 - it must exist
-        return lib
-    except (OSError, AttributeError):
+        args, rest = parser.parse_known_args(argv)
+        sizes = {k: parse_size(v) for k, v in (("up", args.set_up), ("down", args.set_down)) if v is not None}
+    except ValueError as e:
+        sys.stderr.write("%s traffic: error: %s\n" % (PROG, e))
+        return 2
+    cfg = subcommand_config("traffic", rest, environ)
+    if cfg is None:
+        return 2
+    directory = state_dir(cfg)
+    calibration = os.path.join(directory, CALIBRATION_FILE)
+    if sizes:
+        try:
+            pending = read_json_object(calibration)
+        except (OSError, ValueError):
+            pending = {}
+        pending = {k: v for k, v in pending.items() if k in ("up", "down")}
+        pending.update(sizes)
+        pending["at"] = time.time()
+        try:
+            write_atomic(calibration, encode(pending).encode())
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                # root calibrating for an agent that runs as its own user: let it read the file
+                owner = os.stat(directory)
+                os.chown(calibration, owner.st_uid, owner.st_gid)
+        except OSError as e:
+            sys.stderr.write("%s traffic: error: cannot write %s: %s (run it as the agent's user)\n"
+                             % (PROG, calibration, describe_error(e)))
+            return 1
+        print("calibration saved in %s: %s; a running agent applies it within %d s, otherwise it is applied "
+              "when the agent starts with --month-rotate" % (calibration, ", ".join(
+                  "%s %s" % (k, human_size(v)) for k, v in sorted(sizes.items())), CALIBRATION_CHECK_EVERY + 2))
+    if args.export is None and not args.show and sizes:
+        return 0
+    state = traffic_state_or_say_why(os.path.join(directory, TRAFFIC_FILE))
+    if state is None:
+        status = 1
+    elif args.export is not None:
+        status = export_traffic(state, args.export or os.path.join(directory, NET_STATIC))
+    else:
+        status = show_traffic(state, calibration)
+    return 0 if sizes and args.export is None else status
+
+
+def traffic_state_or_say_why(path):
+    """saved_traffic(path), or None after one line on stderr saying why not."""
+    try:
+        return saved_traffic(path)
+    except FileNotFoundError:
+        why = "no traffic state at %s: is the agent running with --month-rotate and this --state-dir?" % path
+    except OSError as e:
+        why = "cannot read %s: %s" % (path, describe_error(e))
+    except ValueError as e:
+        why = "%s is damaged (%s); the agent sets it aside when it starts" % (path, e)
+    sys.stderr.write("%s traffic: error: %s\n" % (PROG, why))
+    return None
+
+
+def export_traffic(state, path):
+    try:
+        write_net_static(os.path.abspath(path), state, state["saved_at"])
+    except OSError as e:
+        sys.stderr.write("%s traffic: error: cannot write %s: %s\n" % (PROG, path, describe_error(e)))
+        return 1
+    print("wrote %s; put it in the official agent's working directory (/opt/komari) before starting it" % path)
+    return 0
+
+
+def show_traffic(data, calibration):
+    total = data.get("total") or {}
+    print("period start: %s (reset day %s), next: %s" % (local_time(data.get("period_start")), data.get("reset_day"),
+                                                         local_time(data.get("period_end"))))
+    for key in ("up", "down"):
+        value = whole(total.get(key))
+        print("%-5s %s (%d bytes)" % (key + ":", human_size(value), value))
+    counted = set(data.get("counted") or [])
+    for nic, entry in sorted((data.get("nics") or {}).items()):
+        print("  %s%s: up %s, down %s" % (nic, "" if nic in counted else " (not counted)",
+                                          human_size(whole(entry.get("up"))), human_size(whole(entry.get("down")))))
+    offset = data.get("offset") or {}
+    if offset.get("up") or offset.get("down"):
+        print("  calibration offset: up %+d, down %+d bytes" % (offset.get("up", 0), offset.get("down", 0)))
+    previous = data.get("previous")
+    if isinstance(previous, dict):
+        print("previous period from %s: up %s, down %s" % (local_time(previous.get("start")),
+                                                           human_size(whole(previous.get("up"))),
+                                                           human_size(whole(previous.get("down")))))
+    print("as of %s (the agent saves every minute while it runs)" % local_time(data.get("saved_at")))
+    if os.path.exists(calibration):
+        print("a calibration is waiting for the agent to apply it")
+    return 0
+
+
+# -- update ------------------------------------------------------------------------
+
+# How long `update` follows a running agent's steps: two downloads, the
+# checks, a restart and a trial.
+FOLLOW_UPDATE_FOR = 2 * DOWNLOAD_TIMEOUT + TRIAL_SECONDS + 60
+
+
+def update_command(argv, environ):
+    """`update [--check] [agent flags]`: look for a newer release with the
+    agent's settings and install it now (asking a running agent to do it),
+    printing each step. Exit 0 when up to date or updated, 1 when not
+    updated, 2 on a bad flag; with --check: 0 up to date, 1 newer release
+    available, 2 when the feed cannot be asked."""
+    parser = ArgParser(prog=PROG + " update", allow_abbrev=False,
+                       description="Look for a newer release and install it now: checked against its SHA256SUMS, "
+                                   "tried against the panel, and only then put in place of this file. Give the "
+                                   "agent's flags, --config or AGENT_* environment, so the same settings are used; "
+                                   "a running agent of the same state directory is asked to do it.")
+    parser.add_argument("--check", action="store_true",
+                        help="only say whether a newer release exists: exit 0 when up to date, 1 when there is one, "
+                             "2 when the feed cannot be asked")
+    try:
+        args, rest = parser.parse_known_args(argv)
+        cfg = load_config(rest + ["--dry-run"] * args.check, environ)[0]
+    except ConfigError as e:
+        sys.stderr.write("%s update: error: %s\n" % (PROG, e))
+        return 2
+    hide_secret(cfg.token)
+    hide_secret(cfg.auto_discovery)
+    if args.check:
+        return check_for_update(cfg)
+    problem = update_impossible(cfg)
+    if problem:
+        print("update: %s" % problem)
+        return 1
+    steps = UpdateLog(state_dir(cfg), lambda level, line: print(line, flush=True))
+    steps.forget_skip()   # by hand, a skipped release is tried again
+    pid = running_agent(state_dir(cfg))
+    if pid:
+        return ask_running_agent(pid, steps)
+    outcome = try_update(cfg, rest, threading.Event(), steps, retry_skipped=True)
+    if outcome == "swapped":
+        print("update: start the agent (or its service) to run it")
+    return 1 if outcome == "failed" else 0
+
+
+def check_for_update(cfg):
+    """`update --check`: 0 up to date, 1 a newer release exists, 2 the feed cannot be asked."""
+    if PLACEHOLDER_REPOSITORY in update_feed(cfg):
+        sys.stderr.write("%s update: error: %s\n" % (PROG, update_impossible(cfg)))
+        return 2
+    try:
+        release = latest_release(cfg)
+    except UpdateProblem as e:
+        sys.stderr.write("%s update: error: %s\n" % (PROG, e))
+        return 2
+    current = version_key(__version__)
+    stable = release.version is not None and not release.prerelease
+    if not stable or current is None or release.version <= current:
+        print("up to date: %s (latest release: %s%s)" % (__version__, release.tag, "" if stable else ", a pre-release"))
+        return 0
+    skip = UpdateLog(state_dir(cfg), None).skipped()
+    skipped = skip and release.version <= version_key(skip["tag"])
+    print("%s is available (running %s)%s" % (release.tag, __version__,
+                                             "; the agent skips it: %s" % skip.get("why") if skipped else ""))
+    return 1
+
+
+def running_agent(directory):
+    """The pid of an agent running with this state directory (its status.json
+    names it), or None: a pid reused by another program is not one."""
+    try:
+        status = read_json_object(os.path.join(directory, STATUS_FILE), 1 << 16)
+        pid, started = status.get("pid"), status.get("started")
+        process = psutil_module().Process(pid)
+        command, born = " ".join(process.cmdline()), process.create_time()
+    except Exception:  # no file, no such process, no psutil: none running that we could ask
         return None
+    if pid == os.getpid() or "komari_agent" not in command or not isinstance(started, (int, float)) \
+            or born > started + 5:
+        return None
+    return pid
 
 
-def limit_malloc_arenas():
-    """glibc gives each thread its own malloc arena; for a few mostly idle
-    threads that is megabytes of RSS for nothing."""
-    lib = glibc()
-    if lib is not None:
-        lib.mallopt(-8, 1)  # M_ARENA_MAX
+def ask_running_agent(pid, steps):
+    """Have the agent `pid` check now (UPDATE_SIGNAL) and print its steps until its last."""
+    if UPDATE_SIGNAL is None:
+        print("update: an agent runs (pid %d) and cannot be signalled here; stop it, then run this again" % pid)
+        return 1
+    seen = max([s["seq"] for s in steps.steps()] or [0])
+    try:
+        os.kill(pid, UPDATE_SIGNAL)
+    except OSError as e:
+        print("update: cannot ask the running agent (pid %d): %s; run this as its user" % (pid, describe_error(e)))
+        return 1
+    print("update: asked the running agent (pid %d) to update now" % pid, flush=True)
+    deadline = time.monotonic() + FOLLOW_UPDATE_FOR
+    while time.monotonic() < deadline:
+        for step in steps.steps():
+            if step["seq"] > seen:
+                seen = step["seq"]
+                print(step.get("line"), flush=True)
+                if step.get("final"):
+                    return 0 if step.get("ok") else 1
+        time.sleep(0.2)
+    print("update: the agent said nothing more within %d s; see its log" % FOLLOW_UPDATE_FOR)
+    return 1
 
 
-def return_free_memory():
-    """Hand freed heap pages back to the kernel. Start-up (the script's syntax
-    tree, a TLS handshake) leaves megabytes free inside glibc's heap that it
-    would otherwise keep for good; called once per new report link."""
-    lib = glibc()
-    if lib is not None:
-        lib.malloc_trim(0)
-
+# ---------------------------------------------------------------------------
+# main()
+# ---------------------------------------------------------------------------
 
 def stop_on_signals():
     """An Event that SIGTERM, SIGINT and SIGHUP set: a hangup (the terminal
     that started the agent closed) is a clean stop like SIGTERM, never a
     death that orphans commands and loses unsaved totals. A SIGHUP that was
-    ignored when the agent started (nohup) stays ignored. Only the main
-    thread may install signal handlers."""
+    ignored when the agent started (nohup) stays ignored. SIGUSR1 asks for
+    an update check now (`update` run by hand). Only the main thread may
+    install signal handlers."""
     stop = threading.Event()
     hangup = getattr(signal, "SIGHUP", None)  # none on Windows
     for signum in (signal.SIGTERM, signal.SIGINT, hangup):
         if signum is None or signum == hangup and signal.getsignal(signum) == signal.SIG_IGN:
             continue
         signal.signal(signum, lambda signum, frame: stop.set())
+    if UPDATE_SIGNAL is not None:
+        signal.signal(UPDATE_SIGNAL, lambda signum, frame: UPDATE_WANTED.set())
     return stop
+
+
+SUBCOMMANDS = {"traffic": traffic_command, "list-disk": list_disk_command, "check-mem": check_mem_command,
+               "update": update_command}
 
 
 def main(argv=None, stop=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["traffic"]:
-        return traffic_command(argv[1:], os.environ)
-    if argv[:1] == ["list-disk"]:
-        return list_disk_command(argv[1:], os.environ)
-    if argv[:1] == ["check-mem"]:
-        return check_mem_command(argv[1:], os.environ)
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:], os.environ)
     try:
         cfg, warnings = load_config(argv, os.environ)
     except ConfigError as e:
@@ -5946,8 +7504,13 @@ def main(argv=None, stop=None):
         return dry_run(cfg)
     log.info("Komari agent (Python) %s, panel %s, report every %gs", __version__, cfg.endpoint, cfg.interval)
     check_state_dir(cfg)
-    agent = Agent(cfg, stop or stop_on_signals())
+    stop = stop or stop_on_signals()
+    taking_over = update_at_start(cfg, argv, stop)
+    if taking_over is not None:
+        return taking_over
+    agent = Agent(cfg, stop)
     log_monitored(agent.collector)
+    updater = start_updater(cfg, agent)
     worker = threading.Thread(target=agent.run_until_stopped, name="agent", daemon=True)
     worker.start()
     # no timeout: a main thread waking up every second costs more CPU than a report
@@ -5959,6 +7522,8 @@ def main(argv=None, stop=None):
     # shutdown() closed and saved everything; the worker may be asleep until
     # its next report, and need not be waited for beyond a moment
     worker.join(0.2)
+    if updater is not None and updater.restart_wanted:
+        return restart_self(argv, "restarting") or 1
     return 0
 
 

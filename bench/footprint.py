@@ -176,9 +176,11 @@ def run_once(command, args, link=None):
         endpoint = proxy.endpoint
     argv = shlex.split(command) + ["-e", endpoint, "-t", panel.token, "--interval", "%g" % args.interval] + extra
     try:
-        with tempfile.TemporaryFile() as out:
+        # its state in a directory of its own, never the checkout's state/; named in the environment,
+        # because an official agent given to --vs refuses a flag it does not know
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryDirectory(prefix="komari-footprint-") as state:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, env=dict(os.environ, AGENT_STATE_DIR=state))
             try:
                 return measure(proc, panel, args, out, proxy)
             finally:
