@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler
 from pathlib import Path
 
 import psutil
@@ -114,6 +114,7 @@ class StubHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.server.seen.append((self.path, self.headers.get("User-Agent")))
         status, headers, body = self.server.answer(self.command, self.path)
         self.send_response(status)
@@ -3026,38 +3027,17 @@ def test_old_server_gets_v1_after_three_protocol_failures(panel, start_agent):
     assert agent.log.count("falling back to protocol v1") == 1 and panel.basic_infos
 
 
-class WebPage(BaseHTTPRequestHandler):
-    """Any website where the panel should be: 200 and a page, whatever is asked."""
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        page = b"<html><body>Welcome to nginx!</body></html>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.do_GET()
-
-
 def test_a_panel_that_answers_neither_v2_nor_v1_is_named_so(tmp_path):
-    from http.server import ThreadingHTTPServer
-    site = ThreadingHTTPServer(("127.0.0.1", 0), WebPage)
-    threading.Thread(target=site.serve_forever, args=(0.05,), daemon=True).start()
-    agent = AgentProcess(["-e", "http://127.0.0.1:%d" % site.server_address[1], "-t", TOKEN, "-c", "0.2", "-r", "1",
+    # any website where the panel should be: 200 and a page, whatever is asked
+    page = b"<html><body>Welcome to nginx!</body></html>"
+    site = HttpStub(lambda method, path: (200, [("Content-Type", "text/html")], page))
+    agent = AgentProcess(["-e", "http://127.0.0.1:%d" % site.port, "-t", TOKEN, "-c", "0.2", "-r", "1",
                           "--state-dir", str(tmp_path), "--custom-ipv4", "192.0.2.7"])
     try:
         agent.wait_log("the panel answers neither v2 nor v1", 20)
     finally:
         agent.stop()
-        site.shutdown()
-        site.server_close()
+        site.close()
     line = next(line for line in agent.lines if "answers neither" in line)
     assert "and v1 failed as well (last: the panel answered with a web page" in line, line
     assert "--endpoint" in line and agent.log.count("falling back to protocol v1") == 1, agent.log
@@ -3559,18 +3539,8 @@ class ReleaseFeed:
 
     def __init__(self, root):
         self.root, self.files, self.requests = Path(root), {}, []
-        feed = self
-
-        class Handler(SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, directory=str(feed.root), **kwargs)
-
-            def log_message(self, *args):   # called for every request (twice for an error)
-                feed.requests.append(self.path)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-        self.url = "http://127.0.0.1:%d/latest" % self.server.server_address[1]
+        self.server = FeedServer(self)
+        self.url = "http://127.0.0.1:%d/latest" % self.server.port
 
     def publish(self, version, source=None, prerelease=False, requirements=None):
         """Release `version`: komari_agent.py at that version (or `source`),
@@ -3602,12 +3572,27 @@ class ReleaseFeed:
         return [path for path in self.requests if path.startswith("/assets/")]
 
 
+class FeedServer(loopback.LoopbackServer):
+    """Serves a ReleaseFeed's directory."""
+
+    def __init__(self, feed):
+        self.feed = feed
+        super().__init__()
+
+    def serve(self, conn):
+        FeedHandler(conn, conn.getpeername()[:2], self, directory=str(self.feed.root))
+
+
+class FeedHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):   # called for every request (twice for an error)
+        self.server.feed.requests.append(self.path)
+
+
 @pytest.fixture
 def release_feed(tmp_path_factory):
     feed = ReleaseFeed(tmp_path_factory.mktemp("feed"))
     yield feed
-    feed.server.shutdown()
-    feed.server.server_close()
+    feed.server.close()
 
 
 @pytest.fixture
