@@ -17,6 +17,7 @@ The file reads top to bottom; nothing refers to a definition further down:
     Configuration     OPTIONS: flags, AGENT_* variables, --config keys
     Linux             /proc and /sys, read and parsed
     macOS and FreeBSD sw_vers, system_profiler, pciconf, sysctl, netstat: parsed
+    Windows           the registry; kernel32, psapi, iphlpapi, advapi32 through ctypes
     Platform          every difference between systems, behind one host (make_host)
     Report figures    what each realtime report measures (the Collector)
     Basic info        the static facts together, public addresses
@@ -293,7 +294,9 @@ def read_regular_file(path, limit, follow=True):
     for anything else (a FIFO or a device would block or never end), and,
     unless `follow`, for a symbolic link."""
     no_follow = 0 if follow else getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | no_follow)
+    # Windows has neither FIFOs to block on nor O_NONBLOCK, and reads in text mode without O_BINARY
+    flags = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, os.O_RDONLY | flags | no_follow)
     try:
         st = os.fstat(fd)
         if not S_ISREG(st.st_mode):
@@ -346,7 +349,7 @@ def write_atomic(path, data, mode=0o600):
     make_private_dirs(directory)
     temp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
     # never through a link or into a file someone else put there
-    exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(temp, exclusive, mode)
     except FileExistsError:  # left by a crash of a process with this pid
@@ -373,28 +376,6 @@ def write_atomic(path, data, mode=0o600):
     except OSError:
         pass
 
-
-def private_directory(path):
-    """Create `path` (mode 0700) if missing and make sure only this user can
-    write in it: one that others can write is made private when it is ours,
-    else refused (someone could plant links or FIFOs in it). Returns what is
-    wrong with it, or ""."""
-    try:
-        make_private_dirs(path)
-        st = os.stat(path)
-        if not S_ISDIR(st.st_mode):
-            return "%s is not a directory" % path
-        if st.st_mode & 0o022:
-            mine = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
-            if not mine or st.st_mode & 0o1000:   # sticky: a shared one like /tmp, never ours to change
-                return "%s can be written by other users" % path
-            os.chmod(path, 0o700)
-            log.warning("%s could be written by other users; made it private (mode 0700)", path)
-        if not os.access(path, os.W_OK | os.X_OK):
-            return "%s is not writable" % path
-    except OSError as e:
-        return "%s: %s" % (path, describe_error(e))
-    return ""
 
 # One encoder for the run: json.dumps with options builds a new one per call.
 WIRE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -1295,22 +1276,6 @@ def normalise_endpoint(endpoint):
     return urlunsplit((parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
-def state_dir(cfg):
-    """Where state that must survive restarts lives (traffic totals, undelivered
-    results): --state-dir, else beside the script when writable, else the
-    user's state directory (/var/lib/komari-agent for root). Never the working
-    directory, which a service manager may set anywhere."""
-    if cfg.state_dir:
-        return os.path.abspath(os.path.expanduser(cfg.state_dir))
-    beside = os.path.join(os.path.dirname(SCRIPT_PATH), "state")
-    if os.access(os.path.dirname(beside), os.W_OK) and (not os.path.exists(beside) or os.access(beside, os.W_OK)):
-        return beside
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        return "/var/lib/komari-agent"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "komari-agent")
-
-
 # ---------------------------------------------------------------------------
 # Linux: /proc and /sys, read and parsed
 # ---------------------------------------------------------------------------
@@ -2130,6 +2095,409 @@ def bsd_countable_mounts(partitions):
 
 
 # ---------------------------------------------------------------------------
+# Windows: the registry and the system's figures, read through ctypes
+# ---------------------------------------------------------------------------
+
+# What the official agent asks Windows, asked without DXGI, SMBIOS, WMI or
+# performance counters, which a box (or Wine) may lack: the registry for the
+# edition, build, CPU and GPU names and the firmware's maker; kernel32, psapi
+# and ntdll for CPU times, uptime, swap and volumes; advapi32 for who we run as
+# and for the state directory's ACL; the console's control events for a clean
+# stop. The readers work only on Windows and only the Platform section calls
+# them; the parsers take plain values, so fixture data tests them anywhere.
+
+# -- the registry ------------------------------------------------------------------
+
+WINDOWS_VERSION_KEY = r"SOFTWARE\Microsoft\Windows NT\CurrentVersion"
+CPU0_KEY = r"HARDWARE\DESCRIPTION\System\CentralProcessor\0"
+FIRMWARE_KEYS = (r"HARDWARE\DESCRIPTION\System", r"HARDWARE\DESCRIPTION\System\BIOS")
+DISPLAY_CLASS_KEY = r"SYSTEM\CurrentControlSet\Control\Class\{4d36e968-e325-11ce-bfc1-08002be10318}"
+
+
+def registry_key(path):
+    """The HKEY_LOCAL_MACHINE key `path`, opened for reading in the 64-bit
+    view (a 32-bit Python would otherwise read WOW6432Node); OSError when missing."""
+    import winreg
+    return winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, path, 0, winreg.KEY_READ | winreg.KEY_WOW64_64KEY)
+
+
+def registry_values(path):
+    """{name: value} of the key `path`; {} when it is missing."""
+    import winreg
+    values = {}
+    try:
+        with registry_key(path) as key:
+            for index in itertools.count():
+                name, value, _ = winreg.EnumValue(key, index)
+                values[name] = value
+    except OSError:  # the key is missing, or the last value was read
+        pass
+    return values
+
+
+def registry_subkeys(path):
+    import winreg
+    names = []
+    try:
+        with registry_key(path) as key:
+            for index in itertools.count():
+                names.append(winreg.EnumKey(key, index))
+    except OSError:
+        pass
+    return names
+
+
+# -- edition, build, CPU -----------------------------------------------------------
+
+def windows_edition(product_name, build):
+    """The edition as the official agent names it: ProductName, which still
+    says "Windows 10" on Windows 11 (build 22000 on); Server names as they
+    are; "Microsoft Windows" when the registry names none."""
+    name = str(product_name or "").strip()
+    if not name:
+        return "Microsoft Windows"
+    if "Server" in name or "Windows 11" in name:
+        return name
+    try:
+        number = int(build)
+    except (TypeError, ValueError):
+        number = 0
+    return name.replace("Windows 10", "Windows 11", 1) if number >= 22000 else name
+
+
+def windows_kernel(build, ubr):
+    """CurrentBuild.UBR ("22631.4460"): the build and its cumulative update,
+    the build alone without an UBR."""
+    build = str(build or "").strip()
+    if not build:
+        return "Unknown"
+    return "%s.%d" % (build, ubr) if isinstance(ubr, int) and not isinstance(ubr, bool) else build
+
+
+# -- GPU names ---------------------------------------------------------------------
+
+# Display adapters that are no GPU: Windows' own driverless stand-ins, Remote
+# Desktop's adapter, and virtual monitors (indirect display drivers); virtual
+# machines' adapters (Hyper-V, VMware, QXL, virtio) go as on Linux.
+WINDOWS_NOT_A_GPU = re.compile(r"(?i)\bbasic (display|render)\b|\bremote display\b|\bindirect display\b|"
+                               r"\bvirtual (display|monitor)\b|\biddsampledriver\b")
+
+
+def gpu_names_from_display_class(descriptions):
+    """GPU names from the display-adapter class's driver keys, {"0000":
+    DriverDesc, …}, in their order; no DXGI needed."""
+    names = [str(desc).strip() for key, desc in sorted(descriptions.items())
+             if re.match(r"^\d{4}$", key) and isinstance(desc, str) and not WINDOWS_NOT_A_GPU.search(desc)]
+    return real_gpu_names(names)
+
+
+def display_adapter_descriptions():
+    """{driver key: DriverDesc} of every display adapter Windows has a driver for."""
+    return {key: registry_values(DISPLAY_CLASS_KEY + "\\" + key).get("DriverDesc")
+            for key in registry_subkeys(DISPLAY_CLASS_KEY) if re.match(r"^\d{4}$", key)}
+
+
+# -- virtualization ----------------------------------------------------------------
+
+# What a hypervisor writes into its guest's firmware tables, which Windows
+# copies into HARDWARE\DESCRIPTION\System: the maker, the product, the BIOS
+# and the ACPI tables' OEM ("BOCHS", "VBOX", "VRTUAL"). Named as the official
+# agent's CPUID probe names them: QEMU's firmware (SeaBIOS, BOCHS tables) is
+# nearly always KVM's.
+WINDOWS_HYPERVISORS = (("amazon ec2", "amazon"), ("google compute", "google"), ("vmware", "vmware"),
+                       ("virtualbox", "oracle"), ("innotek", "oracle"), ("vbox", "oracle"),
+                       ("parallels", "parallels"), ("xen", "xen"), ("bhyve", "bhyve"), ("acrn", "acrn"),
+                       ("kvm", "kvm"), ("qemu", "kvm"), ("bochs", "kvm"), ("seabios", "kvm"),
+                       ("openstack", "kvm"), ("vrtual", "microsoft"), ("hyper-v", "microsoft"))
+
+
+def windows_virtualization(firmware):
+    """The hypervisor named by the firmware's registry values
+    (SystemManufacturer, SystemProductName, BIOSVendor, BIOSVersion,
+    SystemBiosVersion); "none" when none is named. A Microsoft machine is a
+    Hyper-V guest only when it calls itself a Virtual Machine (a Surface is
+    no guest)."""
+    def text(name):
+        value = firmware.get(name) or ""
+        return " ".join(value) if isinstance(value, (list, tuple)) else str(value)
+    maker, product = text("SystemManufacturer").lower(), text("SystemProductName").lower()
+    if "microsoft" in maker and "virtual machine" in product:
+        return "microsoft"
+    found = " ".join([maker, product] + [text(name).lower() for name in
+                                         ("BIOSVendor", "BIOSVersion", "SystemBiosVersion", "VideoBiosVersion")])
+    return next((name for needle, name in WINDOWS_HYPERVISORS if needle in found), "none")
+
+
+def firmware_values():
+    values = {}
+    for key in FIRMWARE_KEYS:
+        values.update(registry_values(key))
+    return values
+
+
+# -- memory and swap -----------------------------------------------------------------
+
+def swap_from_commit(commit_limit, physical_total, page_size, page_files=None):
+    """(total, used) bytes of swap from GetPerformanceInfo's pages, as
+    psutil and gopsutil reckon it: the page files' size is the commit limit
+    beyond RAM; used is that times the page files' share in use
+    ([(size, in use)] pages from SystemPageFileInformation), 0 without them."""
+    total = max(0, commit_limit - physical_total) * page_size
+    size = sum(s for s, _ in page_files or ())
+    used = int(total * sum(u for _, u in page_files) / size) if size else 0
+    return total, min(max(used, 0), total)
+
+
+def parse_page_files(data):
+    """[(size, in use)] pages of each page file, from the chained
+    SYSTEM_PAGEFILE_INFORMATION records NtQuerySystemInformation fills in."""
+    files, offset = [], 0
+    while offset + 16 <= len(data):
+        following, size, in_use, _peak = struct.unpack_from("<IIII", data, offset)
+        files.append((size, in_use))
+        if following == 0:
+            break
+        offset += following
+    return files
+
+
+def performance_pages():
+    """(commit limit, physical total, page size) of GetPerformanceInfo,
+    the first two in pages; it needs no performance counters."""
+    import ctypes
+    fields = ("CommitTotal", "CommitLimit", "CommitPeak", "PhysicalTotal", "PhysicalAvailable", "SystemCache",
+              "KernelTotal", "KernelPaged", "KernelNonpaged", "PageSize")
+
+    class Information(ctypes.Structure):
+        _fields_ = [("cb", ctypes.c_uint32)] + [(name, ctypes.c_size_t) for name in fields] + \
+                   [(name, ctypes.c_uint32) for name in ("HandleCount", "ProcessCount", "ThreadCount")]
+    info = Information(cb=ctypes.sizeof(Information))
+    psapi = ctypes.WinDLL("psapi", use_last_error=True)
+    if not psapi.GetPerformanceInfo(ctypes.byref(info), info.cb):
+        raise ctypes.WinError(ctypes.get_last_error())
+    return info.CommitLimit, info.PhysicalTotal, info.PageSize
+
+
+def page_file_pages():
+    """[(size, in use)] pages of each page file; OSError where the system
+    will not tell (Wine)."""
+    import ctypes
+    ntdll = ctypes.WinDLL("ntdll")
+    size = 4096
+    while size <= 1 << 20:
+        buffer, needed = ctypes.create_string_buffer(size), ctypes.c_uint32()
+        status = ntdll.NtQuerySystemInformation(18, buffer, size, ctypes.byref(needed)) & 0xFFFFFFFF
+        if status == 0:
+            return parse_page_files(buffer.raw[:needed.value or size])
+        if status != 0xC0000004:  # STATUS_INFO_LENGTH_MISMATCH: a bigger buffer
+            raise OSError("NtQuerySystemInformation(SystemPageFileInformation) failed: 0x%08X" % status)
+        size *= 4
+    raise OSError("too many page files")
+
+
+# -- CPU time and uptime -----------------------------------------------------------
+
+def system_times():
+    """(idle, kernel, user) time of all CPUs since boot, in 100 ns units
+    (GetSystemTimes; kernel time includes idle time)."""
+    import ctypes
+    idle, kernel, user = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64()
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    if not kernel32.GetSystemTimes(ctypes.byref(idle), ctypes.byref(kernel), ctypes.byref(user)):
+        raise ctypes.WinError(ctypes.get_last_error())
+    return idle.value, kernel.value, user.value
+
+
+def milliseconds_since_boot():
+    import ctypes
+    kernel32 = ctypes.WinDLL("kernel32")
+    kernel32.GetTickCount64.restype = ctypes.c_uint64
+    return kernel32.GetTickCount64()
+
+
+# -- sockets -------------------------------------------------------------------------
+
+def table_rows(table):
+    """The row count that opens an IP Helper table (MIB_TCPTABLE and the like)."""
+    return struct.unpack_from("<I", table)[0] if len(table) >= 4 else 0
+
+
+def socket_counts():
+    """(tcp, udp) sockets of both families in every state (TIME_WAIT too),
+    from the IP Helper's tables: only their sizes are needed, and tables
+    without owner pids spare the per-socket lookup that makes psutil's
+    listing take a second under Wine."""
+    import ctypes
+    iphlpapi = ctypes.WinDLL("iphlpapi")
+
+    def rows(function):
+        size = ctypes.c_uint32(0)
+        for _ in range(5):
+            # room to spare: sockets come and go between asking the size and reading the table
+            size.value = max(size.value + size.value // 4, 4)
+            table = ctypes.create_string_buffer(size.value)
+            status = function(table, ctypes.byref(size), False)
+            if status == 0:
+                return table_rows(table.raw)
+            if status in (50, 232):  # ERROR_NOT_SUPPORTED (no IPv6), ERROR_NO_DATA
+                return 0
+            if status != 122:  # ERROR_INSUFFICIENT_BUFFER: again, with the size it asked for
+                raise ctypes.WinError(status)
+        raise OSError("the socket table kept growing")
+    return (rows(iphlpapi.GetTcpTable) + rows(iphlpapi.GetTcp6Table),
+            rows(iphlpapi.GetUdpTable) + rows(iphlpapi.GetUdp6Table))
+
+
+# -- volumes -------------------------------------------------------------------------
+
+def volume_identity(root):
+    """What tells a volume apart under any of its drive letters or folders:
+    its \\\\?\\Volume{GUID}\\ name, else its serial number, else `root` itself."""
+    import ctypes
+    kernel32 = ctypes.WinDLL("kernel32")
+    root = root if root.endswith("\\") else root + "\\"
+    name = ctypes.create_unicode_buffer(64)
+    if kernel32.GetVolumeNameForVolumeMountPointW(ctypes.c_wchar_p(root), name, len(name)) and name.value:
+        return "volume:" + name.value.lower()
+    serial = ctypes.c_uint32()
+    if kernel32.GetVolumeInformationW(ctypes.c_wchar_p(root), None, 0, ctypes.byref(serial), None, None, None, 0):
+        return "serial:%08x" % serial.value
+    return "root:" + root.lower()
+
+
+def fixed_volume_mounts(partitions, identity):
+    """[(key, Mount)] of the fixed drives among psutil's partitions
+    (device, mount point, fstype, opts): removable, optical, network and RAM
+    drives hold no space of this box. Each volume once, by `identity`, under
+    its shortest mount point."""
+    chosen = {}
+    for device, mountpoint, fstype, opts in partitions:
+        if "fixed" not in opts.split(","):
+            continue
+        key = identity(mountpoint)
+        if key not in chosen or len(mountpoint) < len(chosen[key].mountpoint):
+            chosen[key] = Mount(key, "\\", mountpoint, fstype, device, opts)
+    return list(chosen.items())
+
+
+# -- who we run as, and private folders ---------------------------------------------
+
+LOCAL_SYSTEM_SID = "S-1-5-18"
+# Full control for SYSTEM, the Administrators and the owner (the account the
+# agent runs as, which made the folder), inherited by every file made inside,
+# and nothing from the folder above (P): the token and the results are no one
+# else's to read.
+PRIVATE_DACL = "D:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;FA;;;OW)"
+
+
+def process_user_sid():
+    """The SID of the account this process runs as ("S-1-5-18" for
+    SYSTEM), or "" when the token will not say."""
+    import ctypes
+    from ctypes import wintypes
+    advapi32 = ctypes.WinDLL("advapi32", use_last_error=True)
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+    advapi32.OpenProcessToken.argtypes = [wintypes.HANDLE, wintypes.DWORD, ctypes.POINTER(wintypes.HANDLE)]
+    advapi32.GetTokenInformation.argtypes = [wintypes.HANDLE, ctypes.c_int, ctypes.c_void_p, wintypes.DWORD,
+                                             ctypes.POINTER(wintypes.DWORD)]
+    advapi32.ConvertSidToStringSidW.argtypes = [ctypes.c_void_p, ctypes.POINTER(wintypes.LPWSTR)]
+    kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
+    kernel32.LocalFree.argtypes = [ctypes.c_void_p]
+    token = wintypes.HANDLE()
+    if not advapi32.OpenProcessToken(kernel32.GetCurrentProcess(), 0x0008, ctypes.byref(token)):  # TOKEN_QUERY
+        return ""
+    try:
+        buffer, needed = ctypes.create_string_buffer(512), wintypes.DWORD()
+        if not advapi32.GetTokenInformation(token, 1, buffer, len(buffer), ctypes.byref(needed)):  # TokenUser
+            return ""
+        text = wintypes.LPWSTR()
+        if not advapi32.ConvertSidToStringSidW(ctypes.c_void_p.from_buffer(buffer).value, ctypes.byref(text)):
+            return ""
+        try:
+            return text.value or ""
+        finally:
+            kernel32.LocalFree(text)
+    finally:
+        kernel32.CloseHandle(token)
+
+
+def folder_accepts_files(path):
+    """Whether this process may create files in the folder `path`, asked of
+    the ACL by opening the folder for adding files, which leaves no trace
+    (os.access reads the read-only flag alone)."""
+    import ctypes
+    from ctypes import wintypes
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.CreateFileW.restype = wintypes.HANDLE
+    kernel32.CreateFileW.argtypes = [wintypes.LPCWSTR, wintypes.DWORD, wintypes.DWORD, ctypes.c_void_p,
+                                     wintypes.DWORD, wintypes.DWORD, wintypes.HANDLE]
+    kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
+    # FILE_ADD_FILE; every share mode; OPEN_EXISTING; FILE_FLAG_BACKUP_SEMANTICS, which opens folders
+    handle = kernel32.CreateFileW(path, 0x0002, 0x0007, None, 3, 0x02000000, None)
+    if handle is None or handle == wintypes.HANDLE(-1).value:
+        return False
+    kernel32.CloseHandle(handle)
+    return True
+
+
+def set_folder_dacl(path, sddl=PRIVATE_DACL):
+    """Give the folder `path` the DACL `sddl`; its files get the inheritable
+    part (SetNamedSecurityInfoW carries it down). OSError on failure."""
+    import ctypes
+    from ctypes import wintypes
+    advapi32 = ctypes.WinDLL("advapi32", use_last_error=True)
+    kernel32 = ctypes.WinDLL("kernel32")
+    advapi32.ConvertStringSecurityDescriptorToSecurityDescriptorW.argtypes = [
+        wintypes.LPCWSTR, wintypes.DWORD, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    advapi32.GetSecurityDescriptorDacl.argtypes = [ctypes.c_void_p, ctypes.POINTER(wintypes.BOOL),
+                                                   ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(wintypes.BOOL)]
+    advapi32.SetNamedSecurityInfoW.argtypes = [wintypes.LPWSTR, ctypes.c_int, wintypes.DWORD, ctypes.c_void_p,
+                                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    kernel32.LocalFree.argtypes = [ctypes.c_void_p]
+    descriptor = ctypes.c_void_p()
+    if not advapi32.ConvertStringSecurityDescriptorToSecurityDescriptorW(sddl, 1, ctypes.byref(descriptor), None):
+        raise ctypes.WinError(ctypes.get_last_error())
+    try:
+        present, defaulted, dacl = wintypes.BOOL(), wintypes.BOOL(), ctypes.c_void_p()
+        if not advapi32.GetSecurityDescriptorDacl(descriptor, ctypes.byref(present), ctypes.byref(dacl),
+                                                  ctypes.byref(defaulted)):
+            raise ctypes.WinError(ctypes.get_last_error())
+        # SE_FILE_OBJECT; DACL_SECURITY_INFORMATION | PROTECTED_DACL_SECURITY_INFORMATION
+        status = advapi32.SetNamedSecurityInfoW(path, 1, 0x00000004 | 0x80000000, None, None, dacl, None)
+        if status:
+            raise ctypes.WinError(status)
+    finally:
+        kernel32.LocalFree(descriptor)
+
+
+# -- console control events ----------------------------------------------------------
+
+CTRL_C_EVENT, CTRL_BREAK_EVENT, CTRL_CLOSE_EVENT, CTRL_LOGOFF_EVENT, CTRL_SHUTDOWN_EVENT = 0, 1, 2, 5, 6
+
+
+def console_event_stops(event):
+    """Whether a console control event ends the agent: Ctrl+C, Ctrl+Break,
+    the console closing and the system shutting down do; a user logging
+    off does not (only a process outside every user's session, a service or
+    a boot task, hears it, and it is not that process's end)."""
+    return event in (CTRL_C_EVENT, CTRL_BREAK_EVENT, CTRL_CLOSE_EVENT, CTRL_SHUTDOWN_EVENT)
+
+
+def on_console_events(handler):
+    """Have `handler(event)` run on every console control event, on a thread
+    the system starts for it (so it runs whatever the main thread waits on);
+    its True answer means handled. The callback is returned: it must be kept."""
+    import ctypes
+    from ctypes import wintypes
+    callback = ctypes.WINFUNCTYPE(wintypes.BOOL, wintypes.DWORD)(lambda event: bool(handler(event)))
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    if not kernel32.SetConsoleCtrlHandler(callback, True):
+        raise ctypes.WinError(ctypes.get_last_error())
+    return callback
+
+
+# ---------------------------------------------------------------------------
 # Platform: every difference between operating systems, behind one host
 # ---------------------------------------------------------------------------
 
@@ -2187,6 +2555,7 @@ class PsutilHost:
     def __init__(self, cfg=None):
         self.cfg = cfg
         self.proc = getattr(cfg, "host_proc", "/proc")
+        self.said = OncePer()
 
     def cpu_times(self):
         """(busy, total) CPU time since boot."""
@@ -2195,11 +2564,21 @@ class PsutilHost:
         return total - t.idle - getattr(t, "iowait", 0), total
 
     def memory(self, include_cache):
-        """((total, used), (swap total, swap used)) in bytes."""
-        ps = psutil_module()
-        vm, sw = ps.virtual_memory(), ps.swap_memory()
+        """((total, used), (swap total, swap used)) in bytes: RAM is never
+        lost because swap cannot be read."""
+        vm = psutil_module().virtual_memory()
         used = vm.total - vm.free if include_cache else vm.total - vm.available
-        return (vm.total, max(0, used)), (sw.total, sw.used)
+        return (vm.total, max(0, used)), self.swap()
+
+    def swap(self):
+        """(total, used) bytes of swap; 0 where the system will not tell, said once."""
+        try:
+            sw = psutil_module().swap_memory()
+        except Exception as e:
+            if self.said("swap"):
+                log.warning("swap is reported as 0: psutil cannot read it (%s: %s)", type(e).__name__, e)
+            return 0, 0
+        return sw.total, sw.used
 
     def load(self):
         return os.getloadavg()
@@ -2347,7 +2726,6 @@ class BsdHost(PsutilHost):
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
-        self.said = OncePer()
         self.sysctls = {}
         self.sockets = None
         self.sockets_at = 0.0
@@ -2433,6 +2811,80 @@ class FreeBSDHost(BsdHost):
         return freebsd_virtualization(self.sysctl("security.jail.jailed"), self.sysctl("kern.vm_guest"))
 
 
+# -- Windows -------------------------------------------------------------------------
+
+class WindowsHost(PsutilHost):
+    """Windows: the facts from the registry, as the official agent reads
+    them but without DXGI or SMBIOS; the figures through psutil and
+    kernel32. Where the performance counters are missing (turned off, or
+    Wine) load is 0 and swap comes from GetPerformanceInfo, each said once."""
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.load_problem = None  # why psutil's load average cannot be had, once known
+
+    def cpu_times(self):
+        # GetSystemTimes, as gopsutil: psutil would count interrupt and DPC time twice
+        idle, kernel, user = system_times()
+        return kernel + user - idle, kernel + user
+
+    def swap(self):
+        try:
+            sw = psutil_module().swap_memory()  # page file use from the performance counters
+            return sw.total, sw.used
+        except Exception as e:
+            problem = "%s: %s" % (type(e).__name__, e)
+        try:
+            files = page_file_pages()
+        except OSError:
+            files = None
+        if self.said("swap"):
+            log.warning("swap is read from GetPerformanceInfo: psutil cannot read it (%s)%s", problem,
+                        "" if files else "; its use cannot be read either and is reported as 0")
+        return swap_from_commit(*performance_pages(), page_files=files)
+
+    def load(self):
+        """psutil's processor-queue average (gopsutil's on the official
+        agent); 0 where the performance counters are missing, said once."""
+        if self.load_problem is None:
+            try:
+                return tuple(psutil_module().getloadavg())
+            except Exception as e:
+                self.load_problem = "%s: %s" % (type(e).__name__, e)
+                log.warning("load is reported as 0: Windows' performance counters cannot be read (%s)",
+                            self.load_problem)
+        return 0.0, 0.0, 0.0
+
+    def counted_mounts(self):
+        return fixed_volume_mounts(psutil_module().disk_partitions(all=False), volume_identity)
+
+    def connections(self):
+        return socket_counts()
+
+    def uptime(self):
+        return milliseconds_since_boot() // 1000
+
+    def cpu_facts(self):
+        # not platform.processor(): Python 3.12 on asks WMI for it, slowly or not at all
+        ps = psutil_module()
+        name = str(registry_values(CPU0_KEY).get("ProcessorNameString") or "").strip()
+        return name or "Unknown", ps.cpu_count() or os.cpu_count() or 1, ps.cpu_count(logical=False) or 0
+
+    def os_name(self):
+        version = registry_values(WINDOWS_VERSION_KEY)
+        return windows_edition(version.get("ProductName"), version.get("CurrentBuild"))
+
+    def kernel_version(self):
+        version = registry_values(WINDOWS_VERSION_KEY)
+        return windows_kernel(version.get("CurrentBuild"), version.get("UBR"))
+
+    def gpu_name(self):
+        return group_names(gpu_names_from_display_class(display_adapter_descriptions()))
+
+    def virtualization(self):
+        return windows_virtualization(firmware_values())
+
+
 def make_host(cfg=None):
     """The host this agent runs on: the one place that tells systems apart."""
     if IS_LINUX:
@@ -2441,7 +2893,124 @@ def make_host(cfg=None):
         return MacHost(cfg)
     if sys.platform.startswith("freebsd"):
         return FreeBSDHost(cfg)
+    if IS_WINDOWS:
+        return WindowsHost(cfg)
     return PsutilHost(cfg)
+
+
+# -- state, output and stopping --------------------------------------------------------
+
+def can_create_files_in(directory):
+    """Whether this process may create files in `directory`: on Windows the
+    ACL says, which os.access() does not read."""
+    if IS_WINDOWS:
+        return folder_accepts_files(directory)
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def default_state_dir():
+    """Where state lives without --state-dir. On Windows: %ProgramData%\\komari-agent
+    for SYSTEM (a boot task or a service), else beside the script when it can
+    be written there, else %LOCALAPPDATA%\\komari-agent. Elsewhere: beside the
+    script when writable, else the user's state directory
+    (/var/lib/komari-agent for root)."""
+    beside = os.path.join(os.path.dirname(SCRIPT_PATH), "state")
+    if IS_WINDOWS:
+        if process_user_sid() == LOCAL_SYSTEM_SID:
+            return os.path.join(os.environ.get("ProgramData") or "C:\\ProgramData", "komari-agent")
+        if can_create_files_in(beside if os.path.isdir(beside) else os.path.dirname(beside)):
+            return beside
+        return os.path.join(os.environ.get("LOCALAPPDATA") or os.path.expanduser("~"), "komari-agent")
+    if os.access(os.path.dirname(beside), os.W_OK) and (not os.path.exists(beside) or os.access(beside, os.W_OK)):
+        return beside
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "/var/lib/komari-agent"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "komari-agent")
+
+
+def state_dir(cfg):
+    """Where state that must survive restarts lives (traffic totals, undelivered
+    results): --state-dir, else default_state_dir(). Never the working
+    directory, which a service manager may set anywhere."""
+    if cfg.state_dir:
+        return os.path.abspath(os.path.expanduser(cfg.state_dir))
+    return default_state_dir()
+
+
+def private_directory(path):
+    """Create `path` if missing and make sure no one else can get in (someone
+    could read the token, or plant links or FIFOs in it). On Windows the
+    folder gets an ACL for SYSTEM, the Administrators and its owner alone.
+    Elsewhere it is made mode 0700: one that others can write is made private
+    when it is ours, else refused. Returns what is wrong with it, or ""."""
+    try:
+        make_private_dirs(path)
+        st = os.stat(path)
+        if not S_ISDIR(st.st_mode):
+            return "%s is not a directory" % path
+        if IS_WINDOWS:
+            set_folder_dacl(path)
+        elif st.st_mode & 0o022:
+            mine = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
+            if not mine or st.st_mode & 0o1000:   # sticky: a shared one like /tmp, never ours to change
+                return "%s can be written by other users" % path
+            os.chmod(path, 0o700)
+            log.warning("%s could be written by other users; made it private (mode 0700)", path)
+        if not can_create_files_in(path):
+            return "%s is not writable" % path
+    except OSError as e:
+        return "%s: %s" % (path, describe_error(e))
+    return ""
+
+
+# websocket-client sets TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT on a socket
+# it dials; Windows before 10 1709 and Server 2016 (and Wine) refuse them and
+# the dial fails. There the agent dials the socket itself (its own WebSocket
+# pings find a dead link anyway).
+DIAL_WEBSOCKETS_OURSELVES = IS_WINDOWS
+
+
+def utf8_output():
+    """Windows writes piped and redirected output in the ANSI code page
+    (cp1252, …), which cannot hold most names (a GPU's, a host's, a path's):
+    UTF-8 there, as on the wire. A console shows Unicode anyway."""
+    if not IS_WINDOWS:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and hasattr(stream, "reconfigure") and not stream.isatty():
+            stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+
+
+# Windows ends a process a few seconds after its console closes or the system
+# starts to shut down, once the control handler returns: the handler waits
+# this long, and the agent's own clean stop ends the process first.
+CONSOLE_CLOSE_GRACE = 10.0
+CONSOLE_HANDLERS = []  # ctypes callbacks the system calls: they must live as long as the process
+
+
+def stop_for_console_event(stop, event):
+    """A console control handler's answer: whether the event was handled."""
+    if not console_event_stops(event):
+        return False  # a user logging off: the next handler's (the system's) to judge
+    stop.set()
+    if event in (CTRL_CLOSE_EVENT, CTRL_SHUTDOWN_EVENT):
+        time.sleep(CONSOLE_CLOSE_GRACE)
+    return True
+
+
+def stop_on_console_events(stop):
+    """On Windows, set `stop` on the console's control events: Ctrl+C,
+    Ctrl+Break, the console closing, shutdown. Python would run its signal
+    handlers only in the main thread, which waits for the agent's thread and
+    runs none; the system runs a console handler on a thread of its own.
+    Nothing elsewhere."""
+    if not IS_WINDOWS:
+        return
+    try:
+        CONSOLE_HANDLERS.append(on_console_events(lambda event: stop_for_console_event(stop, event)))
+    except OSError as e:
+        log.warning("Ctrl+C and the console closing cannot stop the agent cleanly: %s", describe_error(e))
 
 
 # SIGHUP first (shells save history, jobs get told); SIGKILL after this
@@ -4200,7 +4769,8 @@ def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT, header=None):
     sslopt = {"cert_reqs": ssl.CERT_NONE, "check_hostname": False} if cfg.ignore_unsafe_cert else {}
     kwargs = {}
     # dialled here only where no proxy connects for us: a socket of ours would bypass it
-    if (cfg.prefer_ip_version or cfg.custom_dns) and not environment_proxy("http" + url[2:]):
+    ours = cfg.prefer_ip_version or cfg.custom_dns or DIAL_WEBSOCKETS_OURSELVES
+    if ours and not environment_proxy("http" + url[2:]):
         kwargs["socket"] = preferred_socket(cfg, url, timeout)
     if header:
         kwargs["header"] = header
@@ -7221,10 +7791,14 @@ def check_mem_command(argv, environ):
             go_answer("%-13s %d MiB" % (key + ":", info.get(key, 0) // mib))
         go_answer("---------------------")
     htop = ram_usage(info) if info.get("MemTotal") else (0, 0)
-    line("htoplike", *htop)
+    # each way this system has: no /proc/meminfo or `free` on Windows, say
+    if htop[0]:
+        line("htoplike", *htop)
     vm = psutil_module().virtual_memory()
     line("gopsutil", vm.total, vm.total - vm.available)
-    line("callFree", *free_command_memory())
+    import shutil
+    if shutil.which("free"):
+        line("callFree", *free_command_memory())
     go_answer("--- Current Configured ---")
     if cfg.memory_include_cache:
         line("includeCache", vm.total, vm.total - vm.free)
@@ -7460,16 +8034,45 @@ def stop_on_signals():
     death that orphans commands and loses unsaved totals. A SIGHUP that was
     ignored when the agent started (nohup) stays ignored. SIGUSR1 asks for
     an update check now (`update` run by hand). Only the main thread may
-    install signal handlers."""
+    install signal handlers. On Windows the console's control events stop
+    the agent too (stop_on_console_events)."""
     stop = threading.Event()
     hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+    stopping = set()
     for signum in (signal.SIGTERM, signal.SIGINT, hangup):
         if signum is None or signum == hangup and signal.getsignal(signum) == signal.SIG_IGN:
             continue
         signal.signal(signum, lambda signum, frame: stop.set())
+        stopping.add(int(signum))
     if UPDATE_SIGNAL is not None:
         signal.signal(UPDATE_SIGNAL, lambda signum, frame: UPDATE_WANTED.set())
+    watch_signals(stop, stopping)
+    stop_on_console_events(stop)
     return stop
+
+
+def watch_signals(stop, stopping):
+    """Act on signals from a thread of our own, through the wakeup pipe.
+    Python runs a signal's handler only in the main thread, which sits in
+    the interpreter's final join (see the end of this file): when the kernel
+    hands the signal to another thread, that join is never interrupted and
+    the handler never runs. The C-level handler writes every signal's number
+    to the wakeup pipe, whichever thread it lands on."""
+    try:
+        reader, writer = os.pipe()
+        os.set_blocking(writer, False)
+        signal.set_wakeup_fd(writer)
+    except (OSError, ValueError, AttributeError):  # Windows takes only a socket here
+        return
+
+    def watch():
+        while True:
+            for signum in os.read(reader, 64):
+                if signum in stopping:
+                    stop.set()
+                elif signum == UPDATE_SIGNAL:
+                    UPDATE_WANTED.set()
+    threading.Thread(target=watch, name="signals", daemon=True).start()
 
 
 SUBCOMMANDS = {"traffic": traffic_command, "list-disk": list_disk_command, "check-mem": check_mem_command,
@@ -7478,6 +8081,7 @@ SUBCOMMANDS = {"traffic": traffic_command, "list-disk": list_disk_command, "chec
 
 def main(argv=None, stop=None):
     argv = sys.argv[1:] if argv is None else argv
+    utf8_output()
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:], os.environ)
     try:

@@ -1079,6 +1079,109 @@ def test_the_platform_seams_find_the_host_trees_and_glibc_where_they_are(monkeyp
     ka.return_free_memory()   # malloc_trim where there is glibc, nothing elsewhere
 
 
+# -- Windows: the registry's values and the system's counters, parsed ------------------
+
+@pytest.mark.parametrize("product, build, edition", [
+    ("Windows 10 Pro", "22631", "Windows 11 Pro"),            # Windows 11 still says 10 in ProductName
+    ("Windows 10 Home", "19045", "Windows 10 Home"),
+    ("Windows 10", "22000", "Windows 11"),
+    ("Windows 11 Pro", "26100", "Windows 11 Pro"),
+    ("Windows Server 2025 Datacenter", "26100", "Windows Server 2025 Datacenter"),  # past 22000, still a Server
+    ("Windows Server 2016 Standard", "14393", "Windows Server 2016 Standard"),
+    ("Microsoft Windows 10", "18362", "Microsoft Windows 10"),  # Wine's
+    ("", "22631", "Microsoft Windows"),
+    (None, None, "Microsoft Windows"),
+])
+def test_windows_edition_is_the_registrys_with_11_told_by_the_build(product, build, edition):
+    assert ka.windows_edition(product, build) == edition
+
+
+def test_windows_kernel_is_the_build_and_its_update_revision():
+    assert ka.windows_kernel("22631", 4460) == "22631.4460"
+    assert ka.windows_kernel("7601", None) == "7601"            # no UBR before Windows 10 (and on Wine)
+    assert ka.windows_kernel("", 5) == "Unknown"
+
+
+@pytest.mark.parametrize("drivers, expected", [
+    # a desktop: two identical cards, the iGPU, Remote Desktop's adapter and a virtual monitor's
+    ({"0000": "NVIDIA GeForce RTX 4090", "0001": "Microsoft Remote Display Adapter",
+      "0002": "Intel(R) UHD Graphics 770", "0003": "NVIDIA GeForce RTX 4090",
+      "0004": "Parsec Virtual Display Adapter", "0005": "IddSampleDriver Device", "Properties": None},
+     "NVIDIA GeForce RTX 4090 \u00d7 2, Intel(R) UHD Graphics 770"),
+    ({"0000": "Microsoft Basic Display Adapter"}, "None"),          # no driver installed
+    ({"0000": "Microsoft Hyper-V Video"}, "None"),                  # a Hyper-V guest
+    ({"0000": "VMware SVGA 3D", "0001": "Microsoft Basic Render Driver"}, "None"),
+    ({"0000": "Matrox G200eR2 (Microsoft Corporation - WDDM)"}, "Matrox G200eR2 (Microsoft Corporation - WDDM)"),
+    ({}, "None"),
+])
+def test_windows_gpus_are_the_display_class_drivers_without_stand_ins(drivers, expected):
+    assert ka.group_names(ka.gpu_names_from_display_class(drivers)) == expected
+
+
+@pytest.mark.parametrize("firmware, expected", [
+    ({"SystemManufacturer": "Microsoft Corporation", "SystemProductName": "Virtual Machine",
+      "SystemBiosVersion": ["VRTUAL - 1", "Hyper-V UEFI Release v4.1"]}, "microsoft"),
+    ({"SystemManufacturer": "Microsoft Corporation", "SystemProductName": "Surface Pro 9",
+      "SystemBiosVersion": ["MSFT   - 1", "17.1.235"]}, "none"),    # Microsoft's own hardware is no guest
+    ({"SystemManufacturer": "QEMU", "SystemProductName": "Standard PC (Q35 + ICH9, 2009)", "BIOSVendor": "SeaBIOS",
+      "SystemBiosVersion": ["BOCHS  - 1"]}, "kvm"),
+    ({"SystemManufacturer": "Hetzner", "SystemProductName": "vServer", "BIOSVendor": "SeaBIOS",
+      "SystemBiosVersion": ["BOCHS  - 1"]}, "kvm"),                  # a cloud's own name over QEMU's firmware
+    ({"SystemManufacturer": "VMware, Inc.", "SystemProductName": "VMware7,1"}, "vmware"),
+    ({"SystemManufacturer": "innotek GmbH", "SystemProductName": "VirtualBox",
+      "SystemBiosVersion": ["VBOX   - 1"]}, "oracle"),
+    ({"SystemManufacturer": "Amazon EC2", "SystemProductName": "m5.large", "BIOSVendor": "Amazon EC2"}, "amazon"),
+    ({"SystemManufacturer": "Xen", "SystemProductName": "HVM domU"}, "xen"),
+    ({"SystemManufacturer": "Dell Inc.", "SystemProductName": "PowerEdge R750", "BIOSVendor": "Dell Inc.",
+      "SystemBiosVersion": ["DELL   - 1072009", "1.8.2"]}, "none"),
+    ({"SystemManufacturer": "", "SystemProductName": "", "Identifier": "AT compatible"}, "none"),  # Wine's
+])
+def test_windows_virtualization_from_the_firmwares_registry_values(firmware, expected):
+    assert ka.windows_virtualization(firmware) == expected
+
+
+def page_file_records(*files):
+    """SYSTEM_PAGEFILE_INFORMATION records as NtQuerySystemInformation chains
+    them on 64-bit Windows (32 bytes each: offset, size, in use, peak, the name's
+    UNICODE_STRING), for [(size, in use)] pages."""
+    records = b""
+    for index, (size, in_use) in enumerate(files):
+        following = 32 if index < len(files) - 1 else 0
+        records += struct.pack("<IIIIHH4xQ", following, size, in_use, in_use, 0, 0, 0)
+    return records
+
+
+def test_windows_swap_without_performance_counters_from_commit_pages_and_page_files():
+    files = ka.parse_page_files(page_file_records((262144, 65536), (131072, 32768)))
+    assert files == [(262144, 65536), (131072, 32768)]
+    # 16 GiB of RAM, a commit limit 1.5 GiB beyond it: a quarter of the page files in use
+    total, used = ka.swap_from_commit(4194304 + 393216, 4194304, 4096, files)
+    assert (total, used) == (393216 * 4096, 393216 * 4096 // 4)
+    assert ka.swap_from_commit(4194304 + 393216, 4194304, 4096) == (393216 * 4096, 0)   # use unknown (Wine)
+    assert ka.swap_from_commit(4194000, 4194304, 4096, files) == (0, 0)   # no page file: the limit is below RAM
+    assert ka.parse_page_files(b"") == [] and ka.parse_page_files(b"\0" * 10) == []
+
+
+def test_windows_disk_counts_fixed_drives_each_volume_once():
+    partitions = [("C:\\", "C:\\", "NTFS", "rw,fixed"), ("D:\\", "D:\\", "NTFS", "rw,fixed"),
+                  ("E:\\", "E:\\", "CDFS", "ro,cdrom"), ("F:\\", "F:\\", "exFAT", "rw,removable"),
+                  ("C:\\data\\", "C:\\data\\", "NTFS", "rw,fixed"), ("G:\\", "G:\\", "NTFS", "rw,fixed")]
+    volumes = {"C:\\": "volume:a", "D:\\": "volume:b", "C:\\data\\": "volume:b", "G:\\": "volume:a",
+               "E:\\": "volume:c", "F:\\": "volume:d"}
+    chosen = ka.fixed_volume_mounts(partitions, volumes.get)
+    # D: is also mounted at C:\data (its shorter name wins), G: is a second letter of C:'s volume
+    assert sorted((key, mount.mountpoint) for key, mount in chosen) == [("volume:a", "C:\\"), ("volume:b", "D:\\")]
+
+
+def test_windows_console_events_that_stop_the_agent(monkeypatch):
+    monkeypatch.setattr(ka, "CONSOLE_CLOSE_GRACE", 0.0)   # the wait that lets the stop finish before Windows ends us
+    for event in (ka.CTRL_C_EVENT, ka.CTRL_BREAK_EVENT, ka.CTRL_CLOSE_EVENT, ka.CTRL_SHUTDOWN_EVENT):
+        stop = threading.Event()
+        assert ka.stop_for_console_event(stop, event) is True and stop.is_set()
+    stop = threading.Event()   # someone logging off is no reason for a boot task to stop
+    assert ka.stop_for_console_event(stop, ka.CTRL_LOGOFF_EVENT) is False and not stop.is_set()
+
+
 # -- Windows, under Wine ---------------------------------------------------------------
 
 def test_windows_dry_run_prints_basic_info_and_a_report(windows):
@@ -1088,6 +1191,174 @@ def test_windows_dry_run_prints_basic_info_and_a_report(windows):
     info, report = go_json(lines[0]), go_json(lines[1])
     assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
     assert report_problem(report) is None
+
+
+# One agent on Windows against the loopback panel for a minute, shared by the
+# tests below it: Wine's start and a minute of reports cost too much to pay
+# per test. The panel refuses results, and a result waits in the spool from an
+# earlier run; the last test stops the agent with Ctrl+C and starts it again.
+WINDOWS_MINUTE = 60.0
+
+
+def spooled_result(state, task_id, text):
+    """A result an earlier run left undelivered, in the spool's own format."""
+    spool = state / ka.SPOOL_DIR
+    spool.mkdir(parents=True, exist_ok=True)
+    path = spool / ("%020d-1-1.json" % time.time_ns())
+    path.write_text(json.dumps({"task_id": task_id, "result": text, "exit_code": 0,
+                                "finished_at": "2026-12-05T10:00:00.000+08:00"}))
+    return path
+
+
+class WindowsRun:
+    """The agent on Windows against `panel`, with its state in `state`; every
+    agent started is stopped when the module's tests are done."""
+
+    def __init__(self, windows, panel, state):
+        self.windows, self.panel, self.state = windows, panel, state
+        self.args = ["-e", panel.endpoint, "-t", panel.token, "--state-dir", windows.path(state), "-i", "1",
+                     "--month-rotate", "1", "--custom-ipv4", "192.0.2.7", "--custom-ipv6", "2001:db8::7",
+                     "--protocol-version", "2", "--reconnect-interval", "0.2"]
+        self.agents = []
+
+    def start(self):
+        agent = AgentProcess(self.args, command=self.windows.command())
+        self.agents.append(agent)
+        return agent
+
+    @staticmethod
+    def python_exe(agent):
+        """The Windows python.exe behind winepy: what Ctrl+C reaches (Wine turns SIGINT into CTRL_C_EVENT)."""
+        return wait_until(lambda: next((p for p in psutil.Process(agent.proc.pid).children(recursive=True)
+                                        if "python.exe" in " ".join(p.cmdline()[:1])), None), 30, "python.exe")
+
+
+@pytest.fixture(scope="module")
+def windows_minute(windows, tmp_path_factory):
+    panel = PanelServer(protocol=2)
+    run = WindowsRun(windows, panel, tmp_path_factory.mktemp("windows-state"))
+    run.spooled = spooled_result(run.state, "win-kept-1", "kept across a stop")
+    panel.fail_http[ka.TASK_RESULT_PATH] = 502
+    try:
+        run.agent = run.start()
+        run.info = panel.wait_for(lambda: panel.basic_infos and panel.basic_infos[0], 90, "basic info from Windows")
+        first = panel.wait_for(lambda: panel.reports and panel.reports[0], 60, "the first report")
+        panel.wait_for(lambda: panel.reports[-1]["_at"] - first["_at"] >= WINDOWS_MINUTE, WINDOWS_MINUTE + 30,
+                       "a minute of reports")
+        run.reports = list(panel.reports)
+        yield run
+    finally:
+        for agent in run.agents:
+            agent.stop()
+        panel.stop()
+
+
+def test_windows_basic_info_has_the_edition_and_real_totals(windows_minute):
+    info = windows_minute.info
+    assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
+    # the registry's, as a Windows 10 prefix of Wine fills it in: ProductName, CurrentBuild (no UBR)
+    assert (info["os"], info["kernel_version"], info["arch"]) == ("Microsoft Windows 10", "18362", "amd64")
+    assert info["cpu_name"] not in ("", "Unknown") and "Family" not in info["cpu_name"]   # not platform.processor()'s
+    assert info["gpu_name"] == "Wine Adapter" and info["virtualization"] == "none"
+    assert abs(info["mem_total"] - psutil.virtual_memory().total) < 64 << 20   # Wine shows this box's RAM
+    root = psutil.disk_usage("/").total   # every Wine drive is this file system, each its own volume to Windows
+    assert info["disk_total"] >= root and info["disk_total"] % root == 0
+    assert info["cpu_cores"] == psutil.cpu_count() and (info["ipv4"], info["ipv6"]) == ("192.0.2.7", "2001:db8::7")
+
+
+def test_windows_reports_for_a_minute_have_every_figure_and_no_failure(windows_minute):
+    reports, info = windows_minute.reports, windows_minute.info
+    assert reports[-1]["_at"] - reports[0]["_at"] >= WINDOWS_MINUTE
+    # none late enough for the panel to drop the socket (a report takes ~0.1 s of Wine's time here)
+    assert max(b["_at"] - a["_at"] for a, b in zip(reports, reports[1:])) < PanelServer.READ_WAIT
+    assert {r["_via"] for r in reports} == {"v2-ws"}   # websocket-client's keep-alive options are not in the way
+    for report in reports:
+        assert report_problem(report) is None and report["message"] == "", report
+        assert report["ram"]["total"] == info["mem_total"] and 0 < report["ram"]["used"] < report["ram"]["total"]
+        assert report["disk"]["total"] == info["disk_total"] and 0 < report["disk"]["used"] < report["disk"]["total"]
+        assert report["swap"]["total"] == info["swap_total"] and 0 <= report["swap"]["used"] <= report["swap"]["total"]
+        assert 0 < report["cpu"]["usage"] <= 100 and report["uptime"] > 0 and report["process"] > 0
+        assert report["connections"]["tcp"] > 0 and report["network"]["totalDown"] > 0
+        assert set(report["load"]) == {"load1", "load5", "load15"}
+    assert reports[-1]["uptime"] - reports[0]["uptime"] >= WINDOWS_MINUTE - 2
+    log = windows_minute.agent.log
+    # what Wine cannot give is said once, at its first report, never again
+    assert log.count("load is reported as 0") == 1 and log.count("swap is read from GetPerformanceInfo") == 1
+    assert "Traceback" not in log and "failed to get" not in log and "written by other users" not in log
+    assert "state directory problem" not in log and "cannot keep undelivered results" not in log
+
+
+def test_windows_stop_on_ctrl_c_keeps_what_was_not_delivered(windows_minute):
+    run, panel = windows_minute, windows_minute.panel
+    assert run.spooled.exists() and not panel.task_results   # the panel refused it all along
+    last_total = panel.reports[-1]["network"]["totalUp"]
+    stopped_at = time.time()
+    run.python_exe(run.agent).send_signal(signal.SIGINT)
+    assert run.agent.proc.wait(30) == 0
+    assert "shutting down" in run.agent.log
+    traffic = json.loads((run.state / ka.TRAFFIC_FILE).read_text())
+    assert traffic["saved_at"] >= stopped_at - 1 and traffic["total"]["up"] >= last_total   # saved on the way out
+    assert run.spooled.exists()
+    del panel.fail_http[ka.TASK_RESULT_PATH]
+    count = len(panel.reports)
+    again = run.start()
+    result = result_for(panel, "win-kept-1", 90)
+    assert result["result"] == "kept across a stop" and result["exit_code"] == 0
+    wait_until(lambda: not run.spooled.exists(), 10, "the delivered result to leave the spool")
+    after = panel.wait_for(lambda: len(panel.reports) > count and panel.reports[count], 30, "a report after the restart")
+    assert after["network"]["totalUp"] >= last_total   # the month's traffic goes on from where it was
+    again.stop()
+
+
+WINDOWS_PROBE = r"""
+import ctypes, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import komari_agent as ka
+scratch, found = sys.argv[2], {}
+found["sid"] = ka.process_user_sid()
+ka.SCRIPT_PATH = os.path.join(scratch, "komari_agent.py")
+found["state_dir"] = ka.default_state_dir()
+ka.process_user_sid = lambda: ka.LOCAL_SYSTEM_SID
+found["state_dir_as_system"] = ka.default_state_dir()
+found["private"] = ka.private_directory(os.path.join(scratch, "state"))
+data = b'{"text":"a\r\nb"}\n\x1a\n'
+ka.write_atomic(os.path.join(scratch, "state", "result.json"), data)
+found["read_back"] = ka.read_regular_file(os.path.join(scratch, "state", "result.json"), 100) == data
+found["volumes"] = [ka.volume_identity(root) for root in ("C:\\", "Z:\\")]
+# the ACL as Windows itself reads it back from its text form
+advapi32 = ctypes.WinDLL("advapi32")
+descriptor, text = ctypes.c_void_p(), ctypes.c_wchar_p()
+advapi32.ConvertStringSecurityDescriptorToSecurityDescriptorW(ka.PRIVATE_DACL, 1, ctypes.byref(descriptor), None)
+advapi32.ConvertSecurityDescriptorToStringSecurityDescriptorW(descriptor, 1, 4, ctypes.byref(text), None)
+found["dacl"] = text.value
+print(json.dumps(found))
+"""
+
+
+def test_windows_state_directory_user_and_files(windows, tmp_path):
+    done = subprocess.run([str(windows.winepy), "-c", WINDOWS_PROBE, windows.path(ROOT), windows.path(tmp_path)],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    found = json.loads(done.stdout.decode().splitlines()[-1])
+    assert re.match(r"^S-1-5-21-[\d-]+$", found["sid"])   # Wine's user: no SYSTEM
+    assert found["state_dir"] == windows.path(tmp_path / "state")   # beside the script, which can be written
+    assert found["state_dir_as_system"].lower() == "c:\\programdata\\komari-agent"
+    assert found["private"] == "" and found["read_back"]
+    assert (tmp_path / "state" / "result.json").read_bytes() == b'{"text":"a\r\nb"}\n\x1a\n'   # bytes as given
+    assert found["volumes"][0].startswith("volume:\\\\?\\volume{") and found["volumes"][0] != found["volumes"][1]
+    # full control for SYSTEM, the Administrators and the owner, inherited, nothing from above
+    assert found["dacl"] == "D:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;FA;;;OW)"
+
+
+def test_windows_output_is_utf8_and_check_mem_shows_windows_ways(windows):
+    checked = windows.run("-e", "http://127.0.0.1:1", "-t", "x" * 16, "--include-nics", "\u4ee5\u592a\u7f51*", "--check")
+    assert checked.returncode == 0, checked.stderr.decode("utf-8", "replace")
+    assert "\u4ee5\u592a\u7f51*" in checked.stdout.decode("utf-8")   # not cp1252's "?" or a traceback
+    memory = windows.run("check-mem")
+    assert memory.returncode == 0, memory.stderr.decode("utf-8", "replace")
+    modes = re.findall(r"\[(\w+)\] Total: (\d+) bytes", memory.stdout.decode())
+    # no `free` on Windows: no line of zeros for it (Wine shows the host's /proc/meminfo, hence htoplike)
+    assert "callFree" not in dict(modes) and int(dict(modes)["gopsutil"]) > 0
 
 
 # -- processes and programs -----------------------------------------------------------
@@ -1493,9 +1764,10 @@ def test_mac_disk_use_is_what_the_container_has_given_out(tmp_path):
 
 
 @pytest.mark.parametrize("platform, host", [("darwin", ka.MacHost), ("freebsd14", ka.FreeBSDHost),
-                                            ("openbsd7", ka.PsutilHost)])
+                                            ("win32", ka.WindowsHost), ("openbsd7", ka.PsutilHost)])
 def test_make_host_picks_the_host_of_the_system(monkeypatch, platform, host):
     monkeypatch.setattr(ka, "IS_LINUX", False)
+    monkeypatch.setattr(ka, "IS_WINDOWS", platform == "win32")
     monkeypatch.setattr(ka.sys, "platform", platform)
     assert type(ka.make_host()) is host
 
