@@ -4373,8 +4373,9 @@ def test_traffic_show_of_a_damaged_state_is_one_line(tmp_path, content):
 # main(): SIGTERM, SIGINT and SIGHUP end the agent cleanly within 2 s
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_sigterm_exits_cleanly_within_two_seconds(panel, start_agent):
+    # the v2 socket closes with the v1 socket's close (RpcLink inherits it): one protocol
+    panel.protocol = 2
     agent = start_agent("-i", "0.5")
     panel.wait_for(lambda: panel.reports, 15, "first report")
     started = time.monotonic()
@@ -4383,8 +4384,8 @@ def test_sigterm_exits_cleanly_within_two_seconds(panel, start_agent):
     assert time.monotonic() - started < 2.0
 
 
-@pytest.mark.parametrize("panel", [1, 2], indirect=True)
 def test_sigterm_within_two_seconds_while_the_panel_answers_nothing(panel, start_agent):
+    panel.protocol = 2  # the default link; it closes as the v1 socket does
     agent = start_agent("-i", "0.5")
     panel.wait_for(lambda: len(panel.reports) >= 2, 15, "reports")
     panel.freeze()
