@@ -13,11 +13,11 @@ DNS server is UDP. End-to-end tests run komari_agent.py as a subprocess.
 
 After the test infrastructure, one banner per section of komari_agent.py, in
 its order, each holding the tests of that section's code: Logging, Used
-everywhere, Network plumbing, Configuration, Platform, Report figures, Basic
-info, Monthly traffic, Wire protocol, Transport, Links, Tasks, Self-update (with
-a loopback release feed), the agent loop, Subcommands, main(). Then the
-end-to-end groups (Reliability, install.sh, Benchmarks) and the checks of the
-README against the code.
+everywhere, Network plumbing, Configuration, Linux, macOS and FreeBSD,
+Windows, Platform, Report figures, Basic info, Monthly traffic, Wire protocol,
+Transport, Links, Tasks, Self-update (with a loopback release feed), the agent
+loop, Subcommands, main(). Then the end-to-end groups (Reliability, install.sh,
+Benchmarks) and the checks of the README against the code.
 """
 
 import configparser
@@ -1066,714 +1066,7 @@ def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ
 
 
 # ---------------------------------------------------------------------------
-# Platform: what differs between operating systems
-# ---------------------------------------------------------------------------
-
-def test_the_platform_seams_find_the_host_trees_and_glibc_where_they_are(monkeypatch):
-    monkeypatch.setenv("HOST_SYS", "/host/sys/")   # a container watching its host, as gopsutil allows
-    assert ka.sys_root() == "/host/sys"
-    monkeypatch.delenv("HOST_SYS")
-    assert ka.sys_root() == "/sys"
-    assert ka.IS_LINUX == sys.platform.startswith("linux") and ka.psutil_module() is psutil
-    assert (ka.glibc() is not None) == (ka.IS_LINUX and platform.libc_ver()[0] == "glibc")
-    ka.return_free_memory()   # malloc_trim where there is glibc, nothing elsewhere
-
-
-# -- Windows: the registry's values and the system's counters, parsed ------------------
-
-@pytest.mark.parametrize("product, build, edition", [
-    ("Windows 10 Pro", "22631", "Windows 11 Pro"),            # Windows 11 still says 10 in ProductName
-    ("Windows 10 Home", "19045", "Windows 10 Home"),
-    ("Windows 10", "22000", "Windows 11"),
-    ("Windows 11 Pro", "26100", "Windows 11 Pro"),
-    ("Windows Server 2025 Datacenter", "26100", "Windows Server 2025 Datacenter"),  # past 22000, still a Server
-    ("Windows Server 2016 Standard", "14393", "Windows Server 2016 Standard"),
-    ("Microsoft Windows 10", "18362", "Microsoft Windows 10"),  # Wine's
-    ("", "22631", "Microsoft Windows"),
-    (None, None, "Microsoft Windows"),
-])
-def test_windows_edition_is_the_registrys_with_11_told_by_the_build(product, build, edition):
-    assert ka.windows_edition(product, build) == edition
-
-
-def test_windows_kernel_is_the_build_and_its_update_revision():
-    assert ka.windows_kernel("22631", 4460) == "22631.4460"
-    assert ka.windows_kernel("7601", None) == "7601"            # no UBR before Windows 10 (and on Wine)
-    assert ka.windows_kernel("", 5) == "Unknown"
-
-
-@pytest.mark.parametrize("drivers, expected", [
-    # a desktop: two identical cards, the iGPU, Remote Desktop's adapter and a virtual monitor's
-    ({"0000": "NVIDIA GeForce RTX 4090", "0001": "Microsoft Remote Display Adapter",
-      "0002": "Intel(R) UHD Graphics 770", "0003": "NVIDIA GeForce RTX 4090",
-      "0004": "Parsec Virtual Display Adapter", "0005": "IddSampleDriver Device", "Properties": None},
-     "NVIDIA GeForce RTX 4090 \u00d7 2, Intel(R) UHD Graphics 770"),
-    ({"0000": "Microsoft Basic Display Adapter"}, "None"),          # no driver installed
-    ({"0000": "Microsoft Hyper-V Video"}, "None"),                  # a Hyper-V guest
-    ({"0000": "VMware SVGA 3D", "0001": "Microsoft Basic Render Driver"}, "None"),
-    ({"0000": "Matrox G200eR2 (Microsoft Corporation - WDDM)"}, "Matrox G200eR2 (Microsoft Corporation - WDDM)"),
-    ({}, "None"),
-])
-def test_windows_gpus_are_the_display_class_drivers_without_stand_ins(drivers, expected):
-    assert ka.group_names(ka.gpu_names_from_display_class(drivers)) == expected
-
-
-@pytest.mark.parametrize("firmware, expected", [
-    ({"SystemManufacturer": "Microsoft Corporation", "SystemProductName": "Virtual Machine",
-      "SystemBiosVersion": ["VRTUAL - 1", "Hyper-V UEFI Release v4.1"]}, "microsoft"),
-    ({"SystemManufacturer": "Microsoft Corporation", "SystemProductName": "Surface Pro 9",
-      "SystemBiosVersion": ["MSFT   - 1", "17.1.235"]}, "none"),    # Microsoft's own hardware is no guest
-    ({"SystemManufacturer": "QEMU", "SystemProductName": "Standard PC (Q35 + ICH9, 2009)", "BIOSVendor": "SeaBIOS",
-      "SystemBiosVersion": ["BOCHS  - 1"]}, "kvm"),
-    ({"SystemManufacturer": "Hetzner", "SystemProductName": "vServer", "BIOSVendor": "SeaBIOS",
-      "SystemBiosVersion": ["BOCHS  - 1"]}, "kvm"),                  # a cloud's own name over QEMU's firmware
-    ({"SystemManufacturer": "VMware, Inc.", "SystemProductName": "VMware7,1"}, "vmware"),
-    ({"SystemManufacturer": "innotek GmbH", "SystemProductName": "VirtualBox",
-      "SystemBiosVersion": ["VBOX   - 1"]}, "oracle"),
-    ({"SystemManufacturer": "Amazon EC2", "SystemProductName": "m5.large", "BIOSVendor": "Amazon EC2"}, "amazon"),
-    ({"SystemManufacturer": "Xen", "SystemProductName": "HVM domU"}, "xen"),
-    ({"SystemManufacturer": "Dell Inc.", "SystemProductName": "PowerEdge R750", "BIOSVendor": "Dell Inc.",
-      "SystemBiosVersion": ["DELL   - 1072009", "1.8.2"]}, "none"),
-    ({"SystemManufacturer": "", "SystemProductName": "", "Identifier": "AT compatible"}, "none"),  # Wine's
-])
-def test_windows_virtualization_from_the_firmwares_registry_values(firmware, expected):
-    assert ka.windows_virtualization(firmware) == expected
-
-
-def page_file_records(*files):
-    """SYSTEM_PAGEFILE_INFORMATION records as NtQuerySystemInformation chains
-    them on 64-bit Windows (32 bytes each: offset, size, in use, peak, the name's
-    UNICODE_STRING), for [(size, in use)] pages."""
-    records = b""
-    for index, (size, in_use) in enumerate(files):
-        following = 32 if index < len(files) - 1 else 0
-        records += struct.pack("<IIIIHH4xQ", following, size, in_use, in_use, 0, 0, 0)
-    return records
-
-
-def test_windows_swap_without_performance_counters_from_commit_pages_and_page_files():
-    files = ka.parse_page_files(page_file_records((262144, 65536), (131072, 32768)))
-    assert files == [(262144, 65536), (131072, 32768)]
-    # 16 GiB of RAM, a commit limit 1.5 GiB beyond it: a quarter of the page files in use
-    total, used = ka.swap_from_commit(4194304 + 393216, 4194304, 4096, files)
-    assert (total, used) == (393216 * 4096, 393216 * 4096 // 4)
-    assert ka.swap_from_commit(4194304 + 393216, 4194304, 4096) == (393216 * 4096, 0)   # use unknown (Wine)
-    assert ka.swap_from_commit(4194000, 4194304, 4096, files) == (0, 0)   # no page file: the limit is below RAM
-    assert ka.parse_page_files(b"") == [] and ka.parse_page_files(b"\0" * 10) == []
-
-
-def test_windows_disk_counts_fixed_drives_each_volume_once():
-    partitions = [("C:\\", "C:\\", "NTFS", "rw,fixed"), ("D:\\", "D:\\", "NTFS", "rw,fixed"),
-                  ("E:\\", "E:\\", "CDFS", "ro,cdrom"), ("F:\\", "F:\\", "exFAT", "rw,removable"),
-                  ("C:\\data\\", "C:\\data\\", "NTFS", "rw,fixed"), ("G:\\", "G:\\", "NTFS", "rw,fixed")]
-    volumes = {"C:\\": "volume:a", "D:\\": "volume:b", "C:\\data\\": "volume:b", "G:\\": "volume:a",
-               "E:\\": "volume:c", "F:\\": "volume:d"}
-    chosen = ka.fixed_volume_mounts(partitions, volumes.get)
-    # D: is also mounted at C:\data (its shorter name wins), G: is a second letter of C:'s volume
-    assert sorted((key, mount.mountpoint) for key, mount in chosen) == [("volume:a", "C:\\"), ("volume:b", "D:\\")]
-
-
-def test_windows_console_events_that_stop_the_agent(monkeypatch):
-    monkeypatch.setattr(ka, "CONSOLE_CLOSE_GRACE", 0.0)   # the wait that lets the stop finish before Windows ends us
-    for event in (ka.CTRL_C_EVENT, ka.CTRL_BREAK_EVENT, ka.CTRL_CLOSE_EVENT, ka.CTRL_SHUTDOWN_EVENT):
-        stop = threading.Event()
-        assert ka.stop_for_console_event(stop, event) is True and stop.is_set()
-    stop = threading.Event()   # someone logging off is no reason for a boot task to stop
-    assert ka.stop_for_console_event(stop, ka.CTRL_LOGOFF_EVENT) is False and not stop.is_set()
-
-
-# -- Windows, under Wine ---------------------------------------------------------------
-
-def test_windows_dry_run_prints_basic_info_and_a_report(windows):
-    done = windows.run("--dry-run", timeout=120)
-    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
-    lines = done.stdout.decode("utf-8").splitlines()
-    info, report = go_json(lines[0]), go_json(lines[1])
-    assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
-    assert report_problem(report) is None
-
-
-# One agent on Windows against the loopback panel for a minute, shared by the
-# tests below it: Wine's start and a minute of reports cost too much to pay
-# per test. The panel refuses results, and a result waits in the spool from an
-# earlier run; the last test stops the agent with Ctrl+C and starts it again.
-WINDOWS_MINUTE = 60.0
-
-
-def spooled_result(state, task_id, text):
-    """A result an earlier run left undelivered, in the spool's own format."""
-    spool = state / ka.SPOOL_DIR
-    spool.mkdir(parents=True, exist_ok=True)
-    path = spool / ("%020d-1-1.json" % time.time_ns())
-    path.write_text(json.dumps({"task_id": task_id, "result": text, "exit_code": 0,
-                                "finished_at": "2026-12-05T10:00:00.000+08:00"}))
-    return path
-
-
-class WindowsRun:
-    """The agent on Windows against `panel`, with its state in `state`; every
-    agent started is stopped when the module's tests are done."""
-
-    def __init__(self, windows, panel, state):
-        self.windows, self.panel, self.state = windows, panel, state
-        self.args = ["-e", panel.endpoint, "-t", panel.token, "--state-dir", windows.path(state), "-i", "1",
-                     "--month-rotate", "1", "--custom-ipv4", "192.0.2.7", "--custom-ipv6", "2001:db8::7",
-                     "--protocol-version", "2", "--reconnect-interval", "0.2"]
-        self.agents = []
-
-    def start(self):
-        agent = AgentProcess(self.args, command=self.windows.command())
-        self.agents.append(agent)
-        return agent
-
-    @staticmethod
-    def python_exe(agent):
-        """The Windows python.exe behind winepy: what Ctrl+C reaches (Wine turns SIGINT into CTRL_C_EVENT)."""
-        return wait_until(lambda: next((p for p in psutil.Process(agent.proc.pid).children(recursive=True)
-                                        if "python.exe" in " ".join(p.cmdline()[:1])), None), 30, "python.exe")
-
-
-@pytest.fixture(scope="module")
-def windows_minute(windows, tmp_path_factory):
-    panel = PanelServer(protocol=2)
-    run = WindowsRun(windows, panel, tmp_path_factory.mktemp("windows-state"))
-    run.spooled = spooled_result(run.state, "win-kept-1", "kept across a stop")
-    panel.fail_http[ka.TASK_RESULT_PATH] = 502
-    try:
-        run.agent = run.start()
-        run.info = panel.wait_for(lambda: panel.basic_infos and panel.basic_infos[0], 90, "basic info from Windows")
-        first = panel.wait_for(lambda: panel.reports and panel.reports[0], 60, "the first report")
-        panel.wait_for(lambda: panel.reports[-1]["_at"] - first["_at"] >= WINDOWS_MINUTE, WINDOWS_MINUTE + 30,
-                       "a minute of reports")
-        run.reports = list(panel.reports)
-        yield run
-    finally:
-        for agent in run.agents:
-            agent.stop()
-        panel.stop()
-
-
-def test_windows_basic_info_has_the_edition_and_real_totals(windows_minute):
-    info = windows_minute.info
-    assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
-    # the registry's, as a Windows 10 prefix of Wine fills it in: ProductName, CurrentBuild (no UBR)
-    assert (info["os"], info["kernel_version"], info["arch"]) == ("Microsoft Windows 10", "18362", "amd64")
-    assert info["cpu_name"] not in ("", "Unknown") and "Family" not in info["cpu_name"]   # not platform.processor()'s
-    assert info["gpu_name"] == "Wine Adapter" and info["virtualization"] == "none"
-    assert abs(info["mem_total"] - psutil.virtual_memory().total) < 64 << 20   # Wine shows this box's RAM
-    root = psutil.disk_usage("/").total   # every Wine drive is this file system, each its own volume to Windows
-    assert info["disk_total"] >= root and info["disk_total"] % root == 0
-    assert info["cpu_cores"] == psutil.cpu_count() and (info["ipv4"], info["ipv6"]) == ("192.0.2.7", "2001:db8::7")
-
-
-def test_windows_reports_for_a_minute_have_every_figure_and_no_failure(windows_minute):
-    reports, info = windows_minute.reports, windows_minute.info
-    assert reports[-1]["_at"] - reports[0]["_at"] >= WINDOWS_MINUTE
-    # none late enough for the panel to drop the socket (a report takes ~0.1 s of Wine's time here)
-    assert max(b["_at"] - a["_at"] for a, b in zip(reports, reports[1:])) < PanelServer.READ_WAIT
-    assert {r["_via"] for r in reports} == {"v2-ws"}   # websocket-client's keep-alive options are not in the way
-    for report in reports:
-        assert report_problem(report) is None and report["message"] == "", report
-        assert report["ram"]["total"] == info["mem_total"] and 0 < report["ram"]["used"] < report["ram"]["total"]
-        assert report["disk"]["total"] == info["disk_total"] and 0 < report["disk"]["used"] < report["disk"]["total"]
-        assert report["swap"]["total"] == info["swap_total"] and 0 <= report["swap"]["used"] <= report["swap"]["total"]
-        assert 0 < report["cpu"]["usage"] <= 100 and report["uptime"] > 0 and report["process"] > 0
-        assert report["connections"]["tcp"] > 0 and report["network"]["totalDown"] > 0
-        assert set(report["load"]) == {"load1", "load5", "load15"}
-    assert reports[-1]["uptime"] - reports[0]["uptime"] >= WINDOWS_MINUTE - 2
-    log = windows_minute.agent.log
-    # what Wine cannot give is said once, at its first report, never again
-    assert log.count("load is reported as 0") == 1 and log.count("swap is read from GetPerformanceInfo") == 1
-    assert "Traceback" not in log and "failed to get" not in log and "written by other users" not in log
-    assert "state directory problem" not in log and "cannot keep undelivered results" not in log
-
-
-def test_windows_stop_on_ctrl_c_keeps_what_was_not_delivered(windows_minute):
-    run, panel = windows_minute, windows_minute.panel
-    assert run.spooled.exists() and not panel.task_results   # the panel refused it all along
-    last_total = panel.reports[-1]["network"]["totalUp"]
-    stopped_at = time.time()
-    run.python_exe(run.agent).send_signal(signal.SIGINT)
-    assert run.agent.proc.wait(30) == 0
-    assert "shutting down" in run.agent.log
-    traffic = json.loads((run.state / ka.TRAFFIC_FILE).read_text())
-    assert traffic["saved_at"] >= stopped_at - 1 and traffic["total"]["up"] >= last_total   # saved on the way out
-    assert run.spooled.exists()
-    del panel.fail_http[ka.TASK_RESULT_PATH]
-    count = len(panel.reports)
-    again = run.start()
-    result = result_for(panel, "win-kept-1", 90)
-    assert result["result"] == "kept across a stop" and result["exit_code"] == 0
-    wait_until(lambda: not run.spooled.exists(), 10, "the delivered result to leave the spool")
-    after = panel.wait_for(lambda: len(panel.reports) > count and panel.reports[count], 30, "a report after the restart")
-    assert after["network"]["totalUp"] >= last_total   # the month's traffic goes on from where it was
-    again.stop()
-
-
-WINDOWS_PROBE = r"""
-import ctypes, json, os, sys
-sys.path.insert(0, sys.argv[1])
-import komari_agent as ka
-scratch, found = sys.argv[2], {}
-found["sid"] = ka.process_user_sid()
-ka.SCRIPT_PATH = os.path.join(scratch, "komari_agent.py")
-found["state_dir"] = ka.default_state_dir()
-ka.process_user_sid = lambda: ka.LOCAL_SYSTEM_SID
-found["state_dir_as_system"] = ka.default_state_dir()
-found["private"] = ka.private_directory(os.path.join(scratch, "state"))
-data = b'{"text":"a\r\nb"}\n\x1a\n'
-ka.write_atomic(os.path.join(scratch, "state", "result.json"), data)
-found["read_back"] = ka.read_regular_file(os.path.join(scratch, "state", "result.json"), 100) == data
-found["volumes"] = [ka.volume_identity(root) for root in ("C:\\", "Z:\\")]
-# the ACL as Windows itself reads it back from its text form
-advapi32 = ctypes.WinDLL("advapi32")
-descriptor, text = ctypes.c_void_p(), ctypes.c_wchar_p()
-advapi32.ConvertStringSecurityDescriptorToSecurityDescriptorW(ka.PRIVATE_DACL, 1, ctypes.byref(descriptor), None)
-advapi32.ConvertSecurityDescriptorToStringSecurityDescriptorW(descriptor, 1, 4, ctypes.byref(text), None)
-found["dacl"] = text.value
-print(json.dumps(found))
-"""
-
-
-def test_windows_state_directory_user_and_files(windows, tmp_path):
-    done = subprocess.run([str(windows.winepy), "-c", WINDOWS_PROBE, windows.path(ROOT), windows.path(tmp_path)],
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
-    found = json.loads(done.stdout.decode().splitlines()[-1])
-    assert re.match(r"^S-1-5-21-[\d-]+$", found["sid"])   # Wine's user: no SYSTEM
-    assert found["state_dir"] == windows.path(tmp_path / "state")   # beside the script, which can be written
-    assert found["state_dir_as_system"].lower() == "c:\\programdata\\komari-agent"
-    assert found["private"] == "" and found["read_back"]
-    assert (tmp_path / "state" / "result.json").read_bytes() == b'{"text":"a\r\nb"}\n\x1a\n'   # bytes as given
-    assert found["volumes"][0].startswith("volume:\\\\?\\volume{") and found["volumes"][0] != found["volumes"][1]
-    # full control for SYSTEM, the Administrators and the owner, inherited, nothing from above
-    assert found["dacl"] == "D:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;FA;;;OW)"
-
-
-def test_windows_output_is_utf8_and_check_mem_shows_windows_ways(windows):
-    checked = windows.run("-e", "http://127.0.0.1:1", "-t", "x" * 16, "--include-nics", "\u4ee5\u592a\u7f51*", "--check")
-    assert checked.returncode == 0, checked.stderr.decode("utf-8", "replace")
-    assert "\u4ee5\u592a\u7f51*" in checked.stdout.decode("utf-8")   # not cp1252's "?" or a traceback
-    memory = windows.run("check-mem")
-    assert memory.returncode == 0, memory.stderr.decode("utf-8", "replace")
-    modes = re.findall(r"\[(\w+)\] Total: (\d+) bytes", memory.stdout.decode())
-    # no `free` on Windows: no line of zeros for it (Wine shows the host's /proc/meminfo, hence htoplike)
-    assert "callFree" not in dict(modes) and int(dict(modes)["gopsutil"]) > 0
-
-
-# -- processes and programs -----------------------------------------------------------
-
-def test_session_members_without_proc_match_the_proc_reading():
-    # the psutil way (macOS, FreeBSD) against the /proc way, on a real session of three processes
-    leader = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
-    try:
-        wait_until(lambda: len(ka.session_members(leader.pid)) == 3, 10, "the session's three processes")
-        assert sorted(ka.psutil_session_members(leader.pid)) == sorted(ka.session_members(leader.pid))
-    finally:
-        ka.signal_session(leader.pid, signal.SIGKILL)
-        leader.wait()
-
-
-@pytest.mark.parametrize("system, family, expected", [
-    ("linux", socket.AF_INET, ["ping", "-n", "-c", "1", "-W", "3"]),
-    ("linux", socket.AF_INET6, ["ping", "-n", "-c", "1", "-W", "3", "-6"]),
-    ("darwin", socket.AF_INET, ["ping", "-n", "-c", "1", "-W", "2500"]),
-    ("darwin", socket.AF_INET6, ["ping6", "-n", "-c", "1"]),
-    ("freebsd14", socket.AF_INET6, ["ping", "-n", "-c", "1", "-W", "2500", "-6"]),
-])
-def test_system_ping_arguments_follow_each_systems_units(tmp_path, monkeypatch, system, family, expected):
-    stub_commands(tmp_path, monkeypatch, {"ping": "exit 0", "ping6": "exit 0"})
-    monkeypatch.setattr(ka, "IS_LINUX", system == "linux")
-    monkeypatch.setattr(ka, "IS_MACOS", system == "darwin")
-    argv = ka.ping_command(family, 2.5)
-    assert [os.path.basename(argv[0])] + argv[1:] == expected
-
-
-# -- macOS and FreeBSD: their programs' output, in those systems' formats -------------
-
-SW_VERS_SONOMA = "ProductName:\t\tmacOS\nProductVersion:\t\t14.4.1\nBuildVersion:\t\t23E224\n"
-SW_VERS_CATALINA = "ProductName:\tMac OS X\nProductVersion:\t10.15.7\nBuildVersion:\t19H2026\n"
-SW_VERS_RSR = ("ProductName:\t\tmacOS\nProductVersion:\t\t13.4.1\nProductVersionExtra:\t(c)\n"
-               "BuildVersion:\t\t22F770820d\n")
-
-PROFILER_M1 = """Graphics/Displays:
-
-    Apple M1:
-
-      Chipset Model: Apple M1
-      Type: GPU
-      Bus: Built-In
-      Total Number of Cores: 8
-      Vendor: Apple (0x106b)
-      Metal Support: Metal 3
-      Displays:
-        Color LCD:
-          Display Type: Built-In Retina LCD
-          Resolution: 2560 x 1600 Retina
-          Main Display: Yes
-          Mirror: Off
-          Online: Yes
-          Automatically Adjust Brightness: Yes
-          Connection Type: Internal
-
-"""
-
-PROFILER_MBP16 = """Graphics/Displays:
-
-    Intel UHD Graphics 630:
-
-      Chipset Model: Intel UHD Graphics 630
-      Type: GPU
-      Bus: Built-In
-      VRAM (Dynamic, Max): 1536 MB
-      Vendor: Intel
-      Device ID: 0x3e9b
-      Revision ID: 0x0002
-      Automatic Graphics Switching: Supported
-      gMux Version: 5.0.0
-      Metal Family: Supported, Metal GPUFamily macOS 2
-
-    AMD Radeon Pro 5500M:
-
-      Chipset Model: AMD Radeon Pro 5500M
-      Type: GPU
-      Bus: PCIe
-      PCIe Lane Width: x16
-      VRAM (Total): 4 GB
-      Vendor: AMD (0x1002)
-      Device ID: 0x7340
-      Revision ID: 0x0040
-      ROM Revision: 113-D3220E-190
-      Automatic Graphics Switching: Supported
-      gMux Version: 5.0.0
-      Metal Family: Supported, Metal GPUFamily macOS 2
-      Displays:
-        Color LCD:
-          Display Type: Built-In Retina LCD
-          Resolution: 3072 x 1920 Retina
-          Main Display: Yes
-          Connection Type: Internal
-
-"""
-
-PROFILER_MAC_PRO = """Graphics/Displays:
-
-    Radeon Pro W5700X:
-
-      Chipset Model: Radeon Pro W5700X
-      Type: GPU
-      Bus: PCIe
-      Slot: Slot-1
-      PCIe Lane Width: x16
-      VRAM (Total): 16 GB
-      Vendor: AMD (0x1002)
-      Device ID: 0x7310
-
-    Radeon Pro W5700X:
-
-      Chipset Model: Radeon Pro W5700X
-      Type: GPU
-      Bus: PCIe
-      Slot: Slot-3
-      PCIe Lane Width: x16
-      VRAM (Total): 16 GB
-      Vendor: AMD (0x1002)
-      Device ID: 0x7310
-
-"""
-
-# FreeBSD 14: ids as vendor= and device=; an iGPU, two NVIDIA cards, no-GPU devices around them
-PCICONF_DESKTOP = """hostb0@pci0:0:0:0:\tclass=0x060000 rev=0x0d hdr=0x00 vendor=0x8086 device=0x3e30 subvendor=0x1458 subdevice=0x5000
-    vendor     = 'Intel Corporation'
-    device     = '8th/9th Gen Core 8-core Desktop Processor Host Bridge/DRAM Registers [Coffee Lake S]'
-    class      = bridge
-    subclass   = HOST-PCI
-vgapci0@pci0:0:2:0:\tclass=0x030000 rev=0x02 hdr=0x00 vendor=0x8086 device=0x3e92 subvendor=0x1458 subdevice=0xd000
-    vendor     = 'Intel Corporation'
-    device     = 'CoffeeLake-S GT2 [UHD Graphics 630]'
-    class      = display
-    subclass   = VGA
-xhci0@pci0:0:20:0:\tclass=0x0c0330 rev=0x10 hdr=0x00 vendor=0x8086 device=0xa36d subvendor=0x1458 subdevice=0x5007
-    vendor     = 'Intel Corporation'
-    device     = 'Cannon Lake PCH USB 3.1 xHCI Host Controller'
-    class      = serial bus
-    subclass   = USB
-vgapci1@pci0:1:0:0:\tclass=0x030000 rev=0xa1 hdr=0x00 vendor=0x10de device=0x2204 subvendor=0x10de subdevice=0x1454
-    vendor     = 'NVIDIA Corporation'
-    device     = 'GA102 [GeForce RTX 3090]'
-    class      = display
-    subclass   = VGA
-hdac0@pci0:1:0:1:\tclass=0x040300 rev=0xa1 hdr=0x00 vendor=0x10de device=0x1aef subvendor=0x10de subdevice=0x1454
-    vendor     = 'NVIDIA Corporation'
-    device     = 'GA102 High Definition Audio Controller'
-    class      = multimedia
-    subclass   = HDA
-vgapci2@pci0:2:0:0:\tclass=0x030000 rev=0xa1 hdr=0x00 vendor=0x10de device=0x2204 subvendor=0x10de subdevice=0x1454
-    vendor     = 'NVIDIA Corporation'
-    device     = 'GA102 [GeForce RTX 3090]'
-    class      = display
-    subclass   = VGA
-"""
-
-# FreeBSD 12: ids as chip=0xDDDDVVVV; the BMC's VGA chip beside a 3D controller without a driver
-PCICONF_SERVER = """vgapci0@pci0:3:0:0:\tclass=0x030000 card=0x1b9515d9 chip=0x20001a03 rev=0x41 hdr=0x00
-    vendor     = 'ASPEED Technology, Inc.'
-    device     = 'ASPEED Graphics Family'
-    class      = display
-    subclass   = VGA
-none2@pci0:59:0:0:\tclass=0x030200 card=0x153310de chip=0x20b510de rev=0xa1 hdr=0x00
-    vendor     = 'NVIDIA Corporation'
-    device     = 'GA100 [A100 PCIe 80GB]'
-    class      = display
-    subclass   = 3D
-"""
-
-# a QEMU guest (the std VGA, which the PCI database does not name) and a VMware guest
-PCICONF_GUESTS = """vgapci0@pci0:0:2:0:\tclass=0x030000 rev=0x02 hdr=0x00 vendor=0x1234 device=0x1111 subvendor=0x1af4 subdevice=0x1100
-    class      = display
-    subclass   = VGA
-vgapci1@pci0:0:15:0:\tclass=0x030000 rev=0x00 hdr=0x00 vendor=0x15ad device=0x0405 subvendor=0x15ad subdevice=0x0405
-    vendor     = 'VMware'
-    device     = 'SVGA II Adapter'
-    class      = display
-    subclass   = VGA
-"""
-
-NETSTAT_MACOS = """Active Internet connections (including servers)
-Proto Recv-Q Send-Q  Local Address          Foreign Address        (state)    
-tcp4       0      0  192.168.1.23.50512     140.82.113.26.443      ESTABLISHED
-tcp6       0      0  fe80::1c2f:8d3b:.49160 fe80::8ff:1e6b:8.49156 ESTABLISHED
-tcp46      0      0  *.5000                 *.*                    LISTEN     
-tcp4       0      0  127.0.0.1.631          *.*                    LISTEN     
-tcp4       0      0  192.168.1.23.50400     17.57.146.52.5223      TIME_WAIT  
-udp4       0      0  *.*                    *.*                               
-udp46      0      0  *.5353                 *.*                               
-udp6       0      0  *.5353                 *.*                               
-icm6       0      0  *.*                    *.*                               
-Active Multipath Internet connections
-Proto/ID  Flags      Local Address          Foreign Address        (state)    
-Active LOCAL (UNIX) domain sockets
-Address          Type   Recv-Q Send-Q            Inode             Conn             Refs          Nextref Addr
-9d62a5b7b21d3bd3 stream      0      0                0 9d62a5b7b21d3c9b                0                0 /var/run/mDNSResponder
-9d62a5b7b21d3c9b stream      0      0                0 9d62a5b7b21d3bd3                0                0
-Registered kernel control modules
-id       flags    pcbcount rcvbuf   sndbuf   name 
-       1        9        0   131072   131072 com.apple.flow-divert 
-Active kernel event sockets
-Proto Recv-Q Send-Q vendor  class  subcl
-kevt       0      0      1      1      0
-Active kernel control sockets
-Proto Recv-Q Send-Q   unit     id   name
-kctl       0      0      1      1   com.apple.flow-divert
-"""
-
-NETSTAT_FREEBSD = """Active Internet connections (including servers)
-Proto Recv-Q Send-Q Local Address          Foreign Address        (state)    
-tcp4       0     44 10.0.2.15.22           10.0.2.2.51234         ESTABLISHED
-tcp4       0      0 10.0.2.15.22           10.0.2.2.51100         TIME_WAIT  
-tcp4       0      0 *.22                   *.*                    LISTEN     
-tcp6       0      0 *.22                   *.*                    LISTEN     
-udp4       0      0 *.514                  *.*                    
-udp6       0      0 *.514                  *.*                    
-Active UNIX domain sockets
-Address          Type   Recv-Q Send-Q            Inode             Conn             Refs          Nextref Addr
-fffff80003a1e000 stream      0      0                0 fffff80003a1e100                0                0
-fffff80003a1e100 stream      0      0                0 fffff80003a1e000                0                0
-fffff80003a1e300 dgram       0      0                0 fffff80003a1e400                0                0 /var/run/logpriv
-"""
-
-# getfsstat(2) as psutil.disk_partitions(all=True) lists it: (device, mount point, fstype, options)
-MOUNTS_MACOS = [
-    ("/dev/disk3s1s1", "/", "apfs", "ro,local,rootfs,dovolfs,journaled,multilabel"),
-    ("devfs", "/dev", "devfs", "rw,local,dontbrowse,multilabel"),
-    ("/dev/disk3s6", "/System/Volumes/VM", "apfs", "rw,noexec,local,dovolfs,dontbrowse,journaled,noatime"),
-    ("/dev/disk3s2", "/System/Volumes/Preboot", "apfs", "rw,local,dovolfs,dontbrowse,journaled,multilabel"),
-    ("/dev/disk3s4", "/System/Volumes/Update", "apfs", "rw,local,dovolfs,dontbrowse,journaled,multilabel"),
-    ("/dev/disk1s2", "/System/Volumes/xarts", "apfs", "rw,noexec,local,dovolfs,dontbrowse,journaled,noatime"),
-    ("/dev/disk1s1", "/System/Volumes/iSCPreboot", "apfs", "rw,local,dovolfs,dontbrowse,journaled"),
-    ("/dev/disk1s3", "/System/Volumes/Hardware", "apfs", "rw,local,dovolfs,dontbrowse,journaled"),
-    ("/dev/disk3s5", "/System/Volumes/Data", "apfs", "rw,local,dovolfs,dontbrowse,journaled,multilabel"),
-    ("map auto_home", "/System/Volumes/Data/home", "autofs", "rw,dontbrowse,automounted,multilabel"),
-    ("/dev/disk5s1", "/Volumes/Backup", "apfs", "rw,nosuid,local,ignore-ownership,journaled"),
-    ("/dev/disk5s2", "/Volumes/Backup Two", "apfs", "rw,nosuid,local,ignore-ownership,journaled"),
-    ("/dev/disk4s1", "/Volumes/USB", "msdos", "rw,nosuid,local,ignore-ownership"),
-    ("//alice@nas._smb._tcp.local/share", "/Volumes/share", "smbfs", "rw,nodev,nosuid"),
-    ("sshfs@host:", "/Users/alice/remote", "macfuse", "rw,nosuid,synchronous"),
-]
-
-MOUNTS_FREEBSD = [
-    ("zroot/ROOT/default", "/", "zfs", "rw,noatime,local,nfsv4acls"),
-    ("devfs", "/dev", "devfs", "rw,multilabel"),
-    ("/dev/gpt/efiboot0", "/boot/efi", "msdosfs", "rw,local"),
-    ("fdescfs", "/dev/fd", "fdescfs", "rw"),
-    ("procfs", "/proc", "procfs", "rw,local"),
-    ("zroot/tmp", "/tmp", "zfs", "rw,nosuid,noatime,local,nfsv4acls"),
-    ("zroot", "/zroot", "zfs", "rw,noatime,local,nfsv4acls"),
-    ("zroot/usr/home", "/usr/home", "zfs", "rw,noatime,local,nfsv4acls"),
-    ("zroot/var/log", "/var/log", "zfs", "rw,noexec,nosuid,noatime,local,nfsv4acls"),
-    ("/dev/ada1p1", "/data", "ufs", "rw,local,soft-updates"),
-    ("/data/www", "/usr/jails/web/data/www", "nullfs", "rw,local"),
-    ("devfs", "/usr/jails/web/dev", "devfs", "rw,multilabel"),
-    ("linprocfs", "/compat/linux/proc", "linprocfs", "rw,local"),
-    ("tmpfs", "/compat/linux/dev/shm", "tmpfs", "rw,local"),
-    ("nas:/export", "/mnt/nas", "nfs", "rw"),
-    ("/dev/fuse", "/mnt/sshfs", "fusefs.sshfs", "rw,nosuid,synchronous"),
-]
-
-
-def test_netstat_rows_count_every_socket_of_both_families():
-    assert ka.sockets_from_netstat(NETSTAT_MACOS) == (5, 3)  # icm6, unix and kernel sockets left out
-    assert ka.sockets_from_netstat(NETSTAT_FREEBSD) == (4, 2)
-    assert ka.sockets_from_netstat("Active Internet connections (including servers)\n"
-                                   "Proto Recv-Q Send-Q Local Address Foreign Address (state)\n") == (0, 0)
-    assert ka.sockets_from_netstat("") is None  # netstat missing or failed: not "no sockets"
-
-
-def test_mounts_count_each_apfs_container_and_zfs_pool_once():
-    counted = {(k, m.mountpoint) for k, m in ka.bsd_countable_mounts(MOUNTS_MACOS)}
-    # one container behind / and every system volume; the hidden iSC container and autofs left out
-    assert counted == {("dev:/dev/disk3", "/"), ("dev:/dev/disk5", "/Volumes/Backup"),
-                       ("dev:/dev/disk4s1", "/Volumes/USB")}
-    counted = {(k, m.mountpoint) for k, m in ka.bsd_countable_mounts(MOUNTS_FREEBSD)}
-    # every dataset of the pool, /tmp's too (sum_disk_usage makes them one pool), and the UFS
-    # disk; devfs, fdescfs, procfs, Linux emulation, the jail's nullfs, NFS and FUSE left out
-    assert counted == {("zfs:zroot", "/"), ("zfs:zroot", "/zroot"), ("zfs:zroot", "/usr/home"),
-                       ("zfs:zroot", "/var/log"), ("zfs:zroot", "/tmp"), ("dev:/dev/ada1p1", "/data")}
-    # a Mac whose / is an HFS+ partition, and a / that is hidden still counts
-    assert ka.bsd_countable_mounts([("/dev/disk0s2", "/", "hfs", "rw,local,dontbrowse")])[0][0] == "dev:/dev/disk0s2"
-
-
-def sysctl_stub(values):
-    """A `sysctl -n NAME` answering from {name: value}, unknown names as FreeBSD and macOS do."""
-    cases = "".join("%s) echo '%s';; " % (name, value) for name, value in values.items())
-    return 'case "$2" in %s*) echo "sysctl: unknown oid \'$2\'" >&2; exit 1;; esac' % cases
-
-
-def cat_stub(text):
-    return "/bin/cat <<'E'\n%sE" % text
-
-
-MAC_SYSCTL = {"machdep.cpu.brand_string": "Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz", "kern.hv_vmm_present": "0",
-              "machdep.cpu.features": "FPU VME DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR SSE3 PCLMULQDQ",
-              "hw.model": "MacBookPro16,1"}
-FREEBSD_SYSCTL = {"hw.model": "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz", "kern.vm_guest": "kvm",
-                  "security.jail.jailed": "0"}
-
-
-@pytest.mark.parametrize("host, commands, facts", [
-    (ka.MacHost, {"sw_vers": cat_stub(SW_VERS_SONOMA), "sysctl": sysctl_stub(MAC_SYSCTL),
-                  "system_profiler": '[ "$1" = SPDisplaysDataType ] || exit 1\n' + cat_stub(PROFILER_MBP16)},
-     ("macOS 14.4.1", "Intel UHD Graphics 630, AMD Radeon Pro 5500M", "none",
-      "Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz")),
-    (ka.MacHost, {"sw_vers": cat_stub(SW_VERS_SONOMA), "system_profiler": cat_stub(PROFILER_M1),
-                  "sysctl": sysctl_stub({"machdep.cpu.brand_string": "Apple M1", "kern.hv_vmm_present": "1",
-                                         "hw.model": "VirtualMac2,1"})},
-     ("macOS 14.4.1", "Apple M1", "apple", "Apple M1")),
-    (ka.MacHost, {}, ("macOS", "None", "none", "Unknown")),  # none of its programs answer
-    (ka.FreeBSDHost, {"uname": '[ "$1" = -sr ] && echo "FreeBSD 14.1-RELEASE-p5"',
-                      "pciconf": '[ "$1" = -lv ] || exit 1\n' + cat_stub(PCICONF_DESKTOP),
-                      "sysctl": sysctl_stub(FREEBSD_SYSCTL)},
-     ("FreeBSD 14.1-RELEASE-p5",
-      "Intel Corporation CoffeeLake-S GT2 [UHD Graphics 630], NVIDIA Corporation GA102 [GeForce RTX 3090] \u00d7 2",
-      "kvm", "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz")),
-    (ka.FreeBSDHost, {"pciconf": cat_stub(PCICONF_GUESTS),
-                      "sysctl": sysctl_stub(dict(FREEBSD_SYSCTL, **{"security.jail.jailed": "1"}))},
-     ("FreeBSD", "None", "jail", "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz")),
-])
-def test_mac_and_freebsd_hosts_state_facts_from_their_programs(tmp_path, monkeypatch, host, commands, facts):
-    stub_commands(tmp_path, monkeypatch, commands)
-    box = host()
-    assert (box.os_name(), box.gpu_name(), box.virtualization(), box.cpu_facts()[0]) == facts
-    assert box.cpu_facts()[1:] == (psutil.cpu_count(), psutil.cpu_count(logical=False) or 0)
-    assert box.kernel_version() == os.uname().release  # `uname -r`, without running it
-
-
-def test_sysctl_is_asked_once_per_name_per_run(tmp_path, monkeypatch):
-    asked = tmp_path / "asked"
-    stub_commands(tmp_path, monkeypatch, {"sysctl": 'echo "$2" >> %s\n' % shlex.quote(str(asked))
-                                          + sysctl_stub(FREEBSD_SYSCTL)})
-    box = ka.FreeBSDHost()
-    for _ in range(3):
-        assert box.cpu_facts()[0] == FREEBSD_SYSCTL["hw.model"] and box.virtualization() == "kvm"
-    assert sorted(asked.read_text().split()) == ["hw.model", "kern.vm_guest", "security.jail.jailed"]
-
-
-@pytest.mark.parametrize("host", [ka.MacHost, ka.FreeBSDHost])
-def test_connections_come_from_netstat_counted_every_few_seconds(tmp_path, monkeypatch, host):
-    runs = tmp_path / "runs"
-    stub_commands(tmp_path, monkeypatch, {"netstat": '[ "$*" = "-an" ] || exit 1\necho run >> %s\n%s'
-                                          % (shlex.quote(str(runs)), cat_stub(NETSTAT_MACOS))})
-    box = host()
-    assert [box.connections() for _ in range(3)] == [(5, 3)] * 3
-    assert runs.read_text().count("run") == 1  # within SOCKETS_TTL the count is kept
-    box.SOCKETS_TTL = 0
-    assert box.connections() == (5, 3) and runs.read_text().count("run") == 2
-
-
-def test_connections_without_netstat_are_psutils_said_once(tmp_path, monkeypatch, caplog):
-    stub_commands(tmp_path, monkeypatch, {})
-    box = ka.MacHost()
-    box.SOCKETS_TTL = 0
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    server = listener.accept()[0]
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
-    try:
-        with caplog.at_level("INFO", logger="komari"):
-            counts = [box.connections() for _ in range(3)]
-        assert all(tcp >= 3 and udp_count >= 1 for tcp, udp_count in counts)
-        assert sum("netstat -an gave nothing" in r.getMessage() for r in caplog.records) == 1
-    finally:
-        for s in (client, server, listener, udp):
-            s.close()
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil reads its proc root on Linux only")
-def test_connections_neither_tool_can_count_are_0_said_once(tmp_path, monkeypatch, caplog):
-    stub_commands(tmp_path, monkeypatch, {"netstat": "exit 1"})
-    monkeypatch.setattr(psutil, "PROCFS_PATH", str(tmp_path / "empty"))  # psutil's real code, an empty root
-    box = ka.MacHost()
-    box.SOCKETS_TTL = 0
-    with caplog.at_level("INFO", logger="komari"):
-        # an answer, not an exception: the Collector would make that a message line in every report
-        assert [box.connections() for _ in range(3)] == [(0, 0)] * 3
-    assert sum("connections are reported as 0" in r.getMessage() for r in caplog.records) == 1
-
-
-@pytest.mark.parametrize("host", [ka.MacHost, ka.FreeBSDHost])
-def test_mac_and_freebsd_hosts_give_every_report_figure_here(tmp_path, monkeypatch, host):
-    """Every figure through psutil, as on those systems: a whole report, no message line."""
-    stub_commands(tmp_path, monkeypatch, {"netstat": cat_stub(NETSTAT_FREEBSD)})
-    cfg, _ = ka.load_config(["--dry-run"], {})
-    collector = ka.Collector(cfg, host=host(cfg))
-    collector.figures()
-    report = ka.report_payload(collector.figures())
-    assert report_problem(report) is None and report["message"] == ""
-    assert report["ram"]["total"] == psutil.virtual_memory().total and 0 < report["ram"]["used"] <= report["ram"]["total"]
-    assert report["connections"] == {"tcp": 4, "udp": 2}
-    assert report["disk"]["total"] >= psutil.disk_usage("/").total and report["process"] > 0
-    assert abs(report["uptime"] - (time.time() - psutil.boot_time())) <= 5
-    assert report["load"]["load1"] == pytest.approx(os.getloadavg()[0], abs=0.5)
-
-
-def test_mac_disk_use_is_what_the_container_has_given_out(tmp_path):
-    total, used, avail = ka.MacHost().disk_usage(str(tmp_path))
-    st = os.statvfs(str(tmp_path))
-    assert (total, avail) == (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize) and used == total - avail
-
-
-@pytest.mark.parametrize("platform, host", [("darwin", ka.MacHost), ("freebsd14", ka.FreeBSDHost),
-                                            ("win32", ka.WindowsHost), ("openbsd7", ka.PsutilHost)])
-def test_make_host_picks_the_host_of_the_system(monkeypatch, platform, host):
-    monkeypatch.setattr(ka, "IS_LINUX", False)
-    monkeypatch.setattr(ka, "IS_WINDOWS", platform == "win32")
-    monkeypatch.setattr(ka.sys, "platform", platform)
-    assert type(ka.make_host()) is host
-
-
-# ---------------------------------------------------------------------------
-# Report figures: /proc arithmetic on fixed inputs, the Collector against psutil
+# Linux: /proc and /sys from fixed inputs and fixture trees, read as the official agent reads them
 # ---------------------------------------------------------------------------
 
 MEMINFO = """MemTotal:        8000000 kB
@@ -1812,60 +1105,6 @@ def test_swap_used_subtracts_swap_cached():
     assert ka.swap_usage({}) == (0, 0)
 
 
-def test_cpu_percent_from_proc_stat_lines():
-    a = ka.cpu_busy_total("cpu  100 0 100 700 100 0 0 0 50 0")
-    b = ka.cpu_busy_total("cpu  200 0 200 1300 300 0 0 0 90 0")
-    assert a == (200, 1000)  # guest is already inside user
-    assert ka.cpu_percent(a, b) == pytest.approx(200 * 100.0 / 1000)
-    assert ka.cpu_percent(a, a) == 0.001        # idle is never reported as 0
-    assert ka.cpu_percent(b, a) == 0.001        # a counter going backwards is not negative
-
-
-NET_DEV = """Inter-|   Receive                                                |  Transmit
- face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
-    lo:  900000    100    0    0    0     0          0         0   900000     100    0    0    0     0       0          0
-  eth0: 1000000   1000    0    0    0     0          0         0   500000     900    0    0    0     0       0          0
-docker0:  70000    10    0    0    0     0          0         0    80000      10    0    0    0     0       0          0
-veth12ab: 60000     10    0    0    0     0          0         0    60000      10    0    0    0     0       0          0
- vmbr0: 4000000    100    0    0    0     0          0         0  3000000     100    0    0    0     0       0          0
-  wg0:    20000     10    0    0    0     0          0         0    10000      10    0    0    0     0       0          0
-"""
-
-
-def test_net_dev_parsing_and_default_deny_list():
-    counters = ka.parse_net_dev(NET_DEV)
-    assert counters["eth0"] == (1000000, 500000) and counters["vmbr0"] == (4000000, 3000000)
-    counted = [n for n in counters if ka.nic_counted(n)]
-    assert counted == ["eth0", "wg0"]
-
-
-def test_nic_include_wins_over_deny_list_and_wildcards():
-    assert ka.nic_counted("vmbr0", include=["vmbr*"]) is True
-    assert ka.nic_counted("eth0", include=["vmbr*"]) is False
-    assert ka.nic_counted("eth0", exclude=["eth*"]) is False
-    assert ka.nic_counted("wg0", exclude=["eth*"]) is True
-    assert ka.nic_counted("lo", include=["lo"]) is True
-
-
-@pytest.mark.parametrize("nic, counted", [
-    ("eth0", True), ("ens18", True), ("wlan0", True), ("wg0", True), ("tailscale0", True), ("bond0", True),
-    ("ppp0", True), ("tun0", True), ("kube-ipvs0", True), ("vnet3", True),      # counted, as officially
-    ("lo", False), ("lowpan0", False), ("br0", False), ("br-3f2a", False), ("bridge0", False), ("tap0", False),
-    ("vmbr0", False), ("veth12ab", False), ("docker0", False), ("podman0", False), ("cni0", False),
-    ("flannel.1", False), ("virbr0", False), ("fwbr100i0", False), ("fwpr100p0", False),
-])
-def test_default_nic_deny_list_is_the_official_one(nic, counted):
-    assert ka.nic_counted(nic) is counted
-
-
-def test_net_meter_speeds_per_nic_with_a_reset():
-    meter = ka.NetMeter()
-    assert meter.sample({"eth0": (1000, 500), "eth1": (0, 0)}, 10.0) == (0, 0)
-    # eth1 was reset (counter went down): it adds nothing, eth0 still counts
-    assert meter.sample({"eth0": (3000, 1500), "eth1": (0, 0)}, 12.0) == (500, 1000)
-    assert meter.sample({"eth0": (3000, 1500), "eth1": (10, 0)}, 14.0) == (0, 5)
-
-
 MOUNTINFO = r"""22 1 0:21 / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w
 23 22 0:22 / /proc rw - proc proc rw
 24 22 0:5 / /dev rw - devtmpfs udev rw
@@ -1897,23 +1136,6 @@ def test_mount_table_dedupes_devices_and_pools():
                            "/mnt/my disk", "/win"}
     assert chosen["/tank"] == chosen["/tank/vm"] == "zfs:tank"
     assert chosen["/home"] == "dev:253:0"
-
-
-def test_disk_sum_counts_each_device_and_each_pool_once():
-    usages = [("dev:8:2", 100, 40, 60), ("dev:8:2", 100, 40, 60),
-              ("zfs:tank", 500, 100, 400), ("zfs:tank", 450, 50, 400),   # datasets share the free 400
-              ("dev:0:21", 30, 10, 20)]
-    assert ka.sum_disk_usage(usages) == (100 + (100 + 50 + 400) + 30, 40 + 150 + 10)
-
-
-def test_missing_mountpoint_is_warned_once_and_said_in_the_report(tmp_path, caplog):
-    cfg, _ = ka.load_config(["--dry-run", "--include-mountpoint", "%s;/" % (tmp_path / "nonexist")], {})
-    collector = ka.Collector(cfg)
-    with caplog.at_level("WARNING", logger="komari"):
-        reports = [ka.report_payload(collector.figures()) for _ in range(3)]
-    assert all("nonexist not counted" in r["message"] for r in reports)
-    assert reports[-1]["disk"]["total"] == os.statvfs("/").f_blocks * os.statvfs("/").f_frsize
-    assert sum("nonexist" in r.getMessage() for r in caplog.records) == 1
 
 
 SOCKSTAT = """sockets: used 290
@@ -1955,121 +1177,6 @@ def test_open_proc_files_are_regenerated_at_every_read(tmp_path):
         files.read(str(tmp_path / "missing"))
     assert str(tmp_path / "missing") not in files.fds
 
-
-def test_connection_counts_follow_sockets_we_hold():
-    cfg, _ = ka.load_config(["--dry-run"], {})
-    collector = ka.Collector(cfg)
-    before_tcp, before_udp = collector.connections()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(20)
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(10)]
-    servers = [listener.accept()[0] for _ in clients]
-    udps = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(5)]
-    for u in udps:
-        u.bind(("127.0.0.1", 0))
-    try:
-        tcp, udp = collector.connections()
-        rows_tcp = ka.count_table_rows(["/proc/net/tcp", "/proc/net/tcp6"])
-        rows_udp = ka.count_table_rows(["/proc/net/udp", "/proc/net/udp6"])
-        assert tcp >= before_tcp + 21 - 5 and udp >= before_udp + 5
-        assert tcp == rows_tcp and udp == rows_udp
-    finally:
-        for s in clients + servers + udps + [listener]:
-            s.close()
-
-
-NVIDIA_CSV = ("NVIDIA H200, 143771, 1024, 25, 41\nNVIDIA H200, 143771, 0, [N/A], 39\n")
-
-
-ROCM_JSON = json.dumps({"card1": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "50",
-                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "1048576",
-                                  "Temperature (Sensor junction) (C)": "45.0"},
-                        "card0": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "10",
-                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "0",
-                                  "Temperature (Sensor junction) (C)": "40"},
-                        "system": {"Driver version": "6.8"}})
-
-
-@pytest.mark.skipif(os.path.exists("/usr/bin/nvidia-smi") or os.path.exists("/opt/rocm/bin/rocm-smi"),
-                    reason="a real GPU tool in its fixed place would answer instead of the stubs")
-@pytest.mark.parametrize("commands, gpu, problem", [
-    ({"nvidia-smi": "/bin/cat <<'E'\n%sE" % NVIDIA_CSV},
-     {"count": 2, "average_usage": 12.5, "detailed_info": [
-         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 1024 << 20, "utilization": 25.0,
-          "temperature": 41},
-         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 0, "utilization": 0.0,
-          "temperature": 39}]}, ""),
-    ({"rocm-smi": "/bin/cat <<'E'\n%s\nE" % ROCM_JSON},
-     {"count": 2, "average_usage": 30.0, "detailed_info": [
-         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 0, "utilization": 10.0,
-          "temperature": 40},
-         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 1048576, "utilization": 50.0,
-          "temperature": 45}]}, ""),
-    ({"nvidia-smi": "exit 9", "rocm-smi": "echo '{}'"}, None, ""),               # no GPU: no block, no message
-    ({}, None, "rocm-smi tool not found"),
-    ({"rocm-smi": "exit 1"}, None, "no data available"),
-])
-def test_gpu_details_like_the_official_agent(tmp_path, monkeypatch, commands, gpu, problem):
-    stub_commands(tmp_path, monkeypatch, commands)
-    assert ka.gpu_details()[1] == problem
-    cfg, _ = ka.load_config(["--dry-run", "--gpu"], {})
-    report = ka.report_payload(ka.Collector(cfg).figures())
-    assert report.get("gpu") == gpu and report_problem(report) is None
-    assert ("failed to get detailed GPU info: " + problem in report["message"]) if problem else \
-        "GPU" not in report["message"]
-
-
-def test_report_figures_agree_with_psutil():
-    cfg, _ = ka.load_config(["--dry-run"], {})
-    collector = ka.Collector(cfg)
-    report = ka.report_payload(collector.figures())
-    assert report_problem(report) is None and report["message"] == ""
-    vm = psutil.virtual_memory()
-    assert report["ram"]["total"] == vm.total
-    assert 0 < report["ram"]["used"] <= vm.total
-    assert report["swap"]["total"] == psutil.swap_memory().total
-    assert abs(report["process"] - len(psutil.pids())) <= 10
-    assert abs(report["uptime"] - (time.time() - psutil.boot_time())) <= 5
-    root = psutil.disk_usage("/")
-    assert report["disk"]["total"] >= root.total
-    nics = {n: c for n, c in psutil.net_io_counters(pernic=True).items() if ka.nic_counted(n)}
-    assert report["network"]["totalDown"] >= sum(c.bytes_recv for c in nics.values())
-    assert report["load"]["load1"] == pytest.approx(os.getloadavg()[0], abs=0.5)
-
-
-def test_failing_collector_becomes_a_message_line(tmp_path):
-    cfg, _ = ka.load_config(["--dry-run"], {"HOST_PROC": str(tmp_path)})
-    (tmp_path / "stat").write_text("cpu  1 0 1 10 0 0 0 0 0 0\n")
-    collector = ka.Collector(cfg)
-    report = ka.report_payload(collector.figures())
-    assert report_problem(report) is None
-    assert "failed to get memory" in report["message"] and "failed to get network" in report["message"]
-    assert "cpu" not in report["message"]
-    assert str(tmp_path) not in report["message"]
-
-
-def sysinfo_uptime():
-    import ctypes
-    buf = ctypes.create_string_buffer(256)
-    assert ctypes.CDLL(None, use_errno=True).sysinfo(buf) == 0
-    return ctypes.c_long.from_buffer(buf).value
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sysinfo(2) is Linux's")
-def test_uptime_is_the_kernels_sysinfo_figure():
-    cfg, _ = ka.load_config(["--dry-run"], {})
-    collector = ka.Collector(cfg)
-    for _ in range(20):  # int(CLOCK_BOOTTIME) is one lower nearly every time
-        before = sysinfo_uptime()
-        ours = collector.uptime()
-        after = sysinfo_uptime()
-        assert before <= ours <= after
-
-
-# ---------------------------------------------------------------------------
-# Basic info: static facts from fixture trees, like the official agent; public addresses
-# ---------------------------------------------------------------------------
 
 def test_static_facts_parsing():
     assert ka.cpu_name_from_cpuinfo("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
@@ -2248,53 +1355,275 @@ def test_virtualization_like_the_official_agent(tmp_path, monkeypatch, detect_vi
     assert ka.virtualization(str(root), str(root / "proc"), str(root / "sys")) == expected
 
 
-def test_public_address_is_found_in_lookup_answers():
-    assert ka.address_in_text("fl=1\nip=203.0.113.9\nts=1", socket.AF_INET) == ""       # not global
-    assert ka.address_in_text('{"ip":"8.8.4.4"}', socket.AF_INET) == "8.8.4.4"
-    assert ka.address_in_text("ip=2606:4700:4700::1111\n", socket.AF_INET6) == "2606:4700:4700::1111"
-    assert ka.address_in_text("<html>10.0.0.1</html>", socket.AF_INET) == ""
+# ---------------------------------------------------------------------------
+# macOS and FreeBSD: their helper programs' output, in those systems' own formats
+# ---------------------------------------------------------------------------
+
+SW_VERS_SONOMA = "ProductName:\t\tmacOS\nProductVersion:\t\t14.4.1\nBuildVersion:\t\t23E224\n"
 
 
-def test_public_address_services_are_the_official_ones():
-    assert ka.IPV4_LOOKUPS == (
-        "https://www.visa.cn/cdn-cgi/trace", "https://www.qualcomm.cn/cdn-cgi/trace",
-        "https://www.toutiao.com/stream/widget/local_weather/data/", "https://edge-ip.html.zone/geo",
-        "https://vercel-ip.html.zone/geo", "http://ipv4.ip.sb", "https://api.ipify.org?format=json")
-    assert ka.IPV6_LOOKUPS == ("https://v6.ip.zxinc.org/info.php?type=json", "https://api6.ipify.org?format=json",
-                               "https://ipv6.icanhazip.com", "http://api-ipv6.ip.sb/geoip")
-    assert ka.IP_LOOKUP_TIMEOUT == 15.0
+SW_VERS_CATALINA = "ProductName:\tMac OS X\nProductVersion:\t10.15.7\nBuildVersion:\t19H2026\n"
 
 
-def lookup_service(body):
-    """A public-address lookup service (or a proxy in front of one) that answers every request with `body`."""
-    return HttpStub(lambda method, path: (200, (), body.encode()))
+SW_VERS_RSR = ("ProductName:\t\tmacOS\nProductVersion:\t\t13.4.1\nProductVersionExtra:\t(c)\n"
+               "BuildVersion:\t\t22F770820d\n")
 
 
-def test_lookups_use_custom_dns_and_the_environments_proxy(monkeypatch):
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
-                 "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    dns = TinyDns({"lookup.komari.test": "127.0.0.1"})
-    service, proxy = lookup_service("fl=1\nip=1.0.0.7\nts=1\n"), lookup_service("ip=9.9.9.9")
-    try:
-        cfg, _ = ka.load_config(["--dry-run", "--custom-dns", "127.0.0.1:%d" % dns.port], {})
-        url = "http://lookup.komari.test:%d/cdn-cgi/trace" % service.port
-        # the first service fails (nothing listens there), the next one answers
-        dead = "http://127.0.0.1:%d/" % closed_port()
-        assert ka.lookup_public_ip(socket.AF_INET, cfg, timeout=5, services=[dead, url]) == "1.0.0.7"
-        assert ("lookup.komari.test", 1) in dns.queries
-        assert service.seen == [("/cdn-cgi/trace", "curl/8.0.1")]
-        # a proxy in the environment carries the lookup, as for the official agent
-        monkeypatch.setenv("http_proxy", "http://127.0.0.1:%d" % proxy.port)
-        assert ka.lookup_public_ip(socket.AF_INET, cfg, timeout=5, services=["http://ipv4.komari.test/"]) == "9.9.9.9"
-        assert proxy.seen == [("http://ipv4.komari.test/", "curl/8.0.1")]
-    finally:
-        dns.close()
-        service.close()
-        proxy.close()
+PROFILER_M1 = """Graphics/Displays:
+
+    Apple M1:
+
+      Chipset Model: Apple M1
+      Type: GPU
+      Bus: Built-In
+      Total Number of Cores: 8
+      Vendor: Apple (0x106b)
+      Metal Support: Metal 3
+      Displays:
+        Color LCD:
+          Display Type: Built-In Retina LCD
+          Resolution: 2560 x 1600 Retina
+          Main Display: Yes
+          Mirror: Off
+          Online: Yes
+          Automatically Adjust Brightness: Yes
+          Connection Type: Internal
+
+"""
 
 
-# -- macOS and FreeBSD (their programs' output is under the Platform banner) -----------
+PROFILER_MBP16 = """Graphics/Displays:
+
+    Intel UHD Graphics 630:
+
+      Chipset Model: Intel UHD Graphics 630
+      Type: GPU
+      Bus: Built-In
+      VRAM (Dynamic, Max): 1536 MB
+      Vendor: Intel
+      Device ID: 0x3e9b
+      Revision ID: 0x0002
+      Automatic Graphics Switching: Supported
+      gMux Version: 5.0.0
+      Metal Family: Supported, Metal GPUFamily macOS 2
+
+    AMD Radeon Pro 5500M:
+
+      Chipset Model: AMD Radeon Pro 5500M
+      Type: GPU
+      Bus: PCIe
+      PCIe Lane Width: x16
+      VRAM (Total): 4 GB
+      Vendor: AMD (0x1002)
+      Device ID: 0x7340
+      Revision ID: 0x0040
+      ROM Revision: 113-D3220E-190
+      Automatic Graphics Switching: Supported
+      gMux Version: 5.0.0
+      Metal Family: Supported, Metal GPUFamily macOS 2
+      Displays:
+        Color LCD:
+          Display Type: Built-In Retina LCD
+          Resolution: 3072 x 1920 Retina
+          Main Display: Yes
+          Connection Type: Internal
+
+"""
+
+
+PROFILER_MAC_PRO = """Graphics/Displays:
+
+    Radeon Pro W5700X:
+
+      Chipset Model: Radeon Pro W5700X
+      Type: GPU
+      Bus: PCIe
+      Slot: Slot-1
+      PCIe Lane Width: x16
+      VRAM (Total): 16 GB
+      Vendor: AMD (0x1002)
+      Device ID: 0x7310
+
+    Radeon Pro W5700X:
+
+      Chipset Model: Radeon Pro W5700X
+      Type: GPU
+      Bus: PCIe
+      Slot: Slot-3
+      PCIe Lane Width: x16
+      VRAM (Total): 16 GB
+      Vendor: AMD (0x1002)
+      Device ID: 0x7310
+
+"""
+
+
+# FreeBSD 14: ids as vendor= and device=; an iGPU, two NVIDIA cards, no-GPU devices around them
+PCICONF_DESKTOP = """hostb0@pci0:0:0:0:\tclass=0x060000 rev=0x0d hdr=0x00 vendor=0x8086 device=0x3e30 subvendor=0x1458 subdevice=0x5000
+    vendor     = 'Intel Corporation'
+    device     = '8th/9th Gen Core 8-core Desktop Processor Host Bridge/DRAM Registers [Coffee Lake S]'
+    class      = bridge
+    subclass   = HOST-PCI
+vgapci0@pci0:0:2:0:\tclass=0x030000 rev=0x02 hdr=0x00 vendor=0x8086 device=0x3e92 subvendor=0x1458 subdevice=0xd000
+    vendor     = 'Intel Corporation'
+    device     = 'CoffeeLake-S GT2 [UHD Graphics 630]'
+    class      = display
+    subclass   = VGA
+xhci0@pci0:0:20:0:\tclass=0x0c0330 rev=0x10 hdr=0x00 vendor=0x8086 device=0xa36d subvendor=0x1458 subdevice=0x5007
+    vendor     = 'Intel Corporation'
+    device     = 'Cannon Lake PCH USB 3.1 xHCI Host Controller'
+    class      = serial bus
+    subclass   = USB
+vgapci1@pci0:1:0:0:\tclass=0x030000 rev=0xa1 hdr=0x00 vendor=0x10de device=0x2204 subvendor=0x10de subdevice=0x1454
+    vendor     = 'NVIDIA Corporation'
+    device     = 'GA102 [GeForce RTX 3090]'
+    class      = display
+    subclass   = VGA
+hdac0@pci0:1:0:1:\tclass=0x040300 rev=0xa1 hdr=0x00 vendor=0x10de device=0x1aef subvendor=0x10de subdevice=0x1454
+    vendor     = 'NVIDIA Corporation'
+    device     = 'GA102 High Definition Audio Controller'
+    class      = multimedia
+    subclass   = HDA
+vgapci2@pci0:2:0:0:\tclass=0x030000 rev=0xa1 hdr=0x00 vendor=0x10de device=0x2204 subvendor=0x10de subdevice=0x1454
+    vendor     = 'NVIDIA Corporation'
+    device     = 'GA102 [GeForce RTX 3090]'
+    class      = display
+    subclass   = VGA
+"""
+
+
+# FreeBSD 12: ids as chip=0xDDDDVVVV; the BMC's VGA chip beside a 3D controller without a driver
+PCICONF_SERVER = """vgapci0@pci0:3:0:0:\tclass=0x030000 card=0x1b9515d9 chip=0x20001a03 rev=0x41 hdr=0x00
+    vendor     = 'ASPEED Technology, Inc.'
+    device     = 'ASPEED Graphics Family'
+    class      = display
+    subclass   = VGA
+none2@pci0:59:0:0:\tclass=0x030200 card=0x153310de chip=0x20b510de rev=0xa1 hdr=0x00
+    vendor     = 'NVIDIA Corporation'
+    device     = 'GA100 [A100 PCIe 80GB]'
+    class      = display
+    subclass   = 3D
+"""
+
+
+# a QEMU guest (the std VGA, which the PCI database does not name) and a VMware guest
+PCICONF_GUESTS = """vgapci0@pci0:0:2:0:\tclass=0x030000 rev=0x02 hdr=0x00 vendor=0x1234 device=0x1111 subvendor=0x1af4 subdevice=0x1100
+    class      = display
+    subclass   = VGA
+vgapci1@pci0:0:15:0:\tclass=0x030000 rev=0x00 hdr=0x00 vendor=0x15ad device=0x0405 subvendor=0x15ad subdevice=0x0405
+    vendor     = 'VMware'
+    device     = 'SVGA II Adapter'
+    class      = display
+    subclass   = VGA
+"""
+
+
+NETSTAT_MACOS = """Active Internet connections (including servers)
+Proto Recv-Q Send-Q  Local Address          Foreign Address        (state)    
+tcp4       0      0  192.168.1.23.50512     140.82.113.26.443      ESTABLISHED
+tcp6       0      0  fe80::1c2f:8d3b:.49160 fe80::8ff:1e6b:8.49156 ESTABLISHED
+tcp46      0      0  *.5000                 *.*                    LISTEN     
+tcp4       0      0  127.0.0.1.631          *.*                    LISTEN     
+tcp4       0      0  192.168.1.23.50400     17.57.146.52.5223      TIME_WAIT  
+udp4       0      0  *.*                    *.*                               
+udp46      0      0  *.5353                 *.*                               
+udp6       0      0  *.5353                 *.*                               
+icm6       0      0  *.*                    *.*                               
+Active Multipath Internet connections
+Proto/ID  Flags      Local Address          Foreign Address        (state)    
+Active LOCAL (UNIX) domain sockets
+Address          Type   Recv-Q Send-Q            Inode             Conn             Refs          Nextref Addr
+9d62a5b7b21d3bd3 stream      0      0                0 9d62a5b7b21d3c9b                0                0 /var/run/mDNSResponder
+9d62a5b7b21d3c9b stream      0      0                0 9d62a5b7b21d3bd3                0                0
+Registered kernel control modules
+id       flags    pcbcount rcvbuf   sndbuf   name 
+       1        9        0   131072   131072 com.apple.flow-divert 
+Active kernel event sockets
+Proto Recv-Q Send-Q vendor  class  subcl
+kevt       0      0      1      1      0
+Active kernel control sockets
+Proto Recv-Q Send-Q   unit     id   name
+kctl       0      0      1      1   com.apple.flow-divert
+"""
+
+
+NETSTAT_FREEBSD = """Active Internet connections (including servers)
+Proto Recv-Q Send-Q Local Address          Foreign Address        (state)    
+tcp4       0     44 10.0.2.15.22           10.0.2.2.51234         ESTABLISHED
+tcp4       0      0 10.0.2.15.22           10.0.2.2.51100         TIME_WAIT  
+tcp4       0      0 *.22                   *.*                    LISTEN     
+tcp6       0      0 *.22                   *.*                    LISTEN     
+udp4       0      0 *.514                  *.*                    
+udp6       0      0 *.514                  *.*                    
+Active UNIX domain sockets
+Address          Type   Recv-Q Send-Q            Inode             Conn             Refs          Nextref Addr
+fffff80003a1e000 stream      0      0                0 fffff80003a1e100                0                0
+fffff80003a1e100 stream      0      0                0 fffff80003a1e000                0                0
+fffff80003a1e300 dgram       0      0                0 fffff80003a1e400                0                0 /var/run/logpriv
+"""
+
+
+# getfsstat(2) as psutil.disk_partitions(all=True) lists it: (device, mount point, fstype, options)
+MOUNTS_MACOS = [
+    ("/dev/disk3s1s1", "/", "apfs", "ro,local,rootfs,dovolfs,journaled,multilabel"),
+    ("devfs", "/dev", "devfs", "rw,local,dontbrowse,multilabel"),
+    ("/dev/disk3s6", "/System/Volumes/VM", "apfs", "rw,noexec,local,dovolfs,dontbrowse,journaled,noatime"),
+    ("/dev/disk3s2", "/System/Volumes/Preboot", "apfs", "rw,local,dovolfs,dontbrowse,journaled,multilabel"),
+    ("/dev/disk3s4", "/System/Volumes/Update", "apfs", "rw,local,dovolfs,dontbrowse,journaled,multilabel"),
+    ("/dev/disk1s2", "/System/Volumes/xarts", "apfs", "rw,noexec,local,dovolfs,dontbrowse,journaled,noatime"),
+    ("/dev/disk1s1", "/System/Volumes/iSCPreboot", "apfs", "rw,local,dovolfs,dontbrowse,journaled"),
+    ("/dev/disk1s3", "/System/Volumes/Hardware", "apfs", "rw,local,dovolfs,dontbrowse,journaled"),
+    ("/dev/disk3s5", "/System/Volumes/Data", "apfs", "rw,local,dovolfs,dontbrowse,journaled,multilabel"),
+    ("map auto_home", "/System/Volumes/Data/home", "autofs", "rw,dontbrowse,automounted,multilabel"),
+    ("/dev/disk5s1", "/Volumes/Backup", "apfs", "rw,nosuid,local,ignore-ownership,journaled"),
+    ("/dev/disk5s2", "/Volumes/Backup Two", "apfs", "rw,nosuid,local,ignore-ownership,journaled"),
+    ("/dev/disk4s1", "/Volumes/USB", "msdos", "rw,nosuid,local,ignore-ownership"),
+    ("//alice@nas._smb._tcp.local/share", "/Volumes/share", "smbfs", "rw,nodev,nosuid"),
+    ("sshfs@host:", "/Users/alice/remote", "macfuse", "rw,nosuid,synchronous"),
+]
+
+
+MOUNTS_FREEBSD = [
+    ("zroot/ROOT/default", "/", "zfs", "rw,noatime,local,nfsv4acls"),
+    ("devfs", "/dev", "devfs", "rw,multilabel"),
+    ("/dev/gpt/efiboot0", "/boot/efi", "msdosfs", "rw,local"),
+    ("fdescfs", "/dev/fd", "fdescfs", "rw"),
+    ("procfs", "/proc", "procfs", "rw,local"),
+    ("zroot/tmp", "/tmp", "zfs", "rw,nosuid,noatime,local,nfsv4acls"),
+    ("zroot", "/zroot", "zfs", "rw,noatime,local,nfsv4acls"),
+    ("zroot/usr/home", "/usr/home", "zfs", "rw,noatime,local,nfsv4acls"),
+    ("zroot/var/log", "/var/log", "zfs", "rw,noexec,nosuid,noatime,local,nfsv4acls"),
+    ("/dev/ada1p1", "/data", "ufs", "rw,local,soft-updates"),
+    ("/data/www", "/usr/jails/web/data/www", "nullfs", "rw,local"),
+    ("devfs", "/usr/jails/web/dev", "devfs", "rw,multilabel"),
+    ("linprocfs", "/compat/linux/proc", "linprocfs", "rw,local"),
+    ("tmpfs", "/compat/linux/dev/shm", "tmpfs", "rw,local"),
+    ("nas:/export", "/mnt/nas", "nfs", "rw"),
+    ("/dev/fuse", "/mnt/sshfs", "fusefs.sshfs", "rw,nosuid,synchronous"),
+]
+
+
+def test_netstat_rows_count_every_socket_of_both_families():
+    assert ka.sockets_from_netstat(NETSTAT_MACOS) == (5, 3)  # icm6, unix and kernel sockets left out
+    assert ka.sockets_from_netstat(NETSTAT_FREEBSD) == (4, 2)
+    assert ka.sockets_from_netstat("Active Internet connections (including servers)\n"
+                                   "Proto Recv-Q Send-Q Local Address Foreign Address (state)\n") == (0, 0)
+    assert ka.sockets_from_netstat("") is None  # netstat missing or failed: not "no sockets"
+
+
+def test_mounts_count_each_apfs_container_and_zfs_pool_once():
+    counted = {(k, m.mountpoint) for k, m in ka.bsd_countable_mounts(MOUNTS_MACOS)}
+    # one container behind / and every system volume; the hidden iSC container and autofs left out
+    assert counted == {("dev:/dev/disk3", "/"), ("dev:/dev/disk5", "/Volumes/Backup"),
+                       ("dev:/dev/disk4s1", "/Volumes/USB")}
+    counted = {(k, m.mountpoint) for k, m in ka.bsd_countable_mounts(MOUNTS_FREEBSD)}
+    # every dataset of the pool, /tmp's too (sum_disk_usage makes them one pool), and the UFS
+    # disk; devfs, fdescfs, procfs, Linux emulation, the jail's nullfs, NFS and FUSE left out
+    assert counted == {("zfs:zroot", "/"), ("zfs:zroot", "/zroot"), ("zfs:zroot", "/usr/home"),
+                       ("zfs:zroot", "/var/log"), ("zfs:zroot", "/tmp"), ("dev:/dev/ada1p1", "/data")}
+    # a Mac whose / is an HFS+ partition, and a / that is hidden still counts
+    assert ka.bsd_countable_mounts([("/dev/disk0s2", "/", "hfs", "rw,local,dontbrowse")])[0][0] == "dev:/dev/disk0s2"
+
 
 @pytest.mark.parametrize("text, expected", [
     (SW_VERS_SONOMA, "macOS 14.4.1"),
@@ -2357,6 +1686,701 @@ def test_macos_virtualization_from_sysctl(vmm, features, model, expected):
 ])
 def test_freebsd_virtualization_from_sysctl(jailed, guest, expected):
     assert ka.freebsd_virtualization(jailed, guest) == expected
+
+
+# ---------------------------------------------------------------------------
+# Windows: the registry's values and the system's counters, parsed from fixture data
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("product, build, edition", [
+    ("Windows 10 Pro", "22631", "Windows 11 Pro"),            # Windows 11 still says 10 in ProductName
+    ("Windows 10 Home", "19045", "Windows 10 Home"),
+    ("Windows 10", "22000", "Windows 11"),
+    ("Windows 11 Pro", "26100", "Windows 11 Pro"),
+    ("Windows Server 2025 Datacenter", "26100", "Windows Server 2025 Datacenter"),  # past 22000, still a Server
+    ("Windows Server 2016 Standard", "14393", "Windows Server 2016 Standard"),
+    ("Microsoft Windows 10", "18362", "Microsoft Windows 10"),  # Wine's
+    ("", "22631", "Microsoft Windows"),
+    (None, None, "Microsoft Windows"),
+])
+def test_windows_edition_is_the_registrys_with_11_told_by_the_build(product, build, edition):
+    assert ka.windows_edition(product, build) == edition
+
+
+def test_windows_kernel_is_the_build_and_its_update_revision():
+    assert ka.windows_kernel("22631", 4460) == "22631.4460"
+    assert ka.windows_kernel("7601", None) == "7601"            # no UBR before Windows 10 (and on Wine)
+    assert ka.windows_kernel("", 5) == "Unknown"
+
+
+@pytest.mark.parametrize("drivers, expected", [
+    # a desktop: two identical cards, the iGPU, Remote Desktop's adapter and a virtual monitor's
+    ({"0000": "NVIDIA GeForce RTX 4090", "0001": "Microsoft Remote Display Adapter",
+      "0002": "Intel(R) UHD Graphics 770", "0003": "NVIDIA GeForce RTX 4090",
+      "0004": "Parsec Virtual Display Adapter", "0005": "IddSampleDriver Device", "Properties": None},
+     "NVIDIA GeForce RTX 4090 \u00d7 2, Intel(R) UHD Graphics 770"),
+    ({"0000": "Microsoft Basic Display Adapter"}, "None"),          # no driver installed
+    ({"0000": "Microsoft Hyper-V Video"}, "None"),                  # a Hyper-V guest
+    ({"0000": "VMware SVGA 3D", "0001": "Microsoft Basic Render Driver"}, "None"),
+    ({"0000": "Matrox G200eR2 (Microsoft Corporation - WDDM)"}, "Matrox G200eR2 (Microsoft Corporation - WDDM)"),
+    ({}, "None"),
+])
+def test_windows_gpus_are_the_display_class_drivers_without_stand_ins(drivers, expected):
+    assert ka.group_names(ka.gpu_names_from_display_class(drivers)) == expected
+
+
+@pytest.mark.parametrize("firmware, expected", [
+    ({"SystemManufacturer": "Microsoft Corporation", "SystemProductName": "Virtual Machine",
+      "SystemBiosVersion": ["VRTUAL - 1", "Hyper-V UEFI Release v4.1"]}, "microsoft"),
+    ({"SystemManufacturer": "Microsoft Corporation", "SystemProductName": "Surface Pro 9",
+      "SystemBiosVersion": ["MSFT   - 1", "17.1.235"]}, "none"),    # Microsoft's own hardware is no guest
+    ({"SystemManufacturer": "QEMU", "SystemProductName": "Standard PC (Q35 + ICH9, 2009)", "BIOSVendor": "SeaBIOS",
+      "SystemBiosVersion": ["BOCHS  - 1"]}, "kvm"),
+    ({"SystemManufacturer": "Hetzner", "SystemProductName": "vServer", "BIOSVendor": "SeaBIOS",
+      "SystemBiosVersion": ["BOCHS  - 1"]}, "kvm"),                  # a cloud's own name over QEMU's firmware
+    ({"SystemManufacturer": "VMware, Inc.", "SystemProductName": "VMware7,1"}, "vmware"),
+    ({"SystemManufacturer": "innotek GmbH", "SystemProductName": "VirtualBox",
+      "SystemBiosVersion": ["VBOX   - 1"]}, "oracle"),
+    ({"SystemManufacturer": "Amazon EC2", "SystemProductName": "m5.large", "BIOSVendor": "Amazon EC2"}, "amazon"),
+    ({"SystemManufacturer": "Xen", "SystemProductName": "HVM domU"}, "xen"),
+    ({"SystemManufacturer": "Dell Inc.", "SystemProductName": "PowerEdge R750", "BIOSVendor": "Dell Inc.",
+      "SystemBiosVersion": ["DELL   - 1072009", "1.8.2"]}, "none"),
+    ({"SystemManufacturer": "", "SystemProductName": "", "Identifier": "AT compatible"}, "none"),  # Wine's
+])
+def test_windows_virtualization_from_the_firmwares_registry_values(firmware, expected):
+    assert ka.windows_virtualization(firmware) == expected
+
+
+def page_file_records(*files):
+    """SYSTEM_PAGEFILE_INFORMATION records as NtQuerySystemInformation chains
+    them on 64-bit Windows (32 bytes each: offset, size, in use, peak, the name's
+    UNICODE_STRING), for [(size, in use)] pages."""
+    records = b""
+    for index, (size, in_use) in enumerate(files):
+        following = 32 if index < len(files) - 1 else 0
+        records += struct.pack("<IIIIHH4xQ", following, size, in_use, in_use, 0, 0, 0)
+    return records
+
+
+def test_windows_swap_without_performance_counters_from_commit_pages_and_page_files():
+    files = ka.parse_page_files(page_file_records((262144, 65536), (131072, 32768)))
+    assert files == [(262144, 65536), (131072, 32768)]
+    # 16 GiB of RAM, a commit limit 1.5 GiB beyond it: a quarter of the page files in use
+    total, used = ka.swap_from_commit(4194304 + 393216, 4194304, 4096, files)
+    assert (total, used) == (393216 * 4096, 393216 * 4096 // 4)
+    assert ka.swap_from_commit(4194304 + 393216, 4194304, 4096) == (393216 * 4096, 0)   # use unknown (Wine)
+    assert ka.swap_from_commit(4194000, 4194304, 4096, files) == (0, 0)   # no page file: the limit is below RAM
+    assert ka.parse_page_files(b"") == [] and ka.parse_page_files(b"\0" * 10) == []
+
+
+def test_windows_disk_counts_fixed_drives_each_volume_once():
+    partitions = [("C:\\", "C:\\", "NTFS", "rw,fixed"), ("D:\\", "D:\\", "NTFS", "rw,fixed"),
+                  ("E:\\", "E:\\", "CDFS", "ro,cdrom"), ("F:\\", "F:\\", "exFAT", "rw,removable"),
+                  ("C:\\data\\", "C:\\data\\", "NTFS", "rw,fixed"), ("G:\\", "G:\\", "NTFS", "rw,fixed")]
+    volumes = {"C:\\": "volume:a", "D:\\": "volume:b", "C:\\data\\": "volume:b", "G:\\": "volume:a",
+               "E:\\": "volume:c", "F:\\": "volume:d"}
+    chosen = ka.fixed_volume_mounts(partitions, volumes.get)
+    # D: is also mounted at C:\data (its shorter name wins), G: is a second letter of C:'s volume
+    assert sorted((key, mount.mountpoint) for key, mount in chosen) == [("volume:a", "C:\\"), ("volume:b", "D:\\")]
+
+
+# ---------------------------------------------------------------------------
+# Platform: what differs between operating systems
+# ---------------------------------------------------------------------------
+
+def test_the_platform_seams_find_the_host_trees_and_glibc_where_they_are(monkeypatch):
+    monkeypatch.setenv("HOST_SYS", "/host/sys/")   # a container watching its host, as gopsutil allows
+    assert ka.sys_root() == "/host/sys"
+    monkeypatch.delenv("HOST_SYS")
+    assert ka.sys_root() == "/sys"
+    assert ka.IS_LINUX == sys.platform.startswith("linux") and ka.psutil_module() is psutil
+    assert (ka.glibc() is not None) == (ka.IS_LINUX and platform.libc_ver()[0] == "glibc")
+    ka.return_free_memory()   # malloc_trim where there is glibc, nothing elsewhere
+
+
+def test_windows_console_events_that_stop_the_agent(monkeypatch):
+    monkeypatch.setattr(ka, "CONSOLE_CLOSE_GRACE", 0.0)   # the wait that lets the stop finish before Windows ends us
+    for event in (ka.CTRL_C_EVENT, ka.CTRL_BREAK_EVENT, ka.CTRL_CLOSE_EVENT, ka.CTRL_SHUTDOWN_EVENT):
+        stop = threading.Event()
+        assert ka.stop_for_console_event(stop, event) is True and stop.is_set()
+    stop = threading.Event()   # someone logging off is no reason for a boot task to stop
+    assert ka.stop_for_console_event(stop, ka.CTRL_LOGOFF_EVENT) is False and not stop.is_set()
+
+
+# -- Windows, under Wine -------------------------------------------------------
+
+def test_windows_dry_run_prints_basic_info_and_a_report(windows):
+    done = windows.run("--dry-run", timeout=120)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    lines = done.stdout.decode("utf-8").splitlines()
+    info, report = go_json(lines[0]), go_json(lines[1])
+    assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
+    assert report_problem(report) is None
+
+
+# One agent on Windows against the loopback panel for a minute, shared by the
+# tests below it: Wine's start and a minute of reports cost too much to pay
+# per test. The panel refuses results, and a result waits in the spool from an
+# earlier run; the last test stops the agent with Ctrl+C and starts it again.
+WINDOWS_MINUTE = 60.0
+
+
+def spooled_result(state, task_id, text):
+    """A result an earlier run left undelivered, in the spool's own format."""
+    spool = state / ka.SPOOL_DIR
+    spool.mkdir(parents=True, exist_ok=True)
+    path = spool / ("%020d-1-1.json" % time.time_ns())
+    path.write_text(json.dumps({"task_id": task_id, "result": text, "exit_code": 0,
+                                "finished_at": "2026-12-05T10:00:00.000+08:00"}))
+    return path
+
+
+class WindowsRun:
+    """The agent on Windows against `panel`, with its state in `state`; every
+    agent started is stopped when the module's tests are done."""
+
+    def __init__(self, windows, panel, state):
+        self.windows, self.panel, self.state = windows, panel, state
+        self.args = ["-e", panel.endpoint, "-t", panel.token, "--state-dir", windows.path(state), "-i", "1",
+                     "--month-rotate", "1", "--custom-ipv4", "192.0.2.7", "--custom-ipv6", "2001:db8::7",
+                     "--protocol-version", "2", "--reconnect-interval", "0.2"]
+        self.agents = []
+
+    def start(self):
+        agent = AgentProcess(self.args, command=self.windows.command())
+        self.agents.append(agent)
+        return agent
+
+    @staticmethod
+    def python_exe(agent):
+        """The Windows python.exe behind winepy: what Ctrl+C reaches (Wine turns SIGINT into CTRL_C_EVENT)."""
+        return wait_until(lambda: next((p for p in psutil.Process(agent.proc.pid).children(recursive=True)
+                                        if "python.exe" in " ".join(p.cmdline()[:1])), None), 30, "python.exe")
+
+
+@pytest.fixture(scope="module")
+def windows_minute(windows, tmp_path_factory):
+    panel = PanelServer(protocol=2)
+    run = WindowsRun(windows, panel, tmp_path_factory.mktemp("windows-state"))
+    run.spooled = spooled_result(run.state, "win-kept-1", "kept across a stop")
+    panel.fail_http[ka.TASK_RESULT_PATH] = 502
+    try:
+        run.agent = run.start()
+        run.info = panel.wait_for(lambda: panel.basic_infos and panel.basic_infos[0], 90, "basic info from Windows")
+        first = panel.wait_for(lambda: panel.reports and panel.reports[0], 60, "the first report")
+        panel.wait_for(lambda: panel.reports[-1]["_at"] - first["_at"] >= WINDOWS_MINUTE, WINDOWS_MINUTE + 30,
+                       "a minute of reports")
+        run.reports = list(panel.reports)
+        yield run
+    finally:
+        for agent in run.agents:
+            agent.stop()
+        panel.stop()
+
+
+def test_windows_basic_info_has_the_edition_and_real_totals(windows_minute):
+    info = windows_minute.info
+    assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
+    # the registry's, as a Windows 10 prefix of Wine fills it in: ProductName, CurrentBuild (no UBR)
+    assert (info["os"], info["kernel_version"], info["arch"]) == ("Microsoft Windows 10", "18362", "amd64")
+    assert info["cpu_name"] not in ("", "Unknown") and "Family" not in info["cpu_name"]   # not platform.processor()'s
+    assert info["gpu_name"] == "Wine Adapter" and info["virtualization"] == "none"
+    assert abs(info["mem_total"] - psutil.virtual_memory().total) < 64 << 20   # Wine shows this box's RAM
+    root = psutil.disk_usage("/").total   # every Wine drive is this file system, each its own volume to Windows
+    assert info["disk_total"] >= root and info["disk_total"] % root == 0
+    assert info["cpu_cores"] == psutil.cpu_count() and (info["ipv4"], info["ipv6"]) == ("192.0.2.7", "2001:db8::7")
+
+
+def test_windows_reports_for_a_minute_have_every_figure_and_no_failure(windows_minute):
+    reports, info = windows_minute.reports, windows_minute.info
+    assert reports[-1]["_at"] - reports[0]["_at"] >= WINDOWS_MINUTE
+    # none late enough for the panel to drop the socket (a report takes ~0.1 s of Wine's time here)
+    assert max(b["_at"] - a["_at"] for a, b in zip(reports, reports[1:])) < PanelServer.READ_WAIT
+    assert {r["_via"] for r in reports} == {"v2-ws"}   # websocket-client's keep-alive options are not in the way
+    for report in reports:
+        assert report_problem(report) is None and report["message"] == "", report
+        assert report["ram"]["total"] == info["mem_total"] and 0 < report["ram"]["used"] < report["ram"]["total"]
+        assert report["disk"]["total"] == info["disk_total"] and 0 < report["disk"]["used"] < report["disk"]["total"]
+        assert report["swap"]["total"] == info["swap_total"] and 0 <= report["swap"]["used"] <= report["swap"]["total"]
+        assert 0 < report["cpu"]["usage"] <= 100 and report["uptime"] > 0 and report["process"] > 0
+        assert report["connections"]["tcp"] > 0 and report["network"]["totalDown"] > 0
+        assert set(report["load"]) == {"load1", "load5", "load15"}
+    assert reports[-1]["uptime"] - reports[0]["uptime"] >= WINDOWS_MINUTE - 2
+    log = windows_minute.agent.log
+    # what Wine cannot give is said once, at its first report, never again
+    assert log.count("load is reported as 0") == 1 and log.count("swap is read from GetPerformanceInfo") == 1
+    assert "Traceback" not in log and "failed to get" not in log and "written by other users" not in log
+    assert "state directory problem" not in log and "cannot keep undelivered results" not in log
+
+
+def test_windows_stop_on_ctrl_c_keeps_what_was_not_delivered(windows_minute):
+    run, panel = windows_minute, windows_minute.panel
+    assert run.spooled.exists() and not panel.task_results   # the panel refused it all along
+    last_total = panel.reports[-1]["network"]["totalUp"]
+    stopped_at = time.time()
+    run.python_exe(run.agent).send_signal(signal.SIGINT)
+    assert run.agent.proc.wait(30) == 0
+    assert "shutting down" in run.agent.log
+    traffic = json.loads((run.state / ka.TRAFFIC_FILE).read_text())
+    assert traffic["saved_at"] >= stopped_at - 1 and traffic["total"]["up"] >= last_total   # saved on the way out
+    assert run.spooled.exists()
+    del panel.fail_http[ka.TASK_RESULT_PATH]
+    count = len(panel.reports)
+    again = run.start()
+    result = result_for(panel, "win-kept-1", 90)
+    assert result["result"] == "kept across a stop" and result["exit_code"] == 0
+    wait_until(lambda: not run.spooled.exists(), 10, "the delivered result to leave the spool")
+    after = panel.wait_for(lambda: len(panel.reports) > count and panel.reports[count], 30, "a report after the restart")
+    assert after["network"]["totalUp"] >= last_total   # the month's traffic goes on from where it was
+    again.stop()
+
+
+WINDOWS_PROBE = r"""
+import ctypes, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import komari_agent as ka
+scratch, found = sys.argv[2], {}
+found["sid"] = ka.process_user_sid()
+ka.SCRIPT_PATH = os.path.join(scratch, "komari_agent.py")
+found["state_dir"] = ka.default_state_dir()
+ka.process_user_sid = lambda: ka.LOCAL_SYSTEM_SID
+found["state_dir_as_system"] = ka.default_state_dir()
+found["private"] = ka.private_directory(os.path.join(scratch, "state"))
+data = b'{"text":"a\r\nb"}\n\x1a\n'
+ka.write_atomic(os.path.join(scratch, "state", "result.json"), data)
+found["read_back"] = ka.read_regular_file(os.path.join(scratch, "state", "result.json"), 100) == data
+found["volumes"] = [ka.volume_identity(root) for root in ("C:\\", "Z:\\")]
+# the ACL as Windows itself reads it back from its text form
+advapi32 = ctypes.WinDLL("advapi32")
+descriptor, text = ctypes.c_void_p(), ctypes.c_wchar_p()
+advapi32.ConvertStringSecurityDescriptorToSecurityDescriptorW(ka.PRIVATE_DACL, 1, ctypes.byref(descriptor), None)
+advapi32.ConvertSecurityDescriptorToStringSecurityDescriptorW(descriptor, 1, 4, ctypes.byref(text), None)
+found["dacl"] = text.value
+print(json.dumps(found))
+"""
+
+
+def test_windows_state_directory_user_and_files(windows, tmp_path):
+    done = subprocess.run([str(windows.winepy), "-c", WINDOWS_PROBE, windows.path(ROOT), windows.path(tmp_path)],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    found = json.loads(done.stdout.decode().splitlines()[-1])
+    assert re.match(r"^S-1-5-21-[\d-]+$", found["sid"])   # Wine's user: no SYSTEM
+    assert found["state_dir"] == windows.path(tmp_path / "state")   # beside the script, which can be written
+    assert found["state_dir_as_system"].lower() == "c:\\programdata\\komari-agent"
+    assert found["private"] == "" and found["read_back"]
+    assert (tmp_path / "state" / "result.json").read_bytes() == b'{"text":"a\r\nb"}\n\x1a\n'   # bytes as given
+    assert found["volumes"][0].startswith("volume:\\\\?\\volume{") and found["volumes"][0] != found["volumes"][1]
+    # full control for SYSTEM, the Administrators and the owner, inherited, nothing from above
+    assert found["dacl"] == "D:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;FA;;;OW)"
+
+
+def test_windows_output_is_utf8_and_check_mem_shows_windows_ways(windows):
+    checked = windows.run("-e", "http://127.0.0.1:1", "-t", "x" * 16, "--include-nics", "\u4ee5\u592a\u7f51*", "--check")
+    assert checked.returncode == 0, checked.stderr.decode("utf-8", "replace")
+    assert "\u4ee5\u592a\u7f51*" in checked.stdout.decode("utf-8")   # not cp1252's "?" or a traceback
+    memory = windows.run("check-mem")
+    assert memory.returncode == 0, memory.stderr.decode("utf-8", "replace")
+    modes = re.findall(r"\[(\w+)\] Total: (\d+) bytes", memory.stdout.decode())
+    # no `free` on Windows: no line of zeros for it (Wine shows the host's /proc/meminfo, hence htoplike)
+    assert "callFree" not in dict(modes) and int(dict(modes)["gopsutil"]) > 0
+
+
+# -- processes and programs ----------------------------------------------------
+
+def test_session_members_without_proc_match_the_proc_reading():
+    # the psutil way (macOS, FreeBSD) against the /proc way, on a real session of three processes
+    leader = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
+    try:
+        wait_until(lambda: len(ka.session_members(leader.pid)) == 3, 10, "the session's three processes")
+        assert sorted(ka.psutil_session_members(leader.pid)) == sorted(ka.session_members(leader.pid))
+    finally:
+        ka.signal_session(leader.pid, signal.SIGKILL)
+        leader.wait()
+
+
+@pytest.mark.parametrize("system, family, expected", [
+    ("linux", socket.AF_INET, ["ping", "-n", "-c", "1", "-W", "3"]),
+    ("linux", socket.AF_INET6, ["ping", "-n", "-c", "1", "-W", "3", "-6"]),
+    ("darwin", socket.AF_INET, ["ping", "-n", "-c", "1", "-W", "2500"]),
+    ("darwin", socket.AF_INET6, ["ping6", "-n", "-c", "1"]),
+    ("freebsd14", socket.AF_INET6, ["ping", "-n", "-c", "1", "-W", "2500", "-6"]),
+])
+def test_system_ping_arguments_follow_each_systems_units(tmp_path, monkeypatch, system, family, expected):
+    stub_commands(tmp_path, monkeypatch, {"ping": "exit 0", "ping6": "exit 0"})
+    monkeypatch.setattr(ka, "IS_LINUX", system == "linux")
+    monkeypatch.setattr(ka, "IS_MACOS", system == "darwin")
+    argv = ka.ping_command(family, 2.5)
+    assert [os.path.basename(argv[0])] + argv[1:] == expected
+
+
+# -- the macOS and FreeBSD hosts -----------------------------------------------
+
+def sysctl_stub(values):
+    """A `sysctl -n NAME` answering from {name: value}, unknown names as FreeBSD and macOS do."""
+    cases = "".join("%s) echo '%s';; " % (name, value) for name, value in values.items())
+    return 'case "$2" in %s*) echo "sysctl: unknown oid \'$2\'" >&2; exit 1;; esac' % cases
+
+
+def cat_stub(text):
+    return "/bin/cat <<'E'\n%sE" % text
+
+
+MAC_SYSCTL = {"machdep.cpu.brand_string": "Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz", "kern.hv_vmm_present": "0",
+              "machdep.cpu.features": "FPU VME DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR SSE3 PCLMULQDQ",
+              "hw.model": "MacBookPro16,1"}
+
+
+FREEBSD_SYSCTL = {"hw.model": "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz", "kern.vm_guest": "kvm",
+                  "security.jail.jailed": "0"}
+
+
+@pytest.mark.parametrize("host, commands, facts", [
+    (ka.MacHost, {"sw_vers": cat_stub(SW_VERS_SONOMA), "sysctl": sysctl_stub(MAC_SYSCTL),
+                  "system_profiler": '[ "$1" = SPDisplaysDataType ] || exit 1\n' + cat_stub(PROFILER_MBP16)},
+     ("macOS 14.4.1", "Intel UHD Graphics 630, AMD Radeon Pro 5500M", "none",
+      "Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz")),
+    (ka.MacHost, {"sw_vers": cat_stub(SW_VERS_SONOMA), "system_profiler": cat_stub(PROFILER_M1),
+                  "sysctl": sysctl_stub({"machdep.cpu.brand_string": "Apple M1", "kern.hv_vmm_present": "1",
+                                         "hw.model": "VirtualMac2,1"})},
+     ("macOS 14.4.1", "Apple M1", "apple", "Apple M1")),
+    (ka.MacHost, {}, ("macOS", "None", "none", "Unknown")),  # none of its programs answer
+    (ka.FreeBSDHost, {"uname": '[ "$1" = -sr ] && echo "FreeBSD 14.1-RELEASE-p5"',
+                      "pciconf": '[ "$1" = -lv ] || exit 1\n' + cat_stub(PCICONF_DESKTOP),
+                      "sysctl": sysctl_stub(FREEBSD_SYSCTL)},
+     ("FreeBSD 14.1-RELEASE-p5",
+      "Intel Corporation CoffeeLake-S GT2 [UHD Graphics 630], NVIDIA Corporation GA102 [GeForce RTX 3090] \u00d7 2",
+      "kvm", "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz")),
+    (ka.FreeBSDHost, {"pciconf": cat_stub(PCICONF_GUESTS),
+                      "sysctl": sysctl_stub(dict(FREEBSD_SYSCTL, **{"security.jail.jailed": "1"}))},
+     ("FreeBSD", "None", "jail", "Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz")),
+])
+def test_mac_and_freebsd_hosts_state_facts_from_their_programs(tmp_path, monkeypatch, host, commands, facts):
+    stub_commands(tmp_path, monkeypatch, commands)
+    box = host()
+    assert (box.os_name(), box.gpu_name(), box.virtualization(), box.cpu_facts()[0]) == facts
+    assert box.cpu_facts()[1:] == (psutil.cpu_count(), psutil.cpu_count(logical=False) or 0)
+    assert box.kernel_version() == os.uname().release  # `uname -r`, without running it
+
+
+def test_sysctl_is_asked_once_per_name_per_run(tmp_path, monkeypatch):
+    asked = tmp_path / "asked"
+    stub_commands(tmp_path, monkeypatch, {"sysctl": 'echo "$2" >> %s\n' % shlex.quote(str(asked))
+                                          + sysctl_stub(FREEBSD_SYSCTL)})
+    box = ka.FreeBSDHost()
+    for _ in range(3):
+        assert box.cpu_facts()[0] == FREEBSD_SYSCTL["hw.model"] and box.virtualization() == "kvm"
+    assert sorted(asked.read_text().split()) == ["hw.model", "kern.vm_guest", "security.jail.jailed"]
+
+
+@pytest.mark.parametrize("host", [ka.MacHost, ka.FreeBSDHost])
+def test_connections_come_from_netstat_counted_every_few_seconds(tmp_path, monkeypatch, host):
+    runs = tmp_path / "runs"
+    stub_commands(tmp_path, monkeypatch, {"netstat": '[ "$*" = "-an" ] || exit 1\necho run >> %s\n%s'
+                                          % (shlex.quote(str(runs)), cat_stub(NETSTAT_MACOS))})
+    box = host()
+    assert [box.connections() for _ in range(3)] == [(5, 3)] * 3
+    assert runs.read_text().count("run") == 1  # within SOCKETS_TTL the count is kept
+    box.SOCKETS_TTL = 0
+    assert box.connections() == (5, 3) and runs.read_text().count("run") == 2
+
+
+def test_connections_without_netstat_are_psutils_said_once(tmp_path, monkeypatch, caplog):
+    stub_commands(tmp_path, monkeypatch, {})
+    box = ka.MacHost()
+    box.SOCKETS_TTL = 0
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server = listener.accept()[0]
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    try:
+        with caplog.at_level("INFO", logger="komari"):
+            counts = [box.connections() for _ in range(3)]
+        assert all(tcp >= 3 and udp_count >= 1 for tcp, udp_count in counts)
+        assert sum("netstat -an gave nothing" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        for s in (client, server, listener, udp):
+            s.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil reads its proc root on Linux only")
+def test_connections_neither_tool_can_count_are_0_said_once(tmp_path, monkeypatch, caplog):
+    stub_commands(tmp_path, monkeypatch, {"netstat": "exit 1"})
+    monkeypatch.setattr(psutil, "PROCFS_PATH", str(tmp_path / "empty"))  # psutil's real code, an empty root
+    box = ka.MacHost()
+    box.SOCKETS_TTL = 0
+    with caplog.at_level("INFO", logger="komari"):
+        # an answer, not an exception: the Collector would make that a message line in every report
+        assert [box.connections() for _ in range(3)] == [(0, 0)] * 3
+    assert sum("connections are reported as 0" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("host", [ka.MacHost, ka.FreeBSDHost])
+def test_mac_and_freebsd_hosts_give_every_report_figure_here(tmp_path, monkeypatch, host):
+    """Every figure through psutil, as on those systems: a whole report, no message line."""
+    stub_commands(tmp_path, monkeypatch, {"netstat": cat_stub(NETSTAT_FREEBSD)})
+    cfg, _ = ka.load_config(["--dry-run"], {})
+    collector = ka.Collector(cfg, host=host(cfg))
+    collector.figures()
+    report = ka.report_payload(collector.figures())
+    assert report_problem(report) is None and report["message"] == ""
+    assert report["ram"]["total"] == psutil.virtual_memory().total and 0 < report["ram"]["used"] <= report["ram"]["total"]
+    assert report["connections"] == {"tcp": 4, "udp": 2}
+    assert report["disk"]["total"] >= psutil.disk_usage("/").total and report["process"] > 0
+    assert abs(report["uptime"] - (time.time() - psutil.boot_time())) <= 5
+    assert report["load"]["load1"] == pytest.approx(os.getloadavg()[0], abs=0.5)
+
+
+def test_mac_disk_use_is_what_the_container_has_given_out(tmp_path):
+    total, used, avail = ka.MacHost().disk_usage(str(tmp_path))
+    st = os.statvfs(str(tmp_path))
+    assert (total, avail) == (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize) and used == total - avail
+
+
+@pytest.mark.parametrize("platform, host", [("darwin", ka.MacHost), ("freebsd14", ka.FreeBSDHost),
+                                            ("win32", ka.WindowsHost), ("openbsd7", ka.PsutilHost)])
+def test_make_host_picks_the_host_of_the_system(monkeypatch, platform, host):
+    monkeypatch.setattr(ka, "IS_LINUX", False)
+    monkeypatch.setattr(ka, "IS_WINDOWS", platform == "win32")
+    monkeypatch.setattr(ka.sys, "platform", platform)
+    assert type(ka.make_host()) is host
+
+
+# ---------------------------------------------------------------------------
+# Report figures: the arithmetic behind each figure, GPU details, the Collector against psutil
+# ---------------------------------------------------------------------------
+
+def test_cpu_percent_from_proc_stat_lines():
+    a = ka.cpu_busy_total("cpu  100 0 100 700 100 0 0 0 50 0")
+    b = ka.cpu_busy_total("cpu  200 0 200 1300 300 0 0 0 90 0")
+    assert a == (200, 1000)  # guest is already inside user
+    assert ka.cpu_percent(a, b) == pytest.approx(200 * 100.0 / 1000)
+    assert ka.cpu_percent(a, a) == 0.001        # idle is never reported as 0
+    assert ka.cpu_percent(b, a) == 0.001        # a counter going backwards is not negative
+
+
+NET_DEV = """Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:  900000    100    0    0    0     0          0         0   900000     100    0    0    0     0       0          0
+  eth0: 1000000   1000    0    0    0     0          0         0   500000     900    0    0    0     0       0          0
+docker0:  70000    10    0    0    0     0          0         0    80000      10    0    0    0     0       0          0
+veth12ab: 60000     10    0    0    0     0          0         0    60000      10    0    0    0     0       0          0
+ vmbr0: 4000000    100    0    0    0     0          0         0  3000000     100    0    0    0     0       0          0
+  wg0:    20000     10    0    0    0     0          0         0    10000      10    0    0    0     0       0          0
+"""
+
+
+def test_net_dev_parsing_and_default_deny_list():
+    counters = ka.parse_net_dev(NET_DEV)
+    assert counters["eth0"] == (1000000, 500000) and counters["vmbr0"] == (4000000, 3000000)
+    counted = [n for n in counters if ka.nic_counted(n)]
+    assert counted == ["eth0", "wg0"]
+
+
+def test_nic_include_wins_over_deny_list_and_wildcards():
+    assert ka.nic_counted("vmbr0", include=["vmbr*"]) is True
+    assert ka.nic_counted("eth0", include=["vmbr*"]) is False
+    assert ka.nic_counted("eth0", exclude=["eth*"]) is False
+    assert ka.nic_counted("wg0", exclude=["eth*"]) is True
+    assert ka.nic_counted("lo", include=["lo"]) is True
+
+
+@pytest.mark.parametrize("nic, counted", [
+    ("eth0", True), ("ens18", True), ("wlan0", True), ("wg0", True), ("tailscale0", True), ("bond0", True),
+    ("ppp0", True), ("tun0", True), ("kube-ipvs0", True), ("vnet3", True),      # counted, as officially
+    ("lo", False), ("lowpan0", False), ("br0", False), ("br-3f2a", False), ("bridge0", False), ("tap0", False),
+    ("vmbr0", False), ("veth12ab", False), ("docker0", False), ("podman0", False), ("cni0", False),
+    ("flannel.1", False), ("virbr0", False), ("fwbr100i0", False), ("fwpr100p0", False),
+])
+def test_default_nic_deny_list_is_the_official_one(nic, counted):
+    assert ka.nic_counted(nic) is counted
+
+
+def test_net_meter_speeds_per_nic_with_a_reset():
+    meter = ka.NetMeter()
+    assert meter.sample({"eth0": (1000, 500), "eth1": (0, 0)}, 10.0) == (0, 0)
+    # eth1 was reset (counter went down): it adds nothing, eth0 still counts
+    assert meter.sample({"eth0": (3000, 1500), "eth1": (0, 0)}, 12.0) == (500, 1000)
+    assert meter.sample({"eth0": (3000, 1500), "eth1": (10, 0)}, 14.0) == (0, 5)
+
+
+def test_disk_sum_counts_each_device_and_each_pool_once():
+    usages = [("dev:8:2", 100, 40, 60), ("dev:8:2", 100, 40, 60),
+              ("zfs:tank", 500, 100, 400), ("zfs:tank", 450, 50, 400),   # datasets share the free 400
+              ("dev:0:21", 30, 10, 20)]
+    assert ka.sum_disk_usage(usages) == (100 + (100 + 50 + 400) + 30, 40 + 150 + 10)
+
+
+def test_missing_mountpoint_is_warned_once_and_said_in_the_report(tmp_path, caplog):
+    cfg, _ = ka.load_config(["--dry-run", "--include-mountpoint", "%s;/" % (tmp_path / "nonexist")], {})
+    collector = ka.Collector(cfg)
+    with caplog.at_level("WARNING", logger="komari"):
+        reports = [ka.report_payload(collector.figures()) for _ in range(3)]
+    assert all("nonexist not counted" in r["message"] for r in reports)
+    assert reports[-1]["disk"]["total"] == os.statvfs("/").f_blocks * os.statvfs("/").f_frsize
+    assert sum("nonexist" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_connection_counts_follow_sockets_we_hold():
+    cfg, _ = ka.load_config(["--dry-run"], {})
+    collector = ka.Collector(cfg)
+    before_tcp, before_udp = collector.connections()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(20)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(10)]
+    servers = [listener.accept()[0] for _ in clients]
+    udps = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(5)]
+    for u in udps:
+        u.bind(("127.0.0.1", 0))
+    try:
+        tcp, udp = collector.connections()
+        rows_tcp = ka.count_table_rows(["/proc/net/tcp", "/proc/net/tcp6"])
+        rows_udp = ka.count_table_rows(["/proc/net/udp", "/proc/net/udp6"])
+        assert tcp >= before_tcp + 21 - 5 and udp >= before_udp + 5
+        assert tcp == rows_tcp and udp == rows_udp
+    finally:
+        for s in clients + servers + udps + [listener]:
+            s.close()
+
+
+NVIDIA_CSV = ("NVIDIA H200, 143771, 1024, 25, 41\nNVIDIA H200, 143771, 0, [N/A], 39\n")
+
+
+ROCM_JSON = json.dumps({"card1": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "50",
+                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "1048576",
+                                  "Temperature (Sensor junction) (C)": "45.0"},
+                        "card0": {"Card series": "AMD Instinct MI300X", "GPU use (%)": "10",
+                                  "VRAM Total Memory (B)": "205822885888", "VRAM Total Used Memory (B)": "0",
+                                  "Temperature (Sensor junction) (C)": "40"},
+                        "system": {"Driver version": "6.8"}})
+
+
+@pytest.mark.skipif(os.path.exists("/usr/bin/nvidia-smi") or os.path.exists("/opt/rocm/bin/rocm-smi"),
+                    reason="a real GPU tool in its fixed place would answer instead of the stubs")
+@pytest.mark.parametrize("commands, gpu, problem", [
+    ({"nvidia-smi": "/bin/cat <<'E'\n%sE" % NVIDIA_CSV},
+     {"count": 2, "average_usage": 12.5, "detailed_info": [
+         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 1024 << 20, "utilization": 25.0,
+          "temperature": 41},
+         {"name": "NVIDIA H200", "memory_total": 143771 << 20, "memory_used": 0, "utilization": 0.0,
+          "temperature": 39}]}, ""),
+    ({"rocm-smi": "/bin/cat <<'E'\n%s\nE" % ROCM_JSON},
+     {"count": 2, "average_usage": 30.0, "detailed_info": [
+         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 0, "utilization": 10.0,
+          "temperature": 40},
+         {"name": "AMD Instinct MI300X", "memory_total": 205822885888, "memory_used": 1048576, "utilization": 50.0,
+          "temperature": 45}]}, ""),
+    ({"nvidia-smi": "exit 9", "rocm-smi": "echo '{}'"}, None, ""),               # no GPU: no block, no message
+    ({}, None, "rocm-smi tool not found"),
+    ({"rocm-smi": "exit 1"}, None, "no data available"),
+])
+def test_gpu_details_like_the_official_agent(tmp_path, monkeypatch, commands, gpu, problem):
+    stub_commands(tmp_path, monkeypatch, commands)
+    assert ka.gpu_details()[1] == problem
+    cfg, _ = ka.load_config(["--dry-run", "--gpu"], {})
+    report = ka.report_payload(ka.Collector(cfg).figures())
+    assert report.get("gpu") == gpu and report_problem(report) is None
+    assert ("failed to get detailed GPU info: " + problem in report["message"]) if problem else \
+        "GPU" not in report["message"]
+
+
+def test_report_figures_agree_with_psutil():
+    cfg, _ = ka.load_config(["--dry-run"], {})
+    collector = ka.Collector(cfg)
+    report = ka.report_payload(collector.figures())
+    assert report_problem(report) is None and report["message"] == ""
+    vm = psutil.virtual_memory()
+    assert report["ram"]["total"] == vm.total
+    assert 0 < report["ram"]["used"] <= vm.total
+    assert report["swap"]["total"] == psutil.swap_memory().total
+    assert abs(report["process"] - len(psutil.pids())) <= 10
+    assert abs(report["uptime"] - (time.time() - psutil.boot_time())) <= 5
+    root = psutil.disk_usage("/")
+    assert report["disk"]["total"] >= root.total
+    nics = {n: c for n, c in psutil.net_io_counters(pernic=True).items() if ka.nic_counted(n)}
+    assert report["network"]["totalDown"] >= sum(c.bytes_recv for c in nics.values())
+    assert report["load"]["load1"] == pytest.approx(os.getloadavg()[0], abs=0.5)
+
+
+def test_failing_collector_becomes_a_message_line(tmp_path):
+    cfg, _ = ka.load_config(["--dry-run"], {"HOST_PROC": str(tmp_path)})
+    (tmp_path / "stat").write_text("cpu  1 0 1 10 0 0 0 0 0 0\n")
+    collector = ka.Collector(cfg)
+    report = ka.report_payload(collector.figures())
+    assert report_problem(report) is None
+    assert "failed to get memory" in report["message"] and "failed to get network" in report["message"]
+    assert "cpu" not in report["message"]
+    assert str(tmp_path) not in report["message"]
+
+
+def sysinfo_uptime():
+    import ctypes
+    buf = ctypes.create_string_buffer(256)
+    assert ctypes.CDLL(None, use_errno=True).sysinfo(buf) == 0
+    return ctypes.c_long.from_buffer(buf).value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sysinfo(2) is Linux's")
+def test_uptime_is_the_kernels_sysinfo_figure():
+    cfg, _ = ka.load_config(["--dry-run"], {})
+    collector = ka.Collector(cfg)
+    for _ in range(20):  # int(CLOCK_BOOTTIME) is one lower nearly every time
+        before = sysinfo_uptime()
+        ours = collector.uptime()
+        after = sysinfo_uptime()
+        assert before <= ours <= after
+
+
+# ---------------------------------------------------------------------------
+# Basic info: the public addresses, from the official agent's lookup services
+# ---------------------------------------------------------------------------
+
+def test_public_address_is_found_in_lookup_answers():
+    assert ka.address_in_text("fl=1\nip=203.0.113.9\nts=1", socket.AF_INET) == ""       # not global
+    assert ka.address_in_text('{"ip":"8.8.4.4"}', socket.AF_INET) == "8.8.4.4"
+    assert ka.address_in_text("ip=2606:4700:4700::1111\n", socket.AF_INET6) == "2606:4700:4700::1111"
+    assert ka.address_in_text("<html>10.0.0.1</html>", socket.AF_INET) == ""
+
+
+def test_public_address_services_are_the_official_ones():
+    assert ka.IPV4_LOOKUPS == (
+        "https://www.visa.cn/cdn-cgi/trace", "https://www.qualcomm.cn/cdn-cgi/trace",
+        "https://www.toutiao.com/stream/widget/local_weather/data/", "https://edge-ip.html.zone/geo",
+        "https://vercel-ip.html.zone/geo", "http://ipv4.ip.sb", "https://api.ipify.org?format=json")
+    assert ka.IPV6_LOOKUPS == ("https://v6.ip.zxinc.org/info.php?type=json", "https://api6.ipify.org?format=json",
+                               "https://ipv6.icanhazip.com", "http://api-ipv6.ip.sb/geoip")
+    assert ka.IP_LOOKUP_TIMEOUT == 15.0
+
+
+def lookup_service(body):
+    """A public-address lookup service (or a proxy in front of one) that answers every request with `body`."""
+    return HttpStub(lambda method, path: (200, (), body.encode()))
+
+
+def test_lookups_use_custom_dns_and_the_environments_proxy(monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    dns = TinyDns({"lookup.komari.test": "127.0.0.1"})
+    service, proxy = lookup_service("fl=1\nip=1.0.0.7\nts=1\n"), lookup_service("ip=9.9.9.9")
+    try:
+        cfg, _ = ka.load_config(["--dry-run", "--custom-dns", "127.0.0.1:%d" % dns.port], {})
+        url = "http://lookup.komari.test:%d/cdn-cgi/trace" % service.port
+        # the first service fails (nothing listens there), the next one answers
+        dead = "http://127.0.0.1:%d/" % closed_port()
+        assert ka.lookup_public_ip(socket.AF_INET, cfg, timeout=5, services=[dead, url]) == "1.0.0.7"
+        assert ("lookup.komari.test", 1) in dns.queries
+        assert service.seen == [("/cdn-cgi/trace", "curl/8.0.1")]
+        # a proxy in the environment carries the lookup, as for the official agent
+        monkeypatch.setenv("http_proxy", "http://127.0.0.1:%d" % proxy.port)
+        assert ka.lookup_public_ip(socket.AF_INET, cfg, timeout=5, services=["http://ipv4.komari.test/"]) == "9.9.9.9"
+        assert proxy.seen == [("http://ipv4.komari.test/", "curl/8.0.1")]
+    finally:
+        dns.close()
+        service.close()
+        proxy.close()
 
 
 # ---------------------------------------------------------------------------
