@@ -1809,6 +1809,7 @@ def test_windows_console_events_that_stop_the_agent(monkeypatch):
 
 # -- Windows, under Wine -------------------------------------------------------
 
+@pytest.mark.xdist_group("wine")
 def test_windows_dry_run_prints_basic_info_and_a_report(windows):
     done = windows.run("--dry-run", timeout=120)
     assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
@@ -1878,6 +1879,7 @@ def windows_minute(windows, tmp_path_factory):
         panel.stop()
 
 
+@pytest.mark.xdist_group("wine")
 def test_windows_basic_info_has_the_edition_and_real_totals(windows_minute):
     info = windows_minute.info
     assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
@@ -1891,6 +1893,7 @@ def test_windows_basic_info_has_the_edition_and_real_totals(windows_minute):
     assert info["cpu_cores"] == psutil.cpu_count() and (info["ipv4"], info["ipv6"]) == ("192.0.2.7", "2001:db8::7")
 
 
+@pytest.mark.xdist_group("wine")
 def test_windows_reports_for_a_minute_have_every_figure_and_no_failure(windows_minute):
     reports, info = windows_minute.reports, windows_minute.info
     assert reports[-1]["_at"] - reports[0]["_at"] >= WINDOWS_MINUTE
@@ -1913,6 +1916,7 @@ def test_windows_reports_for_a_minute_have_every_figure_and_no_failure(windows_m
     assert "state directory problem" not in log and "cannot keep undelivered results" not in log
 
 
+@pytest.mark.xdist_group("wine")
 def test_windows_stop_on_ctrl_c_keeps_what_was_not_delivered(windows_minute):
     run, panel = windows_minute, windows_minute.panel
     assert run.spooled.exists() and not panel.task_results   # the panel refused it all along
@@ -1960,6 +1964,7 @@ print(json.dumps(found))
 """
 
 
+@pytest.mark.xdist_group("wine")
 def test_windows_state_directory_user_and_files(windows, tmp_path):
     done = subprocess.run([str(windows.winepy), "-c", WINDOWS_PROBE, windows.path(ROOT), windows.path(tmp_path)],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
@@ -1975,6 +1980,7 @@ def test_windows_state_directory_user_and_files(windows, tmp_path):
     assert found["dacl"] == "D:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;FA;;;OW)"
 
 
+@pytest.mark.xdist_group("wine")
 def test_windows_output_is_utf8_and_check_mem_shows_windows_ways(windows):
     checked = windows.run("-e", "http://127.0.0.1:1", "-t", "x" * 16, "--include-nics", "\u4ee5\u592a\u7f51*", "--check")
     assert checked.returncode == 0, checked.stderr.decode("utf-8", "replace")
