@@ -4836,6 +4836,7 @@ def stop_process_group(pid):
         pass
 
 
+@pytest.mark.xdist_group("install")
 def test_install_sh_is_posix_sh_and_shellcheck_clean():
     syntax = subprocess.run(INSTALL_SHELL + ["-n", str(INSTALL_SH)], stderr=subprocess.PIPE, timeout=30)
     assert syntax.returncode == 0, syntax.stderr.decode()
@@ -4845,6 +4846,7 @@ def test_install_sh_is_posix_sh_and_shellcheck_clean():
     assert check.returncode == 0, check.stdout.decode()
 
 
+@pytest.mark.xdist_group("install")
 def test_install_sh_fallback_requirements_match_requirements_txt():
     text = INSTALL_SH.read_text()
     block = text[text.index("REQUIREMENTS='") + len("REQUIREMENTS='"):]
@@ -4854,6 +4856,7 @@ def test_install_sh_fallback_requirements_match_requirements_txt():
     assert built_in == wanted
 
 
+@pytest.mark.xdist_group("install")
 def test_install_no_service_agent_runs_from_its_venv_and_reaches_panel(panel, tmp_path):
     install_dir = tmp_path / "root" / "agent"
     out, err = run_install(tmp_path, "-e", panel.endpoint, "-t", panel.token, "--install-dir", str(install_dir),
@@ -4893,6 +4896,7 @@ def test_install_no_service_agent_runs_from_its_venv_and_reaches_panel(panel, tm
     assert not install_dir.exists(), out
 
 
+@pytest.mark.xdist_group("install")
 def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tmp_path):
     shared = tmp_path / "root" / "opt-komari"  # a panel lives here too
     (shared / "data").mkdir(parents=True)
@@ -4923,6 +4927,7 @@ def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tm
     assert tree_snapshot(tmp_path, dir_mtimes=False) == before, "uninstall left or removed something"
 
 
+@pytest.mark.xdist_group("install")
 @pytest.mark.parametrize("kind", ["systemd", "systemd-user", "openrc", "procd"])
 def test_install_service_definition_is_valid(tmp_path, kind):
     install_dir = tmp_path / "root" / "agent"
@@ -4976,6 +4981,7 @@ def test_install_service_definition_is_valid(tmp_path, kind):
     assert not definition.exists() and not install_dir.exists(), out
 
 
+@pytest.mark.xdist_group("install")
 def test_install_cron_fallback_under_a_fake_root_writes_the_crontab_and_starts_nothing(panel, tmp_path):
     """KOMARI_INSTALL_ROOT never starts or stops a process: the crontab entry is
     written, and keepalive.sh, run the way cron runs it at boot, keeps the agent up."""
@@ -5005,6 +5011,7 @@ def test_install_cron_fallback_under_a_fake_root_writes_the_crontab_and_starts_n
     assert not install_dir.exists(), out
 
 
+@pytest.mark.xdist_group("install")
 def test_install_as_a_user_without_crontab_says_what_to_run_at_boot(panel, tmp_path):
     """A non-root install where there is no crontab command: no advice to edit
     /etc/rc.local, which only root can. A real start (no KOMARI_INSTALL_ROOT),
@@ -5034,6 +5041,7 @@ def test_install_as_a_user_without_crontab_says_what_to_run_at_boot(panel, tmp_p
         kill_leftovers(str(install_dir))
 
 
+@pytest.mark.xdist_group("install")
 def test_install_without_venv_falls_back_and_says_which_way(tmp_path):
     """A Python whose venv module is missing (Debian without python3-venv):
     this one already has the packages, so it is used as it is, and said so."""
@@ -5051,6 +5059,7 @@ def test_install_without_venv_falls_back_and_says_which_way(tmp_path):
     assert version.returncode == 0 and b"komari_agent.py" in version.stdout
 
 
+@pytest.mark.xdist_group("install")
 def test_install_dry_run_changes_nothing(tmp_path):
     install_dir = tmp_path / "root" / "agent"
     before = tree_snapshot(tmp_path)
@@ -5074,6 +5083,7 @@ def test_install_dry_run_changes_nothing(tmp_path):
     assert tree_snapshot(tmp_path) == installed
 
 
+@pytest.mark.xdist_group("install")
 def test_install_takes_the_official_one_click_flags_from_a_pipe(tmp_path):
     """`curl … | sh -s -- …` with the panel's flags: nothing beside the script,
     so komari_agent.py is downloaded, through the GitHub proxy exactly once."""
@@ -5099,11 +5109,13 @@ def test_install_takes_the_official_one_click_flags_from_a_pipe(tmp_path):
     (["--install-dir", "/tmp/a b"], "install directory '/tmp/a b'"),
     (["--install-dir", "/tmp/never-installed"], "-e ENDPOINT and -t TOKEN are needed"),
 ])
+@pytest.mark.xdist_group("install")
 def test_install_bad_options_exit_2_with_one_line(tmp_path, args, message):
     _, err = run_install(tmp_path, *args, expect_rc=2)
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+@pytest.mark.xdist_group("install")
 def test_install_without_python_says_what_to_install(tmp_path):
     env = install_env(tmp_path, KOMARI_PYTHON=str(tmp_path / "no" / "python3"))
     _, err = run_install(tmp_path, "-e", "https://p", "-t", "x", "--install-dir", str(tmp_path / "a"),
@@ -5155,6 +5167,7 @@ def fake_official(root, kind, endpoint, token, flags="--disable-web-ssh --custom
     return root / path, root / link
 
 
+@pytest.mark.xdist_group("install")
 @pytest.mark.parametrize("kind", ["systemd", "openrc", "procd"])
 def test_install_replaces_the_official_agent_in_place_and_gives_the_box_back(tmp_path, kind):
     root = tmp_path / "root"
@@ -5182,6 +5195,7 @@ def test_install_replaces_the_official_agent_in_place_and_gives_the_box_back(tmp
     assert not install_dir.exists()
 
 
+@pytest.mark.xdist_group("install")
 def test_install_rolls_back_to_the_official_agent_unless_ours_reaches_the_panel(panel, tmp_path):
     """A real agent against the loopback panel: with the official unit's wrong
     token ours is refused and the official agent is put back at once; with the
@@ -5234,6 +5248,7 @@ def test_install_rolls_back_to_the_official_agent_unless_ours_reaches_the_panel(
     (["-e", "notaurl"], "the agent refuses these settings: endpoint must look like"),
     (["--disable-webssh"], "(did you mean --disable-web-ssh?)"),
 ])
+@pytest.mark.xdist_group("install")
 def test_install_checks_the_settings_with_the_agent_before_writing_anything(tmp_path, args, message):
     before = tree_snapshot(tmp_path)
     _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir",
@@ -5242,6 +5257,7 @@ def test_install_checks_the_settings_with_the_agent_before_writing_anything(tmp_
     assert tree_snapshot(tmp_path) == before
 
 
+@pytest.mark.xdist_group("install")
 def test_install_explains_a_404_and_removes_a_half_made_directory(tmp_path):
     from http.server import HTTPServer, SimpleHTTPRequestHandler
     empty = tmp_path / "www"
@@ -5267,6 +5283,7 @@ def test_install_explains_a_404_and_removes_a_half_made_directory(tmp_path):
     assert not install_dir.exists()
 
 
+@pytest.mark.xdist_group("install")
 def test_install_that_never_hears_from_its_agent_says_so_and_exits_1(tmp_path):
     """Nothing starts the agent under KOMARI_INSTALL_ROOT, so a wait finds no
     status: that is reported with where to look, never as a plain Done."""
@@ -5300,6 +5317,7 @@ def box_snapshot():
     return found
 
 
+@pytest.mark.xdist_group("install")
 def test_install_under_a_fake_root_touches_nothing_outside_it(tmp_path):
     """KOMARI_INSTALL_ROOT moves every path: the default install directory, the
     service definitions, their links, the crontab. The service manager is the
@@ -5325,6 +5343,7 @@ def test_install_under_a_fake_root_touches_nothing_outside_it(tmp_path):
             shutil.rmtree(str(leaked))
 
 
+@pytest.mark.xdist_group("install")
 def test_install_without_arguments_prints_the_usage_and_installs_nothing(tmp_path):
     before = tree_snapshot(tmp_path)
     out, err = run_install(tmp_path, expect_rc=2)
@@ -5367,6 +5386,7 @@ def official_processes(tmp_path):
             if p.cmdline()[:1] == [str(tmp_path / "opt" / "komari" / "agent")]]
 
 
+@pytest.mark.xdist_group("install")
 def test_install_never_runs_a_second_agent_on_the_official_agents_token(tmp_path):
     """An official agent run as a bare process (no service to take the settings
     from): its settings are never taken unasked and no second agent joins it on
@@ -5406,6 +5426,7 @@ def test_install_never_runs_a_second_agent_on_the_official_agents_token(tmp_path
         kill_leftovers(str(tmp_path / "opt" / "komari" / "agent"))
 
 
+@pytest.mark.xdist_group("install")
 def test_install_takes_over_no_process_that_something_else_restarts(tmp_path):
     """A bare official process that a supervisor install.sh does not know starts
     again: ours is removed again, so that the two never share the token."""
@@ -5438,6 +5459,7 @@ def settings_lines(out):
             for m in re.finditer(r"^  (--[a-z-]+) +(.*?) +\(([^()]*)\)$", lines, re.M)}
 
 
+@pytest.mark.xdist_group("install")
 def test_install_prints_the_settings_as_check_does_and_where_each_came_from(tmp_path):
     token = "a-long-secret-token-5678"
     check = run_agent("-e", "https://panel.example.com", "-t", token, "--check").stdout.decode()
@@ -5461,6 +5483,7 @@ def test_install_prints_the_settings_as_check_does_and_where_each_came_from(tmp_
                                    "--interval": ("3.0", taken)}
 
 
+@pytest.mark.xdist_group("install")
 def test_install_says_updating_and_uninstalls_to_nothing(tmp_path):
     """A re-run says Updating; a second uninstall says there is nothing left but
     what the first one kept; --purge leaves no empty crontab or directory."""
@@ -5484,6 +5507,7 @@ def test_install_says_updating_and_uninstalls_to_nothing(tmp_path):
     assert "komari_agent.py is not installed in %s: nothing to uninstall" % install_dir in err
 
 
+@pytest.mark.xdist_group("install")
 def test_install_uninstall_removes_what_the_self_update_left(tmp_path):
     """The self-update leaves komari_agent.py.previous beside the agent (and
     komari_agent.py.update when it was killed mid-way), and update.json in
@@ -5511,6 +5535,7 @@ def test_install_uninstall_removes_what_the_self_update_left(tmp_path):
         assert tree_snapshot(tmp_path, dir_mtimes=False) == before, "older install: %s" % older_install
 
 
+@pytest.mark.xdist_group("install")
 def test_install_runs_the_agent_from_its_cached_bytecode(tmp_path):
     """`-m komari_agent` from the install directory imports the bytecode compiled
     at install time (a script is compiled again at every start); each update
@@ -5540,6 +5565,7 @@ def test_install_runs_the_agent_from_its_cached_bytecode(tmp_path):
     assert size == newer.stat().st_size
 
 
+@pytest.mark.xdist_group("install")
 @pytest.mark.parametrize("kind", ["systemd", "systemd-user", "openrc", "procd", "launchd", "rc.d", "cron"])
 def test_install_every_service_restarts_the_agent_on_the_update_exit_status(tmp_path, kind):
     """The agent's self-update exits with 42 for the service to start the new
@@ -5606,6 +5632,7 @@ def test_install_every_service_restarts_the_agent_on_the_update_exit_status(tmp_
         assert starts.read_text().splitlines() == ["start 1", "start 1"]
 
 
+@pytest.mark.xdist_group("install")
 def test_install_launchd_on_macos_as_root_and_as_a_user(tmp_path):
     """macOS: a LaunchDaemon as root (in the fake root: written, never loaded),
     a LaunchAgent in the user's own launchd domain otherwise (a real box with
@@ -5640,6 +5667,7 @@ def test_install_launchd_on_macos_as_root_and_as_a_user(tmp_path):
     assert not agent.exists() and not install_dir.exists()
 
 
+@pytest.mark.xdist_group("install")
 def test_install_rcd_on_freebsd(tmp_path):
     """FreeBSD: an rc.d script in /usr/local/etc/rc.d run by rc.subr, enabled by
     a file of its own in /etc/rc.conf.d (rc.conf is left alone)."""
