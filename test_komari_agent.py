@@ -35,12 +35,14 @@ import stat
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import zlib
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import psutil
@@ -4015,6 +4017,233 @@ def test_sigterm_ends_terminal_and_exec_groups(panel, start_agent, terminal_peer
         assert not any(live_processes("sleep 63.%d" % i) for i in (1, 2, 3))
     finally:
         kill_leftovers("sleep 63.1", "sleep 63.2", "sleep 63.3")
+
+
+# -- Windows, under Wine: exec, terminal and probes as the Windows agent runs them -----
+
+# Runs komari_agent.py (argv[1]) with its own arguments, PATH without Wine's
+# powershell.exe (a stub that prints nothing, whatever it is given) and with
+# KOMARI_TEST_PATH's folders in front: the agent then uses cmd.exe, or a
+# stand-in from those folders.
+WINDOWS_PATH_WRAPPER = """import os, runpy, sys
+folders = [p for p in os.environ.get("KOMARI_TEST_PATH", "").split(";") if p]
+folders += [p for p in os.environ["PATH"].split(";") if "powershell" not in p.lower()]
+os.environ["PATH"] = ";".join(folders)
+del sys.argv[0]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def windows_command(windows, folder, script=AGENT):
+    """The argument list that runs `script` on Windows through WINDOWS_PATH_WRAPPER (written into `folder`)."""
+    wrapper = folder / "path_wrapper.py"
+    wrapper.write_text(WINDOWS_PATH_WRAPPER)
+    return windows.command(wrapper) + [windows.path(script)]
+
+
+def windows_run(windows, folder, code, timeout=60):
+    """Run the Python `code` on Windows with komari_agent importable as ka; its stdout parsed as JSON."""
+    script = folder / "driver.py"
+    script.write_text("import json, os, sys, time\nsys.path.insert(0, %r)\nimport komari_agent as ka\n"
+                      % windows.path(AGENT.parent) + textwrap.dedent(code))
+    done = subprocess.run(windows_command(windows, folder, script), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=timeout)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def wine_agent(windows, tmp_path_factory):
+    """One agent on Windows for this module's tests (Wine starts slowly), on
+    its own panel: v1, --prefer-ip-version 4 (the agent dials its own socket:
+    Wine cannot set websocket-client's keep-alive options), no PowerShell."""
+    folder = tmp_path_factory.mktemp("wine-agent")
+    panel = PanelServer(protocol=1)
+    peer = TerminalPeer(panel)
+    agent = AgentProcess(["-e", panel.endpoint, "-t", panel.token, "--protocol-version", "1", "-i", "0.5",
+                          "--prefer-ip-version", "4", "--reconnect-interval", "0.2", "--exec-timeout", "4",
+                          "--custom-ipv4", "192.0.2.7", "--state-dir", windows.path(folder / "state")],
+                         command=windows_command(windows, folder))
+    try:
+        panel.wait_for(lambda: panel.reports, 60, "the first report from the Windows agent")
+        yield SimpleNamespace(panel=panel, peer=peer, agent=agent)
+    finally:
+        for client in peer.clients:
+            client.released.set()
+        agent.stop()
+        panel.stop()
+
+
+def test_windows_exec_round_trip_through_cmd(wine_agent):
+    panel, agent = wine_agent.panel, wine_agent.agent
+    panel.send_event({"message": "exec", "task_id": "w-slow", "command": "ping -n 3 127.0.0.1 >nul\necho slow"})
+    panel.send_event({"message": "exec", "task_id": "w1", "command": "echo out\necho err>&2\nexit 3"})
+    panel.send_event({"message": "exec", "task_id": "w2", "command": "set x=4\r\nif %x% GTR 3 (echo big)\r\n"
+                                                                      "echo caf\u00e9 %OS%"})
+    assert result_for(panel, "w1", 30) == dict(result_for(panel, "w1"), result="out\n\nerr\n", exit_code=3)
+    # cmd.exe writes in the OEM code page: decoded, not mangled
+    assert result_for(panel, "w2") == dict(result_for(panel, "w2"), result="big\ncaf\u00e9 Windows_NT\n", exit_code=0)
+    reports = len(panel.reports)
+    assert not any(r["task_id"] == "w-slow" for r in panel.task_results)
+    panel.wait_for(lambda: len(panel.reports) >= reports + 2, 10, "reports while a command runs")
+    assert result_for(panel, "w-slow", 15) == dict(result_for(panel, "w-slow"), result="slow\n", exit_code=0)
+    assert "cannot" not in agent.log and "Traceback" not in agent.log
+
+
+def test_windows_exec_timeout_ends_the_whole_tree(wine_agent):
+    panel = wine_agent.panel
+    try:
+        panel.send_event({"message": "exec", "task_id": "w-late",
+                          "command": "echo started\nstart /b ping -n 61 127.0.0.1 >nul\nping -n 62 127.0.0.1 >nul"})
+        wait_until(lambda: live_processes("-n 61 127.0.0.1") and live_processes("-n 62 127.0.0.1"), 15,
+                   "the command's two pings")
+        result = result_for(panel, "w-late", 15)
+        assert result["exit_code"] == -1 and result["result"].startswith("started\n")
+        assert "--exec-timeout 4s" in result["result"]
+        # the ping started apart (start /b) went with its job
+        wait_until(lambda: not live_processes("-n 61 127.0.0.1") and not live_processes("-n 62 127.0.0.1"),
+                   5, "the pings to end")
+    finally:
+        kill_leftovers("-n 61 127.0.0.1", "-n 62 127.0.0.1")
+
+
+def test_windows_terminal_echo_through_the_pipe_bridge(wine_agent):
+    panel, peer = wine_agent.panel, wine_agent.peer
+    index = len(peer.clients)
+    panel.send_event({"message": "terminal", "request_id": "w" * 32})
+    term = peer.next_session(index, 30)
+    try:
+        # under Wine the pseudo console passes no output on: the shell runs on pipes, and says so once
+        term.read_until(rb"runs on pipes", 20)
+        term.send_control({"type": "resize", "cols": 120, "rows": 40})   # nothing to resize on pipes
+        term.read_until(rb":\\[^\r\n]*>", 20)                   # cmd.exe's prompt
+        term.send_keys("echo x%OS")
+        term.read_until(rb"echo x%OS")                        # typed keys are echoed
+        term.send_keys("%x\x7fy\r")                            # Backspace edits the line before it is sent
+        term.read_until(rb"xWindows_NTy\r\n", 20)
+        assert term.output.count(b"runs on pipes") == 1
+        term.send_keys("ping -n 63 127.0.0.1\r")
+        wait_until(lambda: live_processes("-n 63 127.0.0.1"), 15, "the ping the shell started")
+        term.hang_up()
+        wait_until(lambda: not live_processes("-n 63 127.0.0.1"), 10, "the terminal's tree to end")
+    finally:
+        term.released.set()
+        kill_leftovers("-n 63 127.0.0.1")
+    wine_agent.agent.wait_log("terminal session wwwwwwww ended", 10)
+
+
+def test_windows_ping_probes(wine_agent, http_target):
+    panel, agent = wine_agent.panel, wine_agent.agent
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    probes = {31: ("icmp", "127.0.0.1"), 32: ("tcp", "127.0.0.1:%d" % listener.getsockname()[1]),
+              33: ("tcp", "127.0.0.1:%d" % closed_port()), 34: ("http", "127.0.0.1:%d/ok" % http_target),
+              35: ("http", "127.0.0.1:%d/broken" % http_target)}
+    try:
+        for task_id, (kind, target) in probes.items():
+            panel.send_event({"message": "ping", "ping_task_id": task_id, "ping_type": kind, "ping_target": target})
+        values = {task_id: ping_value(panel, task_id, 20) for task_id in probes}
+    finally:
+        listener.close()
+    assert values[31] >= 0 and values[32] >= 0 and values[34] >= 0 and values[33] == values[35] == -1
+    agent.wait_log("icmp probes use the system's ICMP API")
+
+
+def test_windows_stop_ends_a_running_commands_tree_and_keeps_its_result(windows, tmp_path):
+    # Tasks.shutdown as the agent calls it when it stops: the command's tree goes, its result is delivered
+    found = windows_run(windows, tmp_path, """
+        cfg, _ = ka.load_config(["-e", "http://127.0.0.1:9", "-t", "T"], {})
+        results = []
+        tasks = ka.Tasks(cfg, None, lambda result, refusal: results.append(result), lambda *a: True)
+        tasks.dispatch({"message": "exec", "task_id": "stop", "command": "start /b ping -n 64 127.0.0.1\\nping -n 65 127.0.0.1"})
+        def members():   # Wine cannot name its processes to psutil: the job counts them
+            scripts = list(tasks.execs.values())
+            if not scripts:
+                return 0
+            api, info = ka.win32(), ka.win32().JOB_ACCOUNTING_INFO()
+            api.QueryInformationJobObject(scripts[0].tree.job, 1, api.ctypes.byref(info), api.ctypes.sizeof(info), None)
+            return info.ActiveProcesses
+        deadline = time.monotonic() + 20
+        while members() < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = members()
+        tree = list(tasks.execs.values())[0].tree
+        tasks.shutdown()
+        after = tree.alive()
+        deadline = time.monotonic() + 5   # shutdown waits 0.5 s for it; a loaded machine may need longer
+        while not results and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print(json.dumps({"results": results, "before": before, "after": after}))
+    """)
+    assert found["before"] == 3 and found["after"] is False   # cmd.exe and its two pings, then none
+    assert [r["task_id"] for r in found["results"]] == ["stop"], found
+    assert found["results"][0]["exit_code"] == -1 and "the agent was stopped" in found["results"][0]["result"]
+    assert not live_processes("-n 64 127.0.0.1") and not live_processes("-n 65 127.0.0.1")
+
+
+def test_windows_powershell_command_line_and_script_file(windows, tmp_path):
+    # A stand-in powershell.bat on PATH records what it is given; Wine's own is a stub
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "powershell.bat").write_text(
+        "@echo off\r\necho %*> \"%~dp0args.txt\"\r\ncopy /b %5 \"%~dp0script.ps1\" >nul\r\n"
+        "echo stand-in ran\r\nexit /b 7\r\n")
+    command = "Write-Output 'caf\u00e9'\nexit 3"
+    found = windows_run(windows, tmp_path, """
+        import shutil
+        os.environ["PATH"] = %r + ";" + os.environ["PATH"]
+        text, code, timed_out = ka.run_command(%r, 10, 10000)
+        print(json.dumps({"text": text, "code": code, "powershell": shutil.which("powershell")}))
+    """ % (windows.path(tmp_path / "bin"), command))
+    assert found["powershell"].lower().endswith("powershell.bat")
+    assert found["text"] == "stand-in ran\n" and found["code"] == 7
+    args = (tmp_path / "bin" / "args.txt").read_text().split()
+    assert args[:4] == ["-NoProfile", "-ExecutionPolicy", "Bypass", "-File"] and len(args) == 5
+    script_path = args[4]
+    assert re.match(r"^[A-Za-z]:\\.*\\komari-task-[^\\]+\.ps1$", script_path)
+    # the official agent's file: UTF-8 with a byte order mark, output made UTF-8 first, the command as sent
+    assert (tmp_path / "bin" / "script.ps1").read_bytes() == \
+        b"\xef\xbb\xbf[Console]::OutputEncoding = [System.Text.Encoding]::UTF8\n" + command.encode("utf-8")
+    assert ka.powershell_script(command) == (tmp_path / "bin" / "script.ps1").read_bytes()
+    drive = {"c": WINE_TREE / "prefix" / "drive_c", "z": Path("/")}[script_path[0].lower()]
+    assert not (drive / script_path[3:].replace("\\", "/")).exists()   # deleted afterwards
+
+
+def test_windows_script_files_for_cmd():
+    # cmd.exe reads a script in the OEM code page, CRLF lines, echo off; a command it cannot hold is refused
+    assert ka.batch_script("echo caf\u00e9\nexit 3", "cp850") == b"@echo off\r\necho caf\x82\r\nexit 3"
+    with pytest.raises(ValueError, match="cp437"):
+        ka.batch_script("echo \u4e2d", "cp437")
+    assert ka.cmd_command(r"C:\Windows\system32\cmd.exe", r"C:\Users\A B (x)\komari-task-1.cmd") == \
+        r'"C:\Windows\system32\cmd.exe" /d /s /c ""C:\Users\A B (x)\komari-task-1.cmd""'
+    assert ka.powershell_command("powershell.exe", r"C:\T\k.ps1") == \
+        ["powershell.exe", "-NoProfile", "-ExecutionPolicy", "Bypass", "-File", r"C:\T\k.ps1"]
+
+
+def test_windows_pseudo_console_call_sequence(windows, tmp_path):
+    # Wine 8's pseudo console takes every call but passes no output on, so the agent uses pipes there;
+    # here the ConPTY path runs for itself: structures, attribute list, a shell in a job, resize, end
+    found = windows_run(windows, tmp_path, """
+        import msvcrt
+        for fd in (0, 1, 2):   # Wine's pseudo console host would hold our pipes open
+            os.set_handle_inheritable(msvcrt.get_osfhandle(fd), False)
+        api = ka.win32()
+        sizes = {name: api.ctypes.sizeof(getattr(api, name)) for name in
+                 ("STARTUPINFOEXW", "PROCESS_INFORMATION", "COORD", "JOB_LIMITS", "JOB_ACCOUNTING_INFO")}
+        console = ka.ConPtyConsole(30, 100, ["ping", "-n", "66", "127.0.0.1"])   # Wine's cmd.exe would leave at once
+        alive = console.tree.alive()
+        resized = api.ResizePseudoConsole(console.console, api.COORD(120, 40)) & 0xFFFFFFFF
+        console.end()
+        ended = not console.tree.alive()
+        console.close()
+        print(json.dumps({"sizes": sizes, "alive": alive, "resized": resized, "ended": ended,
+                          "unusable": ka.conpty_unusable()}))
+    """)
+    assert found["sizes"] == {"STARTUPINFOEXW": 112, "PROCESS_INFORMATION": 24, "COORD": 4, "JOB_LIMITS": 144,
+                              "JOB_ACCOUNTING_INFO": 48}   # the 64-bit layouts of the Windows headers
+    assert found["alive"] and found["ended"] and not live_processes("-n 66 127.0.0.1")
+    assert found["resized"] in (0, 0x80004001)   # S_OK on Windows; Wine 8 has no resize (E_NOTIMPL)
+    assert found["unusable"] == "Wine's pseudo console does not pass the shell's output on"
 
 
 # -- dispatch ------------------------------------------------------------------
