@@ -2806,12 +2806,13 @@ def task_xml(python, script, args, start_boundary):
     """The Scheduled Task (Task Scheduler schema 1.2) that runs `python
     script args` as SYSTEM: at boot, and again within TASK_WATCH_EVERY
     whenever it is not running; never stopped for running long."""
+    import ntpath   # a Windows path wherever this runs
     from subprocess import list2cmdline
     from xml.sax.saxutils import escape
     values = {"description": escape("Komari agent (komari_agent.py), written by `komari_agent.py service install`"),
               "every": TASK_WATCH_EVERY, "start": start_boundary, "system": "S-1-5-18",
               "command": escape(python), "arguments": escape(list2cmdline([script] + list(args))),
-              "directory": escape(os.path.dirname(script))}
+              "directory": escape(ntpath.dirname(script))}
     return """<?xml version="1.0" encoding="UTF-16"?>
 <Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
   <RegistrationInfo>

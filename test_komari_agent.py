@@ -4524,6 +4524,126 @@ def test_traffic_show_of_a_damaged_state_is_one_line(tmp_path, content):
     assert done.returncode == 1 and len(lines) == 1 and "is damaged" in lines[0], (done.returncode, lines)
 
 
+# -- service: the agent started at boot on Windows (a Scheduled Task) ------------------
+
+TASK_NS = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+
+
+def test_service_task_definition_and_command_lines():
+    from xml.etree import ElementTree
+    script = r"C:\Program Files\komari-agent\komari_agent.py"
+    xml = ka.task_xml(r"C:\Python313\python.exe", script, ["-e", "https://p.example", "-t", 'T "x" & <y>'],
+                      "2026-01-02T03:04:05")
+    task = ElementTree.fromstring(xml.encode("utf-16"))
+    value = lambda path: task.find(path, TASK_NS).text   # noqa: E731
+    assert value("t:Principals/t:Principal/t:UserId") == "S-1-5-18"                   # SYSTEM
+    assert task.find("t:Triggers/t:BootTrigger", TASK_NS) is not None                 # at boot
+    # started again within a minute whenever it is not running: after a crash or a self-update's exit 42
+    assert value("t:Triggers/t:TimeTrigger/t:Repetition/t:Interval") == "PT1M"
+    assert value("t:Triggers/t:TimeTrigger/t:StartBoundary") == "2026-01-02T03:04:05"
+    assert value("t:Settings/t:MultipleInstancesPolicy") == "IgnoreNew"
+    assert value("t:Settings/t:RestartOnFailure/t:Interval") == "PT1M"
+    assert value("t:Settings/t:ExecutionTimeLimit") == "PT0S"                         # never stopped for running long
+    assert value("t:Settings/t:DisallowStartIfOnBatteries") == "false"
+    assert value("t:Actions/t:Exec/t:Command") == r"C:\Python313\python.exe"
+    arguments = value("t:Actions/t:Exec/t:Arguments")
+    assert ka.windows_args(arguments) == [script, "-e", "https://p.example", "-t", 'T "x" & <y>']
+    assert value("t:Actions/t:Exec/t:WorkingDirectory") == r"C:\Program Files\komari-agent"
+    assert ka.create_task_commands("komari-agent", r"C:\T\t.xml") == [
+        ["schtasks", "/End", "/TN", "komari-agent"],
+        ["schtasks", "/Create", "/TN", "komari-agent", "/XML", r"C:\T\t.xml", "/F"],
+        ["schtasks", "/Run", "/TN", "komari-agent"]]
+    assert ka.delete_task_commands("k") == [["schtasks", "/End", "/TN", "k"], ["schtasks", "/Delete", "/TN", "k", "/F"]]
+    assert ka.service_switch_commands("komari-agent", "disabled") == [
+        ["sc.exe", "stop", "komari-agent"], ["sc.exe", "config", "komari-agent", "start=", "disabled"]]
+    assert ka.service_switch_commands("komari-agent", "delayed-auto") == [
+        ["sc.exe", "config", "komari-agent", "start=", "delayed-auto"], ["sc.exe", "start", "komari-agent"]]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("-e https://p.example -t abc", ["-e", "https://p.example", "-t", "abc"]),
+    ('  -t "a b"  --x=""  ', ["-t", "a b", "--x="]),
+    (r'"C:\dir with space\\" next', ["C:\\dir with space\\", "next"]),
+    (r'a\\\"b c\d', ['a\\"b', "c\\d"]),
+    ('"say ""hi"""', ['say "hi"']),
+])
+def test_service_reads_the_official_command_line_as_windows_splits_it(text, expected):
+    assert ka.windows_args(text) == expected
+
+
+def test_service_takes_over_the_official_agent_and_gives_it_back(tmp_path, monkeypatch, capsys):
+    # what the registry holds for the official agent's NSSM service, and stand-ins for schtasks and sc.exe
+    official = tmp_path / "official"
+    official.mkdir()
+    (official / "net_static.json").write_text('{"interfaces": {}}')
+    monkeypatch.setattr(ka, "official_service", lambda: {
+        "parameters": '-e https://panel.example -t "OFFICIAL-TOKEN" --disable-web-ssh', "directory": str(official),
+        "start": "delayed-auto"})
+    monkeypatch.setattr(ka, "running_as_administrator", lambda: True)
+    monkeypatch.setattr(ka, "boot_task_problem", lambda: None)
+    install_dir = tmp_path / "komari-agent"
+    install_dir.mkdir()
+    monkeypatch.setattr(ka, "SCRIPT_PATH", str(install_dir / "komari_agent.py"))
+    calls = tmp_path / "calls"
+    stub_commands(tmp_path, monkeypatch, {
+        "schtasks": 'echo "schtasks $*" >> %s\n[ "$1" = /Create ] && /bin/cp "$5" %s\n[ "$1" != /End ]' % (calls, tmp_path / "task.xml"),
+        "sc.exe": 'echo "sc.exe $*" >> %s' % calls})
+    assert ka.service_command(["install", "-i", "2"], {"AGENT_TOKEN": "from-this-shell"}) == 0
+    lines = calls.read_text().splitlines()
+    assert lines[1].startswith("schtasks /Create /TN komari-agent /XML ") and lines[1].endswith(".xml /F")
+    assert lines[:1] + lines[2:] == ["schtasks /End /TN komari-agent", "schtasks /Run /TN komari-agent",
+                                     "sc.exe stop komari-agent", "sc.exe config komari-agent start= disabled"]
+    assert not os.path.exists(lines[1].split()[5])   # the XML file is gone
+    arguments = re.search(r"<Arguments>(.*)</Arguments>", (tmp_path / "task.xml").read_bytes().decode("utf-16")).group(1)
+    # the official agent's flags, then the ones given now (the last of a flag wins); nothing from this shell
+    assert ka.windows_args(arguments)[1:] == ["-e", "https://panel.example", "-t", "OFFICIAL-TOKEN",
+                                               "--disable-web-ssh", "-i", "2"]
+    assert (install_dir / "net_static.json").read_text() == '{"interfaces": {}}'   # this month's traffic
+    record = json.loads((install_dir / ka.OFFICIAL_RECORD).read_text())
+    assert record["service"] == "komari-agent" and record["start"] == "delayed-auto"
+    assert "--restore-official" in capsys.readouterr().out
+    calls.unlink()
+    assert ka.service_command(["remove", "--restore-official"], {}) == 0
+    assert calls.read_text().splitlines() == [
+        "schtasks /End /TN komari-agent", "schtasks /Delete /TN komari-agent /F",
+        "sc.exe config komari-agent start= delayed-auto", "sc.exe start komari-agent"]
+    assert not (install_dir / ka.OFFICIAL_RECORD).exists()
+    assert ka.service_command(["remove", "--restore-official"], {}) == 1   # nothing left to give back
+    assert ka.service_command(["remove", "-e", "x"], {}) == 2
+
+
+def test_service_install_and_remove_on_windows(windows, tmp_path):
+    # Under Wine, with a stand-in schtasks.bat in front of the real one: no official agent here
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "schtasks.bat").write_text(
+        "@echo off\r\necho %*>> \"%~dp0calls.txt\"\r\nif \"%1\"==\"/Create\" copy /b %5 \"%~dp0task.xml\" >nul\r\n")
+    env = dict(os.environ, KOMARI_TEST_PATH=windows.path(tmp_path / "bin"))
+
+    def service(*args):
+        return subprocess.run(windows_command(windows, tmp_path) + ["service"] + list(args), env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=90)
+    done = service("install", "-e", "http://127.0.0.1:9", "-t", TOKEN)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "bin" / "calls.txt").read_text().splitlines()
+    assert [c.split()[:3] for c in calls] == [["/End", "/TN", "komari-agent"], ["/Create", "/TN", "komari-agent"],
+                                             ["/Run", "/TN", "komari-agent"]]
+    xml = (tmp_path / "bin" / "task.xml").read_bytes()
+    assert xml.startswith(b"\xff\xfe")   # UTF-16 with its byte order mark, as schtasks reads it
+    text = xml.decode("utf-16")
+    assert "<Command>P:\\python.exe</Command>" in text and "<UserId>S-1-5-18</UserId>" in text
+    assert ka.windows_args(re.search(r"<Arguments>(.*)</Arguments>", text).group(1)) == \
+        [windows.path(AGENT), "-e", "http://127.0.0.1:9", "-t", TOKEN]
+    assert b"found the official agent" not in done.stdout
+    done = service("remove")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "bin" / "calls.txt").read_text().splitlines()[3:] == ["/End /TN komari-agent",
+                                                                              "/Delete /TN komari-agent /F"]
+    done = service("install", "-e", "http://127.0.0.1:9")   # no token: refused before anything is done
+    assert done.returncode == 2 and b"no token" in done.stderr
+    assert len((tmp_path / "bin" / "calls.txt").read_text().splitlines()) == 5
+
+
+
 # ---------------------------------------------------------------------------
 # main(): SIGTERM, SIGINT and SIGHUP end the agent cleanly within 2 s
 # ---------------------------------------------------------------------------
@@ -5509,11 +5629,19 @@ def test_readme_commands_match_ci():
     assert tests == (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
 
 
+def test_readme_windows_line_fetches_the_script_and_requirements_and_installs_the_boot_task():
+    readme = (ROOT / "README.md").read_text()
+    line = readme.split("```powershell\n")[1].split("```", 1)[0].strip()
+    assert "\n" not in line and "/komari_agent.py -OutFile" in line and "pip install -r " in line
+    assert "/requirements.txt" in line and re.search(r"komari_agent\.py\" service install -e \S+ -t \S+$", line)
+
+
 def test_every_help_flag_is_in_the_readme():
     import re
     readme = (ROOT / "README.md").read_text()
     flags = set(re.findall(r"--[a-z][a-z0-9-]+", run_agent("--help").stdout.decode()))
     flags |= set(re.findall(r"--[a-z][a-z0-9-]+", run_agent("traffic", "--help").stdout.decode()))
+    flags |= set(re.findall(r"--[a-z][a-z0-9-]+", run_agent("service", "--help").stdout.decode()))
     assert flags and not [f for f in sorted(flags) if f not in readme]
 
 
