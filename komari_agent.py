@@ -2805,7 +2805,9 @@ def windows_args(text):
 def task_xml(python, script, args, start_boundary):
     """The Scheduled Task (Task Scheduler schema 1.2) that runs `python
     script args` as SYSTEM: at boot, and again within TASK_WATCH_EVERY
-    whenever it is not running; never stopped for running long."""
+    whenever it is not running; never stopped for running long (the default
+    is 72 hours) or for running on battery. Settings left out keep Task
+    Scheduler's defaults."""
     import ntpath   # a Windows path wherever this runs
     from subprocess import list2cmdline
     from xml.sax.saxutils import escape
@@ -2841,18 +2843,7 @@ def task_xml(python, script, args, start_boundary):
     <MultipleInstancesPolicy>IgnoreNew</MultipleInstancesPolicy>
     <DisallowStartIfOnBatteries>false</DisallowStartIfOnBatteries>
     <StopIfGoingOnBatteries>false</StopIfGoingOnBatteries>
-    <AllowHardTerminate>true</AllowHardTerminate>
     <StartWhenAvailable>true</StartWhenAvailable>
-    <RunOnlyIfNetworkAvailable>false</RunOnlyIfNetworkAvailable>
-    <IdleSettings>
-      <StopOnIdleEnd>false</StopOnIdleEnd>
-      <RestartOnIdle>false</RestartOnIdle>
-    </IdleSettings>
-    <AllowStartOnDemand>true</AllowStartOnDemand>
-    <Enabled>true</Enabled>
-    <Hidden>false</Hidden>
-    <RunOnlyIfIdle>false</RunOnlyIfIdle>
-    <WakeToRun>false</WakeToRun>
     <ExecutionTimeLimit>PT0S</ExecutionTimeLimit>
     <Priority>6</Priority>
     <RestartOnFailure>
