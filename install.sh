@@ -1,14 +1,19 @@
 #!/bin/sh
-# install.sh: install komari_agent.py with its dependencies as a boot-persistent service.
+# install.sh: install komari_agent.py with its dependencies as a boot-persistent service
+# (systemd, OpenRC, procd, launchd on macOS, rc.d on FreeBSD, else a cron keep-alive).
 #
 #   curl -fsSL https://…/install.sh | sh -s -- -e https://panel.example.com -t TOKEN [agent flags]
 #
 # POSIX sh (dash, busybox ash). Takes the official installer's options (-e/-t, --install-dir,
 # --install-service-name, --install-ghproxy, --install-version) plus every agent flag, which is
-# passed to the service unchanged. Run with --help for the rest. Re-running upgrades in place and
+# passed to the service unchanged. Run with --help for the rest. Re-running updates in place and
 # keeps the settings; --uninstall removes only what this script created. Where the official Go
-# agent is installed, it is replaced in place: its settings are taken over, it is stopped and
-# disabled (its files are kept), and it is started again if ours does not reach the panel.
+# agent's service is installed, it is replaced in place: its settings are taken over, it is stopped
+# and disabled (its files are kept), and it is started again if ours does not reach the panel.
+# Every service restarts the agent whatever its exit status, 42 (the update's) included, sets
+# KOMARI_AGENT_SUPERVISED=1 (SUPERVISED) so that an updated agent exits with 42 for it instead of
+# executing itself in place, and runs it as `python3 -m komari_agent` from the install directory:
+# it starts from the bytecode compiled at install time instead of compiling the file at every start.
 #
 # Everything lives inside main(), called on the last line, so a download cut short runs nothing,
 # and every command gets </dev/null so that nothing eats the rest of a script read from a pipe.
@@ -22,9 +27,16 @@ DEFAULT_AGENT_URL='https://raw.githubusercontent.com/OWNER/REPO/main/komari_agen
 # agent, before giving the box back to that one (KOMARI_INSTALL_WAIT overrides both).
 WAIT_CONNECTED=20
 WAIT_REPLACED=60
+# Seconds an official agent that ran as a bare process is watched after it is stopped, for
+# something that starts it again (a supervisor that restarts within this catches it).
+RESPAWN_WATCH=5
 # Same as requirements.txt (a test keeps them equal); used when no requirements.txt is at hand.
 REQUIREMENTS='psutil>=5.6
 websocket-client>=1.0'
+# Set by every service definition, never by run-agent.sh: an agent that has updated itself exits
+# with status 42 for the service manager to start the new version, where one started by hand
+# (--no-service) executes it in place, since nothing would restart it.
+SUPERVISED='KOMARI_AGENT_SUPERVISED=1'
 
 # ---- output -------------------------------------------------------------------------------
 
@@ -36,6 +48,8 @@ usage_error() { printf 'install.sh: error: %s (see --help)\n' "$*" >&2; exit 2; 
 usage() {
 	cat <<'EOF'
 Usage: install.sh -e ENDPOINT -t TOKEN [options] [agent flags]
+A first install needs -e and -t (or an official agent's service to take them from); a re-run
+keeps the last install's settings. Without arguments install.sh prints this text and stops.
   -e, --endpoint URL            panel URL (kept from the last install when left out)
   -t, --token TOKEN             client token (kept in a 0600 config file, never on a command line)
   --install-dir DIR             default /opt/SERVICE_NAME as root, else ~/.local/share/SERVICE_NAME
@@ -46,31 +60,44 @@ Usage: install.sh -e ENDPOINT -t TOKEN [options] [agent flags]
                                 the copy beside this script, else the project's download URL)
   --pip-index-url URL           package index for pip (a mirror)
   --venv-system-site-packages   let the virtual environment see the system's Python packages
-  --service KIND                auto (default), systemd, systemd-user, openrc, procd, cron
+  --service KIND                auto (default), systemd, systemd-user, openrc, procd, launchd,
+                                rc.d, cron
   --no-service                  install files and dependencies only
   --no-start                    write the service definition but do not enable or start it
   --uninstall                   stop the service and remove what install.sh created, except
                                 state/ (traffic totals, undelivered results)
   --purge                       with --uninstall: remove state/ too
   --restore-official            with --uninstall: start the official agent this install replaced
+  --take-over-official          an official agent running as a bare process (no service): take
+                                its settings and stop it (without this, install.sh does not
+                                install a second agent for its token)
   --dry-run                     print every action, change nothing
   -h, --help                    this text
 Any other argument is an agent flag (see komari_agent.py --help) and is passed on unchanged;
 the agent checks them all before anything is written.
-An official Go agent found here (its systemd, OpenRC or procd service) is replaced: its endpoint,
-token and flags are taken over, it is stopped and disabled (its files are kept), and it is
-started again if ours has not reached the panel within 60 s.
+An official Go agent found here (its systemd, OpenRC, procd or launchd service) is replaced: its
+endpoint, token and flags are taken over, it is stopped and disabled (its files are kept), and it
+is started again if ours has not reached the panel within 60 s.
 Environment: KOMARI_PYTHON (interpreter, default python3), KOMARI_AGENT_URL (see --source),
-KOMARI_INSTALL_ROOT (prefix for /etc and /var paths and where the official agent is looked
-for; a crontab file there instead of crontab(1); enabling is the link a service manager would
-make; no process is ever started or stopped; for tests and images), KOMARI_INSTALL_WAIT
-(seconds to wait for the agent to reach the panel: 20, 60 when replacing the official agent,
-0 under KOMARI_INSTALL_ROOT, where nothing is started).
+KOMARI_INSTALL_ROOT (a fake root, for tests: every path install.sh reads or writes is inside it,
+the install directory included; the service manager is the one its files show; the crontab is a
+file there; enabling is the link or file a service manager would make; no process is started,
+stopped or looked for), KOMARI_INSTALL_WAIT (seconds to wait for the agent to reach the panel:
+20, 60 when replacing the official agent, 0 under KOMARI_INSTALL_ROOT, where nothing is started).
 EOF
 }
 
 # q WORD: WORD single-quoted for sh.
 q() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
+
+# at PATH: where PATH is on this box. Under KOMARI_INSTALL_ROOT that is inside the root; a path
+# already inside it stays as it is.
+at() {
+	case $1 in
+	"$ROOT" | "$ROOT"/*) printf '%s' "$1" ;;
+	*) printf '%s%s' "$ROOT" "$1" ;;
+	esac
+}
 
 # ---- actions: each one prints itself under --dry-run instead of running ---------------------
 
@@ -150,8 +177,26 @@ have() { command -v "$1" >/dev/null 2>&1; }
 is_root() { [ "$(id -u)" = 0 ]; }
 pid1() { cat /proc/1/comm 2>/dev/null; }
 
+# os: the kernel's name (Linux, Darwin, FreeBSD).
+os() { uname -s 2>/dev/null; }
+
 detect_service() {
-	if ! is_root; then
+	case $(os) in
+	Darwin) echo launchd; return ;;
+	FreeBSD) if is_root; then echo rc.d; else echo cron; fi; return ;;
+	esac
+	if [ -n "$ROOT" ]; then
+		# a fake root: the service manager its files show, as no process of it runs
+		if [ -d "$ROOT/run/systemd/system" ] || [ -d "$ROOT/etc/systemd/system" ]; then
+			if is_root; then echo systemd; else echo systemd-user; fi
+		elif is_root && { [ -d "$ROOT/run/openrc" ] || [ -x "$ROOT/sbin/openrc-run" ] || [ -d "$ROOT/etc/runlevels" ]; }; then
+			echo openrc
+		elif is_root && [ -f "$ROOT/etc/rc.common" ]; then
+			echo procd
+		else
+			echo cron
+		fi
+	elif ! is_root; then
 		if have systemctl && systemctl --user show-environment >/dev/null 2>&1 </dev/null; then
 			echo systemd-user
 		else
@@ -350,7 +395,7 @@ install_dependencies() {
 		fi
 		return 0
 	fi
-	say "==> installing psutil and websocket-client"
+	say "==> psutil and websocket-client"
 	deps_venv || { requirements_met "$PY" && RUN_PYTHON=$PY RUN_PYTHONPATH='' DEPS="already installed for $PY"; } ||
 		deps_distro || deps_target ||
 		die "could not install psutil and websocket-client for $PY: install python3-venv (Debian/Ubuntu), or the distribution's python3-psutil and python3-websocket packages, or pip, then run this again"
@@ -382,11 +427,20 @@ obtain_agent() {
 
 install_agent_file() {
 	[ -z "$AGENT_FILE" ] && return 0 # dry run of a download: said so above
-	say "==> installing komari_agent.py from $SOURCE"
+	verb=installing
+	[ -z "$UPDATING" ] || verb=updating
+	say "==> $verb komari_agent.py from $SOURCE"
 	[ -n "$DRY_RUN" ] && { say "would copy $AGENT_FILE to $DIR/komari_agent.py"; return 0; }
 	cp "$AGENT_FILE" "$DIR/komari_agent.py.new" || die "cannot copy $AGENT_FILE"
 	claim "$DIR/komari_agent.py"
 	chmod 0644 "$DIR/komari_agent.py.new" && mv -f "$DIR/komari_agent.py.new" "$DIR/komari_agent.py"
+	# what the agent's self-update leaves beside it: the version before (.previous), and the
+	# download a killed update did not clear (.update). Ours whenever the agent file is, even
+	# when they are already there (written before the manifest listed them).
+	if in_manifest "$DIR/komari_agent.py"; then
+		own "$DIR/komari_agent.py.previous"
+		own "$DIR/komari_agent.py.update"
+	fi
 }
 
 # check_settings: the agent itself checks the settings the service will run with (the flags,
@@ -413,7 +467,15 @@ check_settings() {
 		exit 2
 	}
 	printf '%s\n' "$checked" | sed -n 's/^[0-9/]* [0-9:]* WARNING /install.sh: warning: agent: /p' >&2
-	printf '%s\n' "$checked" | grep -v -e '^[0-9/]* [0-9:]* [A-Z]* ' -e '^  state directory'
+	# The agent's own printout (its masking), each value labelled with where install.sh took it
+	# from: the agent saw the flags on its command line, -e/-t in its environment and the kept
+	# ones in config.json.
+	printf '%s\n' "$checked" | grep -v -e '^[0-9/]* [0-9:]* [A-Z]* ' -e '^  state directory' | sed \
+		-e "s/(command line)\$/($ARGS_FROM)/" \
+		-e "/^  --endpoint /s/(environment)\$/($ENDPOINT_FROM)/" \
+		-e "/^  --token /s/(environment)\$/($TOKEN_FROM)/" \
+		-e "/^  --auto-discovery /s/(environment)\$/($DISCOVERY_FROM)/" \
+		-e 's/(config file [^()]*)$/(kept from the last install)/'
 	case $SAVED_AGENT_ARGS in
 	*"'--disable-web-ssh'"* | *"'--disable-web-ssh=true'"*)
 		case $AGENT_ARGS in
@@ -464,13 +526,26 @@ config_has_credentials() {
 		"$DIR/config.json" </dev/null 2>/dev/null
 }
 
+# compile_agent: the agent's bytecode in DIR/__pycache__, for the interpreter that runs it, so
+# that `-m komari_agent` starts from it (a script is compiled again at every start, and that
+# peak of memory never goes back). Refreshed on every run.
+compile_agent() {
+	if [ -n "$DRY_RUN" ]; then say "would compile $DIR/komari_agent.py into $DIR/__pycache__"; return 0; fi
+	claim "$DIR/__pycache__"
+	(unset PYTHONPYCACHEPREFIX && "$RUN_PYTHON" -m compileall -q -f "$DIR/komari_agent.py" </dev/null >/dev/null) ||
+		warn "could not compile $DIR/komari_agent.py: the agent compiles itself at every start"
+}
+
+# module_path: what the agent is imported from: the install directory, then DIR/lib if used.
+module_path() { printf '%s%s' "$DIR" "${RUN_PYTHONPATH:+:$RUN_PYTHONPATH}"; }
+
 write_launcher() {
 	claim "$DIR/run-agent.sh"
 	{
 		printf '#!/bin/sh\n# %s: starts the agent. Re-run install.sh to change the flags.\n' "$MARK"
 		printf 'cd %s || exit 1\n' "$(q "$DIR")"
-		[ -n "$RUN_PYTHONPATH" ] && printf 'PYTHONPATH=%s\nexport PYTHONPATH\n' "$(q "$RUN_PYTHONPATH")"
-		printf 'exec %s %s --config %s --state-dir %s%s "$@"\n' "$(q "$RUN_PYTHON")" "$(q "$DIR/komari_agent.py")" \
+		printf 'PYTHONPATH=%s\nexport PYTHONPATH\nunset PYTHONPYCACHEPREFIX\n' "$(q "$(module_path)")"
+		printf 'exec %s -m komari_agent --config %s --state-dir %s%s "$@"\n' "$(q "$RUN_PYTHON")" \
 			"$(q "$DIR/config.json")" "$(q "$DIR/state")" "$AGENT_ARGS"
 	} | write_file "$DIR/run-agent.sh" 0755
 }
@@ -498,13 +573,25 @@ load_settings() {
 
 # ---- service definitions --------------------------------------------------------------------
 
-unit_dir_user() { printf '%s/systemd/user' "${XDG_CONFIG_HOME:-$HOME/.config}"; }
+unit_dir_user() { at "${XDG_CONFIG_HOME:-$HOME/.config}/systemd/user"; }
+
+# launchd: a LaunchDaemon as root, a LaunchAgent (the user's own launchd domain) otherwise.
+launchd_label() { printf 'com.komari.%s' "$1"; }
+launchd_dir() { if is_root; then at /Library/LaunchDaemons; else at "$HOME/Library/LaunchAgents"; fi; }
+launchd_domain() { if is_root; then printf system; else printf 'gui/%s' "$(id -u)"; fi; }
+launchd_log() { if is_root; then printf '/var/log/%s.log' "$NAME"; else printf '%s/Library/Logs/%s.log' "$HOME" "$NAME"; fi; }
+
+# rc.d: rc.subr names its variables after the script, with only letters, digits and _.
+rcd_name() { printf '%s' "$NAME" | tr -c 'A-Za-z0-9_' '_'; }
+rcd_enable_file() { printf '%s/etc/rc.conf.d/%s' "$ROOT" "$(rcd_name)"; }
 
 service_file() {
 	case $1 in
 	systemd) printf '%s/etc/systemd/system/%s.service' "$ROOT" "$NAME" ;;
 	systemd-user) printf '%s/%s.service' "$(unit_dir_user)" "$NAME" ;;
 	openrc | procd) printf '%s/etc/init.d/%s' "$ROOT" "$NAME" ;;
+	launchd) printf '%s/%s.plist' "$(launchd_dir)" "$(launchd_label "$NAME")" ;;
+	rc.d) printf '%s/usr/local/etc/rc.d/%s' "$ROOT" "$NAME" ;;
 	cron) printf '%s/keepalive.sh' "$DIR" ;;
 	esac
 }
@@ -524,7 +611,7 @@ StartLimitIntervalSec=0
 Type=simple
 WorkingDirectory=$DIR
 ExecStart=$DIR/run-agent.sh
-Environment=PYTHONUNBUFFERED=1
+Environment=PYTHONUNBUFFERED=1 $SUPERVISED
 Restart=always
 RestartSec=5
 
@@ -547,12 +634,83 @@ respawn_max=0
 pidfile="/run/$NAME.pid"
 output_log="/var/log/$NAME.log"
 error_log="/var/log/$NAME.log"
+export $SUPERVISED
 
 depend() {
 	need net
 	after firewall
 }
 EOF
+}
+
+# launchd_plist: KeepAlive starts the agent again whenever it exits, 5 s apart at most often.
+launchd_plist() {
+	cat <<EOF
+<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<!-- $MARK; re-run it to change or to uninstall -->
+<plist version="1.0">
+<dict>
+	<key>Label</key>
+	<string>$(launchd_label "$NAME")</string>
+	<key>ProgramArguments</key>
+	<array>
+		<string>$DIR/run-agent.sh</string>
+	</array>
+	<key>WorkingDirectory</key>
+	<string>$DIR</string>
+	<key>EnvironmentVariables</key>
+	<dict>
+		<key>PYTHONUNBUFFERED</key>
+		<string>1</string>
+		<key>${SUPERVISED%%=*}</key>
+		<string>${SUPERVISED#*=}</string>
+	</dict>
+	<key>RunAtLoad</key>
+	<true/>
+	<key>KeepAlive</key>
+	<true/>
+	<key>ThrottleInterval</key>
+	<integer>5</integer>
+	<key>StandardOutPath</key>
+	<string>$(launchd_log)</string>
+	<key>StandardErrorPath</key>
+	<string>$(launchd_log)</string>
+</dict>
+</plist>
+EOF
+}
+
+# rcd_script: daemon(8) supervises the agent and starts it again 5 s after any exit (-r -R 5).
+rcd_script() {
+	rcname=$(rcd_name)
+	cat <<EOF
+#!/bin/sh
+# $MARK; re-run it to change, or run it with --uninstall
+#
+# PROVIDE: $rcname
+# REQUIRE: LOGIN NETWORKING
+# KEYWORD: shutdown
+
+. /etc/rc.subr
+
+name="$rcname"
+rcvar="${rcname}_enable"
+load_rc_config "\$name"
+: "\${${rcname}_enable:=NO}"
+
+pidfile="/var/run/\${name}.pid"
+command="/usr/sbin/daemon"
+export $SUPERVISED
+command_args="-r -R 5 -f -P \${pidfile} -t $NAME -o /var/log/$NAME.log $DIR/run-agent.sh"
+
+run_rc_command "\$1"
+EOF
+}
+
+# rcd_enable: what enables the rc.d script at boot (rc.conf.d, so /etc/rc.conf is left alone).
+rcd_enable() {
+	printf '# %s: %s starts at boot\n%s_enable="YES"\n' "$MARK" "$NAME" "$(rcd_name)"
 }
 
 procd_script() {
@@ -566,6 +724,7 @@ STOP=10
 start_service() {
 	procd_open_instance
 	procd_set_param command "$DIR/run-agent.sh"
+	procd_set_param env $SUPERVISED
 	procd_set_param respawn 3600 5 0
 	procd_set_param stdout 1
 	procd_set_param stderr 1
@@ -579,6 +738,7 @@ keepalive_script() {
 #!/bin/sh
 # $MARK: keeps the agent running where no service manager does (started by cron @reboot)
 dir=$(q "$DIR")
+export $SUPERVISED
 EOF
 	cat <<'EOF'
 log="$dir/agent.log"
@@ -594,6 +754,8 @@ while :; do
 	"$dir/run-agent.sh" >>"$log" 2>&1 </dev/null &
 	child=$!
 	wait "$child"
+	# 42: the agent has updated itself; the new one starts at once
+	[ $? -eq 42 ] && continue
 	sleep 5 &
 	child=$!
 	wait "$child"
@@ -610,16 +772,25 @@ crontab_read() {
 	return 0
 }
 
-# crontab_write: the crontab gets stdin. It is read whole before anything is
-# written, because stdin is usually a pipe from crontab_read of the same file.
+# crontab_write: the crontab gets stdin; one left with nothing in it is removed. It is read
+# whole before anything is written, because stdin is usually a pipe from crontab_read of the
+# same file.
 crontab_write() {
 	_crontab=$(cat)
-	if [ -n "$DRY_RUN" ]; then
+	_empty=''
+	printf '%s\n' "$_crontab" | grep -q '[^[:space:]]' || _empty=1
+	if [ -n "$DRY_RUN" ] && [ -n "$_empty" ]; then
+		say "would remove the crontab (nothing else is in it)"
+	elif [ -n "$DRY_RUN" ]; then
 		say "would set the crontab to:"
 		printf '%s\n' "$_crontab" | sed 's/^/    | /'
+	elif [ -n "$ROOT" ] && [ -n "$_empty" ]; then
+		rm -f "$(crontab_file)"
 	elif [ -n "$ROOT" ]; then
 		mkdir -p "$(dirname "$(crontab_file)")" &&
 			printf '%s\n' "$_crontab" >"$(crontab_file).new" && mv -f "$(crontab_file).new" "$(crontab_file)"
+	elif [ -n "$_empty" ]; then
+		crontab -r </dev/null >/dev/null 2>&1
 	else
 		printf '%s\n' "$_crontab" | crontab -
 	fi
@@ -674,8 +845,11 @@ install_service() {
 	systemd-user) own "$file"; systemd_unit default.target | write_file "$file" 0644 ;;
 	openrc) own "$file"; openrc_script | write_file "$file" 0755 ;;
 	procd) own "$file"; procd_script | write_file "$file" 0755 ;;
+	launchd) own "$file"; launchd_plist | write_file "$file" 0644 ;;
+	rc.d) own "$file"; rcd_script | write_file "$file" 0755 ;;
 	cron)
 		claim "$file"
+		[ -z "$ROOT" ] || claim_parents "$(crontab_file)"
 		claim "$DIR/keepalive.pid"
 		claim "$DIR/agent.log"
 		claim "$DIR/agent.log.1"
@@ -691,10 +865,15 @@ install_service() {
 		;;
 	*) usage_error "unknown service kind $SERVICE" ;;
 	esac
-	LOGS=$(log_hint "$SERVICE")
+	LOGS=$(log_hint "$SERVICE" follow)
 	if [ -n "$NO_START" ]; then
 		say "not enabled or started (--no-start)"
 		return 0
+	fi
+	if [ "$SERVICE" = rc.d ]; then
+		claim_parents "$(rcd_enable_file)"
+		own "$(rcd_enable_file)"
+		rcd_enable | write_file "$(rcd_enable_file)" 0644
 	fi
 	if [ -n "$ROOT" ]; then
 		# no process is started or stopped; enabling is the link a service manager would make
@@ -728,6 +907,14 @@ install_service() {
 		run "$file" enable
 		run "$file" restart
 		;;
+	launchd)
+		# bootstrap loads and starts the job; a job of this label already loaded goes first
+		run launchctl bootout "$(launchd_domain)/$(launchd_label "$NAME")" 2>/dev/null
+		service_switch launchd "$NAME" "$file" on
+		;;
+	rc.d)
+		run service "$NAME" restart
+		;;
 	cron)
 		stop_keepalive
 		start_keepalive
@@ -735,13 +922,16 @@ install_service() {
 	esac
 }
 
+# log_hint KIND [follow]: how to read the agent's log.
 log_hint() {
+	follow=${2:+ -f}
 	case $1 in
-	systemd) printf 'journalctl -u %s -f' "$NAME" ;;
-	systemd-user) printf 'journalctl --user -u %s -f' "$NAME" ;;
-	openrc) printf 'tail -f /var/log/%s.log' "$NAME" ;;
-	procd) printf 'logread -f -e komari' ;;
-	cron) printf 'tail -f %s/agent.log' "$DIR" ;;
+	systemd) printf 'journalctl -u %s%s' "$NAME" "$follow" ;;
+	systemd-user) printf 'journalctl --user -u %s%s' "$NAME" "$follow" ;;
+	openrc | rc.d) printf 'tail%s /var/log/%s.log' "$follow" "$NAME" ;;
+	procd) printf 'logread%s -e komari' "$follow" ;;
+	launchd) printf 'tail%s %s' "$follow" "$(launchd_log)" ;;
+	cron) printf 'tail%s %s/agent.log' "$follow" "$DIR" ;;
 	esac
 }
 
@@ -762,6 +952,13 @@ stop_service() {
 	procd)
 		[ -z "$MANAGED" ] || { [ -f "$file" ] && run "$file" stop; [ -f "$file" ] && run "$file" disable; }
 		;;
+	launchd)
+		[ -z "$MANAGED" ] || run launchctl bootout "$(launchd_domain)/$(launchd_label "$NAME")"
+		;;
+	rc.d)
+		[ -z "$MANAGED" ] || [ ! -f "$file" ] || run service "$NAME" stop
+		remove "$(rcd_enable_file)"
+		;;
 	esac
 	case $1 in
 	systemd | systemd-user | openrc | procd)
@@ -780,7 +977,8 @@ stop_service() {
 # ---- the official Go agent: find it, take its settings, stand it down, give the box back ------
 
 # enable_link KIND NAME: the link a service manager makes to enable NAME at boot. Under
-# KOMARI_INSTALL_ROOT enabling and disabling is done on these links alone.
+# KOMARI_INSTALL_ROOT enabling and disabling is done on these links alone (launchd has none:
+# its job is enabled by being there; rc.d's is a file of rc.conf.d, see rcd_enable).
 enable_link() {
 	case $1 in
 	systemd) printf '%s/etc/systemd/system/multi-user.target.wants/%s.service' "$ROOT" "$2" ;;
@@ -790,17 +988,33 @@ enable_link() {
 	esac
 }
 
+# official_pids: the official agent's processes on this box ("PID EXECUTABLE" lines), never
+# those of a fake root.
+official_pids() {
+	[ -z "$ROOT" ] || return 0
+	# shellcheck disable=SC2013 # /proc/PID/comm paths: no spaces
+	for comm in $(grep -lx -e komari-agent -e agent /proc/[0-9]*/comm 2>/dev/null); do
+		pid=${comm#/proc/} pid=${pid%/comm}
+		exe=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n 1)
+		case $exe in
+		komari-agent | */komari-agent | */komari/agent) printf '%s %s\n' "$pid" "$exe" ;;
+		esac
+	done
+}
+
 # find_official: is the official agent installed here? Sets OFFICIAL_KIND (systemd,
-# systemd-user, openrc, procd; process for one running without a service definition we know;
-# binary for /opt/komari/agent alone), OFFICIAL_NAME and OFFICIAL_FILE (the definition, or pid).
+# systemd-user, openrc, procd, launchd; process for one running without a service definition
+# we know; binary for /opt/komari/agent alone), OFFICIAL_NAME, OFFICIAL_FILE (the definition,
+# else the executable) and, for a process, OFFICIAL_PID.
 find_official() {
-	OFFICIAL_KIND='' OFFICIAL_NAME='' OFFICIAL_FILE=''
+	OFFICIAL_KIND='' OFFICIAL_NAME='' OFFICIAL_FILE='' OFFICIAL_PID=''
 	for oname in "$NAME" komari-agent; do
 		if is_root; then
 			set -- "systemd $ROOT/etc/systemd/system/$oname.service" "initd $ROOT/etc/init.d/$oname"
 		else
 			set -- "systemd-user $(unit_dir_user)/$oname.service"
 		fi
+		set -- "$@" "launchd $(launchd_dir)/$(launchd_label "$oname").plist"
 		for candidate; do
 			kind=${candidate%% *} file=${candidate#* }
 			[ -f "$file" ] || continue
@@ -812,17 +1026,10 @@ find_official() {
 			return 0
 		done
 	done
-	if [ -z "$ROOT" ]; then # the processes of this box, never of a fake root
-		# shellcheck disable=SC2013 # /proc/PID/comm paths: no spaces
-		for comm in $(grep -lx -e komari-agent -e agent /proc/[0-9]*/comm 2>/dev/null); do
-			pid=${comm#/proc/} pid=${pid%/comm}
-			case $(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n 1) in
-			komari-agent | */komari-agent | */komari/agent)
-				OFFICIAL_KIND=process OFFICIAL_NAME=komari-agent OFFICIAL_FILE=$pid
-				return 0
-				;;
-			esac
-		done
+	found=$(official_pids | head -n 1)
+	if [ -n "$found" ]; then
+		OFFICIAL_KIND=process OFFICIAL_NAME=komari-agent OFFICIAL_PID=${found%% *} OFFICIAL_FILE=${found#* }
+		return 0
 	fi
 	if [ -x "$ROOT/opt/komari/agent" ]; then
 		OFFICIAL_KIND=binary OFFICIAL_NAME=komari-agent OFFICIAL_FILE=$ROOT/opt/komari/agent
@@ -832,11 +1039,12 @@ find_official() {
 }
 
 # read_official: OFFICIAL_ENDPOINT, OFFICIAL_TOKEN, OFFICIAL_DISCOVERY, OFFICIAL_ARGS (the other
-# flags, quoted like AGENT_ARGS) and OFFICIAL_DIR (its working directory) from its service
-# definition or command line; -e URL, -eURL, --endpoint URL and --endpoint=URL, quoted or not.
+# flags, quoted like AGENT_ARGS), OFFICIAL_ARGV (its whole command line, quoted) and OFFICIAL_DIR
+# (its working directory) from its service definition or command line; -e URL, -eURL,
+# --endpoint URL and --endpoint=URL, quoted or not.
 read_official() {
-	parsed=$("$PY" - "$OFFICIAL_KIND" "$OFFICIAL_FILE" "$ROOT" <<'EOF'
-import os, re, shlex, sys
+	parsed=$("$PY" - "$OFFICIAL_KIND" "${OFFICIAL_PID:-$OFFICIAL_FILE}" "$ROOT" <<'EOF'
+import os, plistlib, re, shlex, sys
 kind, source, root = sys.argv[1], sys.argv[2], sys.argv[3]
 
 def words(text):
@@ -855,6 +1063,11 @@ if kind == "process":
         pass
 elif kind == "binary":
     argv = [source[len(root):] if root and source.startswith(root + "/") else source]
+elif kind == "launchd":
+    with open(source, "rb") as f:
+        job = plistlib.load(f)
+    argv = [str(w) for w in job.get("ProgramArguments") or [job.get("Program", "")]]
+    workdir = str(job.get("WorkingDirectory", ""))
 else:
     with open(source, encoding="utf-8", errors="replace") as f:
         text = f.read()
@@ -895,9 +1108,12 @@ while i < len(args):
     else:
         rest.append(args[i])
     i += 1
+def quoted(words):
+    return "".join(" '%s'" % word.replace("'", "'\\''") for word in words)
 found["DIR"] = workdir or (os.path.dirname(argv[0]) if argv else "")
-found["ARGS"] = "".join(" '%s'" % word.replace("'", "'\\''") for word in rest)
-for key in ("ENDPOINT", "TOKEN", "DISCOVERY", "DIR", "ARGS"):
+found["ARGS"] = quoted(rest)
+found["ARGV"] = quoted(argv)
+for key in ("ENDPOINT", "TOKEN", "DISCOVERY", "DIR", "ARGS", "ARGV"):
     print("OFFICIAL_%s=%s" % (key, shlex.quote(found.get(key, ""))))
 EOF
 	) || die "cannot read the official agent's settings from $OFFICIAL_FILE"
@@ -908,35 +1124,75 @@ EOF
 # official agent's service definition.
 official_record() { printf '%s/official-agent' "$DIR"; }
 
+# official_what: the official agent found, in words.
+official_what() {
+	case $OFFICIAL_KIND in
+	process) printf 'process %s (%s)' "$OFFICIAL_PID" "$OFFICIAL_FILE" ;;
+	*) printf "%s '%s' (%s)" "$OFFICIAL_KIND" "$OFFICIAL_NAME" "$OFFICIAL_FILE" ;;
+	esac
+}
+
 # stand_down_official: the official agent stopped and disabled, its service definition copied
-# aside (ours may take its place), its files left where they are.
+# aside (ours may take its place), its files left where they are. For a bare process, its
+# command line is what is kept, to start it again.
 stand_down_official() {
-	say "==> replacing the official agent: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE)"
+	say "==> replacing the official agent: $(official_what)"
 	record=$(official_record)
 	claim "$record"
 	make_dir "$record"
-	if [ -n "$DRY_RUN" ]; then
+	argv=''
+	if [ "$OFFICIAL_KIND" = process ]; then
+		argv=$OFFICIAL_ARGV
+	elif [ -n "$DRY_RUN" ]; then
 		say "would copy $OFFICIAL_FILE to $record/"
 	else
 		cp -p "$OFFICIAL_FILE" "$record/" || die "cannot copy $OFFICIAL_FILE to $record"
 	fi
 	{
-		printf '# %s: the official agent this install replaced (--uninstall --restore-official)
-' "$MARK"
-		printf 'OFFICIAL_KIND=%s
-OFFICIAL_NAME=%s
-OFFICIAL_FILE=%s
-' "$(q "$OFFICIAL_KIND")" "$(q "$OFFICIAL_NAME")" "$(q "$OFFICIAL_FILE")"
+		printf '# %s: the official agent this install replaced (--uninstall --restore-official)\n' "$MARK"
+		printf 'OFFICIAL_KIND=%s\nOFFICIAL_NAME=%s\nOFFICIAL_FILE=%s\nOFFICIAL_DIR=%s\nOFFICIAL_ARGV=%s\n' \
+			"$(q "$OFFICIAL_KIND")" "$(q "$OFFICIAL_NAME")" "$(q "$OFFICIAL_FILE")" "$(q "$OFFICIAL_DIR")" "$(q "$argv")"
 	} | write_file "$record/official.conf" 0600
-	service_switch "$OFFICIAL_KIND" "$OFFICIAL_NAME" "$OFFICIAL_FILE" off
 	STOOD_DOWN=1
+	service_switch "$OFFICIAL_KIND" "$OFFICIAL_NAME" "$OFFICIAL_FILE" off
+}
+
+# process_switch on|off: the official agent running as a bare process stopped (TERM, KILL after
+# 10 s), or started again as it ran: same command line, same directory, detached.
+process_switch() {
+	if [ "$1" = off ]; then
+		run kill "$OFFICIAL_PID" 2>/dev/null || die "cannot stop the official agent ($(official_what)): stop it yourself, then run this again"
+		[ -n "$DRY_RUN" ] && return 0
+		n=0
+		while kill -0 "$OFFICIAL_PID" 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1 2>/dev/null || sleep 1; n=$((n + 1)); done
+		! kill -0 "$OFFICIAL_PID" 2>/dev/null || kill -9 "$OFFICIAL_PID" 2>/dev/null
+		STOPPED_AT=$(date +%s)
+		say "stopped the official agent: $(official_what)"
+		return 0
+	fi
+	[ -z "$(official_pids)" ] || return 0 # running already
+	if [ -n "$DRY_RUN" ]; then say "would start $OFFICIAL_FILE again as it ran"; return 0; fi
+	(
+		cd "$OFFICIAL_DIR" 2>/dev/null || cd /
+		eval "set -- $OFFICIAL_ARGV"
+		if have setsid; then
+			setsid "$@" </dev/null >/dev/null 2>&1 &
+		else
+			nohup "$@" </dev/null >/dev/null 2>&1 &
+		fi
+	)
 }
 
 # service_switch KIND NAME FILE on|off: enable and start, or stop and disable, a service.
 service_switch() {
-	case $1 in systemd | systemd-user | openrc | procd) ;; *) return 0 ;; esac
+	case $1 in
+	systemd | systemd-user | openrc | procd | launchd) ;;
+	process) process_switch "$4"; return 0 ;;
+	*) return 0 ;;
+	esac
 	if [ -n "$ROOT" ]; then
 		link=$(enable_link "$1" "$2")
+		[ -n "$link" ] || return 0 # launchd: a job is enabled by being there
 		if [ "$4" = on ]; then
 			[ -n "$DRY_RUN" ] && { say "would enable $2 ($link)"; return 0; }
 			mkdir -p "$(dirname "$link")" && ln -sf "${3#"$ROOT"}" "$link"
@@ -954,6 +1210,14 @@ service_switch() {
 	openrc:off) run rc-service "$2" stop; run rc-update del "$2" default ;;
 	procd:on) run "$3" enable; run "$3" start ;;
 	procd:off) run "$3" stop; run "$3" disable ;;
+	launchd:on)
+		run launchctl enable "$(launchd_domain)/$(launchd_label "$2")"
+		run launchctl bootstrap "$(launchd_domain)" "$3"
+		;;
+	launchd:off)
+		run launchctl bootout "$(launchd_domain)/$(launchd_label "$2")"
+		run launchctl disable "$(launchd_domain)/$(launchd_label "$2")"
+		;;
 	esac
 	return 0
 }
@@ -999,6 +1263,10 @@ official_start_command() {
 	systemd-user) printf 'systemctl --user enable --now %s' "$OFFICIAL_NAME" ;;
 	openrc) printf 'rc-update add %s default && rc-service %s start' "$OFFICIAL_NAME" "$OFFICIAL_NAME" ;;
 	procd) printf '%s enable && %s start' "${OFFICIAL_FILE#"$ROOT"}" "${OFFICIAL_FILE#"$ROOT"}" ;;
+	launchd)
+		printf 'launchctl enable %s/%s && launchctl bootstrap %s %s' "$(launchd_domain)" \
+			"$(launchd_label "$OFFICIAL_NAME")" "$(launchd_domain)" "${OFFICIAL_FILE#"$ROOT"}"
+		;;
 	*) printf 'start %s as before' "$OFFICIAL_FILE" ;;
 	esac
 }
@@ -1008,7 +1276,11 @@ official_start_command() {
 restore_official() {
 	put_back_official || return 1
 	service_switch "$OFFICIAL_KIND" "$OFFICIAL_NAME" "$OFFICIAL_FILE" on
-	say "the official agent is back: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE) enabled and started${ROOT:+ (links only: KOMARI_INSTALL_ROOT is set)}"
+	if [ "$OFFICIAL_KIND" = process ]; then
+		say "the official agent is back: $OFFICIAL_FILE started again as it ran"
+	else
+		say "the official agent is back: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE) enabled and started${ROOT:+ (links only: KOMARI_INSTALL_ROOT is set)}"
+	fi
 	return 0
 }
 
@@ -1045,65 +1317,139 @@ wait_for_panel() {
 		sleep 0.5 2>/dev/null || sleep 1
 	done
 	STATUS_ERROR=$(printf '%s' "$line" | cut -f2-)
-	[ -n "$STATUS_ERROR" ] || STATUS_ERROR="no word from the agent (${line:-it did not start}); see the log"
+	[ -n "$STATUS_ERROR" ] || STATUS_ERROR="no word from the agent (${line:-it did not start})"
 	return 1
 }
 
 # ---- install and uninstall ------------------------------------------------------------------
 
+# kept_token: the token in the config of an earlier install, if any.
+kept_token() {
+	[ -f "$DIR/config.json" ] || return 0
+	"$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("token") or "")' "$DIR/config.json" </dev/null 2>/dev/null
+}
+
+# take_official_settings: what the official agent ran with, where not given now.
+take_official_settings() {
+	from='taken from the official agent'
+	if [ -z "$ENDPOINT" ] && [ -n "$OFFICIAL_ENDPOINT" ]; then ENDPOINT=$OFFICIAL_ENDPOINT ENDPOINT_FROM=$from; fi
+	if [ -z "$TOKEN" ] && [ -n "$OFFICIAL_TOKEN" ]; then TOKEN=$OFFICIAL_TOKEN TOKEN_FROM=$from; fi
+	if [ -z "$DISCOVERY" ] && [ -n "$OFFICIAL_DISCOVERY" ]; then DISCOVERY=$OFFICIAL_DISCOVERY DISCOVERY_FROM=$from; fi
+	if [ -z "$AGENT_ARGS_GIVEN" ] && [ -n "$OFFICIAL_ARGS" ]; then AGENT_ARGS=$OFFICIAL_ARGS ARGS_FROM=$from; fi
+	return 0
+}
+
+# leave_official_process: an official agent running as a bare process that is not taken over
+# (no --take-over-official). It may run on beside ours for another token only: two agents on
+# one token knock each other off the panel every few seconds.
+leave_official_process() {
+	ours=${TOKEN:-$(kept_token)}
+	if [ -n "$ours" ] && [ -n "$OFFICIAL_TOKEN" ] && [ "$ours" != "$OFFICIAL_TOKEN" ]; then
+		say "found the official agent running as $(official_what) for another token: left running, none of its settings taken"
+	elif [ -n "$NO_SERVICE" ]; then
+		say "found the official agent running as $(official_what): left running (--no-service); stop it before starting this agent on the same token"
+	else
+		die "the official agent runs here as $(official_what), with no service install.sh knows; a second agent on its token would knock it off the panel. Stop it (kill $OFFICIAL_PID) and run this again with -e and -t, or add --take-over-official to take its settings and have install.sh stop it"
+	fi
+	OFFICIAL_KIND='' # nothing of it is imported
+}
+
+# official_came_back: dies, with ours removed again, when a bare official process this install
+# stopped runs again within RESPAWN_WATCH s: something install.sh does not know restarts it.
+official_came_back() {
+	[ "$OFFICIAL_KIND" = process ] && [ -n "$STOOD_DOWN" ] && [ -z "$DRY_RUN" ] || return 0
+	while :; do
+		back=$(official_pids | head -n 1)
+		[ -z "$back" ] || break
+		[ "$(date +%s)" -lt $((STOPPED_AT + RESPAWN_WATCH)) ] || return 0
+		sleep 0.5 2>/dev/null || sleep 1
+	done
+	pid=${back%% *}
+	parent=$(sed -n 's/^PPid:[[:space:]]*//p' "/proc/$pid/status" 2>/dev/null)
+	parent="$parent $(cat "/proc/$parent/comm" 2>/dev/null)"
+	roll_back_to_official
+	die "the official agent runs again (process $pid, started by process $parent) after install.sh stopped it: something else starts it. komari_agent.py is removed again, so that two agents do not share its token; stop what starts it, then run this again"
+}
+
 do_install() {
 	START_TIME=$(date +%s)
 	check_python
 	load_settings
+	UPDATING=''
+	[ -f "$DIR/install.manifest" ] && [ -f "$DIR/install.conf" ] && UPDATING=1
+	# where each setting comes from, for the printout
+	ENDPOINT_FROM='kept from the last install' TOKEN_FROM='kept from the last install'
+	DISCOVERY_FROM='kept from the last install' ARGS_FROM='command line'
+	[ -z "$ENDPOINT" ] || ENDPOINT_FROM='command line'
+	[ -z "$TOKEN" ] || TOKEN_FROM='command line'
+	[ -z "$DISCOVERY" ] || DISCOVERY_FROM='command line'
 	# Agent flags given now replace the saved ones; none given keeps them.
-	[ -n "$AGENT_ARGS_GIVEN" ] || AGENT_ARGS=$SAVED_AGENT_ARGS
+	if [ -z "$AGENT_ARGS_GIVEN" ]; then AGENT_ARGS=$SAVED_AGENT_ARGS ARGS_FROM='kept from the last install'; fi
 	[ -n "$GHPROXY" ] || GHPROXY=$SAVED_GHPROXY
 	[ -n "$PIP_INDEX_URL" ] || PIP_INDEX_URL=$SAVED_PIP_INDEX_URL
 	[ -n "$VENV_SYSTEM_SITE" ] || VENV_SYSTEM_SITE=$SAVED_VENV_SYSTEM_SITE
-	if [ -z "$SERVICE" ]; then SERVICE=${SAVED_SERVICE:-auto}; fi
-	[ "$SERVICE" = auto ] && SERVICE=$(detect_service)
-	[ -n "$NO_SERVICE" ] && SERVICE=none
 	if [ -n "$VERSION" ]; then say "note: --install-version $VERSION ignored: komari_agent.py comes from $SOURCE"; fi
 	REPLACING=''
 	# (an install of ours that replaced it already, and is still here, has nothing to find)
 	if ! { [ -f "$(official_record)/official.conf" ] && [ -f "$DIR/install.conf" ]; } && find_official; then
-		# what the official agent ran with, unless given now
 		read_official
-		[ -n "$ENDPOINT" ] || ENDPOINT=$OFFICIAL_ENDPOINT
-		[ -n "$TOKEN" ] || TOKEN=$OFFICIAL_TOKEN
-		[ -n "$DISCOVERY" ] || DISCOVERY=$OFFICIAL_DISCOVERY
-		[ -n "$AGENT_ARGS_GIVEN" ] || [ -z "$OFFICIAL_ARGS" ] || AGENT_ARGS=$OFFICIAL_ARGS
 		case $OFFICIAL_KIND in
 		binary)
 			say "found the official agent's binary $OFFICIAL_FILE (no service): left alone; its traffic totals and auto-discovery registration are taken over"
 			;;
 		process)
-			say "found the official agent running as process $OFFICIAL_FILE; its settings are taken over"
-			warn "it runs without a service definition install.sh knows: stop it yourself (kill $OFFICIAL_FILE), or the panel gets two agents for this server"
+			if [ -z "$TAKE_OVER" ]; then
+				leave_official_process
+			elif [ -n "$NO_SERVICE" ]; then
+				take_official_settings
+				say "found the official agent running as $(official_what); its settings are taken over, it is left running (--no-service)"
+			else
+				take_official_settings
+				REPLACING=1
+				say "found the official agent running as $(official_what); it is replaced, its settings are taken over (--take-over-official)"
+			fi
 			;;
 		*)
+			take_official_settings
 			if [ -n "$NO_SERVICE" ]; then
-				say "found the official agent: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE); its settings are taken over, it is left running (--no-service)"
+				say "found the official agent: $(official_what); its settings are taken over, it is left running (--no-service)"
 			else
 				REPLACING=1
-				say "found the official agent: $OFFICIAL_KIND '$OFFICIAL_NAME' ($OFFICIAL_FILE); it is replaced, its settings are taken over"
+				say "found the official agent: $(official_what); it is replaced, its settings are taken over"
 			fi
 			;;
 		esac
 	fi
+	if [ -n "$TAKE_OVER" ] && [ "$OFFICIAL_KIND" != process ] && [ -z "$REPLACING" ]; then
+		say "note: --take-over-official: no official agent runs here as a bare process"
+	fi
+	if [ -z "$SERVICE" ]; then SERVICE=${SAVED_SERVICE:-auto}; fi
+	if [ "$SERVICE" = auto ]; then
+		# in a fake root, the official agent's service shows which service manager the box has
+		case $ROOT:$OFFICIAL_KIND in
+		?*:systemd | ?*:systemd-user | ?*:openrc | ?*:procd | ?*:launchd) SERVICE=$OFFICIAL_KIND ;;
+		*) SERVICE=$(detect_service) ;;
+		esac
+	fi
+	[ -n "$NO_SERVICE" ] && SERVICE=none
 	if [ -z "$ENDPOINT" ] || { [ -z "$TOKEN" ] && [ -z "$DISCOVERY" ]; }; then
-		config_has_credentials || usage_error "-e ENDPOINT and -t TOKEN are needed (no earlier install in $DIR to take them from)"
+		config_has_credentials || usage_error "-e ENDPOINT and -t TOKEN are needed (no earlier install in $DIR and no official agent's service to take them from)"
 	fi
 	REQ_FILE=$(dirname "$SOURCE")/requirements.txt
 	[ -f "$SOURCE" ] && [ -f "$REQ_FILE" ] || REQ_FILE=$DIR/.requirements.tmp
 	what="as service '$NAME' ($SERVICE)"
 	[ "$SERVICE" = none ] && what="without a service (--no-service)"
-	say "Installing komari_agent.py into $DIR $what${DRY_RUN:+ [dry run: nothing is changed]}"
+	if [ -n "$UPDATING" ]; then
+		say "Updating komari_agent.py in $DIR $what${DRY_RUN:+ [dry run: nothing is changed]}"
+	else
+		say "Installing komari_agent.py into $DIR $what${DRY_RUN:+ [dry run: nothing is changed]}"
+	fi
 	obtain_agent
 	# shellcheck disable=SC2119 # it takes no arguments
 	check_settings
 	load_manifest
 	[ -d "$DIR" ] || FRESH=1 # removed again if this run fails
+	claim_parents "$DIR"
 	claim "$DIR"
 	make_dir "$DIR"
 	save_manifest
@@ -1113,9 +1459,10 @@ do_install() {
 	fi
 	install_dependencies
 	rm -f "$DIR/.requirements.tmp"
+	compile_agent
 	if [ -z "$DRY_RUN" ]; then
-		PYTHONPATH=$RUN_PYTHONPATH "$RUN_PYTHON" "$DIR/komari_agent.py" --version </dev/null >/dev/null 2>&1 ||
-			die "the installed agent does not start: try $RUN_PYTHON $DIR/komari_agent.py --version"
+		(cd "$DIR" && PYTHONPATH=$(module_path) "$RUN_PYTHON" -m komari_agent --version </dev/null >/dev/null 2>&1) ||
+			die "the installed agent does not start: try cd $DIR && PYTHONPATH=$(module_path) $RUN_PYTHON -m komari_agent --version"
 	fi
 	claim "$DIR/config.json"
 	(umask 077 && write_config) || exit 1
@@ -1143,32 +1490,38 @@ do_install() {
 	fi
 	case $wait in '' | *[!0-9]*) usage_error "KOMARI_INSTALL_WAIT must be a number of seconds" ;; esac
 	if [ -n "$DRY_RUN" ] || [ -n "$NO_START" ] || [ -n "$NO_SERVICE" ] || [ "$wait" = 0 ]; then
+		official_came_back
 		say "Done.${LOGS:+ Logs: $LOGS}"
-		say "Upgrade: run the same command again. $uninstall_hint."
+		say "Update: run the same command again. $uninstall_hint."
 		return 0
 	fi
 	if wait_for_panel "$wait" "$START_TIME"; then
+		official_came_back
 		say "Done.${LOGS:+ Logs: $LOGS}"
-		say "Upgrade: run the same command again. $uninstall_hint${REPLACING:+ (add --restore-official to start the official agent again)}."
+		say "Update: run the same command again. $uninstall_hint${REPLACING:+ (add --restore-official to start the official agent again)}."
 		return 0
 	fi
+	official_came_back
 	if [ -n "$REPLACING" ]; then
 		roll_back_to_official
-		die "rolled back to the official agent: komari_agent.py did not reach the panel within $wait s: $STATUS_ERROR"
+		die "rolled back to the official agent: komari_agent.py did not reach the panel within $wait s: $STATUS_ERROR; its log: $(log_hint "$SERVICE")"
 	fi
 	warn "the agent has not reached the panel within $wait s: $STATUS_ERROR"
 	say "It is installed and keeps trying. Logs: ${LOGS:-$DIR/state/status.json}; its last state: $DIR/state/status.json. $uninstall_hint."
 	exit 1
 }
 
-# roll_back_to_official: ours stopped and removed, the official agent as it was.
+# roll_back_to_official: ours stopped and removed, the official agent as it was. The cron
+# keep-alive's log stays, for the rollback's message points to it.
 roll_back_to_official() {
+	dirs=$(dir_and_parents)
 	stop_service "$SERVICE"
+	MANIFEST=$(printf '%s\n' "$MANIFEST" | grep -Fvx "$DIR/agent.log")
 	remove_installed # keeps the record of the official agent, which restore_official reads
 	restore_official >/dev/null
 	remove_installed purge
 	rm -f "$DIR/install.manifest"
-	[ -z "$FRESH" ] || rmdir "$DIR" 2>/dev/null
+	[ -z "$FRESH" ] || remove_dirs "$dirs"
 	return 0
 }
 
@@ -1176,11 +1529,10 @@ roll_back_to_official() {
 # and the record of a replaced official agent, which stay in the manifest.
 remove_installed() {
 	kept=''
-	had_dir=''
-	in_manifest "$DIR" && had_dir=1
+	_top=$(dir_and_parents)
 	while IFS='' read -r path; do
-		if [ -z "$path" ] || [ "$path" = "$DIR" ]; then
-			continue # last, and only when empty
+		if [ -z "$path" ] || printf '%s\n' "$_top" | grep -Fqx -- "$path"; then
+			continue # last, and only when empty (remove_dirs)
 		elif [ "$1" != purge ] && case $path in "$DIR/state" | "$DIR/state/"* | "$(official_record)" | "$(official_record)/"*) true ;; *) false ;; esac; then
 			kept="$kept
 $path"
@@ -1197,7 +1549,35 @@ $path"
 $(printf '%s\n' "$MANIFEST" | awk 'NF { print length($0) "\t" $0 }' | sort -rn | cut -f2-)
 EOF
 	MANIFEST=$kept
-	[ -n "$had_dir" ] && [ -n "$kept" ] && MANIFEST="$DIR$kept"
+	[ -n "$_top" ] && [ -n "$kept" ] && MANIFEST="$_top$kept"
+	return 0
+}
+
+# dir_and_parents: DIR and the directories made for it, as far as the manifest has them,
+# deepest first.
+dir_and_parents() {
+	printf '%s\n' "$MANIFEST" | while IFS='' read -r path; do
+		case $DIR in "$path" | "$path"/*) [ -z "$path" ] || printf '%s\n' "$path" ;; esac
+	done | awk '{ print length($0) "\t" $0 }' | sort -rn | cut -f2-
+}
+
+# manifest_rest: the manifest without DIR and its parents.
+manifest_rest() {
+	_top=$(dir_and_parents)
+	printf '%s\n' "$MANIFEST" | while IFS='' read -r path; do
+		[ -z "$path" ] || printf '%s\n' "$_top" | grep -Fqx -- "$path" || printf '%s\n' "$path"
+	done
+}
+
+# remove_dirs LINES: each directory, deepest first, while it is empty; false when the first
+# (the install directory) stays.
+remove_dirs() {
+	while IFS='' read -r path; do
+		[ -n "$path" ] && [ -d "$path" ] || continue
+		rmdir "$path" 2>/dev/null || { [ "$path" != "$DIR" ]; return; }
+	done <<EOF
+$1
+EOF
 	return 0
 }
 
@@ -1207,20 +1587,34 @@ safe_to_remove() {
 	case $1 in
 	"$DIR" | "$DIR"/*) return 0 ;;
 	esac
-	for kind in systemd systemd-user openrc procd; do
-		[ "$1" = "$(service_file "$kind")" ] && grep -Fq "$MARK" "$1" 2>/dev/null && return 0
+	for file in "$(service_file systemd)" "$(service_file systemd-user)" "$(service_file openrc)" \
+		"$(service_file launchd)" "$(service_file rc.d)" "$(rcd_enable_file)"; do
+		[ "$1" = "$file" ] && grep -Fq "$MARK" "$1" 2>/dev/null && return 0
 	done
 	return 1
 }
 
 do_uninstall() {
-	[ -f "$DIR/install.manifest" ] || die "nothing installed by install.sh in $DIR (give --install-dir and --install-service-name as at install time)"
+	[ -f "$DIR/install.manifest" ] || die "komari_agent.py is not installed in $DIR: nothing to uninstall (give --install-dir and --install-service-name as at install time)"
 	load_manifest
 	load_settings
 	replaced=''
-	[ -f "$(official_record)/official.conf" ] && replaced=1
+	if [ -f "$(official_record)/official.conf" ]; then
+		replaced=1
+		# shellcheck disable=SC1091 # written by stand_down_official
+		. "$(official_record)/official.conf"
+	fi
 	[ -z "$RESTORE_OFFICIAL" ] || [ -n "$replaced" ] || die "no official agent was replaced by install.sh in $DIR: nothing to restore"
-	say "Uninstalling komari_agent.py from $DIR (service '$NAME')${DRY_RUN:+ [dry run: nothing is changed]}"
+	# what an earlier --uninstall kept (state/, the record of the official agent) is all there is
+	done_line="Uninstalled."
+	dirs=$(dir_and_parents)
+	if manifest_rest | grep -Fv -e "$DIR/state" -e "$(official_record)" | grep -q .; then
+		say "Uninstalling komari_agent.py from $DIR (service '$NAME')${DRY_RUN:+ [dry run: nothing is changed]}"
+	else
+		say "komari_agent.py is not installed in $DIR: it was uninstalled before; what that kept is below${DRY_RUN:+ [dry run: nothing is changed]}"
+		done_line="Nothing else to uninstall."
+		[ -z "$PURGE$RESTORE_OFFICIAL" ] || done_line="Done."
+	fi
 	[ -n "$SAVED_SERVICE" ] && stop_service "$SAVED_SERVICE"
 	was_dir=''
 	in_manifest "$DIR" && was_dir=1
@@ -1229,8 +1623,13 @@ do_uninstall() {
 		restore_official
 		MANIFEST=$(printf '%s\n' "$MANIFEST" | grep -Fv "$(official_record)")
 		remove "$(official_record)"
+	elif [ -n "$replaced" ] && [ "$OFFICIAL_KIND" = process ]; then
+		put_back_official
+		say "the official agent ($OFFICIAL_FILE) is not started again: to start it as it ran, run this again with --uninstall --restore-official"
 	elif [ -n "$replaced" ]; then
 		put_back_official
+		# the same label as ours, which enabled it
+		[ "$OFFICIAL_KIND" != launchd ] || [ -n "$ROOT" ] || run launchctl disable "$(launchd_domain)/$(launchd_label "$OFFICIAL_NAME")"
 		say "the official agent's service ($OFFICIAL_FILE) is back in place, stopped and disabled: to start it, run this again with --uninstall --restore-official, or: $(official_start_command)"
 	fi
 	[ -z "$PURGE" ] || remove_installed purge
@@ -1238,7 +1637,7 @@ do_uninstall() {
 	systemd) [ -n "$ROOT" ] || run systemctl daemon-reload ;;
 	systemd-user) [ -n "$ROOT" ] || run systemctl --user daemon-reload ;;
 	esac
-	if printf '%s\n' "$MANIFEST" | grep -Fvx "$DIR" | grep -q .; then
+	if manifest_rest | grep -q .; then
 		save_manifest # what stays is still ours, for a later --purge
 	else
 		remove "$DIR/install.manifest"
@@ -1251,12 +1650,12 @@ do_uninstall() {
 		if [ -n "$DRY_RUN" ]; then
 			say "would remove $DIR if nothing else is left in it"
 		else
-			rmdir "$DIR" 2>/dev/null || say "kept $DIR: it holds files install.sh did not create"
+			remove_dirs "$dirs" || say "kept $DIR: it holds files install.sh did not create"
 		fi
 	elif [ -z "$was_dir" ]; then
 		say "kept $DIR: it was there before install.sh"
 	fi
-	say "Uninstalled.${DRY_RUN:+ (dry run: nothing was changed)}"
+	say "$done_line${DRY_RUN:+ (dry run: nothing was changed)}"
 }
 
 # cleanup: at exit, temporary files go; a first install that failed leaves nothing behind.
@@ -1269,9 +1668,10 @@ cleanup() {
 		roll_back_to_official >/dev/null 2>&1
 		printf 'install.sh: the official agent is back as it was\n' >&2
 	elif [ -n "$FRESH" ] && [ -d "$DIR" ]; then
+		dirs=$(dir_and_parents)
 		remove_installed purge 2>/dev/null
 		rm -f "$DIR/install.manifest"
-		rmdir "$DIR" 2>/dev/null && printf 'install.sh: removed the half-made %s\n' "$DIR" >&2
+		remove_dirs "$dirs" && [ ! -d "$DIR" ] && printf 'install.sh: removed the half-made %s\n' "$DIR" >&2
 	fi
 	return 0
 }
@@ -1282,7 +1682,13 @@ main() {
 	ENDPOINT='' TOKEN='' DISCOVERY='' DIR='' DIR_GIVEN='' NAME=komari-agent NAME_GIVEN='' GHPROXY='' VERSION='' SOURCE=''
 	PIP_INDEX_URL='' VENV_SYSTEM_SITE='' SERVICE='' NO_SERVICE='' NO_START='' UNINSTALL='' DRY_RUN=''
 	AGENT_ARGS='' AGENT_ARGS_GIVEN='' PURGE='' RESTORE_OFFICIAL='' WORK='' FRESH='' FINISHED='' STOOD_DOWN=''
-	OFFICIAL_FILE='' OFFICIAL_KIND=''
+	OFFICIAL_FILE='' OFFICIAL_KIND='' OFFICIAL_PID='' OFFICIAL_DIR='' OFFICIAL_ARGV='' TAKE_OVER='' STOPPED_AT=0
+	# Nothing is installed by accident: a first install needs -e and -t, an update at least an
+	# option saying where.
+	if [ $# -eq 0 ]; then
+		usage >&2
+		exit 2
+	fi
 	while [ $# -gt 0 ]; do
 		opt=$1
 		case $opt in
@@ -1316,6 +1722,7 @@ main() {
 		--uninstall) UNINSTALL=1 ;;
 		--purge) PURGE=1 ;;
 		--restore-official) RESTORE_OFFICIAL=1 UNINSTALL=1 ;;
+		--take-over-official) TAKE_OVER=1 ;;
 		--dry-run) DRY_RUN=1 ;;
 		-h | --help) usage; exit 0 ;;
 		*)
@@ -1326,8 +1733,8 @@ main() {
 		shift
 	done
 	case $SERVICE in
-	'' | auto | systemd | systemd-user | openrc | procd | cron) ;;
-	*) usage_error "--service must be auto, systemd, systemd-user, openrc, procd or cron, not '$SERVICE'" ;;
+	'' | auto | systemd | systemd-user | openrc | procd | launchd | rc.d | cron) ;;
+	*) usage_error "--service must be auto, systemd, systemd-user, openrc, procd, launchd, rc.d or cron, not '$SERVICE'" ;;
 	esac
 	case $NAME in
 	'' | *[!A-Za-z0-9_.@-]*) usage_error "service name '$NAME' may hold only letters, digits and _ . @ -" ;;
@@ -1344,6 +1751,7 @@ main() {
 	case $DIR in
 	'' | *[!A-Za-z0-9_./@+-]*) usage_error "install directory '$DIR' may hold only letters, digits and _ . / @ + -" ;;
 	esac
+	DIR=$(at "$DIR")
 	[ -n "$SOURCE" ] || SOURCE=${KOMARI_AGENT_URL:-}
 	# Run from a checkout: take the komari_agent.py beside this script.
 	if [ -z "$SOURCE" ] && [ -f "$0" ] && grep -Fq "$MARK" "$0" 2>/dev/null && [ -f "$(dirname "$0")/komari_agent.py" ]; then

@@ -17,6 +17,7 @@ The file reads top to bottom; nothing refers to a definition further down:
     Configuration     OPTIONS: flags, AGENT_* variables, --config keys
     Linux             /proc and /sys, read and parsed
     macOS and FreeBSD sw_vers, system_profiler, pciconf, sysctl, netstat: parsed
+    Windows           the registry; kernel32, psapi, iphlpapi, advapi32 through ctypes
     Windows processes job objects, ConPTY or a pipe terminal, the ICMP API, the boot task
     Platform          every difference between systems, behind one host (make_host)
     Report figures    what each realtime report measures (the Collector)
@@ -26,8 +27,9 @@ The file reads top to bottom; nothing refers to a definition further down:
     Transport         HTTP uploads, undelivered results, auto-discovery
     Links             the three report links (Link) and LinkChooser
     Tasks             exec, ping probes, the web terminal
+    Self-update       a release is checked and tried before it replaces this file
     The agent loop    Agent: its threads, reconnecting, basic info, results
-    Subcommands       --check, --dry-run, list-disk, check-mem, traffic, service
+    Subcommands       --check, --dry-run, list-disk, check-mem, traffic, update, service
     main()
 
 Imports: the standard library at the top. psutil and websocket-client, and
@@ -332,14 +334,31 @@ def read_json_object(path, limit=64 << 20):
     return data
 
 
+def make_private_dirs(path):
+    """os.makedirs(path, exist_ok=True), where every directory made, the
+    missing parents too, is private (0700): makedirs gives the parents the
+    umask's mode (0755), and a state directory made that way lets anyone list
+    it and read what in it is not private itself."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        make_private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass  # made meanwhile, or a file: the caller's next step says so
+
+
 def write_atomic(path, data, mode=0o600):
     """Replace `path` with `data` so that a crash leaves the old or the new
     file, never a torn one: temp file, fsync, rename, fsync the directory."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    make_private_dirs(directory)
     temp = "%s.tmp-%d-%d" % (path, os.getpid(), threading.get_ident())
     # never through a link or into a file someone else put there
-    exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    exclusive = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(temp, exclusive, mode)
     except FileExistsError:  # left by a crash of a process with this pid
@@ -366,28 +385,6 @@ def write_atomic(path, data, mode=0o600):
     except OSError:
         pass
 
-
-def private_directory(path):
-    """Create `path` (mode 0700) if missing and make sure only this user can
-    write in it: one that others can write is made private when it is ours,
-    else refused (someone could plant links or FIFOs in it). Returns what is
-    wrong with it, or ""."""
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.stat(path)
-        if not S_ISDIR(st.st_mode):
-            return "%s is not a directory" % path
-        if st.st_mode & 0o022:
-            mine = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
-            if not mine or st.st_mode & 0o1000:   # sticky: a shared one like /tmp, never ours to change
-                return "%s can be written by other users" % path
-            os.chmod(path, 0o700)
-            log.warning("%s could be written by other users; made it private (mode 0700)", path)
-        if not os.access(path, os.W_OK | os.X_OK):
-            return "%s is not writable" % path
-    except OSError as e:
-        return "%s: %s" % (path, describe_error(e))
-    return ""
 
 # One encoder for the run: json.dumps with options builds a new one per call.
 WIRE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -561,6 +558,34 @@ def resolve_host(cfg, host, port, family=0):
     if not found:
         raise OSError("no address for %s" % host)
     return found
+
+
+def loopback_host(host):
+    """Is `host` this machine's loopback: localhost, 127.0.0.0/8 or ::1?"""
+    import ipaddress
+    host = (host or "").strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def code_url_problem(url):
+    """What makes `url` unfit to fetch code from, or "": it must be https://,
+    or plain http:// to a loopback address (a local mirror, a test)."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        parts.port  # ValueError when out of range
+    except ValueError:
+        return "is not a URL"
+    if not parts.hostname or parts.scheme not in ("http", "https"):
+        return "is not an http(s) URL"
+    if parts.scheme == "http" and not loopback_host(parts.hostname):
+        return "is plain http:// (https:// is required, except to a loopback address)"
+    return ""
 
 
 def environment_proxy(url):
@@ -762,13 +787,14 @@ class Option:
     [BOOL]); group is the key of its --help group in HELP_GROUPS."""
 
     def __init__(self, dest, flags, kind, default, help, json_keys=(), env=(), check=None, metavar=None,
-                 group="everyday"):
+                 group="everyday", secret=False):
         self.dest, self.flags, self.kind, self.default, self.help = dest, flags, kind, default, help
         self.json_keys = json_keys or (dest,)
         self.env = env or ("AGENT_" + dest.upper(),)
         self.check = check
         self.metavar = metavar
         self.group = group
+        self.secret = secret  # never shown whole: not by --check, not in an error
 
 
 def _positive(v):
@@ -790,6 +816,10 @@ def _minutes(v):
 
 def _ip_version(v):
     return None if v in ("", "4", "6") else "must be 4 or 6"
+
+
+def _update_url(v):
+    return "must be an https:// URL (http:// only to a loopback address)" if v and code_url_problem(v) else None
 
 
 # The official agent clamps the interval to >= 1 s; this one allows sub-second
@@ -828,10 +858,11 @@ OPTIONS = [
     # everyday
     Option("endpoint", ("-e", "--endpoint"), "str", "", "panel URL, e.g. https://panel.example.com",
            metavar="URL"),
-    Option("token", ("-t", "--token"), "str", "", "client token from the panel", metavar="TOKEN"),
+    Option("token", ("-t", "--token"), "str", "", "client token from the panel", metavar="TOKEN", secret=True),
     Option("auto_discovery", ("--auto-discovery",), "str", "",
            "auto-discovery key: register with the panel when no token is given",
-           json_keys=("auto_discovery_key", "auto_discovery"), env=("AGENT_AUTO_DISCOVERY_KEY",), metavar="KEY"),
+           json_keys=("auto_discovery_key", "auto_discovery"), env=("AGENT_AUTO_DISCOVERY_KEY",), metavar="KEY",
+           secret=True),
     Option("interval", ("-i", "--interval"), "float", 1.0,
            "seconds between reports (default 1.0, at least %g)" % MIN_INTERVAL, check=_interval, metavar="SECONDS"),
     Option("protocol_version", ("--protocol-version",), "int", 2,
@@ -855,6 +886,11 @@ OPTIONS = [
            json_keys=("config_file",), env=("AGENT_CONFIG_FILE", "AGENT_CONFIG"), metavar="FILE"),
     Option("dry_run", ("--dry-run",), "bool", False,
            "print the basic info and one report as JSON and exit; needs no panel"),
+    Option("disable_auto_update", ("--disable-auto-update",), "bool", False,
+           "no update checks of its own (at start and every 6 hours); `update` run by hand still works"),
+    Option("update_url", ("--update-url",), "str", "",
+           "where updates come from: a GitHub-style JSON of the latest release (default: this project's "
+           "releases)", check=_update_url, metavar="URL"),
     # monitoring
     Option("info_report_interval", ("--info-report-interval",), "float", 5.0,
            "minutes between basic-info uploads (default 5)", check=_minutes, group="monitoring", metavar="MINUTES"),
@@ -907,8 +943,6 @@ OPTIONS = [
     Option("max_terminals", ("--max-terminals",), "int", 4, "terminal sessions at once (default 4)", check=_positive,
            group="remote", metavar="N"),
     # official agent compatibility
-    Option("disable_auto_update", ("--disable-auto-update",), "bool", False,
-           "accepted for compatibility; this agent never updates itself", group="official"),
     Option("memory_exclude_bcf", ("--memory-exclude-bcf",), "bool", False,
            "htop formula for used memory (the default on Linux)",
            json_keys=("memory_report_raw_used", "memory_exclude_bcf"),
@@ -932,15 +966,32 @@ OFFICIAL_ONLY_FLAGS = {
     "--cf-access-client-id": True,      # official 1.2.13 to 1.2.59
     "--cf-access-client-secret": True,  # official 1.2.13 to 1.2.59
 }
-# Environment names of those flags: ignored quietly, like the official agent does.
-OFFICIAL_ONLY_ENV = ("AGENT_CF_ACCESS_CLIENT_ID", "AGENT_CF_ACCESS_CLIENT_SECRET")
+# Their JSON keys and AGENT_* names: accepted with a warning too. Any other
+# unknown key or AGENT_* name is an error, as an unknown flag is.
+OFFICIAL_ONLY_KEYS = ("cf_access_client_id", "cf_access_client_secret")
+OFFICIAL_ONLY_ENV = tuple("AGENT_" + key.upper() for key in OFFICIAL_ONLY_KEYS)
+# Set in the file or as HOST_PROC, never by a flag (the official agent's names)
+HOST_PROC_KEY = "host_proc"
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 
 
+def masked(secret):
+    """Enough of a secret to tell two apart, not enough to use it."""
+    return "%s... (%d characters)" % (secret[:3], len(secret)) if len(secret) >= SHORT_SECRET else "*** (set)"
+
+
+def shown(value, secret=False):
+    """A bad value as an error or warning repeats it: whole when it is short,
+    masked when it is a secret or as long as one (a token given to the wrong
+    flag, say), so that no configuration message prints a token."""
+    text = value if isinstance(value, str) else repr(value)
+    return masked(text) if secret or len(text) >= SHORT_SECRET else repr(value)
+
+
 def convert(option, value, origin):
     """The value of `option` from a string (flag, env) or a JSON value, or ConfigError."""
-    name = origin
+    name, got = origin, shown(value, option.secret)
     if option.kind == "bool":
         if isinstance(value, bool):
             return value
@@ -949,27 +1000,27 @@ def convert(option, value, origin):
             return True
         if word in FALSE_WORDS:
             return False
-        raise ConfigError("%s: expected true or false, got %r" % (name, value))
+        raise ConfigError("%s: expected true or false, got %s" % (name, got))
     if option.kind in ("int", "float"):
         if isinstance(value, bool) or value is None:
-            raise ConfigError("%s: expected a number, got %r" % (name, value))
+            raise ConfigError("%s: expected a number, got %s" % (name, got))
         try:
             number = float(value) if option.kind == "float" else int(str(value).strip(), 10)
         except (TypeError, ValueError):
             if option.kind == "int" and isinstance(value, float) and value.is_integer():
                 number = int(value)
             else:
-                raise ConfigError("%s: expected %s, got %r" % (
-                    name, "a number" if option.kind == "float" else "a whole number", value))
+                raise ConfigError("%s: expected %s, got %s" % (
+                    name, "a number" if option.kind == "float" else "a whole number", got))
         if option.kind == "float" and number != number or number in (float("inf"), float("-inf")):
-            raise ConfigError("%s: expected a finite number, got %r" % (name, value))
+            raise ConfigError("%s: expected a finite number, got %s" % (name, got))
     else:
         if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError("%s: expected a string, got %r" % (name, value))
+            raise ConfigError("%s: expected a string, got %s" % (name, got))
         number = str(value).strip() if not isinstance(value, bool) else str(value).lower()
     problem = option.check(number) if option.check else None
     if problem:
-        raise ConfigError("%s %s (got %r)" % (name, problem, value))
+        raise ConfigError("%s %s (got %s)" % (name, problem, got))
     return number
 
 
@@ -1032,6 +1083,7 @@ def help_epilog():
         "      shows, corrects or exports this period's traffic totals (--month-rotate); see its --help",
         "  %s list-disk   the mounts counted as disk, as in the official agent" % PROG,
         "  %s check-mem   each used-memory formula, as in the official agent" % PROG,
+        "  %s update [--check]   look for a newer release and install it now (--check: only say)" % PROG,
         "  %s service install [--name NAME] | remove [--restore-official]" % PROG,
         "      Windows: starts the agent at boot (a Scheduled Task); replaces an official agent's service",
     ])
@@ -1041,7 +1093,7 @@ def build_arg_parser():
     parser = ArgParser(prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS, add_help=False,
                        usage="%(prog)s -e URL (-t TOKEN | --auto-discovery KEY) [--check] [options]\n"
                              "       %(prog)s --dry-run [options]\n"
-                             "       %(prog)s traffic | list-disk | check-mem | service [options]",
+                             "       %(prog)s traffic | list-disk | check-mem | update | service [options]",
                        description="Komari monitoring agent (protocol v2, v1 for older panels), version %s.\n"
                                    "A [BOOL] flag alone turns its setting on; =false turns it off (--gpu=false)."
                                    % __version__,
@@ -1101,26 +1153,25 @@ def load_config(argv, environ):
     for arg in unknown:
         if arg.startswith("-") and arg != "-":
             raise ConfigError(unknown_flag_message(arg.split("=", 1)[0]))
-        warnings.append("ignoring stray argument %r" % arg)
-    warnings.extend(unknown_environment_warnings(environ))
+        warnings.append("ignoring stray argument %s" % shown(arg))
+    warnings.extend(unknown_names([n for n in environ if n.startswith("AGENT_")],
+                                  [name for o in OPTIONS for name in o.env], OFFICIAL_ONLY_ENV, "the environment"))
     cli = vars(cli)
     check = cli.pop("check", False)
     values = {o.dest: o.default for o in OPTIONS}
     origin = {}
 
     config_path = cli.get("config") or next((environ[n] for n in OPTION_BY_DEST["config"].env if environ.get(n)), "")
-    if config_path:
-        data = read_config_file(config_path)
-        known = set()
-        for option in OPTIONS:
-            for key in option.json_keys:
-                if key in data:
-                    known.add(key)
-                    if option.dest != "config":
-                        values[option.dest] = convert(option, data[key], "%s in %s" % (key, config_path))
-                        origin[option.dest] = "file"
-        for key in sorted(set(data) - known):
-            warnings.append("ignoring unknown key %r in %s" % (key, config_path))
+    data = read_config_file(config_path) if config_path else {}
+    warnings.extend(unknown_names(data, [k for o in OPTIONS for k in o.json_keys] + [HOST_PROC_KEY],
+                                  OFFICIAL_ONLY_KEYS, config_path))
+    for option in OPTIONS:
+        for key in option.json_keys:
+            if key in data and option.dest != "config":
+                values[option.dest] = convert(option, data[key], "%s in %s" % (key, config_path))
+                origin[option.dest] = "file"
+    if not isinstance(data.get(HOST_PROC_KEY, ""), str):
+        raise ConfigError("%s in %s: expected a string" % (HOST_PROC_KEY, config_path))
     for option in OPTIONS:
         for name in option.env:
             if environ.get(name, "") != "":
@@ -1131,7 +1182,7 @@ def load_config(argv, environ):
         option = OPTION_BY_DEST[dest]
         values[dest] = convert(option, raw, option.flags[-1])
         origin[dest] = "cli"
-    values["host_proc"] = (environ.get("HOST_PROC") or "/proc").rstrip("/") or "/proc"
+    values["host_proc"] = (environ.get("HOST_PROC") or data.get(HOST_PROC_KEY) or "/proc").rstrip("/") or "/proc"
     cfg = argparse.Namespace(**values)
     cfg.check, cfg.origins = check, origin
     return finish_config(cfg, warnings), warnings
@@ -1163,16 +1214,24 @@ def suggestion(word, choices):
 
 def unknown_flag_message(flag):
     known = [f for o in OPTIONS for f in o.flags if f.startswith("--")] + ["--check", "--version", "--help"]
-    return "unknown option %s%s; see --help" % (flag, suggestion(flag, known))
+    # "-t" glued to its value is a known flag; anything else after one dash may be a value
+    name = flag if flag.startswith("--") else shown(flag)
+    return "unknown option %s%s; see --help" % (name, suggestion(flag, known))
 
 
-def unknown_environment_warnings(environ):
-    """A warning for each AGENT_* variable that sets nothing (a typo would
-    otherwise be silently ignored)."""
-    known = [name for o in OPTIONS for name in o.env]
-    return ["ignoring %s: no such setting%s" % (name, suggestion(name, known))
-            for name in sorted(environ)
-            if name.startswith("AGENT_") and name not in known and name not in OFFICIAL_ONLY_ENV]
+def unknown_names(names, known, official_only, where):
+    """Warnings for the settings named in `names` (JSON keys, AGENT_* names)
+    that only some official agent version had; ConfigError, with the closest
+    real name, for any other that sets nothing: a misspelt disable_web_ssh
+    must not leave remote control on."""
+    warnings = []
+    for name in sorted(names):
+        if name in official_only:
+            warnings.append("ignoring %s in %s: an official agent setting this agent does not implement"
+                            % (name, where))
+        elif name not in known:
+            raise ConfigError("unknown setting %s in %s%s; see --help" % (name, where, suggestion(name, known)))
+    return warnings
 
 
 def finish_config(cfg, warnings):
@@ -1208,9 +1267,13 @@ def normalise_endpoint(endpoint):
         parts = urlsplit(url)
         parts.port  # ValueError when out of range
     except ValueError:  # "http://[::1", "http://h:99999"
-        parts = urlsplit("")
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ConfigError("endpoint must look like https://panel.example.com (got %r)" % endpoint)
+        parts, problem = None, "its host or port is not valid"
+    else:
+        problem = "it does not start with http:// or https://" if parts.scheme.lower() not in ("http", "https") \
+            else "" if parts.hostname else "it names no host"
+    if problem:
+        # what is wrong, not the value: a token given to -e by mistake must not be printed
+        raise ConfigError("endpoint must look like https://panel.example.com: %s" % problem)
     host = parts.hostname
     try:
         host.encode("ascii")
@@ -1222,22 +1285,6 @@ def normalise_endpoint(endpoint):
         netloc = parts.netloc.replace(host, ascii_host) if host in parts.netloc else ascii_host
         parts = parts._replace(netloc=netloc)
     return urlunsplit((parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"), "", ""))
-
-
-def state_dir(cfg):
-    """Where state that must survive restarts lives (traffic totals, undelivered
-    results): --state-dir, else beside the script when writable, else the
-    user's state directory (/var/lib/komari-agent for root). Never the working
-    directory, which a service manager may set anywhere."""
-    if cfg.state_dir:
-        return os.path.abspath(os.path.expanduser(cfg.state_dir))
-    beside = os.path.join(os.path.dirname(SCRIPT_PATH), "state")
-    if os.access(os.path.dirname(beside), os.W_OK) and (not os.path.exists(beside) or os.access(beside, os.W_OK)):
-        return beside
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        return "/var/lib/komari-agent"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "komari-agent")
 
 
 # ---------------------------------------------------------------------------
@@ -2056,6 +2103,409 @@ def bsd_countable_mounts(partitions):
             continue
         mounts.append(Mount(bsd_storage(device, fstype), "/", mountpoint, fstype, device, opts))
     return countable_mounts(mounts)
+
+
+# ---------------------------------------------------------------------------
+# Windows: the registry and the system's figures, read through ctypes
+# ---------------------------------------------------------------------------
+
+# What the official agent asks Windows, asked without DXGI, SMBIOS, WMI or
+# performance counters, which a box (or Wine) may lack: the registry for the
+# edition, build, CPU and GPU names and the firmware's maker; kernel32, psapi
+# and ntdll for CPU times, uptime, swap and volumes; advapi32 for who we run as
+# and for the state directory's ACL; the console's control events for a clean
+# stop. The readers work only on Windows and only the Platform section calls
+# them; the parsers take plain values, so fixture data tests them anywhere.
+
+# -- the registry ------------------------------------------------------------------
+
+WINDOWS_VERSION_KEY = r"SOFTWARE\Microsoft\Windows NT\CurrentVersion"
+CPU0_KEY = r"HARDWARE\DESCRIPTION\System\CentralProcessor\0"
+FIRMWARE_KEYS = (r"HARDWARE\DESCRIPTION\System", r"HARDWARE\DESCRIPTION\System\BIOS")
+DISPLAY_CLASS_KEY = r"SYSTEM\CurrentControlSet\Control\Class\{4d36e968-e325-11ce-bfc1-08002be10318}"
+
+
+def registry_key(path):
+    """The HKEY_LOCAL_MACHINE key `path`, opened for reading in the 64-bit
+    view (a 32-bit Python would otherwise read WOW6432Node); OSError when missing."""
+    import winreg
+    return winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, path, 0, winreg.KEY_READ | winreg.KEY_WOW64_64KEY)
+
+
+def registry_values(path):
+    """{name: value} of the key `path`; {} when it is missing."""
+    import winreg
+    values = {}
+    try:
+        with registry_key(path) as key:
+            for index in itertools.count():
+                name, value, _ = winreg.EnumValue(key, index)
+                values[name] = value
+    except OSError:  # the key is missing, or the last value was read
+        pass
+    return values
+
+
+def registry_subkeys(path):
+    import winreg
+    names = []
+    try:
+        with registry_key(path) as key:
+            for index in itertools.count():
+                names.append(winreg.EnumKey(key, index))
+    except OSError:
+        pass
+    return names
+
+
+# -- edition, build, CPU -----------------------------------------------------------
+
+def windows_edition(product_name, build):
+    """The edition as the official agent names it: ProductName, which still
+    says "Windows 10" on Windows 11 (build 22000 on); Server names as they
+    are; "Microsoft Windows" when the registry names none."""
+    name = str(product_name or "").strip()
+    if not name:
+        return "Microsoft Windows"
+    if "Server" in name or "Windows 11" in name:
+        return name
+    try:
+        number = int(build)
+    except (TypeError, ValueError):
+        number = 0
+    return name.replace("Windows 10", "Windows 11", 1) if number >= 22000 else name
+
+
+def windows_kernel(build, ubr):
+    """CurrentBuild.UBR ("22631.4460"): the build and its cumulative update,
+    the build alone without an UBR."""
+    build = str(build or "").strip()
+    if not build:
+        return "Unknown"
+    return "%s.%d" % (build, ubr) if isinstance(ubr, int) and not isinstance(ubr, bool) else build
+
+
+# -- GPU names ---------------------------------------------------------------------
+
+# Display adapters that are no GPU: Windows' own driverless stand-ins, Remote
+# Desktop's adapter, and virtual monitors (indirect display drivers); virtual
+# machines' adapters (Hyper-V, VMware, QXL, virtio) go as on Linux.
+WINDOWS_NOT_A_GPU = re.compile(r"(?i)\bbasic (display|render)\b|\bremote display\b|\bindirect display\b|"
+                               r"\bvirtual (display|monitor)\b|\biddsampledriver\b")
+
+
+def gpu_names_from_display_class(descriptions):
+    """GPU names from the display-adapter class's driver keys, {"0000":
+    DriverDesc, …}, in their order; no DXGI needed."""
+    names = [str(desc).strip() for key, desc in sorted(descriptions.items())
+             if re.match(r"^\d{4}$", key) and isinstance(desc, str) and not WINDOWS_NOT_A_GPU.search(desc)]
+    return real_gpu_names(names)
+
+
+def display_adapter_descriptions():
+    """{driver key: DriverDesc} of every display adapter Windows has a driver for."""
+    return {key: registry_values(DISPLAY_CLASS_KEY + "\\" + key).get("DriverDesc")
+            for key in registry_subkeys(DISPLAY_CLASS_KEY) if re.match(r"^\d{4}$", key)}
+
+
+# -- virtualization ----------------------------------------------------------------
+
+# What a hypervisor writes into its guest's firmware tables, which Windows
+# copies into HARDWARE\DESCRIPTION\System: the maker, the product, the BIOS
+# and the ACPI tables' OEM ("BOCHS", "VBOX", "VRTUAL"). Named as the official
+# agent's CPUID probe names them: QEMU's firmware (SeaBIOS, BOCHS tables) is
+# nearly always KVM's.
+WINDOWS_HYPERVISORS = (("amazon ec2", "amazon"), ("google compute", "google"), ("vmware", "vmware"),
+                       ("virtualbox", "oracle"), ("innotek", "oracle"), ("vbox", "oracle"),
+                       ("parallels", "parallels"), ("xen", "xen"), ("bhyve", "bhyve"), ("acrn", "acrn"),
+                       ("kvm", "kvm"), ("qemu", "kvm"), ("bochs", "kvm"), ("seabios", "kvm"),
+                       ("openstack", "kvm"), ("vrtual", "microsoft"), ("hyper-v", "microsoft"))
+
+
+def windows_virtualization(firmware):
+    """The hypervisor named by the firmware's registry values
+    (SystemManufacturer, SystemProductName, BIOSVendor, BIOSVersion,
+    SystemBiosVersion); "none" when none is named. A Microsoft machine is a
+    Hyper-V guest only when it calls itself a Virtual Machine (a Surface is
+    no guest)."""
+    def text(name):
+        value = firmware.get(name) or ""
+        return " ".join(value) if isinstance(value, (list, tuple)) else str(value)
+    maker, product = text("SystemManufacturer").lower(), text("SystemProductName").lower()
+    if "microsoft" in maker and "virtual machine" in product:
+        return "microsoft"
+    found = " ".join([maker, product] + [text(name).lower() for name in
+                                         ("BIOSVendor", "BIOSVersion", "SystemBiosVersion", "VideoBiosVersion")])
+    return next((name for needle, name in WINDOWS_HYPERVISORS if needle in found), "none")
+
+
+def firmware_values():
+    values = {}
+    for key in FIRMWARE_KEYS:
+        values.update(registry_values(key))
+    return values
+
+
+# -- memory and swap -----------------------------------------------------------------
+
+def swap_from_commit(commit_limit, physical_total, page_size, page_files=None):
+    """(total, used) bytes of swap from GetPerformanceInfo's pages, as
+    psutil and gopsutil reckon it: the page files' size is the commit limit
+    beyond RAM; used is that times the page files' share in use
+    ([(size, in use)] pages from SystemPageFileInformation), 0 without them."""
+    total = max(0, commit_limit - physical_total) * page_size
+    size = sum(s for s, _ in page_files or ())
+    used = int(total * sum(u for _, u in page_files) / size) if size else 0
+    return total, min(max(used, 0), total)
+
+
+def parse_page_files(data):
+    """[(size, in use)] pages of each page file, from the chained
+    SYSTEM_PAGEFILE_INFORMATION records NtQuerySystemInformation fills in."""
+    files, offset = [], 0
+    while offset + 16 <= len(data):
+        following, size, in_use, _peak = struct.unpack_from("<IIII", data, offset)
+        files.append((size, in_use))
+        if following == 0:
+            break
+        offset += following
+    return files
+
+
+def performance_pages():
+    """(commit limit, physical total, page size) of GetPerformanceInfo,
+    the first two in pages; it needs no performance counters."""
+    import ctypes
+    fields = ("CommitTotal", "CommitLimit", "CommitPeak", "PhysicalTotal", "PhysicalAvailable", "SystemCache",
+              "KernelTotal", "KernelPaged", "KernelNonpaged", "PageSize")
+
+    class Information(ctypes.Structure):
+        _fields_ = [("cb", ctypes.c_uint32)] + [(name, ctypes.c_size_t) for name in fields] + \
+                   [(name, ctypes.c_uint32) for name in ("HandleCount", "ProcessCount", "ThreadCount")]
+    info = Information(cb=ctypes.sizeof(Information))
+    psapi = ctypes.WinDLL("psapi", use_last_error=True)
+    if not psapi.GetPerformanceInfo(ctypes.byref(info), info.cb):
+        raise ctypes.WinError(ctypes.get_last_error())
+    return info.CommitLimit, info.PhysicalTotal, info.PageSize
+
+
+def page_file_pages():
+    """[(size, in use)] pages of each page file; OSError where the system
+    will not tell (Wine)."""
+    import ctypes
+    ntdll = ctypes.WinDLL("ntdll")
+    size = 4096
+    while size <= 1 << 20:
+        buffer, needed = ctypes.create_string_buffer(size), ctypes.c_uint32()
+        status = ntdll.NtQuerySystemInformation(18, buffer, size, ctypes.byref(needed)) & 0xFFFFFFFF
+        if status == 0:
+            return parse_page_files(buffer.raw[:needed.value or size])
+        if status != 0xC0000004:  # STATUS_INFO_LENGTH_MISMATCH: a bigger buffer
+            raise OSError("NtQuerySystemInformation(SystemPageFileInformation) failed: 0x%08X" % status)
+        size *= 4
+    raise OSError("too many page files")
+
+
+# -- CPU time and uptime -----------------------------------------------------------
+
+def system_times():
+    """(idle, kernel, user) time of all CPUs since boot, in 100 ns units
+    (GetSystemTimes; kernel time includes idle time)."""
+    import ctypes
+    idle, kernel, user = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64()
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    if not kernel32.GetSystemTimes(ctypes.byref(idle), ctypes.byref(kernel), ctypes.byref(user)):
+        raise ctypes.WinError(ctypes.get_last_error())
+    return idle.value, kernel.value, user.value
+
+
+def milliseconds_since_boot():
+    import ctypes
+    kernel32 = ctypes.WinDLL("kernel32")
+    kernel32.GetTickCount64.restype = ctypes.c_uint64
+    return kernel32.GetTickCount64()
+
+
+# -- sockets -------------------------------------------------------------------------
+
+def table_rows(table):
+    """The row count that opens an IP Helper table (MIB_TCPTABLE and the like)."""
+    return struct.unpack_from("<I", table)[0] if len(table) >= 4 else 0
+
+
+def socket_counts():
+    """(tcp, udp) sockets of both families in every state (TIME_WAIT too),
+    from the IP Helper's tables: only their sizes are needed, and tables
+    without owner pids spare the per-socket lookup that makes psutil's
+    listing take a second under Wine."""
+    import ctypes
+    iphlpapi = ctypes.WinDLL("iphlpapi")
+
+    def rows(function):
+        size = ctypes.c_uint32(0)
+        for _ in range(5):
+            # room to spare: sockets come and go between asking the size and reading the table
+            size.value = max(size.value + size.value // 4, 4)
+            table = ctypes.create_string_buffer(size.value)
+            status = function(table, ctypes.byref(size), False)
+            if status == 0:
+                return table_rows(table.raw)
+            if status in (50, 232):  # ERROR_NOT_SUPPORTED (no IPv6), ERROR_NO_DATA
+                return 0
+            if status != 122:  # ERROR_INSUFFICIENT_BUFFER: again, with the size it asked for
+                raise ctypes.WinError(status)
+        raise OSError("the socket table kept growing")
+    return (rows(iphlpapi.GetTcpTable) + rows(iphlpapi.GetTcp6Table),
+            rows(iphlpapi.GetUdpTable) + rows(iphlpapi.GetUdp6Table))
+
+
+# -- volumes -------------------------------------------------------------------------
+
+def volume_identity(root):
+    """What tells a volume apart under any of its drive letters or folders:
+    its \\\\?\\Volume{GUID}\\ name, else its serial number, else `root` itself."""
+    import ctypes
+    kernel32 = ctypes.WinDLL("kernel32")
+    root = root if root.endswith("\\") else root + "\\"
+    name = ctypes.create_unicode_buffer(64)
+    if kernel32.GetVolumeNameForVolumeMountPointW(ctypes.c_wchar_p(root), name, len(name)) and name.value:
+        return "volume:" + name.value.lower()
+    serial = ctypes.c_uint32()
+    if kernel32.GetVolumeInformationW(ctypes.c_wchar_p(root), None, 0, ctypes.byref(serial), None, None, None, 0):
+        return "serial:%08x" % serial.value
+    return "root:" + root.lower()
+
+
+def fixed_volume_mounts(partitions, identity):
+    """[(key, Mount)] of the fixed drives among psutil's partitions
+    (device, mount point, fstype, opts): removable, optical, network and RAM
+    drives hold no space of this box. Each volume once, by `identity`, under
+    its shortest mount point."""
+    chosen = {}
+    for device, mountpoint, fstype, opts in partitions:
+        if "fixed" not in opts.split(","):
+            continue
+        key = identity(mountpoint)
+        if key not in chosen or len(mountpoint) < len(chosen[key].mountpoint):
+            chosen[key] = Mount(key, "\\", mountpoint, fstype, device, opts)
+    return list(chosen.items())
+
+
+# -- who we run as, and private folders ---------------------------------------------
+
+LOCAL_SYSTEM_SID = "S-1-5-18"
+# Full control for SYSTEM, the Administrators and the owner (the account the
+# agent runs as, which made the folder), inherited by every file made inside,
+# and nothing from the folder above (P): the token and the results are no one
+# else's to read.
+PRIVATE_DACL = "D:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;FA;;;OW)"
+
+
+def process_user_sid():
+    """The SID of the account this process runs as ("S-1-5-18" for
+    SYSTEM), or "" when the token will not say."""
+    import ctypes
+    from ctypes import wintypes
+    advapi32 = ctypes.WinDLL("advapi32", use_last_error=True)
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+    advapi32.OpenProcessToken.argtypes = [wintypes.HANDLE, wintypes.DWORD, ctypes.POINTER(wintypes.HANDLE)]
+    advapi32.GetTokenInformation.argtypes = [wintypes.HANDLE, ctypes.c_int, ctypes.c_void_p, wintypes.DWORD,
+                                             ctypes.POINTER(wintypes.DWORD)]
+    advapi32.ConvertSidToStringSidW.argtypes = [ctypes.c_void_p, ctypes.POINTER(wintypes.LPWSTR)]
+    kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
+    kernel32.LocalFree.argtypes = [ctypes.c_void_p]
+    token = wintypes.HANDLE()
+    if not advapi32.OpenProcessToken(kernel32.GetCurrentProcess(), 0x0008, ctypes.byref(token)):  # TOKEN_QUERY
+        return ""
+    try:
+        buffer, needed = ctypes.create_string_buffer(512), wintypes.DWORD()
+        if not advapi32.GetTokenInformation(token, 1, buffer, len(buffer), ctypes.byref(needed)):  # TokenUser
+            return ""
+        text = wintypes.LPWSTR()
+        if not advapi32.ConvertSidToStringSidW(ctypes.c_void_p.from_buffer(buffer).value, ctypes.byref(text)):
+            return ""
+        try:
+            return text.value or ""
+        finally:
+            kernel32.LocalFree(text)
+    finally:
+        kernel32.CloseHandle(token)
+
+
+def folder_accepts_files(path):
+    """Whether this process may create files in the folder `path`, asked of
+    the ACL by opening the folder for adding files, which leaves no trace
+    (os.access reads the read-only flag alone)."""
+    import ctypes
+    from ctypes import wintypes
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.CreateFileW.restype = wintypes.HANDLE
+    kernel32.CreateFileW.argtypes = [wintypes.LPCWSTR, wintypes.DWORD, wintypes.DWORD, ctypes.c_void_p,
+                                     wintypes.DWORD, wintypes.DWORD, wintypes.HANDLE]
+    kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
+    # FILE_ADD_FILE; every share mode; OPEN_EXISTING; FILE_FLAG_BACKUP_SEMANTICS, which opens folders
+    handle = kernel32.CreateFileW(path, 0x0002, 0x0007, None, 3, 0x02000000, None)
+    if handle is None or handle == wintypes.HANDLE(-1).value:
+        return False
+    kernel32.CloseHandle(handle)
+    return True
+
+
+def set_folder_dacl(path, sddl=PRIVATE_DACL):
+    """Give the folder `path` the DACL `sddl`; its files get the inheritable
+    part (SetNamedSecurityInfoW carries it down). OSError on failure."""
+    import ctypes
+    from ctypes import wintypes
+    advapi32 = ctypes.WinDLL("advapi32", use_last_error=True)
+    kernel32 = ctypes.WinDLL("kernel32")
+    advapi32.ConvertStringSecurityDescriptorToSecurityDescriptorW.argtypes = [
+        wintypes.LPCWSTR, wintypes.DWORD, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    advapi32.GetSecurityDescriptorDacl.argtypes = [ctypes.c_void_p, ctypes.POINTER(wintypes.BOOL),
+                                                   ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(wintypes.BOOL)]
+    advapi32.SetNamedSecurityInfoW.argtypes = [wintypes.LPWSTR, ctypes.c_int, wintypes.DWORD, ctypes.c_void_p,
+                                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    kernel32.LocalFree.argtypes = [ctypes.c_void_p]
+    descriptor = ctypes.c_void_p()
+    if not advapi32.ConvertStringSecurityDescriptorToSecurityDescriptorW(sddl, 1, ctypes.byref(descriptor), None):
+        raise ctypes.WinError(ctypes.get_last_error())
+    try:
+        present, defaulted, dacl = wintypes.BOOL(), wintypes.BOOL(), ctypes.c_void_p()
+        if not advapi32.GetSecurityDescriptorDacl(descriptor, ctypes.byref(present), ctypes.byref(dacl),
+                                                  ctypes.byref(defaulted)):
+            raise ctypes.WinError(ctypes.get_last_error())
+        # SE_FILE_OBJECT; DACL_SECURITY_INFORMATION | PROTECTED_DACL_SECURITY_INFORMATION
+        status = advapi32.SetNamedSecurityInfoW(path, 1, 0x00000004 | 0x80000000, None, None, dacl, None)
+        if status:
+            raise ctypes.WinError(status)
+    finally:
+        kernel32.LocalFree(descriptor)
+
+
+# -- console control events ----------------------------------------------------------
+
+CTRL_C_EVENT, CTRL_BREAK_EVENT, CTRL_CLOSE_EVENT, CTRL_LOGOFF_EVENT, CTRL_SHUTDOWN_EVENT = 0, 1, 2, 5, 6
+
+
+def console_event_stops(event):
+    """Whether a console control event ends the agent: Ctrl+C, Ctrl+Break,
+    the console closing and the system shutting down do; a user logging
+    off does not (only a process outside every user's session, a service or
+    a boot task, hears it, and it is not that process's end)."""
+    return event in (CTRL_C_EVENT, CTRL_BREAK_EVENT, CTRL_CLOSE_EVENT, CTRL_SHUTDOWN_EVENT)
+
+
+def on_console_events(handler):
+    """Have `handler(event)` run on every console control event, on a thread
+    the system starts for it (so it runs whatever the main thread waits on);
+    its True answer means handled. The callback is returned: it must be kept."""
+    import ctypes
+    from ctypes import wintypes
+    callback = ctypes.WINFUNCTYPE(wintypes.BOOL, wintypes.DWORD)(lambda event: bool(handler(event)))
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    if not kernel32.SetConsoleCtrlHandler(callback, True):
+        raise ctypes.WinError(ctypes.get_last_error())
+    return callback
 
 
 # ---------------------------------------------------------------------------
@@ -2885,29 +3335,13 @@ def official_service(name=OFFICIAL_SERVICE):
     """The official agent's service as NSSM registered it: {"parameters":
     its arguments as one string, "directory": its working directory,
     "start": its start type for sc.exe}; None when there is none."""
-    import winreg
-    try:
-        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, SERVICES_KEY + "\\" + name) as key:
-            start = registry_value(key, "Start", 3)
-            delayed = registry_value(key, "DelayedAutostart", 0)
-    except OSError:
+    service = registry_values(SERVICES_KEY + "\\" + name)
+    if not service:
         return None
-    try:
-        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, SERVICES_KEY + "\\" + name + "\\Parameters") as key:
-            parameters, directory = registry_value(key, "AppParameters", ""), registry_value(key, "AppDirectory", "")
-    except OSError:
-        parameters = directory = ""
-    start = SERVICE_START_TYPES.get(start, "demand")
-    return {"parameters": str(parameters), "directory": str(directory),
-            "start": "delayed-auto" if start == "auto" and delayed else start}
-
-
-def registry_value(key, name, default):
-    import winreg
-    try:
-        return winreg.QueryValueEx(key, name)[0]
-    except OSError:
-        return default
+    nssm = registry_values(SERVICES_KEY + "\\" + name + "\\Parameters")
+    start = SERVICE_START_TYPES.get(service.get("Start"), "demand")
+    return {"parameters": str(nssm.get("AppParameters") or ""), "directory": str(nssm.get("AppDirectory") or ""),
+            "start": "delayed-auto" if start == "auto" and service.get("DelayedAutostart") else start}
 
 
 def running_as_administrator():
@@ -2975,6 +3409,7 @@ class PsutilHost:
     def __init__(self, cfg=None):
         self.cfg = cfg
         self.proc = getattr(cfg, "host_proc", "/proc")
+        self.said = OncePer()
 
     def cpu_times(self):
         """(busy, total) CPU time since boot."""
@@ -2983,11 +3418,21 @@ class PsutilHost:
         return total - t.idle - getattr(t, "iowait", 0), total
 
     def memory(self, include_cache):
-        """((total, used), (swap total, swap used)) in bytes."""
-        ps = psutil_module()
-        vm, sw = ps.virtual_memory(), ps.swap_memory()
+        """((total, used), (swap total, swap used)) in bytes: RAM is never
+        lost because swap cannot be read."""
+        vm = psutil_module().virtual_memory()
         used = vm.total - vm.free if include_cache else vm.total - vm.available
-        return (vm.total, max(0, used)), (sw.total, sw.used)
+        return (vm.total, max(0, used)), self.swap()
+
+    def swap(self):
+        """(total, used) bytes of swap; 0 where the system will not tell, said once."""
+        try:
+            sw = psutil_module().swap_memory()
+        except Exception as e:
+            if self.said("swap"):
+                log.warning("swap is reported as 0: psutil cannot read it (%s: %s)", type(e).__name__, e)
+            return 0, 0
+        return sw.total, sw.used
 
     def load(self):
         return os.getloadavg()
@@ -3135,7 +3580,6 @@ class BsdHost(PsutilHost):
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
-        self.said = OncePer()
         self.sysctls = {}
         self.sockets = None
         self.sockets_at = 0.0
@@ -3221,6 +3665,80 @@ class FreeBSDHost(BsdHost):
         return freebsd_virtualization(self.sysctl("security.jail.jailed"), self.sysctl("kern.vm_guest"))
 
 
+# -- Windows -------------------------------------------------------------------------
+
+class WindowsHost(PsutilHost):
+    """Windows: the facts from the registry, as the official agent reads
+    them but without DXGI or SMBIOS; the figures through psutil and
+    kernel32. Where the performance counters are missing (turned off, or
+    Wine) load is 0 and swap comes from GetPerformanceInfo, each said once."""
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.load_problem = None  # why psutil's load average cannot be had, once known
+
+    def cpu_times(self):
+        # GetSystemTimes, as gopsutil: psutil would count interrupt and DPC time twice
+        idle, kernel, user = system_times()
+        return kernel + user - idle, kernel + user
+
+    def swap(self):
+        try:
+            sw = psutil_module().swap_memory()  # page file use from the performance counters
+            return sw.total, sw.used
+        except Exception as e:
+            problem = "%s: %s" % (type(e).__name__, e)
+        try:
+            files = page_file_pages()
+        except OSError:
+            files = None
+        if self.said("swap"):
+            log.warning("swap is read from GetPerformanceInfo: psutil cannot read it (%s)%s", problem,
+                        "" if files else "; its use cannot be read either and is reported as 0")
+        return swap_from_commit(*performance_pages(), page_files=files)
+
+    def load(self):
+        """psutil's processor-queue average (gopsutil's on the official
+        agent); 0 where the performance counters are missing, said once."""
+        if self.load_problem is None:
+            try:
+                return tuple(psutil_module().getloadavg())
+            except Exception as e:
+                self.load_problem = "%s: %s" % (type(e).__name__, e)
+                log.warning("load is reported as 0: Windows' performance counters cannot be read (%s)",
+                            self.load_problem)
+        return 0.0, 0.0, 0.0
+
+    def counted_mounts(self):
+        return fixed_volume_mounts(psutil_module().disk_partitions(all=False), volume_identity)
+
+    def connections(self):
+        return socket_counts()
+
+    def uptime(self):
+        return milliseconds_since_boot() // 1000
+
+    def cpu_facts(self):
+        # not platform.processor(): Python 3.12 on asks WMI for it, slowly or not at all
+        ps = psutil_module()
+        name = str(registry_values(CPU0_KEY).get("ProcessorNameString") or "").strip()
+        return name or "Unknown", ps.cpu_count() or os.cpu_count() or 1, ps.cpu_count(logical=False) or 0
+
+    def os_name(self):
+        version = registry_values(WINDOWS_VERSION_KEY)
+        return windows_edition(version.get("ProductName"), version.get("CurrentBuild"))
+
+    def kernel_version(self):
+        version = registry_values(WINDOWS_VERSION_KEY)
+        return windows_kernel(version.get("CurrentBuild"), version.get("UBR"))
+
+    def gpu_name(self):
+        return group_names(gpu_names_from_display_class(display_adapter_descriptions()))
+
+    def virtualization(self):
+        return windows_virtualization(firmware_values())
+
+
 def make_host(cfg=None):
     """The host this agent runs on: the one place that tells systems apart."""
     if IS_LINUX:
@@ -3229,7 +3747,124 @@ def make_host(cfg=None):
         return MacHost(cfg)
     if sys.platform.startswith("freebsd"):
         return FreeBSDHost(cfg)
+    if IS_WINDOWS:
+        return WindowsHost(cfg)
     return PsutilHost(cfg)
+
+
+# -- state, output and stopping --------------------------------------------------------
+
+def can_create_files_in(directory):
+    """Whether this process may create files in `directory`: on Windows the
+    ACL says, which os.access() does not read."""
+    if IS_WINDOWS:
+        return folder_accepts_files(directory)
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def default_state_dir():
+    """Where state lives without --state-dir. On Windows: %ProgramData%\\komari-agent
+    for SYSTEM (a boot task or a service), else beside the script when it can
+    be written there, else %LOCALAPPDATA%\\komari-agent. Elsewhere: beside the
+    script when writable, else the user's state directory
+    (/var/lib/komari-agent for root)."""
+    beside = os.path.join(os.path.dirname(SCRIPT_PATH), "state")
+    if IS_WINDOWS:
+        if process_user_sid() == LOCAL_SYSTEM_SID:
+            return os.path.join(os.environ.get("ProgramData") or "C:\\ProgramData", "komari-agent")
+        if can_create_files_in(beside if os.path.isdir(beside) else os.path.dirname(beside)):
+            return beside
+        return os.path.join(os.environ.get("LOCALAPPDATA") or os.path.expanduser("~"), "komari-agent")
+    if os.access(os.path.dirname(beside), os.W_OK) and (not os.path.exists(beside) or os.access(beside, os.W_OK)):
+        return beside
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "/var/lib/komari-agent"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "komari-agent")
+
+
+def state_dir(cfg):
+    """Where state that must survive restarts lives (traffic totals, undelivered
+    results): --state-dir, else default_state_dir(). Never the working
+    directory, which a service manager may set anywhere."""
+    if cfg.state_dir:
+        return os.path.abspath(os.path.expanduser(cfg.state_dir))
+    return default_state_dir()
+
+
+def private_directory(path):
+    """Create `path` if missing and make sure no one else can get in (someone
+    could read the token, or plant links or FIFOs in it). On Windows the
+    folder gets an ACL for SYSTEM, the Administrators and its owner alone.
+    Elsewhere it is made mode 0700: one that others can write is made private
+    when it is ours, else refused. Returns what is wrong with it, or ""."""
+    try:
+        make_private_dirs(path)
+        st = os.stat(path)
+        if not S_ISDIR(st.st_mode):
+            return "%s is not a directory" % path
+        if IS_WINDOWS:
+            set_folder_dacl(path)
+        elif st.st_mode & 0o022:
+            mine = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
+            if not mine or st.st_mode & 0o1000:   # sticky: a shared one like /tmp, never ours to change
+                return "%s can be written by other users" % path
+            os.chmod(path, 0o700)
+            log.warning("%s could be written by other users; made it private (mode 0700)", path)
+        if not can_create_files_in(path):
+            return "%s is not writable" % path
+    except OSError as e:
+        return "%s: %s" % (path, describe_error(e))
+    return ""
+
+
+# websocket-client sets TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT on a socket
+# it dials; Windows before 10 1709 and Server 2016 (and Wine) refuse them and
+# the dial fails. There the agent dials the socket itself (its own WebSocket
+# pings find a dead link anyway).
+DIAL_WEBSOCKETS_OURSELVES = IS_WINDOWS
+
+
+def utf8_output():
+    """Windows writes piped and redirected output in the ANSI code page
+    (cp1252, …), which cannot hold most names (a GPU's, a host's, a path's):
+    UTF-8 there, as on the wire. A console shows Unicode anyway."""
+    if not IS_WINDOWS:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and hasattr(stream, "reconfigure") and not stream.isatty():
+            stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+
+
+# Windows ends a process a few seconds after its console closes or the system
+# starts to shut down, once the control handler returns: the handler waits
+# this long, and the agent's own clean stop ends the process first.
+CONSOLE_CLOSE_GRACE = 10.0
+CONSOLE_HANDLERS = []  # ctypes callbacks the system calls: they must live as long as the process
+
+
+def stop_for_console_event(stop, event):
+    """A console control handler's answer: whether the event was handled."""
+    if not console_event_stops(event):
+        return False  # a user logging off: the next handler's (the system's) to judge
+    stop.set()
+    if event in (CTRL_CLOSE_EVENT, CTRL_SHUTDOWN_EVENT):
+        time.sleep(CONSOLE_CLOSE_GRACE)
+    return True
+
+
+def stop_on_console_events(stop):
+    """On Windows, set `stop` on the console's control events: Ctrl+C,
+    Ctrl+Break, the console closing, shutdown. Python would run its signal
+    handlers only in the main thread, which waits for the agent's thread and
+    runs none; the system runs a console handler on a thread of its own.
+    Nothing elsewhere."""
+    if not IS_WINDOWS:
+        return
+    try:
+        CONSOLE_HANDLERS.append(on_console_events(lambda event: stop_for_console_event(stop, event)))
+    except OSError as e:
+        log.warning("Ctrl+C and the console closing cannot stop the agent cleanly: %s", describe_error(e))
 
 
 # SIGHUP first (shells save history, jobs get told); SIGKILL after this
@@ -3617,6 +4252,16 @@ def boot_task_problem():
     return "Windows only: on Linux, macOS and FreeBSD install.sh installs the agent as a service"
 
 
+# -- restarting this agent (self-update) ----------------------------------------------
+
+# Asks a running agent for an update check (`update` run by hand); none on Windows.
+UPDATE_SIGNAL = getattr(signal, "SIGUSR1", None)
+# os.execv replaces this process (same pid) on Unix; on Windows it starts a
+# new one and ends this one, which a service wrapper takes for an exit and
+# answers with a second agent: there the agent exits for a restart instead.
+EXEC_IN_PLACE = not IS_WINDOWS
+
+
 # ---------------------------------------------------------------------------
 # Report figures: what each realtime report measures, whatever the system
 # ---------------------------------------------------------------------------
@@ -3858,6 +4503,12 @@ class Collector:
                 self.nic_decisions.clear()
             counted = self.nic_decisions[name] = nic_counted(name, self.cfg.nics_include, self.cfg.nics_exclude)
         return counted
+
+    def sample_traffic(self):
+        """Count --month-rotate traffic without a report. Under the report's
+        lock: counters read earlier but counted later would look like a reset."""
+        with self.lock:
+            self.traffic.update(self.nic_counters())
 
     def network(self):
         counters = self.nic_counters()
@@ -4148,7 +4799,11 @@ def epoch_of(now):
 
 
 def local_time(t):
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if isinstance(t, (int, float)) else "?"
+    """"2024-06-01 00:00", or "?" for what is no moment (stored JSON can hold anything)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if isinstance(t, (int, float)) else "?"
+    except (OverflowError, OSError, ValueError):
+        return "?"
 
 
 def reset_moment(year, month, day):
@@ -4255,6 +4910,28 @@ def stored_time(value):
     value = float(value)
     time.localtime(value)
     return value
+
+
+def saved_traffic(path):
+    """The traffic.json snapshot at `path` for `traffic --show/--export`:
+    FileNotFoundError when there is none, ValueError saying what is wrong
+    when it is damaged (exported, it would give the official agent zeros)."""
+    data = read_json_object(path)
+    for key in ("period_start", "period_end", "saved_at"):
+        value = data.get(key)
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError
+            stored_time(value)
+        except (ValueError, OverflowError, OSError):
+            raise ValueError("%s is not a moment in time" % key)
+    for key, shape, item in (("total", dict, int), ("offset", dict, int), ("nics", dict, dict),
+                             ("counted", list, str), ("previous", dict, object)):
+        value = data.get(key) or shape()
+        items = list(value.values()) if isinstance(value, dict) else value
+        if not isinstance(value, shape) or any(isinstance(v, bool) or not isinstance(v, item) for v in items):
+            raise ValueError("%s is malformed" % key)
+    return data
 
 
 class TrafficLedger:
@@ -4518,6 +5195,24 @@ class TrafficLedger:
             if self.saved_at is None or abs(now - self.saved_at) >= TRAFFIC_SAVE_EVERY:
                 self.save(now)
             return self.totals()
+
+
+def sample_traffic_while_idle(ledger, sample, stop):
+    """Keep `ledger` counting while no report does (before the first link,
+    during an outage): `sample()` (Collector.sample_traffic) at once and
+    whenever the last sample is TRAFFIC_SAVE_EVERY old, so the state is
+    saved, `traffic --show` is right and a reboot before the panel is
+    reached loses at most that much. Returns when `stop` is set."""
+    while True:
+        idle = time.time() - ledger.sampled_at if ledger.sampled else TRAFFIC_SAVE_EVERY
+        if not 0 <= idle < TRAFFIC_SAVE_EVERY:
+            try:
+                sample()
+            except Exception as e:   # a NIC read failing now and then must not end the counting
+                log.debug("traffic sample failed: %s", describe_error(e))
+            idle = 0.0
+        if stop.wait(TRAFFIC_SAVE_EVERY - idle):
+            return
 
 
 def traffic_ledger(cfg):
@@ -5219,7 +5914,8 @@ def open_websocket(cfg, url, timeout=WS_CONNECT_TIMEOUT, header=None):
     sslopt = {"cert_reqs": ssl.CERT_NONE, "check_hostname": False} if cfg.ignore_unsafe_cert else {}
     kwargs = {}
     # dialled here only where no proxy connects for us: a socket of ours would bypass it
-    if (cfg.prefer_ip_version or cfg.custom_dns) and not environment_proxy("http" + url[2:]):
+    ours = cfg.prefer_ip_version or cfg.custom_dns or DIAL_WEBSOCKETS_OURSELVES
+    if ours and not environment_proxy("http" + url[2:]):
         kwargs["socket"] = preferred_socket(cfg, url, timeout)
     if header:
         kwargs["header"] = header
@@ -5990,6 +6686,7 @@ class LinkChooser:
         self.strikes = 0        # protocol failures in a row
         self.post_refused = False
         self.v1_dials = 0
+        self.v1_failed = ""     # why v1 failed, when it never connected since the last fallback
         self.last_problem = ""
         self.v1_reason = "--protocol-version 1"
 
@@ -6034,6 +6731,7 @@ class LinkChooser:
         elif kind == V1_SOCKET and not self.only_v1:
             self.v1_dials += 1
             if self.v1_dials >= self.retries:
+                self.v1_failed = "v1 failed as well (last: %s)" % problem
                 self.start_over()
         if protocol and kind != V1_SOCKET:
             self.strikes += 1
@@ -6043,7 +6741,11 @@ class LinkChooser:
         return protocol and LINK_KINDS.index(self.next()) > LINK_KINDS.index(kind)
 
     def fall_back(self, why):
-        log.warning("falling back to protocol v1: %s; until that link is lost", why)
+        if self.v1_failed:
+            log.warning("the panel answers neither v2 nor v1: %s, and %s; is --endpoint the panel's address? "
+                        "trying v1 again, then v2", why, self.v1_failed)
+        else:
+            log.warning("falling back to protocol v1: %s; until that link is lost", why)
         self.on_v1, self.v1_dials, self.v1_reason = True, 0, why
 
     def start_over(self):
@@ -6053,6 +6755,7 @@ class LinkChooser:
 
     def connected(self, link):
         kind = link.kind
+        self.v1_failed = ""
         if kind == V2_SOCKET:
             self.dials = 0
         if kind != V1_SOCKET:
@@ -6977,6 +7680,628 @@ class Tasks:
 
 
 # ---------------------------------------------------------------------------
+# Self-update: a release replaces this file only once verified and seen reaching the panel
+# ---------------------------------------------------------------------------
+#
+# Who does what. The way back cannot be left to the new code, which may be
+# the broken part, so the old version stays the parent until the new one has
+# reached the panel:
+# - At start, before the first link (update_at_start), and for `update` run
+#   by hand with no agent running: the feed is asked, the new komari_agent.py
+#   downloaded and checked against SHA256SUMS and requirements.txt, staged
+#   beside this file, compiled, run with --version and with --check and the
+#   same settings, and then run for real as a CHILD of this process (same
+#   arguments, same environment, same state directory) for up to
+#   TRIAL_SECONDS. Only when the child's status.json says "connected" is it
+#   stopped, this file replaced atomically (the old one kept as .previous)
+#   and the new version started: exit 42 where a service manager restarts us
+#   (SUPERVISED_ENV, set by install.sh's services), else exec in place (by
+#   hand, cron; EXEC_IN_PLACE). A child that exits or is not connected in time is stopped,
+#   the release is skipped until a newer one (update.json), and this process
+#   runs on as the old version: the installed file was never touched, so a
+#   crash or a kill during the trial cannot leave an untried version behind.
+# - A running agent (Updater, the "update" thread) only asks the feed, every
+#   UPDATE_EVERY and on SIGUSR1 (`update` run by hand); a newer release that
+#   downloads with the right checksum makes it stop and start again, since a
+#   trial needs the panel link free: the fresh start does the above.
+
+# The project's release location. install.sh's DEFAULT_AGENT_URL names the
+# same repository (a test holds them equal); OWNER/REPO is the placeholder
+# until the project publishes releases, and no feed is asked meanwhile.
+RELEASE_REPOSITORY = "OWNER/REPO"
+PLACEHOLDER_REPOSITORY = "OWNER/REPO"
+DEFAULT_UPDATE_URL = "https://api.github.com/repos/%s/releases/latest" % RELEASE_REPOSITORY
+UPDATE_EVERY = 6 * 3600.0       # as the official agent
+RESTART_STATUS = 42             # the official agent's; install.sh's services restart on it
+# Set (to anything but "" or "0") by the services install.sh writes: they
+# restart the agent when it exits with RESTART_STATUS. Without it the agent
+# executes the new version in place, which works under anything.
+SUPERVISED_ENV = "KOMARI_AGENT_SUPERVISED"
+TRIAL_ENV = "KOMARI_UPDATE_TRIAL"    # set for the trial child: its parent does the updating
+TRIAL_SECONDS = 60.0
+TRIAL_HOLD = 2.0      # and still connected this long after: its first reports went out
+TRIAL_SECONDS_ENV = "KOMARI_UPDATE_TRIAL_SECONDS"   # shorter trials, for tests (docs/UPDATING.md)
+FEED_TIMEOUT = 10.0             # a start waits at most this for a feed that does not answer
+DOWNLOAD_TIMEOUT = 60.0
+FEED_LIMIT, AGENT_LIMIT, SMALL_LIMIT = 1 << 20, 8 << 20, 64 << 10
+AGENT_ASSET, SUMS_ASSET, REQUIREMENTS_ASSET = "komari_agent.py", "SHA256SUMS", "requirements.txt"
+# requirements.txt (a test holds them equal): a release needing others waits for install.sh
+REQUIREMENTS = ("psutil>=5.6", "websocket-client>=1.0")
+UPDATE_FILE = "update.json"
+# Written by the agent loop's LinkStatus; a trial run is judged by it.
+STATUS_FILE = "status.json"
+STAGED_SUFFIX, PREVIOUS_SUFFIX = ".update", ".previous"
+# Set by SIGUSR1 (main() installs the handler): `update` run by hand asks a running agent.
+UPDATE_WANTED = threading.Event()
+COMPILE_ONLY = "import sys; compile(open(sys.argv[1], 'rb').read(), sys.argv[1], 'exec')"
+
+Release = namedtuple("Release", "tag version prerelease assets")
+
+
+class UpdateProblem(AgentError):
+    """Why a release was not taken, in one line. `skip`: the release itself
+    is at fault (it does not compile, refuses the settings, never linked), so
+    asking again will not help until a newer one appears."""
+
+    def __init__(self, message, skip=False):
+        super().__init__(message)
+        self.skip = skip
+
+
+def update_feed(cfg):
+    return cfg.update_url or DEFAULT_UPDATE_URL
+
+
+def version_key(text):
+    """(0, 2, 0, 0) for "0.2.0" or "v0.2.0", padded so that 0.2 == 0.2.0;
+    None for anything else ("0.3.0-rc1", "dev"), which is never installed."""
+    match = re.match(r"[vV]?(\d{1,9}(?:\.\d{1,9}){0,3})$", (text or "").strip())
+    if not match:
+        return None
+    numbers = [int(n) for n in match.group(1).split(".")]
+    return tuple(numbers + [0] * (4 - len(numbers)))
+
+
+def update_impossible(cfg):
+    """Why this agent cannot update itself here, as one line, or ""."""
+    if PLACEHOLDER_REPOSITORY in update_feed(cfg):
+        return ("no release feed yet: the project's address is still the placeholder %s; "
+                "--update-url URL names one" % PLACEHOLDER_REPOSITORY)
+    problem = not_replaceable(SCRIPT_PATH)
+    if problem:
+        return "not updating: %s" % problem
+    problem = private_directory(state_dir(cfg))
+    if problem:
+        return "not updating: %s, where a new version's first link would be watched" % problem
+    return ""
+
+
+def not_replaceable(path):
+    """Why `path` is not ours to replace, or "": a link, a package manager's
+    or a git checkout's file, or one this user cannot write."""
+    if os.path.islink(path):
+        return "%s is a symbolic link" % path
+    if re.match(r"/usr/(?!local/)", path) or re.search(r"[/\\](site|dist)-packages[/\\]", path):
+        return "%s belongs to a package manager; update it with that" % path
+    directory = os.path.dirname(path)
+    parent = directory
+    while True:
+        if os.path.exists(os.path.join(parent, ".git")):
+            return "%s is in a git checkout; update it with git" % path
+        if os.path.dirname(parent) == parent:
+            break
+        parent = os.path.dirname(parent)
+    if not (os.access(path, os.W_OK) and os.access(directory, os.W_OK | os.X_OK)):
+        return "%s cannot be written by this user (a read-only install)" % path
+    return ""
+
+
+def trial_seconds():
+    try:
+        return min(TRIAL_SECONDS, max(1.0, float(os.environ.get(TRIAL_SECONDS_ENV, TRIAL_SECONDS))))
+    except ValueError:
+        return TRIAL_SECONDS
+
+
+# -- the release feed ----------------------------------------------------------------
+
+def fetch_limited(cfg, url, limit, timeout, accept="*/*"):
+    """The body of a GET to `url`, at most `limit` bytes, redirects followed
+    only to https:// (or to loopback); UpdateProblem otherwise. Certificates
+    are verified even with --ignore-unsafe-cert, which is for the panel: what
+    comes from here is run. A private CA goes in SSL_CERT_FILE."""
+    import urllib.error
+    import urllib.request
+    problem = code_url_problem(url)
+    if problem:
+        raise UpdateProblem("%s %s" % (url, problem))
+
+    class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            if code_url_problem(newurl):
+                raise urllib.error.URLError("redirected to %s, which %s" % (newurl, code_url_problem(newurl)))
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+    cutter = ConnectionCutter(timeout)
+    dial = (lambda address, timeout=None, source_address=None: dial_tcp(cfg, address[0], address[1], timeout)) \
+        if cfg.custom_dns else None
+    opener = urllib.request.build_opener(*cuttable_handlers(cutter, ssl.create_default_context(), dial),
+                                         CheckedRedirects())
+    request = urllib.request.Request(url, headers={"User-Agent": "komari-agent-py/" + __version__, "Accept": accept})
+    try:
+        with opener.open(request, timeout=timeout) as reply:
+            body = reply.read(limit + 1)
+    except urllib.error.HTTPError as e:
+        raise UpdateProblem("%s answered HTTP %d" % (url, e.code))
+    except (OSError, ValueError, http_exceptions()) as e:
+        error = http_failure(e, cutter)
+        raise UpdateProblem("%s: %s" % (url, getattr(error, "strerror", None) or str(error) or type(error).__name__))
+    finally:
+        cutter.cancel()
+    if len(body) > limit:
+        raise UpdateProblem("%s is larger than %d bytes" % (url, limit))
+    return body
+
+
+def parse_release(body):
+    """A GitHub-style release (tag_name, prerelease, assets[].name and
+    .browser_download_url) from the feed's answer; UpdateProblem if it is none."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("tag_name"), str):
+        raise UpdateProblem("the release feed answered %s, not a release with a tag_name" % describe_body(body))
+    assets = {}
+    for asset in data.get("assets") if isinstance(data.get("assets"), list) else ():
+        if isinstance(asset, dict) and isinstance(asset.get("name"), str) \
+                and isinstance(asset.get("browser_download_url"), str):
+            assets[asset["name"]] = asset["browser_download_url"]
+    tag = data["tag_name"].strip()[:80]
+    return Release(tag, version_key(tag), data.get("prerelease") is True, assets)
+
+
+def latest_release(cfg):
+    return parse_release(fetch_limited(cfg, update_feed(cfg), FEED_LIMIT, FEED_TIMEOUT,
+                                       accept="application/vnd.github+json"))
+
+
+def listed_sha256(sums, name):
+    """The SHA-256 that a SHA256SUMS file (sha256sum's output) gives for `name`, or None."""
+    for line in sums.decode("utf-8", "replace").splitlines():
+        match = re.match(r"\s*([0-9a-fA-F]{64})\s+\*?(.+?)\s*$", line)
+        if match and os.path.basename(match.group(2)) == name:
+            return match.group(1).lower()
+    return None
+
+
+def requirement_lines(text):
+    """The requirements in a requirements.txt, as compared: no comments,
+    blanks, spaces or case."""
+    lines = (line.split("#", 1)[0].replace(" ", "").lower() for line in text.splitlines())
+    return sorted(line for line in lines if line)
+
+
+def checked_asset(cfg, release, sums, name, limit):
+    """An asset of `release`, downloaded, with the SHA-256 that `sums` lists for it."""
+    import hashlib
+    data = fetch_limited(cfg, release.assets[name], limit, DOWNLOAD_TIMEOUT)
+    want = listed_sha256(sums, name)
+    if want is None:
+        raise UpdateProblem("%s not taken: its %s does not list %s" % (release.tag, SUMS_ASSET, name))
+    if hashlib.sha256(data).hexdigest() != want:
+        raise UpdateProblem("%s not taken: the SHA-256 of its %s does not match %s" % (release.tag, name, SUMS_ASSET))
+    return data
+
+
+# -- the state: the skipped release, the steps ------------------------------------------
+
+class UpdateLog:
+    """update.json in the state directory: the release a failed trial ruled
+    out (skipped until a newer one) and the last steps, each also said as one
+    line (logged by the agent, printed by `update`). `update` run by hand
+    follows a running agent's steps here."""
+
+    KEEP = 40
+
+    def __init__(self, directory, say):
+        self.path = os.path.join(directory, UPDATE_FILE)
+        self.say = say      # say(level, line)
+
+    def load(self):
+        try:
+            return read_json_object(self.path, 1 << 20)
+        except (OSError, ValueError):
+            return {}
+
+    def save(self, data):
+        try:
+            write_atomic(self.path, (json.dumps(data, indent=1) + "\n").encode("utf-8"), mode=0o644)
+        except OSError as e:
+            log.debug("cannot write %s: %s", self.path, describe_error(e))
+
+    def steps(self):
+        steps = self.load().get("steps")
+        return [s for s in steps if isinstance(s, dict) and isinstance(s.get("seq"), int)] \
+            if isinstance(steps, list) else []
+
+    def step(self, line, final=False, ok=True):
+        """Say `line`; `final`: the last step of a check, `ok` whether it went well."""
+        line = redacted(line)
+        self.say(logging.INFO if ok else logging.WARNING, line)
+        data = self.load()
+        steps = self.steps()
+        seq = steps[-1]["seq"] + 1 if steps else 1
+        steps.append({"seq": seq, "at": rfc3339_now(), "line": line, "final": final, "ok": ok})
+        data["steps"] = steps[-self.KEEP:]
+        self.save(data)
+
+    def skipped(self):
+        skip = self.load().get("skip")
+        return skip if isinstance(skip, dict) and version_key(str(skip.get("tag"))) else None
+
+    def skip(self, release, why):
+        data = self.load()
+        data["skip"] = {"tag": release.tag, "why": why, "at": rfc3339_now()}
+        self.save(data)
+
+    def forget_skip(self):
+        data = self.load()
+        if data.pop("skip", None) is not None:
+            self.save(data)
+
+
+# -- finding, checking, trying, installing --------------------------------------------
+
+def fetch_update(cfg, steps, retry_skipped=False):
+    """(release, its komari_agent.py) when the feed has a newer stable
+    release, not skipped, whose file matches SHA256SUMS and whose
+    requirements.txt is ours; None (said) when there is nothing to take."""
+    release = latest_release(cfg)
+    current = version_key(__version__)
+    if current is None:
+        steps.step("update: %s is not a release version; not updating" % __version__, final=True)
+        return None
+    if release.version is None or release.prerelease:
+        steps.step("update: the latest release, %s, is a pre-release; staying at %s" % (release.tag, __version__),
+                   final=True)
+        return None
+    if release.version <= current:
+        steps.step("update: %s is up to date (latest release: %s)" % (__version__, release.tag), final=True)
+        return None
+    skip = steps.skipped()
+    if skip and not retry_skipped and release.version <= version_key(skip["tag"]):
+        steps.step("update: %s is skipped (%s); waiting for a newer release, or `%s update` to try it again"
+                   % (release.tag, skip.get("why"), PROG), final=True)
+        return None
+    steps.step("update: found %s (running %s)" % (release.tag, __version__))
+    missing = [name for name in (AGENT_ASSET, SUMS_ASSET) if name not in release.assets]
+    if missing:
+        raise UpdateProblem("%s not taken: it has no %s" % (release.tag, " or ".join(missing)))
+    sums = fetch_limited(cfg, release.assets[SUMS_ASSET], SMALL_LIMIT, DOWNLOAD_TIMEOUT)
+    data = checked_asset(cfg, release, sums, AGENT_ASSET, AGENT_LIMIT)
+    if REQUIREMENTS_ASSET in release.assets:
+        needs = checked_asset(cfg, release, sums, REQUIREMENTS_ASSET, SMALL_LIMIT)
+        needs = requirement_lines(needs.decode("utf-8", "replace"))
+        if needs != requirement_lines("\n".join(REQUIREMENTS)):
+            raise UpdateProblem("%s not taken: it needs %s (this one: %s); re-run install.sh to install it"
+                                % (release.tag, ", ".join(needs)[:200], ", ".join(REQUIREMENTS)))
+    steps.step("update: %s downloaded; its SHA-256 matches %s" % (release.tag, SUMS_ASSET))
+    return release, data
+
+
+def run_python(args, timeout=30.0):
+    """(exit status or None, stdout, last line of stderr) of this Python with `args`."""
+    import subprocess
+    try:
+        done = subprocess.run([sys.executable] + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=timeout, env=trial_environment())
+    except subprocess.TimeoutExpired:
+        return None, "", "no answer within %g s" % timeout
+    except OSError as e:
+        return None, "", describe_error(e)
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    return done.returncode, done.stdout.decode("utf-8", "replace"), redacted(lines[-1].strip()) if lines else ""
+
+
+def trial_environment():
+    return dict(os.environ, **{TRIAL_ENV: "1"})
+
+
+def verify_staged(path, release, argv):
+    """UpdateProblem unless the file at `path` compiles, says it is `release`
+    and accepts these settings (`argv`, the environment, the config file)."""
+    status, _, last = run_python(["-c", COMPILE_ONLY, path])
+    if status != 0:
+        raise UpdateProblem("%s not taken: it does not compile (%s)" % (release.tag, last), skip=True)
+    status, out, last = run_python([path, "--version"])
+    said = out.split()[-1] if status == 0 and out.split() else last
+    if version_key(said) != release.version:
+        raise UpdateProblem("%s not taken: its --version says %r" % (release.tag, said[:80]), skip=True)
+    status, _, last = run_python([path] + list(argv) + ["--check"])
+    if status != 0:
+        raise UpdateProblem("%s not taken: its --check refuses these settings (%s)" % (release.tag, last), skip=True)
+
+
+def panel_reachable(cfg):
+    """Can a TCP connection to the panel be opened now (True where a proxy
+    opens it for us)? A trial while the panel is down would blame the release."""
+    from urllib.parse import urlsplit
+    if environment_proxy(cfg.endpoint):
+        return True
+    parts = urlsplit(cfg.endpoint)
+    try:
+        drop_tcp(dial_tcp(cfg, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+                          WS_CONNECT_TIMEOUT))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def relay_lines(pipe, last):
+    """Copy a child's stderr to ours line by line, keeping its last line in `last`."""
+    for raw in pipe:
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        if line.strip():
+            last[:] = [line]
+        try:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def trial_status(path, pid):
+    """The trial child's status.json (state, error), or {} before it writes one."""
+    try:
+        status = read_json_object(path, 1 << 16)
+    except (OSError, ValueError):
+        return {}
+    return status if status.get("pid") == pid else {}
+
+
+def trial_run(path, argv, directory, stop, seconds):
+    """Run the file at `path` as the agent, a child of this process, until
+    its status.json has said connected for TRIAL_HOLD seconds, it exits,
+    `seconds` pass or `stop` is set; then stop it (SIGTERM: it saves its
+    state). Returns (outcome, detail): ("connected", seconds it took),
+    ("refused", the panel's words), ("stopped", None) when stopped from
+    outside, or ("failed", why)."""
+    import subprocess
+    status_path = os.path.join(directory, STATUS_FILE)
+    started = time.monotonic()
+    child = subprocess.Popen([sys.executable, path] + list(argv), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=trial_environment())
+    last, connected = [], None
+    relay = threading.Thread(target=relay_lines, args=(child.stderr, last), name="trial-log", daemon=True)
+    relay.start()
+    try:
+        while True:
+            status = trial_status(status_path, child.pid)
+            took = time.monotonic() - started
+            connected = (took if connected is None else connected) if status.get("state") == "connected" else None
+            if connected is not None and took - connected >= TRIAL_HOLD and child.poll() is None:
+                return "connected", connected
+            if status.get("state") == "refused":
+                return "refused", redacted(str(status.get("error")))[:200]
+            code = child.poll()
+            if code == 0 or stop.is_set():
+                # the agent exits 0 only when told to stop (SIGTERM, Ctrl-C
+                # to the terminal's group): not the release's fault
+                return "stopped", None
+            if code is not None:
+                said = re.sub(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\w+ )?", "", last[0]) if last else "no message"
+                return "failed", "exited with status %d %s reaching the panel (%s)" % (
+                    code, "before" if connected is None else "just after", redacted(said)[:200])
+            if took >= seconds:
+                seen = "%s: %s" % (status["state"], status.get("error") or "no error") if status else "no status.json"
+                return "failed", "did not reach the panel within %g s (its last state: %s)" % (
+                    seconds, redacted(seen)[:200])
+            stop.wait(0.1)
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(10.0)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        relay.join(1.0)
+
+
+def install_file(data, path=SCRIPT_PATH):
+    """Replace `path` with `data` atomically, its bytes so far kept as
+    path.previous, with the same mode and owner, and refresh its cached
+    bytecode."""
+    old = read_regular_file(path, AGENT_LIMIT, follow=False)
+    st = os.stat(path)
+    for target, content in ((path + PREVIOUS_SUFFIX, old), (path, data)):
+        write_atomic(target, content, mode=st.st_mode & 0o7777)
+        try:   # root updating a file that belongs to the agent's user
+            if os.stat(target).st_uid != st.st_uid:
+                os.chown(target, st.st_uid, st.st_gid)
+        except (AttributeError, OSError):
+            pass
+    refresh_bytecode(path)
+
+
+def refresh_bytecode(path):
+    """Rewrite this Python's cached bytecode of `path` where there is one,
+    and drop other versions' (an import would otherwise trust a cache whose
+    source stamp, mtime and size, matches by chance)."""
+    import importlib.util
+    import py_compile
+    cache = os.path.join(os.path.dirname(path), "__pycache__")
+    stem = os.path.splitext(os.path.basename(path))[0] + "."
+    mine = importlib.util.cache_from_source(path)
+    try:
+        names = [n for n in os.listdir(cache) if n.startswith(stem) and n.endswith(".pyc")]
+        for name in names:
+            if os.path.join(cache, name) != mine:
+                os.unlink(os.path.join(cache, name))
+        if os.path.exists(mine):
+            py_compile.compile(path, cfile=mine, doraise=True)
+    except (OSError, py_compile.PyCompileError) as e:
+        log.debug("cannot refresh the bytecode in %s: %s", cache, describe_error(e))
+
+
+def install_update(cfg, argv, stop, steps, release, data):
+    """Stage `data` (the release's komari_agent.py) beside this file, verify
+    it, try it as the agent, and install it if it reached the panel. True
+    when installed; UpdateProblem when not taken."""
+    staged = SCRIPT_PATH + STAGED_SUFFIX
+    try:
+        try:
+            write_atomic(staged, data, mode=0o644)
+        except OSError as e:
+            raise UpdateProblem("cannot write %s: %s" % (staged, describe_error(e)))
+        verify_staged(staged, release, argv)
+        steps.step("update: %s verified: it compiles, its --version agrees, its --check accepts these settings"
+                   % release.tag)
+        if not panel_reachable(cfg):
+            raise UpdateProblem("%s not tried: the panel cannot be reached now" % release.tag)
+        outcome, detail = trial_run(staged, argv, state_dir(cfg), stop, trial_seconds())
+        if outcome == "stopped":
+            steps.step("update: stopped while trying %s; nothing changed" % release.tag, final=True, ok=False)
+            return False
+        if outcome == "refused":
+            raise UpdateProblem("%s not tried: the panel refuses the token (%s)" % (release.tag, detail))
+        if outcome != "connected":
+            raise UpdateProblem("rolled back to %s: %s %s" % (__version__, release.tag, detail), skip=True)
+        steps.step("update: %s reached the panel %.1f s after starting" % (release.tag, detail))
+        try:
+            install_file(data)
+        except OSError as e:
+            raise UpdateProblem("cannot replace %s: %s" % (SCRIPT_PATH, describe_error(e)))
+        steps.step("update: swapped: %s is now %s; %s kept as %s" % (SCRIPT_PATH, release.tag, __version__,
+                                                                    os.path.basename(SCRIPT_PATH) + PREVIOUS_SUFFIX),
+                   final=True)
+        return True
+    finally:
+        try:
+            os.unlink(staged)
+        except OSError:
+            pass
+
+
+def try_update(cfg, argv, stop, steps, retry_skipped=False):
+    """Find, check, try and install a newer release: "swapped" when this
+    file now holds it, "current" when there is none to take, "failed" (said,
+    and the release skipped when it is at fault)."""
+    release = None
+    try:
+        found = fetch_update(cfg, steps, retry_skipped)
+        if found is None:
+            return "current"
+        release = found[0]
+        return "swapped" if install_update(cfg, argv, stop, steps, *found) else "failed"
+    except UpdateProblem as e:
+        if e.skip and release is not None:
+            steps.skip(release, str(e))
+        then = "skipped until a newer release" if e.skip else "trying again at the next check"
+        steps.step("update: %s; %s" % (e, then), final=True, ok=False)
+    except Exception as e:  # a fault here must never keep the agent from running
+        log.debug("update failed", exc_info=True)
+        steps.step("update: failed (%s: %s); trying again at the next check" % (type(e).__name__, e),
+                   final=True, ok=False)
+    return "failed"
+
+
+def restart_self(argv, why):
+    """Start this file afresh with the same arguments, saying `why`: the exit
+    status for main() (RESTART_STATUS) where a service manager restarts the
+    agent, else execute it in place (same pid, terminal and arguments); None
+    when that failed."""
+    if os.environ.get(SUPERVISED_ENV, "") not in ("", "0") or not EXEC_IN_PLACE:
+        log.info("update: %s: exiting with status %d for the service manager to start %s again", why,
+                 RESTART_STATUS, SCRIPT_PATH)
+        return RESTART_STATUS
+    command = own_command()
+    log.info("update: %s: executing %s afresh, same arguments", why, " ".join(command[1:]))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(command[0], command + list(argv))
+    except OSError as e:
+        log.error("update: cannot execute %s: %s", SCRIPT_PATH, describe_error(e))
+    return None
+
+
+def own_command():
+    """How this agent was started, without its arguments: `python -m
+    komari_agent` (install.sh's services, which start from the compiled
+    bytecode) or `python path/komari_agent.py`."""
+    if __name__ == "__main__" and __spec__ is not None and __spec__.name:
+        return [sys.executable, "-m", __spec__.name]
+    return [sys.executable, SCRIPT_PATH]
+
+
+def update_at_start(cfg, argv, stop):
+    """The check at start, before the first link: the exit status for main()
+    to return when a new version takes over, else None (run on)."""
+    if cfg.disable_auto_update or os.environ.get(TRIAL_ENV):
+        return None   # a trial run's parent does the updating
+    problem = update_impossible(cfg)
+    if problem:
+        log.info("update: %s", problem)
+        return None
+    if try_update(cfg, argv, stop, UpdateLog(state_dir(cfg), log.log)) != "swapped" or stop.is_set():
+        return None
+    return restart_self(argv, "taking over")
+
+
+class Updater:
+    """The "update" thread of a running agent: every UPDATE_EVERY (never with
+    --disable-auto-update) and whenever UPDATE_WANTED is set, it asks the
+    feed. A newer release that downloads with the right checksum sets
+    `restart_wanted` and stops the agent; main() then restarts this file,
+    whose start (update_at_start) tries and installs the release."""
+
+    def __init__(self, cfg, agent):
+        self.cfg, self.agent = cfg, agent
+        self.restart_wanted = False
+        self.steps = UpdateLog(state_dir(cfg), log.log)
+
+    def start(self):
+        threading.Thread(target=self.run, name="update", daemon=True).start()
+        return self
+
+    def run(self):
+        every = None if self.cfg.disable_auto_update else UPDATE_EVERY
+        while not self.agent.stop.is_set():
+            UPDATE_WANTED.wait(every)
+            UPDATE_WANTED.clear()
+            if self.agent.stop.is_set():
+                return
+            if self.agent.link is None:
+                self.steps.step("update: not checking while the panel is out of reach; trying again at the next "
+                                "check", final=True, ok=False)
+                continue
+            try:
+                found = fetch_update(self.cfg, self.steps)
+            except Exception as e:  # UpdateProblem, or a fault that must not end the checks
+                log.debug("update check failed", exc_info=True)
+                self.steps.step("update: %s; trying again at the next check" % (
+                    e if isinstance(e, UpdateProblem) else "failed (%s: %s)" % (type(e).__name__, e)),
+                    final=True, ok=False)
+                found = None
+            return_free_memory()
+            if found:
+                self.steps.step("update: restarting, to try %s before the first link" % found[0].tag)
+                self.restart_wanted = True
+                self.agent.stop.set()
+                return
+
+
+def start_updater(cfg, agent):
+    """The Updater of a running agent, or None where there is nothing to update (said at start)."""
+    if os.environ.get(TRIAL_ENV) or update_impossible(cfg):
+        return None
+    return Updater(cfg, agent).start()
+
+
+# ---------------------------------------------------------------------------
 # The agent loop
 # ---------------------------------------------------------------------------
 
@@ -6988,13 +8313,12 @@ def backoff_delay(base, round_number, cap=BACKOFF_CAP, rng=UNGUESSABLE.random):
     return max(0.1, min(cap, delay * (0.8 + 0.4 * rng())))
 
 
-STATUS_FILE = "status.json"
-
-
 class LinkStatus:
     """status.json in the state directory: the link's last state and error, for
     install.sh and for people (`cat state/status.json`). Written only when it
-    changes; a failure to write it never stops the agent."""
+    changes, mode 0600 like everything in the state directory (install.sh
+    reads it as the agent's user or as root); a failure to write it never
+    stops the agent."""
 
     def __init__(self, directory):
         self.path = os.path.join(directory, STATUS_FILE)
@@ -7011,9 +8335,22 @@ class LinkStatus:
         status = {"state": state, "error": error, "since": rfc3339_now(), "pid": os.getpid(),
                   "started": self.started, "version": __version__}
         try:
-            write_atomic(self.path, (json.dumps(status, indent=1) + "\n").encode("utf-8"), mode=0o644)
+            write_atomic(self.path, (json.dumps(status, indent=1) + "\n").encode("utf-8"))
         except OSError:
             pass
+
+
+def certificate_untrusted(error):
+    """Whether `error` (or the error behind it) is a TLS certificate that
+    failed verification: CERTIFICATE_VERIFY_FAILED, a self-signed panel."""
+    for _ in range(5):  # urllib's URLError holds it as its reason
+        if isinstance(error, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(error):
+            return True
+        reason = getattr(error, "reason", None)
+        error = reason if isinstance(reason, BaseException) else error.__cause__ or error.__context__
+        if error is None:
+            break
+    return False
 
 
 # an outage shorter than this is redialled every --reconnect-interval, so the
@@ -7038,6 +8375,8 @@ class Agent:
     - "basic-info" (info_loop): on `info_wanted` (a new link, changed public
       addresses) and every --info-report-interval.
     - "results" (result_loop): POSTs spooled exec results on `results_due`.
+    - "traffic" (sample_traffic_while_idle, with --month-rotate): counts
+      traffic while no report has for a minute (no link yet, an outage).
     - per link: "ws-reader" (a socket link's frames), or "v2-pull" and
       "v2-ws-retry" (POST mode); each ends when the link's `dead` is set.
     - per event: "exec", "ping", "terminal" workers started by Tasks.
@@ -7065,6 +8404,7 @@ class Agent:
         self.period = min(cfg.interval, MAX_REPORT_GAP)
         self.failed = False
         self.status = LinkStatus(state_dir(cfg))
+        self.tls_hint_given = False
 
     def complain(self, what, error, hint=""):
         """Log that `what` failed (PanelRefused: what the refusal means; else
@@ -7072,7 +8412,8 @@ class Agent:
         if isinstance(error, PanelRefused):
             key, line = (what, error.status), explain_refusal(error, what + " failed") + hint
         else:
-            key, line = (what, type(error).__name__), "%s failed: %s%s" % (what, describe_error(error), hint)
+            key, line = (what, type(error).__name__), "%s failed: %s%s%s" % (
+                what, describe_error(error), self.tls_hint(error), hint)
         if self.refused_log(key):
             log.warning(line)
         return line
@@ -7185,22 +8526,36 @@ class Agent:
                 return self.chooser.dial(kind)
             except Exception as e:
                 problem = e.detail if isinstance(e, ProtocolRejected) else handshake_problem(e)
+                # refused, not unreachable: the next kind of link is dialled at once
                 at_once = self.chooser.failed(kind, e, problem)
-                if self.refused_log(("link", problem)):
-                    log.warning("cannot connect the report link (%s): %s", kind, problem)
                 # a wrong token will not fix itself in seconds
                 refused_token = getattr(e, "status", None) == 401
+                delay = None if at_once else self.failure_delay(refused_token=refused_token)
+                if self.refused_log(("link", problem)):
+                    log.warning("cannot connect the report link (%s): %s%s; %s", kind, problem, self.tls_hint(e),
+                                "trying %s at once" % self.chooser.next() if delay is None
+                                else "next try in %s s" % round(delay, 1))
                 self.status.set("refused" if refused_token else "connecting",
                                 "cannot connect the report link (%s): %s" % (kind, problem))
-                if at_once:
-                    continue  # refused, not unreachable: the next kind of link is dialled at once
-                if not self.wait_after_failure(refused_token=refused_token):
+                if delay is not None and self.stop.wait(delay):
                     return None
         return None
 
+    def tls_hint(self, error):
+        """The ways out of an untrusted certificate, the first time one is seen."""
+        if self.tls_hint_given or not certificate_untrusted(error):
+            return ""
+        self.tls_hint_given = True
+        return (" (the panel's TLS certificate is not trusted here: if it is self-signed or from a private CA, "
+                "install that CA in this system's trust store, or run with --ignore-unsafe-cert to skip the check)")
+
     def wait_after_failure(self, refused_token=False):
-        """Count a failed attempt and wait before the next (reconnect_delay).
-        False once stopping. No basic info here (the official agent uploads
+        """Count a failed attempt and wait before the next. False once stopping."""
+        return not self.stop.wait(self.failure_delay(refused_token))
+
+    def failure_delay(self, refused_token=False):
+        """Count a failed attempt; the seconds to wait before the next
+        (reconnect_delay). No basic info here (the official agent uploads
         it after each failed round): the next link sends it, and two uploads
         in the same second when the panel returns are one too many."""
         self.failures += 1
@@ -7209,10 +8564,8 @@ class Agent:
             self.outage_since = now
         retries = max(1, self.cfg.max_retries)
         if refused_token:
-            delay = backoff_delay(self.cfg.reconnect_interval, 3 + (self.failures - 1) // retries)
-        else:
-            delay = reconnect_delay(self.cfg.reconnect_interval, now - self.outage_since)
-        return not self.stop.wait(delay)
+            return backoff_delay(self.cfg.reconnect_interval, 3 + (self.failures - 1) // retries)
+        return reconnect_delay(self.cfg.reconnect_interval, now - self.outage_since)
 
     def serve(self, link):
         """Report every period until the link dies or the agent stops. True
@@ -7284,6 +8637,9 @@ class Agent:
 
     def run(self):
         self.status.set("starting")
+        if self.collector.traffic is not None:
+            threading.Thread(target=sample_traffic_while_idle, name="traffic", daemon=True,
+                             args=(self.collector.traffic, self.collector.sample_traffic, self.stop)).start()
         if not self.panel.token:
             self.panel.token = self.cfg.token = self.discover_token()
         threading.Thread(target=self.info_loop, name="basic-info", daemon=True).start()
@@ -7311,7 +8667,7 @@ class Agent:
 
 
 # ---------------------------------------------------------------------------
-# Subcommands: --check, --dry-run, list-disk, check-mem, traffic, service
+# Subcommands: --check, --dry-run, list-disk, check-mem, traffic, update, service
 # ---------------------------------------------------------------------------
 
 # module -> the package that provides it (requirements.txt)
@@ -7333,11 +8689,6 @@ def check_state_dir(cfg):
                     "only and lost on restart (see --state-dir)", problem)
 
 
-def masked(secret):
-    """Enough of a secret to tell two apart, not enough to use it."""
-    return "%s... (%d characters)" % (secret[:3], len(secret)) if len(secret) >= 12 else "*** (set)"
-
-
 def check_settings(cfg):
     """--check: the settings in effect that differ from the defaults, one per
     line with where each came from; secrets masked. Nothing is contacted."""
@@ -7347,7 +8698,7 @@ def check_settings(cfg):
         if option.dest not in cfg.origins or option.dest in ("config", "dry_run", "state_dir"):
             continue
         value = getattr(cfg, option.dest)
-        if option.dest in ("token", "auto_discovery") and value:
+        if option.secret and value:
             value = masked(value)
         print("  %-24s %-36s (%s)" % (option.flags[-1], value, where[cfg.origins[option.dest]]))
     print("  %-24s %s" % ("state directory", state_dir(cfg)))
@@ -7368,9 +8719,16 @@ def dry_run(cfg):
     return 0
 
 
-def go_log(message):
-    """A line on stderr the way the official agent's subcommands log it."""
-    sys.stderr.write("%s %s\n" % (time.strftime("%Y/%m/%d %H:%M:%S"), message))
+def go_log(message, stream=None):
+    """A line in Go's log format, as the official agent's subcommands write
+    theirs, on `stream` (stderr unless given)."""
+    (stream or sys.stderr).write("%s %s\n" % (time.strftime("%Y/%m/%d %H:%M:%S"), message))
+
+
+def go_answer(message):
+    """A subcommand's answer in that format, on stdout (the official agent
+    logs it on stderr), so that `check-mem | grep htoplike` works."""
+    go_log(message, sys.stdout)
 
 
 def subcommand_config(name, argv, environ):
@@ -7417,13 +8775,12 @@ def list_disk_command(argv, environ):
     except OSError as e:
         go_log("Failed to get disk partitions: %s" % describe_error(e))
         return 0
-    go_log("All Disk Partitions:")
+    go_answer("All Disk Partitions:")
     rows = [("Mountpoint", "Fstype")] + [(m.mountpoint, m.fstype) for m in mounts]
     width = max(len(r[0]) for r in rows) + 2
     sys.stdout.write("".join("%s%s\n" % (mountpoint.ljust(width), fstype) for mountpoint, fstype in rows))
-    sys.stdout.flush()
     try:
-        go_log("Monitoring Mountpoints: %s" % monitored_mountpoints(Collector(cfg)))
+        go_answer("Monitoring Mountpoints: %s" % monitored_mountpoints(Collector(cfg)))
     except OSError as e:
         go_log("Failed to get disk list: %s" % describe_error(e))
     return 0
@@ -7448,24 +8805,28 @@ def check_mem_command(argv, environ):
     mib = 1 << 20
 
     def line(mode, total, used):
-        go_log("[%s] Total: %d bytes (%d MiB), Used: %d bytes (%d MiB)" % (mode, total, total // mib, used, used // mib))
-    go_log("--- Memory Check ---")
+        go_answer("[%s] Total: %d bytes (%d MiB), Used: %d bytes (%d MiB)" % (mode, total, total // mib, used, used // mib))
+    go_answer("--- Memory Check ---")
     try:
         info = parse_meminfo(read_text("/proc/meminfo"))
     except OSError:
         info = {}
     if info:
-        go_log("--- /proc/meminfo ---")
+        go_answer("--- /proc/meminfo ---")
         for key in ("MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached", "SwapTotal", "SwapFree",
                     "SwapCached", "Shmem", "SReclaimable", "Zswap", "Zswapped"):
-            go_log("%-13s %d MiB" % (key + ":", info.get(key, 0) // mib))
-        go_log("---------------------")
+            go_answer("%-13s %d MiB" % (key + ":", info.get(key, 0) // mib))
+        go_answer("---------------------")
     htop = ram_usage(info) if info.get("MemTotal") else (0, 0)
-    line("htoplike", *htop)
+    # each way this system has: no /proc/meminfo or `free` on Windows, say
+    if htop[0]:
+        line("htoplike", *htop)
     vm = psutil_module().virtual_memory()
     line("gopsutil", vm.total, vm.total - vm.available)
-    line("callFree", *free_command_memory())
-    go_log("--- Current Configured ---")
+    import shutil
+    if shutil.which("free"):
+        line("callFree", *free_command_memory())
+    go_answer("--- Current Configured ---")
     if cfg.memory_include_cache:
         line("includeCache", vm.total, vm.total - vm.free)
     elif htop[0]:
@@ -7520,39 +8881,43 @@ def traffic_command(argv, environ):
         print("calibration saved in %s: %s; a running agent applies it within %d s, otherwise it is applied "
               "when the agent starts with --month-rotate" % (calibration, ", ".join(
                   "%s %s" % (k, human_size(v)) for k, v in sorted(sizes.items())), CALIBRATION_CHECK_EVERY + 2))
-    if args.export is not None:
-        return export_traffic(directory, args.export or os.path.join(directory, NET_STATIC))
-    if args.show or not sizes:
-        try:
-            shown = show_traffic(directory, calibration)
-        except (TypeError, ValueError, AttributeError, OverflowError) as e:
-            sys.stderr.write("%s traffic: error: %s in %s is damaged (%s); the agent sets it aside when it "
-                             "starts\n" % (PROG, TRAFFIC_FILE, directory, describe_error(e)))
-            shown = 1
-        return 0 if sizes else shown
-    return 0
+    if args.export is None and not args.show and sizes:
+        return 0
+    state = traffic_state_or_say_why(os.path.join(directory, TRAFFIC_FILE))
+    if state is None:
+        status = 1
+    elif args.export is not None:
+        status = export_traffic(state, args.export or os.path.join(directory, NET_STATIC))
+    else:
+        status = show_traffic(state, calibration)
+    return 0 if sizes and args.export is None else status
 
 
-def export_traffic(directory, path):
+def traffic_state_or_say_why(path):
+    """saved_traffic(path), or None after one line on stderr saying why not."""
     try:
-        state = read_json_object(os.path.join(directory, TRAFFIC_FILE))
-        stamp = state.get("saved_at") if isinstance(state.get("saved_at"), (int, float)) else time.time()
-        write_net_static(os.path.abspath(path), state, stamp)
-    except (OSError, ValueError) as e:
-        sys.stderr.write("%s traffic: error: cannot export: %s\n" % (PROG, describe_error(e)))
+        return saved_traffic(path)
+    except FileNotFoundError:
+        why = "no traffic state at %s: is the agent running with --month-rotate and this --state-dir?" % path
+    except OSError as e:
+        why = "cannot read %s: %s" % (path, describe_error(e))
+    except ValueError as e:
+        why = "%s is damaged (%s); the agent sets it aside when it starts" % (path, e)
+    sys.stderr.write("%s traffic: error: %s\n" % (PROG, why))
+    return None
+
+
+def export_traffic(state, path):
+    try:
+        write_net_static(os.path.abspath(path), state, state["saved_at"])
+    except OSError as e:
+        sys.stderr.write("%s traffic: error: cannot write %s: %s\n" % (PROG, path, describe_error(e)))
         return 1
     print("wrote %s; put it in the official agent's working directory (/opt/komari) before starting it" % path)
     return 0
 
 
-def show_traffic(directory, calibration):
-    path = os.path.join(directory, TRAFFIC_FILE)
-    try:
-        data = read_json_object(path)
-    except (OSError, ValueError) as e:
-        print("no traffic state in %s (%s): is the agent running with --month-rotate and this --state-dir?"
-              % (directory, describe_error(e)))
-        return 1
+def show_traffic(data, calibration):
     total = data.get("total") or {}
     print("period start: %s (reset day %s), next: %s" % (local_time(data.get("period_start")), data.get("reset_day"),
                                                          local_time(data.get("period_end"))))
@@ -7577,6 +8942,113 @@ def show_traffic(directory, calibration):
     return 0
 
 
+# -- update ------------------------------------------------------------------------
+
+# How long `update` follows a running agent's steps: two downloads, the
+# checks, a restart and a trial.
+FOLLOW_UPDATE_FOR = 2 * DOWNLOAD_TIMEOUT + TRIAL_SECONDS + 60
+
+
+def update_command(argv, environ):
+    """`update [--check] [agent flags]`: look for a newer release with the
+    agent's settings and install it now (asking a running agent to do it),
+    printing each step. Exit 0 when up to date or updated, 1 when not
+    updated, 2 on a bad flag; with --check: 0 up to date, 1 newer release
+    available, 2 when the feed cannot be asked."""
+    parser = ArgParser(prog=PROG + " update", allow_abbrev=False,
+                       description="Look for a newer release and install it now: checked against its SHA256SUMS, "
+                                   "tried against the panel, and only then put in place of this file. Give the "
+                                   "agent's flags, --config or AGENT_* environment, so the same settings are used; "
+                                   "a running agent of the same state directory is asked to do it.")
+    parser.add_argument("--check", action="store_true",
+                        help="only say whether a newer release exists: exit 0 when up to date, 1 when there is one, "
+                             "2 when the feed cannot be asked")
+    try:
+        args, rest = parser.parse_known_args(argv)
+        cfg = load_config(rest + ["--dry-run"] * args.check, environ)[0]
+    except ConfigError as e:
+        sys.stderr.write("%s update: error: %s\n" % (PROG, e))
+        return 2
+    hide_secret(cfg.token)
+    hide_secret(cfg.auto_discovery)
+    if args.check:
+        return check_for_update(cfg)
+    problem = update_impossible(cfg)
+    if problem:
+        print("update: %s" % problem)
+        return 1
+    steps = UpdateLog(state_dir(cfg), lambda level, line: print(line, flush=True))
+    steps.forget_skip()   # by hand, a skipped release is tried again
+    pid = running_agent(state_dir(cfg))
+    if pid:
+        return ask_running_agent(pid, steps)
+    outcome = try_update(cfg, rest, threading.Event(), steps, retry_skipped=True)
+    if outcome == "swapped":
+        print("update: start the agent (or its service) to run it")
+    return 1 if outcome == "failed" else 0
+
+
+def check_for_update(cfg):
+    """`update --check`: 0 up to date, 1 a newer release exists, 2 the feed cannot be asked."""
+    if PLACEHOLDER_REPOSITORY in update_feed(cfg):
+        sys.stderr.write("%s update: error: %s\n" % (PROG, update_impossible(cfg)))
+        return 2
+    try:
+        release = latest_release(cfg)
+    except UpdateProblem as e:
+        sys.stderr.write("%s update: error: %s\n" % (PROG, e))
+        return 2
+    current = version_key(__version__)
+    stable = release.version is not None and not release.prerelease
+    if not stable or current is None or release.version <= current:
+        print("up to date: %s (latest release: %s%s)" % (__version__, release.tag, "" if stable else ", a pre-release"))
+        return 0
+    skip = UpdateLog(state_dir(cfg), None).skipped()
+    skipped = skip and release.version <= version_key(skip["tag"])
+    print("%s is available (running %s)%s" % (release.tag, __version__,
+                                             "; the agent skips it: %s" % skip.get("why") if skipped else ""))
+    return 1
+
+
+def running_agent(directory):
+    """The pid of an agent running with this state directory (its status.json
+    names it), or None: a pid reused by another program is not one."""
+    try:
+        status = read_json_object(os.path.join(directory, STATUS_FILE), 1 << 16)
+        pid, started = status.get("pid"), status.get("started")
+        process = psutil_module().Process(pid)
+        command, born = " ".join(process.cmdline()), process.create_time()
+    except Exception:  # no file, no such process, no psutil: none running that we could ask
+        return None
+    if pid == os.getpid() or "komari_agent" not in command or not isinstance(started, (int, float)) \
+            or born > started + 5:
+        return None
+    return pid
+
+
+def ask_running_agent(pid, steps):
+    """Have the agent `pid` check now (UPDATE_SIGNAL) and print its steps until its last."""
+    if UPDATE_SIGNAL is None:
+        print("update: an agent runs (pid %d) and cannot be signalled here; stop it, then run this again" % pid)
+        return 1
+    seen = max([s["seq"] for s in steps.steps()] or [0])
+    try:
+        os.kill(pid, UPDATE_SIGNAL)
+    except OSError as e:
+        print("update: cannot ask the running agent (pid %d): %s; run this as its user" % (pid, describe_error(e)))
+        return 1
+    print("update: asked the running agent (pid %d) to update now" % pid, flush=True)
+    deadline = time.monotonic() + FOLLOW_UPDATE_FOR
+    while time.monotonic() < deadline:
+        for step in steps.steps():
+            if step["seq"] > seen:
+                seen = step["seq"]
+                print(step.get("line"), flush=True)
+                if step.get("final"):
+                    return 0 if step.get("ok") else 1
+        time.sleep(0.2)
+    print("update: the agent said nothing more within %d s; see its log" % FOLLOW_UPDATE_FOR)
+    return 1
 def service_command(argv, environ):
     """`komari_agent.py service install [--name NAME] [agent flags]` and
     `service remove [--name NAME] [--restore-official]` (Windows): the agent
@@ -7707,23 +9179,56 @@ def stop_on_signals():
     """An Event that SIGTERM, SIGINT and SIGHUP set: a hangup (the terminal
     that started the agent closed) is a clean stop like SIGTERM, never a
     death that orphans commands and loses unsaved totals. A SIGHUP that was
-    ignored when the agent started (nohup) stays ignored. Only the main
-    thread may install signal handlers."""
+    ignored when the agent started (nohup) stays ignored. SIGUSR1 asks for
+    an update check now (`update` run by hand). Only the main thread may
+    install signal handlers. On Windows the console's control events stop
+    the agent too (stop_on_console_events)."""
     stop = threading.Event()
     hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+    stopping = set()
     for signum in (signal.SIGTERM, signal.SIGINT, hangup):
         if signum is None or signum == hangup and signal.getsignal(signum) == signal.SIG_IGN:
             continue
         signal.signal(signum, lambda signum, frame: stop.set())
+        stopping.add(int(signum))
+    if UPDATE_SIGNAL is not None:
+        signal.signal(UPDATE_SIGNAL, lambda signum, frame: UPDATE_WANTED.set())
+    watch_signals(stop, stopping)
+    stop_on_console_events(stop)
     return stop
 
 
+def watch_signals(stop, stopping):
+    """Act on signals from a thread of our own, through the wakeup pipe.
+    Python runs a signal's handler only in the main thread, which sits in
+    the interpreter's final join (see the end of this file): when the kernel
+    hands the signal to another thread, that join is never interrupted and
+    the handler never runs. The C-level handler writes every signal's number
+    to the wakeup pipe, whichever thread it lands on."""
+    try:
+        reader, writer = os.pipe()
+        os.set_blocking(writer, False)
+        signal.set_wakeup_fd(writer)
+    except (OSError, ValueError, AttributeError):  # Windows takes only a socket here
+        return
+
+    def watch():
+        while True:
+            for signum in os.read(reader, 64):
+                if signum in stopping:
+                    stop.set()
+                elif signum == UPDATE_SIGNAL:
+                    UPDATE_WANTED.set()
+    threading.Thread(target=watch, name="signals", daemon=True).start()
+
+
 SUBCOMMANDS = {"traffic": traffic_command, "list-disk": list_disk_command, "check-mem": check_mem_command,
-               "service": service_command}
+               "update": update_command, "service": service_command}
 
 
 def main(argv=None, stop=None):
     argv = sys.argv[1:] if argv is None else argv
+    utf8_output()
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:], os.environ)
     try:
@@ -7750,8 +9255,13 @@ def main(argv=None, stop=None):
         return dry_run(cfg)
     log.info("Komari agent (Python) %s, panel %s, report every %gs", __version__, cfg.endpoint, cfg.interval)
     check_state_dir(cfg)
-    agent = Agent(cfg, stop or stop_on_signals())
+    stop = stop or stop_on_signals()
+    taking_over = update_at_start(cfg, argv, stop)
+    if taking_over is not None:
+        return taking_over
+    agent = Agent(cfg, stop)
     log_monitored(agent.collector)
+    updater = start_updater(cfg, agent)
     worker = threading.Thread(target=agent.run_until_stopped, name="agent", daemon=True)
     worker.start()
     # no timeout: a main thread waking up every second costs more CPU than a report
@@ -7763,6 +9273,8 @@ def main(argv=None, stop=None):
     # shutdown() closed and saved everything; the worker may be asleep until
     # its next report, and need not be waited for beyond a moment
     worker.join(0.2)
+    if updater is not None and updater.restart_wanted:
+        return restart_self(argv, "restarting") or 1
     return 0
 
 

@@ -11,9 +11,10 @@ the legacy-frame quirk. End-to-end tests run komari_agent.py as a subprocess.
 After the test infrastructure, one banner per section of komari_agent.py, in
 its order, each holding the tests of that section's code: Logging, Used
 everywhere, Network plumbing, Configuration, Platform, Report figures, Basic
-info, Monthly traffic, Wire protocol, Transport, Links, Tasks, the agent loop,
-Subcommands, main(). Then the end-to-end groups (Reliability, install.sh,
-Benchmarks) and the checks of the README against the code.
+info, Monthly traffic, Wire protocol, Transport, Links, Tasks, Self-update (with
+a loopback release feed), the agent loop, Subcommands, main(). Then the
+end-to-end groups (Reliability, install.sh, Benchmarks) and the checks of the
+README against the code.
 """
 
 import base64
@@ -25,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import plistlib
 import re
 import shlex
 import shutil
@@ -40,7 +42,7 @@ import threading
 import time
 import zlib
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
@@ -884,12 +886,12 @@ def start_agent(panel):
     """start_agent(*flags, env=None): the agent pointed at `panel`."""
     started = []
 
-    def start(*args, env=None, endpoint=None, token=None):
+    def start(*args, env=None, endpoint=None, token=None, script=AGENT, command=None):
         base = ["-e", endpoint or panel.endpoint, "-t", token or panel.token, "--reconnect-interval", "0.2",
                 "--custom-ipv4", "192.0.2.7", "--state-dir", str(panel_state_dir(panel))]
         if "--protocol-version" not in args:
             base += ["--protocol-version", str(panel.protocol)]
-        agent = AgentProcess(base + list(args), env=env)
+        agent = AgentProcess(base + list(args), env=env, command=command or [sys.executable, str(script)])
         started.append(agent)
         return agent
     yield start
@@ -937,11 +939,39 @@ def windows():
     return Windows(WINE_TREE)
 
 
-def run_agent(*args, env=None, timeout=30):
+def run_agent(*args, env=None, timeout=30, script=AGENT):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, str(AGENT)] + list(args), stdout=subprocess.PIPE,
+    return subprocess.run([sys.executable, str(script)] + list(args), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, env=full_env, timeout=timeout)
+
+
+def tree_stamps(root):
+    """{path under root: (size, mtime)} for root and everything in it; {} when it is missing."""
+    stamps = {}
+    for directory, dirs, files in os.walk(str(root)):
+        for name in [""] + dirs + files:
+            path = os.path.join(directory, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            stamps[os.path.relpath(path, str(root))] = (st.st_size, st.st_mtime_ns)
+    return stamps
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_state_is_left_alone():
+    """The checkout's state/ is where an agent started from the checkout (the
+    README's Quick start) keeps its own: no test may write there. Every agent
+    a test starts gets a state directory of its own, and this compares state/
+    before and after the run (an agent run by hand from this checkout during
+    the run trips it too)."""
+    before = tree_stamps(ROOT / "state")
+    yield
+    after = tree_stamps(ROOT / "state")
+    changed = sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))
+    assert not changed, "tests wrote into %s: %s" % (ROOT / "state", changed)
 
 
 def closed_port():
@@ -1464,10 +1494,55 @@ def test_unknown_flag_exits_2_with_a_suggestion_but_official_only_flags_warn():
     assert cfg.interval == 2.0 and cfg.show_warning and len(warnings) == 2 and all("does not implement" in w for w in warnings)
 
 
-def test_agent_variables_that_match_no_setting_are_warned_with_a_suggestion():
-    _, warnings = ka.load_config(["-e", "http://h", "-t", "T"], {"AGENT_DISABLE_WEBSSH": "1", "AGENT_TOKEN": "T",
-                                                                "AGENT_CF_ACCESS_CLIENT_ID": "x"})
-    assert warnings == ["ignoring AGENT_DISABLE_WEBSSH: no such setting (did you mean AGENT_DISABLE_WEB_SSH?)"]
+@pytest.mark.parametrize("key, env, needle", [
+    ("disable_webssh", {}, "unknown setting disable_webssh in {config} (did you mean disable_web_ssh?); see --help"),
+    ("", {"AGENT_DISABLE_WEBSSH": "1"},
+     "unknown setting AGENT_DISABLE_WEBSSH in the environment (did you mean AGENT_DISABLE_WEB_SSH?); see --help"),
+])
+def test_unknown_keys_and_agent_variables_exit_2_with_a_suggestion(tmp_path, key, env, needle):
+    # a misspelt setting must not leave remote control on: it stops the agent, as an unknown flag does
+    config = tmp_path / "agent.json"
+    settings = {"endpoint": "http://127.0.0.1:%d" % closed_port(), "token": TOKEN}
+    config.write_text(json.dumps(dict(settings, **({key: True} if key else {}))))
+    for check in ([], ["--check"]):
+        done = run_agent("--config", str(config), "--state-dir", str(tmp_path), *check, env=env, timeout=20)
+        lines = done.stderr.decode().strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and not done.stdout, (check, done.returncode, lines)
+        assert lines[0].endswith(needle.format(config=config)), lines
+
+
+def test_official_agent_settings_this_one_lacks_are_accepted_with_a_warning(tmp_path):
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"endpoint": "http://h", "token": "T", "cf_access_client_id": "x",
+                                  "host_proc": str(tmp_path)}))
+    env = {"AGENT_CF_ACCESS_CLIENT_SECRET": "s", "AGENT_TOKEN": "T"}
+    cfg, warnings = ka.load_config(["--config", str(config)], env)
+    unimplemented = ": an official agent setting this agent does not implement"
+    assert warnings == ["ignoring AGENT_CF_ACCESS_CLIENT_SECRET in the environment" + unimplemented,
+                        "ignoring cf_access_client_id in %s" % config + unimplemented]
+    assert cfg.host_proc == str(tmp_path)   # the official key for HOST_PROC, which wins over it
+    assert ka.load_config(["--config", str(config)], {"HOST_PROC": "/proc"})[0].host_proc == "/proc"
+
+
+SECRET = "Zq8vRw2mXk4pLs7nYb3dHj"
+
+
+@pytest.mark.parametrize("args, env, config", [
+    (["-e", SECRET, "-t", "http://127.0.0.1:1"], {}, None),           # -e and -t swapped
+    (["-e", "http://h", "-t", "T", "--interval", SECRET], {}, None),   # the token after the wrong flag
+    (["-e", "http://h", "-t", "T", "-x" + SECRET], {}, None),
+    (["-e", "http://h", "-t", "T"], {"AGENT_MAX_RETRIES": SECRET}, None),
+    (["-e", "http://h"], {}, {"token": {"value": SECRET}}),
+    (["-e", "http://h"], {}, {"auto_discovery_key": 1.5, "token": [SECRET]}),
+])
+def test_configuration_errors_never_print_a_secret(tmp_path, args, env, config):
+    if config is not None:
+        (tmp_path / "agent.json").write_text(json.dumps(config))
+        args = args + ["--config", str(tmp_path / "agent.json")]
+    with pytest.raises(ka.ConfigError) as error:
+        ka.load_config(args, env)
+    line = str(error.value)
+    assert not [SECRET[i:i + 4] for i in range(len(SECRET) - 3) if SECRET[i:i + 4] in line], line
 
 
 def test_idn_endpoint_is_punycoded():
@@ -1553,8 +1628,8 @@ def test_help_is_grouped_everyday_first_within_100_columns_with_telling_metavars
                  "--log-level LEVEL", "--dry-run", "--check", "--config"):
         assert flag in everyday, flag
     official = text[starts[titles.index("Official agent compatibility")]:]
-    assert "--disable-auto-update" in official and "--show-warning" in official
-    assert "--disable-auto-update" not in text[:starts[-1]]
+    assert "--show-warning" in official and "--disable-auto-update" not in official
+    assert "--disable-auto-update" in everyday and "--update-url URL" in everyday
     for shown in ("--info-report-interval MINUTES", "--import-net-static PATH", "--month-rotate DAY",
                   "--include-nics NAMES", "--custom-ipv4 ADDRESS", "--exec-timeout SECONDS"):
         assert shown in text, shown
@@ -1579,6 +1654,109 @@ def test_help_names_the_traffic_subcommand_and_the_environment_names_that_differ
 # Platform: what differs between operating systems
 # ---------------------------------------------------------------------------
 
+# -- Windows: the registry's values and the system's counters, parsed ------------------
+
+@pytest.mark.parametrize("product, build, edition", [
+    ("Windows 10 Pro", "22631", "Windows 11 Pro"),            # Windows 11 still says 10 in ProductName
+    ("Windows 10 Home", "19045", "Windows 10 Home"),
+    ("Windows 10", "22000", "Windows 11"),
+    ("Windows 11 Pro", "26100", "Windows 11 Pro"),
+    ("Windows Server 2025 Datacenter", "26100", "Windows Server 2025 Datacenter"),  # past 22000, still a Server
+    ("Windows Server 2016 Standard", "14393", "Windows Server 2016 Standard"),
+    ("Microsoft Windows 10", "18362", "Microsoft Windows 10"),  # Wine's
+    ("", "22631", "Microsoft Windows"),
+    (None, None, "Microsoft Windows"),
+])
+def test_windows_edition_is_the_registrys_with_11_told_by_the_build(product, build, edition):
+    assert ka.windows_edition(product, build) == edition
+
+
+def test_windows_kernel_is_the_build_and_its_update_revision():
+    assert ka.windows_kernel("22631", 4460) == "22631.4460"
+    assert ka.windows_kernel("7601", None) == "7601"            # no UBR before Windows 10 (and on Wine)
+    assert ka.windows_kernel("", 5) == "Unknown"
+
+
+@pytest.mark.parametrize("drivers, expected", [
+    # a desktop: two identical cards, the iGPU, Remote Desktop's adapter and a virtual monitor's
+    ({"0000": "NVIDIA GeForce RTX 4090", "0001": "Microsoft Remote Display Adapter",
+      "0002": "Intel(R) UHD Graphics 770", "0003": "NVIDIA GeForce RTX 4090",
+      "0004": "Parsec Virtual Display Adapter", "0005": "IddSampleDriver Device", "Properties": None},
+     "NVIDIA GeForce RTX 4090 \u00d7 2, Intel(R) UHD Graphics 770"),
+    ({"0000": "Microsoft Basic Display Adapter"}, "None"),          # no driver installed
+    ({"0000": "Microsoft Hyper-V Video"}, "None"),                  # a Hyper-V guest
+    ({"0000": "VMware SVGA 3D", "0001": "Microsoft Basic Render Driver"}, "None"),
+    ({"0000": "Matrox G200eR2 (Microsoft Corporation - WDDM)"}, "Matrox G200eR2 (Microsoft Corporation - WDDM)"),
+    ({}, "None"),
+])
+def test_windows_gpus_are_the_display_class_drivers_without_stand_ins(drivers, expected):
+    assert ka.group_names(ka.gpu_names_from_display_class(drivers)) == expected
+
+
+@pytest.mark.parametrize("firmware, expected", [
+    ({"SystemManufacturer": "Microsoft Corporation", "SystemProductName": "Virtual Machine",
+      "SystemBiosVersion": ["VRTUAL - 1", "Hyper-V UEFI Release v4.1"]}, "microsoft"),
+    ({"SystemManufacturer": "Microsoft Corporation", "SystemProductName": "Surface Pro 9",
+      "SystemBiosVersion": ["MSFT   - 1", "17.1.235"]}, "none"),    # Microsoft's own hardware is no guest
+    ({"SystemManufacturer": "QEMU", "SystemProductName": "Standard PC (Q35 + ICH9, 2009)", "BIOSVendor": "SeaBIOS",
+      "SystemBiosVersion": ["BOCHS  - 1"]}, "kvm"),
+    ({"SystemManufacturer": "Hetzner", "SystemProductName": "vServer", "BIOSVendor": "SeaBIOS",
+      "SystemBiosVersion": ["BOCHS  - 1"]}, "kvm"),                  # a cloud's own name over QEMU's firmware
+    ({"SystemManufacturer": "VMware, Inc.", "SystemProductName": "VMware7,1"}, "vmware"),
+    ({"SystemManufacturer": "innotek GmbH", "SystemProductName": "VirtualBox",
+      "SystemBiosVersion": ["VBOX   - 1"]}, "oracle"),
+    ({"SystemManufacturer": "Amazon EC2", "SystemProductName": "m5.large", "BIOSVendor": "Amazon EC2"}, "amazon"),
+    ({"SystemManufacturer": "Xen", "SystemProductName": "HVM domU"}, "xen"),
+    ({"SystemManufacturer": "Dell Inc.", "SystemProductName": "PowerEdge R750", "BIOSVendor": "Dell Inc.",
+      "SystemBiosVersion": ["DELL   - 1072009", "1.8.2"]}, "none"),
+    ({"SystemManufacturer": "", "SystemProductName": "", "Identifier": "AT compatible"}, "none"),  # Wine's
+])
+def test_windows_virtualization_from_the_firmwares_registry_values(firmware, expected):
+    assert ka.windows_virtualization(firmware) == expected
+
+
+def page_file_records(*files):
+    """SYSTEM_PAGEFILE_INFORMATION records as NtQuerySystemInformation chains
+    them on 64-bit Windows (32 bytes each: offset, size, in use, peak, the name's
+    UNICODE_STRING), for [(size, in use)] pages."""
+    records = b""
+    for index, (size, in_use) in enumerate(files):
+        following = 32 if index < len(files) - 1 else 0
+        records += struct.pack("<IIIIHH4xQ", following, size, in_use, in_use, 0, 0, 0)
+    return records
+
+
+def test_windows_swap_without_performance_counters_from_commit_pages_and_page_files():
+    files = ka.parse_page_files(page_file_records((262144, 65536), (131072, 32768)))
+    assert files == [(262144, 65536), (131072, 32768)]
+    # 16 GiB of RAM, a commit limit 1.5 GiB beyond it: a quarter of the page files in use
+    total, used = ka.swap_from_commit(4194304 + 393216, 4194304, 4096, files)
+    assert (total, used) == (393216 * 4096, 393216 * 4096 // 4)
+    assert ka.swap_from_commit(4194304 + 393216, 4194304, 4096) == (393216 * 4096, 0)   # use unknown (Wine)
+    assert ka.swap_from_commit(4194000, 4194304, 4096, files) == (0, 0)   # no page file: the limit is below RAM
+    assert ka.parse_page_files(b"") == [] and ka.parse_page_files(b"\0" * 10) == []
+
+
+def test_windows_disk_counts_fixed_drives_each_volume_once():
+    partitions = [("C:\\", "C:\\", "NTFS", "rw,fixed"), ("D:\\", "D:\\", "NTFS", "rw,fixed"),
+                  ("E:\\", "E:\\", "CDFS", "ro,cdrom"), ("F:\\", "F:\\", "exFAT", "rw,removable"),
+                  ("C:\\data\\", "C:\\data\\", "NTFS", "rw,fixed"), ("G:\\", "G:\\", "NTFS", "rw,fixed")]
+    volumes = {"C:\\": "volume:a", "D:\\": "volume:b", "C:\\data\\": "volume:b", "G:\\": "volume:a",
+               "E:\\": "volume:c", "F:\\": "volume:d"}
+    chosen = ka.fixed_volume_mounts(partitions, volumes.get)
+    # D: is also mounted at C:\data (its shorter name wins), G: is a second letter of C:'s volume
+    assert sorted((key, mount.mountpoint) for key, mount in chosen) == [("volume:a", "C:\\"), ("volume:b", "D:\\")]
+
+
+def test_windows_console_events_that_stop_the_agent(monkeypatch):
+    monkeypatch.setattr(ka, "CONSOLE_CLOSE_GRACE", 0.0)   # the wait that lets the stop finish before Windows ends us
+    for event in (ka.CTRL_C_EVENT, ka.CTRL_BREAK_EVENT, ka.CTRL_CLOSE_EVENT, ka.CTRL_SHUTDOWN_EVENT):
+        stop = threading.Event()
+        assert ka.stop_for_console_event(stop, event) is True and stop.is_set()
+    stop = threading.Event()   # someone logging off is no reason for a boot task to stop
+    assert ka.stop_for_console_event(stop, ka.CTRL_LOGOFF_EVENT) is False and not stop.is_set()
+
+
 # -- Windows, under Wine ---------------------------------------------------------------
 
 def test_windows_dry_run_prints_basic_info_and_a_report(windows):
@@ -1588,6 +1766,174 @@ def test_windows_dry_run_prints_basic_info_and_a_report(windows):
     info, report = go_json(lines[0]), go_json(lines[1])
     assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
     assert report_problem(report) is None
+
+
+# One agent on Windows against the loopback panel for a minute, shared by the
+# tests below it: Wine's start and a minute of reports cost too much to pay
+# per test. The panel refuses results, and a result waits in the spool from an
+# earlier run; the last test stops the agent with Ctrl+C and starts it again.
+WINDOWS_MINUTE = 60.0
+
+
+def spooled_result(state, task_id, text):
+    """A result an earlier run left undelivered, in the spool's own format."""
+    spool = state / ka.SPOOL_DIR
+    spool.mkdir(parents=True, exist_ok=True)
+    path = spool / ("%020d-1-1.json" % time.time_ns())
+    path.write_text(json.dumps({"task_id": task_id, "result": text, "exit_code": 0,
+                                "finished_at": "2026-12-05T10:00:00.000+08:00"}))
+    return path
+
+
+class WindowsRun:
+    """The agent on Windows against `panel`, with its state in `state`; every
+    agent started is stopped when the module's tests are done."""
+
+    def __init__(self, windows, panel, state):
+        self.windows, self.panel, self.state = windows, panel, state
+        self.args = ["-e", panel.endpoint, "-t", panel.token, "--state-dir", windows.path(state), "-i", "1",
+                     "--month-rotate", "1", "--custom-ipv4", "192.0.2.7", "--custom-ipv6", "2001:db8::7",
+                     "--protocol-version", "2", "--reconnect-interval", "0.2"]
+        self.agents = []
+
+    def start(self):
+        agent = AgentProcess(self.args, command=self.windows.command())
+        self.agents.append(agent)
+        return agent
+
+    @staticmethod
+    def python_exe(agent):
+        """The Windows python.exe behind winepy: what Ctrl+C reaches (Wine turns SIGINT into CTRL_C_EVENT)."""
+        return wait_until(lambda: next((p for p in psutil.Process(agent.proc.pid).children(recursive=True)
+                                        if "python.exe" in " ".join(p.cmdline()[:1])), None), 30, "python.exe")
+
+
+@pytest.fixture(scope="module")
+def windows_minute(windows, tmp_path_factory):
+    panel = PanelServer(protocol=2)
+    run = WindowsRun(windows, panel, tmp_path_factory.mktemp("windows-state"))
+    run.spooled = spooled_result(run.state, "win-kept-1", "kept across a stop")
+    panel.fail_http[ka.TASK_RESULT_PATH] = 502
+    try:
+        run.agent = run.start()
+        run.info = panel.wait_for(lambda: panel.basic_infos and panel.basic_infos[0], 90, "basic info from Windows")
+        first = panel.wait_for(lambda: panel.reports and panel.reports[0], 60, "the first report")
+        panel.wait_for(lambda: panel.reports[-1]["_at"] - first["_at"] >= WINDOWS_MINUTE, WINDOWS_MINUTE + 30,
+                       "a minute of reports")
+        run.reports = list(panel.reports)
+        yield run
+    finally:
+        for agent in run.agents:
+            agent.stop()
+        panel.stop()
+
+
+def test_windows_basic_info_has_the_edition_and_real_totals(windows_minute):
+    info = windows_minute.info
+    assert basic_info_problem(info) is None and set(info) == set(BASIC_INFO_KEYS)
+    # the registry's, as a Windows 10 prefix of Wine fills it in: ProductName, CurrentBuild (no UBR)
+    assert (info["os"], info["kernel_version"], info["arch"]) == ("Microsoft Windows 10", "18362", "amd64")
+    assert info["cpu_name"] not in ("", "Unknown") and "Family" not in info["cpu_name"]   # not platform.processor()'s
+    assert info["gpu_name"] == "Wine Adapter" and info["virtualization"] == "none"
+    assert abs(info["mem_total"] - psutil.virtual_memory().total) < 64 << 20   # Wine shows this box's RAM
+    root = psutil.disk_usage("/").total   # every Wine drive is this file system, each its own volume to Windows
+    assert info["disk_total"] >= root and info["disk_total"] % root == 0
+    assert info["cpu_cores"] == psutil.cpu_count() and (info["ipv4"], info["ipv6"]) == ("192.0.2.7", "2001:db8::7")
+
+
+def test_windows_reports_for_a_minute_have_every_figure_and_no_failure(windows_minute):
+    reports, info = windows_minute.reports, windows_minute.info
+    assert reports[-1]["_at"] - reports[0]["_at"] >= WINDOWS_MINUTE
+    # none late enough for the panel to drop the socket (a report takes ~0.1 s of Wine's time here)
+    assert max(b["_at"] - a["_at"] for a, b in zip(reports, reports[1:])) < PanelServer.READ_WAIT
+    assert {r["_via"] for r in reports} == {"v2-ws"}   # websocket-client's keep-alive options are not in the way
+    for report in reports:
+        assert report_problem(report) is None and report["message"] == "", report
+        assert report["ram"]["total"] == info["mem_total"] and 0 < report["ram"]["used"] < report["ram"]["total"]
+        assert report["disk"]["total"] == info["disk_total"] and 0 < report["disk"]["used"] < report["disk"]["total"]
+        assert report["swap"]["total"] == info["swap_total"] and 0 <= report["swap"]["used"] <= report["swap"]["total"]
+        assert 0 < report["cpu"]["usage"] <= 100 and report["uptime"] > 0 and report["process"] > 0
+        assert report["connections"]["tcp"] > 0 and report["network"]["totalDown"] > 0
+        assert set(report["load"]) == {"load1", "load5", "load15"}
+    assert reports[-1]["uptime"] - reports[0]["uptime"] >= WINDOWS_MINUTE - 2
+    log = windows_minute.agent.log
+    # what Wine cannot give is said once, at its first report, never again
+    assert log.count("load is reported as 0") == 1 and log.count("swap is read from GetPerformanceInfo") == 1
+    assert "Traceback" not in log and "failed to get" not in log and "written by other users" not in log
+    assert "state directory problem" not in log and "cannot keep undelivered results" not in log
+
+
+def test_windows_stop_on_ctrl_c_keeps_what_was_not_delivered(windows_minute):
+    run, panel = windows_minute, windows_minute.panel
+    assert run.spooled.exists() and not panel.task_results   # the panel refused it all along
+    last_total = panel.reports[-1]["network"]["totalUp"]
+    stopped_at = time.time()
+    run.python_exe(run.agent).send_signal(signal.SIGINT)
+    assert run.agent.proc.wait(30) == 0
+    assert "shutting down" in run.agent.log
+    traffic = json.loads((run.state / ka.TRAFFIC_FILE).read_text())
+    assert traffic["saved_at"] >= stopped_at - 1 and traffic["total"]["up"] >= last_total   # saved on the way out
+    assert run.spooled.exists()
+    del panel.fail_http[ka.TASK_RESULT_PATH]
+    count = len(panel.reports)
+    again = run.start()
+    result = result_for(panel, "win-kept-1", 90)
+    assert result["result"] == "kept across a stop" and result["exit_code"] == 0
+    wait_until(lambda: not run.spooled.exists(), 10, "the delivered result to leave the spool")
+    after = panel.wait_for(lambda: len(panel.reports) > count and panel.reports[count], 30, "a report after the restart")
+    assert after["network"]["totalUp"] >= last_total   # the month's traffic goes on from where it was
+    again.stop()
+
+
+WINDOWS_PROBE = r"""
+import ctypes, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import komari_agent as ka
+scratch, found = sys.argv[2], {}
+found["sid"] = ka.process_user_sid()
+ka.SCRIPT_PATH = os.path.join(scratch, "komari_agent.py")
+found["state_dir"] = ka.default_state_dir()
+ka.process_user_sid = lambda: ka.LOCAL_SYSTEM_SID
+found["state_dir_as_system"] = ka.default_state_dir()
+found["private"] = ka.private_directory(os.path.join(scratch, "state"))
+data = b'{"text":"a\r\nb"}\n\x1a\n'
+ka.write_atomic(os.path.join(scratch, "state", "result.json"), data)
+found["read_back"] = ka.read_regular_file(os.path.join(scratch, "state", "result.json"), 100) == data
+found["volumes"] = [ka.volume_identity(root) for root in ("C:\\", "Z:\\")]
+# the ACL as Windows itself reads it back from its text form
+advapi32 = ctypes.WinDLL("advapi32")
+descriptor, text = ctypes.c_void_p(), ctypes.c_wchar_p()
+advapi32.ConvertStringSecurityDescriptorToSecurityDescriptorW(ka.PRIVATE_DACL, 1, ctypes.byref(descriptor), None)
+advapi32.ConvertSecurityDescriptorToStringSecurityDescriptorW(descriptor, 1, 4, ctypes.byref(text), None)
+found["dacl"] = text.value
+print(json.dumps(found))
+"""
+
+
+def test_windows_state_directory_user_and_files(windows, tmp_path):
+    done = subprocess.run([str(windows.winepy), "-c", WINDOWS_PROBE, windows.path(ROOT), windows.path(tmp_path)],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    found = json.loads(done.stdout.decode().splitlines()[-1])
+    assert re.match(r"^S-1-5-21-[\d-]+$", found["sid"])   # Wine's user: no SYSTEM
+    assert found["state_dir"] == windows.path(tmp_path / "state")   # beside the script, which can be written
+    assert found["state_dir_as_system"].lower() == "c:\\programdata\\komari-agent"
+    assert found["private"] == "" and found["read_back"]
+    assert (tmp_path / "state" / "result.json").read_bytes() == b'{"text":"a\r\nb"}\n\x1a\n'   # bytes as given
+    assert found["volumes"][0].startswith("volume:\\\\?\\volume{") and found["volumes"][0] != found["volumes"][1]
+    # full control for SYSTEM, the Administrators and the owner, inherited, nothing from above
+    assert found["dacl"] == "D:P(A;OICI;FA;;;SY)(A;OICI;FA;;;BA)(A;OICI;FA;;;OW)"
+
+
+def test_windows_output_is_utf8_and_check_mem_shows_windows_ways(windows):
+    checked = windows.run("-e", "http://127.0.0.1:1", "-t", "x" * 16, "--include-nics", "\u4ee5\u592a\u7f51*", "--check")
+    assert checked.returncode == 0, checked.stderr.decode("utf-8", "replace")
+    assert "\u4ee5\u592a\u7f51*" in checked.stdout.decode("utf-8")   # not cp1252's "?" or a traceback
+    memory = windows.run("check-mem")
+    assert memory.returncode == 0, memory.stderr.decode("utf-8", "replace")
+    modes = re.findall(r"\[(\w+)\] Total: (\d+) bytes", memory.stdout.decode())
+    # no `free` on Windows: no line of zeros for it (Wine shows the host's /proc/meminfo, hence htoplike)
+    assert "callFree" not in dict(modes) and int(dict(modes)["gopsutil"]) > 0
 
 
 # -- processes and programs -----------------------------------------------------------
@@ -1993,9 +2339,10 @@ def test_mac_disk_use_is_what_the_container_has_given_out(tmp_path):
 
 
 @pytest.mark.parametrize("platform, host", [("darwin", ka.MacHost), ("freebsd14", ka.FreeBSDHost),
-                                            ("openbsd7", ka.PsutilHost)])
+                                            ("win32", ka.WindowsHost), ("openbsd7", ka.PsutilHost)])
 def test_make_host_picks_the_host_of_the_system(monkeypatch, platform, host):
     monkeypatch.setattr(ka, "IS_LINUX", False)
+    monkeypatch.setattr(ka, "IS_WINDOWS", platform == "win32")
     monkeypatch.setattr(ka.sys, "platform", platform)
     assert type(ka.make_host()) is host
 
@@ -3589,6 +3936,43 @@ def test_old_server_gets_v1_after_three_protocol_failures(panel, start_agent):
     assert agent.log.count("falling back to protocol v1") == 1 and panel.basic_infos
 
 
+class WebPage(BaseHTTPRequestHandler):
+    """Any website where the panel should be: 200 and a page, whatever is asked."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        page = b"<html><body>Welcome to nginx!</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.do_GET()
+
+
+def test_a_panel_that_answers_neither_v2_nor_v1_is_named_so(tmp_path):
+    from http.server import ThreadingHTTPServer
+    site = ThreadingHTTPServer(("127.0.0.1", 0), WebPage)
+    threading.Thread(target=site.serve_forever, args=(0.05,), daemon=True).start()
+    agent = AgentProcess(["-e", "http://127.0.0.1:%d" % site.server_address[1], "-t", TOKEN, "-c", "0.2", "-r", "1",
+                          "--state-dir", str(tmp_path), "--custom-ipv4", "192.0.2.7"])
+    try:
+        agent.wait_log("the panel answers neither v2 nor v1", 20)
+    finally:
+        agent.stop()
+        site.shutdown()
+        site.server_close()
+    line = next(line for line in agent.lines if "answers neither" in line)
+    assert "and v1 failed as well (last: the panel answered with a web page" in line, line
+    assert "--endpoint" in line and agent.log.count("falling back to protocol v1") == 1, agent.log
+
+
 # ---------------------------------------------------------------------------
 # Tasks: exec, ping probes, web terminal, dispatch
 # ---------------------------------------------------------------------------
@@ -4306,6 +4690,246 @@ def test_fuzzed_frames_never_break_the_event_handler(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# Self-update: a loopback release feed; a release verified, tried and swapped, or the file left byte for byte
+# ---------------------------------------------------------------------------
+
+NEWER, NEWEST = "99.0.0", "99.0.1"
+
+
+def agent_at_version(version, edit=None):
+    """komari_agent.py's bytes with __version__ = `version` and the text edit (old, new) made."""
+    source = re.sub(r'(?m)^__version__ = "[^"]*"$', '__version__ = "%s"' % version, AGENT.read_text(), count=1)
+    if edit:
+        assert edit[0] in source
+        source = source.replace(edit[0], edit[1], 1)
+    return source.encode()
+
+
+class ReleaseFeed:
+    """A GitHub-style release feed on 127.0.0.1, files in `root` served as
+    they are: `url` answers the release's JSON, assets/NAME the files
+    published with it; every path asked is kept."""
+
+    def __init__(self, root):
+        self.root, self.files, self.requests = Path(root), {}, []
+        feed = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(feed.root), **kwargs)
+
+            def log_message(self, *args):   # called for every request (twice for an error)
+                feed.requests.append(self.path)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = "http://127.0.0.1:%d/latest" % self.server.server_address[1]
+
+    def publish(self, version, source=None, prerelease=False, requirements=None):
+        """Release `version`: komari_agent.py at that version (or `source`),
+        our requirements.txt (or `requirements`), and SHA256SUMS of both."""
+        files = {"komari_agent.py": agent_at_version(version) if source is None else source,
+                 "requirements.txt": (ROOT / "requirements.txt").read_bytes() if requirements is None else requirements}
+        files["SHA256SUMS"] = b"".join(b"%s  %s\n" % (hashlib.sha256(data).hexdigest().encode(), name.encode())
+                                       for name, data in files.items())
+        self.tamper(**files)
+        base = self.url.rsplit("/", 1)[0] + "/assets/"
+        self.release({"tag_name": "v" + version, "prerelease": prerelease, "body": "notes",
+                      "assets": [{"name": name, "browser_download_url": base + name} for name in files]})
+
+    def tamper(self, **files):
+        """Serve these asset files from now on."""
+        self.files.update(files)
+        (self.root / "assets").mkdir(exist_ok=True)
+        for name, data in files.items():
+            (self.root / "assets" / name).write_bytes(data)
+
+    def release(self, answer):
+        """The feed's answer from now on; None: HTTP 404."""
+        if answer is None:
+            (self.root / "latest").unlink()
+        else:
+            (self.root / "latest").write_text(json.dumps(answer))
+
+    def downloads(self):
+        return [path for path in self.requests if path.startswith("/assets/")]
+
+
+@pytest.fixture
+def release_feed(tmp_path_factory):
+    feed = ReleaseFeed(tmp_path_factory.mktemp("feed"))
+    yield feed
+    feed.server.shutdown()
+    feed.server.server_close()
+
+
+@pytest.fixture
+def installed(tmp_path):
+    """A copy of komari_agent.py to update, alone in its directory."""
+    path = tmp_path / "install" / "komari_agent.py"
+    path.parent.mkdir()
+    shutil.copy(AGENT, path)
+    return path
+
+
+def running_version(state_dir, pid):
+    """The version status.json says process `pid` runs connected, or None."""
+    try:
+        status = json.loads((Path(state_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return status.get("version") if status.get("pid") == pid and status.get("state") == "connected" else None
+
+
+def wait_running(panel, agent, version, timeout=30):
+    wait_until(lambda: running_version(panel_state_dir(panel), agent.proc.pid) == version, timeout,
+               "pid %d connected as %s; log:\n%s" % (agent.proc.pid, version, agent.log))
+
+
+def test_versions_checksums_requirements_and_urls_are_read_as_published():
+    assert ka.version_key("v1.2") == ka.version_key("1.2.0") < ka.version_key("1.10.0")
+    assert [ka.version_key(t) for t in ("1.3.0-rc1", "dev", "", "v")] == [None] * 4
+    sums = b"%s  ./komari_agent.py\n%s *requirements.txt\n" % (b"a" * 64, b"B" * 64)
+    assert [ka.listed_sha256(sums, name) for name in ("komari_agent.py", "requirements.txt", "SHA256SUMS")] == \
+        ["a" * 64, "b" * 64, None]
+    ours = ka.requirement_lines((ROOT / "requirements.txt").read_text())
+    assert ours == ka.requirement_lines("\n".join(ka.REQUIREMENTS)) == ["psutil>=5.6", "websocket-client>=1.0"]
+    for url, ok in (("https://api.github.com/x", True), ("http://127.0.0.1:8/x", True), ("http://[::1]/x", True),
+                    ("http://localhost/x", True), ("http://mirror.example/x", False), ("ftp://h/x", False)):
+        assert (ka.code_url_problem(url) == "") is ok, url
+    release = ka.parse_release(json.dumps({"tag_name": "v2.0.0", "assets": [{"name": "a", "browser_download_url": "u"},
+                                                                           {"name": 1}, "junk"]}).encode())
+    assert release == ka.Release("v2.0.0", (2, 0, 0, 0), False, {"a": "u"})
+    with pytest.raises(ka.UpdateProblem, match="not a release"):
+        ka.parse_release(b"<html><title>rate limited</title></html>")
+
+
+def test_the_default_feed_is_the_release_location_install_sh_names():
+    url = re.search(r"(?m)^DEFAULT_AGENT_URL='([^']+)'", (ROOT / "install.sh").read_text()).group(1)
+    repository = re.match(r"https://(?:raw\.githubusercontent\.com|github\.com)/([^/]+/[^/]+)/", url).group(1)
+    assert ka.RELEASE_REPOSITORY == repository
+    assert ka.DEFAULT_UPDATE_URL == "https://api.github.com/repos/%s/releases/latest" % repository
+
+
+@pytest.mark.parametrize("how", ["by hand", "python -m, by hand", "service"])
+def test_a_newer_release_is_verified_tried_swapped_and_is_what_runs_afterwards(panel, start_agent, release_feed,
+                                                                              installed, how):
+    import py_compile
+    old = installed.read_bytes()
+    # install.sh's services run `python -m komari_agent` from the bytecode it compiled
+    cached = Path(py_compile.compile(str(installed), doraise=True))
+    release_feed.publish(NEWER)
+    supervised = how == "service"
+    env = {"KOMARI_AGENT_SUPERVISED": "1"} if supervised else {}
+    command = None
+    if how.startswith("python -m"):   # in the install directory, as run-agent.sh runs it
+        command = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", str(installed.parent),
+                   sys.executable, "-m", "komari_agent"]
+    agent = start_agent("--update-url", release_feed.url, script=installed, env=env, command=command)
+    if supervised:
+        assert agent.proc.wait(60) == 42, agent.log
+        first = agent.log
+        agent = start_agent("--update-url", release_feed.url, script=installed, env=env)  # as the service does
+    wait_running(panel, agent, NEWER)
+    agent.wait_log("%s is up to date (latest release: v%s)" % (NEWER, NEWER))
+    steps = first if supervised else agent.log
+    assert ("executing -m komari_agent afresh" in steps) is bool(command)
+    for step in ("found v%s (running %s)" % (NEWER, ka.__version__), "its SHA-256 matches SHA256SUMS",
+                 "verified", "reached the panel", "swapped: %s is now v%s" % (installed, NEWER)):
+        assert step in steps, step
+    assert installed.read_bytes() == release_feed.files["komari_agent.py"]
+    assert (installed.parent / "komari_agent.py.previous").read_bytes() == old
+    assert sorted(p.name for p in installed.parent.iterdir()) == \
+        ["__pycache__", "komari_agent.py", "komari_agent.py.previous"]
+    assert struct.unpack("<I", cached.read_bytes()[12:16])[0] == len(installed.read_bytes())  # the cache's source size
+
+
+REFUSALS = {
+    # case: (what the feed publishes, extra flags, a step said, downloads made, skipped)
+    "checksum mismatch": (lambda feed: (feed.publish(NEWER),
+                                        feed.tamper(**{"komari_agent.py": agent_at_version(NEWER) + b"#"})),
+                          (), "the SHA-256 of its komari_agent.py does not match SHA256SUMS", True, False),
+    "does not compile": (lambda feed: feed.publish(NEWER, source=agent_at_version(NEWER) + b"\ndef broken(:\n"),
+                         (), "it does not compile (SyntaxError", True, True),
+    "--check fails": (lambda feed: feed.publish(NEWER, source=agent_at_version(
+        NEWER, ("def check_settings(cfg):\n", "def check_settings(cfg):\n    raise ConfigError('no, never')\n"))),
+        (), "its --check refuses these settings (ConfigError: no, never)", True, True),
+    "other requirements": (lambda feed: feed.publish(NEWER, requirements=b"psutil>=5.6\nwebsocket-client>=1.0\nrequests"),
+                           (), "re-run install.sh", True, False),
+    "older": (lambda feed: feed.publish("0.0.1"), (), "is up to date (latest release: v0.0.1)", False, False),
+    "pre-release": (lambda feed: feed.publish(NEWER, prerelease=True), (), "is a pre-release", False, False),
+    "git checkout": (lambda feed: feed.publish(NEWER), (), "is in a git checkout; update it with git", None, False),
+    "--disable-auto-update": (lambda feed: feed.publish(NEWER), ("--disable-auto-update",), None, None, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_a_release_that_is_not_taken_leaves_the_file_byte_for_byte(panel, start_agent, release_feed, installed, case):
+    publish, flags, said, downloads, skipped = REFUSALS[case]
+    publish(release_feed)
+    if case == "git checkout":
+        (installed.parent / ".git").mkdir()
+    old = installed.read_bytes()
+    agent = start_agent("--update-url", release_feed.url, *flags, script=installed)
+    if said:
+        agent.wait_log(said, timeout=30)
+    wait_running(panel, agent, ka.__version__)
+    assert installed.read_bytes() == old
+    assert sorted(p.name for p in installed.parent.iterdir() if p.name != ".git") == ["komari_agent.py"]
+    if downloads is None:   # not even the feed was asked
+        assert release_feed.requests == []
+    else:
+        assert bool(release_feed.downloads()) is downloads
+    update = panel_state_dir(panel) / "update.json"
+    assert (update.exists() and "skip" in json.loads(update.read_text())) is skipped
+    assert sum("update:" in line for line in agent.log.splitlines()) <= 4
+
+
+@pytest.mark.parametrize("fault", ["never links", "crashes", "crashes once linked"])
+def test_a_new_version_that_does_not_reach_the_panel_is_rolled_back_and_skipped(panel, start_agent, release_feed,
+                                                                                installed, fault):
+    old = installed.read_bytes()
+    start, linked = '    def run(self):\n        self.status.set("starting")\n', '        self.status.set("connected")\n'
+    spot, broken = {"never links": (start, start.replace("\n", "\n        self.stop.wait()\n", 1)),  # never dials
+                    "crashes": (start, start + '        raise RuntimeError("broken release")\n'),
+                    "crashes once linked": (linked, linked + '        raise RuntimeError("broken release")\n')}[fault]
+    release_feed.publish(NEWER, source=agent_at_version(NEWER, (spot, broken)))
+    # a trial of 3 s, not 60 (docs/UPDATING.md); a crash is seen at once anyway
+    env = {"KOMARI_UPDATE_TRIAL_SECONDS": "3"} if fault == "never links" else None
+    began = time.monotonic()
+    agent = start_agent("--update-url", release_feed.url, script=installed, env=env)
+    agent.wait_log("rolled back to %s: v%s" % (ka.__version__, NEWER), timeout=40)
+    why = {"never links": "did not reach the panel within 3 s (its last state: no status.json)",
+           "crashes": "exited with status 1 before reaching the panel (RuntimeError: broken release)",
+           "crashes once linked": "exited with status 1 just after reaching the panel (RuntimeError: broken release)"
+           }[fault]
+    assert why in agent.log and "skipped until a newer release" in agent.log
+    wait_running(panel, agent, ka.__version__)
+    assert time.monotonic() - began < 60
+    assert installed.read_bytes() == old and not (installed.parent / "komari_agent.py.previous").exists()
+    assert json.loads((panel_state_dir(panel) / "update.json").read_text())["skip"]["tag"] == "v" + NEWER
+    if fault != "never links":
+        return
+    agent.stop()
+    asked = len(release_feed.downloads())
+    agent = start_agent("--update-url", release_feed.url, script=installed)
+    agent.wait_log("v%s is skipped (rolled back" % NEWER)
+    wait_running(panel, agent, ka.__version__)
+    assert len(release_feed.downloads()) == asked
+    agent.stop()
+    release_feed.publish(NEWEST)   # a newer release is taken again
+    agent = start_agent("--update-url", release_feed.url, script=installed)
+    wait_running(panel, agent, NEWEST)
+
+
+def test_placeholder_feed_is_said_in_one_line_and_the_agent_runs_on(panel, start_agent, installed):
+    agent = start_agent(script=installed)
+    wait_running(panel, agent, ka.__version__)
+    lines = [line for line in agent.log.splitlines() if "update:" in line]
+    assert len(lines) == 1 and "placeholder OWNER/REPO" in lines[0] and "--update-url" in lines[0]
+
+
+# ---------------------------------------------------------------------------
 # The agent loop, end to end
 # ---------------------------------------------------------------------------
 
@@ -4326,8 +4950,9 @@ def test_agent_uploads_basic_info_and_reports_at_pace(panel, start_agent):
     assert TOKEN not in agent.log
 
 
-def test_long_interval_still_reports_within_the_panel_deadline():
-    cfg, warnings = ka.load_config(["-e", "http://127.0.0.1:1", "-t", "T", "-i", "30"], {})
+def test_long_interval_still_reports_within_the_panel_deadline(tmp_path):
+    cfg, warnings = ka.load_config(["-e", "http://127.0.0.1:1", "-t", "T", "-i", "30", "--state-dir", str(tmp_path)],
+                                   {})
     assert ka.Agent(cfg).period == ka.MAX_REPORT_GAP < 11
     assert any("every 10 s" in w for w in warnings)
 
@@ -4378,6 +5003,86 @@ def test_wrong_token_is_logged_once_a_minute_at_most(panel, start_agent):
     assert len(panel.ws_attempts) - attempts <= 3
     assert agent.log.count("cannot connect the report link") == 1
     assert "not-the-token" not in agent.log and agent.proc.poll() is None
+
+
+def test_state_directory_and_status_file_are_private(tmp_path):
+    # README: the state directory is made 0700 (the parents it needs too), status.json 0600 as all in it
+    state = tmp_path / "new" / "state"
+    agent = AgentProcess(["-e", "http://127.0.0.1:%d" % closed_port(), "-t", TOKEN, "-c", "0.2",
+                          "--state-dir", str(state), "--custom-ipv4", "192.0.2.7"])
+    try:
+        status = state / ka.STATUS_FILE
+        wait_until(lambda: status.exists() and json.loads(status.read_text())["state"] == "connecting", 15,
+                   "status.json saying connecting")
+    finally:
+        agent.stop()
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode))
+             for p in (tmp_path / "new", state, state / ka.SPOOL_DIR, status)}
+    assert modes == {"new": "0o700", "new/state": "0o700", "new/state/results": "0o700",
+                     "new/state/status.json": "0o600"}
+    # a spool made before the state directory (Agent without main()) makes it private too
+    ka.ResultSpool(str(tmp_path / "other" / "results"))
+    assert stat.S_IMODE((tmp_path / "other").stat().st_mode) == 0o700
+
+
+NEXT_TRY = r"; (next try in 0\.[0-3] s|trying v[12] \w+ at once)$"
+
+
+def test_a_cannot_connect_line_says_when_the_next_try_is(tmp_path):
+    # one such line a minute (the log's flood limit), so it must say the agent is not stuck
+    agent = AgentProcess(["-e", "http://127.0.0.1:%d" % closed_port(), "-t", TOKEN, "-c", "0.3", "-r", "1",
+                          "--state-dir", str(tmp_path), "--custom-ipv4", "192.0.2.7"])
+    try:
+        agent.wait_log("cannot connect the report link", 15)
+    finally:
+        agent.stop()
+    lines = [line for line in agent.lines if "cannot connect the report link" in line]
+    assert lines and all(re.search(NEXT_TRY, line) for line in lines), lines
+
+
+def self_signed_certificate(directory):
+    """(certificate, key) files of a fresh self-signed certificate for 127.0.0.1."""
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl command to make a certificate with")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=30)
+    return cert, key
+
+
+def test_a_self_signed_panel_is_named_once_with_the_ways_out(tmp_path):
+    import ssl
+    from urllib.error import URLError
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*map(str, self_signed_certificate(tmp_path)))
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def handshake(client):
+        try:   # the agent gives up on the certificate: its alert ends the handshake here
+            context.wrap_socket(client, server_side=True).close()
+        except (OSError, ssl.SSLError):
+            client.close()
+    threading.Thread(target=accept_each, args=(listener, handshake, held), daemon=True).start()
+    agent = AgentProcess(["-e", "https://127.0.0.1:%d" % listener.getsockname()[1], "-t", TOKEN, "-c", "0.3",
+                          "-r", "1", "--state-dir", str(tmp_path), "--custom-ipv4", "192.0.2.7"])
+    try:
+        agent.wait_log("CERTIFICATE_VERIFY_FAILED", 20)
+    finally:
+        agent.stop()
+        listener.close()
+        for client in held:
+            client.close()
+    line = next(line for line in agent.lines if "CERTIFICATE_VERIFY_FAILED" in line)
+    assert "cannot connect the report link" in line and re.search(NEXT_TRY, line), line
+    assert "--ignore-unsafe-cert" in line and "install that CA" in line and TOKEN not in agent.log, line
+    # the ways out once; each later line only the failure
+    cfg, _ = ka.load_config(["-e", "https://127.0.0.1:1", "-t", "T", "--state-dir", str(tmp_path)], {})
+    looped = ka.Agent(cfg)
+    untrusted = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    assert looped.tls_hint(ConnectionRefusedError()) == "" and ka.certificate_untrusted(URLError(untrusted))
+    assert "--ignore-unsafe-cert" in looped.tls_hint(untrusted) and looped.tls_hint(untrusted) == ""
 
 
 def test_status_file_is_written_on_change_only_and_never_holds_the_token(tmp_path):
@@ -4462,21 +5167,27 @@ def test_startup_names_the_monitored_mounts_and_interfaces(tmp_path, caplog):
     assert "Monitoring Interfaces: [eth0 wg0]" in caplog.text
 
 
+GO_LOG_LINE = r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d "
+
+
 def test_list_disk_check_mem_and_show_warning_like_the_official_agent(tmp_path):
+    # the official agent's lines, answers on stdout (it logs them on stderr): `check-mem 2>/dev/null` shows them
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
     run = lambda *args: subprocess.run([sys.executable, str(AGENT)] + list(args), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, timeout=60, cwd=str(tmp_path), env=dict(os.environ))
+                                       stderr=subprocess.PIPE, timeout=60, cwd=str(tmp_path), env=env)
     listed = run("list-disk")
-    assert listed.returncode == 0
+    assert listed.returncode == 0 and listed.stderr == b"", listed.stderr
     rows = listed.stdout.decode().splitlines()
+    assert re.match(GO_LOG_LINE + "All Disk Partitions:$", rows[0]), rows[0]
+    assert re.match(GO_LOG_LINE + r"Monitoring Mountpoints: \[/ \(\S+\)", rows[-1]), rows[-1]
+    rows = rows[1:-1]
     width = max(len(r.split()[0]) for r in rows) + 2
     assert rows[0] == "Mountpoint".ljust(width) + "Fstype"
     assert any(r.startswith("/".ljust(width)) for r in rows[1:])            # every mount, / among them
-    log = listed.stderr.decode()
-    assert re.search(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d All Disk Partitions:$", log, re.M)
-    assert re.search(r"Monitoring Mountpoints: \[/ \(\S+\)", log)
     memory = run("check-mem")
-    assert memory.returncode == 0 and memory.stdout == b""
-    lines = [l.split(" ", 2)[2] for l in memory.stderr.decode().splitlines()]
+    assert memory.returncode == 0 and memory.stderr == b"", memory.stderr
+    assert all(re.match(GO_LOG_LINE, l) for l in memory.stdout.decode().splitlines())
+    lines = [l.split(" ", 2)[2] for l in memory.stdout.decode().splitlines()]
     assert lines[:2] == ["--- Memory Check ---", "--- /proc/meminfo ---"]
     assert [l.split(":")[0] for l in lines[2:14]] == ["MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached",
                                                       "SwapTotal", "SwapFree", "SwapCached", "Shmem", "SReclaimable",
@@ -4514,6 +5225,40 @@ def test_absurd_calibration_size_exits_2_with_one_line(tmp_path):
     assert done.returncode == 2 and len(lines) == 1 and "set-up" not in done.stdout.decode(), (done.returncode, lines)
     assert "more than the panel can count" in lines[0]
     assert not (tmp_path / ka.CALIBRATION_FILE).exists()
+
+
+def test_traffic_is_counted_and_shown_before_the_agent_reaches_a_panel(tmp_path):
+    # v1 only: no link is tried that would make a report (POST mode opens with one) and count by the way
+    state = tmp_path / "state"
+    agent = AgentProcess(["-e", "http://127.0.0.1:%d" % closed_port(), "-t", TOKEN, "--month-rotate", "1",
+                          "--protocol-version", "1", "--state-dir", str(state), "--custom-ipv4", "192.0.2.7"])
+    try:
+        wait_until(lambda: (state / ka.TRAFFIC_FILE).exists(), 15, "traffic.json from an agent with no panel")
+        agent.wait_log("cannot connect the report link", 10)
+    finally:
+        agent.stop()
+    saved = json.loads((state / ka.TRAFFIC_FILE).read_text())
+    counted = sorted(nic for nic in psutil.net_io_counters(pernic=True) if ka.nic_counted(nic, [], []))
+    assert saved["counted"] == counted and saved["sampled_at"]
+    shown = run_agent("traffic", "--show", "--state-dir", str(state))
+    assert shown.returncode == 0 and "period start: " in shown.stdout.decode(), shown.stderr
+    assert all("  %s: up " % nic in shown.stdout.decode() for nic in counted)
+    done = run_agent("traffic", "--export", str(tmp_path / "net_static.json"), "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads((tmp_path / "net_static.json").read_text())["interfaces"]) == counted
+
+
+@pytest.mark.parametrize("content", [None, "{}", '{"total":[1]}', "[]", '{"period_start": 1'])
+def test_traffic_export_of_a_missing_or_damaged_state_says_so_and_writes_nothing(tmp_path, content):
+    if content is not None:
+        (tmp_path / ka.TRAFFIC_FILE).write_text(content)
+    for command in (["--export"], ["--show"]):
+        done = run_agent("traffic", *command, "--state-dir", str(tmp_path), timeout=20)
+        lines = done.stderr.decode().strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and not done.stdout, (command, done.returncode, lines)
+        assert str(tmp_path / ka.TRAFFIC_FILE) in lines[0]
+        assert ("no traffic state at" if content is None else "is damaged") in lines[0], lines
+    assert not (tmp_path / ka.NET_STATIC).exists()
 
 
 @pytest.mark.parametrize("content", ['{"total":[1]}', '{"offset":{"up":Infinity}}', '{"saved_at":1e300}'])
@@ -4691,6 +5436,52 @@ def test_sighup_stops_like_sigterm_and_keeps_the_killed_commands_result(panel, s
         assert result["exit_code"] == -1
     finally:
         kill_leftovers("sleep 68.1")
+
+
+def test_update_check_says_whether_a_newer_release_exists(release_feed, installed, tmp_path):
+    def check(*flags):
+        return run_agent("update", "--check", "--state-dir", str(tmp_path / "state"), *flags,
+                         env={"NO_PROXY": "127.0.0.1"}, script=installed)
+    release_feed.publish(ka.__version__)
+    done = check("--update-url", release_feed.url)
+    assert done.returncode == 0 and b"up to date" in done.stdout, done
+    release_feed.publish(NEWER)
+    done = check("--update-url", release_feed.url)
+    assert done.returncode == 1 and done.stdout.decode().startswith("v%s is available" % NEWER), done
+    release_feed.publish(NEWER, prerelease=True)
+    assert check("--update-url", release_feed.url).returncode == 0
+    release_feed.release(None)   # the feed answers 404
+    for flags, needle in ((["--update-url", release_feed.url], "HTTP 404"), ([], "placeholder OWNER/REPO"),
+                          (["--update-url", "http://mirror.example/latest"], "must be an https:// URL")):
+        done = check(*flags)
+        lines = done.stderr.decode().strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], (flags, done)
+    assert installed.read_bytes() == AGENT.read_bytes() and release_feed.downloads() == []
+
+
+def test_update_by_hand_asks_the_running_agent_and_prints_its_steps(panel, start_agent, release_feed, installed):
+    release_feed.publish(ka.__version__)
+    agent = start_agent("--update-url", release_feed.url, script=installed)
+    wait_running(panel, agent, ka.__version__)
+    release_feed.publish(NEWER)
+    done = run_agent("update", "-e", panel.endpoint, "-t", panel.token, "--state-dir", str(panel_state_dir(panel)),
+                     "--update-url", release_feed.url, env={"NO_PROXY": "127.0.0.1"}, script=installed, timeout=120)
+    out = done.stdout.decode()
+    assert done.returncode == 0, (done, agent.log)
+    assert "asked the running agent (pid %d)" % agent.proc.pid in out
+    assert "restarting, to try v%s" % NEWER in out and "swapped" in out and TOKEN not in out
+    wait_running(panel, agent, NEWER)   # the same process, executed afresh
+    assert installed.read_bytes() == release_feed.files["komari_agent.py"]
+
+
+def test_update_by_hand_with_no_agent_running_tries_and_installs_the_release(panel, release_feed, installed, tmp_path):
+    release_feed.publish(NEWER)
+    done = run_agent("update", "-e", panel.endpoint, "-t", panel.token, "--state-dir", str(tmp_path / "state"),
+                     "--update-url", release_feed.url, env={"NO_PROXY": "127.0.0.1"}, script=installed, timeout=90)
+    out = done.stdout.decode()
+    assert done.returncode == 0 and "reached the panel" in out and "swapped" in out, done
+    assert installed.read_bytes() == release_feed.files["komari_agent.py"]
+    panel.wait_for(lambda: any(i["version"] == NEWER for i in panel.basic_infos), 5, "the trial's basic info")
 
 
 # ---------------------------------------------------------------------------
@@ -4966,7 +5757,7 @@ OFFICIAL_ONE_CLICK = ["--install-service-name", "komari-x", "--install-ghproxy",
 def install_env(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_", "KOMARI_", "XDG_"))}
     env.update(KOMARI_PYTHON=sys.executable, KOMARI_INSTALL_ROOT=str(tmp_path / "root"),
-               HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"),
+               HOME=str(tmp_path / "root" / "home"), XDG_CONFIG_HOME=str(tmp_path / "root" / "home" / ".config"),
                NO_PROXY="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
@@ -5036,7 +5827,7 @@ def test_install_sh_fallback_requirements_match_requirements_txt():
 
 
 def test_install_no_service_agent_runs_from_its_venv_and_reaches_panel(panel, tmp_path):
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     out, err = run_install(tmp_path, "-e", panel.endpoint, "-t", panel.token, "--install-dir", str(install_dir),
                            "--no-service", "--venv-system-site-packages",
                            "--reconnect-interval", "0.2", "--custom-ipv4", "192.0.2.7")
@@ -5046,8 +5837,8 @@ def test_install_no_service_agent_runs_from_its_venv_and_reaches_panel(panel, tm
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     assert json.loads(config.read_text()) == {"endpoint": panel.endpoint, "token": panel.token}
     argv = launcher_argv(install_dir)
-    assert argv[:2] == [str(install_dir / "venv" / "bin" / "python"), str(install_dir / "komari_agent.py")]
-    assert argv[2:] == ["--config", str(config), "--state-dir", str(install_dir / "state"),
+    assert argv[:3] == [str(install_dir / "venv" / "bin" / "python"), "-m", "komari_agent"]
+    assert argv[3:] == ["--config", str(config), "--state-dir", str(install_dir / "state"),
                         "--reconnect-interval", "0.2", "--custom-ipv4", "192.0.2.7"]
     for name in ("run-agent.sh", "install.conf", "install.manifest"):
         assert panel.token not in (install_dir / name).read_text(), name
@@ -5075,7 +5866,7 @@ def test_install_no_service_agent_runs_from_its_venv_and_reaches_panel(panel, tm
 
 
 def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tmp_path):
-    shared = tmp_path / "opt-komari"  # a panel lives here too
+    shared = tmp_path / "root" / "opt-komari"  # a panel lives here too
     (shared / "data").mkdir(parents=True)
     (shared / "data" / "komari.db").write_bytes(b"panel data")
     (shared / "komari").write_bytes(b"the panel binary")
@@ -5090,14 +5881,14 @@ def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tm
     run_install(tmp_path, "--install-dir", str(shared))  # the plain upgrade: no flags at all
     assert json.loads((shared / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
                                                                 "token": "first-token"}
-    assert launcher_argv(shared)[6:] == ["--disable-web-ssh", "--month-rotate", "3"]
+    assert launcher_argv(shared)[7:] == ["--disable-web-ssh", "--month-rotate", "3"]
     assert unit.is_file()
 
     _, err = run_install(tmp_path, "-t", "second-token", "--interval", "2", *common)  # new token and flags
     assert "this run drops --disable-web-ssh, which the last install had" in err  # a line of its own
     assert json.loads((shared / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
                                                                 "token": "second-token"}
-    assert launcher_argv(shared)[6:] == ["--interval", "2"]
+    assert launcher_argv(shared)[7:] == ["--interval", "2"]
 
     out, _ = run_install(tmp_path, "--install-dir", str(shared), "--uninstall", "--purge")
     assert "kept %s" % shared in out
@@ -5106,16 +5897,16 @@ def test_install_rerun_keeps_settings_and_uninstall_spares_a_shared_directory(tm
 
 @pytest.mark.parametrize("kind", ["systemd", "systemd-user", "openrc", "procd"])
 def test_install_service_definition_is_valid(tmp_path, kind):
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     run_install(tmp_path, "-e", "https://panel.example.com", "-t", "tok-in-config", "--install-dir", str(install_dir),
                 "--service", kind, "--venv-system-site-packages", "--disable-web-ssh", "--auto-discovery", "disc-key")
     launcher = str(install_dir / "run-agent.sh")
     assert os.access(launcher, os.X_OK)
     # the auto-discovery key is a secret too: config file, not command line
     assert json.loads((install_dir / "config.json").read_text())["auto_discovery_key"] == "disc-key"
-    assert launcher_argv(install_dir)[6:] == ["--disable-web-ssh"]
+    assert launcher_argv(install_dir)[7:] == ["--disable-web-ssh"]
     paths = {"systemd": tmp_path / "root/etc/systemd/system/komari-agent.service",
-             "systemd-user": tmp_path / "home/.config/systemd/user/komari-agent.service",
+             "systemd-user": tmp_path / "root/home/.config/systemd/user/komari-agent.service",
              "openrc": tmp_path / "root/etc/init.d/komari-agent",
              "procd": tmp_path / "root/etc/init.d/komari-agent"}
     definition = paths[kind]
@@ -5151,8 +5942,8 @@ def test_install_service_definition_is_valid(tmp_path, kind):
         probe = subprocess.run(["sh", "-c", stubs, "sh", str(definition)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, timeout=30)
         assert probe.stdout.decode().splitlines() == [
-            "START=99 USE_PROCD=1", "open", "command " + launcher, "respawn 3600 5 0", "stdout 1", "stderr 1",
-            "close"], probe.stderr.decode()
+            "START=99 USE_PROCD=1", "open", "command " + launcher, "env KOMARI_AGENT_SUPERVISED=1",
+            "respawn 3600 5 0", "stdout 1", "stderr 1", "close"], probe.stderr.decode()
     out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
     assert not definition.exists() and not install_dir.exists(), out
 
@@ -5160,7 +5951,7 @@ def test_install_service_definition_is_valid(tmp_path, kind):
 def test_install_cron_fallback_under_a_fake_root_writes_the_crontab_and_starts_nothing(panel, tmp_path):
     """KOMARI_INSTALL_ROOT never starts or stops a process: the crontab entry is
     written, and keepalive.sh, run the way cron runs it at boot, keeps the agent up."""
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     crontab = tmp_path / "root" / "var" / "spool" / "cron" / "crontabs" / psutil.Process().username()
     crontab.parent.mkdir(parents=True)
     crontab.write_text("0 4 * * * /usr/local/bin/backup\n")
@@ -5202,7 +5993,7 @@ def test_install_as_a_user_without_crontab_says_what_to_run_at_boot(panel, tmp_p
     (bin_dir / "id").chmod(0o755)
     env = install_env(tmp_path, PATH=str(bin_dir), KOMARI_INSTALL_WAIT="0")
     del env["KOMARI_INSTALL_ROOT"]
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     try:
         _, err = run_install(tmp_path, "-e", panel.endpoint, "-t", panel.token, "--install-dir", str(install_dir),
                              "--service", "cron", "--venv-system-site-packages", env=env)
@@ -5222,18 +6013,18 @@ def test_install_without_venv_falls_back_and_says_which_way(tmp_path):
     python.write_text('#!/bin/sh\ncase "$*" in *"-m venv"*) echo "No module named venv" >&2; exit 1;; esac\n'
                       'exec %s "$@"\n' % shlex.quote(sys.executable))
     python.chmod(0o755)
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     out, _ = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
                          "--no-service", env=install_env(tmp_path, KOMARI_PYTHON=str(python)))
     assert "dependencies: already installed for %s" % python in out
     assert not (install_dir / "venv").exists()
-    assert launcher_argv(install_dir)[:2] == [str(python), str(install_dir / "komari_agent.py")]
+    assert launcher_argv(install_dir)[:3] == [str(python), "-m", "komari_agent"]
     version = subprocess.run([str(install_dir / "run-agent.sh"), "--version"], stdout=subprocess.PIPE, timeout=30)
     assert version.returncode == 0 and b"komari_agent.py" in version.stdout
 
 
 def test_install_dry_run_changes_nothing(tmp_path):
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     before = tree_snapshot(tmp_path)
     out, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "dry-secret", "--install-dir",
                            str(install_dir), "--service", "cron", "--venv-system-site-packages", "--dry-run")
@@ -5259,7 +6050,7 @@ def test_install_takes_the_official_one_click_flags_from_a_pipe(tmp_path):
     """`curl … | sh -s -- …` with the panel's flags: nothing beside the script,
     so komari_agent.py is downloaded, through the GitHub proxy exactly once."""
     url = "https://raw.githubusercontent.com/o/r/main/komari_agent.py"
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     for source in (url, "https://gh.example.com/" + url):  # a proxied URL is not proxied again
         out, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "one-click-token", "--install-dir",
                                str(install_dir), *OFFICIAL_ONE_CLICK, "--service", "systemd", "--dry-run",
@@ -5293,7 +6084,7 @@ def test_install_without_python_says_what_to_install(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-# -- issue 13: replacing the official agent, checked settings, no silent mistakes --
+# -- replacing the official agent, checked settings, no silent mistakes --
 
 OFFICIAL_NET_STATIC = b'{"interfaces":["eth0"],"data":{"eth0":[{"timestamp":1,"tx":5,"rx":7}]}}\n'
 OFFICIAL_DISCOVERY = b'{\n  "uuid": "u-1",\n  "token": "discovered-token"\n}\n'
@@ -5341,13 +6132,13 @@ def test_install_replaces_the_official_agent_in_place_and_gives_the_box_back(tmp
     root = tmp_path / "root"
     definition, link = fake_official(root, kind, "https://panel.example.com", "official-token-1234")
     original = definition.read_bytes()
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     out, err = run_install(tmp_path, "--install-dir", str(install_dir), "--service", kind, "--venv-system-site-packages")
     assert "found the official agent: %s 'komari-agent' (%s)" % (kind, definition) in out
     assert "official-token-1234" not in out + err and "--token" in out  # the settings in effect, token masked
     assert json.loads((install_dir / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
                                                                    "token": "official-token-1234"}
-    assert launcher_argv(install_dir)[6:] == ["--disable-web-ssh", "--custom-ipv4", "192.0.2.7"]
+    assert launcher_argv(install_dir)[7:] == ["--disable-web-ssh", "--custom-ipv4", "192.0.2.7"]
     assert "written by komari_agent.py install.sh" in definition.read_text()  # ours in its place ...
     assert (install_dir / "official-agent" / definition.name).read_bytes() == original  # ... theirs kept aside
     assert (root / "opt/komari/agent").read_bytes() == b"the official binary"
@@ -5372,7 +6163,7 @@ def test_install_rolls_back_to_the_official_agent_unless_ours_reaches_the_panel(
     definition, link = fake_official(root, "systemd", panel.endpoint, "wrong-token-5678",
                                      flags="--custom-ipv4 192.0.2.7 --reconnect-interval 1")
     original = definition.read_bytes()
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
 
     def install_and_start_agent(*args):
         cmd = INSTALL_SHELL + [str(INSTALL_SH), "--install-dir", str(install_dir), "--service", "systemd",
@@ -5399,6 +6190,7 @@ def test_install_rolls_back_to_the_official_agent_unless_ours_reaches_the_panel(
     assert rc == 1, out + err
     assert err.strip().splitlines() == [err.strip()] and "rolled back to the official agent" in err
     assert "refused the token" in err and "wrong-token-5678" not in out + err
+    assert err.strip().endswith("; its log: journalctl -u komari-agent"), err  # where to read why
     assert definition.read_bytes() == original and os.readlink(str(link)) == "/etc/systemd/system/komari-agent.service"
     assert not install_dir.exists()
 
@@ -5417,7 +6209,7 @@ def test_install_rolls_back_to_the_official_agent_unless_ours_reaches_the_panel(
 def test_install_checks_the_settings_with_the_agent_before_writing_anything(tmp_path, args, message):
     before = tree_snapshot(tmp_path)
     _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir",
-                         str(tmp_path / "agent"), "--service", "systemd", *args, expect_rc=2)
+                         str(tmp_path / "root" / "agent"), "--service", "systemd", *args, expect_rc=2)
     assert len(err.splitlines()) == 1 and message in err, err
     assert tree_snapshot(tmp_path) == before
 
@@ -5428,7 +6220,7 @@ def test_install_explains_a_404_and_removes_a_half_made_directory(tmp_path):
     empty.mkdir()
     server = HTTPServer(("127.0.0.1", 0), lambda *a: SimpleHTTPRequestHandler(*a, directory=str(empty)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     url = "http://127.0.0.1:%d/main/komari_agent.py" % server.server_address[1]
     try:
         _, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
@@ -5450,13 +6242,401 @@ def test_install_explains_a_404_and_removes_a_half_made_directory(tmp_path):
 def test_install_that_never_hears_from_its_agent_says_so_and_exits_1(tmp_path):
     """Nothing starts the agent under KOMARI_INSTALL_ROOT, so a wait finds no
     status: that is reported with where to look, never as a plain Done."""
-    install_dir = tmp_path / "agent"
+    install_dir = tmp_path / "root" / "agent"
     out, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
                            "--service", "openrc", "--venv-system-site-packages", expect_rc=1,
                            env=install_env(tmp_path, KOMARI_INSTALL_WAIT="1"))
     assert "has not reached the panel within 1 s: no word from the agent" in err and "Done." not in out
     assert "Logs: tail -f /var/log/komari-agent.log; its last state: %s/state/status.json" % install_dir in out
     assert (install_dir / "run-agent.sh").is_file()  # installed all the same; it keeps trying
+
+
+# -- a fake root holds everything; nothing by accident; the settings as --check shows them --
+
+def box_snapshot():
+    """What a fake-root install must leave alone on the real box: every path
+    under /opt and /etc, the crontab spools and the crontab itself."""
+    found = {}
+    for top in ("/opt", "/etc", "/var/spool/cron", "/var/at/tabs", "/usr/lib/cron/tabs"):
+        for dirpath, dirnames, filenames in os.walk(top):
+            for name in [""] + dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                found[path] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    if shutil.which("crontab"):
+        found["crontab -l"] = subprocess.run(["crontab", "-l"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                             timeout=30).stdout
+    return found
+
+
+def test_install_under_a_fake_root_touches_nothing_outside_it(tmp_path):
+    """KOMARI_INSTALL_ROOT moves every path: the default install directory, the
+    service definitions, their links, the crontab. The service manager is the
+    one the root shows (here the official agent's systemd unit)."""
+    root = tmp_path / "root"
+    definition, link = fake_official(root, "systemd", "https://panel.example.com", "official-token-1234")
+    original = definition.read_bytes()
+    name = "komari-fake-root-%d" % os.getpid()  # what a leak would be called on the real box
+    before = box_snapshot()
+    try:
+        out, _ = run_install(tmp_path, "--install-service-name", name, "--venv-system-site-packages")
+        install_dir = root / "opt" / name
+        assert "Installing komari_agent.py into %s as service '%s' (systemd)" % (install_dir, name) in out
+        assert (install_dir / "run-agent.sh").is_file() and (root / "etc/systemd/system" / (name + ".service")).is_file()
+        assert not os.path.lexists(str(link))  # the official unit is disabled in the root, not on the box
+        assert box_snapshot() == before
+        run_install(tmp_path, "--install-service-name", name, "--uninstall", "--restore-official", "--purge")
+        assert box_snapshot() == before
+        assert definition.read_bytes() == original and not (root / "opt" / name).exists()
+    finally:
+        leaked = Path("/opt") / name
+        if leaked.exists() and ("/opt/" + name) not in before:
+            shutil.rmtree(str(leaked))
+
+
+def test_install_without_arguments_prints_the_usage_and_installs_nothing(tmp_path):
+    before = tree_snapshot(tmp_path)
+    out, err = run_install(tmp_path, expect_rc=2)
+    assert out == "" and err.startswith("Usage: install.sh -e ENDPOINT -t TOKEN") and "--take-over-official" in err
+    assert tree_snapshot(tmp_path) == before
+
+
+def install_stubs(tmp_path, **bodies):
+    """A directory of stub commands to put first on PATH; each one appends its
+    name and arguments to calls.log, then runs its body."""
+    stubs, calls = tmp_path / "stubs", tmp_path / "calls.log"
+    stubs.mkdir(exist_ok=True)
+    for name, body in bodies.items():
+        (stubs / name).write_text('#!/bin/sh\necho "%s $*" >>%s\n%s\n' % (name, shlex.quote(str(calls)), body))
+        (stubs / name).chmod(0o755)
+    return "%s%s%s" % (stubs, os.pathsep, os.environ["PATH"]), calls
+
+
+def logged_calls(calls, *names):
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return [line for line in lines if line.split()[0] in names]
+
+
+def fake_official_process(tmp_path, token, *flags):
+    """The official agent run by hand, not by a service: a process whose
+    executable is /opt/komari/agent (a Python under that name, since the test
+    needs something that runs) with -e and -t on its command line."""
+    agent = tmp_path / "opt" / "komari" / "agent"
+    agent.parent.mkdir(parents=True, exist_ok=True)
+    if not agent.exists():
+        agent.symlink_to(sys.executable)
+    proc = subprocess.Popen([str(agent), "-c", "import time; time.sleep(600)", "-e", "https://panel.example.com",
+                             "-t", token] + list(flags), cwd=str(agent.parent), start_new_session=True)
+    threading.Thread(target=proc.wait, daemon=True).start()  # reaped at once when it is stopped
+    return proc
+
+
+def official_processes(tmp_path):
+    return [p for p in live_processes(str(tmp_path / "opt" / "komari" / "agent"))
+            if p.cmdline()[:1] == [str(tmp_path / "opt" / "komari" / "agent")]]
+
+
+def test_install_never_runs_a_second_agent_on_the_official_agents_token(tmp_path):
+    """An official agent run as a bare process (no service to take the settings
+    from): its settings are never taken unasked and no second agent joins it on
+    its token; --take-over-official stops it, and --restore-official starts it
+    again as it ran. A real box (no fake root: processes are only looked for on
+    it) with a stub crontab, everything else in tmp_path."""
+    path, calls = install_stubs(tmp_path, crontab='case $1 in -l) cat "$0.tab";; -) cat >"$0.tab";; -r) rm -f "$0.tab";; esac')
+    env = install_env(tmp_path, PATH=path, KOMARI_INSTALL_WAIT="0")
+    del env["KOMARI_INSTALL_ROOT"]
+    install_dir = tmp_path / "agent"
+    common = ["--install-dir", str(install_dir), "--service", "cron", "--no-start", "--venv-system-site-packages"]
+    official = fake_official_process(tmp_path, "official-token-1234")
+    try:
+        before = tree_snapshot(tmp_path)
+        for args in ([], ["-e", "https://panel.example.com", "-t", "official-token-1234"]):
+            _, err = run_install(tmp_path, *(common + args), expect_rc=1, env=env)
+            assert "the official agent runs here as process %d (%s)" % (official.pid, tmp_path / "opt/komari/agent") in err
+            assert "kill %d" % official.pid in err and "--take-over-official" in err and len(err.splitlines()) == 1
+            assert "official-token-1234" not in err and tree_snapshot(tmp_path) == before
+        # another token: another agent for the panel, left alone
+        out, _ = run_install(tmp_path, *common, "-e", "https://panel.example.com", "-t", "my-own-token", env=env)
+        assert "for another token: left running" in out and process_alive(official.pid)
+        run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge", env=env)
+
+        out, err = run_install(tmp_path, *common, "--take-over-official", "--interval", "2", env=env)
+        assert "stopped the official agent: process %d" % official.pid in out and "official-token-1234" not in out + err
+        wait_until(lambda: official.poll() is not None, 5, "the official agent to be stopped")
+        assert json.loads((install_dir / "config.json").read_text()) == {"endpoint": "https://panel.example.com",
+                                                                       "token": "official-token-1234"}
+        out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--restore-official",
+                             "--purge", env=env)
+        again = wait_until(lambda: official_processes(tmp_path), 10, "the official agent started again")
+        assert again[0].cmdline()[3:] == ["-e", "https://panel.example.com", "-t", "official-token-1234"]
+        assert again[0].cwd() == str(tmp_path / "opt" / "komari") and not install_dir.exists()
+    finally:
+        stop_process_group(official.pid)
+        kill_leftovers(str(tmp_path / "opt" / "komari" / "agent"))
+
+
+def test_install_takes_over_no_process_that_something_else_restarts(tmp_path):
+    """A bare official process that a supervisor install.sh does not know starts
+    again: ours is removed again, so that the two never share the token."""
+    path, _ = install_stubs(tmp_path, crontab='case $1 in -l) cat "$0.tab";; -) cat >"$0.tab";; esac')
+    env = install_env(tmp_path, PATH=path, KOMARI_INSTALL_WAIT="0")
+    del env["KOMARI_INSTALL_ROOT"]
+    agent = tmp_path / "opt" / "komari" / "agent"
+    agent.parent.mkdir(parents=True)
+    agent.symlink_to(sys.executable)
+    supervisor = subprocess.Popen(["sh", "-c", 'while :; do "$0" -c "import time; time.sleep(600)" -e https://p -t tok; '
+                                   'sleep 0.2; done', str(agent)], stderr=subprocess.DEVNULL, start_new_session=True)
+    install_dir = tmp_path / "agent"
+    try:
+        wait_until(lambda: official_processes(tmp_path), 10, "the supervised official agent")
+        _, err = run_install(tmp_path, "--install-dir", str(install_dir), "--service", "cron", "--no-start",
+                             "--venv-system-site-packages", "--take-over-official", "--interval", "2", expect_rc=1,
+                             env=env)
+        assert "the official agent runs again" in err and "something else starts it" in err, err
+        assert not install_dir.exists()
+    finally:
+        stop_process_group(supervisor.pid)
+        supervisor.wait(5)
+        kill_leftovers(str(agent))
+
+
+def settings_lines(out):
+    """The printout of the settings in effect: {flag: (value, where from)}."""
+    lines = out.split("settings are valid; in effect (defaults left out):\n", 1)[1].split("==>", 1)[0]
+    return {m.group(1): (m.group(2).strip(), m.group(3))
+            for m in re.finditer(r"^  (--[a-z-]+) +(.*?) +\(([^()]*)\)$", lines, re.M)}
+
+
+def test_install_prints_the_settings_as_check_does_and_where_each_came_from(tmp_path):
+    token = "a-long-secret-token-5678"
+    check = run_agent("-e", "https://panel.example.com", "-t", token, "--check").stdout.decode()
+    masked = re.search(r"^  --token +(.*?) +\(command line\)$", check, re.M).group(1)
+    assert token[4:] not in masked
+    install_dir = tmp_path / "root" / "agent"
+    common = ["--install-dir", str(install_dir), "--service", "openrc", "--venv-system-site-packages"]
+    out, err = run_install(tmp_path, "-e", "https://panel.example.com", "-t", token, "--interval", "2", *common)
+    assert token[4:] not in out + err
+    assert settings_lines(out) == {"--endpoint": ("https://panel.example.com", "command line"),
+                                   "--token": (masked, "command line"), "--interval": ("2.0", "command line")}
+    out, _ = run_install(tmp_path, *common)
+    kept = "kept from the last install"
+    assert settings_lines(out) == {"--endpoint": ("https://panel.example.com", kept), "--token": (masked, kept),
+                                   "--interval": ("2.0", kept)}
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
+    fake_official(tmp_path / "root", "openrc", "https://panel.example.com", token, flags="--interval 3")
+    out, _ = run_install(tmp_path, *common)
+    taken = "taken from the official agent"
+    assert settings_lines(out) == {"--endpoint": ("https://panel.example.com", taken), "--token": (masked, taken),
+                                   "--interval": ("3.0", taken)}
+
+
+def test_install_says_updating_and_uninstalls_to_nothing(tmp_path):
+    """A re-run says Updating; a second uninstall says there is nothing left but
+    what the first one kept; --purge leaves no empty crontab or directory."""
+    before = tree_snapshot(tmp_path, dir_mtimes=False)
+    crontab = tmp_path / "root" / "var" / "spool" / "cron" / "crontabs" / psutil.Process().username()
+    install_dir = tmp_path / "root" / "opt" / "komari-agent"
+    out, _ = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                         "--service", "cron", "--venv-system-site-packages")
+    assert "Installing komari_agent.py into %s" % install_dir in out and crontab.is_file()
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir))
+    assert "Updating komari_agent.py in %s as service 'komari-agent' (cron)" % install_dir in out
+    assert "==> updating komari_agent.py from" in out and "nstalling" not in out
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
+    assert "Uninstalling" in out and "Uninstalled." in out and not crontab.exists()
+    out, _ = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall")
+    assert out.startswith("komari_agent.py is not installed in %s: it was uninstalled before" % install_dir)
+    assert "Uninstall" not in out and "kept %s/state" % install_dir in out
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge")
+    assert tree_snapshot(tmp_path, dir_mtimes=False) == before
+    _, err = run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", expect_rc=1)
+    assert "komari_agent.py is not installed in %s: nothing to uninstall" % install_dir in err
+
+
+def test_install_uninstall_removes_what_the_self_update_left(tmp_path):
+    """The self-update leaves komari_agent.py.previous beside the agent (and
+    komari_agent.py.update when it was killed mid-way), and update.json in
+    state/: --uninstall removes the two files, --purge state/ as well. A re-run
+    over an install whose manifest did not list them takes them on too."""
+    before = tree_snapshot(tmp_path, dir_mtimes=False)
+    install_dir = tmp_path / "root" / "opt" / "komari-agent"
+    common = ["--install-dir", str(install_dir)]
+    left = [install_dir / "komari_agent.py.previous", install_dir / "komari_agent.py.update"]
+    manifest = install_dir / "install.manifest"
+    for older_install in (False, True):
+        run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", *common, "--service", "systemd",
+                    "--venv-system-site-packages")
+        for path in left:
+            path.write_bytes(AGENT.read_bytes())
+        (install_dir / "state" / "update.json").write_text('{"skipped": {}}\n')
+        if older_install:
+            listed = manifest.read_text().splitlines()
+            manifest.write_text("".join(line + "\n" for line in listed if not line.endswith((".previous", ".update"))))
+            run_install(tmp_path, *common)  # the plain re-run
+        run_install(tmp_path, *common, "--uninstall")
+        assert sorted(p.name for p in install_dir.iterdir()) == ["install.manifest", "state"]
+        assert (install_dir / "state" / "update.json").is_file()
+        run_install(tmp_path, *common, "--uninstall", "--purge")
+        assert tree_snapshot(tmp_path, dir_mtimes=False) == before, "older install: %s" % older_install
+
+
+def test_install_runs_the_agent_from_its_cached_bytecode(tmp_path):
+    """`-m komari_agent` from the install directory imports the bytecode compiled
+    at install time (a script is compiled again at every start); each update
+    compiles the new file; the agent still knows where it lives."""
+    install_dir = tmp_path / "root" / "agent"
+    run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                "--service", "systemd", "--venv-system-site-packages")
+    launcher = (install_dir / "run-agent.sh").read_text()
+    assert "\nPYTHONPATH='%s'\n" % install_dir in launcher
+    assert launcher_argv(install_dir)[:3] == [str(install_dir / "venv" / "bin" / "python"), "-m", "komari_agent"]
+    python = str(install_dir / "venv" / "bin" / "python")
+    tag = subprocess.run([python, "-c", "import sys; print(sys.implementation.cache_tag)"], stdout=subprocess.PIPE,
+                         timeout=30).stdout.decode().strip()
+    cached = install_dir / "__pycache__" / ("komari_agent.%s.pyc" % tag)
+    stamp = cached.stat().st_mtime_ns
+    version = subprocess.run([str(install_dir / "run-agent.sh"), "--version"], stdout=subprocess.PIPE, timeout=30)
+    assert version.returncode == 0 and cached.stat().st_mtime_ns == stamp  # valid as it is: used, not rewritten
+    # the agent's own path, hence its default state directory, as when run as a script
+    check = subprocess.run([python, "-m", "komari_agent", "-e", "https://p.example", "-t", "x", "--check"],
+                           stdout=subprocess.PIPE, timeout=30, cwd=str(tmp_path),
+                           env=dict(os.environ, PYTHONPATH=str(install_dir)))
+    assert "state directory          %s" % (install_dir / "state") in check.stdout.decode()
+    newer = tmp_path / "komari_agent.py"
+    newer.write_text(AGENT.read_text() + "# a newer version\n")
+    run_install(tmp_path, "--install-dir", str(install_dir), "--source", str(newer))
+    size = int.from_bytes(cached.read_bytes()[12:16], "little")  # the source size the bytecode was made from
+    assert size == newer.stat().st_size
+
+
+@pytest.mark.parametrize("kind", ["systemd", "systemd-user", "openrc", "procd", "launchd", "rc.d", "cron"])
+def test_install_every_service_restarts_the_agent_on_the_update_exit_status(tmp_path, kind):
+    """The agent's self-update exits with 42 for the service to start the new
+    version: every definition install.sh writes sets KOMARI_AGENT_SUPERVISED=1
+    for the agent and starts it again whatever its exit status, 42 included.
+    run-agent.sh, which --no-service leaves to be run by hand, does not set it:
+    there the agent executes the new version in place."""
+    system = {"launchd": "Darwin", "rc.d": "FreeBSD"}.get(kind, "Linux")
+    path, _ = install_stubs(tmp_path, uname="echo %s" % system)
+    install_dir = tmp_path / "root" / "agent"
+    run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                "--service", kind, "--venv-system-site-packages", env=install_env(tmp_path, PATH=path))
+    launcher = str(install_dir / "run-agent.sh")
+    assert "KOMARI_AGENT_SUPERVISED" not in Path(launcher).read_text()
+    clean_env = {k: v for k, v in os.environ.items() if k != "KOMARI_AGENT_SUPERVISED"}
+    if kind.startswith("systemd"):
+        unit = configparser.ConfigParser(strict=True, interpolation=None)
+        unit.read_string((tmp_path / "root" / ("etc/systemd/system" if kind == "systemd" else
+                                               "home/.config/systemd/user") / "komari-agent.service").read_text())
+        assert unit["Service"]["Restart"] == "always" and "RestartPreventExitStatus" not in unit["Service"]
+        assert unit["Unit"]["StartLimitIntervalSec"] == "0"  # and never gives up
+        assert "KOMARI_AGENT_SUPERVISED=1" in unit["Service"]["Environment"].split()
+    elif kind in ("openrc", "procd", "rc.d"):
+        script = tmp_path / "root" / ("usr/local/etc/rc.d" if kind == "rc.d" else "etc/init.d") / "komari-agent"
+        # what the supervisor, a child of the sourced script, gets: exported variables and procd's env
+        probe = subprocess.run(
+            ["sh", "-c", 'procd_set_param() { case $1 in respawn) echo "respawn=$2,$3,$4";; '
+             'env) shift; echo "procd env $*";; esac; }; '
+             'load_rc_config() { :; }; run_rc_command() { :; }; . "$1"; '
+             'case $supervisor in supervise-daemon) echo "supervise-daemon respawn_max=$respawn_max";; esac; '
+             'command -v start_service >/dev/null && start_service; echo "$command $command_args"; '
+             'sh -c \'echo "child env ${KOMARI_AGENT_SUPERVISED-unset}"\'', "sh",
+             "/dev/stdin"], input=script.read_bytes().replace(b". /etc/rc.subr", b":"), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=30, env=clean_env)
+        out = probe.stdout.decode()
+        lines = out.splitlines()
+        if kind == "openrc":  # supervise-daemon respawns for ever (respawn_max=0)
+            assert lines[0] == "supervise-daemon respawn_max=0", out + probe.stderr.decode()
+            assert "child env 1" in lines, out
+        elif kind == "procd":  # respawn threshold, timeout, retries: 0 retries is for ever
+            assert "respawn=3600,5,0" in lines, out + probe.stderr.decode()
+            assert "procd env KOMARI_AGENT_SUPERVISED=1" in lines, out
+        else:  # daemon(8) supervises and restarts (-r) whatever the exit status
+            words = lines[0].split()
+            assert words[0] == "/usr/sbin/daemon" and "-r" in words and words[-1] == launcher, out
+            assert "child env 1" in lines, out
+    elif kind == "launchd":
+        job = plistlib.loads((tmp_path / "root/Library/LaunchDaemons/com.komari.komari-agent.plist").read_bytes())
+        assert job["KeepAlive"] is True and job["ProgramArguments"] == [launcher]
+        assert job["EnvironmentVariables"]["KOMARI_AGENT_SUPERVISED"] == "1"
+    else:  # the keep-alive, run for real: 42 brings the agent back at once, other exits after 5 s
+        starts = tmp_path / "starts"
+        Path(launcher).write_text('#!/bin/sh\necho "start ${KOMARI_AGENT_SUPERVISED-unset}" >>%s\n'
+                                  '[ "$(wc -l <%s)" -ge 2 ] && exec sleep 60\nexit 42\n' % (starts, starts))
+        keepalive = subprocess.Popen(["/bin/sh", str(install_dir / "keepalive.sh")], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                     env=clean_env)
+        try:
+            wait_until(lambda: starts.exists() and len(starts.read_text().splitlines()) == 2, 3,
+                       "the agent started again after exiting with 42, sooner than the 5 s pause")
+        finally:
+            stop_process_group(keepalive.pid)
+            keepalive.wait(5)
+        assert starts.read_text().splitlines() == ["start 1", "start 1"]
+
+
+def test_install_launchd_on_macos_as_root_and_as_a_user(tmp_path):
+    """macOS: a LaunchDaemon as root (in the fake root: written, never loaded),
+    a LaunchAgent in the user's own launchd domain otherwise (a real box with
+    `id -u` saying 501, launchctl a stub, everything in tmp_path)."""
+    path, calls = install_stubs(tmp_path, uname="echo Darwin", launchctl=":")
+    install_dir = tmp_path / "root" / "agent"
+    args = ["-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir), "--venv-system-site-packages"]
+    env = install_env(tmp_path, PATH=path)
+    out, _ = run_install(tmp_path, *args, env=env)
+    assert "as service 'komari-agent' (launchd)" in out
+    daemon = tmp_path / "root/Library/LaunchDaemons/com.komari.komari-agent.plist"
+    job = plistlib.loads(daemon.read_bytes())
+    assert (job["Label"], job["RunAtLoad"], job["WorkingDirectory"]) == ("com.komari.komari-agent", True, str(install_dir))
+    assert job["StandardOutPath"] == job["StandardErrorPath"] == "/var/log/komari-agent.log"
+    assert logged_calls(calls, "launchctl") == []  # nothing is loaded from a fake root
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge", env=env)
+    assert not (tmp_path / "root").exists()
+
+    path, calls = install_stubs(tmp_path, id='[ "$1" = -u ] && exec echo 501\nexec %s "$@"' % shutil.which("id"))
+    env = install_env(tmp_path, PATH=path, KOMARI_INSTALL_WAIT="0")
+    del env["KOMARI_INSTALL_ROOT"]
+    out, _ = run_install(tmp_path, *args, env=env)
+    agent = tmp_path / "root/home/Library/LaunchAgents/com.komari.komari-agent.plist"
+    job = plistlib.loads(agent.read_bytes())
+    assert job["StandardOutPath"] == str(tmp_path / "root/home/Library/Logs/komari-agent.log")
+    label = "gui/501/com.komari.komari-agent"
+    assert logged_calls(calls, "launchctl") == ["launchctl bootout " + label, "launchctl enable " + label,
+                                                "launchctl bootstrap gui/501 %s" % agent]
+    assert "Logs: tail -f %s" % job["StandardOutPath"] in out
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge", env=env)
+    assert logged_calls(calls, "launchctl")[3:] == ["launchctl bootout " + label]
+    assert not agent.exists() and not install_dir.exists()
+
+
+def test_install_rcd_on_freebsd(tmp_path):
+    """FreeBSD: an rc.d script in /usr/local/etc/rc.d run by rc.subr, enabled by
+    a file of its own in /etc/rc.conf.d (rc.conf is left alone)."""
+    path, calls = install_stubs(tmp_path, uname="echo FreeBSD", service=":", sysrc=":")
+    env = install_env(tmp_path, PATH=path)
+    install_dir = tmp_path / "root" / "opt" / "komari-agent"
+    out, _ = run_install(tmp_path, "-e", "https://panel.example.com", "-t", "x", "--install-dir", str(install_dir),
+                         "--venv-system-site-packages", env=env)
+    assert "Installing komari_agent.py into %s as service 'komari-agent' (rc.d)" % install_dir in out
+    script = tmp_path / "root/usr/local/etc/rc.d/komari-agent"
+    assert os.access(str(script), os.X_OK) and "\n# PROVIDE: komari_agent\n" in script.read_text()
+    enable = tmp_path / "root/etc/rc.conf.d/komari_agent"
+    assert enable.read_text().splitlines()[-1] == 'komari_agent_enable="YES"'
+    stubs = b'load_rc_config() { echo "load $1"; }\nrun_rc_command() { echo "$1 $name $rcvar $komari_agent_enable"; ' \
+            b'echo "$command $command_args"; }\n'
+    probe = subprocess.run(["sh", "-s", "start"], input=stubs + script.read_bytes().replace(b". /etc/rc.subr", b":"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert probe.stdout.decode().splitlines() == [
+        "load komari_agent", "start komari_agent komari_agent_enable NO",
+        "/usr/sbin/daemon -r -R 5 -f -P /var/run/komari_agent.pid -t komari-agent -o /var/log/komari-agent.log "
+        + str(install_dir / "run-agent.sh")], probe.stderr.decode()
+    assert "Logs: tail -f /var/log/komari-agent.log" in out
+    assert logged_calls(calls, "service", "sysrc") == []  # nothing is started from a fake root
+    run_install(tmp_path, "--install-dir", str(install_dir), "--uninstall", "--purge", env=env)
+    assert not (tmp_path / "root").exists()
 
 
 # ---------------------------------------------------------------------------

@@ -521,9 +521,11 @@ def run_once(sink, command, args, link=None):
         proxy = CountingProxy(sink.server_address[1])
         endpoint = proxy.endpoint
     argv = shlex.split(command) + ["-e", endpoint, "-t", token, "--interval", "%g" % args.interval] + extra
-    with tempfile.TemporaryFile() as out:
+    # its state in a directory of its own, never the checkout's state/; named in the environment,
+    # because an official agent given to --vs refuses a flag it does not know
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryDirectory(prefix="komari-footprint-") as state:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=dict(os.environ, AGENT_STATE_DIR=state))
         try:
             return measure(proc, tally, args, out, proxy)
         finally:
