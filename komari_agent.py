@@ -2988,28 +2988,97 @@ class WindowsConsole:
         self.tree.release()
 
 
+class LineEditor:
+    """Keystrokes made into lines, as a console in line mode would, for a
+    shell on a pipe, which reads whole lines and echoes nothing: printable
+    keys are echoed, Backspace and Ctrl+U erase, Ctrl+C drops the line,
+    escape sequences (arrow keys) are ignored, Enter gives the line."""
+
+    LIMIT = 8192   # a line this long takes no more keys
+
+    def __init__(self):
+        import codecs
+        self.typed = codecs.getincrementaldecoder("utf-8")("replace")
+        self.line, self.escape, self.after_cr = [], "", False
+
+    def feed(self, data):
+        """(echo text, [whole lines]) for the keystrokes `data` (UTF-8)."""
+        echo, lines = [], []
+        for ch in self.typed.decode(data):
+            if self.escape:
+                self.escape += ch
+                if len(self.escape) > 2 and "@" <= ch <= "~" or len(self.escape) == 2 and ch not in "[O":
+                    self.escape = ""
+                continue
+            after_cr, self.after_cr = self.after_cr, ch == "\r"
+            if ch == "\x1b":
+                self.escape = ch
+            elif ch in "\r\n":
+                if not (ch == "\n" and after_cr):   # CRLF in a paste is one Enter
+                    lines.append("".join(self.line))
+                    self.line = []
+                    echo.append("\r\n")
+            elif ch in "\x7f\b":
+                if self.line:
+                    echo.append(erase(self.line.pop()))
+            elif ch == "\x15":
+                echo.extend(erase(c) for c in reversed(self.line))
+                self.line = []
+            elif ch == "\x03":
+                self.line = []
+                echo.append("^C\r\n")
+            elif (ch >= " " or ch == "\t") and len(self.line) < self.LIMIT:
+                self.line.append(ch)
+                echo.append(ch)
+        return "".join(echo), lines
+
+
+def erase(ch):
+    """What takes the character `ch` off the screen: two columns for a wide one."""
+    import unicodedata
+    width = 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return "\b" * width + " " * width + "\b" * width
+
+
+class EchoDropper:
+    """A shell that echoes each line it reads from a pipe (cmd.exe does)
+    would show it twice beside the local echo: when the first thing it
+    writes after a line is that line, that is dropped."""
+
+    def __init__(self):
+        self.expected, self.held = "", ""
+
+    def expect(self, line):
+        self.expected = line + "\r\n"
+
+    def filter(self, text):
+        if not self.expected:
+            return text
+        text, self.held = self.held + text, ""
+        if text.startswith(self.expected):
+            text, self.expected = text[len(self.expected):], ""
+        elif self.expected.startswith(text):
+            self.held, text = text, ""   # too early to tell
+        else:
+            self.expected = ""
+        return text
+
+
 class PipeConsole(WindowsConsole):
     """The shell on plain pipes, where there is no pseudo console: lines are
-    edited here (echo, backspace, Ctrl+C and Ctrl+U) and sent on Enter, as
-    the shell reads them whole; text goes both ways in the OEM code page,
-    as console programs write it to a pipe."""
+    edited here (LineEditor) and sent on Enter; text goes both ways in the
+    OEM code page, as console programs write it to a pipe."""
 
-    def __init__(self, reason, rows=24, cols=80):
+    def __init__(self, reason):
         import codecs
         import subprocess
         shell = windows_shell()
-        self.powershell = os.path.basename(shell).lower().startswith("powershell")
-        argv = [shell, "-NoLogo", "-Command", "-"] if self.powershell else [shell]
+        powershell = os.path.basename(shell).lower().startswith("powershell")
         home = os.path.expanduser("~")
-        proc, tree = start_in_job(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc, tree = start_in_job([shell, "-NoLogo", "-Command", "-"] if powershell else [shell],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   env=child_env(), cwd=home if os.path.isdir(home) else None, bufsize=0)
-        self.proc = proc
-        self.line = []
-        self.escape = ""
-        self.after_cr = False
-        self.echoed = ""       # the line last sent, until the shell's own echo of it is seen or ruled out
-        self.held = ""
-        self.typed = codecs.getincrementaldecoder("utf-8")("replace")
+        self.editor, self.dropper = LineEditor(), EchoDropper()
         self.shown = codecs.getincrementaldecoder("oem")("replace")
         self.notice = ("\r\n[komari-agent: %s, so %s runs on pipes: a line goes to it on Enter; no resize, no "
                        "full-screen programs; Ctrl+C clears the line typed, it cannot stop a running program "
@@ -3021,62 +3090,23 @@ class PipeConsole(WindowsConsole):
     def from_shell(self, data):
         text = self.shown.decode(data)
         with self.cond:
-            if self.echoed:
-                # a shell that echoes what it reads (cmd.exe does) would show each line twice
-                text, self.held = self.held + text, ""
-                if text.startswith(self.echoed):
-                    text, self.echoed = text[len(self.echoed):], ""
-                elif self.echoed.startswith(text):
-                    self.held, text = text, ""
-                else:
-                    self.echoed = ""
+            text = self.dropper.filter(text)
         return text.encode("utf-8")
 
     def write(self, pending):
-        text = self.typed.decode(bytes(pending))
-        del pending[:]
-        echo = []
-        for ch in text:
-            if self.escape:
-                # an escape sequence (arrow keys, say): nothing to do with it on a pipe
-                self.escape += ch
-                if len(self.escape) > 2 and "@" <= ch <= "~" or len(self.escape) == 2 and ch not in "[O":
-                    self.escape = ""
-                continue
-            after_cr, self.after_cr = self.after_cr, ch == "\r"
-            if ch == "\x1b":
-                self.escape = ch
-            elif ch in "\r\n":
-                if ch == "\n" and after_cr:
-                    continue
-                line = "".join(self.line)
-                self.line = []
-                echo.append("\r\n")
-                with self.cond:
-                    self.echoed = line + "\r\n"
-                if not self.send((line + "\r\n").encode("oem", "replace")):
-                    return False
-            elif ch in "\x7f\b":
-                if self.line:
-                    width = 2 if unicode_wide(self.line.pop()) else 1
-                    echo.append("\b" * width + " " * width + "\b" * width)
-            elif ch == "\x03":
-                self.line = []
-                echo.append("^C\r\n")
-            elif ch == "\x15":
-                echo.append("".join("\b \b" * (2 if unicode_wide(c) else 1) for c in self.line))
-                self.line = []
-            elif ch >= " " or ch == "\t":
-                self.line.append(ch)
-                echo.append(ch)
+        with self.cond:
+            room = max(0, self.INPUT_BUFFER - len(self.to_shell))
+        data = bytes(pending[:room])
+        del pending[:room]
+        echo, lines = self.editor.feed(data)
         if echo:
-            self.output.put("".join(echo).encode("utf-8"))
+            self.output.put(echo.encode("utf-8"))
+        for line in lines:
+            with self.cond:
+                self.dropper.expect(line)
+            if not self.send((line + "\r\n").encode("oem", "replace")):
+                return False
         return not self.shell_gone
-
-
-def unicode_wide(ch):
-    import unicodedata
-    return unicodedata.east_asian_width(ch) in ("W", "F")
 
 
 class ConPtyConsole(WindowsConsole):
@@ -3195,7 +3225,7 @@ def open_windows_console(rows, cols):
             reason = "the pseudo console failed (%s)" % describe_error(e)
     if WINDOWS_SAID("pipe-terminal"):
         log.info("terminal: %s; the shell runs on pipes (no resize, lines sent on Enter)", reason)
-    return PipeConsole(reason, rows, cols)
+    return PipeConsole(reason)
 
 # -- starting at boot: a Scheduled Task; the official agent's service -------------------
 

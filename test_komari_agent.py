@@ -1955,11 +1955,13 @@ def test_session_members_without_proc_match_the_proc_reading():
     ("darwin", socket.AF_INET, ["ping", "-n", "-c", "1", "-W", "2500"]),
     ("darwin", socket.AF_INET6, ["ping6", "-n", "-c", "1"]),
     ("freebsd14", socket.AF_INET6, ["ping", "-n", "-c", "1", "-W", "2500", "-6"]),
+    ("win32", socket.AF_INET6, ["ping", "-n", "1", "-w", "2500"]),
 ])
 def test_system_ping_arguments_follow_each_systems_units(tmp_path, monkeypatch, system, family, expected):
     stub_commands(tmp_path, monkeypatch, {"ping": "exit 0", "ping6": "exit 0"})
     monkeypatch.setattr(ka, "IS_LINUX", system == "linux")
     monkeypatch.setattr(ka, "IS_MACOS", system == "darwin")
+    monkeypatch.setattr(ka, "IS_WINDOWS", system == "win32")
     argv = ka.ping_command(family, 2.5)
     assert [os.path.basename(argv[0])] + argv[1:] == expected
 
@@ -4248,6 +4250,11 @@ def test_system_ping_is_the_last_resort_with_an_argument_list(tmp_path, monkeypa
     prober.refused.update({(socket.AF_INET, socket.SOCK_DGRAM), (socket.AF_INET, socket.SOCK_RAW)})
     assert prober(socket.AF_INET, "127.0.0.1") == pytest.approx(0.042)
     assert record.read_text().split("\n")[-2] == "127.0.0.1" and "-c" in record.read_text()
+    # Windows' ping: under a millisecond is "<1ms", a localized "Zeit=3ms" still holds the figure
+    fake.write_text("#!/bin/sh\necho 'Reply from 127.0.0.1: bytes=32 time<1ms TTL=128'\n")
+    assert prober(socket.AF_INET, "127.0.0.1") == 0.0
+    fake.write_text("#!/bin/sh\necho 'Antwort von 127.0.0.1: Bytes=32 Zeit=3ms TTL=128'\n")
+    assert prober(socket.AF_INET, "127.0.0.1") == 3.0
     fake.write_text("#!/bin/sh\necho 'no answer'\nexit 1\n")
     assert prober(socket.AF_INET, "127.0.0.1") is None
 
@@ -4516,6 +4523,23 @@ def test_windows_terminal_echo_through_the_pipe_bridge(wine_agent):
     wine_agent.agent.wait_log("terminal session wwwwwwww ended", 10)
 
 
+def test_windows_pipe_terminal_edits_lines_and_drops_a_shells_echo():
+    editor = ka.LineEditor()
+    assert editor.feed(b"dir x") == ("dir x", [])
+    assert editor.feed(b"\x7f\x1b[D\x1bOAy") == ("\b \by", [])          # Backspace; arrow keys ignored
+    assert editor.feed("\u4e2d\x7f".encode()) == ("\u4e2d\b\b  \b\b", [])   # a wide character takes two columns
+    assert editor.feed(b"\r") == ("\r\n", ["dir y"])
+    assert editor.feed(b"a\x03b\x15") == ("a^C\r\nb\b \b", [])           # Ctrl+C drops the line, Ctrl+U erases it
+    assert editor.feed(b"one\r\ntwo\n\xc3") == ("one\r\ntwo\r\n", ["one", "two"])   # a pasted CRLF is one Enter
+    assert editor.feed(b"\xa9\r") == ("\u00e9\r\n", ["\u00e9"])           # UTF-8 split between frames
+    dropper = ka.EchoDropper()
+    assert dropper.filter("C:\\>") == "C:\\>"
+    dropper.expect("dir")
+    assert dropper.filter("di") == "" and dropper.filter("r\r\n Volume") == " Volume"   # cmd.exe's echo
+    dropper.expect("echo x")
+    assert dropper.filter("x\r\n") == "x\r\n" and dropper.filter("echo x\r\n") == "echo x\r\n"  # Wine's cmd
+
+
 def test_windows_ping_probes(wine_agent, http_target):
     panel, agent = wine_agent.panel, wine_agent.agent
     listener = socket.socket()
@@ -4560,7 +4584,8 @@ def test_windows_stop_ends_a_running_commands_tree_and_keeps_its_result(windows,
             time.sleep(0.02)
         print(json.dumps({"results": results, "before": before, "after": after}))
     """)
-    assert found["before"] == 3 and found["after"] is False   # cmd.exe and its two pings, then none
+    # cmd.exe and its two pings (and Wine's console host, at times), then none
+    assert found["before"] >= 3 and found["after"] is False
     assert [r["task_id"] for r in found["results"]] == ["stop"], found
     assert found["results"][0]["exit_code"] == -1 and "the agent was stopped" in found["results"][0]["result"]
     assert not live_processes("-n 64 127.0.0.1") and not live_processes("-n 65 127.0.0.1")
