@@ -3231,6 +3231,8 @@ def open_windows_console(rows, cols):
 
 TASK_NAME = "komari-agent"
 OFFICIAL_RECORD = "official-agent.json"   # beside the script: the official service this install stopped
+SERVICE_CONFIG = "service.json"           # in the state directory: the task's token, for --config
+SECRET_FLAGS = {"token": "--token", "auto_discovery_key": "--auto-discovery"}   # --config key: flag
 # The official agent's Windows service (NSSM, as its install.ps1 installs it)
 # and where NSSM keeps the agent's command line.
 OFFICIAL_SERVICE = "komari-agent"
@@ -9140,7 +9142,7 @@ def install_boot_task(name, agent_args, record, environ):
         print("found the official agent's service %s: its settings are taken over" % OFFICIAL_SERVICE)
     try:
         # as the task will run it: without this shell's AGENT_* variables
-        load_config(agent_args, {k: v for k, v in environ.items() if not k.startswith("AGENT_")})
+        cfg, _ = load_config(agent_args, {k: v for k, v in environ.items() if not k.startswith("AGENT_")})
     except ConfigError as e:
         sys.stderr.write("%s service: error: %s\n" % (PROG, e))
         return 2
@@ -9149,6 +9151,20 @@ def install_boot_task(name, agent_args, record, environ):
         sys.stderr.write("%s service: error: missing Python package%s %s: install with `%s -m pip install %s`\n"
                          % (PROG, "s" * (len(missing) > 1), " and ".join(missing), sys.executable, " ".join(missing)))
         return 1
+    agent_args, secrets = split_secret_flags(agent_args)
+    if secrets and not cfg.config:
+        # the task's command line shows in process lists: the token goes to a file only SYSTEM and
+        # Administrators read, in the state directory
+        directory = cfg.state_dir or os.path.join(os.environ.get("ProgramData") or "C:\\ProgramData", "komari-agent")
+        config = os.path.join(os.path.abspath(directory), SERVICE_CONFIG)
+        problem = private_directory(os.path.dirname(config))
+        if problem:
+            sys.stderr.write("%s service: error: %s\n" % (PROG, problem))
+            return 1
+        write_atomic(config, encode(secrets).encode())
+        agent_args += ["--config", config]
+    else:
+        agent_args += [flag for key, value in secrets.items() for flag in (SECRET_FLAGS[key], value)]
     xml = task_xml(sys.executable, SCRIPT_PATH, agent_args, time.strftime("%Y-%m-%dT%H:%M:%S"))
     fd, path = tempfile.mkstemp(prefix="komari-task-", suffix=".xml")
     try:
@@ -9161,13 +9177,36 @@ def install_boot_task(name, agent_args, record, environ):
     print("scheduled task %s: %s %s, as SYSTEM at boot, started again within a minute whenever it is not running"
           % (name, sys.executable, SCRIPT_PATH))
     if official is not None:
-        write_atomic(record, encode(dict(official, service=OFFICIAL_SERVICE)).encode())
+        # its start type, never its parameters: they hold its token, and this folder is readable by all
+        write_atomic(record, encode({"service": OFFICIAL_SERVICE, "start": official["start"]}).encode())
         import_official_traffic(official["directory"])
         if not run_steps(service_switch_commands(OFFICIAL_SERVICE, "disabled"), may_fail=("sc.exe stop",)):
             return 1
         print("the official agent's service %s is stopped and disabled; `%s service remove --restore-official` "
               "brings it back" % (OFFICIAL_SERVICE, PROG))
     return 0
+
+
+def split_secret_flags(args):
+    """(the other arguments, {--config key: value}) for the token and the
+    auto-discovery key among the agent flags `args`, in any of argparse's
+    forms (-t X, -tX, --token X, --token=X); the last one given wins."""
+    names = {flag: key for key, flag in SECRET_FLAGS.items()}
+    names["-t"] = "token"
+    rest, secrets, i = [], {}, 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name in names and (eq or i + 1 < len(args)):
+            if not eq:
+                i += 1
+                value = args[i]
+            secrets[names[name]] = value
+        elif args[i].startswith("-t") and not args[i].startswith("--") and len(args[i]) > 2:
+            secrets["token"] = args[i][2:]
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest, secrets
 
 
 def import_official_traffic(directory):

@@ -5319,6 +5319,8 @@ def test_service_task_definition_and_command_lines():
     arguments = value("t:Actions/t:Exec/t:Arguments")
     assert ka.windows_args(arguments) == [script, "-e", "https://p.example", "-t", 'T "x" & <y>']
     assert value("t:Actions/t:Exec/t:WorkingDirectory") == r"C:\Program Files\komari-agent"
+    assert ka.split_secret_flags(["-e", "u", "-tA", "--token", "B", "--auto-discovery=K", "-i", "2"]) == \
+        (["-e", "u", "-i", "2"], {"token": "B", "auto_discovery_key": "K"})
     assert ka.create_task_commands("komari-agent", r"C:\T\t.xml") == [
         ["schtasks", "/End", "/TN", "komari-agent"],
         ["schtasks", "/Create", "/TN", "komari-agent", "/XML", r"C:\T\t.xml", "/F"],
@@ -5354,6 +5356,7 @@ def test_service_takes_over_the_official_agent_and_gives_it_back(tmp_path, monke
     install_dir = tmp_path / "komari-agent"
     install_dir.mkdir()
     monkeypatch.setattr(ka, "SCRIPT_PATH", str(install_dir / "komari_agent.py"))
+    monkeypatch.setenv("ProgramData", str(tmp_path / "ProgramData"))
     calls = tmp_path / "calls"
     stub_commands(tmp_path, monkeypatch, {
         "schtasks": 'echo "schtasks $*" >> %s\n[ "$1" = /Create ] && /bin/cp "$5" %s\n[ "$1" != /End ]' % (calls, tmp_path / "task.xml"),
@@ -5365,12 +5368,15 @@ def test_service_takes_over_the_official_agent_and_gives_it_back(tmp_path, monke
                                      "sc.exe stop komari-agent", "sc.exe config komari-agent start= disabled"]
     assert not os.path.exists(lines[1].split()[5])   # the XML file is gone
     arguments = re.search(r"<Arguments>(.*)</Arguments>", (tmp_path / "task.xml").read_bytes().decode("utf-16")).group(1)
-    # the official agent's flags, then the ones given now (the last of a flag wins); nothing from this shell
-    assert ka.windows_args(arguments)[1:] == ["-e", "https://panel.example", "-t", "OFFICIAL-TOKEN",
-                                               "--disable-web-ssh", "-i", "2"]
+    # the official agent's flags, then the ones given now (the last of a flag wins); nothing from this shell;
+    # the token in a file of the state directory, not on a command line that process lists show
+    config = tmp_path / "ProgramData" / "komari-agent" / "service.json"
+    assert ka.windows_args(arguments)[1:] == ["-e", "https://panel.example", "--disable-web-ssh", "-i", "2",
+                                               "--config", str(config)]
+    assert json.loads(config.read_text()) == {"token": "OFFICIAL-TOKEN"} and "OFFICIAL-TOKEN" not in arguments
     assert (install_dir / "net_static.json").read_text() == '{"interfaces": {}}'   # this month's traffic
-    record = json.loads((install_dir / ka.OFFICIAL_RECORD).read_text())
-    assert record["service"] == "komari-agent" and record["start"] == "delayed-auto"
+    assert json.loads((install_dir / ka.OFFICIAL_RECORD).read_text()) == {"service": "komari-agent",
+                                                                         "start": "delayed-auto"}   # no token
     assert "--restore-official" in capsys.readouterr().out
     calls.unlink()
     assert ka.service_command(["remove", "--restore-official"], {}) == 0
@@ -5392,7 +5398,7 @@ def test_service_install_and_remove_on_windows(windows, tmp_path):
     def service(*args):
         return subprocess.run(windows_command(windows, tmp_path) + ["service"] + list(args), env=env,
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=90)
-    done = service("install", "-e", "http://127.0.0.1:9", "-t", TOKEN)
+    done = service("install", "-e", "http://127.0.0.1:9", "-t", TOKEN, "--state-dir", windows.path(tmp_path / "state"))
     assert done.returncode == 0, done.stderr
     calls = (tmp_path / "bin" / "calls.txt").read_text().splitlines()
     assert [c.split()[:3] for c in calls] == [["/End", "/TN", "komari-agent"], ["/Create", "/TN", "komari-agent"],
@@ -5402,7 +5408,9 @@ def test_service_install_and_remove_on_windows(windows, tmp_path):
     text = xml.decode("utf-16")
     assert "<Command>P:\\python.exe</Command>" in text and "<UserId>S-1-5-18</UserId>" in text
     assert ka.windows_args(re.search(r"<Arguments>(.*)</Arguments>", text).group(1)) == \
-        [windows.path(AGENT), "-e", "http://127.0.0.1:9", "-t", TOKEN]
+        [windows.path(AGENT), "-e", "http://127.0.0.1:9", "--state-dir", windows.path(tmp_path / "state"),
+         "--config", windows.path(tmp_path / "state" / "service.json")]
+    assert TOKEN not in text and json.loads((tmp_path / "state" / "service.json").read_text()) == {"token": TOKEN}
     assert b"found the official agent" not in done.stdout
     done = service("remove")
     assert done.returncode == 0, done.stderr
