@@ -38,11 +38,13 @@ import stat
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -2011,11 +2013,13 @@ def test_session_members_without_proc_match_the_proc_reading():
     ("darwin", socket.AF_INET, ["ping", "-n", "-c", "1", "-W", "2500"]),
     ("darwin", socket.AF_INET6, ["ping6", "-n", "-c", "1"]),
     ("freebsd14", socket.AF_INET6, ["ping", "-n", "-c", "1", "-W", "2500", "-6"]),
+    ("win32", socket.AF_INET6, ["ping", "-n", "1", "-w", "2500"]),
 ])
 def test_system_ping_arguments_follow_each_systems_units(tmp_path, monkeypatch, system, family, expected):
     stub_commands(tmp_path, monkeypatch, {"ping": "exit 0", "ping6": "exit 0"})
     monkeypatch.setattr(ka, "IS_LINUX", system == "linux")
     monkeypatch.setattr(ka, "IS_MACOS", system == "darwin")
+    monkeypatch.setattr(ka, "IS_WINDOWS", system == "win32")
     argv = ka.ping_command(family, 2.5)
     assert [os.path.basename(argv[0])] + argv[1:] == expected
 
@@ -3604,6 +3608,11 @@ def test_system_ping_is_the_last_resort_with_an_argument_list(tmp_path, monkeypa
     prober.refused.update({(socket.AF_INET, socket.SOCK_DGRAM), (socket.AF_INET, socket.SOCK_RAW)})
     assert prober(socket.AF_INET, "127.0.0.1") == pytest.approx(0.042)
     assert record.read_text().split("\n")[-2] == "127.0.0.1" and "-c" in record.read_text()
+    # Windows' ping: under a millisecond is "<1ms", a localized "Zeit=3ms" still holds the figure
+    fake.write_text("#!/bin/sh\necho 'Reply from 127.0.0.1: bytes=32 time<1ms TTL=128'\n")
+    assert prober(socket.AF_INET, "127.0.0.1") == 0.0
+    fake.write_text("#!/bin/sh\necho 'Antwort von 127.0.0.1: Bytes=32 Zeit=3ms TTL=128'\n")
+    assert prober(socket.AF_INET, "127.0.0.1") == 3.0
     fake.write_text("#!/bin/sh\necho 'no answer'\nexit 1\n")
     assert prober(socket.AF_INET, "127.0.0.1") is None
 
@@ -3757,6 +3766,249 @@ def test_sigterm_ends_terminal_and_exec_groups(panel, start_agent, terminal_peer
         assert not any(live_processes("sleep 63.%d" % i) for i in (1, 2, 3))
     finally:
         kill_leftovers("sleep 63.1", "sleep 63.2", "sleep 63.3")
+
+
+WINDOWS_PATH_WRAPPER = """import os, runpy, sys
+folders = [p for p in os.environ.get("KOMARI_TEST_PATH", "").split(";") if p]
+folders += [p for p in os.environ["PATH"].split(";") if "powershell" not in p.lower()]
+os.environ["PATH"] = ";".join(folders)
+del sys.argv[0]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def windows_command(windows, folder, script=AGENT):
+    """The argument list that runs `script` on Windows through WINDOWS_PATH_WRAPPER (written into `folder`)."""
+    wrapper = folder / "path_wrapper.py"
+    wrapper.write_text(WINDOWS_PATH_WRAPPER)
+    return windows.command(wrapper) + [windows.path(script)]
+
+
+def windows_run(windows, folder, code, timeout=60):
+    """Run the Python `code` on Windows with komari_agent importable as ka; its stdout parsed as JSON."""
+    script = folder / "driver.py"
+    script.write_text("import json, os, sys, time\nsys.path.insert(0, %r)\nimport komari_agent as ka\n"
+                      % windows.path(AGENT.parent) + textwrap.dedent(code))
+    done = subprocess.run(windows_command(windows, folder, script), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=timeout)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def wine_agent(windows, tmp_path_factory):
+    """One agent on Windows for this module's tests (Wine starts slowly), on
+    its own panel: v1, --prefer-ip-version 4 (the agent dials its own socket:
+    Wine cannot set websocket-client's keep-alive options), no PowerShell."""
+    folder = tmp_path_factory.mktemp("wine-agent")
+    panel = PanelServer(protocol=1)
+    peer = TerminalPeer(panel)
+    agent = AgentProcess(["-e", panel.endpoint, "-t", panel.token, "--protocol-version", "1", "-i", "0.5",
+                          "--prefer-ip-version", "4", "--reconnect-interval", "0.2", "--exec-timeout", "4",
+                          "--custom-ipv4", "192.0.2.7", "--state-dir", windows.path(folder / "state")],
+                         command=windows_command(windows, folder))
+    try:
+        panel.wait_for(lambda: panel.reports, 60, "the first report from the Windows agent")
+        yield SimpleNamespace(panel=panel, peer=peer, agent=agent)
+    finally:
+        for client in peer.clients:
+            client.released.set()
+        agent.stop()
+        panel.stop()
+
+
+@pytest.mark.xdist_group("wine")
+def test_windows_exec_round_trip_through_cmd(wine_agent):
+    panel, agent = wine_agent.panel, wine_agent.agent
+    panel.send_event({"message": "exec", "task_id": "w-slow", "command": "ping -n 3 127.0.0.1 >nul\necho slow"})
+    panel.send_event({"message": "exec", "task_id": "w1", "command": "echo out\necho err>&2\nexit 3"})
+    panel.send_event({"message": "exec", "task_id": "w2", "command": "set x=4\r\nif %x% GTR 3 (echo big)\r\n"
+                                                                      "echo caf\u00e9 %OS%"})
+    assert result_for(panel, "w1", 30) == dict(result_for(panel, "w1"), result="out\n\nerr\n", exit_code=3)
+    # cmd.exe writes in the OEM code page: decoded, not mangled
+    assert result_for(panel, "w2") == dict(result_for(panel, "w2"), result="big\ncaf\u00e9 Windows_NT\n", exit_code=0)
+    reports = len(panel.reports)
+    assert not any(r["task_id"] == "w-slow" for r in panel.task_results)
+    panel.wait_for(lambda: len(panel.reports) >= reports + 2, 10, "reports while a command runs")
+    assert result_for(panel, "w-slow", 15) == dict(result_for(panel, "w-slow"), result="slow\n", exit_code=0)
+    assert "cannot start" not in agent.log and "Traceback" not in agent.log
+
+
+@pytest.mark.xdist_group("wine")
+def test_windows_exec_timeout_ends_the_whole_tree(wine_agent):
+    panel = wine_agent.panel
+    try:
+        panel.send_event({"message": "exec", "task_id": "w-late",
+                          "command": "echo started\nstart /b ping -n 61 127.0.0.1 >nul\nping -n 62 127.0.0.1 >nul"})
+        wait_until(lambda: live_processes("-n 61 127.0.0.1") and live_processes("-n 62 127.0.0.1"), 15,
+                   "the command's two pings")
+        result = result_for(panel, "w-late", 15)
+        assert result["exit_code"] == -1 and result["result"].startswith("started\n")
+        assert "--exec-timeout 4s" in result["result"]
+        # the ping started apart (start /b) went with its job
+        wait_until(lambda: not live_processes("-n 61 127.0.0.1") and not live_processes("-n 62 127.0.0.1"),
+                   5, "the pings to end")
+    finally:
+        kill_leftovers("-n 61 127.0.0.1", "-n 62 127.0.0.1")
+
+
+@pytest.mark.xdist_group("wine")
+def test_windows_terminal_echo_through_the_pipe_bridge(wine_agent):
+    panel, peer = wine_agent.panel, wine_agent.peer
+    index = len(peer.clients)
+    panel.send_event({"message": "terminal", "request_id": "w" * 32})
+    term = peer.next_session(index, 30)
+    try:
+        # under Wine the pseudo console passes no output on: the shell runs on pipes, and says so once
+        term.read_until(rb"runs on pipes", 20)
+        term.send_control({"type": "resize", "cols": 120, "rows": 40})   # nothing to resize on pipes
+        term.read_until(rb":\\[^\r\n]*>", 20)                   # cmd.exe's prompt
+        term.send_keys("echo x%OS")
+        term.read_until(rb"echo x%OS")                        # typed keys are echoed
+        term.send_keys("%x\x7fy\r")                            # Backspace edits the line before it is sent
+        term.read_until(rb"xWindows_NTy\r\n", 20)
+        assert term.output.count(b"runs on pipes") == 1
+        term.send_keys("ping -n 63 127.0.0.1\r")
+        wait_until(lambda: live_processes("-n 63 127.0.0.1"), 15, "the ping the shell started")
+        term.hang_up()
+        wait_until(lambda: not live_processes("-n 63 127.0.0.1"), 10, "the terminal's tree to end")
+    finally:
+        term.released.set()
+        kill_leftovers("-n 63 127.0.0.1")
+    wine_agent.agent.wait_log("terminal session wwwwwwww ended", 10)
+
+
+def test_windows_pipe_terminal_edits_lines_and_drops_a_shells_echo():
+    editor = ka.LineEditor()
+    assert editor.feed(b"dir x") == ("dir x", [])
+    assert editor.feed(b"\x7f\x1b[D\x1bOAy") == ("\b \by", [])          # Backspace; arrow keys ignored
+    assert editor.feed("\u4e2d\x7f".encode()) == ("\u4e2d\b\b  \b\b", [])   # a wide character takes two columns
+    assert editor.feed(b"\r") == ("\r\n", ["dir y"])
+    assert editor.feed(b"a\x03b\x15") == ("a^C\r\nb\b \b", [])           # Ctrl+C drops the line, Ctrl+U erases it
+    assert editor.feed(b"one\r\ntwo\n\xc3") == ("one\r\ntwo\r\n", ["one", "two"])   # a pasted CRLF is one Enter
+    assert editor.feed(b"\xa9\r") == ("\u00e9\r\n", ["\u00e9"])           # UTF-8 split between frames
+    dropper = ka.EchoDropper()
+    assert dropper.filter("C:\\>") == "C:\\>"
+    dropper.expect("dir")
+    assert dropper.filter("di") == "" and dropper.filter("r\r\n Volume") == " Volume"   # cmd.exe's echo
+    dropper.expect("echo x")
+    assert dropper.filter("x\r\n") == "x\r\n" and dropper.filter("echo x\r\n") == "echo x\r\n"  # Wine's cmd
+
+
+@pytest.mark.xdist_group("wine")
+def test_windows_ping_probes(wine_agent, http_target):
+    panel, agent = wine_agent.panel, wine_agent.agent
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    probes = {31: ("icmp", "127.0.0.1"), 32: ("tcp", "127.0.0.1:%d" % listener.getsockname()[1]),
+              33: ("tcp", "127.0.0.1:%d" % closed_port()), 34: ("http", "127.0.0.1:%d/ok" % http_target),
+              35: ("http", "127.0.0.1:%d/broken" % http_target)}
+    try:
+        for task_id, (kind, target) in probes.items():
+            panel.send_event({"message": "ping", "ping_task_id": task_id, "ping_type": kind, "ping_target": target})
+        values = {task_id: ping_value(panel, task_id, 20) for task_id in probes}
+    finally:
+        listener.close()
+    assert values[31] >= 0 and values[32] >= 0 and values[34] >= 0 and values[33] == values[35] == -1
+    agent.wait_log("icmp probes use the system's ICMP API")
+
+
+@pytest.mark.xdist_group("wine")
+def test_windows_stop_ends_a_running_commands_tree_and_keeps_its_result(windows, tmp_path):
+    # Ctrl+C (Wine turns SIGINT into CTRL_C_EVENT) while a command and a child it let go run; the
+    # panel refuses results meanwhile, so the killed command's result must be kept for the next start
+    panel = PanelServer(protocol=1)
+    panel.fail_http[ka.TASK_RESULT_PATH] = 502
+    args = ["-e", panel.endpoint, "-t", panel.token, "--protocol-version", "1", "--prefer-ip-version", "4",
+            "--reconnect-interval", "0.2", "--state-dir", windows.path(tmp_path / "state")]
+    agents = [AgentProcess(args, command=windows_command(windows, tmp_path))]
+    try:
+        panel.wait_for(lambda: panel.reports, 60, "the first report")
+        panel.send_event({"message": "exec", "task_id": "w-stop",
+                          "command": "echo before\nstart /b ping -n 64 127.0.0.1 >nul\nping -n 65 127.0.0.1 >nul"})
+        wait_until(lambda: live_processes("-n 64 127.0.0.1") and live_processes("-n 65 127.0.0.1"), 20,
+                   "the command's two pings")
+        WindowsRun.python_exe(agents[0]).send_signal(signal.SIGINT)
+        assert agents[0].proc.wait(30) == 0
+        assert not live_processes("-n 64 127.0.0.1") and not live_processes("-n 65 127.0.0.1")
+        assert list((tmp_path / "state" / ka.SPOOL_DIR).iterdir())
+        del panel.fail_http[ka.TASK_RESULT_PATH]
+        agents.append(AgentProcess(args, command=windows_command(windows, tmp_path)))
+        result = result_for(panel, "w-stop", 60)
+        assert result["exit_code"] == -1 and result["result"].startswith("before\n")
+        assert "the agent was stopped" in result["result"]
+    finally:
+        for agent in agents:
+            agent.stop()
+        panel.stop()
+        kill_leftovers("-n 64 127.0.0.1", "-n 65 127.0.0.1")
+
+
+@pytest.mark.xdist_group("wine")
+def test_windows_powershell_command_line_and_script_file(windows, tmp_path):
+    # A stand-in powershell.bat on PATH records what it is given; Wine's own is a stub
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "powershell.bat").write_text(
+        "@echo off\r\necho %*> \"%~dp0args.txt\"\r\ncopy /b %5 \"%~dp0script.ps1\" >nul\r\n"
+        "echo stand-in ran\r\nexit /b 7\r\n")
+    command = "Write-Output 'caf\u00e9'\nexit 3"
+    found = windows_run(windows, tmp_path, """
+        import shutil
+        os.environ["PATH"] = %r + ";" + os.environ["PATH"]
+        text, code, timed_out = ka.run_command(%r, 10, 10000)
+        print(json.dumps({"text": text, "code": code, "powershell": shutil.which("powershell")}))
+    """ % (windows.path(tmp_path / "bin"), command))
+    assert found["powershell"].lower().endswith("powershell.bat")
+    assert found["text"] == "stand-in ran\n" and found["code"] == 7
+    args = (tmp_path / "bin" / "args.txt").read_text().split()
+    assert args[:4] == ["-NoProfile", "-ExecutionPolicy", "Bypass", "-File"] and len(args) == 5
+    script_path = args[4]
+    assert re.match(r"^[A-Za-z]:\\.*\\komari-task-[^\\]+\.ps1$", script_path)
+    # the official agent's file: UTF-8 with a byte order mark, output made UTF-8 first, the command as sent
+    assert (tmp_path / "bin" / "script.ps1").read_bytes() == \
+        b"\xef\xbb\xbf[Console]::OutputEncoding = [System.Text.Encoding]::UTF8\n" + command.encode("utf-8")
+    assert ka.powershell_script(command) == (tmp_path / "bin" / "script.ps1").read_bytes()
+    drive = {"c": WINE_TREE / "prefix" / "drive_c", "z": Path("/")}[script_path[0].lower()]
+    assert not (drive / script_path[3:].replace("\\", "/")).exists()   # deleted afterwards
+
+
+def test_windows_script_files_for_cmd():
+    # cmd.exe reads a script in the OEM code page, CRLF lines, echo off; a command it cannot hold is refused
+    assert ka.batch_script("echo caf\u00e9\nexit 3", "cp850") == b"@echo off\r\necho caf\x82\r\nexit 3"
+    with pytest.raises(ValueError, match="cp437"):
+        ka.batch_script("echo \u4e2d", "cp437")
+    assert ka.cmd_command(r"C:\Windows\system32\cmd.exe", r"C:\Users\A B (x)\komari-task-1.cmd") == \
+        r'"C:\Windows\system32\cmd.exe" /d /s /c ""C:\Users\A B (x)\komari-task-1.cmd""'
+    assert ka.powershell_command("powershell.exe", r"C:\T\k.ps1") == \
+        ["powershell.exe", "-NoProfile", "-ExecutionPolicy", "Bypass", "-File", r"C:\T\k.ps1"]
+
+
+@pytest.mark.xdist_group("wine")
+def test_windows_pseudo_console_call_sequence(windows, tmp_path):
+    # Wine 8's pseudo console takes every call but passes no output on, so the agent uses pipes there;
+    # here the ConPTY path runs for itself: structures, attribute list, a shell in a job, resize, end
+    found = windows_run(windows, tmp_path, """
+        import msvcrt
+        for fd in (0, 1, 2):   # Wine's pseudo console host would hold our pipes open
+            os.set_handle_inheritable(msvcrt.get_osfhandle(fd), False)
+        api = ka.win32()
+        sizes = {name: api.ctypes.sizeof(getattr(api, name)) for name in
+                 ("STARTUPINFOEXW", "PROCESS_INFORMATION", "COORD", "JOB_LIMITS", "JOB_ACCOUNTING_INFO")}
+        console = ka.ConPtyConsole(30, 100, ["ping", "-n", "66", "127.0.0.1"])   # Wine's cmd.exe would leave at once
+        alive = console.tree.alive()
+        resized = api.ResizePseudoConsole(console.console, api.COORD(120, 40)) & 0xFFFFFFFF
+        console.end()
+        ended = not console.tree.alive()
+        console.close()
+        print(json.dumps({"sizes": sizes, "alive": alive, "resized": resized, "ended": ended,
+                          "unusable": ka.conpty_unusable()}))
+    """)
+    assert found["sizes"] == {"STARTUPINFOEXW": 112, "PROCESS_INFORMATION": 24, "COORD": 4, "JOB_LIMITS": 144,
+                              "JOB_ACCOUNTING_INFO": 48}   # the 64-bit layouts of the Windows headers
+    assert found["alive"] and found["ended"] and not live_processes("-n 66 127.0.0.1")
+    assert found["resized"] in (0, 0x80004001)   # S_OK on Windows; Wine 8 has no resize (E_NOTIMPL)
+    assert found["unusable"] == "Wine's pseudo console does not pass the shell's output on"
 
 
 # -- dispatch ------------------------------------------------------------------
@@ -4397,6 +4649,132 @@ def test_traffic_show_of_a_damaged_state_is_one_line(tmp_path, content):
     done = run_agent("traffic", "--state-dir", str(tmp_path), "--show", timeout=20)
     lines = done.stderr.decode().strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1 and "is damaged" in lines[0], (done.returncode, lines)
+
+
+TASK_NS = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+
+
+def test_service_task_definition_and_command_lines():
+    from xml.etree import ElementTree
+    script = r"C:\Program Files\komari-agent\komari_agent.py"
+    xml = ka.task_xml(r"C:\Python313\python.exe", script, ["-e", "https://p.example", "-t", 'T "x" & <y>'],
+                      "2026-01-02T03:04:05")
+    task = ElementTree.fromstring(xml.encode("utf-16"))
+    value = lambda path: task.find(path, TASK_NS).text   # noqa: E731
+    assert value("t:Principals/t:Principal/t:UserId") == "S-1-5-18"                   # SYSTEM
+    assert task.find("t:Triggers/t:BootTrigger", TASK_NS) is not None                 # at boot
+    # started again within a minute whenever it is not running: after a crash or a self-update's exit 42
+    assert value("t:Triggers/t:TimeTrigger/t:Repetition/t:Interval") == "PT1M"
+    assert value("t:Triggers/t:TimeTrigger/t:StartBoundary") == "2026-01-02T03:04:05"
+    assert value("t:Settings/t:MultipleInstancesPolicy") == "IgnoreNew"
+    assert value("t:Settings/t:RestartOnFailure/t:Interval") == "PT1M"
+    assert value("t:Settings/t:ExecutionTimeLimit") == "PT0S"                         # never stopped for running long
+    assert value("t:Settings/t:DisallowStartIfOnBatteries") == "false"
+    assert value("t:Actions/t:Exec/t:Command") == r"C:\Python313\python.exe"
+    arguments = value("t:Actions/t:Exec/t:Arguments")
+    assert ka.windows_args(arguments) == [script, "-e", "https://p.example", "-t", 'T "x" & <y>']
+    assert value("t:Actions/t:Exec/t:WorkingDirectory") == r"C:\Program Files\komari-agent"
+    assert ka.split_secret_flags(["-e", "u", "-tA", "--token", "B", "--auto-discovery=K", "-i", "2"]) == \
+        (["-e", "u", "-i", "2"], {"token": "B", "auto_discovery_key": "K"})
+    assert ka.create_task_commands("komari-agent", r"C:\T\t.xml") == [
+        ["schtasks", "/End", "/TN", "komari-agent"],
+        ["schtasks", "/Create", "/TN", "komari-agent", "/XML", r"C:\T\t.xml", "/F"],
+        ["schtasks", "/Run", "/TN", "komari-agent"]]
+    assert ka.delete_task_commands("k") == [["schtasks", "/End", "/TN", "k"], ["schtasks", "/Delete", "/TN", "k", "/F"]]
+    assert ka.service_switch_commands("komari-agent", "disabled") == [
+        ["sc.exe", "stop", "komari-agent"], ["sc.exe", "config", "komari-agent", "start=", "disabled"]]
+    assert ka.service_switch_commands("komari-agent", "delayed-auto") == [
+        ["sc.exe", "config", "komari-agent", "start=", "delayed-auto"], ["sc.exe", "start", "komari-agent"]]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("-e https://p.example -t abc", ["-e", "https://p.example", "-t", "abc"]),
+    ('  -t "a b"  --x=""  ', ["-t", "a b", "--x="]),
+    (r'"C:\dir with space\\" next', ["C:\\dir with space\\", "next"]),
+    (r'a\\\"b c\d', ['a\\"b', "c\\d"]),
+    ('"say ""hi"""', ['say "hi"']),
+])
+def test_service_reads_the_official_command_line_as_windows_splits_it(text, expected):
+    assert ka.windows_args(text) == expected
+
+
+def test_service_takes_over_the_official_agent_and_gives_it_back(tmp_path, monkeypatch, capsys):
+    # what the registry holds for the official agent's NSSM service, and stand-ins for schtasks and sc.exe
+    official = tmp_path / "official"
+    official.mkdir()
+    (official / "net_static.json").write_text('{"interfaces": {}}')
+    monkeypatch.setattr(ka, "official_service", lambda: {
+        "parameters": '-e https://panel.example -t "OFFICIAL-TOKEN" --disable-web-ssh', "directory": str(official),
+        "start": "delayed-auto"})
+    monkeypatch.setattr(ka, "running_as_administrator", lambda: True)
+    monkeypatch.setattr(ka, "boot_task_problem", lambda: None)
+    install_dir = tmp_path / "komari-agent"
+    install_dir.mkdir()
+    monkeypatch.setattr(ka, "SCRIPT_PATH", str(install_dir / "komari_agent.py"))
+    monkeypatch.setenv("ProgramData", str(tmp_path / "ProgramData"))
+    calls = tmp_path / "calls"
+    stub_commands(tmp_path, monkeypatch, {
+        "schtasks": 'echo "schtasks $*" >> %s\n[ "$1" = /Create ] && /bin/cp "$5" %s\n[ "$1" != /End ]' % (calls, tmp_path / "task.xml"),
+        "sc.exe": 'echo "sc.exe $*" >> %s' % calls})
+    assert ka.service_command(["install", "-i", "2"], {"AGENT_TOKEN": "from-this-shell"}) == 0
+    lines = calls.read_text().splitlines()
+    assert lines[1].startswith("schtasks /Create /TN komari-agent /XML ") and lines[1].endswith(".xml /F")
+    assert lines[:1] + lines[2:] == ["schtasks /End /TN komari-agent", "schtasks /Run /TN komari-agent",
+                                     "sc.exe stop komari-agent", "sc.exe config komari-agent start= disabled"]
+    assert not os.path.exists(lines[1].split()[5])   # the XML file is gone
+    arguments = re.search(r"<Arguments>(.*)</Arguments>", (tmp_path / "task.xml").read_bytes().decode("utf-16")).group(1)
+    # the official agent's flags, then the ones given now (the last of a flag wins); nothing from this shell;
+    # the token in a file of the state directory, not on a command line that process lists show
+    config = tmp_path / "ProgramData" / "komari-agent" / "service.json"
+    assert ka.windows_args(arguments)[1:] == ["-e", "https://panel.example", "--disable-web-ssh", "-i", "2",
+                                               "--config", str(config)]
+    assert json.loads(config.read_text()) == {"token": "OFFICIAL-TOKEN"} and "OFFICIAL-TOKEN" not in arguments
+    assert (install_dir / "net_static.json").read_text() == '{"interfaces": {}}'   # this month's traffic
+    assert json.loads((install_dir / ka.OFFICIAL_RECORD).read_text()) == {"service": "komari-agent",
+                                                                         "start": "delayed-auto"}   # no token
+    assert "--restore-official" in capsys.readouterr().out
+    calls.unlink()
+    assert ka.service_command(["remove", "--restore-official"], {}) == 0
+    assert calls.read_text().splitlines() == [
+        "schtasks /End /TN komari-agent", "schtasks /Delete /TN komari-agent /F",
+        "sc.exe config komari-agent start= delayed-auto", "sc.exe start komari-agent"]
+    assert not (install_dir / ka.OFFICIAL_RECORD).exists()
+    assert ka.service_command(["remove", "--restore-official"], {}) == 1   # nothing left to give back
+    assert ka.service_command(["remove", "-e", "x"], {}) == 2
+
+
+@pytest.mark.xdist_group("wine")
+def test_service_install_and_remove_on_windows(windows, tmp_path):
+    # Under Wine, with a stand-in schtasks.bat in front of the real one: no official agent here
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "schtasks.bat").write_text(
+        "@echo off\r\necho %*>> \"%~dp0calls.txt\"\r\nif \"%1\"==\"/Create\" copy /b %5 \"%~dp0task.xml\" >nul\r\n")
+    env = dict(os.environ, KOMARI_TEST_PATH=windows.path(tmp_path / "bin"))
+
+    def service(*args):
+        return subprocess.run(windows_command(windows, tmp_path) + ["service"] + list(args), env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=90)
+    done = service("install", "-e", "http://127.0.0.1:9", "-t", TOKEN, "--state-dir", windows.path(tmp_path / "state"))
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "bin" / "calls.txt").read_text().splitlines()
+    assert [c.split()[:3] for c in calls] == [["/End", "/TN", "komari-agent"], ["/Create", "/TN", "komari-agent"],
+                                             ["/Run", "/TN", "komari-agent"]]
+    xml = (tmp_path / "bin" / "task.xml").read_bytes()
+    assert xml.startswith(b"\xff\xfe")   # UTF-16 with its byte order mark, as schtasks reads it
+    text = xml.decode("utf-16")
+    assert "<Command>P:\\python.exe</Command>" in text and "<UserId>S-1-5-18</UserId>" in text
+    assert ka.windows_args(re.search(r"<Arguments>(.*)</Arguments>", text).group(1)) == \
+        [windows.path(AGENT), "-e", "http://127.0.0.1:9", "--state-dir", windows.path(tmp_path / "state"),
+         "--config", windows.path(tmp_path / "state" / "service.json")]
+    assert TOKEN not in text and json.loads((tmp_path / "state" / "service.json").read_text()) == {"token": TOKEN}
+    assert b"found the official agent" not in done.stdout
+    done = service("remove")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "bin" / "calls.txt").read_text().splitlines()[3:] == ["/End /TN komari-agent",
+                                                                              "/Delete /TN komari-agent /F"]
+    done = service("install", "-e", "http://127.0.0.1:9")   # no token: refused before anything is done
+    assert done.returncode == 2 and b"no token" in done.stderr
+    assert len((tmp_path / "bin" / "calls.txt").read_text().splitlines()) == 5
 
 
 # ---------------------------------------------------------------------------
@@ -5823,11 +6201,19 @@ def test_readme_commands_match_ci():
     assert tests == (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
 
 
+def test_readme_windows_line_fetches_the_script_and_requirements_and_installs_the_boot_task():
+    readme = (ROOT / "README.md").read_text()
+    line = readme.split("```powershell\n")[1].split("```", 1)[0].strip()
+    assert "\n" not in line and "/komari_agent.py -OutFile" in line and "pip install -r " in line
+    assert "/requirements.txt" in line and re.search(r"komari_agent\.py\" service install -e \S+ -t \S+$", line)
+
+
 def test_every_help_flag_is_in_the_readme():
     import re
     readme = (ROOT / "README.md").read_text()
     flags = set(re.findall(r"--[a-z][a-z0-9-]+", run_agent("--help").stdout.decode()))
     flags |= set(re.findall(r"--[a-z][a-z0-9-]+", run_agent("traffic", "--help").stdout.decode()))
+    flags |= set(re.findall(r"--[a-z][a-z0-9-]+", run_agent("service", "--help").stdout.decode()))
     assert flags and not [f for f in sorted(flags) if f not in readme]
 
 
