@@ -6821,6 +6821,7 @@ MAX_PROBES_WAITING = 64
 # after the shell of an exec exits, how long background jobs that still hold
 # its output may keep it open before the result is sent without them
 EXEC_LINGER = 2.0
+EXEC_EXIT_WAIT = 1.0  # seconds for a shell whose output ended to exit before its tree is ended
 # at shutdown, how long the threads of killed commands get to spool their results
 EXEC_SPOOL_WAIT = 0.5
 TERMINAL_IDLE_PING = 30.0
@@ -6930,7 +6931,11 @@ def run_command(command, timeout, limit, started=None):
     finally:
         for pipe in (proc.stdout, proc.stderr):
             pipe.close()
-        if proc.poll() is None:  # only after a timeout or an error of ours
+        try:
+            # a shell that closed its output is usually exiting: a busy box
+            # may take a moment to finish that, which is no reason to kill it
+            proc.wait(EXEC_EXIT_WAIT)
+        except Exception:  # subprocess.TimeoutExpired: still running after our timeout or error
             script.tree.end()
         proc.wait()
         finish_script(script)

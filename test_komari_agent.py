@@ -3902,8 +3902,8 @@ def test_windows_ping_probes(wine_agent, http_target):
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     probes = {31: ("icmp", "127.0.0.1"), 32: ("tcp", "127.0.0.1:%d" % listener.getsockname()[1]),
-              33: ("tcp", "127.0.0.1:%d" % closed_port()), 34: ("http", "127.0.0.1:%d/ok" % http_target),
-              35: ("http", "127.0.0.1:%d/broken" % http_target)}
+              33: ("tcp", "127.0.0.1:%d" % closed_port()), 34: ("http", "127.0.0.1:%d/ok" % http_target.port),
+              35: ("http", "127.0.0.1:%d/broken" % http_target.port)}
     try:
         for task_id, (kind, target) in probes.items():
             panel.send_event({"message": "ping", "ping_task_id": task_id, "ping_type": kind, "ping_target": target})
