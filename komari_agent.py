@@ -18,6 +18,7 @@ The file reads top to bottom; nothing refers to a definition further down:
     Linux             /proc and /sys, read and parsed
     macOS and FreeBSD sw_vers, system_profiler, pciconf, sysctl, netstat: parsed
     Windows           the registry; kernel32, psapi, iphlpapi, advapi32 through ctypes
+    Windows processes job objects, ConPTY or a pipe terminal, the ICMP API, the boot task
     Platform          every difference between systems, behind one host (make_host)
     Report figures    what each realtime report measures (the Collector)
     Basic info        the static facts together, public addresses
@@ -28,7 +29,7 @@ The file reads top to bottom; nothing refers to a definition further down:
     Tasks             exec, ping probes, the web terminal
     Self-update       a release is checked and tried before it replaces this file
     The agent loop    Agent: its threads, reconnecting, basic info, results
-    Subcommands       --check, --dry-run, list-disk, check-mem, traffic, update
+    Subcommands       --check, --dry-run, list-disk, check-mem, traffic, update, service
     main()
 
 Imports: the standard library at the top. psutil and websocket-client, and
@@ -299,6 +300,14 @@ def run_quiet(argv, timeout=3.0):
     """stdout of a helper program, or "" when it is missing, fails or hangs."""
     status, out = run_output(argv, timeout)
     return out if status == 0 else ""
+
+
+def child_env(extra=None):
+    """The agent's environment for a command or shell, without the agent's own
+    settings (AGENT_TOKEN among them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+    env.update(extra or {})
+    return env
 
 
 def read_text(path):
@@ -1157,6 +1166,8 @@ def help_epilog():
         "  %s list-disk   the mounts counted as disk, as in the official agent" % PROG,
         "  %s check-mem   each used-memory formula, as in the official agent" % PROG,
         "  %s update [--check]   look for a newer release and install it now (--check: only say)" % PROG,
+        "  %s service install [--name NAME] | remove [--restore-official]" % PROG,
+        "      Windows: starts the agent at boot (a Scheduled Task); replaces an official agent's service",
     ])
 
 
@@ -1164,7 +1175,7 @@ def build_arg_parser():
     parser = ArgParser(prog=PROG, allow_abbrev=False, argument_default=argparse.SUPPRESS, add_help=False,
                        usage="%(prog)s -e URL (-t TOKEN | --auto-discovery KEY) [--check] [options]\n"
                              "       %(prog)s --dry-run [options]\n"
-                             "       %(prog)s traffic | list-disk | check-mem | update [options]",
+                             "       %(prog)s traffic | list-disk | check-mem | update | service [options]",
                        description="Komari monitoring agent (protocol v2, v1 for older panels), version %s.\n"
                                    "A [BOOL] flag alone turns its setting on; =false turns it off (--gpu=false)."
                                    % __version__,
@@ -2580,6 +2591,881 @@ def on_console_events(handler):
 
 
 # ---------------------------------------------------------------------------
+# Windows: processes, consoles and ICMP through ctypes
+# ---------------------------------------------------------------------------
+# Windows has no process groups to signal: a command or a terminal's shell
+# runs in a job object of its own, and ending the job ends everything it
+# started (KILL_ON_JOB_CLOSE: the agent's own death too). The web terminal
+# runs on a pseudo console (ConPTY) from Windows 10 1809 on, on pipes before
+# it; icmp probes go through the ICMP helper API, which needs no
+# administrator rights. Only the Platform section calls into this one.
+
+CONPTY_BUILD = 17763   # Windows 10 1809 and Server 2019: the first with ConPTY
+CREATE_SUSPENDED = 0x4
+CREATE_UNICODE_ENVIRONMENT = 0x400
+EXTENDED_STARTUPINFO_PRESENT = 0x80000
+CREATE_NO_WINDOW = 0x8000000
+STARTF_USESTDHANDLES = 0x100
+PROC_THREAD_ATTRIBUTE_PSEUDOCONSOLE = 0x20016
+JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
+JOB_ACCOUNTING, JOB_EXTENDED_LIMITS = 1, 9   # JOBOBJECTINFOCLASS
+# PROCESS_TERMINATE | PROCESS_SET_QUOTA | PROCESS_SUSPEND_RESUME | SYNCHRONIZE
+PROCESS_JOB_RIGHTS = 0x0001 | 0x0100 | 0x0800 | 0x100000
+WAIT_TIMEOUT = 0x102
+INFINITE = 0xFFFFFFFF
+# IcmpSendEcho's IP_STATUS codes (IP_BUF_TOO_SMALL .. IP_GENERAL_FAILURE):
+# the echo got no answer, the API itself worked
+IP_STATUS_BASE, IP_STATUS_LAST = 11000, 11050
+ICMP_PAYLOAD = b"komari-agent-py!"
+WIN32 = []      # the loaded calls, once (win32())
+WINDOWS_SAID = OncePer()
+
+
+def win32():
+    """The Win32 calls and structures this section uses, each call with its C
+    signature (a HANDLE must not be cut to an int), loaded once. A call this
+    Windows lacks (ConPTY before 1809) is None."""
+    if WIN32:
+        return WIN32[0]
+    import ctypes
+    from ctypes import wintypes as w
+    from types import SimpleNamespace
+    c = SimpleNamespace(ctypes=ctypes)
+    handle, dword, ok, pointer, size = w.HANDLE, w.DWORD, w.BOOL, ctypes.c_void_p, ctypes.c_size_t
+
+    class COORD(ctypes.Structure):
+        _fields_ = [("X", w.SHORT), ("Y", w.SHORT)]
+
+    class STARTUPINFOEXW(ctypes.Structure):
+        _fields_ = [("cb", dword), ("lpReserved", w.LPWSTR), ("lpDesktop", w.LPWSTR), ("lpTitle", w.LPWSTR)] + \
+            [(name, dword) for name in ("dwX", "dwY", "dwXSize", "dwYSize", "dwXCountChars", "dwYCountChars",
+                                        "dwFillAttribute", "dwFlags")] + \
+            [("wShowWindow", w.WORD), ("cbReserved2", w.WORD), ("lpReserved2", pointer), ("hStdInput", handle),
+             ("hStdOutput", handle), ("hStdError", handle), ("lpAttributeList", pointer)]
+
+    class PROCESS_INFORMATION(ctypes.Structure):
+        _fields_ = [("hProcess", handle), ("hThread", handle), ("dwProcessId", dword), ("dwThreadId", dword)]
+
+    class JOB_LIMITS(ctypes.Structure):
+        """JOBOBJECT_EXTENDED_LIMIT_INFORMATION, its basic part and I/O counters inlined."""
+        _fields_ = [("PerProcessUserTimeLimit", ctypes.c_int64), ("PerJobUserTimeLimit", ctypes.c_int64),
+                    ("LimitFlags", dword), ("MinimumWorkingSetSize", size), ("MaximumWorkingSetSize", size),
+                    ("ActiveProcessLimit", dword), ("Affinity", size), ("PriorityClass", dword),
+                    ("SchedulingClass", dword), ("IoCounters", ctypes.c_uint64 * 6), ("ProcessMemoryLimit", size),
+                    ("JobMemoryLimit", size), ("PeakProcessMemoryUsed", size), ("PeakJobMemoryUsed", size)]
+
+    class JOB_ACCOUNTING_INFO(ctypes.Structure):
+        """JOBOBJECT_BASIC_ACCOUNTING_INFORMATION."""
+        _fields_ = [("Times", ctypes.c_int64 * 4), ("TotalPageFaultCount", dword), ("TotalProcesses", dword),
+                    ("ActiveProcesses", dword), ("TotalTerminatedProcesses", dword)]
+
+    c.COORD, c.STARTUPINFOEXW, c.PROCESS_INFORMATION = COORD, STARTUPINFOEXW, PROCESS_INFORMATION
+    c.JOB_LIMITS, c.JOB_ACCOUNTING_INFO = JOB_LIMITS, JOB_ACCOUNTING_INFO
+    calls = {
+        "kernel32": {
+            "CloseHandle": (ok, handle),
+            "CreateJobObjectW": (handle, pointer, w.LPCWSTR),
+            "SetInformationJobObject": (ok, handle, ctypes.c_int, pointer, dword),
+            "QueryInformationJobObject": (ok, handle, ctypes.c_int, pointer, dword, pointer),
+            "AssignProcessToJobObject": (ok, handle, handle),
+            "TerminateJobObject": (ok, handle, ctypes.c_uint),
+            "OpenProcess": (handle, dword, ok, dword),
+            "TerminateProcess": (ok, handle, ctypes.c_uint),
+            "GetExitCodeProcess": (ok, handle, ctypes.POINTER(dword)),
+            "WaitForSingleObject": (dword, handle, dword),
+            "ResumeThread": (dword, handle),
+            "PeekNamedPipe": (ok, handle, pointer, dword, pointer, ctypes.POINTER(dword), pointer),
+            "CreatePipe": (ok, ctypes.POINTER(handle), ctypes.POINTER(handle), pointer, dword),
+            "CreateProcessW": (ok, w.LPCWSTR, w.LPWSTR, pointer, pointer, ok, dword, pointer, w.LPCWSTR, pointer,
+                               pointer),
+            "InitializeProcThreadAttributeList": (ok, pointer, dword, dword, ctypes.POINTER(size)),
+            "UpdateProcThreadAttribute": (ok, pointer, dword, size, pointer, size, pointer, pointer),
+            "DeleteProcThreadAttributeList": (None, pointer),
+            # HRESULTs as plain numbers: ctypes.HRESULT would raise, and E_NOTIMPL is worth telling apart
+            "CreatePseudoConsole": (ctypes.c_long, COORD, handle, handle, dword, ctypes.POINTER(handle)),
+            "ResizePseudoConsole": (ctypes.c_long, handle, COORD),
+            "ClosePseudoConsole": (None, handle),
+        },
+        "ntdll": {"NtResumeProcess": (ctypes.c_long, handle)},
+        "iphlpapi": {
+            "IcmpCreateFile": (handle,),
+            "Icmp6CreateFile": (handle,),
+            "IcmpCloseHandle": (ok, handle),
+            "IcmpSendEcho": (dword, handle, w.ULONG, pointer, w.WORD, pointer, pointer, dword, dword),
+            "Icmp6SendEcho2": (dword, handle, handle, pointer, pointer, pointer, pointer, pointer, w.WORD, pointer,
+                               pointer, dword, dword),
+        },
+    }
+    for dll_name, functions in calls.items():
+        dll = ctypes.WinDLL(dll_name, use_last_error=True)
+        for name, (restype, *argtypes) in functions.items():
+            function = getattr(dll, name, None)
+            if function is not None:
+                function.restype, function.argtypes = restype, argtypes
+            setattr(c, name, function)
+    c.wine = hasattr(ctypes.WinDLL("ntdll"), "wine_get_version")
+    WIN32.append(c)
+    return c
+
+
+def win32_error(what):
+    """OSError for the Win32 call `what` that just failed."""
+    api = win32()
+    code = api.ctypes.get_last_error()
+    return OSError(None, "%s failed: %s" % (what, api.ctypes.FormatError(code).strip()), None, code)
+
+
+def win32_handle(value):
+    """A HANDLE as ctypes returns it (None for NULL) as an int, 0 for none."""
+    return value or 0
+
+
+# -- a process tree in a job object ------------------------------------------
+
+class JobTree:
+    """A process and everything it starts, in a job object of their own:
+    end() takes them all at once. A job that could not be had (Windows 7
+    inside another job) leaves end() with the first process only."""
+
+    def __init__(self, process, job):
+        self.process, self.job = process, job   # handles; the job may be 0
+        self.killed = False
+        self.lock = threading.Lock()
+
+    def hang_up(self):
+        """Nothing: a console program has no hangup to be given; end() is the way."""
+
+    def alive(self):
+        api = win32()
+        with self.lock:
+            if self.job:
+                info = api.JOB_ACCOUNTING_INFO()
+                if api.QueryInformationJobObject(self.job, JOB_ACCOUNTING, api.ctypes.byref(info),
+                                                 api.ctypes.sizeof(info), None):
+                    return info.ActiveProcesses > 0
+            return bool(self.process) and api.WaitForSingleObject(self.process, 0) == WAIT_TIMEOUT
+
+    def end(self, grace=0):
+        """Every process of the tree ended now, waited for (briefly)."""
+        api = win32()
+        with self.lock:
+            self.killed = True
+            if self.job:
+                api.TerminateJobObject(self.job, 1)
+            elif self.process:
+                api.TerminateProcess(self.process, 1)
+        deadline = time.monotonic() + 5.0
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def wait(self, timeout=None):
+        """True once the first process has exited."""
+        ms = INFINITE if timeout is None else max(0, int(timeout * 1000))
+        return win32().WaitForSingleObject(self.process, ms) != WAIT_TIMEOUT
+
+    def release(self):
+        """Give the handles back. Processes a finished command left running
+        (started with `start`) go on, as on other systems: the job no longer
+        kills them when it closes."""
+        api = win32()
+        with self.lock:
+            job, process, self.job, self.process = self.job, self.process, 0, 0
+        if job:
+            if not self.killed:
+                api.SetInformationJobObject(job, JOB_EXTENDED_LIMITS, api.ctypes.byref(api.JOB_LIMITS()),
+                                            api.ctypes.sizeof(api.JOB_LIMITS))
+            api.CloseHandle(job)
+        if process:
+            api.CloseHandle(process)
+
+
+def new_job():
+    """A job object whose processes die when its last handle closes; 0 where
+    none can be had."""
+    api = win32()
+    job = win32_handle(api.CreateJobObjectW(None, None))
+    if job:
+        limits = api.JOB_LIMITS(LimitFlags=JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE)
+        if not api.SetInformationJobObject(job, JOB_EXTENDED_LIMITS, api.ctypes.byref(limits),
+                                           api.ctypes.sizeof(limits)):
+            api.CloseHandle(job)
+            job = 0
+    return job
+
+
+def into_job(process):
+    """A JobTree for the suspended `process` (a handle of ours), now let run:
+    it starts nothing before it is in the job."""
+    api = win32()
+    job = new_job()
+    if job and not api.AssignProcessToJobObject(job, process):
+        api.CloseHandle(job)
+        job = 0
+    if not job and WINDOWS_SAID("no-job"):
+        log.warning("cannot put commands in a job object (%s): a timeout or a closed terminal ends only the "
+                    "first process, not what it started", win32_error("AssignProcessToJobObject").strerror)
+    return JobTree(process, job)
+
+
+def start_in_job(argv, **popen_kwargs):
+    """subprocess.Popen(argv, ...) in a job object of its own, without a
+    console window; (proc, JobTree)."""
+    import subprocess
+    api = win32()
+    proc = subprocess.Popen(argv, creationflags=CREATE_SUSPENDED | CREATE_NO_WINDOW, **popen_kwargs)
+    process = win32_handle(api.OpenProcess(PROCESS_JOB_RIGHTS, False, proc.pid))
+    if not process:
+        error = win32_error("OpenProcess")
+        proc.kill()
+        proc.wait()
+        raise error
+    tree = into_job(process)
+    if api.NtResumeProcess(process) != 0:
+        tree.end()
+        tree.release()
+        proc.wait()
+        raise OSError(None, "NtResumeProcess failed")
+    return proc, tree
+
+
+def pipes_with_input(fds, timeout):
+    """Those of the pipes `fds` (C runtime descriptors) that hold input or
+    have ended, within `timeout` s. select() takes sockets only on Windows,
+    so the pipes are looked into (PeekNamedPipe), more rarely the longer
+    they stay quiet."""
+    import msvcrt
+    api = win32()
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        ready = []
+        for fd in fds:
+            waiting = api.ctypes.c_ulong()
+            try:
+                peeked = api.PeekNamedPipe(msvcrt.get_osfhandle(fd), None, 0, None, api.ctypes.byref(waiting), None)
+            except OSError:
+                peeked = False
+            if not peeked or waiting.value:
+                ready.append(fd)   # a failed peek is the end: os.read says so
+        remaining = deadline - time.monotonic()
+        if ready or remaining <= 0:
+            return ready
+        time.sleep(min(pause, remaining))
+        pause = min(pause * 2, 0.1)
+
+
+# -- the panel's command as a script file ---------------------------------------
+
+def powershell_script(command):
+    """The .ps1 file the official agent writes: a UTF-8 byte order mark, a
+    line that makes PowerShell's output UTF-8, the command."""
+    return b"\xef\xbb\xbf[Console]::OutputEncoding = [System.Text.Encoding]::UTF8\n" + \
+        command.encode("utf-8", "replace")
+
+
+def batch_script(command, encoding):
+    """The .cmd file for cmd.exe: echo off, CRLF lines (cmd.exe misreads
+    jumps in LF-only files), in cmd's code page `encoding`; ValueError when
+    the command holds characters that code page cannot hold."""
+    text = "@echo off\r\n" + command.replace("\r\n", "\n").replace("\n", "\r\n")
+    try:
+        return text.encode(encoding)
+    except UnicodeError:
+        raise ValueError("cmd.exe reads scripts in code page %s, which cannot hold this command (PowerShell would: "
+                         "it is missing here)" % encoding)
+
+
+def powershell_command(powershell, script_path):
+    return [powershell, "-NoProfile", "-ExecutionPolicy", "Bypass", "-File", script_path]
+
+
+def cmd_command(cmd, script_path):
+    """cmd.exe's command line for a script: /s and the doubled quotes keep
+    a path with spaces or parentheses whole; /d skips AutoRun commands."""
+    return '"%s" /d /s /c ""%s""' % (cmd, script_path)
+
+
+def windows_script(command):
+    """(command line, script file, output encoding) for the panel's command:
+    PowerShell as the official agent runs it, else cmd.exe. The caller
+    deletes the file."""
+    import shutil
+    import tempfile
+    powershell = shutil.which("powershell")
+    if powershell:
+        data, suffix = powershell_script(command), ".ps1"
+    else:
+        data, suffix = batch_script(command, "oem"), ".cmd"
+    fd, path = tempfile.mkstemp(prefix="komari-task-", suffix=suffix)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    if powershell:
+        return powershell_command(powershell, path), path, "utf-8"
+    return cmd_command(os.environ.get("ComSpec") or shutil.which("cmd") or "cmd.exe", path), path, "oem"
+
+
+# -- ICMP through the helper API ---------------------------------------------
+
+def icmp_helper_echo(family, address, timeout):
+    """Milliseconds (whole ones, as Windows measures them) for one echo
+    through the ICMP helper API, which needs no administrator rights; None
+    on no reply. OSError when the API itself fails."""
+    api = win32()
+    reply = api.ctypes.create_string_buffer(1024)
+    ms = max(1, int(timeout * 1000))
+    if family == socket.AF_INET:
+        handle = win32_handle(api.IcmpCreateFile())
+        call, status_at = "IcmpSendEcho", 4
+    else:
+        handle = win32_handle(api.Icmp6CreateFile())
+        call, status_at = "Icmp6SendEcho2", 28   # after a packed 26-byte IPV6_ADDRESS_EX
+    if handle in (0, -1, (1 << 64) - 1):
+        raise win32_error(call.replace("SendEcho2", "CreateFile").replace("SendEcho", "CreateFile"))
+    try:
+        if family == socket.AF_INET:
+            target = int.from_bytes(socket.inet_aton(address), "little")
+            count = api.IcmpSendEcho(handle, target, ICMP_PAYLOAD, len(ICMP_PAYLOAD), None, reply, len(reply), ms)
+        else:
+            source = struct.pack("<HHI16sI", 23, 0, 0, bytes(16), 0)   # AF_INET6 is 23 on Windows
+            target = struct.pack("<HHI16sI", 23, 0, 0, socket.inet_pton(socket.AF_INET6, address.split("%")[0]), 0)
+            count = api.Icmp6SendEcho2(handle, None, None, None, source, target, ICMP_PAYLOAD, len(ICMP_PAYLOAD),
+                                       None, reply, len(reply), ms)
+        error = api.ctypes.get_last_error()
+    finally:
+        api.IcmpCloseHandle(handle)
+    if not count:
+        if IP_STATUS_BASE <= error <= IP_STATUS_LAST:
+            return None
+        raise win32_error(call)
+    status, rtt = struct.unpack_from("<II", reply.raw, status_at)
+    return float(rtt) if status == 0 else None
+
+
+# -- the web terminal's console ----------------------------------------------------
+
+def windows_shell():
+    """PowerShell where it is found, else cmd.exe (the official agent's order)."""
+    import shutil
+    return shutil.which("powershell") or os.environ.get("ComSpec") or shutil.which("cmd") or "cmd.exe"
+
+
+def conpty_unusable():
+    """Why the pseudo console cannot serve here, or None when it can."""
+    api = win32()
+    if sys.getwindowsversion().build < CONPTY_BUILD or api.CreatePseudoConsole is None:
+        return "Windows before 10 1809 (Server 2019) has no pseudo console (ConPTY)"
+    if api.wine:
+        # it answers S_OK, but the shell's output goes to the agent's console
+        return "Wine's pseudo console does not pass the shell's output on"
+    return None
+
+
+def environment_block(env):
+    """CreateProcessW's UNICODE environment: NAME=value strings, sorted as
+    Windows keeps them, each ending in NUL, a NUL after the last."""
+    return "".join("%s=%s\0" % (k, v) for k, v in sorted(env.items(), key=lambda kv: kv[0].upper())) + "\0"
+
+
+class WindowsConsole:
+    """A shell's console as two byte streams, each served by a thread of its
+    own (a pipe cannot be waited on beside a socket on Windows): read()
+    takes output as it comes, write() hands keystrokes to a writer that
+    blocks for the shell instead of the caller."""
+
+    INPUT_BUFFER = 64 << 10
+    writable_fd = None   # nothing to select() on: write() never blocks
+    notice = b""
+
+    def __init__(self, tree, output_fd, input_fd):
+        import queue
+        self.tree = tree
+        self.output = queue.Queue()
+        self.output_fd, self.input_fd = output_fd, input_fd
+        self.to_shell = bytearray()
+        self.shell_gone = False
+        self.closing = False
+        self.cond = threading.Condition()
+        self.threads = [threading.Thread(target=self.pump_from_shell, name="terminal-read", daemon=True),
+                        threading.Thread(target=self.pump_to_shell, name="terminal-write", daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def pump_from_shell(self):
+        try:
+            while True:
+                data = os.read(self.output_fd, 4096)
+                if not data:
+                    break
+                data = self.from_shell(data)
+                if data:
+                    self.output.put(data)
+        except OSError:
+            pass
+        self.output.put(b"")
+
+    def from_shell(self, data):
+        return data
+
+    def pump_to_shell(self):
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.to_shell or self.closing)
+                if self.closing:
+                    return
+                data = bytes(self.to_shell)
+                del self.to_shell[:]
+            try:
+                while data:
+                    data = data[os.write(self.input_fd, data):]
+            except OSError:
+                with self.cond:
+                    self.shell_gone = True
+                return
+
+    def read(self, timeout):
+        """Output bytes; None when none came within `timeout` s; b"" at the end."""
+        import queue
+        try:
+            return self.output.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def send(self, data):
+        """Queue bytes for the shell; False once it takes no more input."""
+        with self.cond:
+            if self.shell_gone:
+                return False
+            self.to_shell += data
+            self.cond.notify()
+        return True
+
+    def write(self, pending):
+        """Move what the writer has room for from the bytearray `pending`."""
+        with self.cond:
+            room = max(0, self.INPUT_BUFFER - len(self.to_shell))
+        data = bytes(pending[:room])
+        del pending[:room]
+        return self.send(data) if data else not self.shell_gone
+
+    def resize(self, rows, cols):
+        return True
+
+    def end(self):
+        self.tree.end()
+
+    def close(self):
+        """After end(), once no pump of the session touches this console."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        deadline = time.monotonic() + 2.0
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for fd, thread in ((self.output_fd, self.threads[0]), (self.input_fd, self.threads[1])):
+            if not thread.is_alive():   # else it may still use the descriptor: better kept than reused
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.tree.release()
+
+
+class LineEditor:
+    """Keystrokes made into lines, as a console in line mode would, for a
+    shell on a pipe, which reads whole lines and echoes nothing: printable
+    keys are echoed, Backspace and Ctrl+U erase, Ctrl+C drops the line,
+    escape sequences (arrow keys) are ignored, Enter gives the line."""
+
+    LIMIT = 8192   # a line this long takes no more keys
+
+    def __init__(self):
+        import codecs
+        self.typed = codecs.getincrementaldecoder("utf-8")("replace")
+        self.line, self.escape, self.after_cr = [], "", False
+
+    def feed(self, data):
+        """(echo text, [whole lines]) for the keystrokes `data` (UTF-8)."""
+        echo, lines = [], []
+        for ch in self.typed.decode(data):
+            if self.escape:
+                self.escape += ch
+                if len(self.escape) > 2 and "@" <= ch <= "~" or len(self.escape) == 2 and ch not in "[O":
+                    self.escape = ""
+                continue
+            after_cr, self.after_cr = self.after_cr, ch == "\r"
+            if ch == "\x1b":
+                self.escape = ch
+            elif ch in "\r\n":
+                if not (ch == "\n" and after_cr):   # CRLF in a paste is one Enter
+                    lines.append("".join(self.line))
+                    self.line = []
+                    echo.append("\r\n")
+            elif ch in "\x7f\b":
+                if self.line:
+                    echo.append(erase(self.line.pop()))
+            elif ch == "\x15":
+                echo.extend(erase(c) for c in reversed(self.line))
+                self.line = []
+            elif ch == "\x03":
+                self.line = []
+                echo.append("^C\r\n")
+            elif (ch >= " " or ch == "\t") and len(self.line) < self.LIMIT:
+                self.line.append(ch)
+                echo.append(ch)
+        return "".join(echo), lines
+
+
+def erase(ch):
+    """What takes the character `ch` off the screen: two columns for a wide one."""
+    import unicodedata
+    width = 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return "\b" * width + " " * width + "\b" * width
+
+
+class EchoDropper:
+    """A shell that echoes each line it reads from a pipe (cmd.exe does)
+    would show it twice beside the local echo: when the first thing it
+    writes after a line is that line, that is dropped."""
+
+    def __init__(self):
+        self.expected, self.held = "", ""
+
+    def expect(self, line):
+        self.expected = line + "\r\n"
+
+    def filter(self, text):
+        if not self.expected:
+            return text
+        text, self.held = self.held + text, ""
+        if text.startswith(self.expected):
+            text, self.expected = text[len(self.expected):], ""
+        elif self.expected.startswith(text):
+            self.held, text = text, ""   # too early to tell
+        else:
+            self.expected = ""
+        return text
+
+
+class PipeConsole(WindowsConsole):
+    """The shell on plain pipes, where there is no pseudo console: lines are
+    edited here (LineEditor) and sent on Enter; text goes both ways in the
+    OEM code page, as console programs write it to a pipe."""
+
+    def __init__(self, reason):
+        import codecs
+        import subprocess
+        shell = windows_shell()
+        powershell = os.path.basename(shell).lower().startswith("powershell")
+        home = os.path.expanduser("~")
+        proc, tree = start_in_job([shell, "-NoLogo", "-Command", "-"] if powershell else [shell],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env=child_env(), cwd=home if os.path.isdir(home) else None, bufsize=0)
+        self.editor, self.dropper = LineEditor(), EchoDropper()
+        self.shown = codecs.getincrementaldecoder("oem")("replace")
+        self.notice = ("\r\n[komari-agent: %s, so %s runs on pipes: a line goes to it on Enter; no resize, no "
+                       "full-screen programs; Ctrl+C clears the line typed, it cannot stop a running program "
+                       "(close the terminal for that)]\r\n" % (reason, os.path.basename(shell))).encode()
+        super().__init__(tree, os.dup(proc.stdout.fileno()), os.dup(proc.stdin.fileno()))
+        proc.stdout.close()
+        proc.stdin.close()
+
+    def from_shell(self, data):
+        text = self.shown.decode(data)
+        with self.cond:
+            text = self.dropper.filter(text)
+        return text.encode("utf-8")
+
+    def write(self, pending):
+        with self.cond:
+            room = max(0, self.INPUT_BUFFER - len(self.to_shell))
+        data = bytes(pending[:room])
+        del pending[:room]
+        echo, lines = self.editor.feed(data)
+        if echo:
+            self.output.put(echo.encode("utf-8"))
+        for line in lines:
+            with self.cond:
+                self.dropper.expect(line)
+            if not self.send((line + "\r\n").encode("oem", "replace")):
+                return False
+        return not self.shell_gone
+
+
+class ConPtyConsole(WindowsConsole):
+    """The shell on a pseudo console: a real console, VT sequences both ways,
+    resizable. The pseudo console is closed when the shell exits, which ends
+    its output stream."""
+
+    def __init__(self, rows=24, cols=80, argv=None):
+        import msvcrt
+        api = win32()
+        ctypes = api.ctypes
+        handles = []
+
+        def pipe():
+            read_end, write_end = ctypes.wintypes.HANDLE(), ctypes.wintypes.HANDLE()
+            if not api.CreatePipe(ctypes.byref(read_end), ctypes.byref(write_end), None, 0):
+                raise win32_error("CreatePipe")
+            handles.extend((read_end.value, write_end.value))
+            return read_end.value, write_end.value
+        self.console = 0
+        self.console_lock = threading.Lock()
+        try:
+            console_in, input_end = pipe()
+            output_end, console_out = pipe()
+            self.console, process, thread = start_on_pseudo_console(
+                argv or [windows_shell()], child_env(), rows, cols, console_in, console_out)
+        except BaseException:
+            for h in handles:
+                api.CloseHandle(h)
+            self.close_console()
+            raise
+        for h in (console_in, console_out):   # the pseudo console holds its own
+            api.CloseHandle(h)
+        tree = into_job(process)
+        api.ResumeThread(thread)
+        api.CloseHandle(thread)
+        super().__init__(tree, msvcrt.open_osfhandle(output_end, os.O_RDONLY),
+                         msvcrt.open_osfhandle(input_end, os.O_WRONLY))
+        watcher = threading.Thread(target=self.close_when_done, name="terminal-wait", daemon=True)
+        self.threads.append(watcher)
+        watcher.start()
+
+    def close_when_done(self):
+        self.tree.wait()
+        self.close_console()
+
+    def close_console(self):
+        with self.console_lock:
+            console, self.console = self.console, 0
+        if console:
+            win32().ClosePseudoConsole(console)
+
+    def resize(self, rows, cols):
+        api = win32()
+        with self.console_lock:
+            result = api.ResizePseudoConsole(self.console, api.COORD(cols, rows)) if self.console else 0
+        if result and WINDOWS_SAID("resize"):
+            log.info("terminal: the pseudo console cannot be resized here (HRESULT 0x%08X)", result & 0xFFFFFFFF)
+        return True
+
+    def end(self):
+        super().end()
+        self.close_console()
+
+
+def start_on_pseudo_console(argv, env, rows, cols, console_in, console_out):
+    """(pseudo console, process, thread) handles: `argv` started suspended
+    on a new pseudo console that reads `console_in` and writes
+    `console_out`. Its standard handles are the pseudo console's, even
+    where the agent's own are redirected (a service's log file)."""
+    import subprocess
+    api = win32()
+    ctypes = api.ctypes
+    console = ctypes.wintypes.HANDLE()
+    result = api.CreatePseudoConsole(api.COORD(cols, rows), console_in, console_out, 0, ctypes.byref(console))
+    if result != 0:
+        raise OSError(None, "CreatePseudoConsole failed (HRESULT 0x%08X)" % (result & 0xFFFFFFFF))
+    size = ctypes.c_size_t(0)
+    api.InitializeProcThreadAttributeList(None, 1, 0, ctypes.byref(size))
+    attributes = ctypes.create_string_buffer(size.value)
+    try:
+        if not api.InitializeProcThreadAttributeList(attributes, 1, 0, ctypes.byref(size)):
+            raise win32_error("InitializeProcThreadAttributeList")
+        try:
+            # the attribute's value is the pseudo console handle itself
+            if not api.UpdateProcThreadAttribute(attributes, 0, PROC_THREAD_ATTRIBUTE_PSEUDOCONSOLE, console,
+                                                 ctypes.sizeof(console), None, None):
+                raise win32_error("UpdateProcThreadAttribute")
+            info = api.STARTUPINFOEXW(cb=ctypes.sizeof(api.STARTUPINFOEXW), dwFlags=STARTF_USESTDHANDLES,
+                                      hStdInput=-1, hStdOutput=-1, hStdError=-1,
+                                      lpAttributeList=ctypes.addressof(attributes))
+            started = api.PROCESS_INFORMATION()
+            home = os.path.expanduser("~")
+            if not api.CreateProcessW(None, ctypes.create_unicode_buffer(subprocess.list2cmdline(argv)), None, None,
+                                      False, EXTENDED_STARTUPINFO_PRESENT | CREATE_UNICODE_ENVIRONMENT |
+                                      CREATE_SUSPENDED, ctypes.create_unicode_buffer(environment_block(env)),
+                                      home if os.path.isdir(home) else None, ctypes.byref(info),
+                                      ctypes.byref(started)):
+                raise win32_error("CreateProcessW")
+        finally:
+            api.DeleteProcThreadAttributeList(attributes)
+    except BaseException:
+        api.ClosePseudoConsole(console)
+        raise
+    return console.value, started.hProcess, started.hThread
+
+
+def open_windows_console(rows, cols):
+    """The terminal's shell on a pseudo console, or on pipes where there is
+    none (said once in the log; the terminal says it in each session)."""
+    reason = conpty_unusable()
+    if reason is None:
+        try:
+            return ConPtyConsole(rows, cols)
+        except OSError as e:
+            reason = "the pseudo console failed (%s)" % describe_error(e)
+    if WINDOWS_SAID("pipe-terminal"):
+        log.info("terminal: %s; the shell runs on pipes (no resize, lines sent on Enter)", reason)
+    return PipeConsole(reason)
+
+# -- starting at boot: a Scheduled Task; the official agent's service -------------------
+
+TASK_NAME = "komari-agent"
+OFFICIAL_RECORD = "official-agent.json"   # beside the script: the official service this install stopped
+SERVICE_CONFIG = "service.json"           # in the state directory: the task's token, for --config
+SECRET_FLAGS = {"token": "--token", "auto_discovery_key": "--auto-discovery"}   # --config key: flag
+# The official agent's Windows service (NSSM, as its install.ps1 installs it)
+# and where NSSM keeps the agent's command line.
+OFFICIAL_SERVICE = "komari-agent"
+SERVICES_KEY = r"SYSTEM\CurrentControlSet\Services"
+SERVICE_START_TYPES = {2: "auto", 3: "demand", 4: "disabled"}
+# Task Scheduler starts the agent again only if it is not running: every
+# minute is its shortest period. RestartOnFailure alone answers only a start
+# that fails, not an exit status (a crash, or the 42 of a self-update).
+TASK_WATCH_EVERY = "PT1M"
+
+
+def windows_args(text):
+    """A Windows command line's arguments as the C runtime (and Go) split
+    them: quotes group, 2n backslashes before a quote are n, 2n+1 are n and
+    a literal quote, other backslashes are themselves."""
+    args, current, quoted, started = [], [], False, False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            j = i
+            while j < len(text) and text[j] == "\\":
+                j += 1
+            if j < len(text) and text[j] == '"':
+                current.append("\\" * ((j - i) // 2))
+                if (j - i) % 2:
+                    current.append('"')
+                    j += 1
+            else:
+                current.append("\\" * (j - i))
+            i, started = j, True
+        elif ch == '"':
+            if quoted and text[i + 1:i + 2] == '"':
+                current.append('"')
+                i += 1
+            else:
+                quoted = not quoted
+            i, started = i + 1, True
+        elif ch in " \t" and not quoted:
+            if started:
+                args.append("".join(current))
+            current, started = [], False
+            i += 1
+        else:
+            current.append(ch)
+            i, started = i + 1, True
+    if started:
+        args.append("".join(current))
+    return args
+
+
+def task_xml(python, script, args, start_boundary):
+    """The Scheduled Task (Task Scheduler schema 1.2) that runs `python
+    script args` as SYSTEM: at boot, and again within TASK_WATCH_EVERY
+    whenever it is not running; never stopped for running long (the default
+    is 72 hours) or for running on battery. Settings left out keep Task
+    Scheduler's defaults."""
+    import ntpath   # a Windows path wherever this runs
+    from subprocess import list2cmdline
+    from xml.sax.saxutils import escape
+    values = {"description": escape("Komari agent (komari_agent.py), written by `komari_agent.py service install`"),
+              "every": TASK_WATCH_EVERY, "start": start_boundary, "system": "S-1-5-18",
+              "command": escape(python), "arguments": escape(list2cmdline([script] + list(args))),
+              "directory": escape(ntpath.dirname(script))}
+    return """<?xml version="1.0" encoding="UTF-16"?>
+<Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
+  <RegistrationInfo>
+    <Description>%(description)s</Description>
+  </RegistrationInfo>
+  <Triggers>
+    <BootTrigger>
+      <Enabled>true</Enabled>
+    </BootTrigger>
+    <TimeTrigger>
+      <Enabled>true</Enabled>
+      <StartBoundary>%(start)s</StartBoundary>
+      <Repetition>
+        <Interval>%(every)s</Interval>
+        <StopAtDurationEnd>false</StopAtDurationEnd>
+      </Repetition>
+    </TimeTrigger>
+  </Triggers>
+  <Principals>
+    <Principal id="Author">
+      <UserId>%(system)s</UserId>
+      <RunLevel>HighestAvailable</RunLevel>
+    </Principal>
+  </Principals>
+  <Settings>
+    <MultipleInstancesPolicy>IgnoreNew</MultipleInstancesPolicy>
+    <DisallowStartIfOnBatteries>false</DisallowStartIfOnBatteries>
+    <StopIfGoingOnBatteries>false</StopIfGoingOnBatteries>
+    <StartWhenAvailable>true</StartWhenAvailable>
+    <ExecutionTimeLimit>PT0S</ExecutionTimeLimit>
+    <Priority>6</Priority>
+    <RestartOnFailure>
+      <Interval>%(every)s</Interval>
+      <Count>999</Count>
+    </RestartOnFailure>
+  </Settings>
+  <Actions Context="Author">
+    <Exec>
+      <Command>%(command)s</Command>
+      <Arguments>%(arguments)s</Arguments>
+      <WorkingDirectory>%(directory)s</WorkingDirectory>
+    </Exec>
+  </Actions>
+</Task>
+""" % values
+
+
+def create_task_commands(name, xml_path):
+    """schtasks' argument lists: an old instance stopped (it may fail: none
+    runs), the task written over any of that name, and started now."""
+    return [["schtasks", "/End", "/TN", name], ["schtasks", "/Create", "/TN", name, "/XML", xml_path, "/F"],
+            ["schtasks", "/Run", "/TN", name]]
+
+
+def delete_task_commands(name):
+    return [["schtasks", "/End", "/TN", name], ["schtasks", "/Delete", "/TN", name, "/F"]]
+
+
+def service_switch_commands(service, start):
+    """sc.exe's argument lists that stop and disable a service (start
+    "disabled"), or set its start type back and start it."""
+    if start == "disabled":
+        return [["sc.exe", "stop", service], ["sc.exe", "config", service, "start=", "disabled"]]
+    return [["sc.exe", "config", service, "start=", start], ["sc.exe", "start", service]]
+
+
+def official_service(name=OFFICIAL_SERVICE):
+    """The official agent's service as NSSM registered it: {"parameters":
+    its arguments as one string, "directory": its working directory,
+    "start": its start type for sc.exe}; None when there is none."""
+    service = registry_values(SERVICES_KEY + "\\" + name)
+    if not service:
+        return None
+    nssm = registry_values(SERVICES_KEY + "\\" + name + "\\Parameters")
+    start = SERVICE_START_TYPES.get(service.get("Start"), "demand")
+    return {"parameters": str(nssm.get("AppParameters") or ""), "directory": str(nssm.get("AppDirectory") or ""),
+            "start": "delayed-auto" if start == "auto" and service.get("DelayedAutostart") else start}
+
+
+def running_as_administrator():
+    try:
+        return bool(win32().ctypes.windll.shell32.IsUserAnAdmin())
+    except (AttributeError, OSError):
+        return False
+
+
+# ---------------------------------------------------------------------------
 # Platform: every difference between operating systems, behind one host
 # ---------------------------------------------------------------------------
 
@@ -3103,13 +3989,15 @@ HANGUP_GRACE = 0.5
 
 def ping_command(family, timeout):
     """The system ping's argument list for one echo, the address to follow;
-    None without one. Linux's -W is seconds, the BSDs' milliseconds, and
-    macOS has ping6 for IPv6."""
+    None without one. Linux's -W is seconds, the BSDs' milliseconds, macOS
+    has ping6 for IPv6, and Windows counts with -n and waits -w ms."""
     import shutil
     name = "ping6" if family == socket.AF_INET6 and IS_MACOS else "ping"
     path = shutil.which(name)
     if not path:
         return None
+    if IS_WINDOWS:
+        return [path, "-n", "1", "-w", str(max(1, int(timeout * 1000)))]   # the address literal sets the family
     if IS_LINUX:
         argv = [path, "-n", "-c", "1", "-W", str(max(1, int(timeout + 0.999)))]
     else:
@@ -3187,6 +4075,295 @@ def end_session(leader, grace=HANGUP_GRACE):
         if not session_members(leader):
             return
         time.sleep(0.02)
+
+
+# -- processes: a command's whole tree, a terminal's console ---------------------------
+
+class SessionTree:
+    """A process and everything it starts, in a session and process group of
+    its own (POSIX): a hangup, then SIGKILL, reach every member."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.killed = False
+
+    def hang_up(self):
+        signal_session(self.proc.pid, signal.SIGHUP)
+
+    def alive(self):
+        return bool(session_members(self.proc.pid))
+
+    def end(self, grace=0):
+        self.killed = True
+        end_session(self.proc.pid, grace)
+
+    def release(self):
+        """Nothing to give back: a session is no handle."""
+
+
+def start_tree(argv, **popen_kwargs):
+    """subprocess.Popen(argv, ...) as the first process of a tree of its own
+    (a session here, a job object on Windows); (proc, tree)."""
+    if IS_WINDOWS:
+        return start_in_job(argv, **popen_kwargs)
+    import subprocess
+    proc = subprocess.Popen(argv, start_new_session=True, **popen_kwargs)
+    return proc, SessionTree(proc)
+
+
+# The panel's command running, with stdout and stderr piped: its process, its
+# tree, the encoding of its output and the script file to delete (or None).
+Script = namedtuple("Script", "proc tree encoding path")
+
+
+def feed_stdin(pipe, data):
+    try:
+        pipe.write(data)
+    except OSError:
+        pass  # the script stopped reading: what it has read runs
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def start_script(command):
+    """Start the panel's command as a Script: `sh -s` reading it on stdin as
+    in the official agent; on Windows a script file for PowerShell, or
+    cmd.exe where PowerShell is missing (windows_script). OSError or
+    ValueError when it cannot start."""
+    import subprocess
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "env": child_env()}
+    if IS_WINDOWS:
+        argv, path, encoding = windows_script(command)
+        try:
+            proc, tree = start_tree(argv, stdin=subprocess.DEVNULL, **pipes)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return Script(proc, tree, encoding, path)
+    proc, tree = start_tree(["sh", "-s"], stdin=subprocess.PIPE, **pipes)
+    threading.Thread(target=feed_stdin, args=(proc.stdin, command.encode("utf-8", "replace")),
+                     name="exec-stdin", daemon=True).start()
+    return Script(proc, tree, "utf-8", None)
+
+
+def finish_script(script):
+    """Once its process has been waited for: the tree's handles and the script file go."""
+    script.tree.release()
+    if script.path:
+        try:
+            os.unlink(script.path)
+        except OSError:
+            pass
+
+
+def readable_pipes(fds, timeout):
+    """Those of the pipes `fds` that hold input or have ended, waiting up to
+    `timeout` s for one."""
+    if IS_WINDOWS:
+        return pipes_with_input(fds, timeout)
+    import select
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(timeout * 1000)]
+
+
+FALLBACK_SHELLS = ("zsh", "bash", "sh")
+# Run by /bin/sh before the user's shell, as the official agent does: the
+# update-motd.d scripts (Debian's print the kernel line), /etc/motd, then
+# exec of the shell given as $1, which POSIX sh runs for any login shell.
+MOTD_PRELUDE = ('for f in /etc/update-motd.d/*; do [ -e "$f" ] && [ -x "$f" ] && "$f"; done; '
+                '[ -r /etc/motd ] && cat /etc/motd; exec "$1"')
+
+
+def login_shell(passwd="/etc/passwd", uid=None, home=None, path=None):
+    """The user's shell from the passwd file when it can run (not nologin or
+    false), else the first of zsh, bash, sh on PATH; None without any.
+    $SHELL is not used, as in the official agent."""
+    import shutil
+    uid = os.getuid() if uid is None else uid
+    home = home if home is not None else os.path.expanduser("~")
+    shell = ""
+    try:
+        entries = [line.split(":") for line in read_text(passwd).splitlines()]
+    except OSError:
+        entries = []
+    # this uid's line; the official agent takes the first line holding $HOME
+    for fields in entries:
+        if len(fields) >= 7 and (fields[2] == str(uid) or (not shell and home and fields[5] == home)):
+            shell = fields[6].strip()
+            if fields[2] == str(uid):
+                break
+    if shell and os.path.basename(shell) not in ("nologin", "false"):
+        found = shell if os.path.isabs(shell) and os.access(shell, os.X_OK) else shutil.which(shell, path=path)
+        if found and not os.path.isdir(found):
+            return found
+    for name in FALLBACK_SHELLS:
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    return None
+
+
+def shell_command(shell):
+    """argv for the terminal: the MOTD prelude in /bin/sh, which then execs
+    the shell; the shell alone where there is no /bin/sh."""
+    if os.access("/bin/sh", os.X_OK):
+        return ["/bin/sh", "-c", MOTD_PRELUDE, "komari-motd", shell]
+    return [shell]
+
+
+def shell_env(shell, home):
+    """The terminal's environment: the agent's (without its AGENT_* settings),
+    with the official agent's TERM, LANG and LC_ALL."""
+    return child_env({"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
+                      "SHELL": shell})
+
+
+def home_directory():
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except (ImportError, KeyError):
+        return os.environ.get("HOME") or "/"
+
+
+def set_window_size(fd, rows, cols):
+    import fcntl
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def write_some(fd, pending):
+    """Write what the non-blocking `fd` takes now from the bytearray
+    `pending`, and remove that from it; False when the fd is gone."""
+    try:
+        del pending[:os.write(fd, pending[:65536])]
+    except BlockingIOError:
+        pass
+    except OSError:
+        return False
+    return True
+
+# Run by the terminal's child right after setsid(): the pty becomes the
+# controlling terminal (so Ctrl-C, job control and hangups work) and the shell
+# replaces it. Doing this in a Python child instead of pty.fork() keeps fork()
+# out of this multi-threaded process.
+CTTY_SHIM = ("import fcntl,os,sys,termios\n"
+             "try:\n fcntl.ioctl(0,termios.TIOCSCTTY,0)\nexcept OSError:\n pass\n"
+             "os.execv(sys.argv[1],sys.argv[2:])\n")
+
+
+class PtyConsole:
+    """The user's login shell on a pty of its own, leading its own session
+    (POSIX): its output read, keystrokes written without blocking, resized,
+    and ended with everything in its session."""
+
+    notice = b""
+
+    def __init__(self, rows=24, cols=80):
+        master, slave = os.openpty()
+        try:
+            set_window_size(slave, rows, cols)
+            shell = login_shell()
+            if shell is None:
+                raise OSError(2, "no supported shell found among [%s]" % " ".join(FALLBACK_SHELLS))
+            home = home_directory()
+            command = shell_command(shell)
+            argv = [sys.executable, "-I", "-S", "-c", CTTY_SHIM, command[0]] + command
+            self.proc, self.tree = start_tree(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                                              env=shell_env(shell, home), cwd=home if os.path.isdir(home) else "/")
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        os.set_blocking(master, False)
+        self.master = self.writable_fd = master
+
+    def read(self, timeout):
+        """Output bytes; None when none came within `timeout` s; b"" at the end."""
+        import select
+        if not select.select([self.master], [], [], timeout)[0]:
+            return None
+        try:
+            return os.read(self.master, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""  # EIO: no process holds the pty any more
+
+    def write(self, pending):
+        return write_some(self.master, pending)
+
+    def resize(self, rows, cols):
+        try:
+            set_window_size(self.master, rows, cols)
+        except OSError:
+            return False
+        return True
+
+    def end(self):
+        self.tree.end(HANGUP_GRACE)
+        self.proc.wait()
+
+    def close(self):
+        """After end(), once no pump of the session touches the pty."""
+        os.close(self.master)
+
+
+def open_console(rows=24, cols=80):
+    """A shell on a console of its own for the web terminal, as an object
+    with read(timeout), write(pending bytearray), resize(rows, cols), end(),
+    close(), its process tree, a `writable_fd` to select() on while
+    keystrokes wait (or None) and a `notice` to show first. OSError when no
+    shell can start."""
+    if IS_WINDOWS:
+        return open_windows_console(rows, cols)
+    return PtyConsole(rows, cols)
+
+
+# -- ICMP ------------------------------------------------------------------------------
+
+# The ICMP sockets to try, in order, before the system ping. Windows answers
+# raw ICMP sockets only for administrators, and only once bound: its helper
+# API (icmp_helper) serves there instead.
+ICMP_SOCKET_KINDS = () if IS_WINDOWS else ((socket.SOCK_DGRAM, "an unprivileged ICMP socket"),
+                                           (socket.SOCK_RAW, "a raw ICMP socket"))
+
+
+def load_task_support():
+    """Load now, while the agent has one thread, what commands, terminals and
+    probes need on Windows: under Wine, a DLL loaded on one thread while
+    another sits in a native call (psutil's) has hung the whole agent."""
+    if IS_WINDOWS:
+        import importlib
+        win32()
+        for name in ("codecs", "msvcrt", "queue", "subprocess", "tempfile", "unicodedata"):
+            importlib.import_module(name)
+
+
+def icmp_helper():
+    """The system's own way to send one echo without privileges, as a
+    function(family, address, timeout) -> ms or None, or None where there is
+    none (ICMP sockets serve there)."""
+    return icmp_helper_echo if IS_WINDOWS else None
+
+
+# -- helper programs and starting at boot ----------------------------------------------
+
+# What console programs write to a pipe: Windows' OEM code page, UTF-8 elsewhere.
+CONSOLE_ENCODING = "oem" if IS_WINDOWS else "utf-8"
+
+
+def boot_task_problem():
+    """Why `service` (a Scheduled Task) cannot serve here, or None."""
+    if IS_WINDOWS:
+        return None
+    return "Windows only: on Linux, macOS and FreeBSD install.sh installs the agent as a service"
 
 
 # -- restarting this agent (self-update) ----------------------------------------------
@@ -6073,6 +7250,7 @@ MAX_PROBES_WAITING = 64
 # after the shell of an exec exits, how long background jobs that still hold
 # its output may keep it open before the result is sent without them
 EXEC_LINGER = 2.0
+EXEC_EXIT_WAIT = 1.0  # seconds for a shell whose output ended to exit before its tree is ended
 # at shutdown, how long the threads of killed commands get to spool their results
 EXEC_SPOOL_WAIT = 0.5
 TERMINAL_IDLE_PING = 30.0
@@ -6081,21 +7259,6 @@ TERMINAL_INPUT_BUFFER = 1 << 20
 DROPPED_INPUT_LOG = OncePer()  # once per terminal session
 DISABLED_EXEC = "Remote control is disabled."
 DISABLED_TERMINAL = "\n\nWeb SSH is disabled. Enable it by running without the --disable-web-ssh flag."
-# Run by the terminal's child right after setsid(): the pty becomes the
-# controlling terminal (so Ctrl-C, job control and hangups work) and the shell
-# replaces it. Doing this in a Python child instead of pty.fork() keeps fork()
-# out of this multi-threaded process.
-CTTY_SHIM = ("import fcntl,os,sys,termios\n"
-             "try:\n fcntl.ioctl(0,termios.TIOCSCTTY,0)\nexcept OSError:\n pass\n"
-             "os.execv(sys.argv[1],sys.argv[2:])\n")
-
-
-def child_env(extra=None):
-    """The agent's environment for a command or shell, without the agent's own
-    settings (AGENT_TOKEN among them)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
-    env.update(extra or {})
-    return env
 
 
 # -- exec ------------------------------------------------------------------------
@@ -6145,47 +7308,31 @@ def combine_output(out, err, limit):
     return head + omission_marker(total - head_size - tail_size) + tail
 
 
-def result_text(data):
-    return data.decode("utf-8", "replace").replace("\r\n", "\n")
-
-
-def feed_stdin(pipe, data):
-    try:
-        pipe.write(data)
-    except OSError:
-        pass  # the script stopped reading: what it has read runs
-    finally:
-        try:
-            pipe.close()
-        except OSError:
-            pass
+def result_text(data, encoding="utf-8"):
+    return data.decode(encoding, "replace").replace("\r\n", "\n")
 
 
 def run_command(command, timeout, limit, started=None):
-    """Run `command` as a script for `sh -s` in a new session and process
-    group. Returns (output text, exit code, timed out); while the shell runs,
-    the timeout (0 = none) kills its whole group. Background jobs still
-    running after the shell exits are left alone."""
-    import selectors
-    import subprocess
+    """Run `command` as a script in a process tree of its own (start_script:
+    `sh -s` in a new session; PowerShell or cmd.exe in a job object on
+    Windows). Returns (output text, exit code, timed out); while the shell
+    runs, the timeout (0 = none) ends its whole tree. Background jobs still
+    running after the shell exits are left alone. `started(script)` is
+    called once it runs."""
     try:
-        proc = subprocess.Popen(["sh", "-s"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True, env=child_env())
-    except OSError as e:
-        return "cannot start sh: %s" % (e.strerror or type(e).__name__), -1, False
+        script = start_script(command)
+    except (OSError, ValueError) as e:
+        return "cannot start the shell: %s" % (describe_error(e) if isinstance(e, OSError) else e), -1, False
+    proc = script.proc
     if started:
-        started(proc)
+        started(script)
     try:
-        threading.Thread(target=feed_stdin, args=(proc.stdin, command.encode("utf-8", "replace")),
-                         name="exec-stdin", daemon=True).start()
         streams = {proc.stdout.fileno(): HeadTail(limit), proc.stderr.fileno(): HeadTail(limit)}
-        selector = selectors.DefaultSelector()
-        for fd in streams:
-            selector.register(fd, selectors.EVENT_READ)
+        open_pipes = set(streams)
         deadline = time.monotonic() + timeout if timeout else None
         linger_until = None
         timed_out = False
-        while selector.get_map():
+        while open_pipes:
             now = time.monotonic()
             if linger_until is None and proc.poll() is not None:
                 linger_until = now + EXEC_LINGER
@@ -6195,32 +7342,39 @@ def run_command(command, timeout, limit, started=None):
             if deadline is not None and now >= deadline:
                 timed_out = True
                 deadline = None
-                end_session(proc.pid, grace=0)
-                linger_until = now + 1.0  # collect what the killed group had written
+                script.tree.end()
+                linger_until = now + 1.0  # collect what the killed tree had written
             if linger_until is not None and now >= linger_until:
                 break
             wake = min(t for t in (deadline, linger_until, now + 0.25) if t is not None)
-            for key, _ in selector.select(max(0.0, wake - now)):
-                data = os.read(key.fd, 65536)
+            for fd in readable_pipes(sorted(open_pipes), max(0.0, wake - now)):
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    data = b""
                 if data:
-                    streams[key.fd].add(data)
+                    streams[fd].add(data)
                 else:
-                    selector.unregister(key.fd)
-        selector.close()
+                    open_pipes.discard(fd)
         output = combine_output(streams[proc.stdout.fileno()], streams[proc.stderr.fileno()], limit)
     finally:
         for pipe in (proc.stdout, proc.stderr):
             pipe.close()
-        if proc.poll() is None:  # only after a timeout or an error of ours
-            end_session(proc.pid, grace=0)
+        try:
+            # a shell that closed its output is usually exiting: a busy box
+            # may take a moment to finish that, which is no reason to kill it
+            proc.wait(EXEC_EXIT_WAIT)
+        except Exception:  # subprocess.TimeoutExpired: still running after our timeout or error
+            script.tree.end()
         proc.wait()
+        finish_script(script)
     code = proc.returncode
-    text = result_text(output)
+    text = result_text(output, script.encoding)
     if timed_out:
         text += "%s[komari-agent: the command ran longer than --exec-timeout %gs; its process group was killed]" \
             % ("\n" if text and not text.endswith("\n") else "", timeout)
         return text, -1, True
-    return text, (code if code >= 0 else -1), False
+    return text, (-1 if code < 0 or script.tree.killed else code), False
 
 
 # -- ping probes -------------------------------------------------------------------
@@ -6331,7 +7485,6 @@ def icmp_echo(family, address, timeout, kind):
 def system_ping(family, address, timeout):
     """Milliseconds from the system `ping` (argument list, never a shell; the
     address is an IP literal), None on failure."""
-    import shutil
     import subprocess
     argv = ping_command(family, timeout)
     if argv is None:
@@ -6341,27 +7494,40 @@ def system_ping(family, address, timeout):
                               stdin=subprocess.DEVNULL, timeout=timeout + 2, env=child_env({"LC_ALL": "C"}))
     except (OSError, subprocess.SubprocessError):
         return None
-    found = re.search(rb"time[=<]\s*([0-9.]+)\s*ms", done.stdout)
+    # "time=0.042 ms", "time<1ms" (Windows, under a millisecond), "Zeit=3ms"
+    found = re.search(rb"([=<])\s*([0-9.]+)\s*ms\b", done.stdout)
     if done.returncode != 0 or not found:
         return None
-    return float(found.group(1))
+    return 0.0 if found.group(1) == b"<" else float(found.group(2))
 
 
 class IcmpProber:
-    """Sends one echo by the first way the kernel allows: a ping socket, a raw
-    socket, then the system ping. Remembers what was refused."""
+    """Sends one echo by the first way the system allows: its own helper
+    (Windows' ICMP API), a ping socket, a raw socket, then the system ping.
+    Remembers what was refused."""
 
     def __init__(self):
         self.refused = set()
         self.said = OncePer()
 
     def __call__(self, family, address, timeout=PROBE_TIMEOUT):
-        for kind, name in ((socket.SOCK_DGRAM, "an unprivileged ICMP socket"), (socket.SOCK_RAW, "a raw ICMP socket")):
+        helper = icmp_helper()
+        if helper is not None and (family, "helper") not in self.refused:
+            try:
+                value = helper(family, address, timeout)
+            except OSError as e:
+                self.refused.add((family, "helper"))
+                log.warning("icmp probes: the system's ICMP API failed (%s); trying other ways", describe_error(e))
+            else:
+                if self.said(("icmp", family, "helper")):
+                    log.info("icmp probes use the system's ICMP API")
+                return value
+        for kind, name in ICMP_SOCKET_KINDS:
             if (family, kind) in self.refused:
                 continue
             try:
                 value = icmp_echo(family, address, timeout, kind)
-            except PermissionError:
+            except OSError:  # PermissionError mostly; any socket the system will not make
                 self.refused.add((family, kind))
                 continue
             if self.said(("icmp", family, kind)):
@@ -6570,84 +7736,6 @@ def settle_latency(measure, kind):
 
 # -- web terminal ------------------------------------------------------------------
 
-FALLBACK_SHELLS = ("zsh", "bash", "sh")
-# Run by /bin/sh before the user's shell, as the official agent does: the
-# update-motd.d scripts (Debian's print the kernel line), /etc/motd, then
-# exec of the shell given as $1, which POSIX sh runs for any login shell.
-MOTD_PRELUDE = ('for f in /etc/update-motd.d/*; do [ -e "$f" ] && [ -x "$f" ] && "$f"; done; '
-                '[ -r /etc/motd ] && cat /etc/motd; exec "$1"')
-
-
-def login_shell(passwd="/etc/passwd", uid=None, home=None, path=None):
-    """The user's shell from the passwd file when it can run (not nologin or
-    false), else the first of zsh, bash, sh on PATH; None without any.
-    $SHELL is not used, as in the official agent."""
-    import shutil
-    uid = os.getuid() if uid is None else uid
-    home = home if home is not None else os.path.expanduser("~")
-    shell = ""
-    try:
-        entries = [line.split(":") for line in read_text(passwd).splitlines()]
-    except OSError:
-        entries = []
-    # this uid's line; the official agent takes the first line holding $HOME
-    for fields in entries:
-        if len(fields) >= 7 and (fields[2] == str(uid) or (not shell and home and fields[5] == home)):
-            shell = fields[6].strip()
-            if fields[2] == str(uid):
-                break
-    if shell and os.path.basename(shell) not in ("nologin", "false"):
-        found = shell if os.path.isabs(shell) and os.access(shell, os.X_OK) else shutil.which(shell, path=path)
-        if found and not os.path.isdir(found):
-            return found
-    for name in FALLBACK_SHELLS:
-        found = shutil.which(name, path=path)
-        if found:
-            return found
-    return None
-
-
-def shell_command(shell):
-    """argv for the terminal: the MOTD prelude in /bin/sh, which then execs
-    the shell; the shell alone where there is no /bin/sh."""
-    if os.access("/bin/sh", os.X_OK):
-        return ["/bin/sh", "-c", MOTD_PRELUDE, "komari-motd", shell]
-    return [shell]
-
-
-def shell_env(shell, home):
-    """The terminal's environment: the agent's (without its AGENT_* settings),
-    with the official agent's TERM, LANG and LC_ALL."""
-    return child_env({"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
-                      "SHELL": shell})
-
-
-def home_directory():
-    try:
-        import pwd
-        return pwd.getpwuid(os.getuid()).pw_dir
-    except (ImportError, KeyError):
-        return os.environ.get("HOME") or "/"
-
-
-def set_window_size(fd, rows, cols):
-    import fcntl
-    import termios
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def write_some(fd, pending):
-    """Write what the non-blocking `fd` takes now from the bytearray
-    `pending`, and remove that from it; False when the fd is gone."""
-    try:
-        del pending[:os.write(fd, pending[:65536])]
-    except BlockingIOError:
-        pass
-    except OSError:
-        return False
-    return True
-
-
 def drop_socket(ws, goodbye=True):
     """Close a terminal socket at once, from any thread. The panel never
     answers a close frame on this socket, so none is waited for, and the
@@ -6669,43 +7757,21 @@ def drop_socket(ws, goodbye=True):
 
 
 class TerminalSession:
-    """One login shell in a pty bridged to one WebSocket. The shell leads its
-    own session; when either side ends, every process of that session goes."""
+    """One login shell on a console of its own (open_console: a pty, or on
+    Windows a pseudo console or pipes) bridged to one WebSocket. When either
+    side ends, the shell and everything it started go."""
 
     def __init__(self, ws, request_id, register, unregister):
         self.ws, self.request_id = ws, request_id
         self.register, self.unregister = register, unregister
-        self.proc = None
-        self.master = None
+        self.console = None
         self.done = threading.Event()
         self.end_lock = threading.Lock()
 
-    def start_shell(self):
-        import subprocess
-        master, slave = os.openpty()
-        try:
-            set_window_size(slave, 24, 80)
-            shell = login_shell()
-            if shell is None:
-                raise OSError(2, "no supported shell found among [%s]" % " ".join(FALLBACK_SHELLS))
-            home = home_directory()
-            command = shell_command(shell)
-            argv = [sys.executable, "-I", "-S", "-c", CTTY_SHIM, command[0]] + command
-            self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=shell_env(shell, home),
-                                         cwd=home if os.path.isdir(home) else "/",
-                                         start_new_session=True, close_fds=True)
-        except BaseException:
-            os.close(master)
-            raise
-        finally:
-            os.close(slave)
-        self.master = master
-        self.register(self)
-
     def run(self):
         try:
-            self.start_shell()
-        except OSError as e:
+            self.console = open_console(24, 80)
+        except Exception as e:   # OSError mostly; a Windows call this system lacks too
             log.warning("terminal: cannot start a shell: %s", describe_error(e))
             try:
                 self.ws.send("\r\nCannot start a shell: %s\r\n" % describe_error(e))
@@ -6713,31 +7779,35 @@ class TerminalSession:
                 pass
             drop_socket(self.ws)
             return
+        self.register(self)
         log.info("terminal session %s started", self.request_id[:8])
         output = threading.Thread(target=self.pump_output, name="terminal-out", daemon=True)
         output.start()
         try:
+            if self.console.notice:
+                self.ws.send_binary(self.console.notice)
             self.pump_input()
+        except Exception:
+            pass  # the socket failed: the session ends
         finally:
             self.end()
-            # the pty is closed only when neither pump can touch its fd number again
+            # the console is closed only when neither pump can touch it again
             output.join()
-            os.close(self.master)
+            self.console.close()
 
     def pump_input(self):
-        """Socket to pty until the socket ends (EOF, reset or close frame).
-        The pty is written without blocking: keystrokes the shell does not
-        read yet wait in a bounded buffer, so this thread keeps watching the
-        socket and notices at once when the panel drops it."""
+        """Socket to console until the socket ends (EOF, reset or close
+        frame). The console is written without blocking: keystrokes the shell
+        does not read yet wait in a bounded buffer, so this thread keeps
+        watching the socket and notices at once when the panel drops it."""
         import select
         import websocket
         self.ws.settimeout(TERMINAL_IDLE_PING)
-        os.set_blocking(self.master, False)
         pending = bytearray()
         heard = time.monotonic()
         ping_out = False
         while not self.done.is_set():
-            if pending and not write_some(self.master, pending):
+            if pending and not self.console.write(pending):
                 return
             sock = self.ws.sock
             if sock is None:
@@ -6755,9 +7825,12 @@ class TerminalSession:
                     ping_out, heard = True, time.monotonic()
                     continue
                 wait = TERMINAL_IDLE_PING - silent
+                # a console with nothing to select() on is offered the keystrokes again soon
+                writable = [self.console.writable_fd] if pending and self.console.writable_fd is not None else []
+                if pending:
+                    wait = min(wait, 0.5 if writable else 0.05)
                 try:
-                    readable, _, _ = select.select([sock], [self.master] if pending else [], [],
-                                                   min(wait, 0.5) if pending else wait)
+                    readable, _, _ = select.select([sock], writable, [], wait)
                 except (OSError, ValueError):
                     return
                 if not readable:
@@ -6774,7 +7847,7 @@ class TerminalSession:
 
     def take_input(self, opcode, data, pending):
         """Apply one frame from the browser: a resize now, keystrokes onto
-        `pending` (up to TERMINAL_INPUT_BUFFER). False when the pty is gone."""
+        `pending` (up to TERMINAL_INPUT_BUFFER). False when the console is gone."""
         import websocket
         if opcode == websocket.ABNF.OPCODE_BINARY:
             action = ("keys", data)
@@ -6785,9 +7858,7 @@ class TerminalSession:
         if action is None:
             return True
         if action[0] == "resize":
-            try:
-                set_window_size(self.master, action[1], action[2])
-            except OSError:
+            if not self.console.resize(action[1], action[2]):
                 return False
         elif len(pending) + len(action[1]) <= TERMINAL_INPUT_BUFFER:
             pending += action[1]
@@ -6797,19 +7868,12 @@ class TerminalSession:
         return True
 
     def pump_output(self):
-        """pty to socket until the shell side closes."""
-        import select
+        """Console to socket until the shell side closes."""
         try:
             while not self.done.is_set():
-                ready, _, _ = select.select([self.master], [], [], 0.5)
-                if not ready:
+                data = self.console.read(0.5)
+                if data is None:
                     continue
-                try:
-                    data = os.read(self.master, 4096)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""  # EIO: no process holds the pty any more
                 if not data:
                     return self.end(goodbye=True)  # the shell is gone; the socket is fine
                 self.ws.send_binary(data)
@@ -6823,9 +7887,8 @@ class TerminalSession:
             if self.done.is_set():
                 return
             self.done.set()
-        if self.proc is not None:
-            end_session(self.proc.pid)
-            self.proc.wait()
+        if self.console is not None:
+            self.console.end()
             self.unregister(self)
         drop_socket(self.ws, goodbye)
         log.info("terminal session %s ended", self.request_id[:8])
@@ -6902,7 +7965,7 @@ class Tasks:
         self.error_once = OncePer()
         self.refusal_log = OncePer(60.0)
         self.lock = threading.Lock()
-        self.execs = {}        # pid -> Popen of running commands
+        self.execs = {}        # pid -> Script of running commands
         self.exec_threads = 0  # commands whose result is not spooled yet
         self.execs_done = threading.Condition(self.lock)
         self.terminals = set()  # live TerminalSession objects
@@ -6912,6 +7975,7 @@ class Tasks:
         self.request_ids = {}   # terminal request ids already answered (a bounded, ordered set)
         self.icmp = IcmpProber()
         self.closing = False
+        load_task_support()
 
     def handle(self, data):
         event = parse_event(data)
@@ -6999,16 +8063,16 @@ class Tasks:
                 self.exec_threads -= 1
                 self.execs_done.notify_all()
 
-    def exec_started(self, proc):
+    def exec_started(self, script):
         with self.lock:
-            self.execs[proc.pid] = proc
+            self.execs[script.proc.pid] = script
             closing = self.closing
         if closing:
-            end_session(proc.pid, grace=0)
+            script.tree.end()
 
     def finish_exec(self, task_id, text, code, refusal=False):
         with self.lock:
-            for pid in [pid for pid, proc in self.execs.items() if proc.returncode is not None]:
+            for pid in [pid for pid, script in self.execs.items() if script.proc.returncode is not None]:
                 del self.execs[pid]
         self.deliver_result(task_result(task_id, text, code), refusal)
 
@@ -7144,21 +8208,21 @@ class Tasks:
 
     def shutdown(self):
         """Called once on SIGTERM/SIGINT: every running command and terminal
-        session loses its whole process group (the process is about to exit,
+        session loses its whole process tree (the process is about to exit,
         so this does not wait for the sessions' own threads)."""
         with self.lock:
             self.closing = True
-            commands = [pid for pid, proc in self.execs.items() if proc.returncode is None]
-            shells = [session.proc.pid for session in self.terminals if session.proc is not None]
-        for pid in shells:
-            signal_session(pid, signal.SIGHUP)
-        for pid in commands:
-            signal_session(pid, signal.SIGKILL)
+            commands = [script.tree for script in self.execs.values() if script.proc.returncode is None]
+            shells = [session.console.tree for session in self.terminals if session.console is not None]
+        for tree in shells:
+            tree.hang_up()
+        for tree in commands:
+            tree.end()
         deadline = time.monotonic() + 0.3
-        while shells and time.monotonic() < deadline and any(session_members(pid) for pid in shells):
+        while shells and time.monotonic() < deadline and any(tree.alive() for tree in shells):
             time.sleep(0.05)
-        for pid in shells + commands:
-            end_session(pid, grace=0)
+        for tree in shells:
+            tree.end()
         # the killed commands' results go to the spool before the process exits
         with self.lock:
             self.execs_done.wait_for(lambda: self.exec_threads == 0, EXEC_SPOOL_WAIT)
@@ -8168,7 +9232,7 @@ class Agent:
 
 
 # ---------------------------------------------------------------------------
-# Subcommands: --check, --dry-run, list-disk, check-mem, traffic, update
+# Subcommands: --check, --dry-run, list-disk, check-mem, traffic, update, service
 # ---------------------------------------------------------------------------
 
 # module -> the package that provides it (requirements.txt)
@@ -8550,6 +9614,163 @@ def ask_running_agent(pid, steps):
         time.sleep(0.2)
     print("update: the agent said nothing more within %d s; see its log" % FOLLOW_UPDATE_FOR)
     return 1
+def service_command(argv, environ):
+    """`komari_agent.py service install [--name NAME] [agent flags]` and
+    `service remove [--name NAME] [--restore-official]` (Windows): the agent
+    started at boot as SYSTEM by a Scheduled Task, the counterpart of
+    install.sh's services; an official agent's service found here hands its
+    settings over and is stopped and disabled, until --restore-official."""
+    parser = ArgParser(prog=PROG + " service", allow_abbrev=False,
+                       description="Windows: start the agent at boot, as SYSTEM, from a Scheduled Task that starts it "
+                                   "again within a minute whenever it is not running. Run it as Administrator.")
+    parser.add_argument("action", choices=("install", "remove"))
+    parser.add_argument("--name", default=TASK_NAME, help="the task's name (default %(default)s)")
+    parser.add_argument("--restore-official", action="store_true",
+                        help="with remove: enable and start the official agent's service this install stopped")
+    try:
+        args, rest = parser.parse_known_args(argv)
+        if args.action == "remove" and rest:
+            raise ConfigError("remove takes no agent flags: %s" % " ".join(rest))
+    except ConfigError as e:
+        sys.stderr.write("%s service: error: %s\n" % (PROG, e))
+        return 2
+    problem = boot_task_problem()
+    if problem:
+        sys.stderr.write("%s service: %s\n" % (PROG, problem))
+        return 2
+    if not running_as_administrator():
+        sys.stderr.write("%s service: run it as Administrator (Task Scheduler runs the agent as SYSTEM)\n" % PROG)
+        return 1
+    record = os.path.join(os.path.dirname(SCRIPT_PATH), OFFICIAL_RECORD)
+    if args.action == "remove":
+        return remove_boot_task(args.name, record, args.restore_official)
+    return install_boot_task(args.name, rest, record, environ)
+
+
+def run_steps(commands, may_fail=()):
+    """Run each argument list (its program looked up on PATH), saying what
+    failed; False at the first failure not in `may_fail` (first words)."""
+    import shutil
+    import subprocess
+    for argv in commands:
+        try:
+            done = subprocess.run([shutil.which(argv[0]) or argv[0]] + argv[1:], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+            failed = done.returncode != 0 and " ".join(argv[:2]) not in may_fail
+            said = done.stdout.decode(CONSOLE_ENCODING, "replace").strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            failed, said = True, describe_error(e)
+        if failed:
+            sys.stderr.write("%s service: `%s` failed: %s\n" % (PROG, " ".join(argv[:2]), said or "no output"))
+            return False
+    return True
+
+
+def install_boot_task(name, agent_args, record, environ):
+    import tempfile
+    official = official_service() if not os.path.exists(record) else None
+    if official is not None:
+        # its flags first: the ones given now win, as the last of a flag does
+        agent_args = windows_args(official["parameters"]) + list(agent_args)
+        print("found the official agent's service %s: its settings are taken over" % OFFICIAL_SERVICE)
+    try:
+        # as the task will run it: without this shell's AGENT_* variables
+        cfg, _ = load_config(agent_args, {k: v for k, v in environ.items() if not k.startswith("AGENT_")})
+    except ConfigError as e:
+        sys.stderr.write("%s service: error: %s\n" % (PROG, e))
+        return 2
+    missing = missing_packages()
+    if missing:
+        sys.stderr.write("%s service: error: missing Python package%s %s: install with `%s -m pip install %s`\n"
+                         % (PROG, "s" * (len(missing) > 1), " and ".join(missing), sys.executable, " ".join(missing)))
+        return 1
+    agent_args, secrets = split_secret_flags(agent_args)
+    if secrets and not cfg.config:
+        # the task's command line shows in process lists: the token goes to a file only SYSTEM and
+        # Administrators read, in the state directory
+        directory = cfg.state_dir or os.path.join(os.environ.get("ProgramData") or "C:\\ProgramData", "komari-agent")
+        config = os.path.join(os.path.abspath(directory), SERVICE_CONFIG)
+        problem = private_directory(os.path.dirname(config))
+        if problem:
+            sys.stderr.write("%s service: error: %s\n" % (PROG, problem))
+            return 1
+        write_atomic(config, encode(secrets).encode())
+        agent_args += ["--config", config]
+    else:
+        agent_args += [flag for key, value in secrets.items() for flag in (SECRET_FLAGS[key], value)]
+    xml = task_xml(sys.executable, SCRIPT_PATH, agent_args, time.strftime("%Y-%m-%dT%H:%M:%S"))
+    fd, path = tempfile.mkstemp(prefix="komari-task-", suffix=".xml")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(xml.encode("utf-16"))
+        if not run_steps(create_task_commands(name, path), may_fail=("schtasks /End",)):
+            return 1
+    finally:
+        os.unlink(path)
+    print("scheduled task %s: %s %s, as SYSTEM at boot, started again within a minute whenever it is not running"
+          % (name, sys.executable, SCRIPT_PATH))
+    if official is not None:
+        # its start type, never its parameters: they hold its token, and this folder is readable by all
+        write_atomic(record, encode({"service": OFFICIAL_SERVICE, "start": official["start"]}).encode())
+        import_official_traffic(official["directory"])
+        if not run_steps(service_switch_commands(OFFICIAL_SERVICE, "disabled"), may_fail=("sc.exe stop",)):
+            return 1
+        print("the official agent's service %s is stopped and disabled; `%s service remove --restore-official` "
+              "brings it back" % (OFFICIAL_SERVICE, PROG))
+    return 0
+
+
+def split_secret_flags(args):
+    """(the other arguments, {--config key: value}) for the token and the
+    auto-discovery key among the agent flags `args`, in any of argparse's
+    forms (-t X, -tX, --token X, --token=X); the last one given wins."""
+    names = {flag: key for key, flag in SECRET_FLAGS.items()}
+    names["-t"] = "token"
+    rest, secrets, i = [], {}, 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name in names and (eq or i + 1 < len(args)):
+            if not eq:
+                i += 1
+                value = args[i]
+            secrets[names[name]] = value
+        elif args[i].startswith("-t") and not args[i].startswith("--") and len(args[i]) > 2:
+            secrets["token"] = args[i][2:]
+        else:
+            rest.append(args[i])
+        i += 1
+    return rest, secrets
+
+
+def import_official_traffic(directory):
+    """The official agent's month of traffic, where this agent imports it at
+    its first start (beside the script)."""
+    import shutil
+    source, target = os.path.join(directory, NET_STATIC), os.path.join(os.path.dirname(SCRIPT_PATH), NET_STATIC)
+    if directory and os.path.isfile(source) and not os.path.exists(target):
+        try:
+            shutil.copyfile(source, target)
+        except OSError as e:
+            print("cannot copy %s (%s): this month's traffic starts from zero" % (source, describe_error(e)))
+
+
+def remove_boot_task(name, record, restore_official):
+    if not run_steps(delete_task_commands(name), may_fail=("schtasks /End",)):
+        return 1
+    print("scheduled task %s removed" % name)
+    if not restore_official:
+        return 0
+    try:
+        official = read_json_object(record)
+    except (OSError, ValueError):
+        sys.stderr.write("%s service: no official agent was stopped by this install (no %s)\n" % (PROG, record))
+        return 1
+    service, start = str(official.get("service") or OFFICIAL_SERVICE), str(official.get("start") or "auto")
+    if start == "disabled" or not run_steps(service_switch_commands(service, start)):
+        return 1
+    os.unlink(record)
+    print("the official agent's service %s is back: start type %s, started" % (service, start))
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -8604,7 +9825,7 @@ def watch_signals(stop, stopping):
 
 
 SUBCOMMANDS = {"traffic": traffic_command, "list-disk": list_disk_command, "check-mem": check_mem_command,
-               "update": update_command}
+               "update": update_command, "service": service_command}
 
 
 def main(argv=None, stop=None):

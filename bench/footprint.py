@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Footprint of a Komari agent: CPU per report, memory, threads, bytes on the wire.
 
-Starts a loopback sink that speaks the panel protocol (README.md, "What is sent": basic info and task result
-POSTs, the report WebSocket, protocol v2's JSON-RPC over a permessage-deflate
-WebSocket or gzip POST), runs an agent against it at --interval 1, and
-measures the agent's whole process tree from /proc while it reports.
+Starts the loopback panel of bench/loopback.py (the one the tests run against:
+basic info and task result POSTs, the report WebSocket, protocol v2's JSON-RPC
+over a permessage-deflate WebSocket or gzip POST), runs an agent against it at
+--interval 1, and measures the agent's whole process tree from /proc while it
+reports.
 
     python3 bench/footprint.py --seconds 60
     python3 bench/footprint.py --vs '/usr/local/bin/komari-agent --disable-auto-update' --rounds 3
@@ -21,372 +22,24 @@ Stdlib only; Linux (it reads /proc).
 """
 
 import argparse
-import base64
-import gzip
-import hashlib
 import json
 import math
 import os
 import resource
-import secrets
 import shlex
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loopback  # noqa: E402  (beside this file, not installed)
 
 REPO = Path(__file__).resolve().parent.parent
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# ---------------------------------------------------------------------------
-# The sink: a minimal Komari panel that counts what arrives
-# ---------------------------------------------------------------------------
-
-class Tally:
-    """What one token's agent sent; one per run so runs never mix."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.reports = 0
-        self.bad_frames = 0
-        self.info_uploads = 0
-        self.task_results = 0
-        self.connections = 0
-        self.last_report = None
-        self.refuse_upgrade = False  # v2: answer WebSocket upgrades with 403 (a proxy that breaks them)
-        self.takeover = False        # v2: keep the deflate context (gorilla never does)
-
-    def count_report(self, report):
-        with self.lock:
-            self.reports += 1
-            self.last_report = report
-
-
-class Sink(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, port=0, handler=None, serves_v2=False):
-        super().__init__(("127.0.0.1", port), handler or SinkHandler)
-        self.tallies = {}
-        self.serves_v2 = serves_v2  # else /v2/rpc is 404, as on a server older than v2
-        self.pull_wait = 25.0       # the server's agent.pull long poll
-
-    @property
-    def endpoint(self):
-        return "http://127.0.0.1:%d" % self.server_address[1]
-
-    def new_token(self):
-        token = secrets.token_hex(12)
-        self.tallies[token] = Tally()
-        return token
-
-
-def read_exact(stream, n):
-    data = stream.read(n)
-    if len(data) < n:
-        raise EOFError
-    return data
-
-
-def unmask(payload, key):
-    # XOR as one big integer: far cheaper than a byte loop in Python.
-    n = len(payload)
-    mask = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
-
-
-def read_frame_head(stream):
-    """(first header byte, unmasked payload) of one client frame."""
-    b0, b1 = read_exact(stream, 2)
-    length = b1 & 0x7F
-    if length == 126:
-        length = struct.unpack("!H", read_exact(stream, 2))[0]
-    elif length == 127:
-        length = struct.unpack("!Q", read_exact(stream, 8))[0]
-    if not b1 & 0x80:
-        raise ValueError("client frame not masked")
-    key = read_exact(stream, 4)
-    return b0, unmask(read_exact(stream, length), key)
-
-
-def frame_bytes(opcode, payload=b"", rsv1=False):
-    """One unmasked server frame with FIN set."""
-    n = len(payload)
-    first = 0x80 | (0x40 if rsv1 else 0) | opcode
-    if n < 126:
-        head = struct.pack("!BB", first, n)
-    elif n < 65536:
-        head = struct.pack("!BBH", first, 126, n)
-    else:
-        head = struct.pack("!BBQ", first, 127, n)
-    return head + payload
-
-
-V2_PATH = "/api/clients/v2/rpc"
-INFLATE_LIMIT = 16 << 20
-
-
-class Deflate:
-    """permessage-deflate (RFC 7692) on the server end of one socket."""
-
-    def __init__(self, takeover):
-        self.takeover = takeover
-        self.compressor = self.decompressor = None
-        self.answer = "permessage-deflate" if takeover else \
-            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"  # gorilla's answer
-
-    def compress(self, data):
-        if self.compressor is None or not self.takeover:
-            self.compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
-        out = self.compressor.compress(data) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
-        return out[:-4]
-
-    def decompress(self, data):
-        if self.decompressor is None or not self.takeover:
-            self.decompressor = zlib.decompressobj(-15)
-        return self.decompressor.decompress(data + b"\x00\x00\xff\xff", INFLATE_LIMIT)
-
-
-def offers_deflate(header):
-    return any(offer.split(";")[0].strip().lower() == "permessage-deflate" for offer in header.split(","))
-
-
-class CountingProxy:
-    """A TCP proxy on loopback that counts the bytes going each way: what the
-    agent costs on the wire, headers, handshakes and pings included.
-    `opening(client)`, when given, reads what it needs of each new connection
-    first and returns the bytes to pass on, or None when it has answered the
-    client itself (the tests' proxies refuse upgrades or play CONNECT)."""
-
-    def __init__(self, target_port, opening=None):
-        self.target_port = target_port
-        self.opening = opening
-        self.lock = threading.Lock()
-        self.up = self.down = 0  # agent -> panel, panel -> agent
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.socks = []
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    @property
-    def endpoint(self):
-        return "http://127.0.0.1:%d" % self.listener.getsockname()[1]
-
-    def counts(self):
-        with self.lock:
-            return self.up, self.down
-
-    def _accept_loop(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.socks.append(client)
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client):
-        try:
-            head = b"" if self.opening is None else self.opening(client)
-            if head is None:
-                return client.close()
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.socks.append(upstream)
-            upstream.sendall(head)
-        except OSError:
-            return client.close()
-        with self.lock:
-            self.up += len(head)
-        threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
-        self._pump(client, upstream, "up")
-
-    def _pump(self, source, sink, direction):
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                sink.sendall(data)
-                with self.lock:
-                    setattr(self, direction, getattr(self, direction) + len(data))
-        except OSError:
-            pass
-        try:
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self):
-        self.listener.close()
-        for sock in self.socks:
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-
-class SinkHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def tally(self):
-        query = parse_qs(urlsplit(self.path).query)
-        return self.server.tallies.get(query.get("token", [""])[0])
-
-    def reply(self, code, obj):
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        tally, path = self.tally(), urlsplit(self.path).path
-        if tally is None:
-            return self.reply(401, {"status": "error", "message": "Unauthorized."})
-        if path == V2_PATH and self.server.serves_v2:
-            if self.headers.get("Content-Encoding", "").lower() == "gzip":
-                body = gzip.decompress(body)
-            return self.reply(200, self.answer_rpc(tally, body, post=True))
-        if path not in ("/api/clients/uploadBasicInfo", "/api/clients/task/result"):
-            return self.reply(404, {"status": "error", "message": "Not found"})
-        try:
-            json.loads(body.decode("utf-8"))
-        except ValueError:
-            return self.reply(400, {"status": "error", "message": "Invalid JSON"})
-        with tally.lock:
-            if path.endswith("uploadBasicInfo"):
-                tally.info_uploads += 1
-            else:
-                tally.task_results += 1
-        self.reply(200, {"status": "success"})
-
-    def do_GET(self):
-        tally = self.tally()
-        path = urlsplit(self.path).path
-        v2 = path == V2_PATH and self.server.serves_v2
-        if path != "/api/clients/report" and not v2:
-            return self.reply(404, {"status": "error", "message": "Not found"})
-        if tally is None:
-            return self.reply(401, {"status": "error", "message": "Unauthorized."})
-        if v2 and tally.refuse_upgrade:
-            return self.reply(403, {"status": "error", "message": "WebSockets are blocked here"})
-        key = self.headers.get("Sec-WebSocket-Key", "")
-        if "websocket" not in self.headers.get("Upgrade", "").lower() or not key:
-            return self.reply(400, {"status": "error", "message": "WebSocket upgrade expected"})
-        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
-        deflate = Deflate(tally.takeover) if v2 and offers_deflate(self.headers.get("Sec-WebSocket-Extensions", "")) \
-            else None
-        self.send_response(101, "Switching Protocols")
-        self.send_header("Upgrade", "websocket")
-        self.send_header("Connection", "Upgrade")
-        self.send_header("Sec-WebSocket-Accept", accept)
-        if deflate:
-            self.send_header("Sec-WebSocket-Extensions", deflate.answer)
-        self.end_headers()
-        with tally.lock:
-            tally.connections += 1
-        self.close_connection = True
-        try:
-            if v2:
-                self.serve_rpc_socket(tally, deflate)
-            else:
-                self.serve_websocket(tally)
-        except (EOFError, OSError, ValueError, zlib.error):
-            pass
-
-    def serve_rpc_socket(self, tally, deflate):
-        """Protocol v2 on a socket: every request gets its response, compressed
-        when deflate was agreed, as gorilla writes them."""
-        for _, message, compressed in self.messages():
-            if compressed:
-                message = deflate.decompress(message)
-            reply = self.answer_rpc(tally, message, post=False)
-            if reply is not None:
-                self.send_text(json.dumps(reply).encode(), deflate)
-
-    def messages(self):
-        """(opcode, payload, compressed) of each whole data message from the
-        agent, until it closes; pings are answered on the way."""
-        message, message_op, compressed = b"", None, False
-        while True:
-            b0, payload = read_frame_head(self.rfile)
-            opcode = b0 & 0x0F
-            if opcode == 0x9:
-                self.wfile.write(frame_bytes(0xA, payload))
-            elif opcode == 0x8:
-                self.wfile.write(frame_bytes(0x8, payload[:2]))
-                return
-            elif opcode in (0x1, 0x2, 0x0):
-                if opcode:
-                    message, message_op, compressed = payload, opcode, bool(b0 & 0x40)
-                else:
-                    message += payload
-                if b0 & 0x80:
-                    yield message_op, message, compressed
-            # pongs and reserved opcodes are ignored
-
-    def send_text(self, data, deflate):
-        """One text message to the agent, compressed when deflate was agreed."""
-        self.wfile.write(frame_bytes(0x1, deflate.compress(data), True) if deflate else frame_bytes(0x1, data))
-
-    def answer_rpc(self, tally, raw, post):
-        """The JSON-RPC response to one message (None for a notification on a
-        socket); reports and basic info are counted as on v1."""
-        try:
-            request = json.loads(raw.decode("utf-8"))
-            method, params = request["method"], request.get("params") or {}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            with tally.lock:
-                tally.bad_frames += 1
-            return {"jsonrpc": "2.0", "error": {"code": -32700, "message": "parse error"}}
-        result = {"status": "success"}
-        if method == "agent.report" and isinstance(params.get("report"), dict):
-            tally.count_report(params["report"])
-            result["events"] = []
-        elif method == "agent.basicInfo":
-            with tally.lock:
-                tally.info_uploads += 1
-        elif method == "agent.pull":
-            time.sleep(self.server.pull_wait if post else 0)  # no events ever come: the whole long poll
-            result = {"events": []}
-        elif method != "agent.pingResult":
-            with tally.lock:
-                tally.bad_frames += 1
-            return {"jsonrpc": "2.0", "id": request.get("id"),
-                    "error": {"code": -32601, "message": "method not found", "data": method}}
-        if request.get("id") is None and not post:
-            return None
-        return {"jsonrpc": "2.0", "id": request.get("id"), "result": result}
-
-    def serve_websocket(self, tally):
-        for opcode, message, _ in self.messages():
-            self.take_message(tally, opcode, message)
-
-    @staticmethod
-    def take_message(tally, opcode, message):
-        try:
-            obj = json.loads(message.decode("utf-8")) if opcode == 0x1 else None
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict) and "cpu" in obj:
-            tally.count_report(obj)
-        elif not (isinstance(obj, dict) and obj.get("type") == "ping_result"):
-            with tally.lock:
-                tally.bad_frames += 1
 
 
 # ---------------------------------------------------------------------------
@@ -509,34 +162,38 @@ def stop(proc):
     proc.wait()
 
 
-def run_once(sink, command, args, link=None):
-    """One run; with `link` (a WIRE_LINKS entry) through a byte-counting proxy."""
-    token = sink.new_token()
-    tally = sink.tallies[token]
+def run_once(command, args, link=None):
+    """One run against a panel of its own; with `link` (a WIRE_LINKS entry)
+    through a byte-counting proxy."""
+    panel = loopback.PanelServer()
     proxy = None
-    endpoint = sink.endpoint
+    endpoint = panel.endpoint
     extra = []
     if link:
-        extra, tally.refuse_upgrade, tally.takeover = list(link[1]), link[2], link[3]
-        proxy = CountingProxy(sink.server_address[1])
+        extra, panel.refuse_upgrades = list(link[1]), link[2]
+        panel.compression = "context" if link[3] else "no_context"
+        proxy = loopback.CountingProxy(panel.port)
         endpoint = proxy.endpoint
-    argv = shlex.split(command) + ["-e", endpoint, "-t", token, "--interval", "%g" % args.interval] + extra
-    # its state in a directory of its own, never the checkout's state/; named in the environment,
-    # because an official agent given to --vs refuses a flag it does not know
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryDirectory(prefix="komari-footprint-") as state:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=dict(os.environ, AGENT_STATE_DIR=state))
-        try:
-            return measure(proc, tally, args, out, proxy)
-        finally:
-            stop(proc)
-            if proxy:
-                proxy.close()
+    argv = shlex.split(command) + ["-e", endpoint, "-t", panel.token, "--interval", "%g" % args.interval] + extra
+    try:
+        # its state in a directory of its own, never the checkout's state/; named in the environment,
+        # because an official agent given to --vs refuses a flag it does not know
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryDirectory(prefix="komari-footprint-") as state:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=dict(os.environ, AGENT_STATE_DIR=state))
+            try:
+                return measure(proc, panel, args, out, proxy)
+            finally:
+                stop(proc)
+    finally:
+        if proxy:
+            proxy.close()
+        panel.stop()
 
 
-def measure(proc, tally, args, out, proxy=None):
+def measure(proc, panel, args, out, proxy=None):
     started = time.monotonic()
-    if not wait_until(lambda: tally.reports > 0, started + args.start_timeout, proc):
+    if not wait_until(lambda: panel.reports, started + args.start_timeout, proc):
         why = "exited with code %s" % proc.returncode if proc.poll() is not None else \
             "sent no report within %g s" % args.start_timeout
         raise RunFailed("agent %s; its output:\n%s" % (why, log_tail(out)))
@@ -545,7 +202,7 @@ def measure(proc, tally, args, out, proxy=None):
 
     t0 = time.monotonic()
     before = sample_tree(proc.pid, with_threads_ns=True)
-    reports0 = tally.reports
+    reports0 = len(panel.reports)
     wire0 = proxy.counts() if proxy else (0, 0)
     rss, threads, hwm = [], [], before["hwm_kb"]
     ticks_total = int(math.ceil(args.seconds))
@@ -559,12 +216,12 @@ def measure(proc, tally, args, out, proxy=None):
         threads.append(s["threads"])
         hwm = max(hwm, s["hwm_kb"], s["rss_kb"])
     elapsed = time.monotonic() - t0
-    reports = tally.reports - reports0
+    reports = len(panel.reports) - reports0
     wire = proxy.counts() if proxy else (0, 0)
     ticks = s["ticks"] - before["ticks"]
     ns = ns_delta(before["ns"], s["ns"])
     per = max(reports, 1)
-    last_report = tally.last_report or {}
+    last_report = panel.reports[-1]
     result = {
         "reports": reports,
         "seconds": round(elapsed, 3),
@@ -580,9 +237,9 @@ def measure(proc, tally, args, out, proxy=None):
         "threads": max(threads),
         "processes": s["procs"],
         "first_report_s": round(first_report_s, 3),
-        "info_uploads": tally.info_uploads,
-        "connections": tally.connections,
-        "bad_frames": tally.bad_frames,
+        "info_uploads": len(panel.basic_infos),
+        "connections": len(panel.report_conns),
+        "bad_frames": len(panel.rejected),  # whatever the panel refused, as the Go server would
         "reported_tcp": (last_report.get("connections") or {}).get("tcp"),
     }
     if proxy:
@@ -688,7 +345,7 @@ def table(result):
     return "\n".join(lines)
 
 
-# (name, agent flags, the sink refuses v2 upgrades, the sink keeps the deflate context)
+# (name, agent flags, the panel refuses WebSocket upgrades as a CDN might, the panel keeps the deflate context)
 WIRE_LINKS = (("v1", ("--protocol-version", "1"), False, False),
               ("v2-ws", ("--protocol-version", "2"), False, False),
               ("v2-post", ("--protocol-version", "2"), True, False),  # default retries: the upgrade is retried every 5 s
@@ -713,13 +370,13 @@ def wire_table(result):
                      + [line(r) for r in rows])
 
 
-def wire_main(args, sink, progress):
+def wire_main(args, progress):
     chosen = [link for link in WIRE_LINKS if link[0] in args.links]
     runs = {link[0]: [] for link in chosen}
     for rnd in range(args.rounds):
         for link in chosen:
             progress("round %d/%d: %s ..." % (rnd + 1, args.rounds, link[0]))
-            runs[link[0]].append(run_once(sink, args.agent, args, link))
+            runs[link[0]].append(run_once(args.agent, args, link))
     links = {}
     for name, rounds in runs.items():
         reports = sum(r["reports"] for r in rounds)
@@ -766,17 +423,14 @@ def main(argv=None):
     args = parse_args(argv)
     agents = [("ours", args.agent)] + ([("theirs", args.vs)] if args.vs else [])
     held = hold_sockets(args.sockets)
-    sink = Sink(serves_v2=True)
-    threading.Thread(target=sink.serve_forever, daemon=True).start()
     progress = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.wire:
         try:
-            result = wire_main(args, sink, progress)
+            result = wire_main(args, progress)
         except RunFailed as e:
             print("footprint: %s" % e, file=sys.stderr)
             return 1
         finally:
-            sink.shutdown()
             for s in held:
                 s.close()
         print(json.dumps(result, indent=2) if args.json else wire_table(result))
@@ -786,12 +440,11 @@ def main(argv=None):
         for rnd in range(args.rounds):
             for name, command in agents:
                 progress("round %d/%d: %s ..." % (rnd + 1, args.rounds, name))
-                runs[name].append(run_once(sink, command, args))
+                runs[name].append(run_once(command, args))
     except RunFailed as e:
         print("footprint: %s: %s" % (name, e), file=sys.stderr)
         return 1
     finally:
-        sink.shutdown()
         for s in held:
             s.close()
     result = {"settings": {"interval": args.interval, "warmup": args.warmup, "seconds": args.seconds,

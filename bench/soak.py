@@ -1,194 +1,45 @@
 #!/usr/bin/env python3
 """Soak: does a Komari agent lose task results while its panel keeps dying?
 
-Runs a loopback panel (the protocol of README.md, "What is sent": basic info and task result POSTs, the
-report WebSocket, and protocol v2's JSON-RPC socket unless --protocol 1) on a
-fixed port, starts the agent against it, sends an exec event every few seconds
-on its report socket (an `agent.exec` notification on a v2 socket, compressed
-when deflate was agreed) and restarts the panel on a schedule: listener and
-every open connection closed, down a while, then up again on the same port.
-At the end it waits for the results still owed, stops the agent with SIGTERM
-and prints what was lost, what came back wrong, and how the agent's memory
-moved.
+Runs the loopback panel of bench/loopback.py (the protocol of README.md, "What
+is sent": basic info and task result POSTs, the report WebSocket, and protocol
+v2's JSON-RPC socket unless --protocol 1), starts the agent against it, sends
+an exec every few seconds the way the server routes one (on the report socket:
+an `agent.exec` notification on a v2 socket, compressed when deflate was
+agreed, or the legacy frame where the server's flag still says v1) and
+restarts the panel on a schedule: listener and every open connection closed,
+down a while, then up again on the same port. At the end it waits for the
+results still owed, stops the agent with SIGTERM and prints what was lost,
+what came back wrong, and how the agent's memory moved.
 
     python3 bench/soak.py                     # 10 minutes, restart every 30 s, down 5 s
     python3 bench/soak.py --minutes 1 --restart-every 10 --down 2 --exec-every 1 --json
     python3 bench/soak.py --protocol 1        # a panel older than v2: the agent falls back to v1
 
 Exit status 0 when no result was lost or wrong and the agent ran throughout.
-Stdlib only; Linux (it reads /proc). Shares the sink and the /proc sampling
-with bench/footprint.py.
+Stdlib only; Linux (it reads /proc). Shares the /proc sampling with
+bench/footprint.py.
 """
 
 import argparse
+import bisect
 import json
-import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import footprint  # noqa: E402  (beside this file, not installed)
+import loopback  # noqa: E402
 
-RESULT_PATH = "/api/clients/task/result"
 # No exec goes out this close to a planned panel stop: an event the panel
 # wrote into a socket it then tears down may never reach the agent, and that
 # loss would be the panel's, not the agent's.
 QUIET_BEFORE_STOP = 1.0
-
-
-# ---------------------------------------------------------------------------
-# The panel: footprint's sink, plus exec results by task id and events out
-# ---------------------------------------------------------------------------
-
-class Ledger(footprint.Tally):
-    """Everything the panel saw over all its lives, for one agent."""
-
-    def __init__(self):
-        super().__init__()
-        self.life = 0        # which life of the panel this is (0, 1, ... one per restart)
-        self.sent = {}       # task_id -> (expected output, life it was sent in)
-        self.results = {}    # task_id -> [(result, exit_code), ...] in arrival order
-        self.carried = 0     # results that arrived in a later life than their exec was sent in
-        self.v2_sockets = 0  # report sockets that spoke protocol v2
-
-    def take_result(self, body):
-        task = str(body.get("task_id"))
-        with self.lock:
-            self.task_results += 1
-            if task in self.sent and task not in self.results and self.sent[task][1] != self.life:
-                self.carried += 1
-            self.results.setdefault(task, []).append((body.get("result"), body.get("exit_code")))
-
-    def owed(self):
-        with self.lock:
-            return [task for task in self.sent if task not in self.results]
-
-
-class LockedWriter:
-    """A socket writer that the handler (pongs, replies) and the event sender share."""
-
-    def __init__(self, raw):
-        self.raw, self.lock = raw, threading.RLock()
-
-    def write(self, data):
-        with self.lock:
-            return self.raw.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.raw, name)
-
-
-class PanelHandler(footprint.SinkHandler):
-    def setup(self):
-        super().setup()
-        self.server.track(self.connection)
-
-    def finish(self):
-        try:
-            super().finish()
-        finally:
-            self.server.untrack(self.connection)
-
-    def do_POST(self):
-        if urlsplit(self.path).path != RESULT_PATH:
-            return super().do_POST()
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        ledger = self.tally()
-        if ledger is None:
-            return self.reply(401, {"status": "error", "message": "Unauthorized."})
-        try:
-            obj = json.loads(body.decode("utf-8"))
-        except ValueError:
-            obj = None
-        if not isinstance(obj, dict):
-            return self.reply(400, {"status": "error", "message": "Invalid JSON"})
-        ledger.take_result(obj)
-        self.reply(200, {"status": "success"})
-
-    def serve_websocket(self, tally):
-        self.serve_link(None, False, super().serve_websocket, tally)
-
-    def serve_rpc_socket(self, tally, deflate):
-        with tally.lock:
-            tally.v2_sockets += 1
-        self.serve_link(deflate, True, super().serve_rpc_socket, tally, deflate)
-
-    def serve_link(self, deflate, v2, serve, *args):
-        """Serve one report socket while the soak may write events into it."""
-        self.wfile = LockedWriter(self.wfile)
-        link = (self, deflate, v2)
-        self.server.links.append(link)
-        try:
-            serve(*args)
-        finally:
-            self.server.links.remove(link)
-
-    def send_text(self, data, deflate):
-        # compressing and writing are one step: events and replies share the
-        # socket and its deflate state
-        with self.wfile.lock:
-            super().send_text(data, deflate)
-
-
-class Panel(footprint.Sink):
-    """One life of the panel on a fixed port; stop() ends it the hard way."""
-
-    allow_reuse_address = True
-
-    def __init__(self, port, token, ledger, serves_v2):
-        super().__init__(port, PanelHandler, serves_v2)
-        self.tallies[token] = ledger
-        self.links = []
-        self.conns_lock = threading.Lock()
-        self.conns = set()
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    def track(self, conn):
-        with self.conns_lock:
-            self.conns.add(conn)
-
-    def untrack(self, conn):
-        with self.conns_lock:
-            self.conns.discard(conn)
-
-    def send_exec(self, task, command):
-        """Write one exec event to the newest report socket in its protocol;
-        False if there is none."""
-        for handler, deflate, v2 in reversed(list(self.links)):
-            event = {"jsonrpc": "2.0", "method": "agent.exec", "params": {"task_id": task, "command": command}} \
-                if v2 else {"message": "exec", "task_id": task, "command": command}
-            try:
-                handler.send_text(json.dumps(event).encode(), deflate)
-                return True
-            except OSError:
-                continue
-        return False
-
-    def stop(self):
-        self.shutdown()
-        self.server_close()
-        with self.conns_lock:
-            conns = list(self.conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------
@@ -198,38 +49,40 @@ def free_port():
 class Soak:
     def __init__(self, args):
         self.args = args
-        self.port = free_port()
-        self.token = secrets.token_hex(12)
-        self.ledger = Ledger()
-        self.panel = None
-        self.restarts = 0
+        self.panel = loopback.PanelServer(serves_v2=args.protocol == 2)  # its lists outlive its restarts
+        self.lives = [time.monotonic()]  # when each life of the panel began (one per restart after the first)
+        self.sent = {}            # task_id -> (expected output, life of the panel it was sent in)
         self.not_sent = 0         # exec ticks that found no report socket open
         self.reconnect_lags = []  # seconds from panel up to the agent's next report socket
         self.rss_kb = []
 
-    def panel_up(self):
-        self.panel = Panel(self.port, self.token, self.ledger, serves_v2=self.args.protocol == 2)
-        with self.ledger.lock:
-            self.ledger.life = self.restarts
-        return time.monotonic()
-
     def agent_argv(self, state_dir):
         return shlex.split(self.args.agent) + [
-            "-e", "http://127.0.0.1:%d" % self.port, "-t", self.token, "--interval", "1",
+            "-e", self.panel.endpoint, "-t", self.panel.token, "--interval", "1",
             "--reconnect-interval", "1", "--state-dir", state_dir]
 
     def send_exec(self):
         """An exec that takes 0 to --exec-length s, so that some finish while
         the panel is down and have to wait in the agent's spool."""
-        n = len(self.ledger.sent) + 1
+        n = len(self.sent) + 1
         task = "soak-%d" % n
         command = "sleep %.1f; echo soak-%d" % ((n * 0.7) % self.args.exec_length, n)
-        with self.ledger.lock:
-            self.ledger.sent[task] = ("soak-%d\n" % n, self.ledger.life)
-        if not self.panel.send_exec(task, command):
-            with self.ledger.lock:
-                del self.ledger.sent[task]
+        if self.panel.exec_task(task, command) is None:
             self.not_sent += 1
+        else:
+            self.sent[task] = ("soak-%d\n" % n, len(self.lives) - 1)
+
+    def results(self):
+        """task_id -> [(result, exit_code, life of the panel it arrived in), ...] in arrival order."""
+        out = {}
+        for result in list(self.panel.task_results):
+            life = bisect.bisect_right(self.lives, result["_at"]) - 1
+            out.setdefault(str(result.get("task_id")), []).append((result.get("result"), result.get("exit_code"), life))
+        return out
+
+    def owed(self):
+        results = self.results()
+        return [task for task in self.sent if task not in results]
 
     def sample(self, proc):
         # The agent alone: its exec children come and go and are not its memory.
@@ -237,8 +90,7 @@ class Soak:
 
     def run(self, proc, out):
         args = self.args
-        up_at = self.panel_up()
-        if not footprint.wait_until(lambda: self.ledger.reports > 0, up_at + args.start_timeout, proc):
+        if not footprint.wait_until(lambda: self.panel.reports, time.monotonic() + args.start_timeout, proc):
             raise footprint.RunFailed("agent sent no report within %g s; its output:\n%s"
                                       % (args.start_timeout, footprint.log_tail(out)))
         self.sample(proc)
@@ -251,14 +103,15 @@ class Soak:
                 raise footprint.RunFailed("agent exited with code %s; its output:\n%s"
                                           % (proc.returncode, footprint.log_tail(out)))
             now = time.monotonic()
-            if lag_from is not None and self.panel.links:
+            if lag_from is not None and self.panel.live_report_conn():
                 self.reconnect_lags.append(now - lag_from)
                 lag_from = None
             if now >= next_stop:
                 self.panel.stop()
-                self.restarts += 1
                 time.sleep(args.down)
-                lag_from = self.panel_up()
+                self.panel.start()
+                lag_from = time.monotonic()
+                self.lives.append(lag_from)
                 next_stop = lag_from + args.restart_every
                 next_exec = max(next_exec, lag_from)
             elif now >= next_exec:
@@ -270,7 +123,7 @@ class Soak:
                 next_sample += 10
             time.sleep(0.05)
         grace_end = time.monotonic() + args.grace
-        footprint.wait_until(lambda: not self.ledger.owed(), grace_end, proc)
+        footprint.wait_until(lambda: not self.owed(), grace_end, proc)
         self.sample(proc)
         return self.stop_agent(proc)
 
@@ -285,14 +138,11 @@ class Soak:
         return code, time.monotonic() - t0
 
     def summary(self, exit_code, exit_s):
-        ledger = self.ledger
-        with ledger.lock:
-            wrong = sorted(task for task, got in ledger.results.items()
-                           if task in ledger.sent and any(got_one != (ledger.sent[task][0], 0) for got_one in got))
-            unasked = sorted(task for task in ledger.results if task not in ledger.sent)
-            duplicates = sum(len(got) - 1 for got in ledger.results.values())
-            received = sum(1 for task in ledger.sent if task in ledger.results)
-            sent = len(ledger.sent)
+        sent, results, panel = self.sent, self.results(), self.panel
+        wrong = sorted(task for task, got in results.items()
+                       if task in sent and any((text, code) != (sent[task][0], 0) for text, code, _ in got))
+        unasked = sorted(task for task in results if task not in sent)
+        received = sum(1 for task in sent if task in results)
         rss = self.rss_kb
         lags = self.reconnect_lags
         return {
@@ -300,21 +150,23 @@ class Soak:
                          "down": self.args.down, "exec_every": self.args.exec_every,
                          "exec_length": self.args.exec_length, "grace": self.args.grace},
             "agent": self.args.agent,
-            "restarts": self.restarts,
-            "execs_sent": sent,
+            "restarts": len(self.lives) - 1,
+            "execs_sent": len(sent),
             "execs_not_sent": self.not_sent,
             "results_received": received,
-            "results_lost": sent - received,
+            "results_lost": len(sent) - received,
             "results_wrong": len(wrong) + len(unasked),
-            "results_duplicated": duplicates,
-            "results_carried_over_outage": ledger.carried,
-            "lost": [task for task in ledger.sent if task not in ledger.results][:20],
+            "results_duplicated": sum(len(got) - 1 for got in results.values()),
+            # results whose first copy arrived in a later life of the panel than their exec went out in
+            "results_carried_over_outage": sum(1 for task, got in results.items()
+                                               if task in sent and got[0][2] != sent[task][1]),
+            "lost": [task for task in sent if task not in results][:20],
             "wrong": (wrong + unasked)[:20],
-            "reports": ledger.reports,
-            "report_sockets": ledger.connections,
-            "v2_sockets": ledger.v2_sockets,
-            "info_uploads": ledger.info_uploads,
-            "bad_frames": ledger.bad_frames,
+            "reports": len(panel.reports),
+            "report_sockets": len(panel.report_conns),
+            "v2_sockets": sum(1 for conn in list(panel.report_conns) if conn.protocol == 2),
+            "info_uploads": len(panel.basic_infos),
+            "bad_frames": len(panel.rejected),  # whatever the panel refused, as the Go server would
             "reconnect_s_max": round(max(lags), 2) if lags else None,
             "reconnect_s_avg": round(sum(lags) / len(lags), 2) if lags else None,
             "rss_first_mb": round(rss[0] / 1024.0, 2),
@@ -397,8 +249,7 @@ def main(argv=None):
             return 1
         finally:
             footprint.stop(proc)
-            if soak.panel is not None:
-                soak.panel.stop()
+            soak.panel.stop()
     result = soak.summary(exit_code, exit_s)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0 if passed(result) else 1
