@@ -4116,6 +4116,10 @@ def start_tree(argv, **popen_kwargs):
 Script = namedtuple("Script", "proc tree encoding path")
 
 
+# What an empty pipe takes without blocking on any system (a page; Linux takes 64 KiB)
+PIPE_ROOM = 4096
+
+
 def feed_stdin(pipe, data):
     try:
         pipe.write(data)
@@ -4144,8 +4148,11 @@ def start_script(command):
             raise
         return Script(proc, tree, encoding, path)
     proc, tree = start_tree(["sh", "-s"], stdin=subprocess.PIPE, **pipes)
-    threading.Thread(target=feed_stdin, args=(proc.stdin, command.encode("utf-8", "replace")),
-                     name="exec-stdin", daemon=True).start()
+    script = command.encode("utf-8", "replace")
+    if len(script) <= PIPE_ROOM:
+        feed_stdin(proc.stdin, script)  # an empty pipe takes it at once: no thread per command
+    else:
+        threading.Thread(target=feed_stdin, args=(proc.stdin, script), name="exec-stdin", daemon=True).start()
     return Script(proc, tree, "utf-8", None)
 
 
