@@ -6816,10 +6816,10 @@ class PostLink(Link):
     (`redial`, which gives a link the panel answered on) every
     `socket_wait` seconds (--reconnect-interval; SILENT_RETRY_INTERVALS of
     them after a silent socket), and at once when a POST gets through after
-    failing; the first that works becomes this link's successor. A 429 or 5xx from
-    the panel or a proxy is a pause, as long as its Retry-After asks, not a
-    failure. A terminal can never reach this link: the panel needs a socket
-    for it."""
+    failing; the first that works becomes this link's successor. A 429 or
+    5xx from the panel or a proxy is a pause, as long as its Retry-After
+    asks, not a failure. A terminal can never reach this link: the panel
+    needs a socket for it."""
 
     kind = V2_POST
 
