@@ -9149,6 +9149,8 @@ class Agent:
             self.want_basic_info()
         self.results_due.set()
         next_report = first_report = time.monotonic() + (self.period if link.reported_at_open else 0.0)
+        if link.reported_at_open:
+            return_free_memory()  # the dial carried the first report: what start-up left is free now
         try:
             while not self.stop.is_set() and not link.dead.is_set():
                 now = time.monotonic()
@@ -9157,7 +9159,7 @@ class Agent:
                     proven, self.failures, self.outage_since, self.busy_streak = True, 0, None, 0
                 if now >= next_report:
                     link.send_report(report_payload(self.collector.figures()))
-                    if next_report == first_report:
+                    if next_report == first_report and not link.reported_at_open:
                         return_free_memory()
                     # keep the schedule; after a stall skip ahead instead of bursting
                     next_report = max(next_report + self.period, now)
