@@ -2,7 +2,7 @@
 
 The panel side is real: PanelServer (bench/loopback.py, the one the benchmarks
 run against too) is an HTTP + WebSocket server on 127.0.0.1 that speaks the
-panel protocol (README.md, "What is sent"), decodes reports the way the Go
+panel protocol (docs/WIRE.md), decodes reports the way the Go
 server does (a float where it wants an integer, or a cpu usage outside 0-100,
 rejects the report), closes a report socket that sends no data for 11 s, and
 answers 401 to a wrong token. It speaks protocol v2 as well (server.md 10-11):
@@ -325,7 +325,7 @@ def tree_stamps(root):
 @pytest.fixture(scope="session", autouse=True)
 def checkout_state_is_left_alone():
     """The checkout's state/ is where an agent started from the checkout (the
-    README's Quick start) keeps its own: no test may write there. Every agent
+    README's "Run by hand") keeps its own: no test may write there. Every agent
     a test starts gets a state directory of its own, and this compares state/
     before and after the run (an agent run by hand from this checkout during
     the run trips it too)."""
