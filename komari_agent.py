@@ -98,10 +98,23 @@ class RedactingFormatter(logging.Formatter):
 
 
 def redacted(text):
-    """`text` with every secret given to hide_secret() blanked out."""
+    """`text` with every secret given to hide_secret() blanked out, and the
+    start of one (SECRET_PIECE characters or more) that ends a line."""
     for pattern in RedactingFormatter.patterns:
         text = pattern.sub(r"\1***", text)
     return text
+
+
+def clipped(text, limit):
+    """At most `limit` characters of `text` for a log line, redacted before
+    it is cut: cut first, a secret across the cut would no longer be one."""
+    text = redacted(str(text))
+    return text if len(text) <= limit else text[:limit]
+
+
+# A secret cut short (a panel that echoes the token back in a long line) is
+# still hidden when at least this much of its start is left.
+SECRET_PIECE = 6
 
 
 # A secret shorter than this is hidden only where it stands as a value
@@ -136,7 +149,10 @@ def secret_pattern(secret):
     not to occur by chance, otherwise only as the value of a token or key."""
     body = "".join(encoded_char(c) for c in secret)
     if len(secret) >= SHORT_SECRET:
-        return re.compile("()" + body)
+        # the whole secret anywhere; else its longest start at a line's end,
+        # where a text cut short by whoever sent it ends
+        pieces = "|".join(re.escape(secret[:n]) for n in range(len(secret) - 1, SECRET_PIECE - 1, -1))
+        return re.compile(r"""()(?:%s|(?:%s)(?=["')\]}>.]*(?:\n|$)))""" % (body, pieces))
     value_of = r"""((?i:\b(?:token|key|secret|password)["']?\s*[=:]\s*["']?|\bbearer\s+))"""
     return re.compile(value_of + body + r"""(?![^\s&#;,"')\]}>])""")
 
@@ -188,7 +204,8 @@ class FloodLimitedHandler(logging.StreamHandler):
     """A stderr handler that a flood of one kind of line (10 000 bad frames
     from a hostile panel, say) cannot fill: each kind gets its burst per
     period, the rest are counted, and the count is logged once the period is
-    over, with the last of them."""
+    over, with the last of them: by the next line logged, or by the
+    "log-flood" thread (started at the first flood) when the log stays quiet."""
 
     def __init__(self, stream=None, period=LOG_FLOOD_PERIOD):
         super().__init__(stream)
@@ -196,14 +213,30 @@ class FloodLimitedHandler(logging.StreamHandler):
         self.window = OncePer(period)   # a new window for a kind when its period is over
         self.shown = {}                  # kind -> lines shown in its current window
         self.held = {}                   # kind -> [lines counted, the last of them, window start]
-        self.gate = threading.Lock()
+        self.gate = threading.Condition(threading.Lock())
+        self.flusher = None
+
+    def due_summaries(self, now):
+        """Summaries of the kinds whose period is over (the gate held)."""
+        due = [k for k, (_, _, start) in self.held.items() if now - start >= self.period]
+        return [self.summary(*self.held.pop(k), now=now) for k in due]
+
+    def flush_quiet_floods(self):
+        while True:
+            with self.gate:
+                while not self.held:
+                    self.gate.wait()
+                first_end = min(start for _, _, start in self.held.values()) + self.period
+                self.gate.wait(max(0.0, first_end - time.monotonic()))
+                summaries = self.due_summaries(time.monotonic())
+            for summary in summaries:
+                super().handle(summary)
 
     def handle(self, record):
         kind = (record.name, record.pathname, record.lineno, str(record.msg)[:200])
         now = time.monotonic()
         with self.gate:
-            due = [k for k, (_, _, start) in self.held.items() if now - start >= self.period]
-            summaries = [self.summary(*self.held.pop(k), now=now) for k in due]
+            summaries = self.due_summaries(now)
             if self.window(kind):
                 self.shown[kind] = 0
                 self.held.pop(kind, None)
@@ -217,6 +250,10 @@ class FloodLimitedHandler(logging.StreamHandler):
                 held = self.held.setdefault(kind, [0, None, self.window.seen.get(kind, now)])
                 held[0] += 1
                 held[1] = record
+                if self.flusher is None:
+                    self.flusher = threading.Thread(target=self.flush_quiet_floods, name="log-flood", daemon=True)
+                    self.flusher.start()
+                self.gate.notify()
         for summary in summaries:
             super().handle(summary)
         return super().handle(record) if passed else False
@@ -650,6 +687,53 @@ def drop_tcp(sock):
         pass
 
 
+class Deadlines:
+    """Calls each function given to at() when its time comes, all on one
+    daemon thread ("deadlines", started at the first): a deadline per HTTP
+    exchange (a report a second in POST mode) then costs no thread of its
+    own, and threads started and ended by the thousand leave native memory
+    behind that never comes back."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.due = {}   # key -> (monotonic time, function)
+        self.keys = itertools.count()
+        self.thread = None
+
+    def at(self, when, function):
+        """A key for cancel()."""
+        with self.cond:
+            key = next(self.keys)
+            self.due[key] = (when, function)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+        return key
+
+    def cancel(self, key):
+        with self.cond:
+            self.due.pop(key, None)
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while True:
+                    now = time.monotonic()
+                    key = min(self.due, key=lambda k: self.due[k][0], default=None)
+                    if key is not None and self.due[key][0] <= now:
+                        function = self.due.pop(key)[1]
+                        break
+                    self.cond.wait(None if key is None else self.due[key][0] - now)
+            try:
+                function()
+            except Exception:
+                log.exception("a deadline's action failed")
+
+
+DEADLINES = Deadlines()
+
+
 class ConnectionCutter:
     """One overall deadline for an HTTP exchange: when it passes, the
     connections opened for the exchange are shut down, which ends any read
@@ -660,9 +744,7 @@ class ConnectionCutter:
         self.lock = threading.Lock()
         self.sockets = []  # duplicates: shutting one down ends the connection, never a reused fd
         self.fired = self.done = False
-        self.timer = threading.Timer(seconds, self.fire)
-        self.timer.daemon = True
-        self.timer.start()
+        self.deadline = DEADLINES.at(time.monotonic() + seconds, self.fire)
 
     def watch(self, create_connection):
         def create(*args, **kwargs):
@@ -704,7 +786,7 @@ class ConnectionCutter:
         return socket.timeout(errno.ETIMEDOUT, "no complete answer within %gs" % self.seconds)
 
     def cancel(self):
-        self.timer.cancel()
+        DEADLINES.cancel(self.deadline)
         with self.lock:
             self.done = True
             for sock in self.sockets:
@@ -771,10 +853,10 @@ def describe_body(body):
     text = body[:2000].decode("utf-8", "replace")
     title = re.search(r"<title>(.*?)</title>", text, re.I | re.S)
     if title:
-        return "an HTML page %r" % title.group(1).strip()[:80]
+        return "an HTML page %r" % clipped(title.group(1).strip(), 80)
     if "<html" in text.lower():
         return "an HTML page"
-    return repr(" ".join(text.split())[:160])
+    return repr(clipped(" ".join(text.split()), 160))
 
 
 # ---------------------------------------------------------------------------
@@ -5446,7 +5528,7 @@ def event_from_rpc(method, params):
     is only logged; KeyError for a method we do not know."""
     kind = RPC_EVENTS[method]
     if kind is None:
-        log.info("the panel says (%s): %s", method, json.dumps(params, ensure_ascii=False)[:200])  # NaN too
+        log.info("the panel says (%s): %s", method, clipped(json.dumps(params, ensure_ascii=False), 200))  # NaN too
         return None
     event = dict(params) if isinstance(params, dict) else {}
     event["message"] = kind
@@ -5482,7 +5564,7 @@ def read_rpc(message):
         error = message["error"] if isinstance(message["error"], dict) else {}
         code = error.get("code")
         text = "%s %s" % (error.get("message", ""), error.get("data", "") or "")
-        return RpcReply(request_id(message), error=(code if isinstance(code, int) else 0, text.strip()[:200]))
+        return RpcReply(request_id(message), error=(code if isinstance(code, int) else 0, clipped(text.strip(), 200)))
     if "result" not in message:
         raise ValueError("neither a result nor an error")
     result = message["result"]
@@ -5618,11 +5700,12 @@ class Panel:
         through --custom-dns."""
         return dial_tcp(self.cfg, address[0], address[1], timeout)
 
-    def exchange(self, url, obj, headers=(), limit=1 << 20, timeout=HTTP_TIMEOUT):
+    def exchange(self, url, obj, headers=(), limit=1 << 20, timeout=HTTP_TIMEOUT, answer_headers=None):
         """POST obj as JSON to url; (status, body) whatever the status, or
         OSError when the panel could not be reached. `timeout` bounds the
         whole exchange, not each read: a panel or proxy that trickles its
-        answer is cut off."""
+        answer is cut off. The answer's headers go into the dict
+        `answer_headers` (names in lower case) when one is given."""
         import urllib.error
         import urllib.request
         data = obj if isinstance(obj, bytes) else encode(obj).encode("utf-8")
@@ -5631,8 +5714,10 @@ class Panel:
         try:
             try:
                 with self.opener(cutter).open(request, timeout=timeout) as reply:
+                    keep_headers(reply.headers, answer_headers)
                     return reply.status, reply.read(limit)
             except urllib.error.HTTPError as e:
+                keep_headers(e.headers, answer_headers)
                 return e.code, e.read(4096) if e.fp else b""
         except (OSError, ValueError, http_exceptions()) as e:
             raise http_failure(e, cutter)
@@ -5647,6 +5732,11 @@ class Panel:
         if status != 200 or parsed is None:
             raise PanelRefused(status, describe_body(body))
         return parsed
+
+
+def keep_headers(headers, into):
+    if into is not None and headers is not None:
+        into.update((name.lower(), value) for name, value in headers.items())
 
 
 def explain_refusal(error, what):
@@ -5802,6 +5892,113 @@ class ResultSpool:
             self._forget(name)
 
 
+# -- tasks already run ---------------------------------------------------------------
+
+def task_key(task_id):
+    """What a task id is remembered by: itself, or a digest of a long one."""
+    if len(task_id) <= 64:
+        return task_id
+    import hashlib
+    return "sha256:" + hashlib.sha256(task_id.encode("utf-8", "replace")).hexdigest()
+
+
+RAN_DIR = "ran"
+RAN_KEEP = 512
+RAN_MAX_BYTES = 20 << 20
+RAN_NAME = re.compile(r"^[0-9a-f]{40}\.json$")
+
+
+class RunLedger:
+    """The exec tasks already run, each with its result once there is one:
+    one file per task (mode 0600) in the state directory, named by a digest
+    of its id, the newest RAN_KEEP (RAN_MAX_BYTES in all) kept. The panel
+    hands an exec over again when our acknowledgement got lost, after a
+    restart of ours too; the ledger makes that a second sending of the kept
+    result, never a second run. A task is written down before it starts, so
+    one that a SIGKILL interrupted is not run again either. Like the spool,
+    it falls back to memory when the directory cannot be written."""
+
+    def __init__(self, directory, keep=RAN_KEEP, max_bytes=RAN_MAX_BYTES):
+        self.directory = directory
+        self.keep, self.max_bytes = keep, max_bytes
+        self.lock = threading.Lock()
+        self.names = OrderedDict()   # name -> size, oldest first
+        self.total = 0
+        self.memory = {}             # name -> bytes, when the directory would not take them
+        self.mine = set()            # names claimed by this process
+        self.problem = private_directory(directory)
+        if not self.problem:
+            self.index_directory()
+
+    def index_directory(self):
+        try:
+            found = [(entry.stat(follow_symlinks=False), entry.name) for entry in os.scandir(self.directory)
+                     if RAN_NAME.match(entry.name)]
+        except OSError:
+            return
+        for st, name in sorted(found, key=lambda item: item[0].st_mtime_ns):
+            self.names[name] = st.st_size
+            self.total += st.st_size
+
+    @staticmethod
+    def name(task_id):
+        import hashlib
+        return hashlib.sha256(task_id.encode("utf-8", "replace")).hexdigest()[:40] + ".json"
+
+    def claim(self, task_id, record=True):
+        """("new", None) for a task not run before, then written down as
+        started unless not `record`; ("running", None) for one this process
+        runs now; ("done", result) with its kept result; ("lost", None) for
+        one an earlier process started and never finished."""
+        name = self.name(task_id)
+        with self.lock:
+            if name not in self.names:
+                if record:
+                    self.mine.add(name)
+                    self._store(name, {"task_id": task_id})
+                return "new", None
+            kept = self._load(name)
+            if isinstance(kept, dict) and kept.get("task_id") == task_id and "result" in kept:
+                return "done", kept
+            return ("running" if name in self.mine else "lost"), None
+
+    def finished(self, result):
+        """Keep the result of a task claimed by this process."""
+        name = self.name(str(result.get("task_id")))
+        with self.lock:
+            if name in self.mine:
+                self.mine.discard(name)
+                self._store(name, result)
+
+    def _store(self, name, obj):
+        data = encode(obj).encode("utf-8")
+        try:
+            if self.problem:
+                raise OSError(self.problem)
+            write_atomic(os.path.join(self.directory, name), data)
+        except OSError:
+            self.memory[name] = data   # the spool says once that the state directory fails
+        self.total += len(data) - self.names.pop(name, 0)
+        self.names[name] = len(data)
+        while len(self.names) > self.keep or self.total > self.max_bytes and len(self.names) > 1:
+            old = next(iter(self.names))
+            self.total -= self.names.pop(old)
+            self.memory.pop(old, None)
+            try:
+                os.unlink(os.path.join(self.directory, old))
+            except OSError:
+                pass
+
+    def _load(self, name):
+        data = self.memory.get(name)
+        try:
+            if data is None:
+                data = read_regular_file(os.path.join(self.directory, name), 64 << 20, follow=False)
+            return json.loads(data.decode("utf-8"))
+        except (OSError, ValueError):
+            return None
+
+
 # -- auto-discovery ----------------------------------------------------------------
 
 def discovery_file(cfg):
@@ -5872,6 +6069,57 @@ class ProtocolRejected(AgentError):
         self.detail = detail
 
 
+class SocketSilent(AgentError):
+    """A v2 socket that the panel (or a proxy) took, on which the first call
+    went unanswered for FIRST_ANSWER_DEADLINE: not a working link."""
+
+
+# Retry-After is honoured up to this; a proxy cannot park the agent for longer
+RETRY_AFTER_CAP = 300.0
+
+
+class PanelBusy(AgentError):
+    """The panel, or a proxy in front of it, answered 429 or 5xx: a passing
+    problem, never a refusal of protocol v2. `wait`: the seconds its
+    Retry-After asked for (capped), or None."""
+
+    def __init__(self, status, detail, wait):
+        super().__init__("HTTP %s with %s%s" % (status, detail, "" if wait is None else
+                                                 ", asking to wait %d s (Retry-After)" % round(wait)))
+        self.status, self.detail, self.wait = status, str(self), wait
+
+
+def busy_wait(busy, interval, streak):
+    """Seconds to keep quiet after the `streak`-th busy answer in a row (from
+    0): what Retry-After asks, but never less than `interval` doubling with
+    each answer (a date already past, or none, must not make a loop)."""
+    backoff = min(RETRY_AFTER_CAP, max(0.1, interval) * 2 ** min(streak, 12))
+    return max(backoff, busy.wait or 0.0)
+
+
+def busy_status(status):
+    return status == 429 or 500 <= (status or 0) < 600
+
+
+def retry_after_seconds(value, now=None):
+    """The seconds a Retry-After header asks for (a number, or an HTTP date),
+    within [0, RETRY_AFTER_CAP]; None when there is none that can be read."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return min(RETRY_AFTER_CAP, float(value))
+    from email.utils import parsedate_to_datetime
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:   # "-0000": UTC, as HTTP dates always are
+        from datetime import timezone
+        when = when.replace(tzinfo=timezone.utc)
+    return min(RETRY_AFTER_CAP, max(0.0, when.timestamp() - (time.time() if now is None else now)))
+
+
 class Inbox:
     """Events from every link on their way to Tasks. It outlives the links, so
     an event delivered twice (by a pull result, again by a report result, once
@@ -5879,13 +6127,17 @@ class Inbox:
     id, execs by task id. Handled ids wait here until a reply confirms the
     panel got the acknowledgement."""
 
-    KEEP = 4096  # ids remembered; the panel queues at most 128 per client
+    # ids remembered: the panel queues at most 128 per client, and execs from
+    # longer ago are known to the RunLedger; every one kept is memory for good
+    KEEP = 1024
+    MAX_ID = 128  # the server's event ids are UUIDs: a longer one is refused
 
     def __init__(self, dispatch):
         self.dispatch = dispatch
         self.lock = threading.Lock()
-        self.seen = {}   # event ids and ("exec", task id), oldest first
+        self.seen = {}   # event ids and ("exec", task_key(task id)), oldest first
         self.acks = {}   # event ids to acknowledge, oldest first
+        self.refusal_log = OncePer(3600.0)
 
     def _remember(self, key):
         """False when key was seen before."""
@@ -5903,7 +6155,7 @@ class Inbox:
             fresh = event_id is None or self._remember(event_id)
             if fresh and event is not None and event.get("message") == "exec":
                 task_id = event.get("task_id")
-                fresh = not isinstance(task_id, str) or not task_id or self._remember(("exec", task_id))
+                fresh = not isinstance(task_id, str) or not task_id or self._remember(("exec", task_key(task_id)))
                 if not fresh:
                     log.info("remote command %s already run; not again", task_id[:40])
         if fresh and event is not None:
@@ -5917,6 +6169,12 @@ class Inbox:
     def take_rpc(self, event_id, method, params):
         """Never raises: in POST mode this runs on the agent's and the pull's
         threads, and one odd event must not end them nor the events after it."""
+        if event_id is not None and len(event_id) > self.MAX_ID:
+            # kept and echoed back, ids of any size would cost megabytes each
+            if self.refusal_log("long id"):
+                log.warning("refusing events from the panel whose ids are longer than %d characters "
+                            "(one of %d)", self.MAX_ID, len(event_id))
+            return
         try:
             event = event_from_rpc(method, params)
         except KeyError:
@@ -6061,7 +6319,17 @@ class Deflate:
 # frames the panel should never send (too large, fragments that never end):
 # one line per kind an hour, whatever a hostile panel keeps doing
 FRAME_TROUBLE_LOG = OncePer(3600.0)
+# A v2 socket whose first call is not answered within this is not working
+# (a proxy that upgrades and then passes nothing): POST mode is tried next,
+# and the socket again only after SILENT_RETRY_INTERVALS --reconnect-interval's
+# (a minute by default), each try costing the deadline.
+FIRST_ANSWER_DEADLINE = 5.0
+SILENT_RETRY_INTERVALS = 12
 
+
+# The close code of every socket we leave: the server logs an error for a
+# 1000 (normal closure) and nothing for 1001 (going away).
+GOING_AWAY = 1001
 
 # The kinds of report link, in fallback order (LinkChooser).
 V2_SOCKET, V2_POST, V1_SOCKET = LINK_KINDS = ("v2 WebSocket", "v2 POST", "v1 WebSocket")
@@ -6125,6 +6393,8 @@ class SocketLink(Link):
         self.reader = threading.Thread(target=self._read_loop, name="ws-reader", daemon=True)
 
     def start(self):
+        if self.reader.ident is not None:
+            return  # started already, to be verified (verified())
         # a short socket timeout bounds every blocked send; the reader treats
         # timeouts as "nothing yet" and keeps going
         self.sock.settimeout(5.0)
@@ -6183,7 +6453,7 @@ class SocketLink(Link):
             raise LinkClosed(self.why)
         return min(self.next_ping, (self.ping_sent or now) + PONG_DEADLINE + 0.05)
 
-    def close(self, status=1000):
+    def close(self, status=GOING_AWAY):
         """Never waits on the reader, nor long on a writer stuck on a dead peer:
         the close frame gets one short chance, then TCP goes."""
         self.fail(self.why or "closed")
@@ -6284,12 +6554,22 @@ class SocketLink(Link):
 
     def on_control(self, opcode, payload):
         if opcode == 0x8:
-            self.fail("the panel closed the connection")
+            self.fail("the panel closed the connection%s" % close_reason(payload))
             drop_tcp(self.sock)
             raise LinkClosed(self.why)
         if opcode == 0x9:
             frame = client_frame(0xA, payload)
             self._write(lambda: self.sock.sendall(frame))
+
+
+def close_reason(payload):
+    """ " (1008 policy violation: ...)" for a close frame's payload: its code
+    and reason, as far as they are printable; "" when it has none."""
+    if len(payload) < 2:
+        return ""
+    code = struct.unpack("!H", payload[:2])[0]
+    reason = "".join(c if c.isprintable() else "?" for c in payload[2:125].decode("utf-8", "replace")).strip()
+    return " (%d%s)" % (code, ": " + clipped(reason, 123) if reason else "")
 
 
 class ReportLink(SocketLink):
@@ -6326,38 +6606,53 @@ class RpcLink(SocketLink):
 
     ASK_EVERY = 10
     kind = V2_SOCKET
+    FIRST_ID = 1
 
     def __init__(self, ws, inbox, deflate=None):
         super().__init__(ws, deflate)
         self.inbox = inbox
         self.label = "%s (%s)" % (self.kind, "permessage-deflate" if deflate else "no compression")
-        self.ids = itertools.count(1)
-        self.sent_acks = {}  # request id -> the event ids it acknowledged
+        self.ids = itertools.count(self.FIRST_ID)
+        # request id -> what it carried: ("report", acks) or ("info", info);
+        # an answer to any other id answers nothing we asked
+        self.asked = OrderedDict()
         self.acks_lock = threading.Lock()
         self.strikes = 0
         self.reports = 0
+        self.first_sent = None   # when the link's first request went out
+        self.first_answer = threading.Event()
         self.error_log = OncePer(60.0)
+
+    def request(self, text_for, what):
+        """Send a request (text_for(request id)), remembered until answered."""
+        with self.acks_lock:
+            request_id = next(self.ids)
+            self.asked[request_id] = what
+            while len(self.asked) > 64:  # requests the panel never answered
+                del self.asked[next(iter(self.asked))]
+            if self.first_sent is None:
+                self.first_sent = time.monotonic()
+        self.send_text(text_for(request_id))
 
     def send_report(self, report):
         acks = self.inbox.pending_acks()
         self.reports += 1
-        if not acks and not self.strikes and self.reports % self.ASK_EVERY != 1:
+        if self.first_sent is not None and not acks and not self.strikes and self.reports % self.ASK_EVERY != 1:
             self.send_text(rpc_report(encode(report), acks))
             return
-        request_id = next(self.ids)
-        if acks:
-            with self.acks_lock:
-                self.sent_acks[request_id] = acks
-                while len(self.sent_acks) > 64:  # requests the panel never answered
-                    del self.sent_acks[next(iter(self.sent_acks))]
-        self.send_text(rpc_report(encode(report), acks, request_id))
+        report_json = encode(report)
+        self.request(lambda request_id: rpc_report(report_json, acks, request_id), ("report", acks))
 
     def send_ping_result(self, task_id, kind, value):
         self.send_text(rpc_ping_result(task_id, kind, value))
 
     def send_basic_info(self, info):
-        self.send_text(rpc_basic_info(info, next(self.ids)))
+        self.request(lambda request_id: rpc_basic_info(info, request_id), ("info", info))
         return True
+
+    def proven(self):
+        """The panel answered a call on the link (a pong alone may be a proxy's)."""
+        return self.first_answer.is_set()
 
     def on_message(self, payload):
         message = parse_event(payload)
@@ -6378,20 +6673,34 @@ class RpcLink(SocketLink):
 
     def answered(self, reply):
         with self.acks_lock:
-            acks = self.sent_acks.pop(reply.answers, None)
+            what = self.asked.pop(reply.answers, None)
+        if what is None:
+            # a proxy's or a confused panel's answer to nothing of ours: it
+            # refuses nothing (and must not make us give v2 up)
+            if reply.error is not None and self.error_log(("unasked", reply.error[0])):
+                log.warning("ignoring an error from the panel that answers no request of ours (id %s): %s "
+                            "(JSON-RPC error %s)", clipped(repr(reply.answers), 40), reply.error[1], reply.error[0])
+            return
+        first = reply.answers == self.FIRST_ID
+        self.first_answer.set()
+        kind, carried = what
         if reply.error is None:
             self.strikes = 0
-            if acks:
-                self.inbox.acknowledged(acks)
+            if kind == "report" and carried:
+                self.inbox.acknowledged(carried)
             return
         code, text = reply.error
+        if kind == "info" and "kernel_version" in carried:
+            # an older panel without the two newest columns, as by HTTP (upload_basic_info)
+            older = {k: v for k, v in carried.items() if k not in ("kernel_version", "cpu_physical_cores")}
+            log.info("the panel refused basic info (%s); sending it again without the newest keys", text)
+            return self.send_basic_info(older)
         if self.error_log(text):
             log.warning("the panel refused a message: %s (JSON-RPC error %s)", text, code)
-        if reply.refuses_protocol:
-            self.strikes += 1
-            if self.strikes >= PROTOCOL_STRIKES:
-                self.rejected = ProtocolRejected(None, "JSON-RPC error %s: %s" % (code, text))
-                self.fail("the panel refused protocol v2 (%s)" % self.rejected.detail)
+        self.strikes += 1  # reports are asked about until the panel takes one again
+        if first and reply.refuses_protocol:
+            self.rejected = ProtocolRejected(None, "JSON-RPC error %s: %s" % (code, text))
+            self.fail("the panel refused protocol v2 (%s)" % self.rejected.detail)
 
 
 def gzip_bytes(data):
@@ -6439,11 +6748,12 @@ class KeptAlive:
             conn._create_connection = self.panel.dial_through_custom_dns
         return conn
 
-    def post(self, body, headers, timeout, limit=MAX_MESSAGE_BYTES):
+    def post(self, body, headers, timeout, limit=MAX_MESSAGE_BYTES, answer_headers=None):
         """(status, body) as Panel.exchange gives them, within `timeout` overall
         (a ConnectionCutter, as there: a trickled answer is cut off)."""
         if not self.direct:
-            return self.panel.exchange(self.url, body, headers=headers, limit=limit, timeout=timeout)
+            return self.panel.exchange(self.url, body, headers=headers, limit=limit, timeout=timeout,
+                                       answer_headers=answer_headers)
         headers = post_headers(headers)
         cutter = ConnectionCutter(timeout)
         try:
@@ -6459,6 +6769,7 @@ class KeptAlive:
                     self.conn.timeout = timeout
                     self.conn.request("POST", self.target, body, headers)
                     reply = self.conn.getresponse()
+                    keep_headers(reply.headers, answer_headers)
                     data = reply.read(limit)
                     if reply.will_close or not reply.isclosed():
                         self.close()  # the panel closes it, or we left part of the body unread
@@ -6480,14 +6791,28 @@ class KeptAlive:
             except Exception:
                 pass
 
+    def abort(self):
+        """End a request under way on another thread (shutdown() wakes it)."""
+        conn = self.conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
 
 class PostLink(Link):
     """Protocol v2 by HTTP POST, for a panel behind a proxy that refuses
     WebSocket upgrades: a report POSTed every interval (gzip), one agent.pull
     long poll always waiting for events, and a dial of the WebSocket
-    (`redial`) every --reconnect-interval; the first that works becomes this
-    link's successor. A terminal can never reach this link: the panel needs
-    a socket for it."""
+    (`redial`, which gives a link the panel answered on) every
+    `socket_wait` seconds (--reconnect-interval; SILENT_RETRY_INTERVALS of
+    them after a silent socket), and at once when a POST gets through after
+    failing; the first that works becomes this link's successor. A 429 or 5xx from
+    the panel or a proxy is a pause, as long as its Retry-After asks, not a
+    failure. A terminal can never reach this link: the panel needs a socket
+    for it."""
 
     kind = V2_POST
 
@@ -6505,6 +6830,10 @@ class PostLink(Link):
         self.last_success = time.monotonic()
         self.heard = False
         self.trouble_log = OncePer(60.0)
+        self.quiet_until = 0.0   # a busy panel or proxy asked for quiet until then
+        self.busy_streak = 0
+        self.socket_wait = cfg.reconnect_interval
+        self.redial_now = threading.Event()
 
     @classmethod
     def open(cls, cfg, panel, inbox, redial, first_report):
@@ -6531,13 +6860,19 @@ class PostLink(Link):
         body, headers = text.encode("utf-8"), {}
         if not self.cfg.disable_compression:
             body, headers = gzip_bytes(body), {"Content-Encoding": "gzip"}
+        answer = {}
         if via is not None:
-            status, data = via.post(body, headers, timeout)
+            status, data = via.post(body, headers, timeout, answer_headers=answer)
         else:
-            status, data = self.panel.exchange(self.url, body, headers=headers, timeout=timeout)
+            status, data = self.panel.exchange(self.url, body, headers=headers, timeout=timeout, answer_headers=answer)
         try:
             if data[:2] == b"\x1f\x8b":
                 data = gunzip_bytes(data)
+        except (ValueError, zlib.error):
+            pass
+        if busy_status(status):
+            raise PanelBusy(status, describe_body(data), retry_after_seconds(answer.get("retry-after")))
+        try:
             message = clean_strings(json.loads(data.decode("utf-8")))
             reply = read_rpc(message) if isinstance(message, dict) else None
         except (ValueError, UnicodeDecodeError, RecursionError, zlib.error):
@@ -6568,6 +6903,8 @@ class PostLink(Link):
         link dies after PROTOCOL_STRIKES of them in a row. OSError passes."""
         try:
             reply = self.post(text, timeout, via)
+        except PanelBusy as e:
+            return self.pause(e)
         except ProtocolRejected as e:
             if e.status == 401:  # a revoked token, not a panel without v2: no strike, no fallback
                 self.fail(e.detail)
@@ -6583,9 +6920,27 @@ class PostLink(Link):
             return
         with self.lock:
             self.strikes = 0
+            self.busy_streak = 0
         self.settle(reply, acks)
 
+    def pause(self, busy):
+        """Keep quiet as long as a busy panel or proxy asks (Retry-After), else
+        for a wait that doubles while it stays busy; one line per episode."""
+        with self.lock:
+            wait = busy_wait(busy, self.cfg.reconnect_interval, self.busy_streak)
+            self.quiet_until = max(self.quiet_until, time.monotonic() + wait)
+            self.busy_streak += 1
+            first = self.busy_streak == 1
+        if first:
+            log.warning("v2 POST: the panel or a proxy in front of it is busy (%s); quiet for %d s, staying on "
+                        "protocol v2", busy.detail, round(wait))
+
+    def quiet(self):
+        return time.monotonic() < self.quiet_until
+
     def send_report(self, report):
+        if self.quiet():
+            return  # skipped, as a busy panel or proxy asked
         acks = self.inbox.pending_acks()
         try:
             self.exchange(self.report_request(report, acks), acks, timeout=PONG_DEADLINE, via=self.reporting)
@@ -6595,6 +6950,8 @@ class PostLink(Link):
             if self.failures >= 3 or time.monotonic() - self.last_success > PONG_DEADLINE:
                 self.fail("%d reports by POST failed in a row (%s)" % (self.failures, describe_error(e)))
         else:
+            if self.failures:
+                self.redial_now.set()  # the panel is back: the socket may be too
             self.failures = 0
             self.last_success = time.monotonic()
         if self.dead.is_set():
@@ -6623,20 +6980,26 @@ class PostLink(Link):
     def proven(self):
         return self.heard
 
-    def close(self):
+    def close(self, status=GOING_AWAY):
+        """Ends the waiting agent.pull too: none is left open on the panel."""
         self.fail(self.why or "closed")
+        self.redial_now.set()
+        self.pulling.abort()
         self.reporting.close()
 
     def _pull_loop(self):
         """One agent.pull always waiting: the panel answers when it has events
         for us, or after 25 s."""
         while not self.dead.is_set():
+            if self.quiet():
+                self.dead.wait(self.quiet_until - time.monotonic())
+                continue
             acks = self.inbox.pending_acks()
             started = time.monotonic()
             try:
                 self.exchange(rpc_pull(acks, "pull-%d" % next(self.ids)), acks, timeout=PULL_TIMEOUT, via=self.pulling)
             except OSError as e:
-                if self.trouble_log(("pull", type(e).__name__)):
+                if not self.dead.is_set() and self.trouble_log(("pull", type(e).__name__)):
                     log.warning("agent.pull failed: %s", describe_error(e))
                 self.dead.wait(self.cfg.reconnect_interval)
                 continue
@@ -6645,11 +7008,19 @@ class PostLink(Link):
         self.pulling.close()
 
     def _retry_websocket(self):
-        while not self.dead.wait(self.cfg.reconnect_interval):
+        while True:
+            self.redial_now.wait(self.socket_wait)
+            self.redial_now.clear()
+            if self.dead.is_set():
+                return
+            if self.quiet():
+                continue
             try:
                 link = self.redial()
             except Exception as e:
-                log.debug("the v2 WebSocket still fails: %s", handshake_problem(e))
+                silent = isinstance(e, SocketSilent)
+                self.socket_wait = self.cfg.reconnect_interval * (SILENT_RETRY_INTERVALS if silent else 1)
+                log.debug("the v2 WebSocket still fails: %s", str(e) if silent else handshake_problem(e))
                 continue
             if self.dead.is_set():
                 link.close()
@@ -6657,6 +7028,7 @@ class PostLink(Link):
             self.successor = link
             log.info("leaving POST mode: the WebSocket works again")
             self.fail("the WebSocket works again")
+            self.pulling.abort()
             return
 
 
@@ -6667,11 +7039,16 @@ PULL_TIMEOUT = 35.0
 
 
 def dial_websocket(cfg, url, header=None):
-    """open_websocket(), with a refused upgrade as ProtocolRejected."""
+    """open_websocket(), with a refused upgrade as ProtocolRejected, and a
+    429 or 5xx (a busy panel or proxy) as PanelBusy."""
     try:
         return open_websocket(cfg, url, header=header)
     except Exception as e:
         status = getattr(e, "status_code", None)
+        if busy_status(status):
+            headers = getattr(e, "resp_headers", None) or {}
+            raise PanelBusy(status, describe_body(getattr(e, "resp_body", None) or b""),
+                            retry_after_seconds(headers.get("retry-after")))
         if status is not None:
             raise ProtocolRejected(status, handshake_problem(e))
         raise
@@ -6690,6 +7067,30 @@ def dial_rpc_socket(cfg, panel, inbox):
     offered = headers.get("sec-websocket-extensions") or headers.get("Sec-WebSocket-Extensions")
     params = None if cfg.disable_compression else deflate_params(offered)
     return RpcLink(ws, inbox, Deflate(params) if params is not None else None)
+
+
+def verified(link, first_report):
+    """`link`, a new RpcLink, started, once the panel answered its first call
+    (`first_report`); SocketSilent (the link closed) when no answer came
+    within FIRST_ANSWER_DEADLINE, or what ended the link meanwhile."""
+    link.start()
+    deadline = time.monotonic() + FIRST_ANSWER_DEADLINE
+    try:
+        link.send_report(first_report)
+        while not link.first_answer.wait(0.05):
+            if link.dead.is_set():
+                raise link.rejected or LinkClosed(link.why)
+            if time.monotonic() >= deadline:
+                raise SocketSilent("the panel took the v2 WebSocket but did not answer its first call within "
+                                   "%g s" % FIRST_ANSWER_DEADLINE)
+    except BaseException:
+        link.close()
+        raise
+    if link.rejected is not None:
+        link.close()
+        raise link.rejected
+    link.reported_at_open = True
+    return link
 
 
 def dial_report_socket(cfg, panel, handle):
@@ -6721,6 +7122,7 @@ class LinkChooser:
         self.v1_failed = ""     # why v1 failed, when it never connected since the last fallback
         self.last_problem = ""
         self.v1_reason = "--protocol-version 1"
+        self.silent_at = None   # when a v2 socket last went unanswered
 
     def next(self):
         if self.on_v1:
@@ -6729,15 +7131,39 @@ class LinkChooser:
 
     def dial(self, kind):
         """A live link of `kind`; ProtocolRejected or another error when it
-        could not be had."""
+        could not be had. The panel's answer to POST mode's first report is
+        the sign to try the socket at once: a panel back from an outage is
+        back on the socket, not in POST mode until the next retry."""
         if kind == V2_SOCKET:
             return self.dial_v2_socket()
         if kind == V2_POST:
-            return PostLink.open(self.cfg, self.panel, self.inbox, self.dial_v2_socket, self.report())
+            post = PostLink.open(self.cfg, self.panel, self.inbox, self.dial_v2_socket, self.report())
+            if self.silent_recently():
+                post.socket_wait = self.silent_wait()
+                return post
+            try:
+                link = self.dial_v2_socket()
+            except Exception as e:
+                if isinstance(e, SocketSilent):
+                    post.socket_wait = self.silent_wait()
+                return post
+            post.close()  # never started: no pull waits on it
+            return link
         return dial_report_socket(self.cfg, self.panel, self.handle)
 
     def dial_v2_socket(self):
-        return dial_rpc_socket(self.cfg, self.panel, self.inbox)
+        """A v2 socket the panel answered on (verified())."""
+        try:
+            return verified(dial_rpc_socket(self.cfg, self.panel, self.inbox), self.report())
+        except SocketSilent:
+            self.silent_at = time.monotonic()
+            raise
+
+    def silent_wait(self):
+        return self.interval * SILENT_RETRY_INTERVALS
+
+    def silent_recently(self):
+        return self.silent_at is not None and time.monotonic() - self.silent_at < self.silent_wait()
 
     def why(self, kind):
         """Why `kind` is in use, for the one line naming the mode."""
@@ -6745,7 +7171,7 @@ class LinkChooser:
             return self.v1_reason
         if kind == V2_POST:
             return "the v2 WebSocket failed %d times in a row (last: %s); retrying it every %gs" % (
-                self.dials, self.last_problem, self.interval)
+                self.dials, self.last_problem, self.silent_wait() if self.silent_recently() else self.interval)
         return "--protocol-version 2"
 
     def failed(self, kind, error, problem):
@@ -6754,6 +7180,9 @@ class LinkChooser:
         self.last_problem = problem
         # a refused token says nothing about the protocol: it is no strike
         protocol = isinstance(error, ProtocolRejected) and error.status != 401
+        if kind == V2_SOCKET and isinstance(error, SocketSilent):
+            self.dials = self.retries  # one is enough: POST mode now
+            return True
         if kind == V2_SOCKET:
             self.dials += 1
         elif kind == V2_POST and not protocol:
@@ -7467,17 +7896,72 @@ class TerminalSession:
 
 # -- dispatch ----------------------------------------------------------------------
 
+# terminal refusals waiting for the one thread that dials to say so; beyond
+# this a refusal is only logged
+TERMINAL_REFUSALS_WAITING = 8
+
+
+class WorkerPool:
+    """Up to `size` long-lived daemon threads (named `name`) taking jobs in
+    order, and at most `backlog` jobs waiting beyond them: a burst of events
+    costs no thread each, and no thread is started and ended per task (glibc
+    keeps the stacks of ended threads, memory that does not come back)."""
+
+    def __init__(self, name, size, backlog=0):
+        self.name, self.size, self.backlog = name, size, backlog
+        self.cond = threading.Condition()
+        self.jobs = []
+        self.threads = self.idle = 0
+
+    def submit(self, job, *args):
+        """False, and nothing queued, when every thread is busy and the
+        backlog is full."""
+        with self.cond:
+            unserved = len(self.jobs) - self.idle  # queued jobs no idle thread is left for
+            if unserved >= 0 and self.threads >= self.size and unserved >= self.backlog:
+                return False
+            self.jobs.append((job, args))
+            if unserved >= 0 and self.threads < self.size:
+                self.threads += 1
+                self.idle += 1   # counted idle from now: the job is its
+                threading.Thread(target=self._work, name=self.name, daemon=True).start()
+            else:
+                self.cond.notify()
+            return True
+
+    def _work(self):
+        while True:
+            with self.cond:
+                while not self.jobs:
+                    self.cond.wait()
+                self.idle -= 1
+                job, args = self.jobs.pop(0)
+            try:
+                job(*args)
+            except Exception:
+                log.exception("a %s task failed", self.name)
+            with self.cond:
+                self.idle += 1
+
 
 class Tasks:
-    """Runs the panel's events, each on its own daemon thread, so the report
-    socket's reader and the report schedule are never held up."""
+    """Runs the panel's events on worker pools (WorkerPool), one per kind of
+    task and each as large as that kind's limit, so the report socket's
+    reader and the report schedule are never held up, and a burst of events
+    is refused beyond the limits rather than given a thread each."""
 
-    def __init__(self, cfg, panel, deliver_result, send_ping_result):
+    def __init__(self, cfg, panel, deliver_result, send_ping_result, ledger=None):
         """`deliver_result(result, refusal)` keeps an exec result until the
         panel has it; `send_ping_result(task_id, kind, value)` is False when
-        no link could carry it."""
-        self.cfg, self.panel = cfg, panel
+        no link could carry it; `ledger` (a RunLedger) knows the execs
+        already run."""
+        self.cfg, self.panel, self.ledger = cfg, panel, ledger
         self.deliver_result, self.link_ping_result = deliver_result, send_ping_result
+        # an exec's slot is freed before its result is spooled: room for as many more
+        self.exec_pool = WorkerPool("exec", cfg.max_execs, cfg.max_execs)
+        self.probe_pool = WorkerPool("ping", MAX_PROBES, MAX_PROBES_WAITING)
+        self.terminal_pool = WorkerPool("terminal", cfg.max_terminals, cfg.max_terminals)  # as for exec
+        self.refusal_pool = WorkerPool("terminal-refusal", 1, TERMINAL_REFUSALS_WAITING)
         self.error_once = OncePer()
         self.refusal_log = OncePer(60.0)
         self.lock = threading.Lock()
@@ -7502,7 +7986,7 @@ class Tasks:
         """Run one event in the v1 shape (v2 events arrive converted)."""
         kind = event.get("message")
         if event.get("status") == "error" and not kind:
-            text = str(event.get("error") or event.get("message") or "")[:200]
+            text = clipped(event.get("error") or event.get("message") or "", 200)
             if self.error_once(text):
                 log.warning("the panel reported an error: %s", text)
             return
@@ -7513,14 +7997,13 @@ class Tasks:
             return
         handler(event)
 
-    def spawn(self, name, target, *args):
-        threading.Thread(target=target, args=args, name=name, daemon=True).start()
-
     # -- exec --------------------------------------------------------------
     def on_exec(self, event):
         task_id, command = exec_request(event)
         if task_id is None:
             log.warning("ignoring an exec event without a task id")
+            return
+        if self.ledger is not None and self.run_before(task_id, *self.ledger.claim(task_id, record=False)):
             return
         if not command.strip():
             return self.finish_exec(task_id, "No command provided", 0, refusal=True)
@@ -7533,9 +8016,28 @@ class Tasks:
             log.warning("refused remote command %s: %d already running (--max-execs)", task_id[:40], self.cfg.max_execs)
             return self.finish_exec(task_id, "Refused: %d commands are already running on this server (--max-execs %d)."
                                     % (self.cfg.max_execs, self.cfg.max_execs), -1, refusal=True)
+        if self.ledger is not None and self.run_before(task_id, *self.ledger.claim(task_id)):
+            self.exec_slots.release()
+            return
         with self.lock:
             self.exec_threads += 1
-        self.spawn("exec", self.run_exec, task_id, command)
+        self.exec_pool.submit(self.run_exec, task_id, command)
+
+    def run_before(self, task_id, state, kept):
+        """Deal with an exec the ledger knows; False for a new one."""
+        if state == "new":
+            return False
+        if state == "done":
+            log.info("remote command %s already run; sending its kept result again", clipped(task_id, 40))
+            self.deliver_result(kept, False)
+        elif state == "running":
+            log.info("remote command %s is running already; not again", clipped(task_id, 40))
+        else:
+            log.warning("remote command %s was started before the agent restarted and its result was lost; "
+                        "not running it again", clipped(task_id, 40))
+            self.deliver_result(task_result(task_id, "komari-agent: the agent stopped while this command ran; "
+                                            "its output was lost and it was not run again.", -1), False)
+        return True
 
     def run_exec(self, task_id, command):
         try:
@@ -7586,7 +8088,9 @@ class Tasks:
             if self.refusal_log("ping-busy"):
                 log.warning("too many ping probes at once (%d); reporting loss", MAX_PROBES + MAX_PROBES_WAITING)
             return self.send_ping_result(task_id, kind, -1)
-        self.spawn("ping", self.run_probe, task_id, kind, target)
+        if not self.probe_pool.submit(self.run_probe, task_id, kind, target):
+            self.probe_slots.finish(None, False)
+            return self.send_ping_result(task_id, kind, -1)
 
     def run_probe(self, task_id, kind, target):
         slot = (kind.lower(), target.strip().lower())
@@ -7639,18 +8143,26 @@ class Tasks:
                 del self.request_ids[next(iter(self.request_ids))]
         if self.closing:
             return
-        self.spawn("terminal", self.run_terminal, request_id)
-
-    def run_terminal(self, request_id):
         url = self.panel.ws_url(TERMINAL_PATH, id=request_id)
         if self.cfg.disable_web_ssh:
             log.warning("refused a terminal session: remote control is disabled (--disable-web-ssh)")
-            return self.refuse_terminal(url, DISABLED_TERMINAL)
+            return self.queue_refusal(url, DISABLED_TERMINAL)
         if not self.terminal_slots.acquire(blocking=False):
-            log.warning("refused a terminal session: %d already open (--max-terminals)", self.cfg.max_terminals)
-            return self.refuse_terminal(url, "\r\nRefused: %d terminal sessions are already open on this server "
-                                        "(--max-terminals %d). Close one and try again.\r\n"
-                                        % (self.cfg.max_terminals, self.cfg.max_terminals))
+            if self.refusal_log("terminals-busy"):
+                log.warning("refused a terminal session: %d already open (--max-terminals)", self.cfg.max_terminals)
+            return self.queue_refusal(url, "\r\nRefused: %d terminal sessions are already open on this server "
+                                      "(--max-terminals %d). Close one and try again.\r\n"
+                                      % (self.cfg.max_terminals, self.cfg.max_terminals))
+        if not self.terminal_pool.submit(self.run_terminal, request_id, url):
+            self.terminal_slots.release()
+
+    def queue_refusal(self, url, text):
+        """The refusal is said on the terminal's socket, dialled by one thread;
+        a burst past TERMINAL_REFUSALS_WAITING is only logged."""
+        if not self.refusal_pool.submit(self.refuse_terminal, url, text) and self.refusal_log("refusals-busy"):
+            log.warning("too many terminal requests at once; refusing the rest without an answer")
+
+    def run_terminal(self, request_id, url):
         freed = []
 
         def free_slot(session=None):
@@ -8426,7 +8938,8 @@ class Agent:
         self.collector = Collector(cfg)
         self.collector.traffic = traffic_ledger(cfg)
         self.addresses = PublicAddresses(cfg, on_change=self.want_basic_info)
-        self.tasks = Tasks(cfg, self.panel, self.deliver_result, self.send_ping_result)
+        self.ran = RunLedger(os.path.join(state_dir(cfg), RAN_DIR))
+        self.tasks = Tasks(cfg, self.panel, self.deliver_result, self.send_ping_result, self.ran)
         self.inbox = Inbox(self.tasks.dispatch)
         self.chooser = LinkChooser(cfg, self.panel, self.inbox, self.tasks.handle,
                                    lambda: report_payload(self.collector.figures()))
@@ -8435,6 +8948,7 @@ class Agent:
         self.link = None
         self.failures = 0  # connect attempts failed since the last good link
         self.outage_since = None  # when the first of them failed
+        self.busy_streak = 0  # busy answers to dials in a row (PanelBusy)
         self.info_wanted = threading.Event()
         self.slow_facts = {}  # slow_facts(), looked up by the basic-info thread
         self.refused_log = OncePer(60.0)
@@ -8499,6 +9013,8 @@ class Agent:
     # -- results ------------------------------------------------------------
     def deliver_result(self, result, refusal=False):
         """Spool an exec result, then let the courier POST it."""
+        if not refusal:
+            self.ran.finished(result)
         self.spool.put(result, refusal)
         self.results_due.set()
 
@@ -8562,13 +9078,20 @@ class Agent:
             try:
                 return self.chooser.dial(kind)
             except Exception as e:
-                problem = e.detail if isinstance(e, ProtocolRejected) else handshake_problem(e)
+                problem = e.detail if isinstance(e, ProtocolRejected) else \
+                    str(e) if isinstance(e, AgentError) else handshake_problem(e)
                 # refused, not unreachable: the next kind of link is dialled at once
                 at_once = self.chooser.failed(kind, e, problem)
                 # a wrong token will not fix itself in seconds
                 refused_token = getattr(e, "status", None) == 401
                 delay = None if at_once else self.failure_delay(refused_token=refused_token)
-                if self.refused_log(("link", problem)):
+                if isinstance(e, PanelBusy):
+                    delay = max(delay or 0.0, busy_wait(e, self.cfg.reconnect_interval, self.busy_streak))
+                    self.busy_streak += 1
+                    if self.busy_streak == 1:  # one line an episode: its Retry-After may change at every answer
+                        log.warning("cannot connect the report link (%s): the panel or a proxy in front of it is "
+                                    "busy (%s); next try in %s s, staying on protocol v2", kind, problem, round(delay, 1))
+                elif self.refused_log(("link", problem)):
                     log.warning("cannot connect the report link (%s): %s%s; %s", kind, problem, self.tls_hint(e),
                                 "trying %s at once" % self.chooser.next() if delay is None
                                 else "next try in %s s" % round(delay, 1))
@@ -8604,16 +9127,19 @@ class Agent:
             return backoff_delay(self.cfg.reconnect_interval, 3 + (self.failures - 1) // retries)
         return reconnect_delay(self.cfg.reconnect_interval, now - self.outage_since)
 
-    def serve(self, link):
+    def serve(self, link, handover=False):
         """Report every period until the link dies or the agent stops. True
-        when the panel answered on it (a link that proved itself)."""
+        when the panel answered on it (a link that proved itself). Basic info
+        goes once per link, but not again on a `handover` (POST mode's
+        socket, a moment later: the panel has it)."""
         proven = False
         self.chooser.connected(link)
         self.link = link
         link.start()
         log.info("report link up: %s; %s", link.label, self.chooser.why(link.kind))
         self.status.set("connected")
-        self.want_basic_info()
+        if not handover:
+            self.want_basic_info()
         self.results_due.set()
         next_report = first_report = time.monotonic() + (self.period if link.reported_at_open else 0.0)
         try:
@@ -8621,7 +9147,7 @@ class Agent:
                 now = time.monotonic()
                 if not proven and link.proven():
                     # the next outage starts from short delays again
-                    proven, self.failures, self.outage_since = True, 0, None
+                    proven, self.failures, self.outage_since, self.busy_streak = True, 0, None, 0
                 if now >= next_report:
                     link.send_report(report_payload(self.collector.figures()))
                     if next_report == first_report:
@@ -8684,12 +9210,14 @@ class Agent:
         self.results_due.set()
         link = None
         while not self.stop.is_set():
-            link = (link and link.successor) or self.connect()
+            successor = link and link.successor
+            link = successor or self.connect()
             if link is None:
                 break
             # a link that never answered counts as a failed attempt, so a panel
             # that accepts and drops at once is not dialled in a tight loop
-            if not self.serve(link) and not self.stop.is_set() and not self.wait_after_failure():
+            if not self.serve(link, handover=bool(successor)) and not self.stop.is_set() \
+                    and not self.wait_after_failure():
                 break
 
     def shutdown(self):
@@ -8700,7 +9228,7 @@ class Agent:
         self.tasks.shutdown()
         link = self.link
         if link is not None:
-            link.close()
+            link.close(GOING_AWAY)
 
 
 # ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ Benchmarks) and the checks of the README against the code.
 """
 
 import configparser
+import contextlib
 import gzip
 import hashlib
 import io
@@ -642,12 +643,18 @@ def test_a_short_token_does_not_garble_the_log(panel, start_agent):
     assert "token=o" not in agent.log
 
 
-def test_flood_limited_log_says_one_line_then_a_count():
+def flood_limited_logger(period):
+    """A logger writing through ka.FloodLimitedHandler into a StringIO; (logger, stream)."""
     stream = io.StringIO()
-    handler = ka.FloodLimitedHandler(stream, period=0.2)
+    handler = ka.FloodLimitedHandler(stream, period=period)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logger = logging.Logger("flood-test")
     logger.addHandler(handler)
+    return logger, stream
+
+
+def test_flood_limited_log_says_one_line_then_a_count():
+    logger, stream = flood_limited_logger(0.2)
     for n in range(1000):
         logger.warning("bad frame %d", n)
     logger.warning("another kind of problem")
@@ -669,6 +676,29 @@ def test_ten_thousand_bad_frames_give_a_few_log_lines(panel, start_agent):
     result_for(panel, "after-flood", 60)
     assert len(agent.lines) < 50, "\n".join(agent.lines[:60])
     assert agent.proc.poll() is None and len(panel.report_conns) == 1
+
+
+def test_a_token_echoed_back_and_cut_short_never_reaches_the_log(redaction):
+    ka.hide_secret(TOKEN)
+    # whoever sent the text cut it, the cut falling anywhere inside the echoed token
+    for cut in range(ka.SECRET_PIECE, len(TOKEN)):
+        for form in ("the panel reported an error: %s", "the panel says: '%s'", "%s)\nTraceback"):
+            line = redaction(form % ("x" * 180 + TOKEN)[:180 + cut])
+            assert TOKEN[:ka.SECRET_PIECE] not in line and "***" in line, line
+    # cut by us: redacted first, so the cut never splits the token
+    line = redaction("refused: %s (JSON-RPC error -32000)" % ka.clipped("y" * 190 + TOKEN + "z" * 50, 200))
+    assert TOKEN[:ka.SECRET_PIECE] not in line and "***" in line, line
+    # a start of the token inside a line is an ordinary word, not a cut
+    assert redaction("%s is mid-line" % TOKEN[:8]) == "%s is mid-line" % TOKEN[:8]
+
+
+def test_a_flood_summary_is_written_when_the_flood_ends_without_a_later_line():
+    logger, stream = flood_limited_logger(0.3)
+    for n in range(50):
+        logger.warning("bad frame %d", n)
+    # nothing else is logged: the count must come by itself once the period is over
+    wait_until(lambda: "bad frame 49 [49 more like this" in stream.getvalue(), 5, "the count of a flood that ended")
+    assert stream.getvalue().count("more like this") == 1
 
 
 # ---------------------------------------------------------------------------
@@ -3011,6 +3041,43 @@ def test_planted_spool_entries_are_never_sent_and_never_block_results(panel, sta
     wait_until(lambda: list((state / ka.SPOOL_DIR).glob("*-r.json")), 10, "the spooled refusal")
 
 
+def test_run_ledger_survives_a_restart_and_stays_bounded(tmp_path):
+    ledger = ka.RunLedger(str(tmp_path), keep=3)
+    assert ledger.claim("a") == ("new", None) and ledger.claim("a") == ("running", None)
+    ledger.finished(ka.task_result("a", "out", 0))
+    again = ka.RunLedger(str(tmp_path), keep=3)          # the agent restarted
+    state, kept = again.claim("a")
+    assert state == "done" and kept["result"] == "out" and kept["exit_code"] == 0
+    assert again.claim("b", record=False) == ("new", None) and again.claim("b") == ("new", None)
+    assert ka.RunLedger(str(tmp_path), keep=3).claim("b") == ("lost", None)   # started, then a SIGKILL
+    for task in ("c", "d", "e" * 5000):
+        again.claim(task)
+    assert len(os.listdir(tmp_path)) == 3 and all(len(name) == 45 for name in os.listdir(tmp_path))
+    assert ka.RunLedger(str(tmp_path), keep=3).claim("a") == ("new", None)   # the oldest went first
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o600}
+
+
+def test_an_exec_redelivered_after_a_restart_sends_its_kept_result_and_runs_once(panel, start_agent, tmp_path):
+    panel.protocol, panel.keep_acked = 2, True   # the panel never learns the exec was acknowledged
+    marker = tmp_path / "runs"
+    agent = start_agent("-i", "0.3")
+    panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 15, "reports on the v2 socket")
+    params = {"task_id": "once-only", "command": "echo ran >> %s; echo out-$((6*7))" % shlex.quote(str(marker))}
+    panel.queue_event("agent.exec", params, event_id="f" * 16)
+    first = result_for(panel, "once-only")
+    panel.wait_for(lambda: "f" * 16 in panel.acked, 15, "the acknowledgement (lost on the way)")
+    os.killpg(agent.proc.pid, signal.SIGKILL)
+    agent.proc.wait(5)
+    # the new socket gets the event again, still queued
+    agent = start_agent("-i", "0.3")
+    panel.wait_for(lambda: len([r for r in panel.task_results if r["task_id"] == "once-only"]) >= 2, 20,
+                   "the kept result sent again")
+    agent.wait_log("already run; sending its kept result again", 5)
+    second = [r for r in panel.task_results if r["task_id"] == "once-only"][1]
+    assert marker.read_text() == "ran\n"
+    assert (second["result"], second["exit_code"]) == (first["result"], first["exit_code"]) == ("out-42\n", 0)
+
+
 # -- auto-discovery ------------------------------------------------------------
 
 def test_auto_discovery_takes_over_the_official_agents_registration(tmp_path):
@@ -3279,6 +3346,16 @@ def test_post_mode_behind_a_proxy_that_refuses_websockets(panel, start_agent):
     assert [r["task_id"] for r in panel.task_results].count("post-exec") == 1  # acked, never run again
 
 
+@contextlib.contextmanager
+def agent_in_post_mode(panel, start_agent, *flags, pull_wait=1.0):
+    """An agent started with `flags` against a panel that refuses WebSocket
+    upgrades, once it is in POST mode."""
+    panel.protocol, panel.PULL_WAIT, panel.refuse_upgrades = 2, pull_wait, True
+    agent = start_agent(*flags)
+    agent.wait_log("report link up: v2 POST; ", 20)
+    yield agent
+
+
 def test_a_token_revoked_in_post_mode_is_refused_not_taken_for_an_old_panel(panel, start_agent):
     panel.protocol, panel.PULL_WAIT = 2, 1.0
     panel.refuse_upgrades = True
@@ -3347,6 +3424,214 @@ def test_a_panel_that_answers_neither_v2_nor_v1_is_named_so(tmp_path):
     line = next(line for line in agent.lines if "answers neither" in line)
     assert "and v1 failed as well (last: the panel answered with a web page" in line, line
     assert "--endpoint" in line and agent.log.count("falling back to protocol v1") == 1, agent.log
+
+
+# -- a hostile panel or proxy ----------------------------------------------------
+
+def test_an_error_answering_no_request_of_ours_is_logged_once_and_v2_kept(panel, start_agent):
+    panel.protocol = 2
+    agent = start_agent("-i", "0.3")
+    panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 15, "reports on the v2 socket")
+    conn = panel.live_report_conn()
+    for rid in (777, "nobody-asked", None, 777, 10 ** 30):
+        conn.send(json.dumps({"jsonrpc": "2.0", "id": rid, "error": {"code": -32600, "message": "Invalid Request"}}))
+    reports = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) >= reports + 5, 10, "reports going on")
+    assert panel.live_report_conn() is conn and "falling back to protocol v1" not in agent.log
+    assert agent.log.count("answers no request of ours") == 1, agent.log
+
+
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+def test_a_busy_proxy_is_waited_out_as_it_asks_and_v2_kept(panel, start_agent, form):
+    from email.utils import formatdate
+    panel.protocol = 2
+    retry_after = "2" if form == "seconds" else formatdate(time.time() + 3, usegmt=True)
+    panel.busy = (time.monotonic() + 6, 503, retry_after)
+    agent = start_agent("-i", "0.3")
+    panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 30, "reports on the v2 socket after the episode")
+    times = [at for at, _ in panel.busy_answers]
+    assert 1 <= len(times) <= 5, times   # not a dial every --reconnect-interval (0.2 s)
+    if form == "seconds":
+        assert min(b - a for a, b in zip(times, times[1:] or [times[0] + 2])) >= 1.8, times
+    assert "falling back to protocol v1" not in agent.log and "HTML page '503 Service Unavailable'" in agent.log
+    assert len([line for line in agent.lines if "is busy" in line]) == 1, agent.log
+
+
+def test_post_mode_waits_out_a_429_and_stays_on_v2(panel, start_agent):
+    from email.utils import formatdate
+    with agent_in_post_mode(panel, start_agent, "-i", "0.3", "--max-retries", "1") as agent:
+        panel.wait_for(lambda: len(v2_reports(panel, "v2-post")) >= 2, 15, "reports by POST")
+        panel.busy = (time.monotonic() + 3, 429, formatdate(time.time() + 3, usegmt=True))
+        panel.wait_for(lambda: panel.busy_answers, 10, "the proxy's 429")
+        reports = len(v2_reports(panel, "v2-post"))
+        panel.wait_for(lambda: len(v2_reports(panel, "v2-post")) >= reports + 3, 20, "reports by POST after the pause")
+        assert len(panel.busy_answers) <= 4, panel.busy_answers   # a report every 0.3 s and a pull would be 20
+        assert "falling back to protocol v1" not in agent.log and "report link lost" not in agent.log
+        assert len([line for line in agent.lines if "is busy" in line]) == 1, agent.log
+
+
+def test_retry_after_in_seconds_or_as_an_http_date_is_capped():
+    from email.utils import formatdate
+    now = time.time()
+    assert ka.retry_after_seconds("10") == 10 and ka.retry_after_seconds("99999") == ka.RETRY_AFTER_CAP
+    assert 29 <= ka.retry_after_seconds(formatdate(now + 30, usegmt=True), now) <= 30
+    assert ka.retry_after_seconds(formatdate(now - 30, usegmt=True), now) == 0
+    assert ka.retry_after_seconds(formatdate(now + 86400, usegmt=True), now) == ka.RETRY_AFTER_CAP
+    for junk in (None, "", "soon", "-5", "1e9", "Fri, 99 Foo 2020"):
+        assert ka.retry_after_seconds(junk) is None, junk
+
+
+def test_a_silent_v2_socket_sends_the_agent_to_post_mode_then_back_later(panel, start_agent):
+    panel.protocol, panel.silent_v2, panel.PULL_WAIT = 2, True, 1.0
+    started = time.monotonic()
+    agent = start_agent("-i", "0.5", "--reconnect-interval", "0.5")
+    panel.wait_for(lambda: v2_reports(panel, "v2-post"), 20, "a report by POST")
+    assert time.monotonic() - started < 20
+    assert len(panel.silent_conns) == 1, agent.log   # one silent socket is enough to know
+    panel.silent_v2 = False
+    agent.wait_log("leaving POST mode", 20)   # the socket is tried again, later
+    panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 10, "reports on the socket")
+    assert len(panel.silent_conns) <= 2 and "falling back to protocol v1" not in agent.log
+
+
+def test_huge_event_ids_are_refused_and_acknowledgements_stay_small(panel, start_agent, tmp_path):
+    panel.protocol = 2
+    marker = tmp_path / "huge"
+    agent = start_agent("-i", "0.3")
+    panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 15, "reports on the v2 socket")
+    proc = psutil.Process(agent.proc.pid)
+    rss = proc.memory_info().rss
+    conn = panel.live_report_conn()
+    for n in range(0, 120, 3):   # 120 events with 256 KiB ids, three to a message (under 1 MiB)
+        events = [{"id": "%d-" % k + "i" * (256 << 10), "method": "agent.exec",
+                   "params": {"task_id": "huge-%d" % k, "command": "echo %d >> %s" % (k, marker)}} for k in (n, n + 1, n + 2)]
+        conn.send(json.dumps({"jsonrpc": "2.0", "id": 9999, "result": {"events": events}}))
+    conn.send(json.dumps({"jsonrpc": "2.0", "id": 9998, "result": {"events": [
+        {"id": "sane-id", "method": "agent.exec", "params": {"task_id": "sane", "command": "echo sane"}}]}}))
+    assert result_for(panel, "sane")["result"].strip() == "sane"
+    panel.wait_for(lambda: "sane-id" in panel.acked, 15, "the sane event acknowledged")
+    assert not marker.exists() and all(r["task_id"] == "sane" for r in panel.task_results)
+    acks = [c["params"].get("ack_event_ids") or [] for c in panel.calls("agent.report")]
+    assert max(len(json.dumps(a)) for a in acks) < 4096
+    assert agent.log.count("longer than 128 characters") == 1, agent.log[-2000:]
+    assert proc.memory_info().rss - rss < 24 << 20
+
+
+def test_five_hundred_events_in_one_message_keep_every_limit(panel, start_agent, terminal_peer):
+    panel.protocol, panel.terminal_delay = 2, 1.0   # a slow panel: terminal dials take a second
+    agent = start_agent("-i", "0.5", "--max-execs", "3", "--max-terminals", "2")
+    panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 2, 15, "reports on the v2 socket")
+    proc = psutil.Process(agent.proc.pid)
+    events = []
+    for n in range(500):
+        kind = n % 5
+        if kind == 0:
+            method, params = "agent.exec", {"task_id": "burst-%d" % n, "command": "sleep 0.2; echo burst-%d" % n}
+        elif kind in (1, 2):
+            method, params = "agent.ping", {"ping_task_id": n, "ping_type": "tcp", "ping_target": "127.0.0.1:%d" % closed_port()}
+        else:
+            method, params = "agent.terminal.request", {"request_id": "%032d" % n}
+        events.append({"id": "ev-%d" % n, "method": method, "params": params})
+    threads, sampling = [], threading.Event()
+
+    def sample():
+        while not sampling.wait(0.002):
+            threads.append(proc.num_threads())
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    panel.live_report_conn().send(json.dumps({"jsonrpc": "2.0", "id": 4242, "result": {"events": events}}))
+    try:
+        panel.wait_for(lambda: len(panel.task_results) >= 100 and len(panel.ping_results) >= 200, 90,
+                       "every exec and ping answered")
+    finally:
+        sampling.set()
+        sampler.join()
+    refused = [r for r in panel.task_results if r["result"].startswith("Refused: 3 commands")]
+    assert len(refused) >= 50 and all(r["exit_code"] == -1 for r in refused)
+    # 3 execs (and their stdin feeders), 32 probes, 2 terminals (two threads each), one refusal dialler, and the rest
+    assert max(threads) <= 3 * 2 + ka.MAX_PROBES + 2 * 2 + 1 + 12, max(threads)
+    # the two sessions, and the refusals dialled one at a time
+    assert panel.terminal_dials["most"] <= 2 + 1, panel.terminal_dials
+    reports = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) >= reports + 3, 10, "reports after the burst")
+    assert agent.proc.poll() is None
+
+
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
+def test_a_close_frame_is_logged_with_its_code_and_reason(panel, start_agent):
+    agent = start_agent("-i", "0.3")
+    panel.wait_for(lambda: len(panel.reports) >= 2, 15, "reports")
+    panel.live_report_conn().send(struct.pack("!H", 1008) + b"policy violation: client blocked by the proxy", 8)
+    agent.wait_log("the panel closed the connection (1008: policy violation: client blocked by the proxy)", 10)
+
+
+def test_a_panel_echoing_the_token_back_never_gets_it_into_the_log(panel, start_agent):
+    panel.protocol = 2
+
+    def echo(method, params, rid):
+        if method == "agent.report" and rid is not None:
+            return {"jsonrpc": "2.0", "id": rid, "error": {"code": -32000, "message": "x" * 180 + TOKEN}}
+    panel.rpc_hook = echo
+    agent = start_agent("-i", "0.3")
+    agent.wait_log("the panel refused a message", 15)
+    conn = panel.live_report_conn()
+    conn.send(json.dumps({"status": "error", "error": "y" * 185 + TOKEN + "&token=" + TOKEN}))
+    conn.send(json.dumps({"jsonrpc": "2.0", "method": "agent.message", "params": {"text": "z" * 170 + TOKEN}}))
+    conn.send(struct.pack("!H", 1008) + b"w" * 110 + TOKEN.encode()[:13], 8)   # a reason is at most 123 bytes
+    agent.wait_log("the panel closed the connection (1008", 10)
+    agent.wait_log("the panel reported an error", 10)
+    assert TOKEN[:ka.SECRET_PIECE] not in agent.log, agent.log
+
+
+def test_leaving_post_mode_leaves_no_pull_open_and_sends_no_second_basic_info(panel, start_agent):
+    with agent_in_post_mode(panel, start_agent, "-i", "0.5", "--max-retries", "1", "--reconnect-interval", "0.5",
+                            pull_wait=25.0) as agent:
+        panel.wait_for(lambda: panel.calls("agent.pull") and panel.basic_infos, 10, "a pull waiting, and basic info")
+        panel.refuse_upgrades = False
+        agent.wait_log("leaving POST mode", 15)
+        port = panel.port
+
+        def open_to_the_panel():
+            proc = psutil.Process(agent.proc.pid)
+            return [c for c in getattr(proc, "net_connections", proc.connections)("tcp")
+                    if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED]
+        wait_until(lambda: len(open_to_the_panel()) == 1, 3, "the socket alone left open (no agent.pull)")
+        panel.wait_for(lambda: len(v2_reports(panel, "v2-ws")) >= 3, 10, "reports on the socket")
+        assert len(panel.basic_infos) == 1, panel.basic_infos   # one per link: the socket took over
+
+
+def test_post_modes_first_answer_brings_the_socket_at_once(panel, tmp_path):
+    # after an outage the panel's first answer may be to a POST: the link is
+    # then the socket, not POST mode until the next --reconnect-interval
+    cfg, _ = ka.load_config(["-e", panel.endpoint, "-t", panel.token, "--state-dir", str(tmp_path),
+                             "--reconnect-interval", "30"], {})
+    inbox = ka.Inbox(lambda event: None)
+    chooser = ka.LinkChooser(cfg, ka.Panel(cfg), inbox, None, lambda: ka.report_payload(ka.Collector(cfg).figures()))
+    link = chooser.dial(ka.V2_POST)
+    try:
+        assert link.kind == ka.V2_SOCKET and link.proven()
+        assert [c["via"] for c in panel.calls("agent.report")] == ["post", "ws"] and not panel.calls("agent.pull")
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize("panel", [1, 2], indirect=True)
+def test_a_clean_stop_closes_the_socket_with_1001(panel, start_agent):
+    agent = start_agent("-i", "0.5")
+    panel.wait_for(lambda: len(panel.reports) >= 2, 15, "reports")
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(5) == 0
+    panel.wait_for(lambda: panel.close_codes, 5, "the agent's close frame")
+    assert panel.close_codes == [(1001, "")]
+
+
+def test_basic_info_refused_on_the_socket_goes_again_without_the_newest_keys(panel, start_agent):
+    panel.protocol = 2
+    panel.columns = set(BASIC_INFO_KEYS) - {"kernel_version", "cpu_physical_cores"}   # an older panel
+    start_agent("-i", "0.3")
+    info = panel.wait_for(lambda: panel.basic_infos and panel.basic_infos[0], 15, "basic info without the newest keys")
+    assert "kernel_version" not in info and "cpu_physical_cores" not in info and info["cpu_cores"] >= 1
+    assert [c["via"] for c in panel.calls("agent.basicInfo")] == ["ws", "ws"]
 
 
 # ---------------------------------------------------------------------------
@@ -4070,6 +4355,22 @@ def test_fuzzed_frames_never_break_the_event_handler(tmp_path):
         assert agent.spool.load(name)["result"] in ("Remote control is disabled.", "No command provided")
 
 
+def test_worker_pool_reuses_its_threads_and_refuses_past_its_backlog():
+    pool = ka.WorkerPool("pool-test", 2, backlog=1)
+    done, ran_on = threading.Event(), []
+    for n in range(40):   # one after another: the same long-lived threads take them
+        finished = threading.Event()
+        assert pool.submit(lambda e=finished: (ran_on.append(threading.get_ident()), e.set()))
+        assert finished.wait(5)
+    assert len(set(ran_on)) <= 2 and pool.threads <= 2
+    wait_until(lambda: pool.idle == pool.threads, 5, "every thread idle")
+    gate = threading.Event()
+    assert pool.submit(gate.wait) and pool.submit(gate.wait) and pool.submit(done.set)   # two busy, one waiting
+    assert not pool.submit(done.set)   # the backlog is full: refused, not a thread more
+    gate.set()
+    assert done.wait(5) and pool.threads == 2
+
+
 # ---------------------------------------------------------------------------
 # Self-update: a loopback release feed; a release verified, tried and swapped, or the file left byte for byte
 # ---------------------------------------------------------------------------
@@ -4481,6 +4782,27 @@ def test_status_file_is_written_on_change_only_and_never_holds_the_token(tmp_pat
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "connected"
 
 
+def test_after_outages_the_agent_is_back_on_the_socket_at_once_with_one_basic_info_each(panel, start_agent):
+    panel.protocol = 2
+    start_agent("-i", "0.5", "--reconnect-interval", "1", "--max-retries", "1")
+    panel.wait_for(lambda: v2_reports(panel, "v2-ws") and panel.basic_infos, 15, "a report and basic info")
+    for outage in range(3):
+        infos = len(panel.basic_infos)
+        panel.stop()
+        down = time.monotonic()
+        wait_until(lambda: time.monotonic() - down >= 3, 5, "a 3 s outage")
+        panel.start()
+        back = time.monotonic()
+        first = panel.wait_for(lambda: next((r for r in v2_reports(panel, "v2-ws") if r["_at"] > back), None), 5,
+                               "a report on the socket after outage %d" % (outage + 1))
+        # the reconnect interval (a dial may have just failed), and slack for a busy machine
+        assert first["_at"] - back <= 1.0 + 1.0, first["_at"] - back
+        panel.wait_for(lambda: len(panel.basic_infos) > infos, 5, "basic info after outage %d" % (outage + 1))
+    reports = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) >= reports + 4, 10, "reports after the last outage")
+    assert len(panel.basic_infos) == 4 and not panel.calls("agent.pull"), [c["via"] for c in panel.calls("agent.basicInfo")]
+
+
 # ---------------------------------------------------------------------------
 # Subcommands: --check, --dry-run, list-disk, check-mem, traffic; the checks at start
 # ---------------------------------------------------------------------------
@@ -4873,6 +5195,30 @@ def test_update_by_hand_with_no_agent_running_tries_and_installs_the_release(pan
     assert installed.read_bytes() == release_feed.files["komari_agent.py"]
     panel.wait_for(lambda: any(i["version"] == NEWER for i in panel.basic_infos), 5, "the trial's basic info")
 
+
+def test_started_as_a_module_from_cached_bytecode_it_reports_and_stops_with_1001(panel, tmp_path):
+    # how installed agents start: the interpreter compiles nothing (no syntax tree, no peak)
+    install = tmp_path / "install"
+    install.mkdir()
+    shutil.copy(AGENT, install / "komari_agent.py")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(install)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(AGENT_TOKEN=panel.token, NO_PROXY="127.0.0.1,localhost")
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-v", "-m", "komari_agent", "-e", panel.endpoint, "-i", "0.5",
+                                 "--custom-ipv4", "192.0.2.7", "--state-dir", str(tmp_path / "state")],
+                                cwd=str(install), env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            panel.wait_for(lambda: len(panel.reports) >= 2 and panel.basic_infos, 15, "reports from the module")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(5) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+    log = (tmp_path / "stderr").read_text(errors="replace")
+    assert "code object from '%s" % (install / "__pycache__" / "komari_agent.") in log
+    assert panel.close_codes == [(1001, "")] and panel.token not in log
 
 # ---------------------------------------------------------------------------
 # Reliability, end to end: faults injected between agent and panel, a flood of events

@@ -436,6 +436,9 @@ def rpc_answer(panel, raw, transport):
     method, params = message["method"], message.get("params")
     panel.record(panel.rpc_calls, {"via": transport, "method": method, "params": params, "id": rid,
                                    "_at": time.monotonic()})
+    hooked = panel.rpc_hook and panel.rpc_hook(method, params, rid)
+    if hooked is not None:
+        return (400 if "error" in hooked else 200), hooked
     result = rpc_result(panel, method, params if isinstance(params, dict) else {}, transport)
     if isinstance(result, tuple):
         panel.record(panel.rejected, ("rpc " + method, result[1], params))
@@ -534,6 +537,16 @@ class PanelServer(LoopbackServer):
         self.frozen = threading.Event()
         self.fail_http = {}         # path -> status to answer instead
         self.on_terminal = None     # callback(WsConn) run for terminal sockets
+        # hostile moves, each off until set (PanelHandler.answer_busy, hold_silently, hold_terminal_upgrade)
+        self.busy = None            # (until, status, Retry-After or None): /v2/rpc answered with an HTML page
+        self.busy_answers = []      # (when, "GET" or "POST") of each busy answer
+        self.silent_v2 = False      # v2 upgrades accepted, then nothing answered, pings neither
+        self.silent_conns = []      # the sockets held so
+        self.rpc_hook = None        # rpc_hook(method, params, id): a response to send instead, or None
+        self.keep_acked = False     # acks recorded, yet the events stay queued: the ack got lost
+        self.close_codes = []       # (code, reason) of every close frame an agent sent
+        self.terminal_delay = 0.0   # seconds a terminal upgrade is held before its answer (a slow panel)
+        self.terminal_dials = {"now": 0, "most": 0}  # terminal upgrades under way, and the most at once
         super().__init__(host, port)
 
     def serve(self, conn):
@@ -601,7 +614,8 @@ class PanelServer(LoopbackServer):
     def acknowledge(self, ids):
         with self.cond:
             self.acked.extend(ids)
-            self.events[:] = [e for e in self.events if e["id"] not in ids]
+            if not self.keep_acked:
+                self.events[:] = [e for e in self.events if e["id"] not in ids]
 
     def issue(self, method, params, legacy):
         """An admin's exec or ping as the server routes it: on the live socket
@@ -670,6 +684,8 @@ class PanelHandler(BaseHTTPRequestHandler):
                                     "data": {"uuid": "uuid-%d" % len(panel.registrations), "token": panel.token}})
         if not self.authorised(query):
             return
+        if self.answer_busy(parts.path, "POST"):
+            return
         if parts.path == V2_PATH and panel.serves_v2:
             return self.serve_rpc_post(body)
         if parts.path in panel.fail_http:
@@ -709,6 +725,8 @@ class PanelHandler(BaseHTTPRequestHandler):
         panel.record(panel.ws_attempts, (parts.path, dict(self.headers)))
         if not self.authorised(query):
             return
+        if upgrade and self.answer_busy(parts.path, "GET"):
+            return
         if parts.path == V2_PATH and panel.serves_v2 and not upgrade:
             return self.reply(400, {"error": "Require WebSocket upgrade", "status": "error"})
         served = ("/api/clients/report", "/api/clients/terminal") + ((V2_PATH,) if panel.serves_v2 else ())
@@ -716,6 +734,8 @@ class PanelHandler(BaseHTTPRequestHandler):
             return self.reply(200, b"<!doctype html><html><title>Komari</title></html>")
         if "Origin" in self.headers:
             return self.reply(403, {"status": "error", "error": "origin not allowed"})
+        if parts.path == "/api/clients/terminal":
+            self.hold_terminal_upgrade()
         key = self.headers["Sec-WebSocket-Key"]
         accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest())
         deflate = negotiate_deflate(self.headers.get("Sec-WebSocket-Extensions", ""), panel.compression) \
@@ -734,10 +754,51 @@ class PanelHandler(BaseHTTPRequestHandler):
             if panel.on_terminal:
                 panel.on_terminal(conn)
             return
+        if conn.protocol == 2 and panel.silent_v2:
+            return self.hold_silently(conn)
         panel.record(panel.report_conns, conn)
         if conn.protocol == 2:
             panel.socket_opened(conn)
         self.serve_report_socket(conn)
+
+    def answer_busy(self, path, method):
+        """While panel.busy holds, what a proxy in front of a busy panel
+        answers to /v2/rpc: 429 or 503, an HTML page, maybe a Retry-After."""
+        busy = self.panel.busy
+        if path != V2_PATH or busy is None or time.monotonic() >= busy[0]:
+            return False
+        self.panel.record(self.panel.busy_answers, (time.monotonic(), method))
+        page = b"<html><head><title>%d Service Unavailable</title></head><body>try later</body></html>" % busy[1]
+        self.send_response(busy[1])
+        if busy[2] is not None:
+            self.send_header("Retry-After", busy[2])
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+        return True
+
+    def hold_silently(self, conn):
+        """A v2 socket that was upgraded and then answers nothing, pings
+        included, until the agent leaves it."""
+        self.panel.record(self.panel.silent_conns, conn)
+        try:
+            while conn.read_message(time.monotonic() + 60)[0] != 8:
+                pass
+        except (EOFError, OSError):
+            pass
+        conn.close()
+
+    def hold_terminal_upgrade(self):
+        """Answer a terminal dial only after panel.terminal_delay, counting
+        how many dials are under way at once."""
+        panel = self.panel
+        with panel.cond:
+            panel.terminal_dials["now"] += 1
+            panel.terminal_dials["most"] = max(panel.terminal_dials["most"], panel.terminal_dials["now"])
+        time.sleep(panel.terminal_delay)   # the fault itself: a slow answer
+        with panel.cond:
+            panel.terminal_dials["now"] -= 1
 
     def refuse_upgrade(self, path):
         """A CDN's answer to a WebSocket upgrade: a 403 page, and the connection closed."""
@@ -782,6 +843,8 @@ class PanelHandler(BaseHTTPRequestHandler):
                     panel.record(panel.pings, time.monotonic())
                     continue
                 if opcode == 8:
+                    panel.record(panel.close_codes, (struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None,
+                                                     payload[2:].decode("utf-8", "replace")))
                     conn.send(payload[:2], 8)
                     break
                 if opcode not in (1, 2):
