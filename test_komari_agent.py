@@ -4346,7 +4346,11 @@ def test_fuzzed_frames_never_break_the_event_handler(tmp_path):
 
     try:
         handle()
-        wait_until(lambda: threading.active_count() <= baseline, 30, "the probe and terminal threads to end")
+        pools = (agent.tasks.exec_pool, agent.tasks.probe_pool, agent.tasks.terminal_pool, agent.tasks.refusal_pool)
+        # the pools' threads live on, idle; nothing else the events started may
+        wait_until(lambda: all(not p.jobs and p.idle == p.threads for p in pools) and
+                   threading.active_count() <= baseline + sum(p.threads for p in pools), 30,
+                   "the probe and terminal jobs to end")
     finally:
         threading.excepthook = hook
     assert failures == []
