@@ -3841,7 +3841,8 @@ def test_malformed_ping_events_are_ignored(panel, start_agent):
                       "ping_target": "127.0.0.1:%d" % closed_port()})
     assert ping_value(panel, 9) == -1
     assert [r["task_id"] for r in panel.ping_results] == [9]
-    assert "malformed ping event" in agent.log and agent.proc.poll() is None
+    agent.wait_log("malformed ping event", 5)   # stderr is read on a thread of its own
+    assert agent.proc.poll() is None
 
 
 def test_icmp_probe_to_loopback(panel, start_agent):
