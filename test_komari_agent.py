@@ -2,7 +2,7 @@
 
 The panel side is real: PanelServer (bench/loopback.py, the one the benchmarks
 run against too) is an HTTP + WebSocket server on 127.0.0.1 that speaks the
-panel protocol (README.md, "What is sent"), decodes reports the way the Go
+panel protocol (docs/WIRE.md), decodes reports the way the Go
 server does (a float where it wants an integer, or a cpu usage outside 0-100,
 rejects the report), closes a report socket that sends no data for 11 s, and
 answers 401 to a wrong token. It speaks protocol v2 as well (server.md 10-11):
@@ -326,7 +326,7 @@ def tree_stamps(root):
 @pytest.fixture(scope="session", autouse=True)
 def checkout_state_is_left_alone():
     """The checkout's state/ is where an agent started from the checkout (the
-    README's Quick start) keeps its own: no test may write there. Every agent
+    README's "Run by hand") keeps its own: no test may write there. Every agent
     a test starts gets a state directory of its own, and this compares state/
     before and after the run (an agent run by hand from this checkout during
     the run trips it too)."""
@@ -3841,7 +3841,8 @@ def test_malformed_ping_events_are_ignored(panel, start_agent):
                       "ping_target": "127.0.0.1:%d" % closed_port()})
     assert ping_value(panel, 9) == -1
     assert [r["task_id"] for r in panel.ping_results] == [9]
-    assert "malformed ping event" in agent.log and agent.proc.poll() is None
+    agent.wait_log("malformed ping event", 5)   # stderr is read on a thread of its own
+    assert agent.proc.poll() is None
 
 
 def test_icmp_probe_to_loopback(panel, start_agent):
@@ -4346,7 +4347,11 @@ def test_fuzzed_frames_never_break_the_event_handler(tmp_path):
 
     try:
         handle()
-        wait_until(lambda: threading.active_count() <= baseline, 30, "the probe and terminal threads to end")
+        pools = (agent.tasks.exec_pool, agent.tasks.probe_pool, agent.tasks.terminal_pool, agent.tasks.refusal_pool)
+        # the pools' threads live on, idle; nothing else the events started may
+        wait_until(lambda: all(not p.jobs and p.idle == p.threads for p in pools) and
+                   threading.active_count() <= baseline + sum(p.threads for p in pools), 30,
+                   "the probe and terminal jobs to end")
     finally:
         threading.excepthook = hook
     assert failures == []

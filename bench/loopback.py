@@ -1,7 +1,7 @@
 """A loopback Komari panel, and the TCP plumbing around it, for the tests and the benchmarks.
 
 PanelServer is an HTTP + WebSocket server on a loopback address that speaks the
-panel protocol (README.md, "What is sent") and decodes what it gets the way the
+panel protocol (docs/WIRE.md) and decodes what it gets the way the
 Go server does: a float where it wants an integer, or a cpu usage outside
 0-100, rejects the report; a report socket that sends no data for 11 s is
 closed; a wrong token gets 401. It speaks protocol v2 as well: JSON-RPC 2.0
