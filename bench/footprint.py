@@ -10,6 +10,7 @@ reports.
     python3 bench/footprint.py --seconds 60
     python3 bench/footprint.py --vs '/usr/local/bin/komari-agent --disable-auto-update' --rounds 3
     python3 bench/footprint.py --sockets 5000 --json
+    python3 bench/footprint.py --installed --rounds 2    # as a script vs as install.sh starts it
     python3 bench/footprint.py --wire --seconds 60
 
 --wire runs the agent once per link (v1, v2 WebSocket, v2 POST, and the v2
@@ -27,6 +28,7 @@ import math
 import os
 import resource
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -398,6 +400,9 @@ def parse_args(argv):
     p.add_argument("--agent", default="%s %s" % (shlex.quote(sys.executable), shlex.quote(str(REPO / "komari_agent.py"))),
                    help="agent command; -e URL -t TOKEN --interval 1 are appended (default: this repo's agent)")
     p.add_argument("--vs", metavar="CMD", help="another agent command to compare with, run alternately")
+    p.add_argument("--installed", action="store_true",
+                   help="compare with this checkout's agent started as install.sh's services start it: "
+                        "python -m komari_agent from a directory holding its compiled bytecode")
     p.add_argument("--seconds", type=float, default=60.0, help="measured window per run (default 60)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds after the first report before measuring (default 5)")
     p.add_argument("--rounds", type=int, default=1, help="runs of each agent, alternating (default 1)")
@@ -414,13 +419,36 @@ def parse_args(argv):
     unknown = set(args.links) - {link[0] for link in WIRE_LINKS}
     if unknown or not args.links:
         p.error("--links: choose from %s" % ", ".join(link[0] for link in WIRE_LINKS))
+    if args.installed and args.vs:
+        p.error("--installed is the agent to compare with; give it or --vs, not both")
     if args.seconds < 1 or args.warmup < 0 or args.rounds < 1 or args.sockets < 0 or args.interval <= 0:
         p.error("need --seconds >= 1, --warmup >= 0, --rounds >= 1, --sockets >= 0, --interval > 0")
     return args
 
 
+def installed_command(directory):
+    """This checkout's agent as install.sh's run-agent.sh starts it: a copy
+    compiled into `directory`'s __pycache__, imported from there as a module
+    (the directory is the working directory too, so no other copy of the
+    file can be the one found)."""
+    import py_compile
+    target = os.path.join(directory, "komari_agent.py")
+    shutil.copy2(str(REPO / "komari_agent.py"), target)
+    py_compile.compile(target, doraise=True)
+    script = 'cd "$0" && PYTHONPATH="$0" exec %s -m komari_agent "$@"' % shlex.quote(sys.executable)
+    return "sh -c %s %s" % (shlex.quote(script), shlex.quote(directory))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.installed:
+        with tempfile.TemporaryDirectory(prefix="komari-installed-") as directory:
+            args.vs = installed_command(directory)
+            return measure_agents(args)
+    return measure_agents(args)
+
+
+def measure_agents(args):
     agents = [("ours", args.agent)] + ([("theirs", args.vs)] if args.vs else [])
     held = hold_sockets(args.sockets)
     progress = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -41,6 +41,13 @@ import loopback  # noqa: E402
 # loss would be the panel's, not the agent's.
 QUIET_BEFORE_STOP = 1.0
 
+# The goals beside the verdict: back on the report socket this soon after the
+# panel returns, and RSS at the end no more than this above its level at
+# RSS_SETTLED_S into the soak (start-up and first links are over by then).
+SOCKET_BACK_GOAL_S = 1.0
+RSS_GROWTH_GOAL_MB = 1.0
+RSS_SETTLED_S = 600.0
+
 
 # ---------------------------------------------------------------------------
 # The soak: panel restarts and execs on one clock, memory sampled throughout
@@ -54,7 +61,9 @@ class Soak:
         self.sent = {}            # task_id -> (expected output, life of the panel it was sent in)
         self.not_sent = 0         # exec ticks that found no report socket open
         self.reconnect_lags = []  # seconds from panel up to the agent's next report socket
-        self.rss_kb = []
+        self.rss_kb = []          # (seconds into the soak, VmRSS kB)
+        self.started = None
+        self.runs_log = None      # every exec appends its task id here when it runs: a run twice shows
 
     def agent_argv(self, state_dir):
         return shlex.split(self.args.agent) + [
@@ -66,7 +75,8 @@ class Soak:
         the panel is down and have to wait in the agent's spool."""
         n = len(self.sent) + 1
         task = "soak-%d" % n
-        command = "sleep %.1f; echo soak-%d" % ((n * 0.7) % self.args.exec_length, n)
+        command = "echo %s >> %s; sleep %.1f; echo soak-%d" % (
+            task, shlex.quote(self.runs_log), (n * 0.7) % self.args.exec_length, n)
         if self.panel.exec_task(task, command) is None:
             self.not_sent += 1
         else:
@@ -86,15 +96,47 @@ class Soak:
 
     def sample(self, proc):
         # The agent alone: its exec children come and go and are not its memory.
-        self.rss_kb.append(footprint.status_kb(proc.pid)["VmRSS"])
+        at = time.monotonic() - self.started if self.started else 0.0
+        self.rss_kb.append((at, footprint.status_kb(proc.pid)["VmRSS"]))
+
+    def runs(self):
+        """task_id -> how many times its command ran."""
+        counts = {}
+        try:
+            for line in Path(self.runs_log).read_text().split():
+                counts[line] = counts.get(line, 0) + 1
+        except OSError:
+            pass
+        return counts
+
+    def links(self):
+        """(links, POST-mode stretches): per life of the panel, each report
+        socket is a link, and POST mode is one only when no socket followed
+        it in that life (a socket taking over from POST mode is the same link:
+        the agent sends basic info once for both)."""
+        sockets = [0] * len(self.lives)
+        posted = [False] * len(self.lives)
+        for conn in list(self.panel.report_conns):
+            sockets[bisect.bisect_right(self.lives, conn.opened_at) - 1] += 1
+        for report in list(self.panel.reports):
+            if report.get("_via") == "v2-post":
+                posted[bisect.bisect_right(self.lives, report["_at"]) - 1] = True
+        return (sum(n or int(post) for n, post in zip(sockets, posted)), sum(posted))
+
+    def rss_goal(self):
+        """(RSS at RSS_SETTLED_S into the soak, growth since) in kB, or None for a shorter soak."""
+        settled = next((kb for at, kb in self.rss_kb if at >= RSS_SETTLED_S), None)
+        if settled is None or self.rss_kb[-1][0] < RSS_SETTLED_S * 1.5:
+            return None
+        return settled, self.rss_kb[-1][1] - settled
 
     def run(self, proc, out):
         args = self.args
         if not footprint.wait_until(lambda: self.panel.reports, time.monotonic() + args.start_timeout, proc):
             raise footprint.RunFailed("agent sent no report within %g s; its output:\n%s"
                                       % (args.start_timeout, footprint.log_tail(out)))
+        start = self.started = time.monotonic()
         self.sample(proc)
-        start = time.monotonic()
         end = start + args.minutes * 60
         next_exec, next_stop, next_sample = start, start + args.restart_every, start + 10
         lag_from = None
@@ -143,8 +185,11 @@ class Soak:
                        if task in sent and any((text, code) != (sent[task][0], 0) for text, code, _ in got))
         unasked = sorted(task for task in results if task not in sent)
         received = sum(1 for task in sent if task in results)
-        rss = self.rss_kb
+        rss = [kb for _, kb in self.rss_kb]
         lags = self.reconnect_lags
+        runs = self.runs()
+        links, post_lives = self.links()
+        settled = self.rss_goal()
         return {
             "settings": {"protocol": self.args.protocol, "minutes": self.args.minutes, "restart_every": self.args.restart_every,
                          "down": self.args.down, "exec_every": self.args.exec_every,
@@ -157,6 +202,8 @@ class Soak:
             "results_lost": len(sent) - received,
             "results_wrong": len(wrong) + len(unasked),
             "results_duplicated": sum(len(got) - 1 for got in results.values()),
+            "runs_twice": sorted(task for task, count in runs.items() if count > 1)[:20],
+            "runs_missing": sum(1 for task in sent if task not in runs),
             # results whose first copy arrived in a later life of the panel than their exec went out in
             "results_carried_over_outage": sum(1 for task, got in results.items()
                                                if task in sent and got[0][2] != sent[task][1]),
@@ -166,21 +213,44 @@ class Soak:
             "report_sockets": len(panel.report_conns),
             "v2_sockets": sum(1 for conn in list(panel.report_conns) if conn.protocol == 2),
             "info_uploads": len(panel.basic_infos),
+            "links": links,
+            "lives_with_post_reports": post_lives,
             "bad_frames": len(panel.rejected),  # whatever the panel refused, as the Go server would
             "reconnect_s_max": round(max(lags), 2) if lags else None,
             "reconnect_s_avg": round(sum(lags) / len(lags), 2) if lags else None,
+            "reconnects": len(lags),  # outages the soak saw end (the last may not have)
+            "reconnects_slow": sum(1 for lag in lags if lag > SOCKET_BACK_GOAL_S),
             "rss_first_mb": round(rss[0] / 1024.0, 2),
             "rss_last_mb": round(rss[-1] / 1024.0, 2),
             "rss_peak_mb": round(max(rss) / 1024.0, 2),
             "rss_growth_mb": round((rss[-1] - rss[0]) / 1024.0, 2),
+            "rss_settled_mb": round(settled[0] / 1024.0, 2) if settled else None,
+            "rss_growth_since_settled_mb": round(settled[1] / 1024.0, 2) if settled else None,
             "sigterm_exit_code": exit_code,
             "sigterm_exit_s": round(exit_s, 2),
         }
 
 
 def passed(result):
-    return (result["results_lost"] == 0 and result["results_wrong"] == 0
+    return (result["results_lost"] == 0 and result["results_wrong"] == 0 and not result["runs_twice"]
             and result["sigterm_exit_code"] == 0)
+
+
+def goals(result):
+    """The reliability goals, each (text, met): a soak can pass and still miss one."""
+    out = [("back on the report socket within %g s of the panel's return: %d of %d outages"
+            % (SOCKET_BACK_GOAL_S, result["reconnects"] - result["reconnects_slow"], result["reconnects"]),
+            result["reconnects_slow"] == 0 and result["reconnects"] > 0),
+           ("one basic info upload per link: %d uploads for %d links (%d report sockets; POST mode "
+            "reported in %d lives of the panel)" % (result["info_uploads"], result["links"],
+                                                    result["report_sockets"], result["lives_with_post_reports"]),
+            result["info_uploads"] == result["links"])]
+    if result["rss_settled_mb"] is not None:
+        out.append(("RSS within %g MB of its level at %d min: %.2f MB then, %+.2f MB at the end"
+                    % (RSS_GROWTH_GOAL_MB, RSS_SETTLED_S / 60, result["rss_settled_mb"],
+                       result["rss_growth_since_settled_mb"]),
+                    result["rss_growth_since_settled_mb"] <= RSS_GROWTH_GOAL_MB))
+    return out
 
 
 def table(result):
@@ -196,6 +266,8 @@ def table(result):
          % (result["results_received"], result["results_carried_over_outage"], result["results_duplicated"])),
         ("results lost", "%d %s" % (result["results_lost"], " ".join(result["lost"]))),
         ("results wrong", "%d %s" % (result["results_wrong"], " ".join(result["wrong"]))),
+        ("run twice", "%d %s (%d never ran)" % (len(result["runs_twice"]), " ".join(result["runs_twice"]),
+                                                result["runs_missing"])),
         ("reports", "%d over %d report sockets (%d of them v2), %d basic info uploads"
          % (result["reports"], result["report_sockets"], result["v2_sockets"], result["info_uploads"])),
         ("back online after", "avg %s s, max %s s after the panel came up"
@@ -204,7 +276,7 @@ def table(result):
          % (result["rss_first_mb"], result["rss_last_mb"], result["rss_peak_mb"], result["rss_growth_mb"])),
         ("SIGTERM", "exit code %s after %.2f s" % (result["sigterm_exit_code"], result["sigterm_exit_s"])),
         ("verdict", "PASS" if passed(result) else "FAIL"),
-    ]
+    ] + [("goal", "%s %s" % ("met   " if met else "MISSED", text)) for text, met in goals(result)]
     width = max(len(k) for k, _ in rows)
     return "\n".join("%s  %s" % (k.ljust(width), v) for k, v in rows)
 
@@ -240,6 +312,7 @@ def main(argv=None):
     args = parse_args(argv)
     soak = Soak(args)
     with tempfile.TemporaryDirectory(prefix="komari-soak-") as state_dir, tempfile.TemporaryFile() as out:
+        soak.runs_log = str(Path(state_dir) / "soak-runs.log")
         proc = subprocess.Popen(soak.agent_argv(state_dir), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -250,7 +323,8 @@ def main(argv=None):
         finally:
             footprint.stop(proc)
             soak.panel.stop()
-    result = soak.summary(exit_code, exit_s)
+        result = soak.summary(exit_code, exit_s)  # before the runs log goes with the directory
+    result["goals"] = [{"goal": text, "met": met} for text, met in goals(result)]
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0 if passed(result) else 1
 
