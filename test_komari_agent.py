@@ -4808,6 +4808,33 @@ def test_after_outages_the_agent_is_back_on_the_socket_at_once_with_one_basic_in
     assert len(panel.basic_infos) == 4 and not panel.calls("agent.pull"), [c["via"] for c in panel.calls("agent.basicInfo")]
 
 
+
+def test_post_mode_after_an_outage_hands_over_to_the_socket_at_once(panel, start_agent):
+    # The panel comes back behind a proxy that refuses upgrades until it has
+    # answered one POST report: the agent is in POST mode then, and must be
+    # back on the socket at once, not at its next --reconnect-interval (5 s).
+    panel.protocol = 2
+    start_agent("-i", "0.5", "--reconnect-interval", "5")
+    panel.wait_for(lambda: v2_reports(panel, "v2-ws") and panel.basic_infos, 15, "a report and basic info")
+    panel.stop()
+    panel.refuse_upgrades = True
+    opened = []
+
+    def open_upgrades_once_a_post_is_answered(method, params, rid):
+        if method == "agent.report" and panel.refuse_upgrades:
+            panel.refuse_upgrades = False
+            opened.append(time.monotonic())
+
+    panel.rpc_hook = open_upgrades_once_a_post_is_answered
+    panel.start()
+    report = panel.wait_for(lambda: opened and next((r for r in v2_reports(panel, "v2-ws") if r["_at"] > opened[0]),
+                                                    None), 20, "a report on the socket after POST mode")
+    assert report["_at"] - opened[0] <= 1.5, report["_at"] - opened[0]
+    reports = len(panel.reports)
+    panel.wait_for(lambda: len(panel.reports) >= reports + 3, 10, "reports on the socket")
+    assert len(panel.basic_infos) == 2, [c["via"] for c in panel.calls("agent.basicInfo")]
+
+
 # ---------------------------------------------------------------------------
 # Subcommands: --check, --dry-run, list-disk, check-mem, traffic; the checks at start
 # ---------------------------------------------------------------------------

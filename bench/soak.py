@@ -110,10 +110,12 @@ class Soak:
         return counts
 
     def links(self):
-        """(links, POST-mode stretches): per life of the panel, each report
-        socket is a link, and POST mode is one only when no socket followed
-        it in that life (a socket taking over from POST mode is the same link:
-        the agent sends basic info once for both)."""
+        """(links, lives of the panel with POST reports): per life, each
+        report socket is a link, and POST mode is one only when no socket
+        followed it in that life (a socket taking over from POST mode is the
+        same link: the agent sends basic info once for both). Basic info is
+        also sent every --info-report-interval (5 min) on a link that lives
+        that long: restart the panel more often than that to count links."""
         sockets = [0] * len(self.lives)
         posted = [False] * len(self.lives)
         for conn in list(self.panel.report_conns):
