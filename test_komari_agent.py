@@ -4343,6 +4343,8 @@ def fuzz_frames():
 
 def test_fuzzed_frames_never_break_the_event_handler(tmp_path):
     from hypothesis import HealthCheck, given, settings
+    from hypothesis.configuration import set_hypothesis_home_dir
+    set_hypothesis_home_dir(str(tmp_path / "hypothesis"))  # its caches, not in the checkout
     cfg, _ = ka.load_config(["-e", "http://127.0.0.1:1", "-t", "fuzz-token", "--disable-web-ssh",
                              "--state-dir", str(tmp_path), "--custom-dns", "127.0.0.1:1"], {})
     agent = ka.Agent(cfg)
