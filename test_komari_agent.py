@@ -4820,7 +4820,6 @@ def test_after_outages_the_agent_is_back_on_the_socket_at_once_with_one_basic_in
     assert len(panel.basic_infos) == 4 and not panel.calls("agent.pull"), [c["via"] for c in panel.calls("agent.basicInfo")]
 
 
-
 def test_post_mode_after_an_outage_hands_over_to_the_socket_at_once(panel, start_agent):
     # The panel comes back behind a proxy that refuses upgrades until it has
     # answered one POST report: the agent is in POST mode then, and must be

@@ -441,11 +441,11 @@ def installed_command(directory):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.installed:
-        with tempfile.TemporaryDirectory(prefix="komari-installed-") as directory:
-            args.vs = installed_command(directory)
-            return measure_agents(args)
-    return measure_agents(args)
+    if not args.installed:
+        return measure_agents(args)
+    with tempfile.TemporaryDirectory(prefix="komari-installed-") as directory:
+        args.vs = installed_command(directory)
+        return measure_agents(args)
 
 
 def measure_agents(args):
